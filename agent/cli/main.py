@@ -1,0 +1,120 @@
+"""The `veer` command.
+
+    veer agent --manifests DIR --node-name NAME [--cgroup PATH] [--bpffs PATH]
+               [--mode auto|ebpf|tproxy] [--service-cidr CIDR,...]
+    veer agent --cleanup [--cgroup PATH] [--bpffs PATH]
+    veer sandbox [--keep]
+    veer version
+
+Errors veer raises on purpose (VeerError) end the command with their message
+and exit code 2; anything else is a bug and shows its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from agent import __version__
+from agent.config import DEFAULT_BPFFS, AgentConfig, parse_cidrs
+from agent.errors import VeerError
+
+log = logging.getLogger("veer")
+
+
+def _agent_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("agent", help="run the node agent (or remove what it made)")
+    p.add_argument("--manifests", metavar="DIR", help="read Kubernetes objects from DIR")
+    p.add_argument("--node-name", metavar="NAME", help="this node's name (its Node object)")
+    p.add_argument(
+        "--cgroup",
+        metavar="PATH",
+        help="cgroup2 directory whose sockets are served (default: the cgroup2 root)",
+    )
+    p.add_argument("--bpffs", metavar="PATH", default=DEFAULT_BPFFS,
+                   help=f"bpffs directory for pins (default {DEFAULT_BPFFS})")
+    p.add_argument("--mode", choices=("auto", "ebpf", "tproxy"), default="auto")
+    p.add_argument("--service-cidr", metavar="CIDR,...", default="",
+                   help="Service ranges: addresses in them without a Service are refused")
+    p.add_argument("--service-proxy-name", metavar="NAME", default=None,
+                   help="also serve Services labelled service.kubernetes.io/service-proxy-name=NAME")
+    p.add_argument("--min-sync-interval", type=float, default=0.0, metavar="SECONDS")
+    p.add_argument("--max-sync-interval", type=float, default=60.0, metavar="SECONDS")
+    p.add_argument("--status-file", metavar="PATH",
+                   help="write a JSON summary of the programmed state after every sync")
+    p.add_argument("--cleanup", action="store_true",
+                   help="remove every program, pin and rule veer made, then exit")
+    p.add_argument("-v", "--verbose", action="store_true")
+
+
+def run_agent(args: argparse.Namespace) -> int:
+    if args.cleanup:
+        from agent.datapath.ebpf.env import cgroup2_root
+        from agent.datapath.ebpf.programs import cleanup
+
+        cgroup = args.cgroup or cgroup2_root()
+        for line in cleanup(cgroup, args.bpffs):
+            log.info("%s", line)
+        log.info("cleanup of %s and %s done", cgroup, args.bpffs)
+        return 0
+
+    from agent.daemon import Agent, choose_mode, open_ebpf_datapath
+
+    config = AgentConfig(
+        node_name=args.node_name or "",
+        manifests=args.manifests,
+        cgroup=args.cgroup,
+        bpffs=args.bpffs,
+        mode=args.mode,
+        service_cidrs=parse_cidrs(args.service_cidr, "--service-cidr"),
+        service_proxy_name=args.service_proxy_name,
+        min_sync_interval=args.min_sync_interval,
+        max_sync_interval=args.max_sync_interval,
+    )
+    mode, why = choose_mode(config)
+    log.info("datapath mode %s (%s)", mode, why)
+    agent = Agent(config, open_ebpf_datapath(config), status_file=args.status_file)
+    agent.run_forever()
+    return 0
+
+
+def run_sandbox(args: argparse.Namespace) -> int:
+    from agent.sandbox.demo import run_demo
+
+    return run_demo(keep=args.keep, requests=args.requests)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="veer", description="veer: eBPF kube-proxy replacement")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _agent_parser(sub)
+    sb = sub.add_parser("sandbox", help="build a one-machine demo cluster, send traffic, report")
+    sb.add_argument("--keep", action="store_true",
+                    help="keep the sandbox running until Ctrl-C and print how to reach it")
+    sb.add_argument("--requests", type=int, default=300,
+                    help="connections per Service for the report (default 300)")
+    sb.add_argument("-v", "--verbose", action="store_true")
+    sub.add_parser("version", help="print the version")
+    args = parser.parse_args(argv)
+
+    logging.basicConfig(
+        level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        if args.command == "agent":
+            return run_agent(args)
+        if args.command == "sandbox":
+            return run_sandbox(args)
+        print(f"veer {__version__}")
+        return 0
+    except VeerError as err:
+        print(f"veer: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

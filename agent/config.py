@@ -1,0 +1,46 @@
+"""The agent's configuration, built from the command line and checked once."""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+
+from agent.errors import ConfigError
+from agent.model.objects import IPNetwork
+
+DEFAULT_BPFFS = "/sys/fs/bpf/veer"
+MODES = ("auto", "ebpf", "tproxy")
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    node_name: str
+    manifests: str | None = None
+    cgroup: str | None = None  # None: the root of the cgroup2 hierarchy
+    bpffs: str = DEFAULT_BPFFS
+    mode: str = "auto"
+    service_cidrs: frozenset[IPNetwork] = field(default_factory=frozenset)
+    service_proxy_name: str | None = None
+    min_sync_interval: float = 0.0
+    max_sync_interval: float = 60.0
+    scan_interval: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"--mode must be one of {', '.join(MODES)}, not {self.mode!r}")
+        if not self.node_name:
+            raise ConfigError("--node-name is required")
+        if self.max_sync_interval <= 0 or self.min_sync_interval < 0:
+            raise ConfigError("sync intervals must be positive")
+        if self.min_sync_interval > self.max_sync_interval:
+            raise ConfigError("--min-sync-interval must not exceed --max-sync-interval")
+
+
+def parse_cidrs(value: str, flag: str) -> frozenset[IPNetwork]:
+    out = set()
+    for part in filter(None, (p.strip() for p in value.split(","))):
+        try:
+            out.add(ipaddress.ip_network(part, strict=True))
+        except ValueError as err:
+            raise ConfigError(f"{flag}: {part!r} is not a CIDR ({err})") from None
+    return frozenset(out)

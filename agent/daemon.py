@@ -1,0 +1,154 @@
+"""The agent process: wires a source, compute, the reconciler and a datapath.
+
+    ManifestSource ──> Store ──(wake)──> BoundedFrequencyRunner ──> Reconciler ──> Datapath
+                                                  compute_desired(snapshot) ─┘
+
+Nothing is programmed until the source has delivered one complete view, so a
+restart never prunes state from a partial picture. SIGTERM/SIGINT stop the
+agent and leave the datapath in place; the kernel keeps serving with it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+import time
+from types import FrameType
+
+from agent import __version__
+from agent.compute import ComputeConfig, DesiredState, NodeIdentity, compute_desired
+from agent.config import AgentConfig
+from agent.datapath.interface import Datapath
+from agent.errors import ConfigError
+from agent.model.snapshot import Store
+from agent.reconcile.reconciler import Reconciler, SyncResult
+from agent.reconcile.runner import BoundedFrequencyRunner
+from agent.sources.manifests import ManifestSource
+
+log = logging.getLogger("veer.agent")
+
+RETRY_AFTER_FAILURE = 1.0
+
+
+def choose_mode(config: AgentConfig) -> tuple[str, str]:
+    """(mode, why). The TPROXY datapath is not built yet, so only eBPF is offered."""
+    if config.mode == "tproxy":
+        raise ConfigError(
+            "--mode tproxy is not available yet in this version of veer; "
+            "use --mode ebpf (or auto) on a kernel with cgroup socket hooks"
+        )
+    if config.mode == "ebpf":
+        return "ebpf", "requested with --mode ebpf"
+    return "ebpf", "auto: eBPF is the only datapath in this version (the kernel is probed at load)"
+
+
+def open_ebpf_datapath(config: AgentConfig) -> Datapath:
+    # Imported here: only the datapath package may load BCC.
+    from agent.datapath.ebpf.backend import EbpfDatapath
+    from agent.datapath.ebpf.env import cgroup2_root, check_bpffs, check_root
+    from agent.datapath.ebpf.maps import SockLbMaps
+    from agent.datapath.ebpf.programs import SockLbPrograms
+
+    check_root()
+    check_bpffs(config.bpffs)
+    cgroup = config.cgroup or cgroup2_root()
+    programs = SockLbPrograms(config.bpffs)
+    programs.load()
+    programs.attach(cgroup)
+    return EbpfDatapath(SockLbMaps.open(config.bpffs))
+
+
+class Agent:
+    def __init__(self, config: AgentConfig, datapath: Datapath, status_file: str | None = None):
+        if not config.manifests:
+            raise ConfigError("--manifests DIR is required (the Kubernetes source comes later)")
+        self.config = config
+        self.datapath = datapath
+        self.status_file = status_file
+        self.store = Store()
+        self.source = ManifestSource(config.manifests, self.store, config.scan_interval)
+        self.compute_config = ComputeConfig(
+            service_proxy_name=config.service_proxy_name,
+            service_cidrs=config.service_cidrs,
+        )
+        self.reconciler = Reconciler(datapath, self._desired)
+        self.runner = BoundedFrequencyRunner(
+            "sync",
+            self._sync,
+            min_interval=config.min_sync_interval,
+            max_interval=config.max_sync_interval,
+        )
+        self.last_desired = DesiredState()
+        self._stopped = threading.Event()
+        self.store.subscribe(self.runner.run)
+
+    def node_identity(self) -> NodeIdentity:
+        node = self.store.snapshot().nodes.get(self.config.node_name)
+        return NodeIdentity(self.config.node_name, node.zone if node else "")
+
+    def _desired(self) -> DesiredState:
+        self.last_desired = compute_desired(
+            self.store.snapshot(), self.node_identity(), self.compute_config
+        )
+        return self.last_desired
+
+    def _sync(self, periodic: bool) -> None:
+        if not self.store.synced:
+            return
+        result = self.reconciler.sync(full=periodic)
+        if not result.ok:
+            self.runner.retry_after(RETRY_AFTER_FAILURE)
+        self._write_status(result)
+
+    def _write_status(self, result: SyncResult) -> None:
+        if not self.status_file:
+            return
+        desired = self.last_desired
+        status = {
+            "version": __version__,
+            "node": self.config.node_name,
+            "datapath": self.datapath.name,
+            "time": time.time(),
+            "full": result.full,
+            "ok": result.ok,
+            "errors": result.errors,
+            "frontends": {
+                str(k): [str(b) for b in fe.backends]
+                for k, fe in desired.frontends.items()
+                if k not in self.reconciler.failed_frontends
+            },
+            "problems": [str(p) for p in desired.problems],
+            "manifest_problems": list(self.source.last_report.problems),
+            "counters": dict(self.datapath.counters()),
+        }
+        tmp = f"{self.status_file}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(status, f, indent=1, sort_keys=True)
+        os.replace(tmp, self.status_file)
+
+    def start(self) -> None:
+        self.runner.start()
+        self.source.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self.source.stop()
+        self.runner.stop()
+        self.datapath.close()
+
+    def run_forever(self) -> None:
+        def on_signal(signum: int, _frame: FrameType | None) -> None:
+            log.info("received %s; stopping (the datapath stays in place)",
+                     signal.Signals(signum).name)
+            self._stopped.set()
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        self.start()
+        log.info("veer %s agent running for node %s", __version__, self.config.node_name)
+        while not self._stopped.wait(1.0):
+            pass
+        self.stop()

@@ -1,0 +1,1 @@
+"""The eBPF datapath: BCC-compiled programs, pinned maps, and their writer."""

@@ -1,0 +1,348 @@
+"""EbpfDatapath: DesiredState's frontends as socket-LB map entries.
+
+Ids. Backends get ids from a free list, with a reference count per frontend
+slot that names them; frontends get stable service ids. Both are rebuilt
+from the pinned maps by `dump()` (which the reconciler calls first), so a
+restarted agent keeps every id and rewrites nothing that is already right.
+
+Slots. A frontend's backends occupy slots 1..count. Slot positions are kept
+stable: a removed backend's slot is filled by a new backend or by the last
+slot, so a change touches as few entries as possible.
+
+Write order (the invariant readers rely on, see bpf/veer_structs.h): backend
+entries, then slots, then the frontend entry with the new count, then slots
+beyond the count and unreferenced backends are deleted. A failure at any step
+leaves the frontend entry as it was, pointing at complete slots.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from agent.compute.types import Frontend, L4Addr
+from agent.datapath.ebpf.maps import SockLbMaps
+from agent.datapath.ebpf.structs import (
+    CIDR_KEY_PREFIX_BITS,
+    IPPROTO,
+    PROTOCOL_OF,
+    BackendKey,
+    BackendValue,
+    CidrKey,
+    CidrValue,
+    ServiceKey,
+    ServiceValue,
+    VipKey,
+    VipValue,
+    addr_bytes,
+    addr_from,
+    family_of,
+    port_be,
+    port_host,
+)
+from agent.datapath.interface import Datapath, DatapathState, MapUsage
+from agent.errors import DatapathError
+from agent.model.objects import IPAddress, IPNetwork
+
+log = logging.getLogger(__name__)
+
+FrontendId = tuple[bytes, int, int, int]  # addr, port (be), proto, family
+
+
+@dataclass
+class _FrontendEntry:
+    service_id: int
+    slots: list[int]  # backend id per slot (slot i + 1); 0 marks a missing slot
+
+
+def _service_key(fe: L4Addr, slot: int = 0) -> ServiceKey:
+    return ServiceKey(
+        addr=addr_bytes(fe.address),
+        port=port_be(fe.port),
+        proto=IPPROTO[fe.protocol],
+        family=family_of(fe.address),
+        slot=slot,
+    )
+
+
+def _backend_value(be: L4Addr) -> BackendValue:
+    return BackendValue(
+        addr=addr_bytes(be.address),
+        port=port_be(be.port),
+        proto=IPPROTO[be.protocol],
+        family=family_of(be.address),
+    )
+
+
+def _l4(addr: object, port: int, proto: int, family: int) -> L4Addr | None:
+    protocol = PROTOCOL_OF.get(proto)
+    if protocol is None:
+        return None
+    return L4Addr(addr_from(addr, family), port_host(port), protocol)  # type: ignore[arg-type]
+
+
+class _IdAllocator:
+    """Smallest-free-first ids in 1..limit; 0 is never handed out."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used: set[int] = set()
+        self._next = 1
+
+    def take(self, wanted: int | None = None) -> int:
+        if wanted is not None:
+            self.used.add(wanted)
+            return wanted
+        while self._next in self.used:
+            self._next += 1
+        if self._next > self.limit:
+            raise DatapathError(f"no free id below {self.limit}")
+        self.used.add(self._next)
+        return self._next
+
+    def release(self, ident: int) -> None:
+        self.used.discard(ident)
+        self._next = min(self._next, ident)
+
+    def reset(self) -> None:
+        self.used.clear()
+        self._next = 1
+
+
+class EbpfDatapath(Datapath):
+    name = "ebpf"
+
+    def __init__(self, maps: SockLbMaps) -> None:
+        self.maps = maps
+        self._backend_ids: dict[L4Addr, int] = {}
+        self._backend_refs: Counter[int] = Counter()
+        self._backend_alloc = _IdAllocator(maps.backends.capacity)
+        self._service_alloc = _IdAllocator(maps.services.capacity)
+        self._frontends: dict[L4Addr, _FrontendEntry] = {}
+        self._backend_of_id: dict[int, L4Addr] = {}
+
+    # ---- reading back ----------------------------------------------------
+
+    def dump(self) -> DatapathState:
+        """Read the maps, rebuild ids and caches from them, and delete entries
+        no reader can reach (slots past a count, slots without a frontend,
+        unreferenced backends), which is safe at any time."""
+        backends: dict[int, L4Addr] = {}
+        for key, value in self.maps.backends.items():
+            be = _l4(value.addr, value.port, value.proto, value.family)
+            if be is not None:
+                backends[key.backend_id] = be
+
+        masters: dict[FrontendId, tuple[L4Addr, ServiceValue]] = {}
+        slot_values: dict[FrontendId, dict[int, int]] = {}
+        for key, value in self.maps.services.items():
+            fid = (bytes(key.addr), key.port, key.proto, key.family)
+            if key.slot == 0:
+                fe = _l4(key.addr, key.port, key.proto, key.family)
+                if fe is not None:
+                    masters[fid] = (fe, value)
+            else:
+                slot_values.setdefault(fid, {})[key.slot] = value.backend_id
+
+        self._frontends.clear()
+        self._service_alloc.reset()
+        self._backend_refs.clear()
+        state = DatapathState()
+        for fid, (fe, master) in masters.items():
+            slots_of = slot_values.get(fid, {})
+            slots = [slots_of.get(i, 0) for i in range(1, master.count + 1)]
+            self._service_alloc.take(master.service_id)
+            self._frontends[fe] = _FrontendEntry(master.service_id, slots)
+            self._backend_refs.update(i for i in slots if i)
+            state.frontends[fe] = tuple(
+                sorted(backends[i] for i in slots if i in backends)
+            )
+            if len(state.frontends[fe]) != len(slots):
+                log.warning("frontend %s has missing slots or backends; it will be rewritten", fe)
+
+        # Garbage: unreachable slots.
+        for fid, slots_of in slot_values.items():
+            master_entry = masters.get(fid)
+            count = master_entry[1].count if master_entry else 0
+            for slot in slots_of:
+                if slot > count:
+                    key = ServiceKey()
+                    key.addr[:] = list(fid[0])
+                    key.port, key.proto, key.family, key.slot = fid[1], fid[2], fid[3], slot
+                    self.maps.services.delete(key)
+
+        self._backend_ids.clear()
+        self._backend_of_id.clear()
+        self._backend_alloc.reset()
+        for ident, be in backends.items():
+            if self._backend_refs[ident] == 0 or be in self._backend_ids:
+                self.maps.backends.delete(BackendKey(ident))
+                continue
+            self._backend_ids[be] = ident
+            self._backend_of_id[ident] = be
+            self._backend_alloc.take(ident)
+
+        for key, _ in self.maps.vips.items():
+            state.vips.add(addr_from(key.addr, key.family))
+        for ckey, _ in self.maps.service_cidrs.items():
+            state.service_cidrs.add(_cidr_from(ckey))
+        return state
+
+    # ---- frontends ---------------------------------------------------------
+
+    def _acquire_backend(self, be: L4Addr) -> int:
+        ident = self._backend_ids.get(be)
+        if ident is None:
+            ident = self._backend_alloc.take()
+            try:
+                self.maps.backends.put(BackendKey(ident), _backend_value(be))
+            except DatapathError:
+                self._backend_alloc.release(ident)
+                raise
+            self._backend_ids[be] = ident
+            self._backend_of_id[ident] = be
+        return ident
+
+    def _release_unreferenced(self, candidates: set[int]) -> None:
+        for ident in candidates:
+            if self._backend_refs[ident] > 0:
+                continue
+            del self._backend_refs[ident]
+            be = self._backend_of_id.pop(ident, None)
+            if be is not None:
+                self._backend_ids.pop(be, None)
+            self.maps.backends.delete(BackendKey(ident))
+            self._backend_alloc.release(ident)
+
+    @staticmethod
+    def _layout(old: list[int], wanted: list[int]) -> list[int]:
+        """New slot contents: keep surviving backends in place, fill holes with
+        additions, then compact by moving tail entries into remaining holes."""
+        wanted_set = set(wanted)
+        slots: list[int | None] = [i if i in wanted_set else None for i in old]
+        present = {i for i in slots if i}
+        additions = [i for i in wanted if i not in present]
+        for pos, ident in enumerate(slots):
+            if ident is None and additions:
+                slots[pos] = additions.pop(0)
+        slots.extend(additions)
+        while slots and slots[-1] is None:
+            slots.pop()
+        for pos in range(len(slots)):
+            if slots[pos] is None:
+                while slots and slots[-1] is None:
+                    slots.pop()
+                if pos >= len(slots):
+                    break
+                slots[pos] = slots.pop()
+        return [i for i in slots if i is not None]
+
+    def upsert_frontend(self, frontend: Frontend) -> bool:
+        key = frontend.key
+        entry = self._frontends.get(key)
+        wanted = [self._acquire_backend(be) for be in frontend.backends]
+        old_slots = entry.slots if entry else []
+        new_slots = self._layout(old_slots, wanted)
+        if entry is not None and new_slots == old_slots:
+            self._release_unreferenced(set(wanted) - set(old_slots))
+            return False
+
+        service_id = entry.service_id if entry else self._service_alloc.take()
+        try:
+            for pos, ident in enumerate(new_slots):
+                if pos >= len(old_slots) or old_slots[pos] != ident:
+                    self.maps.services.put(
+                        _service_key(key, pos + 1), ServiceValue(backend_id=ident,
+                                                                 service_id=service_id)
+                    )
+            self.maps.services.put(
+                _service_key(key, 0),
+                ServiceValue(count=len(new_slots), service_id=service_id),
+            )
+        except DatapathError as err:
+            if entry is None:
+                self._service_alloc.release(service_id)
+            self._release_unreferenced(set(wanted) - set(old_slots))
+            raise DatapathError(f"frontend {key} ({frontend.service}): {err}") from err
+
+        self._frontends[key] = _FrontendEntry(service_id, new_slots)
+        for pos in range(len(new_slots), len(old_slots)):
+            self.maps.services.delete(_service_key(key, pos + 1))
+        self._backend_refs.update(new_slots)
+        self._backend_refs.subtract(i for i in old_slots if i)
+        self._release_unreferenced(set(old_slots) | set(wanted))
+        return True
+
+    def delete_frontend(self, key: L4Addr) -> bool:
+        entry = self._frontends.get(key)
+        existed = self.maps.services.delete(_service_key(key, 0))
+        if entry is None:
+            return existed
+        for pos in range(len(entry.slots)):
+            self.maps.services.delete(_service_key(key, pos + 1))
+        del self._frontends[key]
+        self._service_alloc.release(entry.service_id)
+        self._backend_refs.subtract(i for i in entry.slots if i)
+        self._release_unreferenced({i for i in entry.slots if i})
+        return True
+
+    # ---- VIPs and CIDRs ----------------------------------------------------
+
+    def upsert_vip(self, address: IPAddress) -> bool:
+        key = VipKey(addr=addr_bytes(address), family=family_of(address))
+        if self.maps.vips.get(key) is not None:
+            return False
+        self.maps.vips.put(key, VipValue())
+        return True
+
+    def delete_vip(self, address: IPAddress) -> bool:
+        return self.maps.vips.delete(VipKey(addr=addr_bytes(address), family=family_of(address)))
+
+    def upsert_service_cidr(self, cidr: IPNetwork) -> bool:
+        key = _cidr_key(cidr)
+        if self.maps.service_cidrs.get(key) is not None:
+            return False
+        self.maps.service_cidrs.put(key, CidrValue())
+        return True
+
+    def delete_service_cidr(self, cidr: IPNetwork) -> bool:
+        return self.maps.service_cidrs.delete(_cidr_key(cidr))
+
+    # ---- introspection -----------------------------------------------------
+
+    def usage(self) -> list[MapUsage]:
+        return [
+            MapUsage("veer_services", len(self.maps.services), self.maps.services.capacity),
+            MapUsage("veer_backends", len(self.maps.backends), self.maps.backends.capacity),
+            MapUsage("veer_vips", len(self.maps.vips), self.maps.vips.capacity),
+        ]
+
+    def counters(self) -> Mapping[str, int]:
+        return self.maps.counters()
+
+    def service_id(self, key: L4Addr) -> int | None:
+        entry = self._frontends.get(key)
+        return entry.service_id if entry else None
+
+    def backend_id(self, backend: L4Addr) -> int | None:
+        return self._backend_ids.get(backend)
+
+    def close(self) -> None:
+        self.maps.close()
+
+
+def _cidr_key(cidr: IPNetwork) -> CidrKey:
+    return CidrKey(
+        prefixlen=CIDR_KEY_PREFIX_BITS + cidr.prefixlen,
+        family=family_of(cidr),
+        addr=addr_bytes(cidr.network_address),
+    )
+
+
+def _cidr_from(key: CidrKey) -> IPNetwork:
+    import ipaddress
+
+    address = addr_from(key.addr, key.family)
+    return ipaddress.ip_network(f"{address}/{key.prefixlen - CIDR_KEY_PREFIX_BITS}")

@@ -1,0 +1,146 @@
+"""Typed access to veer's pinned maps: open by path, read, write, iterate.
+
+Works on pinned objects alone (no BCC), so the CLI and `--cleanup` can use it
+on a node where an agent runs or once ran.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from agent.datapath.ebpf import syscall
+from agent.datapath.ebpf.structs import (
+    COUNTER_NAMES,
+    BackendKey,
+    BackendValue,
+    CidrKey,
+    CidrValue,
+    ServiceKey,
+    ServiceValue,
+    SockRevnatKey,
+    SockRevnatValue,
+    VipKey,
+    VipValue,
+)
+from agent.errors import DatapathError
+
+K = TypeVar("K", bound=ctypes.Structure)
+V = TypeVar("V", bound=ctypes.Structure)
+
+
+class PinnedMap(Generic[K, V]):
+    """A pinned hash-like map with ctypes keys and values."""
+
+    def __init__(self, path: str, key_type: type[K], value_type: type[V]) -> None:
+        self.path = path
+        self.name = os.path.basename(path)
+        self.key_type = key_type
+        self.value_type = value_type
+        try:
+            self.fd = syscall.obj_get(path)
+        except DatapathError as err:
+            raise DatapathError(f"cannot open map {path}: {err}") from err
+        info = syscall.map_info(self.fd)
+        if info.key_size != ctypes.sizeof(key_type) or info.value_size != ctypes.sizeof(
+            value_type
+        ):
+            os.close(self.fd)
+            raise DatapathError(
+                f"map {path} has key/value sizes {info.key_size}/{info.value_size}, "
+                f"expected {ctypes.sizeof(key_type)}/{ctypes.sizeof(value_type)}: "
+                "it was made by another veer version; run `veer agent --cleanup` first"
+            )
+        self.capacity = int(info.max_entries)
+
+    def get(self, key: K) -> V | None:
+        value = self.value_type()
+        return value if syscall.map_lookup(self.fd, key, value) else None
+
+    def put(self, key: K, value: V) -> None:
+        syscall.map_update(self.fd, key, value, f"write {self.name}")
+
+    def delete(self, key: K) -> bool:
+        return syscall.map_delete(self.fd, key, f"delete from {self.name}")
+
+    def keys(self) -> Iterator[K]:
+        """All keys, collected before yielding so callers may delete as they go."""
+        out = []
+        prev: K | None = None
+        while True:
+            nxt = self.key_type()
+            if not syscall.map_next_key(self.fd, prev, nxt):
+                break
+            out.append(nxt)
+            prev = nxt
+        return iter(out)
+
+    def items(self) -> Iterator[tuple[K, V]]:
+        for key in self.keys():
+            value = self.get(key)
+            if value is not None:
+                yield key, value
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self.keys())
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+@dataclass
+class SockLbMaps:
+    services: PinnedMap[ServiceKey, ServiceValue]
+    backends: PinnedMap[BackendKey, BackendValue]
+    vips: PinnedMap[VipKey, VipValue]
+    service_cidrs: PinnedMap[CidrKey, CidrValue]
+    sock_revnat: PinnedMap[SockRevnatKey, SockRevnatValue]
+    counters_fd: int
+
+    @staticmethod
+    def open(bpffs_dir: str) -> SockLbMaps:
+        def path(name: str) -> str:
+            return os.path.join(bpffs_dir, name)
+
+        return SockLbMaps(
+            services=PinnedMap(path("veer_services"), ServiceKey, ServiceValue),
+            backends=PinnedMap(path("veer_backends"), BackendKey, BackendValue),
+            vips=PinnedMap(path("veer_vips"), VipKey, VipValue),
+            service_cidrs=PinnedMap(path("veer_service_cidrs"), CidrKey, CidrValue),
+            sock_revnat=PinnedMap(path("veer_sock_revnat"), SockRevnatKey, SockRevnatValue),
+            counters_fd=syscall.obj_get(path("veer_counters")),
+        )
+
+    def counters(self) -> dict[str, int]:
+        """Per-CPU counters summed over CPUs."""
+        ncpu = _possible_cpus()
+        out = {}
+        for index, name in enumerate(COUNTER_NAMES):
+            key = ctypes.c_uint32(index)
+            values = (ctypes.c_uint64 * ncpu)()
+            if syscall.map_lookup(self.counters_fd, key, values):
+                out[name] = int(sum(values))
+            else:
+                out[name] = 0
+        return out
+
+    def close(self) -> None:
+        for m in (self.services, self.backends, self.vips, self.service_cidrs, self.sock_revnat):
+            m.close()
+        os.close(self.counters_fd)
+
+
+def _possible_cpus() -> int:
+    """Number of possible CPUs, which sizes per-CPU map values."""
+    with open("/sys/devices/system/cpu/possible") as f:
+        spec = f.read().strip()
+    count = 0
+    for part in spec.split(","):
+        lo, _, hi = part.partition("-")
+        count += (int(hi) - int(lo) + 1) if hi else 1
+    return count

@@ -1,0 +1,212 @@
+"""Compile, load, attach, pin and remove veer's socket-LB programs.
+
+Lifecycle, and why each step is where it is:
+- Maps are pinned by BCC itself (BPF_TABLE_PINNED): a pinned map that already
+  exists is reused, so a restarted agent adopts its predecessor's state.
+- Programs are attached to the cgroup with plain BPF_PROG_ATTACH (no
+  ALLOW_MULTI): attaching replaces the program already there atomically, so a
+  restart swaps code without a moment in which sockets go unbalanced.
+- Legacy cgroup attachments hold their own reference on the program, so the
+  datapath outlives the agent process (SIGTERM or SIGKILL alike).
+- Each attached program is also pinned (`prog_<hook>`) so `--cleanup` can
+  find and detach exactly what veer attached.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.datapath.ebpf import syscall
+from agent.errors import DatapathError, EnvironmentProblem
+
+log = logging.getLogger(__name__)
+
+BPF_SRC_DIR = Path(__file__).resolve().parents[3] / "bpf"
+SOCK_LB_SOURCE = "sock_lb.c"
+
+# enum bpf_attach_type values (uapi/linux/bpf.h).
+CGROUP_INET4_CONNECT = 10
+CGROUP_INET6_CONNECT = 11
+CGROUP_UDP4_SENDMSG = 14
+CGROUP_UDP6_SENDMSG = 15
+CGROUP_UDP4_RECVMSG = 19
+CGROUP_UDP6_RECVMSG = 20
+CGROUP_INET4_GETPEERNAME = 29
+CGROUP_INET6_GETPEERNAME = 30
+
+BPF_PROG_TYPE_CGROUP_SOCK_ADDR = 18
+
+
+@dataclass(frozen=True)
+class Hook:
+    function: str  # the C function in bpf/sock_lb.c
+    attach_type: int
+    pin: str  # file name under the bpffs directory
+
+    @property
+    def hook(self) -> str:
+        return self.pin.removeprefix("prog_")
+
+
+SOCK_HOOKS: tuple[Hook, ...] = (
+    Hook("veer_connect4", CGROUP_INET4_CONNECT, "prog_connect4"),
+    Hook("veer_sendmsg4", CGROUP_UDP4_SENDMSG, "prog_sendmsg4"),
+    Hook("veer_recvmsg4", CGROUP_UDP4_RECVMSG, "prog_recvmsg4"),
+    Hook("veer_getpeername4", CGROUP_INET4_GETPEERNAME, "prog_getpeername4"),
+    Hook("veer_connect6", CGROUP_INET6_CONNECT, "prog_connect6"),
+    Hook("veer_sendmsg6", CGROUP_UDP6_SENDMSG, "prog_sendmsg6"),
+    Hook("veer_recvmsg6", CGROUP_UDP6_RECVMSG, "prog_recvmsg6"),
+    Hook("veer_getpeername6", CGROUP_INET6_GETPEERNAME, "prog_getpeername6"),
+)
+
+# Map name -> pin file name (BCC pins under the names given in veer_maps.h).
+MAP_NAMES = (
+    "veer_services",
+    "veer_backends",
+    "veer_vips",
+    "veer_service_cidrs",
+    "veer_sock_revnat",
+    "veer_counters",
+)
+
+
+@dataclass(frozen=True)
+class AttachedProgram:
+    hook: str
+    prog_id: int
+    name: str
+
+
+def _import_bcc() -> object:
+    try:
+        import bcc
+    except ImportError as err:
+        raise EnvironmentProblem(
+            "the BCC Python package is missing: install Debian's python3-bpfcc and run "
+            "veer from the virtualenv made by scripts/setup.sh"
+        ) from err
+    return bcc
+
+
+def check_headers() -> None:
+    build = Path("/lib/modules") / os.uname().release / "build"
+    if not build.exists():
+        raise EnvironmentProblem(
+            f"BCC needs kernel headers at {build}; install linux-headers and link them "
+            "there (scripts/setup.sh does both)"
+        )
+
+
+@contextlib.contextmanager
+def open_dir(path: str) -> Iterator[int]:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+class SockLbPrograms:
+    """The compiled socket-LB object: its programs and pinned maps."""
+
+    def __init__(self, bpffs_dir: str, map_sizes: dict[str, int] | None = None) -> None:
+        self.bpffs_dir = bpffs_dir
+        self.map_sizes = map_sizes or {}
+        self._bpf: object | None = None
+        self._fns: dict[str, object] = {}
+
+    def load(self) -> None:
+        """Compile sock_lb.c and load its programs; create or adopt the pinned maps."""
+        bcc = _import_bcc()
+        check_headers()
+        os.makedirs(self.bpffs_dir, exist_ok=True)
+        cflags = [
+            f"-I{BPF_SRC_DIR}",
+            f'-DVEER_PIN_DIR="{self.bpffs_dir}"',
+            *(f"-DVEER_{name.upper()}_MAX={size}" for name, size in self.map_sizes.items()),
+        ]
+        try:
+            self._bpf = bcc.BPF(  # type: ignore[attr-defined]
+                src_file=str(BPF_SRC_DIR / SOCK_LB_SOURCE).encode(), cflags=cflags
+            )
+            for hook in SOCK_HOOKS:
+                self._fns[hook.pin] = self._bpf.load_func(  # type: ignore[attr-defined]
+                    hook.function.encode(),
+                    BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
+                    attach_type=hook.attach_type,
+                )
+        except Exception as err:  # BCC raises bare Exception for compile/load errors
+            raise DatapathError(f"loading {SOCK_LB_SOURCE} failed: {err}") from err
+
+    def attach(self, cgroup: str) -> None:
+        """Attach every hook to `cgroup` (replacing what is there) and pin it."""
+        with open_dir(cgroup) as cgroup_fd:
+            for hook in SOCK_HOOKS:
+                fn = self._fns[hook.pin]
+                prog_fd = int(fn.fd)  # type: ignore[attr-defined]
+                syscall.prog_attach(prog_fd, cgroup_fd, hook.attach_type)
+                pin = os.path.join(self.bpffs_dir, hook.pin)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(pin)
+                syscall.obj_pin(prog_fd, pin)
+        log.info("attached %d socket hooks to %s", len(SOCK_HOOKS), cgroup)
+
+    def map_path(self, name: str) -> str:
+        return os.path.join(self.bpffs_dir, name)
+
+
+def attached_programs(cgroup: str) -> list[AttachedProgram]:
+    """What is attached to `cgroup` at veer's hooks, read from the kernel."""
+    out = []
+    with open_dir(cgroup) as cgroup_fd:
+        for hook in SOCK_HOOKS:
+            for prog_id in syscall.prog_query(cgroup_fd, hook.attach_type):
+                fd = syscall.prog_get_fd_by_id(prog_id)
+                try:
+                    name = syscall.prog_info(fd).name.decode(errors="replace")
+                finally:
+                    os.close(fd)
+                out.append(AttachedProgram(hook.hook, prog_id, name))
+    return out
+
+
+def cleanup(cgroup: str, bpffs_dir: str) -> list[str]:
+    """Detach every veer program from `cgroup` and remove veer's pins in `bpffs_dir`.
+
+    Idempotent. Programs are found both through their pins and by querying
+    the cgroup (a veer program attached without a pin is still removed).
+    Returns what was removed, for the log.
+    """
+    removed: list[str] = []
+    if os.path.isdir(cgroup):
+        with open_dir(cgroup) as cgroup_fd:
+            for hook in SOCK_HOOKS:
+                for prog_id in syscall.prog_query(cgroup_fd, hook.attach_type):
+                    fd = syscall.prog_get_fd_by_id(prog_id)
+                    try:
+                        name = syscall.prog_info(fd).name.decode(errors="replace")
+                        # The kernel truncates names to 15 characters.
+                        if not hook.function.startswith(name) or not name.startswith("veer_"):
+                            continue
+                        try:
+                            syscall.prog_detach(fd, cgroup_fd, hook.attach_type)
+                            removed.append(f"detached {hook.function} from {cgroup}")
+                        except DatapathError as err:
+                            if getattr(err, "errno", None) != errno.ENOENT:
+                                raise
+                    finally:
+                        os.close(fd)
+    if os.path.isdir(bpffs_dir):
+        for name in sorted(os.listdir(bpffs_dir)):
+            if name.startswith(("prog_", "veer_")):
+                os.unlink(os.path.join(bpffs_dir, name))
+                removed.append(f"unpinned {name}")
+        with contextlib.suppress(OSError):
+            os.rmdir(bpffs_dir)
+    return removed

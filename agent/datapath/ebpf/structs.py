@@ -1,0 +1,163 @@
+"""Python mirrors of the structs in bpf/veer_structs.h, one class per C struct.
+
+Each class names the C struct it must match (`C_NAME`). The test
+tests/unit/test_struct_layout.py compiles the header and checks every size
+and offset, so a change on one side alone fails CI.
+
+Helpers here convert between the model's addresses/ports and the wire
+layout: addresses as 16 network-order bytes (IPv4 in the first four), ports
+in network order.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ipaddress
+import socket
+
+from agent.model.objects import IPAddress, IPNetwork, Protocol
+
+FAMILY_IPV4 = 4
+FAMILY_IPV6 = 6
+
+IPPROTO = {Protocol.TCP: socket.IPPROTO_TCP, Protocol.UDP: socket.IPPROTO_UDP}
+PROTOCOL_OF = {v: k for k, v in IPPROTO.items()}
+
+Addr16 = ctypes.c_uint8 * 16
+
+
+class ServiceKey(ctypes.Structure):
+    C_NAME = "veer_service_key"
+    _fields_ = [
+        ("addr", Addr16),
+        ("port", ctypes.c_uint16),  # network order
+        ("proto", ctypes.c_uint8),
+        ("family", ctypes.c_uint8),
+        ("slot", ctypes.c_uint16),
+        ("pad", ctypes.c_uint16),
+    ]
+
+
+class ServiceValue(ctypes.Structure):
+    C_NAME = "veer_service_value"
+    _fields_ = [
+        ("backend_id", ctypes.c_uint32),
+        ("count", ctypes.c_uint16),
+        ("flags", ctypes.c_uint16),
+        ("service_id", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+    ]
+
+
+class BackendKey(ctypes.Structure):
+    C_NAME = "veer_backend_key"
+    _fields_ = [("backend_id", ctypes.c_uint32)]
+
+
+class BackendValue(ctypes.Structure):
+    C_NAME = "veer_backend_value"
+    _fields_ = [
+        ("addr", Addr16),
+        ("port", ctypes.c_uint16),
+        ("proto", ctypes.c_uint8),
+        ("family", ctypes.c_uint8),
+        ("flags", ctypes.c_uint32),
+    ]
+
+
+class VipKey(ctypes.Structure):
+    C_NAME = "veer_vip_key"
+    _fields_ = [("addr", Addr16), ("family", ctypes.c_uint8), ("pad", ctypes.c_uint8 * 3)]
+
+
+class VipValue(ctypes.Structure):
+    C_NAME = "veer_vip_value"
+    _fields_ = [("flags", ctypes.c_uint32)]
+
+
+class CidrKey(ctypes.Structure):
+    C_NAME = "veer_cidr_key"
+    _fields_ = [
+        ("prefixlen", ctypes.c_uint32),
+        ("family", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 3),
+        ("addr", Addr16),
+    ]
+
+
+class CidrValue(ctypes.Structure):
+    C_NAME = "veer_cidr_value"
+    _fields_ = [("flags", ctypes.c_uint32)]
+
+
+class SockRevnatKey(ctypes.Structure):
+    C_NAME = "veer_sock_revnat_key"
+    _fields_ = [
+        ("cookie", ctypes.c_uint64),
+        ("addr", Addr16),
+        ("port", ctypes.c_uint16),
+        ("family", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 5),
+    ]
+
+
+class SockRevnatValue(ctypes.Structure):
+    C_NAME = "veer_sock_revnat_value"
+    _fields_ = [
+        ("addr", Addr16),
+        ("port", ctypes.c_uint16),
+        ("pad", ctypes.c_uint16),
+        ("service_id", ctypes.c_uint32),
+    ]
+
+
+MIRRORS: tuple[type[ctypes.Structure], ...] = (
+    ServiceKey,
+    ServiceValue,
+    BackendKey,
+    BackendValue,
+    VipKey,
+    VipValue,
+    CidrKey,
+    CidrValue,
+    SockRevnatKey,
+    SockRevnatValue,
+)
+
+# enum veer_counter, in order.
+COUNTER_NAMES: tuple[str, ...] = (
+    "translated",
+    "refused_no_backend",
+    "refused_unknown_port",
+    "refused_no_service",
+    "inconsistent",
+    "revnat",
+)
+
+# LPM trie keys carry family + padding (32 bits) before the address.
+CIDR_KEY_PREFIX_BITS = 32
+
+
+def family_of(address: IPAddress | IPNetwork) -> int:
+    return FAMILY_IPV4 if address.version == 4 else FAMILY_IPV6
+
+
+def addr_bytes(address: IPAddress) -> Addr16:
+    raw = address.packed
+    return Addr16(*raw.ljust(16, b"\0"))
+
+
+def addr_from(raw: Addr16, family: int) -> IPAddress:
+    data = bytes(raw)
+    if family == FAMILY_IPV4:
+        return ipaddress.IPv4Address(data[:4])
+    return ipaddress.IPv6Address(data)
+
+
+def port_be(port: int) -> int:
+    """A host-order port as the u16 whose memory holds it in network order."""
+    return socket.htons(port)
+
+
+def port_host(port: int) -> int:
+    return socket.ntohs(port)

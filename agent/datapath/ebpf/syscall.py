@@ -1,0 +1,205 @@
+"""A thin, typed wrapper over the bpf(2) system call, for map and pin work.
+
+BCC compiles and loads programs; everything after that (reading and writing
+pinned maps, pinning, attaching, detaching, querying) goes through here, so
+that tools like `veer agent --cleanup` and the map layer work on pinned
+objects without compiling anything. Kernel errors become DatapathError with
+the operation and object named; ENOSPC/E2BIG become MapFullError.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import struct
+
+from agent.errors import DatapathError, MapFullError
+
+_SYS_BPF = {"x86_64": 321, "aarch64": 280}.get(os.uname().machine, 321)
+
+BPF_MAP_LOOKUP_ELEM = 1
+BPF_MAP_UPDATE_ELEM = 2
+BPF_MAP_DELETE_ELEM = 3
+BPF_MAP_GET_NEXT_KEY = 4
+BPF_OBJ_PIN = 6
+BPF_OBJ_GET = 7
+BPF_PROG_ATTACH = 8
+BPF_PROG_DETACH = 9
+BPF_OBJ_GET_INFO_BY_FD = 15
+BPF_PROG_QUERY = 16
+BPF_PROG_GET_FD_BY_ID = 13
+BPF_MAP_CREATE = 0
+
+BPF_ANY = 0
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+
+_ATTR_SIZE = 128
+
+
+def _bpf(cmd: int, attr: ctypes.Array[ctypes.c_char], what: str) -> int:
+    ret = _libc.syscall(_SYS_BPF, cmd, attr, _ATTR_SIZE)
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise _error(err, what)
+    return int(ret)
+
+
+def _error(err: int, what: str) -> DatapathError:
+    message = f"{what}: {os.strerror(err)} (errno {err})"
+    if err in (errno.ENOSPC, errno.E2BIG):
+        return MapFullError(message)
+    if err == errno.EPERM:
+        message += " — veer needs root (CAP_BPF, CAP_NET_ADMIN, CAP_SYS_ADMIN)"
+    exc = DatapathError(message)
+    exc.errno = err  # type: ignore[attr-defined]
+    return exc
+
+
+def _attr() -> ctypes.Array[ctypes.c_char]:
+    return ctypes.create_string_buffer(_ATTR_SIZE)
+
+
+def _addr(obj: ctypes._CData | ctypes.Array[ctypes.c_char]) -> int:
+    return ctypes.addressof(obj)
+
+
+def map_lookup(fd: int, key: ctypes._CData, value: ctypes._CData) -> bool:
+    """Fill `value` for `key`; False if the key is absent."""
+    attr = _attr()
+    struct.pack_into("=I4xQQQ", attr, 0, fd, _addr(key), _addr(value), 0)
+    try:
+        _bpf(BPF_MAP_LOOKUP_ELEM, attr, "map lookup")
+    except DatapathError as err:
+        if getattr(err, "errno", None) == errno.ENOENT:
+            return False
+        raise
+    return True
+
+
+def map_update(fd: int, key: ctypes._CData, value: ctypes._CData, what: str) -> None:
+    attr = _attr()
+    struct.pack_into("=I4xQQQ", attr, 0, fd, _addr(key), _addr(value), BPF_ANY)
+    _bpf(BPF_MAP_UPDATE_ELEM, attr, what)
+
+
+def map_delete(fd: int, key: ctypes._CData, what: str) -> bool:
+    """Delete `key`; False if it was absent."""
+    attr = _attr()
+    struct.pack_into("=I4xQ", attr, 0, fd, _addr(key))
+    try:
+        _bpf(BPF_MAP_DELETE_ELEM, attr, what)
+    except DatapathError as err:
+        if getattr(err, "errno", None) == errno.ENOENT:
+            return False
+        raise
+    return True
+
+
+def map_next_key(fd: int, key: ctypes._CData | None, next_key: ctypes._CData) -> bool:
+    """Fill `next_key` with the key after `key` (the first if None); False at the end."""
+    attr = _attr()
+    struct.pack_into(
+        "=I4xQQ", attr, 0, fd, 0 if key is None else _addr(key), _addr(next_key)
+    )
+    try:
+        _bpf(BPF_MAP_GET_NEXT_KEY, attr, "map iteration")
+    except DatapathError as err:
+        if getattr(err, "errno", None) == errno.ENOENT:
+            return False
+        raise
+    return True
+
+
+def obj_pin(fd: int, path: str) -> None:
+    raw = ctypes.create_string_buffer(os.fsencode(path))
+    attr = _attr()
+    struct.pack_into("=QI", attr, 0, _addr(raw), fd)
+    _bpf(BPF_OBJ_PIN, attr, f"pin {path}")
+
+
+def obj_get(path: str) -> int:
+    """Open a pinned object; raises DatapathError (errno ENOENT) if absent."""
+    raw = ctypes.create_string_buffer(os.fsencode(path))
+    attr = _attr()
+    struct.pack_into("=QI", attr, 0, _addr(raw), 0)
+    return _bpf(BPF_OBJ_GET, attr, f"open pinned {path}")
+
+
+def prog_attach(prog_fd: int, target_fd: int, attach_type: int, flags: int = 0) -> None:
+    attr = _attr()
+    struct.pack_into("=IIII", attr, 0, target_fd, prog_fd, attach_type, flags)
+    _bpf(BPF_PROG_ATTACH, attr, f"attach program (type {attach_type})")
+
+
+def prog_detach(prog_fd: int, target_fd: int, attach_type: int) -> None:
+    attr = _attr()
+    struct.pack_into("=III", attr, 0, target_fd, prog_fd, attach_type)
+    _bpf(BPF_PROG_DETACH, attr, f"detach program (type {attach_type})")
+
+
+def prog_query(target_fd: int, attach_type: int) -> list[int]:
+    """Ids of the programs attached to a cgroup for one attach type."""
+    ids = (ctypes.c_uint32 * 64)()
+    attr = _attr()
+    struct.pack_into("=IIIIQI", attr, 0, target_fd, attach_type, 0, 0, _addr(ids), 64)
+    _bpf(BPF_PROG_QUERY, attr, f"query programs (type {attach_type})")
+    count = struct.unpack_from("=I", attr, 24)[0]
+    return [ids[i] for i in range(min(count, 64))]
+
+
+def prog_get_fd_by_id(prog_id: int) -> int:
+    attr = _attr()
+    struct.pack_into("=I", attr, 0, prog_id)
+    return _bpf(BPF_PROG_GET_FD_BY_ID, attr, f"open program id {prog_id}")
+
+
+class MapInfo(ctypes.Structure):
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("key_size", ctypes.c_uint32),
+        ("value_size", ctypes.c_uint32),
+        ("max_entries", ctypes.c_uint32),
+        ("map_flags", ctypes.c_uint32),
+        ("name", ctypes.c_char * 16),
+        ("_rest", ctypes.c_uint8 * 64),
+    ]
+
+
+class ProgInfo(ctypes.Structure):
+    _fields_ = [
+        ("type", ctypes.c_uint32),
+        ("id", ctypes.c_uint32),
+        ("tag", ctypes.c_uint8 * 8),
+        ("jited_prog_len", ctypes.c_uint32),
+        ("xlated_prog_len", ctypes.c_uint32),
+        ("jited_prog_insns", ctypes.c_uint64),
+        ("xlated_prog_insns", ctypes.c_uint64),
+        ("load_time", ctypes.c_uint64),
+        ("created_by_uid", ctypes.c_uint32),
+        ("nr_map_ids", ctypes.c_uint32),
+        ("map_ids", ctypes.c_uint64),
+        ("name", ctypes.c_char * 16),
+        ("_rest", ctypes.c_uint8 * 128),
+    ]
+
+
+def _info(fd: int, info: ctypes.Structure, what: str) -> None:
+    attr = _attr()
+    struct.pack_into("=IIQ", attr, 0, fd, ctypes.sizeof(info), _addr(info))
+    _bpf(BPF_OBJ_GET_INFO_BY_FD, attr, what)
+
+
+def map_info(fd: int) -> MapInfo:
+    info = MapInfo()
+    _info(fd, info, "map info")
+    return info
+
+
+def prog_info(fd: int) -> ProgInfo:
+    info = ProgInfo()
+    _info(fd, info, "program info")
+    return info

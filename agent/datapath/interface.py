@@ -1,0 +1,79 @@
+"""The one interface every datapath backend implements.
+
+Contract (after Cilium's statedb reconciler):
+- `upsert_frontend` is idempotent and returns whether anything changed. It
+  writes in an order that never lets a packet or socket see a half-written
+  frontend: new backends first, then the frontend that points at them.
+- `delete_frontend` of an absent frontend is fine (returns False). It removes
+  the frontend before the backends it pointed at.
+- `dump` reads the real state back from the kernel; the reconciler's full
+  pass diffs it against the desired state and prunes what nobody wants.
+- Errors are raised as `agent.errors.DatapathError` naming the object.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from agent.compute.types import Frontend, L4Addr
+from agent.model.objects import IPAddress, IPNetwork
+
+
+@dataclass
+class DatapathState:
+    """What a datapath actually holds, in DesiredState's vocabulary."""
+
+    frontends: dict[L4Addr, tuple[L4Addr, ...]] = field(default_factory=dict)
+    vips: set[IPAddress] = field(default_factory=set)
+    service_cidrs: set[IPNetwork] = field(default_factory=set)
+
+
+@dataclass(frozen=True)
+class MapUsage:
+    name: str
+    entries: int
+    capacity: int
+
+
+class Datapath(ABC):
+    """A place where Services are programmed."""
+
+    #: a short name for logs and status ("ebpf", "fake", ...)
+    name: str = "datapath"
+
+    @abstractmethod
+    def dump(self) -> DatapathState:
+        """Read the actual state back."""
+
+    @abstractmethod
+    def upsert_frontend(self, frontend: Frontend) -> bool:
+        """Make `frontend` hold exactly its backends. Returns True if anything changed."""
+
+    @abstractmethod
+    def delete_frontend(self, key: L4Addr) -> bool:
+        """Remove a frontend; absent is fine. Returns True if it existed."""
+
+    @abstractmethod
+    def upsert_vip(self, address: IPAddress) -> bool: ...
+
+    @abstractmethod
+    def delete_vip(self, address: IPAddress) -> bool: ...
+
+    @abstractmethod
+    def upsert_service_cidr(self, cidr: IPNetwork) -> bool: ...
+
+    @abstractmethod
+    def delete_service_cidr(self, cidr: IPNetwork) -> bool: ...
+
+    def usage(self) -> list[MapUsage]:
+        """Fill levels of the backend's tables, for status and metrics."""
+        return []
+
+    def counters(self) -> Mapping[str, int]:
+        """Event counters kept by the datapath (translations, refusals, ...)."""
+        return {}
+
+    def close(self) -> None:
+        """Release user-space resources. Never removes kernel state."""

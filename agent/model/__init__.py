@@ -1,0 +1,1 @@
+"""The typed model of the Kubernetes objects veer consumes."""

@@ -1,0 +1,467 @@
+"""Kubernetes JSON/YAML (as plain dicts) -> the typed model.
+
+Unknown fields are ignored, as an API client must. A malformed field raises
+ModelError naming the object ("Service/default/web") and the field path
+("spec.ports[1].port"), so a user can find the line to fix.
+
+`parse_object` dispatches on apiVersion/kind and returns None for kinds veer
+does not consume (a ConfigMap in a manifest directory is not an error).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable, Mapping
+from types import MappingProxyType
+from typing import Any, TypeVar
+
+from agent.errors import ModelError
+from agent.model.objects import (
+    DEFAULT_AFFINITY_TIMEOUT_SECONDS,
+    AccessAction,
+    AccessPolicy,
+    AccessRule,
+    AffinityOverride,
+    Algorithm,
+    Endpoint,
+    EndpointHints,
+    EndpointPort,
+    EndpointSlice,
+    IPAddress,
+    IPFamily,
+    IPNetwork,
+    Node,
+    NodeAddress,
+    ObjectMeta,
+    Protocol,
+    Redirect,
+    RedirectMode,
+    Service,
+    ServicePort,
+    ServiceType,
+    SessionAffinity,
+    SplitEntry,
+    TrafficPolicy,
+    TrafficPolicyKind,
+)
+
+SERVICE_NAME_LABEL = "kubernetes.io/service-name"
+TRAFFIC_POLICY_GROUP = "veer.dev"
+
+Model = Service | EndpointSlice | Node | TrafficPolicy
+E = TypeVar("E")
+
+
+class _Fields:
+    """Typed access to one mapping inside an object, tracking its path for errors."""
+
+    def __init__(self, obj: str, data: Any, path: str) -> None:
+        self.obj = obj
+        self.path = path
+        if data is None:
+            data = {}
+        if not isinstance(data, Mapping):
+            raise ModelError(obj, path or ".", f"expected an object, got {_kind(data)}")
+        self.data: Mapping[str, Any] = data
+
+    def _at(self, key: str) -> str:
+        return f"{self.path}.{key}" if self.path else key
+
+    def error(self, key: str, message: str) -> ModelError:
+        return ModelError(self.obj, self._at(key), message)
+
+    def sub(self, key: str) -> _Fields:
+        return _Fields(self.obj, self.data.get(key), self._at(key))
+
+    def has(self, key: str) -> bool:
+        return self.data.get(key) is not None
+
+    def str(self, key: str, default: str = "") -> str:
+        value = self.data.get(key)
+        if value is None:
+            return default
+        if not isinstance(value, str):
+            raise self.error(key, f"expected a string, got {_kind(value)}")
+        return value
+
+    def int(self, key: str, default: int = 0, lo: int | None = None, hi: int | None = None) -> int:
+        value = self.data.get(key)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.error(key, f"expected an integer, got {_kind(value)}")
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            raise self.error(key, f"{value} is outside {lo}..{hi}")
+        return value
+
+    def opt_bool(self, key: str) -> bool | None:
+        value = self.data.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, bool):
+            raise self.error(key, f"expected true or false, got {_kind(value)}")
+        return value
+
+    def bool(self, key: str, default: bool = False) -> bool:
+        value = self.opt_bool(key)
+        return default if value is None else value
+
+    def list(self, key: str) -> list[tuple[str, Any]]:
+        """The items of a list field with their paths; absent means empty."""
+        value = self.data.get(key)
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            raise self.error(key, f"expected a list, got {_kind(value)}")
+        return [(f"{self._at(key)}[{i}]", item) for i, item in enumerate(value)]
+
+    def objects(self, key: str) -> list[_Fields]:
+        return [_Fields(self.obj, item, path) for path, item in self.list(key)]
+
+    def strings(self, key: str) -> tuple[str, ...]:
+        out = []
+        for path, item in self.list(key):
+            if not isinstance(item, str):
+                raise ModelError(self.obj, path, f"expected a string, got {_kind(item)}")
+            out.append(item)
+        return tuple(out)
+
+    def string_map(self, key: str) -> Mapping[str, str]:
+        value = self.data.get(key)
+        if value is None:
+            return MappingProxyType({})
+        if not isinstance(value, Mapping):
+            raise self.error(key, f"expected a map, got {_kind(value)}")
+        out: dict[str, str] = {}
+        for k, v in value.items():
+            if not isinstance(v, str):
+                raise self.error(f"{key}.{k}", f"expected a string, got {_kind(v)}")
+            out[str(k)] = v
+        return MappingProxyType(out)
+
+    def enum(self, key: str, cls: Callable[[str], E], default: E) -> E:
+        value = self.data.get(key)
+        if value is None or value == "":
+            return default
+        try:
+            return cls(value)
+        except ValueError:
+            allowed = ", ".join(str(m) for m in cls.__members__.values())  # type: ignore[attr-defined]
+            raise self.error(key, f"unsupported value {value!r} (allowed: {allowed})") from None
+
+    def ip(self, path: str, value: Any) -> IPAddress:
+        if not isinstance(value, str):
+            raise ModelError(self.obj, path, f"expected an IP address, got {_kind(value)}")
+        try:
+            return ipaddress.ip_address(value)
+        except ValueError:
+            raise ModelError(self.obj, path, f"{value!r} is not an IP address") from None
+
+    def ips(self, key: str) -> tuple[IPAddress, ...]:
+        return tuple(self.ip(path, item) for path, item in self.list(key))
+
+    def cidrs(self, key: str) -> tuple[IPNetwork, ...]:
+        out = []
+        for path, item in self.list(key):
+            if not isinstance(item, str):
+                raise ModelError(self.obj, path, f"expected a CIDR, got {_kind(item)}")
+            try:
+                out.append(ipaddress.ip_network(item.strip(), strict=False))
+            except ValueError:
+                raise ModelError(self.obj, path, f"{item!r} is not a CIDR") from None
+        return tuple(out)
+
+
+def _kind(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
+
+
+def object_name(doc: Mapping[str, Any]) -> str:
+    """kind/namespace/name of a raw document, best effort, for error messages."""
+    kind = doc.get("kind") if isinstance(doc.get("kind"), str) else "object"
+    meta = doc.get("metadata") if isinstance(doc.get("metadata"), Mapping) else {}
+    assert isinstance(meta, Mapping)
+    name = meta.get("name") if isinstance(meta.get("name"), str) else "?"
+    ns = meta.get("namespace") if isinstance(meta.get("namespace"), str) else ""
+    return f"{kind}/{ns}/{name}" if ns else f"{kind}/{name}"
+
+
+def _meta(f: _Fields, namespaced: bool) -> ObjectMeta:
+    m = f.sub("metadata")
+    name = m.str("name")
+    if not name:
+        raise m.error("name", "is required")
+    return ObjectMeta(
+        name=name,
+        namespace=(m.str("namespace") or "default") if namespaced else "",
+        uid=m.str("uid"),
+        resource_version=m.str("resourceVersion"),
+        generation=m.int("generation"),
+        creation_timestamp=str(m.data.get("creationTimestamp") or ""),
+        labels=m.string_map("labels"),
+        annotations=m.string_map("annotations"),
+    )
+
+
+def _port(f: _Fields, key: str, required: bool = True) -> int:
+    if required and not f.has(key):
+        raise f.error(key, "is required")
+    return f.int(key, lo=1, hi=65535) if f.has(key) else 0
+
+
+def parse_service(doc: Mapping[str, Any]) -> Service:
+    obj = object_name(doc)
+    root = _Fields(obj, doc, "")
+    meta = _meta(root, namespaced=True)
+    spec = root.sub("spec")
+    svc_type = spec.enum("type", ServiceType, ServiceType.CLUSTER_IP)
+
+    raw_ips = list(spec.strings("clusterIPs"))
+    if not raw_ips and spec.str("clusterIP"):
+        raw_ips = [spec.str("clusterIP")]
+    headless = raw_ips[:1] == ["None"]
+    cluster_ips: tuple[IPAddress, ...] = ()
+    if not headless and svc_type != ServiceType.EXTERNAL_NAME:
+        field = "clusterIPs" if spec.has("clusterIPs") else "clusterIP"
+        cluster_ips = tuple(
+            spec.ip(f"spec.{field}[{i}]" if field == "clusterIPs" else "spec.clusterIP", ip)
+            for i, ip in enumerate(raw_ips)
+        )
+        if len({IPFamily.of(ip) for ip in cluster_ips}) != len(cluster_ips):
+            raise spec.error("clusterIPs", "at most one address per IP family")
+
+    ports = []
+    for p in spec.objects("ports"):
+        target: int | str
+        raw_target = p.data.get("targetPort")
+        if raw_target is None:
+            target = _port(p, "port")
+        elif isinstance(raw_target, bool):
+            raise p.error("targetPort", "expected a port number or name")
+        elif isinstance(raw_target, int):
+            target = p.int("targetPort", lo=1, hi=65535)
+        elif isinstance(raw_target, str):
+            target = int(raw_target) if raw_target.isdigit() else raw_target
+            if isinstance(target, int) and not 1 <= target <= 65535:
+                raise p.error("targetPort", f"{target} is outside 1..65535")
+        else:
+            raise p.error("targetPort", "expected a port number or name")
+        ports.append(
+            ServicePort(
+                name=p.str("name"),
+                protocol=p.enum("protocol", Protocol, Protocol.TCP),
+                port=_port(p, "port"),
+                target_port=target,
+                node_port=_port(p, "nodePort", required=False),
+                app_protocol=p.str("appProtocol"),
+            )
+        )
+
+    affinity = spec.enum("sessionAffinity", SessionAffinity, SessionAffinity.NONE)
+    timeout = (
+        spec.sub("sessionAffinityConfig")
+        .sub("clientIP")
+        .int("timeoutSeconds", DEFAULT_AFFINITY_TIMEOUT_SECONDS, lo=1, hi=86400)
+    )
+    lb_ips = []
+    for ing in root.sub("status").sub("loadBalancer").objects("ingress"):
+        if ing.has("ip"):
+            lb_ips.append(ing.ip(f"{ing.path}.ip", ing.data["ip"]))
+
+    return Service(
+        meta=meta,
+        type=svc_type,
+        cluster_ips=cluster_ips,
+        headless=headless,
+        ip_families=tuple(_family(spec, path, value) for path, value in spec.list("ipFamilies")),
+        ip_family_policy=spec.str("ipFamilyPolicy", "SingleStack"),
+        ports=tuple(ports),
+        external_ips=spec.ips("externalIPs"),
+        load_balancer_ips=tuple(lb_ips),
+        load_balancer_source_ranges=spec.cidrs("loadBalancerSourceRanges"),
+        external_traffic_policy=spec.enum(
+            "externalTrafficPolicy", TrafficPolicyKind, TrafficPolicyKind.CLUSTER
+        ),
+        internal_traffic_policy=spec.enum(
+            "internalTrafficPolicy", TrafficPolicyKind, TrafficPolicyKind.CLUSTER
+        ),
+        health_check_node_port=_port(spec, "healthCheckNodePort", required=False),
+        session_affinity=affinity,
+        session_affinity_timeout=timeout,
+        traffic_distribution=spec.str("trafficDistribution"),
+        external_name=spec.str("externalName"),
+        publish_not_ready_addresses=spec.bool("publishNotReadyAddresses"),
+    )
+
+
+def _family(f: _Fields, path: str, value: Any) -> IPFamily:
+    try:
+        return IPFamily(value)
+    except ValueError:
+        raise ModelError(f.obj, path, f"unsupported IP family {value!r}") from None
+
+
+def parse_endpoint_slice(doc: Mapping[str, Any]) -> EndpointSlice:
+    obj = object_name(doc)
+    root = _Fields(obj, doc, "")
+    meta = _meta(root, namespaced=True)
+    address_type = root.str("addressType")
+    if address_type not in ("IPv4", "IPv6", "FQDN"):
+        raise root.error("addressType", f"expected IPv4, IPv6 or FQDN, got {address_type!r}")
+
+    endpoints = []
+    for ep in root.objects("endpoints"):
+        if address_type == "FQDN":
+            addresses: tuple[IPAddress, ...] = ()
+        else:
+            addresses = ep.ips("addresses")
+            want = 4 if address_type == "IPv4" else 6
+            for i, a in enumerate(addresses):
+                if a.version != want:
+                    raise ep.error(f"addresses[{i}]", f"{a} is not an {address_type} address")
+        cond = ep.sub("conditions")
+        ready = cond.opt_bool("ready")
+        serving = cond.opt_bool("serving")
+        terminating = cond.bool("terminating")
+        # API contract: an unknown ready state is ready; serving defaults to ready.
+        is_ready = True if ready is None else ready
+        hints = None
+        if ep.has("hints"):
+            h = ep.sub("hints")
+            hints = EndpointHints(
+                for_zones=tuple(z.str("name") for z in h.objects("forZones")),
+                for_nodes=tuple(n.str("name") for n in h.objects("forNodes")),
+            )
+        endpoints.append(
+            Endpoint(
+                addresses=addresses,
+                ready=is_ready,
+                serving=is_ready if serving is None else serving,
+                terminating=terminating,
+                node_name=ep.str("nodeName"),
+                zone=ep.str("zone"),
+                hostname=ep.str("hostname"),
+                hints=hints,
+            )
+        )
+
+    ports = []
+    for p in root.objects("ports"):
+        ports.append(
+            EndpointPort(
+                name=p.str("name"),
+                port=p.int("port", lo=1, hi=65535) if p.has("port") else None,
+                protocol=p.enum("protocol", Protocol, Protocol.TCP),
+                app_protocol=p.str("appProtocol"),
+            )
+        )
+    return EndpointSlice(
+        meta=meta,
+        service_name=meta.labels.get(SERVICE_NAME_LABEL, ""),
+        address_type=address_type,
+        endpoints=tuple(endpoints),
+        ports=tuple(ports),
+    )
+
+
+def parse_node(doc: Mapping[str, Any]) -> Node:
+    obj = object_name(doc)
+    root = _Fields(obj, doc, "")
+    meta = _meta(root, namespaced=False)
+    addresses = tuple(
+        NodeAddress(type=a.str("type"), address=a.str("address"))
+        for a in root.sub("status").objects("addresses")
+    )
+    spec = root.sub("spec")
+    pod_cidrs = spec.cidrs("podCIDRs")
+    if not pod_cidrs and spec.has("podCIDR"):
+        pod_cidrs = _Fields(obj, {"podCIDRs": [spec.str("podCIDR")]}, "spec").cidrs("podCIDRs")
+    return Node(meta=meta, addresses=addresses, pod_cidrs=pod_cidrs)
+
+
+def parse_traffic_policy(doc: Mapping[str, Any]) -> TrafficPolicy:
+    """Parse a TrafficPolicy. Checks types and ranges; the API server's schema
+    and the operator check the rest (see crds/)."""
+    obj = object_name(doc)
+    root = _Fields(obj, doc, "")
+    meta = _meta(root, namespaced=True)
+    spec = root.sub("spec")
+    targets = tuple(t.str("name") for t in spec.objects("targetRefs"))
+    if not targets:
+        raise spec.error("targetRefs", "at least one target Service is required")
+    for i, name in enumerate(targets):
+        if not name:
+            raise spec.error(f"targetRefs[{i}].name", "is required")
+
+    lb = spec.sub("loadBalancing")
+    affinity = None
+    if lb.has("sessionAffinity"):
+        sa = lb.sub("sessionAffinity")
+        affinity = AffinityOverride(
+            type=sa.enum("type", SessionAffinity, SessionAffinity.NONE),
+            timeout_seconds=sa.int(
+                "timeoutSeconds", DEFAULT_AFFINITY_TIMEOUT_SECONDS, lo=1, hi=86400
+            ),
+        )
+
+    split = tuple(
+        SplitEntry(service=s.str("service"), weight=s.int("weight", 0, lo=0, hi=1000))
+        for s in spec.objects("split")
+    )
+    if split and not any(s.weight > 0 for s in split):
+        raise spec.error("split", "at least one weight must be greater than 0")
+
+    access = None
+    if spec.has("access"):
+        a = spec.sub("access")
+        access = AccessPolicy(
+            default_action=a.enum("defaultAction", AccessAction, AccessAction.ALLOW),
+            rules=tuple(
+                AccessRule(
+                    action=r.enum("action", AccessAction, AccessAction.ALLOW),
+                    sources=r.cidrs("sources"),
+                )
+                for r in a.objects("rules")
+            ),
+        )
+
+    redirect = None
+    if spec.has("redirect"):
+        r = spec.sub("redirect")
+        redirect = Redirect(
+            port=_port(r, "port"), mode=r.enum("mode", RedirectMode, RedirectMode.AUTO)
+        )
+
+    return TrafficPolicy(
+        meta=meta,
+        target_refs=targets,
+        algorithm=lb.enum("algorithm", Algorithm, Algorithm.RANDOM),
+        session_affinity=affinity,
+        split=split,
+        access=access,
+        redirect=redirect,
+        sockmap=spec.sub("acceleration").bool("sockmap"),
+    )
+
+
+_PARSERS: dict[tuple[str, str], Callable[[Mapping[str, Any]], Model]] = {
+    ("", "Service"): parse_service,
+    ("discovery.k8s.io", "EndpointSlice"): parse_endpoint_slice,
+    ("", "Node"): parse_node,
+    (TRAFFIC_POLICY_GROUP, "TrafficPolicy"): parse_traffic_policy,
+}
+
+
+def parse_object(doc: Any) -> Model | None:
+    """Parse one Kubernetes object; None if veer does not consume its kind."""
+    if not isinstance(doc, Mapping):
+        raise ModelError("object", ".", f"expected an object, got {_kind(doc)}")
+    api_version = doc.get("apiVersion")
+    kind = doc.get("kind")
+    if not isinstance(kind, str) or not kind:
+        raise ModelError(object_name(doc), "kind", "is required")
+    if not isinstance(api_version, str) or not api_version:
+        raise ModelError(object_name(doc), "apiVersion", "is required")
+    group = api_version.rpartition("/")[0]
+    parser = _PARSERS.get((group, kind))
+    return parser(doc) if parser else None

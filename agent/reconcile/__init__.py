@@ -1,0 +1,1 @@
+"""Turn DesiredState into datapath writes: the reconciler and its runner."""

@@ -1,0 +1,149 @@
+"""The reconciler: the only writer of the datapath.
+
+A pass compares the desired state with what the datapath holds and applies
+only the difference:
+- an *incremental* pass compares against what the reconciler last applied
+  (cheap: no kernel reads);
+- a *full* pass dumps the real state from the datapath first, so it also
+  repairs anything changed behind its back and prunes leftovers (entries of a
+  previous agent, of a crash mid-pass).
+Any failure makes the next pass full. The first pass is always full, which is
+how a restarted agent adopts pinned state: entries that already match are
+left untouched, so established traffic notices nothing.
+
+Order within a pass, chosen so that no socket ever sees a half-written
+Service: CIDRs; frontends added or changed (each written backends-first by
+the datapath); VIPs added; frontends removed; VIPs removed.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from agent.compute.types import DesiredState, L4Addr, ServiceProblem
+from agent.datapath.interface import Datapath, DatapathState
+from agent.errors import DatapathError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SyncResult:
+    full: bool
+    changed: int = 0
+    errors: list[str] = field(default_factory=list)
+    duration: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+class Reconciler:
+    def __init__(
+        self,
+        datapath: Datapath,
+        desired: Callable[[], DesiredState],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._datapath = datapath
+        self._desired = desired
+        self._clock = clock
+        self._applied = DatapathState()
+        self._need_full = True
+        self._reported: set[ServiceProblem] = set()
+        self.last_result: SyncResult | None = None
+        self.failed_frontends: dict[L4Addr, str] = {}
+
+    def request_full(self) -> None:
+        self._need_full = True
+
+    def sync(self, full: bool = False) -> SyncResult:
+        """Run one pass; full if asked or if anything earlier failed."""
+        start = self._clock()
+        full = full or self._need_full
+        result = SyncResult(full=full)
+        try:
+            desired = self._desired()
+            self._report_problems(desired)
+            if full:
+                self._applied = self._datapath.dump()
+            self._apply(desired, result)
+        except DatapathError as err:
+            result.errors.append(str(err))
+        result.duration = self._clock() - start
+        self._need_full = not result.ok
+        self.last_result = result
+        if result.errors:
+            log.warning(
+                "sync (%s) had %d error(s); next pass will be full: %s",
+                "full" if full else "incremental",
+                len(result.errors),
+                "; ".join(result.errors[:5]),
+            )
+        elif result.changed:
+            log.info(
+                "sync (%s): %d change(s) in %.1f ms",
+                "full" if full else "incremental",
+                result.changed,
+                result.duration * 1000,
+            )
+        return result
+
+    def _report_problems(self, desired: DesiredState) -> None:
+        current = set(desired.problems)
+        for problem in sorted(current - self._reported, key=str):
+            log.warning("skipping: %s", problem)
+        self._reported = current
+
+    def _apply(self, desired: DesiredState, result: SyncResult) -> None:
+        dp, applied = self._datapath, self._applied
+
+        def attempt(what: str, op: Callable[[], bool], on_ok: Callable[[], None]) -> bool:
+            try:
+                if op():
+                    result.changed += 1
+            except DatapathError as err:
+                result.errors.append(f"{what}: {err}")
+                return False
+            on_ok()
+            return True
+
+        for cidr in desired.service_cidrs - applied.service_cidrs:
+            attempt(f"add CIDR {cidr}", lambda c=cidr: dp.upsert_service_cidr(c),
+                    lambda c=cidr: applied.service_cidrs.add(c))
+
+        for key, frontend in desired.frontends.items():
+            if applied.frontends.get(key) == frontend.backends:
+                continue
+            ok = attempt(
+                f"frontend {key} of {frontend.service}",
+                lambda f=frontend: dp.upsert_frontend(f),
+                lambda f=frontend: applied.frontends.__setitem__(f.key, f.backends),
+            )
+            if ok:
+                self.failed_frontends.pop(key, None)
+            else:
+                # The datapath keeps the old, consistent version; a full pass retries.
+                applied.frontends.pop(key, None)
+                self.failed_frontends[key] = result.errors[-1]
+
+        for vip in desired.vips - applied.vips:
+            attempt(f"add VIP {vip}", lambda v=vip: dp.upsert_vip(v),
+                    lambda v=vip: applied.vips.add(v))
+
+        for key in [k for k in applied.frontends if k not in desired.frontends]:
+            attempt(f"remove frontend {key}", lambda k=key: dp.delete_frontend(k),
+                    lambda k=key: applied.frontends.pop(k, None))
+        for key in [k for k in self.failed_frontends if k not in desired.frontends]:
+            del self.failed_frontends[key]
+
+        for vip in applied.vips - desired.vips:
+            attempt(f"remove VIP {vip}", lambda v=vip: dp.delete_vip(v),
+                    lambda v=vip: applied.vips.discard(v))
+        for cidr in applied.service_cidrs - desired.service_cidrs:
+            attempt(f"remove CIDR {cidr}", lambda c=cidr: dp.delete_service_cidr(c),
+                    lambda c=cidr: applied.service_cidrs.discard(c))

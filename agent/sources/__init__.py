@@ -1,0 +1,1 @@
+"""Sources record cluster state into a Store; they never touch the datapath."""

@@ -1,0 +1,332 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * Socket-level load balancing: cgroup sock_addr programs that rewrite a
+ * connect() or sendmsg() to a Service address into one to a backend, before
+ * any packet exists, and translate the backend's address back into the
+ * Service's for getpeername() and recvmsg().
+ *
+ * Because the rewrite happens once per connection (per datagram for
+ * unconnected UDP), there is no conntrack and no per-packet NAT on this
+ * path; an established connection keeps its backend however the maps change.
+ *
+ * Return values follow the sock_addr contract: 1 lets the call proceed
+ * (possibly rewritten); 0 fails it. We set the error to ECONNREFUSED before
+ * failing so that applications see what kube-proxy's REJECT gives them,
+ * instead of the default EPERM.
+ */
+#include "veer_maps.h"
+
+#define VEER_IPPROTO_TCP 6
+#define VEER_IPPROTO_UDP 17
+#define VEER_ECONNREFUSED 111
+
+/* BCC 0.26 declares bpf_get_socket_cookie as returning u32, truncating the
+ * cookie; declare it with the kernel's real signature. */
+static __u64 (*veer_socket_cookie)(void *ctx) = (void *)BPF_FUNC_get_socket_cookie;
+
+/* A destination as a socket hook sees it, normalized: an IPv4-mapped IPv6
+ * address (::ffff:a.b.c.d on a dual-stack socket) is treated as IPv4. */
+struct veer_flow {
+	__u8 addr[16];
+	__be16 port;
+	__u8 proto;
+	__u8 family;
+	__u8 mapped; /* 1 if it came from an IPv4-mapped IPv6 address */
+};
+
+enum veer_verdict {
+	VEER_PASS = 0,   /* not a Service address: leave the call alone */
+	VEER_TRANSLATE,  /* rewrite the destination to the chosen backend */
+	VEER_REFUSE,     /* fail the call with ECONNREFUSED */
+};
+
+static __always_inline void veer_count(__u32 idx)
+{
+	__u64 *counter = veer_counters.lookup(&idx);
+
+	if (counter)
+		*counter += 1;
+}
+
+static __always_inline int veer_proto_handled(__u32 proto)
+{
+	return proto == VEER_IPPROTO_TCP || proto == VEER_IPPROTO_UDP;
+}
+
+/* Decide what to do with a destination that matched no frontend: refuse it
+ * if the address is a Service address or lies inside a Service CIDR. */
+static __always_inline int veer_miss(const struct veer_flow *flow)
+{
+	struct veer_vip_key vip = {};
+	struct veer_cidr_key cidr = {};
+
+	__builtin_memcpy(vip.addr, flow->addr, 16);
+	vip.family = flow->family;
+	if (veer_vips.lookup(&vip)) {
+		veer_count(VEER_CNT_REFUSED_UNKNOWN_PORT);
+		return VEER_REFUSE;
+	}
+	/* The trie's data is family, padding, address: match all of it. */
+	cidr.prefixlen = 32 + 128;
+	cidr.family = flow->family;
+	__builtin_memcpy(cidr.addr, flow->addr, 16);
+	if (veer_service_cidrs.lookup(&cidr)) {
+		veer_count(VEER_CNT_REFUSED_NO_SERVICE);
+		return VEER_REFUSE;
+	}
+	return VEER_PASS;
+}
+
+/* Choose a backend for `flow` and remember, for this socket, which Service
+ * address the backend stands for. On VEER_TRANSLATE, *out holds the backend. */
+static __always_inline int veer_forward(void *ctx, const struct veer_flow *flow,
+					struct veer_backend_value *out)
+{
+	struct veer_service_key key = {};
+	struct veer_service_value *frontend, *slot;
+	struct veer_backend_key backend_key = {};
+	struct veer_backend_value *backend;
+	struct veer_sock_revnat_key rev_key = {};
+	struct veer_sock_revnat_value rev_val = {};
+	__u32 service_id;
+	__u16 count;
+
+	__builtin_memcpy(key.addr, flow->addr, 16);
+	key.port = flow->port;
+	key.proto = flow->proto;
+	key.family = flow->family;
+	frontend = veer_services.lookup(&key);
+	if (!frontend)
+		return veer_miss(flow);
+
+	/* Read the count once: the agent may change it under us, but every
+	 * slot up to any count it ever published is filled (see veer_structs.h). */
+	count = frontend->count;
+	service_id = frontend->service_id;
+	if (count == 0) {
+		veer_count(VEER_CNT_REFUSED_NO_BACKEND);
+		return VEER_REFUSE;
+	}
+	key.slot = (bpf_get_prandom_u32() % count) + 1;
+	slot = veer_services.lookup(&key);
+	if (!slot) {
+		veer_count(VEER_CNT_INCONSISTENT);
+		return VEER_REFUSE;
+	}
+	backend_key.backend_id = slot->backend_id;
+	backend = veer_backends.lookup(&backend_key);
+	if (!backend || backend->family != flow->family) {
+		veer_count(VEER_CNT_INCONSISTENT);
+		return VEER_REFUSE;
+	}
+	__builtin_memcpy(out, backend, sizeof(*out));
+
+	rev_key.cookie = veer_socket_cookie(ctx);
+	__builtin_memcpy(rev_key.addr, backend->addr, 16);
+	rev_key.port = backend->port;
+	rev_key.family = backend->family;
+	__builtin_memcpy(rev_val.addr, flow->addr, 16);
+	rev_val.port = flow->port;
+	rev_val.service_id = service_id;
+	veer_sock_revnat.update(&rev_key, &rev_val);
+
+	veer_count(VEER_CNT_TRANSLATED);
+	return VEER_TRANSLATE;
+}
+
+/* Look up the Service address that a backend peer stands for on this socket.
+ * Returns 1 and fills *svc when there is one. */
+static __always_inline int veer_reverse(void *ctx, const struct veer_flow *peer,
+					struct veer_sock_revnat_value *svc)
+{
+	struct veer_sock_revnat_key rev_key = {};
+	struct veer_sock_revnat_value *found;
+
+	rev_key.cookie = veer_socket_cookie(ctx);
+	__builtin_memcpy(rev_key.addr, peer->addr, 16);
+	rev_key.port = peer->port;
+	rev_key.family = peer->family;
+	found = veer_sock_revnat.lookup(&rev_key);
+	if (!found)
+		return 0;
+	__builtin_memcpy(svc, found, sizeof(*svc));
+	veer_count(VEER_CNT_REVNAT);
+	return 1;
+}
+
+/* ---- IPv4 ---------------------------------------------------------------- */
+
+static __always_inline void veer_flow4(struct bpf_sock_addr *ctx, struct veer_flow *flow)
+{
+	__u32 ip = ctx->user_ip4;
+
+	__builtin_memset(flow, 0, sizeof(*flow));
+	__builtin_memcpy(flow->addr, &ip, 4);
+	flow->port = (__be16)ctx->user_port;
+	flow->proto = ctx->protocol;
+	flow->family = VEER_FAMILY_IPV4;
+}
+
+static __always_inline int veer_translate4(struct bpf_sock_addr *ctx)
+{
+	struct veer_flow flow;
+	struct veer_backend_value backend;
+	__u32 ip;
+	int verdict;
+
+	if (!veer_proto_handled(ctx->protocol))
+		return 1;
+	veer_flow4(ctx, &flow);
+	verdict = veer_forward(ctx, &flow, &backend);
+	if (verdict == VEER_REFUSE) {
+		bpf_set_retval(-VEER_ECONNREFUSED);
+		return 0;
+	}
+	if (verdict == VEER_TRANSLATE) {
+		__builtin_memcpy(&ip, backend.addr, 4);
+		ctx->user_ip4 = ip;
+		ctx->user_port = (__u32)backend.port;
+	}
+	return 1;
+}
+
+static __always_inline int veer_untranslate4(struct bpf_sock_addr *ctx)
+{
+	struct veer_flow peer;
+	struct veer_sock_revnat_value svc;
+	__u32 ip;
+
+	if (!veer_proto_handled(ctx->protocol))
+		return 1;
+	veer_flow4(ctx, &peer);
+	if (veer_reverse(ctx, &peer, &svc)) {
+		__builtin_memcpy(&ip, svc.addr, 4);
+		ctx->user_ip4 = ip;
+		ctx->user_port = (__u32)svc.port;
+	}
+	return 1;
+}
+
+int veer_connect4(struct bpf_sock_addr *ctx)
+{
+	return veer_translate4(ctx);
+}
+
+int veer_sendmsg4(struct bpf_sock_addr *ctx)
+{
+	return veer_translate4(ctx);
+}
+
+int veer_recvmsg4(struct bpf_sock_addr *ctx)
+{
+	return veer_untranslate4(ctx);
+}
+
+int veer_getpeername4(struct bpf_sock_addr *ctx)
+{
+	return veer_untranslate4(ctx);
+}
+
+/* ---- IPv6 ---------------------------------------------------------------- */
+
+/* The verifier only allows 4-byte loads and stores of user_ip6[], one word
+ * at a time; hence the unrolled copies. */
+static __always_inline void veer_flow6(struct bpf_sock_addr *ctx, struct veer_flow *flow)
+{
+	__u32 w0 = ctx->user_ip6[0], w1 = ctx->user_ip6[1];
+	__u32 w2 = ctx->user_ip6[2], w3 = ctx->user_ip6[3];
+
+	__builtin_memset(flow, 0, sizeof(*flow));
+	flow->port = (__be16)ctx->user_port;
+	flow->proto = ctx->protocol;
+	if (w0 == 0 && w1 == 0 && w2 == bpf_htonl(0x0000ffff)) {
+		__builtin_memcpy(flow->addr, &w3, 4);
+		flow->family = VEER_FAMILY_IPV4;
+		flow->mapped = 1;
+		return;
+	}
+	__builtin_memcpy(flow->addr, &w0, 4);
+	__builtin_memcpy(flow->addr + 4, &w1, 4);
+	__builtin_memcpy(flow->addr + 8, &w2, 4);
+	__builtin_memcpy(flow->addr + 12, &w3, 4);
+	flow->family = VEER_FAMILY_IPV6;
+}
+
+/* Write `addr` (of `family`) into a v6 socket's user_ip6: IPv4 addresses are
+ * written back IPv4-mapped. */
+static __always_inline void veer_store6(struct bpf_sock_addr *ctx, const __u8 *addr, __u8 family)
+{
+	__u32 w0, w1, w2, w3;
+
+	if (family == VEER_FAMILY_IPV4) {
+		w0 = 0;
+		w1 = 0;
+		w2 = bpf_htonl(0x0000ffff);
+		__builtin_memcpy(&w3, addr, 4);
+	} else {
+		__builtin_memcpy(&w0, addr, 4);
+		__builtin_memcpy(&w1, addr + 4, 4);
+		__builtin_memcpy(&w2, addr + 8, 4);
+		__builtin_memcpy(&w3, addr + 12, 4);
+	}
+	ctx->user_ip6[0] = w0;
+	ctx->user_ip6[1] = w1;
+	ctx->user_ip6[2] = w2;
+	ctx->user_ip6[3] = w3;
+}
+
+static __always_inline int veer_translate6(struct bpf_sock_addr *ctx)
+{
+	struct veer_flow flow;
+	struct veer_backend_value backend;
+	int verdict;
+
+	if (!veer_proto_handled(ctx->protocol))
+		return 1;
+	veer_flow6(ctx, &flow);
+	verdict = veer_forward(ctx, &flow, &backend);
+	if (verdict == VEER_REFUSE) {
+		bpf_set_retval(-VEER_ECONNREFUSED);
+		return 0;
+	}
+	if (verdict == VEER_TRANSLATE) {
+		veer_store6(ctx, backend.addr, backend.family);
+		ctx->user_port = (__u32)backend.port;
+	}
+	return 1;
+}
+
+static __always_inline int veer_untranslate6(struct bpf_sock_addr *ctx)
+{
+	struct veer_flow peer;
+	struct veer_sock_revnat_value svc;
+
+	if (!veer_proto_handled(ctx->protocol))
+		return 1;
+	veer_flow6(ctx, &peer);
+	if (veer_reverse(ctx, &peer, &svc)) {
+		veer_store6(ctx, svc.addr, peer.family);
+		ctx->user_port = (__u32)svc.port;
+	}
+	return 1;
+}
+
+int veer_connect6(struct bpf_sock_addr *ctx)
+{
+	return veer_translate6(ctx);
+}
+
+int veer_sendmsg6(struct bpf_sock_addr *ctx)
+{
+	return veer_translate6(ctx);
+}
+
+int veer_recvmsg6(struct bpf_sock_addr *ctx)
+{
+	return veer_untranslate6(ctx);
+}
+
+int veer_getpeername6(struct bpf_sock_addr *ctx)
+{
+	return veer_untranslate6(ctx);
+}

@@ -1,0 +1,62 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * Every map of veer's socket-level load balancer, one comment each.
+ *
+ * All maps are pinned under VEER_PIN_DIR (a bpffs directory chosen by the
+ * agent's --bpffs option and passed in as a -D flag). BCC reuses a pinned
+ * map when one exists, which is how a restarted agent adopts the state its
+ * predecessor left: the kernel kept forwarding with it in the meantime.
+ *
+ * Sizes are defaults chosen for 10,000+ Services with a few backends each;
+ * the agent reports fill levels so pressure is visible before it bites.
+ */
+#ifndef VEER_MAPS_H
+#define VEER_MAPS_H
+
+#include "veer_structs.h"
+
+#ifndef VEER_PIN_DIR
+#error "VEER_PIN_DIR must name the bpffs directory to pin maps in"
+#endif
+
+#ifndef VEER_SERVICES_MAX
+#define VEER_SERVICES_MAX 262144
+#endif
+#ifndef VEER_BACKENDS_MAX
+#define VEER_BACKENDS_MAX 131072
+#endif
+#ifndef VEER_VIPS_MAX
+#define VEER_VIPS_MAX 65536
+#endif
+#ifndef VEER_REVNAT_MAX
+#define VEER_REVNAT_MAX 262144
+#endif
+
+/* Frontends and their backend slots: see struct veer_service_key. */
+BPF_TABLE_PINNED("hash", struct veer_service_key, struct veer_service_value,
+		 veer_services, VEER_SERVICES_MAX, VEER_PIN_DIR "/veer_services");
+
+/* Backend id -> address. */
+BPF_TABLE_PINNED("hash", struct veer_backend_key, struct veer_backend_value,
+		 veer_backends, VEER_BACKENDS_MAX, VEER_PIN_DIR "/veer_backends");
+
+/* Addresses that carry frontends, to refuse unknown ports. */
+BPF_TABLE_PINNED("hash", struct veer_vip_key, struct veer_vip_value,
+		 veer_vips, VEER_VIPS_MAX, VEER_PIN_DIR "/veer_vips");
+
+/* Service CIDRs, to refuse addresses that carry no Service. */
+BPF_TABLE_PINNED("lpm_trie", struct veer_cidr_key, struct veer_cidr_value,
+		 veer_service_cidrs, 64, VEER_PIN_DIR "/veer_service_cidrs",
+		 BPF_F_NO_PREALLOC);
+
+/* Socket cookie + backend -> Service address, for getpeername/recvmsg.
+ * LRU: entries of closed sockets age out without the agent's help. */
+BPF_TABLE_PINNED("lru_hash", struct veer_sock_revnat_key,
+		 struct veer_sock_revnat_value, veer_sock_revnat,
+		 VEER_REVNAT_MAX, VEER_PIN_DIR "/veer_sock_revnat");
+
+/* Per-CPU event counters indexed by enum veer_counter. */
+BPF_TABLE_PINNED("percpu_array", __u32, __u64, veer_counters, VEER_CNT_MAX,
+		 VEER_PIN_DIR "/veer_counters");
+
+#endif /* VEER_MAPS_H */

@@ -1,0 +1,125 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * Every key and value struct shared between veer's BPF programs and the
+ * agent, defined once.
+ *
+ * The agent mirrors each struct in agent/datapath/ebpf/structs.py; the test
+ * tests/unit/test_struct_layout.py compiles this header and compares every
+ * size and field offset with the mirror. Change both or neither.
+ *
+ * Conventions:
+ *  - Addresses are 16 bytes in network order. An IPv4 address fills the
+ *    first 4 bytes and the other 12 are zero; `family` says which it is.
+ *  - Ports are in network order (`__be16`), exactly as the kernel hands
+ *    them to the socket hooks, so the fast path never swaps bytes.
+ *  - Padding is explicit and always zero, because hash maps compare keys
+ *    byte for byte.
+ */
+#ifndef VEER_STRUCTS_H
+#define VEER_STRUCTS_H
+
+#define VEER_FAMILY_IPV4 4
+#define VEER_FAMILY_IPV6 6
+
+/* A frontend slot in the services map.
+ *
+ * One Service port on one address is one frontend. It occupies count + 1
+ * entries that share addr/port/proto/family: slot 0 is the frontend entry
+ * (its value holds the backend count), slots 1..count each name one backend.
+ * The agent writes backend slots before raising the count and lowers the
+ * count before deleting slots, so a reader that sees count N always finds
+ * slots 1..N filled. */
+struct veer_service_key {
+	__u8 addr[16];
+	__be16 port;
+	__u8 proto;  /* IPPROTO_TCP or IPPROTO_UDP */
+	__u8 family; /* VEER_FAMILY_* */
+	__u16 slot;  /* 0: the frontend entry; 1..count: backend slots */
+	__u16 pad;
+};
+
+/* Frontend flags (slot 0 only). */
+#define VEER_SVC_F_NONE 0
+
+struct veer_service_value {
+	__u32 backend_id; /* slot > 0: the backend in this slot; 0 in slot 0 */
+	__u16 count;      /* slot 0: number of backend slots in use */
+	__u16 flags;      /* slot 0: VEER_SVC_F_* */
+	__u32 service_id; /* stable id of the frontend, kept across restarts */
+	__u32 pad;
+};
+
+/* Backends are referenced by id so that a backend shared by many frontends
+ * is written once, and so that ids stay stable across agent restarts (they
+ * are rebuilt from this map). Id 0 is never allocated. */
+struct veer_backend_key {
+	__u32 backend_id;
+};
+
+struct veer_backend_value {
+	__u8 addr[16];
+	__be16 port;
+	__u8 proto;
+	__u8 family;
+	__u32 flags; /* reserved, zero */
+};
+
+/* Every address that carries at least one frontend. A connection to such an
+ * address on a port/protocol with no frontend is refused, as kube-proxy
+ * rejects unknown ports on a ClusterIP. */
+struct veer_vip_key {
+	__u8 addr[16];
+	__u8 family;
+	__u8 pad[3];
+};
+
+struct veer_vip_value {
+	__u32 flags; /* reserved, zero */
+};
+
+/* The Service CIDRs (an LPM trie). A connection to an address inside them
+ * that carries no frontend is refused: the Service was deleted or never
+ * existed, and failing fast beats a routing timeout. */
+struct veer_cidr_key {
+	__u32 prefixlen; /* LPM tries require the prefix length first */
+	__u8 family;
+	__u8 pad[3];
+	__u8 addr[16];
+};
+
+struct veer_cidr_value {
+	__u32 flags; /* reserved, zero */
+};
+
+/* Per-socket reverse translation, written by connect/sendmsg and read by
+ * getpeername/recvmsg: "on socket `cookie`, the peer `addr:port` stands for
+ * the Service address in the value". Keyed by cookie so that two sockets
+ * talking to one backend through different Services each see their own. */
+struct veer_sock_revnat_key {
+	__u64 cookie;
+	__u8 addr[16];
+	__be16 port;
+	__u8 family;
+	__u8 pad[5];
+};
+
+struct veer_sock_revnat_value {
+	__u8 addr[16];
+	__be16 port;
+	__u16 pad;
+	__u32 service_id;
+};
+
+/* Indexes of the per-CPU counters map (key __u32, value __u64). The agent
+ * names them in agent/datapath/ebpf/structs.py (COUNTER_NAMES). */
+enum veer_counter {
+	VEER_CNT_TRANSLATED = 0,      /* a connect/sendmsg rewritten to a backend */
+	VEER_CNT_REFUSED_NO_BACKEND,  /* frontend with no backend */
+	VEER_CNT_REFUSED_UNKNOWN_PORT,/* Service address, port not exposed */
+	VEER_CNT_REFUSED_NO_SERVICE,  /* inside a Service CIDR, no Service */
+	VEER_CNT_INCONSISTENT,        /* a slot or backend missing: should never count */
+	VEER_CNT_REVNAT,              /* getpeername/recvmsg answered with a Service address */
+	VEER_CNT_MAX,
+};
+
+#endif /* VEER_STRUCTS_H */
