@@ -38,7 +38,8 @@ def _agent_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--service-cidr", metavar="CIDR,...", default="",
                    help="Service ranges: addresses in them without a Service are refused")
     p.add_argument("--service-proxy-name", metavar="NAME", default=None,
-                   help="also serve Services labelled service.kubernetes.io/service-proxy-name=NAME")
+                   help="also serve Services whose label "
+                   "service.kubernetes.io/service-proxy-name is NAME")
     p.add_argument("--min-sync-interval", type=float, default=0.0, metavar="SECONDS")
     p.add_argument("--max-sync-interval", type=float, default=60.0, metavar="SECONDS")
     p.add_argument("--status-file", metavar="PATH",

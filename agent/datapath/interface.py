@@ -75,5 +75,5 @@ class Datapath(ABC):
         """Event counters kept by the datapath (translations, refusals, ...)."""
         return {}
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Release user-space resources. Never removes kernel state."""

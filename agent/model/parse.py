@@ -76,7 +76,7 @@ class _Fields:
     def has(self, key: str) -> bool:
         return self.data.get(key) is not None
 
-    def str(self, key: str, default: str = "") -> str:
+    def string(self, key: str, default: str = "") -> str:
         value = self.data.get(key)
         if value is None:
             return default
@@ -84,7 +84,9 @@ class _Fields:
             raise self.error(key, f"expected a string, got {_kind(value)}")
         return value
 
-    def int(self, key: str, default: int = 0, lo: int | None = None, hi: int | None = None) -> int:
+    def integer(
+        self, key: str, default: int = 0, lo: int | None = None, hi: int | None = None
+    ) -> int:
         value = self.data.get(key)
         if value is None:
             return default
@@ -94,7 +96,7 @@ class _Fields:
             raise self.error(key, f"{value} is outside {lo}..{hi}")
         return value
 
-    def opt_bool(self, key: str) -> bool | None:
+    def opt_boolean(self, key: str) -> bool | None:
         value = self.data.get(key)
         if value is None:
             return None
@@ -102,11 +104,11 @@ class _Fields:
             raise self.error(key, f"expected true or false, got {_kind(value)}")
         return value
 
-    def bool(self, key: str, default: bool = False) -> bool:
-        value = self.opt_bool(key)
+    def boolean(self, key: str, default: bool = False) -> bool:
+        value = self.opt_boolean(key)
         return default if value is None else value
 
-    def list(self, key: str) -> list[tuple[str, Any]]:
+    def entries(self, key: str) -> list[tuple[str, Any]]:
         """The items of a list field with their paths; absent means empty."""
         value = self.data.get(key)
         if value is None:
@@ -116,11 +118,11 @@ class _Fields:
         return [(f"{self._at(key)}[{i}]", item) for i, item in enumerate(value)]
 
     def objects(self, key: str) -> list[_Fields]:
-        return [_Fields(self.obj, item, path) for path, item in self.list(key)]
+        return [_Fields(self.obj, item, path) for path, item in self.entries(key)]
 
     def strings(self, key: str) -> tuple[str, ...]:
         out = []
-        for path, item in self.list(key):
+        for path, item in self.entries(key):
             if not isinstance(item, str):
                 raise ModelError(self.obj, path, f"expected a string, got {_kind(item)}")
             out.append(item)
@@ -158,11 +160,11 @@ class _Fields:
             raise ModelError(self.obj, path, f"{value!r} is not an IP address") from None
 
     def ips(self, key: str) -> tuple[IPAddress, ...]:
-        return tuple(self.ip(path, item) for path, item in self.list(key))
+        return tuple(self.ip(path, item) for path, item in self.entries(key))
 
     def cidrs(self, key: str) -> tuple[IPNetwork, ...]:
         out = []
-        for path, item in self.list(key):
+        for path, item in self.entries(key):
             if not isinstance(item, str):
                 raise ModelError(self.obj, path, f"expected a CIDR, got {_kind(item)}")
             try:
@@ -176,27 +178,36 @@ def _kind(value: Any) -> str:
     return "null" if value is None else type(value).__name__
 
 
-def object_name(doc: Mapping[str, Any]) -> str:
-    """kind/namespace/name of a raw document, best effort, for error messages."""
-    kind = doc.get("kind") if isinstance(doc.get("kind"), str) else "object"
+def object_name(doc: Mapping[str, Any], namespaced: bool | None = None) -> str:
+    """kind/namespace/name of a raw document, best effort, for error messages.
+
+    Named the way `ObjectRef` names the parsed object: for a namespaced kind an
+    absent namespace is "default"; a cluster-scoped kind has none. None: the
+    kind is unknown, show what the document says.
+    """
+    kind = doc.get("kind") if isinstance(doc.get("kind"), str) else ""
     meta = doc.get("metadata") if isinstance(doc.get("metadata"), Mapping) else {}
     assert isinstance(meta, Mapping)
-    name = meta.get("name") if isinstance(meta.get("name"), str) else "?"
+    name = meta.get("name") if isinstance(meta.get("name"), str) else ""
     ns = meta.get("namespace") if isinstance(meta.get("namespace"), str) else ""
-    return f"{kind}/{ns}/{name}" if ns else f"{kind}/{name}"
+    if namespaced is False:
+        ns = ""
+    elif namespaced and not ns:
+        ns = "default"
+    return "/".join(part for part in (kind or "object", ns, name or "?") if part)
 
 
 def _meta(f: _Fields, namespaced: bool) -> ObjectMeta:
     m = f.sub("metadata")
-    name = m.str("name")
+    name = m.string("name")
     if not name:
         raise m.error("name", "is required")
     return ObjectMeta(
         name=name,
-        namespace=(m.str("namespace") or "default") if namespaced else "",
-        uid=m.str("uid"),
-        resource_version=m.str("resourceVersion"),
-        generation=m.int("generation"),
+        namespace=(m.string("namespace") or "default") if namespaced else "",
+        uid=m.string("uid"),
+        resource_version=m.string("resourceVersion"),
+        generation=m.integer("generation"),
         creation_timestamp=str(m.data.get("creationTimestamp") or ""),
         labels=m.string_map("labels"),
         annotations=m.string_map("annotations"),
@@ -206,23 +217,24 @@ def _meta(f: _Fields, namespaced: bool) -> ObjectMeta:
 def _port(f: _Fields, key: str, required: bool = True) -> int:
     if required and not f.has(key):
         raise f.error(key, "is required")
-    return f.int(key, lo=1, hi=65535) if f.has(key) else 0
+    return f.integer(key, lo=1, hi=65535) if f.has(key) else 0
 
 
 def parse_service(doc: Mapping[str, Any]) -> Service:
-    obj = object_name(doc)
+    obj = object_name(doc, namespaced=True)
     root = _Fields(obj, doc, "")
     meta = _meta(root, namespaced=True)
     spec = root.sub("spec")
     svc_type = spec.enum("type", ServiceType, ServiceType.CLUSTER_IP)
 
     raw_ips = list(spec.strings("clusterIPs"))
-    if not raw_ips and spec.str("clusterIP"):
-        raw_ips = [spec.str("clusterIP")]
+    if not raw_ips and spec.string("clusterIP"):
+        raw_ips = [spec.string("clusterIP")]
     headless = raw_ips[:1] == ["None"]
     cluster_ips: tuple[IPAddress, ...] = ()
     if not headless and svc_type != ServiceType.EXTERNAL_NAME:
-        field = "clusterIPs" if spec.has("clusterIPs") else "clusterIP"
+        # An empty clusterIPs list falls back to clusterIP: name that field in errors.
+        field = "clusterIPs" if spec.strings("clusterIPs") else "clusterIP"
         cluster_ips = tuple(
             spec.ip(f"spec.{field}[{i}]" if field == "clusterIPs" else "spec.clusterIP", ip)
             for i, ip in enumerate(raw_ips)
@@ -234,26 +246,28 @@ def parse_service(doc: Mapping[str, Any]) -> Service:
     for p in spec.objects("ports"):
         target: int | str
         raw_target = p.data.get("targetPort")
-        if raw_target is None:
+        if raw_target is None or raw_target == "" or (type(raw_target) is int and raw_target == 0):
+            # The API server defaults an absent, 0 or "" targetPort to the port.
             target = _port(p, "port")
         elif isinstance(raw_target, bool):
             raise p.error("targetPort", "expected a port number or name")
         elif isinstance(raw_target, int):
-            target = p.int("targetPort", lo=1, hi=65535)
+            target = p.integer("targetPort", lo=1, hi=65535)
         elif isinstance(raw_target, str):
-            target = int(raw_target) if raw_target.isdigit() else raw_target
+            numeric = raw_target.isascii() and raw_target.isdigit()
+            target = int(raw_target) if numeric else raw_target
             if isinstance(target, int) and not 1 <= target <= 65535:
                 raise p.error("targetPort", f"{target} is outside 1..65535")
         else:
             raise p.error("targetPort", "expected a port number or name")
         ports.append(
             ServicePort(
-                name=p.str("name"),
+                name=p.string("name"),
                 protocol=p.enum("protocol", Protocol, Protocol.TCP),
                 port=_port(p, "port"),
                 target_port=target,
                 node_port=_port(p, "nodePort", required=False),
-                app_protocol=p.str("appProtocol"),
+                app_protocol=p.string("appProtocol"),
             )
         )
 
@@ -261,7 +275,7 @@ def parse_service(doc: Mapping[str, Any]) -> Service:
     timeout = (
         spec.sub("sessionAffinityConfig")
         .sub("clientIP")
-        .int("timeoutSeconds", DEFAULT_AFFINITY_TIMEOUT_SECONDS, lo=1, hi=86400)
+        .integer("timeoutSeconds", DEFAULT_AFFINITY_TIMEOUT_SECONDS, lo=1, hi=86400)
     )
     lb_ips = []
     for ing in root.sub("status").sub("loadBalancer").objects("ingress"):
@@ -273,8 +287,8 @@ def parse_service(doc: Mapping[str, Any]) -> Service:
         type=svc_type,
         cluster_ips=cluster_ips,
         headless=headless,
-        ip_families=tuple(_family(spec, path, value) for path, value in spec.list("ipFamilies")),
-        ip_family_policy=spec.str("ipFamilyPolicy", "SingleStack"),
+        ip_families=tuple(_family(spec, path, value) for path, value in spec.entries("ipFamilies")),
+        ip_family_policy=spec.string("ipFamilyPolicy", "SingleStack"),
         ports=tuple(ports),
         external_ips=spec.ips("externalIPs"),
         load_balancer_ips=tuple(lb_ips),
@@ -288,9 +302,9 @@ def parse_service(doc: Mapping[str, Any]) -> Service:
         health_check_node_port=_port(spec, "healthCheckNodePort", required=False),
         session_affinity=affinity,
         session_affinity_timeout=timeout,
-        traffic_distribution=spec.str("trafficDistribution"),
-        external_name=spec.str("externalName"),
-        publish_not_ready_addresses=spec.bool("publishNotReadyAddresses"),
+        traffic_distribution=spec.string("trafficDistribution"),
+        external_name=spec.string("externalName"),
+        publish_not_ready_addresses=spec.boolean("publishNotReadyAddresses"),
     )
 
 
@@ -302,10 +316,10 @@ def _family(f: _Fields, path: str, value: Any) -> IPFamily:
 
 
 def parse_endpoint_slice(doc: Mapping[str, Any]) -> EndpointSlice:
-    obj = object_name(doc)
+    obj = object_name(doc, namespaced=True)
     root = _Fields(obj, doc, "")
     meta = _meta(root, namespaced=True)
-    address_type = root.str("addressType")
+    address_type = root.string("addressType")
     if address_type not in ("IPv4", "IPv6", "FQDN"):
         raise root.error("addressType", f"expected IPv4, IPv6 or FQDN, got {address_type!r}")
 
@@ -320,17 +334,17 @@ def parse_endpoint_slice(doc: Mapping[str, Any]) -> EndpointSlice:
                 if a.version != want:
                     raise ep.error(f"addresses[{i}]", f"{a} is not an {address_type} address")
         cond = ep.sub("conditions")
-        ready = cond.opt_bool("ready")
-        serving = cond.opt_bool("serving")
-        terminating = cond.bool("terminating")
+        ready = cond.opt_boolean("ready")
+        serving = cond.opt_boolean("serving")
+        terminating = cond.boolean("terminating")
         # API contract: an unknown ready state is ready; serving defaults to ready.
         is_ready = True if ready is None else ready
         hints = None
         if ep.has("hints"):
             h = ep.sub("hints")
             hints = EndpointHints(
-                for_zones=tuple(z.str("name") for z in h.objects("forZones")),
-                for_nodes=tuple(n.str("name") for n in h.objects("forNodes")),
+                for_zones=tuple(z.string("name") for z in h.objects("forZones")),
+                for_nodes=tuple(n.string("name") for n in h.objects("forNodes")),
             )
         endpoints.append(
             Endpoint(
@@ -338,9 +352,9 @@ def parse_endpoint_slice(doc: Mapping[str, Any]) -> EndpointSlice:
                 ready=is_ready,
                 serving=is_ready if serving is None else serving,
                 terminating=terminating,
-                node_name=ep.str("nodeName"),
-                zone=ep.str("zone"),
-                hostname=ep.str("hostname"),
+                node_name=ep.string("nodeName"),
+                zone=ep.string("zone"),
+                hostname=ep.string("hostname"),
                 hints=hints,
             )
         )
@@ -349,10 +363,10 @@ def parse_endpoint_slice(doc: Mapping[str, Any]) -> EndpointSlice:
     for p in root.objects("ports"):
         ports.append(
             EndpointPort(
-                name=p.str("name"),
-                port=p.int("port", lo=1, hi=65535) if p.has("port") else None,
+                name=p.string("name"),
+                port=p.integer("port", lo=1, hi=65535) if p.has("port") else None,
                 protocol=p.enum("protocol", Protocol, Protocol.TCP),
-                app_protocol=p.str("appProtocol"),
+                app_protocol=p.string("appProtocol"),
             )
         )
     return EndpointSlice(
@@ -365,28 +379,28 @@ def parse_endpoint_slice(doc: Mapping[str, Any]) -> EndpointSlice:
 
 
 def parse_node(doc: Mapping[str, Any]) -> Node:
-    obj = object_name(doc)
+    obj = object_name(doc, namespaced=False)
     root = _Fields(obj, doc, "")
     meta = _meta(root, namespaced=False)
     addresses = tuple(
-        NodeAddress(type=a.str("type"), address=a.str("address"))
+        NodeAddress(type=a.string("type"), address=a.string("address"))
         for a in root.sub("status").objects("addresses")
     )
     spec = root.sub("spec")
     pod_cidrs = spec.cidrs("podCIDRs")
     if not pod_cidrs and spec.has("podCIDR"):
-        pod_cidrs = _Fields(obj, {"podCIDRs": [spec.str("podCIDR")]}, "spec").cidrs("podCIDRs")
+        pod_cidrs = _Fields(obj, {"podCIDRs": [spec.string("podCIDR")]}, "spec").cidrs("podCIDRs")
     return Node(meta=meta, addresses=addresses, pod_cidrs=pod_cidrs)
 
 
 def parse_traffic_policy(doc: Mapping[str, Any]) -> TrafficPolicy:
     """Parse a TrafficPolicy. Checks types and ranges; the API server's schema
     and the operator check the rest (see crds/)."""
-    obj = object_name(doc)
+    obj = object_name(doc, namespaced=True)
     root = _Fields(obj, doc, "")
     meta = _meta(root, namespaced=True)
     spec = root.sub("spec")
-    targets = tuple(t.str("name") for t in spec.objects("targetRefs"))
+    targets = tuple(t.string("name") for t in spec.objects("targetRefs"))
     if not targets:
         raise spec.error("targetRefs", "at least one target Service is required")
     for i, name in enumerate(targets):
@@ -399,13 +413,13 @@ def parse_traffic_policy(doc: Mapping[str, Any]) -> TrafficPolicy:
         sa = lb.sub("sessionAffinity")
         affinity = AffinityOverride(
             type=sa.enum("type", SessionAffinity, SessionAffinity.NONE),
-            timeout_seconds=sa.int(
+            timeout_seconds=sa.integer(
                 "timeoutSeconds", DEFAULT_AFFINITY_TIMEOUT_SECONDS, lo=1, hi=86400
             ),
         )
 
     split = tuple(
-        SplitEntry(service=s.str("service"), weight=s.int("weight", 0, lo=0, hi=1000))
+        SplitEntry(service=s.string("service"), weight=s.integer("weight", 0, lo=0, hi=1000))
         for s in spec.objects("split")
     )
     if split and not any(s.weight > 0 for s in split):
@@ -440,7 +454,7 @@ def parse_traffic_policy(doc: Mapping[str, Any]) -> TrafficPolicy:
         split=split,
         access=access,
         redirect=redirect,
-        sockmap=spec.sub("acceleration").bool("sockmap"),
+        sockmap=spec.sub("acceleration").boolean("sockmap"),
     )
 
 

@@ -22,6 +22,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 from agent.compute.types import DesiredState, L4Addr, ServiceProblem
 from agent.datapath.interface import Datapath, DatapathState
@@ -99,32 +100,30 @@ class Reconciler:
             log.warning("skipping: %s", problem)
         self._reported = current
 
-    def _apply(self, desired: DesiredState, result: SyncResult) -> None:
-        dp, applied = self._datapath, self._applied
+    @staticmethod
+    def _try(result: SyncResult, what: str, op: Callable[[], bool]) -> bool:
+        """Run one datapath operation; record a failure instead of raising."""
+        try:
+            if op():
+                result.changed += 1
+        except DatapathError as err:
+            result.errors.append(f"{what}: {err}")
+            return False
+        return True
 
-        def attempt(what: str, op: Callable[[], bool], on_ok: Callable[[], None]) -> bool:
-            try:
-                if op():
-                    result.changed += 1
-            except DatapathError as err:
-                result.errors.append(f"{what}: {err}")
-                return False
-            on_ok()
-            return True
+    def _apply(self, desired: DesiredState, result: SyncResult) -> None:
+        dp, applied, attempt = self._datapath, self._applied, self._try
 
         for cidr in desired.service_cidrs - applied.service_cidrs:
-            attempt(f"add CIDR {cidr}", lambda c=cidr: dp.upsert_service_cidr(c),
-                    lambda c=cidr: applied.service_cidrs.add(c))
+            if attempt(result, f"add CIDR {cidr}", partial(dp.upsert_service_cidr, cidr)):
+                applied.service_cidrs.add(cidr)
 
         for key, frontend in desired.frontends.items():
             if applied.frontends.get(key) == frontend.backends:
                 continue
-            ok = attempt(
-                f"frontend {key} of {frontend.service}",
-                lambda f=frontend: dp.upsert_frontend(f),
-                lambda f=frontend: applied.frontends.__setitem__(f.key, f.backends),
-            )
-            if ok:
+            what = f"frontend {key} of {frontend.service}"
+            if attempt(result, what, partial(dp.upsert_frontend, frontend)):
+                applied.frontends[key] = frontend.backends
                 self.failed_frontends.pop(key, None)
             else:
                 # The datapath keeps the old, consistent version; a full pass retries.
@@ -132,18 +131,18 @@ class Reconciler:
                 self.failed_frontends[key] = result.errors[-1]
 
         for vip in desired.vips - applied.vips:
-            attempt(f"add VIP {vip}", lambda v=vip: dp.upsert_vip(v),
-                    lambda v=vip: applied.vips.add(v))
+            if attempt(result, f"add VIP {vip}", partial(dp.upsert_vip, vip)):
+                applied.vips.add(vip)
 
         for key in [k for k in applied.frontends if k not in desired.frontends]:
-            attempt(f"remove frontend {key}", lambda k=key: dp.delete_frontend(k),
-                    lambda k=key: applied.frontends.pop(k, None))
+            if attempt(result, f"remove frontend {key}", partial(dp.delete_frontend, key)):
+                del applied.frontends[key]
         for key in [k for k in self.failed_frontends if k not in desired.frontends]:
             del self.failed_frontends[key]
 
         for vip in applied.vips - desired.vips:
-            attempt(f"remove VIP {vip}", lambda v=vip: dp.delete_vip(v),
-                    lambda v=vip: applied.vips.discard(v))
+            if attempt(result, f"remove VIP {vip}", partial(dp.delete_vip, vip)):
+                applied.vips.discard(vip)
         for cidr in applied.service_cidrs - desired.service_cidrs:
-            attempt(f"remove CIDR {cidr}", lambda c=cidr: dp.delete_service_cidr(c),
-                    lambda c=cidr: applied.service_cidrs.discard(c))
+            if attempt(result, f"remove CIDR {cidr}", partial(dp.delete_service_cidr, cidr)):
+                applied.service_cidrs.discard(cidr)

@@ -109,11 +109,11 @@ class SandboxCluster:
         """Start the agent in the node namespace (outside the served cgroup)."""
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.status_file)
-        log = open(self.agent_log, "ab")
-        self.agent = self.topo.spawn(
-            self.topo.node_ns, self.agent_argv(extra), in_cgroup=False, stdout=log, stderr=log
-        )
-        log.close()
+        with open(self.agent_log, "ab") as log:
+            self.agent = self.topo.spawn(
+                self.topo.node_ns, self.agent_argv(extra), in_cgroup=False, stdout=log,
+                stderr=log,
+            )
         if wait:
             self.wait_status(lambda s: s["ok"], what="the agent's first sync")
         return self.agent

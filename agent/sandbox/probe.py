@@ -31,7 +31,7 @@ def _family(addr: str) -> socket.AddressFamily:
 
 
 def _errname(err: OSError) -> str:
-    if isinstance(err, TimeoutError) or isinstance(err, socket.timeout):
+    if isinstance(err, TimeoutError):  # socket.timeout is an alias
         return "TIMEOUT"
     return errno.errorcode.get(err.errno or 0, str(err.errno))
 
@@ -90,6 +90,7 @@ def run_tcp(args: argparse.Namespace) -> dict[str, Any]:
     errors: Counter[str] = Counter()
     mismatch = 0
     latencies: list[float] = []
+    failed_after: list[float] = []
     if args.persistent:
         return run_tcp_persistent(args)
     deadline = time.monotonic() + args.duration if args.duration else None
@@ -102,6 +103,7 @@ def run_tcp(args: argparse.Namespace) -> dict[str, Any]:
             body, peer_ok = tcp_once(args.addr, args.port, args.timeout)
         except OSError as err:
             errors[_errname(err)] += 1
+            failed_after.append((time.perf_counter() - start) * 1e6)
             if args.interval:
                 time.sleep(args.interval)
             continue
@@ -116,6 +118,7 @@ def run_tcp(args: argparse.Namespace) -> dict[str, Any]:
         "errors": dict(errors),
         "peer_mismatch": mismatch,
         "latency_us": _percentiles(latencies),
+        "error_latency_us": _percentiles(failed_after),
     }
 
 

@@ -49,16 +49,26 @@ def run(argv: Sequence[str], check: bool = True, **kwargs: Any) -> subprocess.Co
     return res
 
 
+def _ignore(_result: object) -> None:
+    """Discard a result, for cleanup callbacks that must return None."""
+
+
 def ensure_mounts() -> None:
     """bpffs and cgroup2 under /run/veer, visible inside `ip netns exec` (which
     remounts /sys). Idempotent; scripts/setup.sh does the same."""
-    mounted = {line.split()[1]: line.split()[2] for line in open("/proc/self/mounts")}
+    with open("/proc/self/mounts") as f:
+        mounted = {line.split()[1]: line.split()[2] for line in f}
     os.makedirs(CGROUP_MOUNT, exist_ok=True)
     os.makedirs(BPFFS_MOUNT, exist_ok=True)
     if mounted.get(CGROUP_MOUNT) != "cgroup2":
         run(["mount", "-t", "cgroup2", "none", CGROUP_MOUNT])
     if mounted.get(BPFFS_MOUNT) != "bpf":
         run(["mount", "-t", "bpf", "bpf", BPFFS_MOUNT])
+
+
+# Prefixes of every Topology made by this process, so tests can check that
+# each one was removed.
+CREATED_PREFIXES: list[str] = []
 
 
 @dataclass
@@ -87,6 +97,7 @@ class Topology:
 
     def __post_init__(self) -> None:
         ensure_mounts()
+        CREATED_PREFIXES.append(self.prefix)
         self.workdir = tempfile.mkdtemp(prefix=f"veer-{self.prefix}-")
         self._on_close("workdir", lambda: shutil.rmtree(self.workdir, ignore_errors=True))
         self.cgroup = os.path.join(CGROUP_MOUNT, f"veer-{self.prefix}")
@@ -123,7 +134,8 @@ class Topology:
         procs_file = os.path.join(self.cgroup, "cgroup.procs")
         for _ in range(50):
             try:
-                pids = [int(p) for p in open(procs_file).read().split()]
+                with open(procs_file) as f:
+                    pids = [int(p) for p in f.read().split()]
             except FileNotFoundError:
                 return
             if not pids:
@@ -165,7 +177,8 @@ class Topology:
     def _netns(self, role: str) -> str:
         name = f"{self.prefix}-{role}"
         run(["ip", "netns", "add", name])
-        self._on_close(f"netns {name}", lambda: run(["ip", "netns", "del", name], check=False))
+        self._on_close(f"netns {name}", lambda: _ignore(run(["ip", "netns", "del", name],
+                                                           check=False)))
         self.ns(name, "ip", "link", "set", "lo", "up")
         # Addresses usable at once: no duplicate address detection delay.
         self.ns(name, "sysctl", "-qw", "net.ipv6.conf.all.accept_dad=0")

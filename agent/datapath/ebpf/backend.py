@@ -17,6 +17,7 @@ leaves the frontend entry as it was, pointing at complete slots.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 from collections import Counter
 from collections.abc import Mapping
@@ -76,11 +77,11 @@ def _backend_value(be: L4Addr) -> BackendValue:
     )
 
 
-def _l4(addr: object, port: int, proto: int, family: int) -> L4Addr | None:
+def _l4(addr: ctypes.Array[ctypes.c_uint8], port: int, proto: int, family: int) -> L4Addr | None:
     protocol = PROTOCOL_OF.get(proto)
     if protocol is None:
         return None
-    return L4Addr(addr_from(addr, family), port_host(port), protocol)  # type: ignore[arg-type]
+    return L4Addr(addr_from(addr, family), port_host(port), protocol)
 
 
 class _IdAllocator:
@@ -130,10 +131,10 @@ class EbpfDatapath(Datapath):
         no reader can reach (slots past a count, slots without a frontend,
         unreferenced backends), which is safe at any time."""
         backends: dict[int, L4Addr] = {}
-        for key, value in self.maps.backends.items():
-            be = _l4(value.addr, value.port, value.proto, value.family)
+        for bkey, bvalue in self.maps.backends.items():
+            be = _l4(bvalue.addr, bvalue.port, bvalue.proto, bvalue.family)
             if be is not None:
-                backends[key.backend_id] = be
+                backends[bkey.backend_id] = be
 
         masters: dict[FrontendId, tuple[L4Addr, ServiceValue]] = {}
         slot_values: dict[FrontendId, dict[int, int]] = {}
@@ -168,10 +169,11 @@ class EbpfDatapath(Datapath):
             count = master_entry[1].count if master_entry else 0
             for slot in slots_of:
                 if slot > count:
-                    key = ServiceKey()
-                    key.addr[:] = list(fid[0])
-                    key.port, key.proto, key.family, key.slot = fid[1], fid[2], fid[3], slot
-                    self.maps.services.delete(key)
+                    garbage = ServiceKey()
+                    garbage.addr[:] = list(fid[0])
+                    garbage.port, garbage.proto, garbage.family = fid[1], fid[2], fid[3]
+                    garbage.slot = slot
+                    self.maps.services.delete(garbage)
 
         self._backend_ids.clear()
         self._backend_of_id.clear()
@@ -184,9 +186,9 @@ class EbpfDatapath(Datapath):
             self._backend_of_id[ident] = be
             self._backend_alloc.take(ident)
 
-        for key, _ in self.maps.vips.items():
-            state.vips.add(addr_from(key.addr, key.family))
-        for ckey, _ in self.maps.service_cidrs.items():
+        for vkey in self.maps.vips.list_keys():
+            state.vips.add(addr_from(vkey.addr, vkey.family))
+        for ckey in self.maps.service_cidrs.list_keys():
             state.service_cidrs.add(_cidr_from(ckey))
         return state
 

@@ -66,7 +66,7 @@ class PinnedMap(Generic[K, V]):
     def delete(self, key: K) -> bool:
         return syscall.map_delete(self.fd, key, f"delete from {self.name}")
 
-    def keys(self) -> Iterator[K]:
+    def list_keys(self) -> Iterator[K]:
         """All keys, collected before yielding so callers may delete as they go."""
         out = []
         prev: K | None = None
@@ -79,13 +79,13 @@ class PinnedMap(Generic[K, V]):
         return iter(out)
 
     def items(self) -> Iterator[tuple[K, V]]:
-        for key in self.keys():
+        for key in self.list_keys():
             value = self.get(key)
             if value is not None:
                 yield key, value
 
     def __len__(self) -> int:
-        return sum(1 for _ in self.keys())
+        return sum(1 for _ in self.list_keys())
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -21,6 +21,7 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from agent.datapath.ebpf import syscall
 from agent.errors import DatapathError, EnvironmentProblem
@@ -83,7 +84,7 @@ class AttachedProgram:
     name: str
 
 
-def _import_bcc() -> object:
+def _import_bcc() -> Any:
     try:
         import bcc
     except ImportError as err:
@@ -118,8 +119,8 @@ class SockLbPrograms:
     def __init__(self, bpffs_dir: str, map_sizes: dict[str, int] | None = None) -> None:
         self.bpffs_dir = bpffs_dir
         self.map_sizes = map_sizes or {}
-        self._bpf: object | None = None
-        self._fns: dict[str, object] = {}
+        self._bpf: Any = None
+        self._fns: dict[str, Any] = {}
 
     def load(self) -> None:
         """Compile sock_lb.c and load its programs; create or adopt the pinned maps."""
@@ -132,11 +133,11 @@ class SockLbPrograms:
             *(f"-DVEER_{name.upper()}_MAX={size}" for name, size in self.map_sizes.items()),
         ]
         try:
-            self._bpf = bcc.BPF(  # type: ignore[attr-defined]
+            self._bpf = bcc.BPF(
                 src_file=str(BPF_SRC_DIR / SOCK_LB_SOURCE).encode(), cflags=cflags
             )
             for hook in SOCK_HOOKS:
-                self._fns[hook.pin] = self._bpf.load_func(  # type: ignore[attr-defined]
+                self._fns[hook.pin] = self._bpf.load_func(
                     hook.function.encode(),
                     BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
                     attach_type=hook.attach_type,
@@ -149,7 +150,7 @@ class SockLbPrograms:
         with open_dir(cgroup) as cgroup_fd:
             for hook in SOCK_HOOKS:
                 fn = self._fns[hook.pin]
-                prog_fd = int(fn.fd)  # type: ignore[attr-defined]
+                prog_fd = int(fn.fd)
                 syscall.prog_attach(prog_fd, cgroup_fd, hook.attach_type)
                 pin = os.path.join(self.bpffs_dir, hook.pin)
                 with contextlib.suppress(FileNotFoundError):

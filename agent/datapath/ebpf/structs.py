@@ -142,12 +142,12 @@ def family_of(address: IPAddress | IPNetwork) -> int:
     return FAMILY_IPV4 if address.version == 4 else FAMILY_IPV6
 
 
-def addr_bytes(address: IPAddress) -> Addr16:
+def addr_bytes(address: IPAddress) -> ctypes.Array[ctypes.c_uint8]:
     raw = address.packed
     return Addr16(*raw.ljust(16, b"\0"))
 
 
-def addr_from(raw: Addr16, family: int) -> IPAddress:
+def addr_from(raw: ctypes.Array[ctypes.c_uint8], family: int) -> IPAddress:
     data = bytes(raw)
     if family == FAMILY_IPV4:
         return ipaddress.IPv4Address(data[:4])

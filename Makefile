@@ -1,0 +1,26 @@
+# Developer shortcuts; each target calls the scripts the README documents.
+.PHONY: sandbox test unit lint bench bench-clusterip setup clean
+
+setup:
+	./scripts/setup.sh
+
+sandbox:
+	./scripts/sandbox
+
+test:
+	./scripts/test
+
+unit: setup
+	.venv/bin/pytest -q tests/unit
+
+lint: setup
+	.venv/bin/ruff check agent tests bench
+	.venv/bin/mypy
+
+bench: bench-clusterip
+
+bench-clusterip: setup
+	.venv/bin/python bench/clusterip.py
+
+clean:
+	rm -rf .venv .mypy_cache .ruff_cache build *.egg-info
