@@ -97,3 +97,19 @@ def test_tproxy_mode_fails_at_start_with_a_clear_message(cluster: SandboxCluster
     )
     assert res.returncode == 2
     assert "--mode tproxy is not available" in res.stderr
+
+
+def test_restart_prunes_what_was_deleted_while_the_agent_was_down(
+    cluster: SandboxCluster,
+) -> None:
+    cluster.stop_agent()
+    cluster.remove_manifest("echo.yaml")
+    # With no agent, the datapath still serves the old state.
+    assert cluster.probe("udp", "10.96.0.53", "53", "--count", "5")["errors"] == {}
+    cluster.start_agent()
+    status = cluster.wait_status(lambda s: "10.96.0.53:53/UDP" not in s["frontends"])
+    assert status["ok"]
+    refused = cluster.probe("udp", "10.96.0.53", "53", "--count", "3", "--timeout", "2")
+    assert refused["errors"] == {"ECONNREFUSED": 3}, refused
+    still = cluster.probe("tcp", "10.96.0.10", "80", "--count", "30")
+    assert still["errors"] == {} and set(still["answers"]) <= WEB

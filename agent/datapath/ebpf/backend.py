@@ -230,16 +230,13 @@ class EbpfDatapath(Datapath):
             if ident is None and additions:
                 slots[pos] = additions.pop(0)
         slots.extend(additions)
-        while slots and slots[-1] is None:
-            slots.pop()
-        for pos in range(len(slots)):
-            if slots[pos] is None:
-                while slots and slots[-1] is None:
-                    slots.pop()
-                if pos >= len(slots):
-                    break
-                slots[pos] = slots.pop()
-        return [i for i in slots if i is not None]
+        while True:
+            while slots and slots[-1] is None:
+                slots.pop()
+            if None not in slots:
+                return [i for i in slots if i is not None]
+            # The last entry is a backend: move it into the first hole.
+            slots[slots.index(None)] = slots.pop()
 
     def upsert_frontend(self, frontend: Frontend) -> bool:
         key = frontend.key
@@ -267,7 +264,7 @@ class EbpfDatapath(Datapath):
             if entry is None:
                 self._service_alloc.release(service_id)
             self._release_unreferenced(set(wanted) - set(old_slots))
-            raise DatapathError(f"frontend {key} ({frontend.service}): {err}") from err
+            raise type(err)(f"frontend {key} ({frontend.service}): {err}") from err
 
         self._frontends[key] = _FrontendEntry(service_id, new_slots)
         for pos in range(len(new_slots), len(old_slots)):

@@ -1,0 +1,128 @@
+"""EbpfDatapath against real pinned maps (no traffic): slot layout, ids,
+adoption by a second instance, and a full map that loses nothing."""
+
+from __future__ import annotations
+
+import ipaddress
+import shutil
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from agent.compute.types import Frontend, FrontendKind, L4Addr, ServicePortName
+from agent.datapath.ebpf.backend import EbpfDatapath
+from agent.datapath.ebpf.maps import SockLbMaps
+from agent.datapath.ebpf.programs import SockLbPrograms, cleanup
+from agent.errors import MapFullError
+from agent.model.objects import Protocol
+from agent.sandbox.topology import BPFFS_MOUNT, ensure_mounts
+from tests.datapath.conftest import require_datapath
+
+TCP = Protocol.TCP
+
+
+def fe(vip: str, port: int, *backends: str) -> Frontend:
+    return Frontend(
+        key=L4Addr(ipaddress.ip_address(vip), port, TCP),
+        service=ServicePortName("default", "svc", "p"),
+        kind=FrontendKind.CLUSTER_IP,
+        backends=tuple(sorted(L4Addr(ipaddress.ip_address(b), 8080, TCP) for b in backends)),
+    )
+
+
+def open_datapath(sizes: dict[str, int]) -> Iterator[tuple[str, EbpfDatapath]]:
+    require_datapath()
+    ensure_mounts()
+    pins = f"{BPFFS_MOUNT}/t{uuid.uuid4().hex[:8]}"
+    try:
+        SockLbPrograms(pins, sizes).load()
+        dp = EbpfDatapath(SockLbMaps.open(pins))
+        dp.dump()
+        yield pins, dp
+        dp.close()
+    finally:
+        cleanup("/nonexistent", pins)
+        shutil.rmtree(pins, ignore_errors=True)
+
+
+@pytest.fixture
+def small() -> Iterator[tuple[str, EbpfDatapath]]:
+    yield from open_datapath({"services": 8})
+
+
+def slots(dp: EbpfDatapath, frontend: Frontend) -> list[str]:
+    """Backend addresses by slot, read from the kernel map."""
+    out = []
+    key_of = {v: k for k, v in dp._backend_ids.items()}  # id -> backend
+    for key, value in dp.maps.services.items():
+        if key.slot and bytes(key.addr[:4]) == frontend.key.address.packed:
+            out.append((key.slot, str(key_of[value.backend_id].address)))
+    return [b for _, b in sorted(out)]
+
+
+def test_slots_stay_in_place_when_a_backend_leaves(small: tuple[str, EbpfDatapath]) -> None:
+    _, dp = small
+    dp.upsert_frontend(fe("10.96.0.1", 80, "10.0.0.1", "10.0.0.2", "10.0.0.3"))
+    assert slots(dp, fe("10.96.0.1", 80)) == ["10.0.0.1", "10.0.0.2", "10.0.0.3"]
+    dp.upsert_frontend(fe("10.96.0.1", 80, "10.0.0.1", "10.0.0.3"))
+    # The last slot moved into the hole; slot 1 was not rewritten.
+    assert slots(dp, fe("10.96.0.1", 80)) == ["10.0.0.1", "10.0.0.3"]
+    dp.upsert_frontend(fe("10.96.0.1", 80, "10.0.0.1", "10.0.0.3", "10.0.0.4"))
+    assert slots(dp, fe("10.96.0.1", 80)) == ["10.0.0.1", "10.0.0.3", "10.0.0.4"]
+    assert not dp.upsert_frontend(fe("10.96.0.1", 80, "10.0.0.1", "10.0.0.3", "10.0.0.4"))
+
+
+def test_backend_entries_are_shared_and_released(small: tuple[str, EbpfDatapath]) -> None:
+    _, dp = small
+    dp.upsert_frontend(fe("10.96.0.1", 80, "10.0.0.1"))
+    dp.upsert_frontend(fe("10.96.0.2", 80, "10.0.0.1"))
+    assert len(dp.maps.backends) == 1
+    dp.delete_frontend(fe("10.96.0.1", 80).key)
+    assert len(dp.maps.backends) == 1
+    dp.delete_frontend(fe("10.96.0.2", 80).key)
+    assert len(dp.maps.backends) == 0 and len(dp.maps.services) == 0
+    assert not dp.delete_frontend(fe("10.96.0.2", 80).key)
+
+
+def test_a_second_instance_adopts_ids_and_state(small: tuple[str, EbpfDatapath]) -> None:
+    pins, dp = small
+    a = fe("10.96.0.1", 80, "10.0.0.1", "10.0.0.2")
+    b = fe("10.96.0.2", 80, "10.0.0.2", "10.0.0.3")
+    dp.upsert_frontend(a)
+    dp.upsert_frontend(b)
+    before = {bytes(k): bytes(v) for k, v in dp.maps.services.items()}
+    ids = (dp.service_id(a.key), dp.service_id(b.key))
+
+    adopted = EbpfDatapath(SockLbMaps.open(pins))
+    try:
+        state = adopted.dump()
+        assert state.frontends == {a.key: a.backends, b.key: b.backends}
+        assert (adopted.service_id(a.key), adopted.service_id(b.key)) == ids
+        assert not adopted.upsert_frontend(a) and not adopted.upsert_frontend(b)
+        assert {bytes(k): bytes(v) for k, v in adopted.maps.services.items()} == before
+    finally:
+        adopted.close()
+
+
+def test_full_map_refuses_one_frontend_and_keeps_the_rest(
+    small: tuple[str, EbpfDatapath],
+) -> None:
+    _, dp = small
+    a = fe("10.96.0.1", 80, "10.0.0.1", "10.0.0.2", "10.0.0.3")  # 4 of 8 entries
+    dp.upsert_frontend(a)
+    too_big = fe("10.96.0.2", 80, "10.0.0.4", "10.0.0.5", "10.0.0.6", "10.0.0.7", "10.0.0.8")
+    with pytest.raises(MapFullError) as err:
+        dp.upsert_frontend(too_big)
+    assert "10.96.0.2:80/TCP" in str(err.value)
+    # No frontend entry was written for it, so no reader can reach its slots;
+    # the next dump removes the unreachable ones and their backends.
+    state = dp.dump()
+    assert state.frontends == {a.key: a.backends}
+    assert len(dp.maps.services) == 4
+    assert len(dp.maps.backends) == 3
+    # Growing an existing frontend past the limit leaves its old version whole.
+    grown = fe("10.96.0.1", 80, *[f"10.0.0.{i}" for i in range(1, 10)])
+    with pytest.raises(MapFullError):
+        dp.upsert_frontend(grown)
+    assert dp.dump().frontends == {a.key: a.backends}
