@@ -8,7 +8,10 @@ kube-proxy's semantics that live here:
   and protocol in the EndpointSlice ports (the EndpointSlice controller has
   already resolved named targetPorts into numbers per Pod);
 - which endpoints receive traffic: ready ones, merged across all slices of the
-  Service for the frontend's IP family, de-duplicated by address and port.
+  Service for the frontend's IP family, de-duplicated by address and port;
+  when none is ready, the serving-and-terminating ones (kube-proxy's
+  CategorizeEndpoints fallback, KEP-1669), so a rolling update that briefly
+  leaves only terminating pods does not drop new connections.
 """
 
 from __future__ import annotations
@@ -53,11 +56,14 @@ def is_proxied(svc: Service, config: ComputeConfig) -> bool:
     return bool(svc.cluster_ips)
 
 
-def ready_backends(
+def usable_backends(
     snapshot: ClusterSnapshot, svc: Service, port: ServicePort, family: IPFamily
 ) -> tuple[L4Addr, ...]:
-    """The ready endpoints of one Service port in one IP family, sorted, unique."""
-    found: set[L4Addr] = set()
+    """The endpoints of one Service port in one IP family that get traffic,
+    sorted and unique: the ready ones, or if there are none, the ones that are
+    still serving while terminating."""
+    ready: set[L4Addr] = set()
+    terminating: set[L4Addr] = set()
     for eps in snapshot.slices_for(svc.meta.namespace, svc.meta.name):
         if eps.address_type != family.value:
             continue
@@ -72,11 +78,15 @@ def ready_backends(
         if target is None:
             continue
         for ep in eps.endpoints:
-            if not ep.ready or not ep.addresses:
+            if not ep.addresses:
                 continue
             # Kubernetes uses only the first address of an endpoint.
-            found.add(L4Addr(ep.addresses[0], target, port.protocol))
-    return tuple(sorted(found))
+            backend = L4Addr(ep.addresses[0], target, port.protocol)
+            if ep.ready:
+                ready.add(backend)
+            elif ep.serving and ep.terminating:
+                terminating.add(backend)
+    return tuple(sorted(ready or terminating))
 
 
 def compute_desired(
@@ -125,7 +135,7 @@ def compute_desired(
                     key=key,
                     service=ServicePortName(namespace, name, port.name),
                     kind=FrontendKind.CLUSTER_IP,
-                    backends=ready_backends(snapshot, svc, port, family),
+                    backends=usable_backends(snapshot, svc, port, family),
                 )
                 vips.add(cluster_ip)
 

@@ -5,11 +5,16 @@
   `burst` passes may run back to back (a token bucket refilled once per
   min_interval), so a single change is applied at once;
 - at least every `max_interval` even without requests (the periodic pass,
-  which the caller makes full);
+  which the caller makes full). The max_interval is counted from the last
+  periodic pass, not from the last pass of any kind, so that a steady stream
+  of changes cannot starve the periodic full pass: the first pass after it
+  falls due is periodic, whatever else asked for it (as kube-proxy's proxiers
+  count their full-sync period from the last full sync);
 - `retry_after(delay)` schedules an extra pass after a failure.
 
 The function receives `periodic=True` when the pass is due to max_interval.
-The clock and the sleep are injectable so tests need no real time.
+The clock is injectable, and `poll()` takes one scheduling decision the way
+the loop does, so tests need no real time.
 """
 
 from __future__ import annotations
@@ -45,7 +50,7 @@ class BoundedFrequencyRunner:
         self._stopped = False
         self._tokens = float(burst)
         self._token_time = clock()
-        self._last_run = clock()
+        self._last_periodic = clock()
         self._retry_at: float | None = None
         self._thread: threading.Thread | None = None
 
@@ -81,33 +86,57 @@ class BoundedFrequencyRunner:
         self._token_time = now
 
     def next_action(self, now: float) -> tuple[bool, bool, float]:
-        """(run now?, periodic?, seconds to wait otherwise). Call with the lock held."""
+        """(run now?, periodic?, seconds to wait otherwise). Call with the lock held.
+
+        Only decides (and refills the token bucket); `poll` also claims the pass.
+        """
         self._refill(now)
-        periodic_due = now - self._last_run >= self._max
+        periodic_due = now - self._last_periodic >= self._max
         retry_due = self._retry_at is not None and now >= self._retry_at
         wanted = self._pending or retry_due or periodic_due
         if wanted and self._tokens >= 1:
-            return True, periodic_due and not self._pending, 0.0
-        waits = [self._last_run + self._max - now]
-        if self._retry_at is not None:
+            return True, periodic_due, 0.0
+        # Wait for the earliest future event. A reason already due is not an
+        # event to wait for (it would make the wait 0 and spin the loop until
+        # the next token): while rate limited, the token is what we wait for.
+        waits = []
+        if not periodic_due:
+            waits.append(self._last_periodic + self._max - now)
+        if self._retry_at is not None and not retry_due:
             waits.append(self._retry_at - now)
         if wanted:  # rate limited: wait for the next token
             waits.append((1 - self._tokens) * self._min)
         return False, False, max(0.0, min(waits))
+
+    def _take(self) -> tuple[bool, bool, float]:
+        """Decide now and, if a pass is due, claim it. Call with the lock held."""
+        now = self._clock()
+        go, periodic, wait = self.next_action(now)
+        if go:
+            self._tokens -= 1
+            self._pending = False
+            self._retry_at = None
+            if periodic:
+                self._last_periodic = now
+        return go, periodic, wait
+
+    def poll(self) -> tuple[bool, bool, float]:
+        """One scheduling decision, as the loop takes it: if the answer is "run",
+        the pass is claimed (a token spent, requests cleared) and the caller
+        must run it. For tests and for callers that drive the runner themselves
+        (do not mix with `start`)."""
+        with self._cond:
+            return self._take()
 
     def _loop(self) -> None:
         while True:
             with self._cond:
                 if self._stopped:
                     return
-                go, periodic, wait = self.next_action(self._clock())
+                go, periodic, wait = self._take()
                 if not go:
                     self._cond.wait(timeout=wait)
                     continue
-                self._tokens -= 1
-                self._pending = False
-                self._retry_at = None
-                self._last_run = self._clock()
             try:
                 self._fn(periodic)
             except Exception:  # the runner must survive anything fn does
