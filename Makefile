@@ -14,7 +14,7 @@ unit: setup
 	.venv/bin/pytest -q tests/unit
 
 lint: setup
-	.venv/bin/ruff check agent tests bench
+	.venv/bin/ruff check .
 	.venv/bin/mypy
 
 bench: bench-clusterip
