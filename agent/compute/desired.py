@@ -7,22 +7,29 @@ kube-proxy's semantics that live here:
 - how a Service port finds its endpoints' port: by the Service port's *name*
   and protocol in the EndpointSlice ports (the EndpointSlice controller has
   already resolved named targetPorts into numbers per Pod);
-- which endpoints receive traffic: ready ones, merged across all slices of the
-  Service for the frontend's IP family, de-duplicated by address and port;
-  when none is ready, the serving-and-terminating ones (kube-proxy's
-  CategorizeEndpoints fallback, KEP-1669), so a rolling update that briefly
-  leaves only terminating pods does not drop new connections.
+- which endpoints receive traffic (agent/compute/endpoints.py: ready ones,
+  the serving-and-terminating fallback, topology hints, Local policies);
+- which frontends a Service has on this node: its ClusterIPs, NodePorts on
+  the node's addresses (restricted by --nodeport-addresses), externalIPs and
+  LoadBalancer ingress IPs, each port over TCP or UDP;
+- for each frontend, the backends for traffic that starts on this node and
+  for traffic from outside, and whether an empty set refuses or drops;
+- sessionAffinity, loadBalancerSourceRanges and healthCheckNodePort.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from types import MappingProxyType
 
+from agent.compute.endpoints import Categorized, categorize, endpoint_views
 from agent.compute.types import (
     ComputeConfig,
     DesiredState,
+    EmptyVerdict,
     Frontend,
     FrontendKind,
+    HealthCheck,
     L4Addr,
     NodeIdentity,
     ServicePortName,
@@ -31,9 +38,12 @@ from agent.compute.types import (
 from agent.model.objects import (
     IPAddress,
     IPFamily,
+    IPNetwork,
     Service,
     ServicePort,
     ServiceType,
+    SessionAffinity,
+    TrafficPolicyKind,
 )
 from agent.model.snapshot import ClusterSnapshot
 
@@ -56,48 +66,193 @@ def is_proxied(svc: Service, config: ComputeConfig) -> bool:
     return bool(svc.cluster_ips)
 
 
-def usable_backends(
-    snapshot: ClusterSnapshot, svc: Service, port: ServicePort, family: IPFamily
-) -> tuple[L4Addr, ...]:
-    """The endpoints of one Service port in one IP family that get traffic,
-    sorted and unique: the ready ones, or if there are none, the ones that are
-    still serving while terminating."""
-    ready: set[L4Addr] = set()
-    terminating: set[L4Addr] = set()
-    for eps in snapshot.slices_for(svc.meta.namespace, svc.meta.name):
-        if eps.address_type != family.value:
+def externally_accessible(svc: Service, port: ServicePort) -> bool:
+    """kube-proxy's ExternallyAccessible: a NodePort, an LB IP or an externalIP."""
+    return bool(node_port_of(svc, port) or lb_ips_of(svc) or svc.external_ips)
+
+
+def node_port_of(svc: Service, port: ServicePort) -> int:
+    # The API server allocates nodePorts only for these types; a nodePort
+    # written by hand on a ClusterIP Service is ignored.
+    if svc.type in (ServiceType.NODE_PORT, ServiceType.LOAD_BALANCER):
+        return port.node_port
+    return 0
+
+
+def lb_ips_of(svc: Service) -> tuple[IPAddress, ...]:
+    return svc.load_balancer_ips if svc.type == ServiceType.LOAD_BALANCER else ()
+
+
+def nodeport_addresses(node: NodeIdentity, config: ComputeConfig) -> tuple[IPAddress, ...]:
+    """The node addresses where NodePorts answer."""
+    if not config.nodeport_addresses:
+        return node.addresses
+    return tuple(
+        a for a in node.addresses
+        if any(a.version == c.version and a in c for c in config.nodeport_addresses)
+    )
+
+
+def _verdict(has_any: bool) -> EmptyVerdict:
+    """An empty backend set refuses when the Service has no endpoint anywhere,
+    and drops when endpoints exist elsewhere but policy keeps traffic local."""
+    return EmptyVerdict.DROP if has_any else EmptyVerdict.REFUSE
+
+
+class _Builder:
+    """Accumulates frontends, reporting conflicts (first Service by name wins)."""
+
+    def __init__(self) -> None:
+        self.frontends: dict[L4Addr, Frontend] = {}
+        self.vips: set[IPAddress] = set()
+        self.problems: list[ServiceProblem] = []
+        self.health_checks: list[HealthCheck] = []
+
+    def add(self, frontend: Frontend, vip: bool) -> None:
+        owner = self.frontends.get(frontend.key)
+        if owner is not None:
+            svc = frontend.service
+            self.problems.append(
+                ServiceProblem(
+                    svc.namespace,
+                    svc.name,
+                    "FrontendConflict",
+                    f"{frontend.key} is already served for {owner.service}; skipped",
+                )
+            )
+            return
+        self.frontends[frontend.key] = frontend
+        if vip:
+            self.vips.add(frontend.key.address)
+
+
+@dataclass(frozen=True)
+class _PortContext:
+    """What every external frontend of one Service port in one family shares."""
+
+    ref: ServicePortName
+    port: ServicePort
+    cat: Categorized
+    external_backends: tuple[L4Addr, ...]
+    external_local: bool
+    affinity: int
+
+
+def _external_frontend(
+    ctx: _PortContext,
+    kind: FrontendKind,
+    address: IPAddress,
+    number: int,
+    ranges: tuple[IPNetwork, ...] = (),
+) -> Frontend:
+    """A NodePort, ExternalIP or LoadBalancer frontend.
+
+    Traffic that starts on this node to such an address is "short-circuited"
+    to the cluster-wide endpoints, as kube-proxy does even under
+    externalTrafficPolicy: Local; only traffic from outside honours the policy.
+    """
+    return Frontend(
+        key=L4Addr(address, number, ctx.port.protocol),
+        service=ctx.ref,
+        kind=kind,
+        backends=ctx.cat.cluster,
+        on_empty=_verdict(ctx.cat.has_any),
+        external_backends=ctx.external_backends,
+        external_on_empty=_verdict(ctx.cat.has_any),
+        external_local=ctx.external_local,
+        affinity_timeout=ctx.affinity,
+        source_ranges=ranges,
+    )
+
+
+def _service_frontends(
+    out: _Builder,
+    snapshot: ClusterSnapshot,
+    svc: Service,
+    node: NodeIdentity,
+    config: ComputeConfig,
+) -> None:
+    namespace, name = svc.meta.namespace, svc.meta.name
+    affinity = (
+        svc.session_affinity_timeout if svc.session_affinity == SessionAffinity.CLIENT_IP else 0
+    )
+    internal_local = svc.internal_traffic_policy == TrafficPolicyKind.LOCAL
+    families = sorted({IPFamily.of(ip) for ip in svc.cluster_ips})
+    node_addresses = nodeport_addresses(node, config)
+    local_endpoint_total = 0
+    any_external_local = False
+
+    for port in svc.ports:
+        if port.protocol not in config.protocols:
             continue
-        target = next(
-            (
-                p.port
-                for p in eps.ports
-                if p.name == port.name and p.protocol == port.protocol and p.port
-            ),
-            None,
-        )
-        if target is None:
-            continue
-        for ep in eps.endpoints:
-            if not ep.addresses:
+        external = externally_accessible(svc, port)
+        external_local = external and svc.external_traffic_policy == TrafficPolicyKind.LOCAL
+        any_external_local = any_external_local or external_local
+        uses_cluster = not internal_local or external
+        uses_local = internal_local or external_local
+        ref = ServicePortName(namespace, name, port.name)
+
+        for family in families:
+            cat: Categorized = categorize(
+                endpoint_views(snapshot, svc, port, family), node, uses_cluster, uses_local
+            )
+            local_endpoint_total += len(cat.local) if external_local else 0
+            internal = cat.local if internal_local else cat.cluster
+            for cluster_ip in (ip for ip in svc.cluster_ips if IPFamily.of(ip) == family):
+                out.add(
+                    Frontend(
+                        key=L4Addr(cluster_ip, port.port, port.protocol),
+                        service=ref,
+                        kind=FrontendKind.CLUSTER_IP,
+                        backends=internal,
+                        on_empty=_verdict(cat.has_any),
+                        affinity_timeout=affinity,
+                    ),
+                    vip=True,
+                )
+            if not external:
                 continue
-            # Kubernetes uses only the first address of an endpoint.
-            backend = L4Addr(ep.addresses[0], target, port.protocol)
-            if ep.ready:
-                ready.add(backend)
-            elif ep.serving and ep.terminating:
-                terminating.add(backend)
-    return tuple(sorted(ready or terminating))
+            ctx = _PortContext(
+                ref, port, cat, cat.local if external_local else cat.cluster,
+                external_local, affinity,
+            )
+            node_port = node_port_of(svc, port)
+            if node_port:
+                for address in node_addresses:
+                    if IPFamily.of(address) == family:
+                        out.add(
+                            _external_frontend(ctx, FrontendKind.NODE_PORT, address, node_port),
+                            vip=False,
+                        )
+            for address in svc.external_ips:
+                if IPFamily.of(address) == family:
+                    out.add(
+                        _external_frontend(ctx, FrontendKind.EXTERNAL_IP, address, port.port),
+                        vip=True,
+                    )
+            for address in lb_ips_of(svc):
+                if IPFamily.of(address) == family:
+                    ranges = tuple(
+                        r for r in svc.load_balancer_source_ranges if r.version == address.version
+                    )
+                    out.add(
+                        _external_frontend(
+                            ctx, FrontendKind.LOAD_BALANCER, address, port.port, ranges
+                        ),
+                        vip=True,
+                    )
+
+    if any_external_local and svc.health_check_node_port:
+        out.health_checks.append(
+            HealthCheck(svc.health_check_node_port, namespace, name, local_endpoint_total)
+        )
 
 
 def compute_desired(
     snapshot: ClusterSnapshot, node: NodeIdentity, config: ComputeConfig
 ) -> DesiredState:
     """The datapath state this node should hold for `snapshot`."""
-    del node  # ClusterIP traffic does not depend on the node; later policies will.
-    frontends: dict[L4Addr, Frontend] = {}
-    vips: set[IPAddress] = set()
-    problems: list[ServiceProblem] = []
-
+    out = _Builder()
     for (namespace, name), svc in sorted(snapshot.services.items()):
         if not is_proxied(svc, config):
             continue
@@ -105,7 +260,7 @@ def compute_desired(
             p.value for p in config.protocols
         })
         if unsupported:
-            problems.append(
+            out.problems.append(
                 ServiceProblem(
                     namespace,
                     name,
@@ -114,34 +269,12 @@ def compute_desired(
                     "those ports are not programmed",
                 )
             )
-        for cluster_ip in svc.cluster_ips:
-            family = IPFamily.of(cluster_ip)
-            for port in svc.ports:
-                if port.protocol not in config.protocols:
-                    continue
-                key = L4Addr(cluster_ip, port.port, port.protocol)
-                owner = frontends.get(key)
-                if owner is not None:
-                    problems.append(
-                        ServiceProblem(
-                            namespace,
-                            name,
-                            "FrontendConflict",
-                            f"{key} is already served for {owner.service}; skipped",
-                        )
-                    )
-                    continue
-                frontends[key] = Frontend(
-                    key=key,
-                    service=ServicePortName(namespace, name, port.name),
-                    kind=FrontendKind.CLUSTER_IP,
-                    backends=usable_backends(snapshot, svc, port, family),
-                )
-                vips.add(cluster_ip)
+        _service_frontends(out, snapshot, svc, node, config)
 
     return DesiredState(
-        frontends=MappingProxyType(dict(sorted(frontends.items()))),
-        vips=frozenset(vips),
+        frontends=MappingProxyType(dict(sorted(out.frontends.items()))),
+        vips=frozenset(out.vips),
         service_cidrs=config.service_cidrs,
-        problems=tuple(problems),
+        problems=tuple(out.problems),
+        health_checks=tuple(sorted(out.health_checks, key=lambda h: (h.port, h.namespace))),
     )

@@ -5,6 +5,8 @@ format a live node's dump should share, so one diff tool serves both:
 
     10.96.0.10:80/TCP  ClusterIP  default/web:http  -> 10.244.1.2:8080/TCP 10.244.1.3:8080/TCP
     10.96.0.99:80/TCP  ClusterIP  default/empty:http  -> (none: refuse)
+    10.0.0.1:30080/TCP  NodePort  default/web:http  -> 10.244.2.2:8080/TCP  external(Local) ->
+        (none: drop)        <- one line in the file; wrapped here
     vip 10.96.0.10
     cidr 10.96.0.0/16
     problem Service/default/sig: UnsupportedProtocol: ...
@@ -16,10 +18,34 @@ port and protocol); problems keep compute's order, which is itself stable
 
 from __future__ import annotations
 
-from agent.compute.types import DesiredState, addr_sort_key
+from agent.compute.types import DesiredState, EmptyVerdict, Frontend, L4Addr, addr_sort_key
 from agent.model.objects import IPNetwork
 
 NO_BACKENDS = "(none: refuse)"
+
+
+def _backends(backends: tuple[L4Addr, ...], on_empty: EmptyVerdict) -> str:
+    return " ".join(str(b) for b in backends) or f"(none: {on_empty.value})"
+
+
+def render_frontend(frontend: Frontend) -> str:
+    """`addr:port/proto  Kind  ns/name:port  -> backends` and, where they apply,
+    `  external[(Local)] -> backends`, `  affinity Ns`, `  sources CIDR,...`."""
+    line = (
+        f"{frontend.key}  {frontend.kind.value}  {frontend.service}  -> "
+        f"{_backends(frontend.backends, frontend.on_empty)}"
+    )
+    if frontend.kind.external:
+        policy = "(Local)" if frontend.external_local else ""
+        line += (
+            f"  external{policy} -> "
+            f"{_backends(frontend.external_backends, frontend.external_on_empty)}"
+        )
+    if frontend.affinity_timeout:
+        line += f"  affinity {frontend.affinity_timeout}s"
+    if frontend.source_ranges:
+        line += "  sources " + ",".join(str(r) for r in frontend.source_ranges)
+    return line
 
 
 def _cidr_sort_key(cidr: IPNetwork) -> tuple[int, int, int]:
@@ -30,10 +56,12 @@ def render_desired(state: DesiredState) -> str:
     """One line per frontend, VIP, CIDR and problem; "" for an empty state."""
     lines = []
     for key in sorted(state.frontends):
-        frontend = state.frontends[key]
-        backends = " ".join(str(b) for b in frontend.backends) or NO_BACKENDS
-        lines.append(f"{key}  {frontend.kind.value}  {frontend.service}  -> {backends}")
+        lines.append(render_frontend(state.frontends[key]))
     lines.extend(f"vip {vip}" for vip in sorted(state.vips, key=addr_sort_key))
     lines.extend(f"cidr {cidr}" for cidr in sorted(state.service_cidrs, key=_cidr_sort_key))
     lines.extend(f"problem {problem}" for problem in state.problems)
+    lines.extend(
+        f"healthcheck {h.port} {h.namespace}/{h.name} local-endpoints={h.local_endpoints}"
+        for h in state.health_checks
+    )
     return "".join(f"{line}\n" for line in lines)

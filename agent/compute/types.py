@@ -41,6 +41,27 @@ class L4Addr:
 
 class FrontendKind(enum.StrEnum):
     CLUSTER_IP = "ClusterIP"
+    NODE_PORT = "NodePort"
+    EXTERNAL_IP = "ExternalIP"
+    LOAD_BALANCER = "LoadBalancer"
+
+    @property
+    def external(self) -> bool:
+        """Reachable from outside the cluster (subject to externalTrafficPolicy)."""
+        return self is not FrontendKind.CLUSTER_IP
+
+
+class EmptyVerdict(enum.StrEnum):
+    """What a frontend with no usable backend does with a new connection.
+
+    kube-proxy REJECTs when the Service has no usable endpoint anywhere, and
+    DROPs when endpoints exist but the traffic policy is Local and none is on
+    this node (the client must not be told "refused" for a Service that works
+    elsewhere; a load balancer's health check steers it away instead).
+    """
+
+    REFUSE = "refuse"
+    DROP = "drop"
 
 
 @dataclass(frozen=True)
@@ -59,13 +80,42 @@ class ServicePortName:
 class Frontend:
     """One Service port on one address, with the backends it spreads over.
 
-    `backends` is sorted and free of duplicates; empty means refuse.
+    Two backend sets, because kube-proxy treats traffic by where it starts:
+    - `backends`: connections that start on this node (pods, host processes:
+      the socket hooks). For a ClusterIP this honours internalTrafficPolicy;
+      for NodePort/ExternalIP/LoadBalancer frontends it is the cluster-wide
+      set ("short-circuit": local clients of an externalTrafficPolicy=Local
+      Service still reach every endpoint).
+    - `external_backends`: connections arriving from outside the node (the
+      per-packet path), honouring externalTrafficPolicy. Empty for ClusterIP.
+    Both are sorted and free of duplicates; when one is empty, `on_empty` /
+    `external_on_empty` says whether to refuse or drop.
     """
 
     key: L4Addr
     service: ServicePortName
     kind: FrontendKind
     backends: tuple[L4Addr, ...]
+    on_empty: EmptyVerdict = EmptyVerdict.REFUSE
+    external_backends: tuple[L4Addr, ...] = ()
+    external_on_empty: EmptyVerdict = EmptyVerdict.REFUSE
+    # externalTrafficPolicy: Local — external clients keep their address (no SNAT).
+    external_local: bool = False
+    # sessionAffinity: ClientIP timeout in seconds; 0 means no affinity.
+    affinity_timeout: int = 0
+    # loadBalancerSourceRanges (LoadBalancer frontends only); empty = everyone.
+    source_ranges: tuple[IPNetwork, ...] = ()
+
+
+@dataclass(frozen=True)
+class HealthCheck:
+    """kube-proxy's healthCheckNodePort for an externalTrafficPolicy=Local Service:
+    answers 200 while this node has local endpoints, 503 otherwise."""
+
+    port: int
+    namespace: str
+    name: str
+    local_endpoints: int
 
 
 @dataclass(frozen=True)
@@ -87,14 +137,20 @@ class DesiredState:
     vips: frozenset[IPAddress] = frozenset()
     service_cidrs: frozenset[IPNetwork] = frozenset()
     problems: tuple[ServiceProblem, ...] = ()
+    health_checks: tuple[HealthCheck, ...] = ()
 
 
 @dataclass(frozen=True)
 class NodeIdentity:
-    """Who "this node" is; compute's only input besides the snapshot."""
+    """Who "this node" is; compute's only input besides the snapshot and config.
+
+    `addresses` are the node's own addresses (its Node object's InternalIP and
+    ExternalIP), where NodePorts answer.
+    """
 
     name: str
     zone: str = ""
+    addresses: tuple[IPAddress, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -108,3 +164,6 @@ class ComputeConfig:
     service_cidrs: frozenset[IPNetwork] = frozenset()
     # Protocols the datapath can serve; others are reported and skipped.
     protocols: frozenset[Protocol] = frozenset({Protocol.TCP, Protocol.UDP})
+    # kube-proxy's --nodeport-addresses: NodePorts answer only on node addresses
+    # inside these ranges. Empty: on all of the node's addresses.
+    nodeport_addresses: frozenset[IPNetwork] = frozenset()

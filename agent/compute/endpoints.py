@@ -1,0 +1,178 @@
+"""Which endpoints of a Service port get traffic on this node: kube-proxy's
+CategorizeEndpoints (pkg/proxy/topology.go), restated.
+
+Inputs are one Service port's endpoints in one IP family, merged across its
+EndpointSlices. The answer has three parts:
+
+- `cluster`: endpoints for "Cluster" traffic policy. Ready endpoints that
+  topology allows; if none is ready anywhere, the serving-and-terminating
+  ones (so a rollout that briefly leaves only terminating pods keeps serving).
+- `local`: endpoints on this node for "Local" policy: the local ready ones,
+  or if there are none, the local serving-and-terminating ones.
+- `has_any`: whether the Service has a usable endpoint anywhere. It decides
+  between kube-proxy's two failure modes: no endpoint anywhere is a REJECT
+  (connection refused); endpoints elsewhere but none local under a Local
+  policy is a DROP.
+
+Topology (hints written by the EndpointSlice controller for
+trafficDistribution PreferClose / PreferSameZone / PreferSameNode, or the
+topology-mode annotation) narrows `cluster` only when it is safe:
+- same-node hints are used when every ready endpoint has node hints and one
+  of them names this node;
+- else zone hints when every ready endpoint has zone hints and one names
+  this node's zone;
+- otherwise topology is ignored (kube-proxy's fallback), so a hint that would
+  leave this node without endpoints is never followed.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from agent.compute.types import L4Addr, NodeIdentity
+from agent.model.objects import IPFamily, Service, ServicePort
+from agent.model.snapshot import ClusterSnapshot
+
+
+@dataclass(frozen=True)
+class EndpointView:
+    """One endpoint of one Service port, with what categorization needs."""
+
+    backend: L4Addr
+    ready: bool
+    serving: bool
+    terminating: bool
+    node_name: str
+    zone_hints: frozenset[str]  # empty: no zone hints
+    node_hints: frozenset[str]  # empty: no node hints
+
+    @property
+    def serving_terminating(self) -> bool:
+        return self.serving and self.terminating
+
+
+class TopologyMode(enum.StrEnum):
+    NONE = ""
+    NODE = "node"
+    ZONE = "zone"
+
+
+@dataclass(frozen=True)
+class Categorized:
+    cluster: tuple[L4Addr, ...]
+    local: tuple[L4Addr, ...]
+    has_any: bool
+    topology: TopologyMode = TopologyMode.NONE
+
+
+def endpoint_views(
+    snapshot: ClusterSnapshot, svc: Service, port: ServicePort, family: IPFamily
+) -> list[EndpointView]:
+    """The endpoints of one Service port in one family, merged across slices.
+
+    The Service port finds its number in each slice by port *name* and
+    protocol (the EndpointSlice controller resolved named targetPorts per Pod).
+    An address listed twice counts once; a ready listing wins over a not-ready
+    one, as kube-proxy's endpoint cache does.
+    """
+    found: dict[L4Addr, EndpointView] = {}
+    for eps in snapshot.slices_for(svc.meta.namespace, svc.meta.name):
+        if eps.address_type != family.value:
+            continue
+        target = next(
+            (
+                p.port
+                for p in eps.ports
+                if p.name == port.name and p.protocol == port.protocol and p.port
+            ),
+            None,
+        )
+        if target is None:
+            continue
+        for ep in eps.endpoints:
+            if not ep.addresses:
+                continue
+            # Kubernetes uses only the first address of an endpoint.
+            backend = L4Addr(ep.addresses[0], target, port.protocol)
+            view = EndpointView(
+                backend=backend,
+                ready=ep.ready,
+                serving=ep.serving,
+                terminating=ep.terminating,
+                node_name=ep.node_name,
+                zone_hints=frozenset(ep.hints.for_zones) if ep.hints else frozenset(),
+                node_hints=frozenset(ep.hints.for_nodes) if ep.hints else frozenset(),
+            )
+            previous = found.get(backend)
+            if previous is None or (view.ready and not previous.ready):
+                found[backend] = view
+    return [found[k] for k in sorted(found)]
+
+
+def topology_mode(endpoints: Iterable[EndpointView], node: NodeIdentity) -> TopologyMode:
+    """kube-proxy's topologyModeFromHints: which hints, if any, to follow."""
+    any_ready = False
+    all_node_hints = all_zone_hints = True
+    node_match = zone_match = False
+    for ep in endpoints:
+        if not ep.ready:
+            continue
+        any_ready = True
+        if not ep.node_hints:
+            all_node_hints = False
+        elif node.name in ep.node_hints:
+            node_match = True
+        if not ep.zone_hints:
+            all_zone_hints = False
+        elif node.zone and node.zone in ep.zone_hints:
+            zone_match = True
+    if not any_ready:
+        return TopologyMode.NONE
+    if all_node_hints and node_match:
+        return TopologyMode.NODE
+    if all_zone_hints and zone_match:
+        return TopologyMode.ZONE
+    return TopologyMode.NONE
+
+
+def _allowed(ep: EndpointView, mode: TopologyMode, node: NodeIdentity) -> bool:
+    if mode is TopologyMode.NODE:
+        return node.name in ep.node_hints
+    if mode is TopologyMode.ZONE:
+        return node.zone in ep.zone_hints
+    return True
+
+
+def _backends(endpoints: Iterable[EndpointView]) -> tuple[L4Addr, ...]:
+    return tuple(sorted(ep.backend for ep in endpoints))
+
+
+def categorize(
+    endpoints: Sequence[EndpointView],
+    node: NodeIdentity,
+    uses_cluster: bool,
+    uses_local: bool,
+) -> Categorized:
+    """Split endpoints into cluster and local sets (see the module docstring)."""
+    cluster: tuple[L4Addr, ...] = ()
+    mode = TopologyMode.NONE
+    has_any = False
+    if uses_cluster:
+        mode = topology_mode(endpoints, node)
+        cluster = _backends(ep for ep in endpoints if ep.ready and _allowed(ep, mode, node))
+        if not cluster:
+            cluster = _backends(
+                ep for ep in endpoints if ep.serving_terminating and _allowed(ep, mode, node)
+            )
+        has_any = bool(cluster)
+
+    local: tuple[L4Addr, ...] = ()
+    if uses_local:
+        mine = [ep for ep in endpoints if ep.node_name and ep.node_name == node.name]
+        has_any = has_any or any(ep.ready or ep.serving_terminating for ep in endpoints)
+        local = _backends(ep for ep in mine if ep.ready)
+        if not local:
+            local = _backends(ep for ep in mine if not ep.ready and ep.serving_terminating)
+    return Categorized(cluster=cluster, local=local, has_any=has_any, topology=mode)
