@@ -1,0 +1,360 @@
+"""compute_desired for the behaviours beyond plain ClusterIP: NodePort,
+externalIPs, LoadBalancer, traffic policies, terminating endpoints,
+topology, affinity, source ranges, health checks. kube-proxy's behaviour
+(pkg/proxy/topology.go, nftables/proxier.go) is the specification.
+
+Address conventions, used by every case below:
+
+    this node        node-1, zone-a, addresses 10.0.0.1 and fd00::1
+    other node       node-2, zone-b
+    ClusterIPs       10.96.0.1 / fd00:96::1
+    externalIP       198.51.100.7          LoadBalancer IP  192.0.2.10
+    pods on node-1   10.244.1.<n>          pods on node-2   10.244.2.<n>
+    Service port     80 "http" -> pod port 8080; nodePort 30080
+
+Each case lists every frontend it must produce as the line
+agent/compute/render.py prints for it:
+
+    addr:port/proto  Kind  ns/name:port  -> <backends for traffic from this node>
+        [external[(Local)] -> <backends for traffic from outside>]
+        [affinity Ns] [sources CIDR,...]
+
+where an empty set reads "(none: refuse)" (no endpoint anywhere: kube-proxy's
+REJECT) or "(none: drop)" (endpoints elsewhere, none local under a Local
+policy: kube-proxy's DROP).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+from builders import Doc, ep, eport, eps, models, port, service
+
+from agent.compute import ComputeConfig, NodeIdentity, compute_desired
+from agent.compute.render import render_frontend
+from agent.model.snapshot import ClusterSnapshot
+
+NODE = NodeIdentity(
+    "node-1",
+    zone="zone-a",
+    addresses=(ipaddress.ip_address("10.0.0.1"), ipaddress.ip_address("fd00::1")),
+)
+HTTP = [eport("http", 8080)]
+A1, A2 = "10.244.1.2", "10.244.1.3"  # on node-1
+B1, B2 = "10.244.2.2", "10.244.2.3"  # on node-2
+
+
+def local(ip: str, **kw: Any) -> Doc:
+    return ep(ip, node="node-1", **kw)
+
+
+def remote(ip: str, **kw: Any) -> Doc:
+    return ep(ip, node="node-2", **kw)
+
+
+def hinted(ip: str, node: str, zones: list[str] | None = None,
+           nodes: list[str] | None = None) -> Doc:
+    hints: dict[str, Any] = {}
+    if zones is not None:
+        hints["forZones"] = [{"name": z} for z in zones]
+    if nodes is not None:
+        hints["forNodes"] = [{"name": n} for n in nodes]
+    return ep(ip, node=node, hints=hints)
+
+
+def web(*, type: str | None = None, node_port: int | None = None, **spec: Any) -> Doc:
+    return service("web", port("http", 80, 8080, node_port=node_port), ips="10.96.0.1",
+                   type=type, **spec)
+
+
+def with_lb(doc: Doc, *ips: str) -> Doc:
+    doc["status"] = {"loadBalancer": {"ingress": [{"ip": ip} for ip in ips]}}
+    return doc
+
+
+def be(*ips: str) -> str:
+    return " ".join(f"{ip}:8080/TCP" for ip in sorted(ips, key=ipaddress.ip_address))
+
+
+@dataclass
+class Case:
+    name: str
+    objects: list[Doc]
+    lines: list[str]
+    config: ComputeConfig = field(default_factory=ComputeConfig)
+    health: list[str] = field(default_factory=list)
+
+
+CIP = "10.96.0.1:80/TCP  ClusterIP  default/web:http  -> "
+NP = "10.0.0.1:30080/TCP  NodePort  default/web:http  -> "
+
+CASES = [
+    # ---- NodePort and externalTrafficPolicy -------------------------------
+    Case(
+        "nodeport, policy Cluster: every endpoint from anywhere",
+        [web(type="NodePort", node_port=30080), eps("w", "web", local(A1), remote(B1), ports=HTTP)],
+        [CIP + be(A1, B1), NP + be(A1, B1) + "  external -> " + be(A1, B1)],
+    ),
+    Case(
+        "nodeport, policy Local: outside traffic to local endpoints only",
+        [
+            web(type="NodePort", node_port=30080, externalTrafficPolicy="Local"),
+            eps("w", "web", local(A1), remote(B1), ports=HTTP),
+        ],
+        [CIP + be(A1, B1), NP + be(A1, B1) + "  external(Local) -> " + be(A1)],
+    ),
+    Case(
+        "nodeport, policy Local, no local endpoint: outside traffic dropped, local short-circuits",
+        [
+            web(type="NodePort", node_port=30080, externalTrafficPolicy="Local"),
+            eps("w", "web", remote(B1), remote(B2), ports=HTTP),
+        ],
+        [CIP + be(B1, B2), NP + be(B1, B2) + "  external(Local) -> (none: drop)"],
+    ),
+    Case(
+        "nodeport, no endpoints anywhere: refused from everywhere",
+        [web(type="NodePort", node_port=30080, externalTrafficPolicy="Local")],
+        [CIP + "(none: refuse)", NP + "(none: refuse)  external(Local) -> (none: refuse)"],
+    ),
+    Case(
+        "nodePort written on a ClusterIP Service is ignored",
+        [web(node_port=30080), eps("w", "web", local(A1), ports=HTTP)],
+        [CIP + be(A1)],
+    ),
+    Case(
+        "nodeport-addresses restricts where NodePorts answer",
+        [web(type="NodePort", node_port=30080), eps("w", "web", local(A1), ports=HTTP)],
+        [CIP + be(A1)],
+        config=ComputeConfig(nodeport_addresses=frozenset({ipaddress.ip_network("10.9.0.0/16")})),
+    ),
+    # ---- internalTrafficPolicy ------------------------------------------------
+    Case(
+        "internal policy Local: ClusterIP to local endpoints only",
+        [
+            web(internalTrafficPolicy="Local"),
+            eps("w", "web", local(A1), local(A2), remote(B1), ports=HTTP),
+        ],
+        [CIP + be(A1, A2)],
+    ),
+    Case(
+        "internal policy Local, endpoints only elsewhere: dropped, not refused",
+        [web(internalTrafficPolicy="Local"), eps("w", "web", remote(B1), ports=HTTP)],
+        [CIP + "(none: drop)"],
+    ),
+    Case(
+        "internal policy Local, no endpoints: refused",
+        [web(internalTrafficPolicy="Local")],
+        [CIP + "(none: refuse)"],
+    ),
+    Case(
+        "internal Local with a NodePort: external traffic still uses every endpoint",
+        [
+            web(type="NodePort", node_port=30080, internalTrafficPolicy="Local"),
+            eps("w", "web", local(A1), remote(B1), ports=HTTP),
+        ],
+        [CIP + be(A1), NP + be(A1, B1) + "  external -> " + be(A1, B1)],
+    ),
+    # ---- terminating endpoints ------------------------------------------------
+    Case(
+        "serving-terminating endpoints are used only when none is ready",
+        [
+            web(),
+            eps("w", "web", remote(B1, ready=False, serving=True, terminating=True),
+                remote(B2), ports=HTTP),
+        ],
+        [CIP + be(B2)],
+    ),
+    Case(
+        "no ready endpoint: fall back to serving-terminating ones",
+        [
+            web(),
+            eps("w", "web", remote(B1, ready=False, serving=True, terminating=True),
+                remote(B2, ready=False, serving=False, terminating=True), ports=HTTP),
+        ],
+        [CIP + be(B1)],
+    ),
+    Case(
+        "Local policy falls back to local serving-terminating endpoints",
+        [
+            web(type="NodePort", node_port=30080, externalTrafficPolicy="Local"),
+            eps("w", "web", local(A1, ready=False, serving=True, terminating=True),
+                remote(B1), ports=HTTP),
+        ],
+        [CIP + be(B1), NP + be(B1) + "  external(Local) -> " + be(A1)],
+    ),
+    Case(
+        "not serving and terminating: never used",
+        [web(), eps("w", "web", remote(B1, ready=False, serving=False, terminating=True),
+                    ports=HTTP)],
+        [CIP + "(none: refuse)"],
+    ),
+    # ---- topology -------------------------------------------------------------
+    Case(
+        "zone hints followed when every ready endpoint has one and one is ours",
+        [
+            web(trafficDistribution="PreferClose"),
+            eps("w", "web", hinted(A1, "node-1", zones=["zone-a"]),
+                hinted(B1, "node-2", zones=["zone-b"]), ports=HTTP),
+        ],
+        [CIP + be(A1)],
+    ),
+    Case(
+        "zone hints ignored when one ready endpoint has none",
+        [
+            web(),
+            eps("w", "web", hinted(A1, "node-1", zones=["zone-a"]), remote(B1), ports=HTTP),
+        ],
+        [CIP + be(A1, B1)],
+    ),
+    Case(
+        "zone hints ignored when none names our zone",
+        [
+            web(),
+            eps("w", "web", hinted(B1, "node-2", zones=["zone-b"]),
+                hinted(B2, "node-2", zones=["zone-b"]), ports=HTTP),
+        ],
+        [CIP + be(B1, B2)],
+    ),
+    Case(
+        "zone hints ignore not-ready endpoints when deciding",
+        [
+            web(),
+            eps("w", "web", hinted(A1, "node-1", zones=["zone-a"]),
+                remote(B2, ready=False), hinted(B1, "node-2", zones=["zone-b"]), ports=HTTP),
+        ],
+        [CIP + be(A1)],
+    ),
+    Case(
+        "node hints (PreferSameNode) win over zone hints",
+        [
+            web(trafficDistribution="PreferSameNode"),
+            eps("w", "web", hinted(A1, "node-1", zones=["zone-a"], nodes=["node-1"]),
+                hinted(A2, "node-1", zones=["zone-a"], nodes=["node-3"]),
+                hinted(B1, "node-2", zones=["zone-b"], nodes=["node-2"]), ports=HTTP),
+        ],
+        [CIP + be(A1)],
+    ),
+    Case(
+        "node hints for another node only: fall back to zone hints",
+        [
+            web(),
+            eps("w", "web", hinted(A2, "node-1", zones=["zone-a"], nodes=["node-3"]),
+                hinted(B1, "node-2", zones=["zone-b"], nodes=["node-2"]), ports=HTTP),
+        ],
+        [CIP + be(A2)],
+    ),
+    # ---- externalIPs, LoadBalancer, source ranges --------------------------------
+    Case(
+        "externalIPs on a ClusterIP Service",
+        [web(externalIPs=["198.51.100.7"]), eps("w", "web", local(A1), remote(B1), ports=HTTP)],
+        [
+            CIP + be(A1, B1),
+            "198.51.100.7:80/TCP  ExternalIP  default/web:http  -> " + be(A1, B1)
+            + "  external -> " + be(A1, B1),
+        ],
+    ),
+    Case(
+        "LoadBalancer: ingress IP with source ranges, and its NodePort",
+        [
+            with_lb(web(type="LoadBalancer", node_port=30080,
+                        externalTrafficPolicy="Local",
+                        loadBalancerSourceRanges=["203.0.113.0/24", "2001:db8::/32"]),
+                    "192.0.2.10"),
+            eps("w", "web", local(A1), remote(B1), ports=HTTP),
+        ],
+        [
+            CIP + be(A1, B1),
+            NP + be(A1, B1) + "  external(Local) -> " + be(A1),
+            "192.0.2.10:80/TCP  LoadBalancer  default/web:http  -> " + be(A1, B1)
+            + "  external(Local) -> " + be(A1) + "  sources 203.0.113.0/24",
+        ],
+    ),
+    Case(
+        "LoadBalancer without allocated NodePorts",
+        [with_lb(web(type="LoadBalancer"), "192.0.2.10"),
+         eps("w", "web", remote(B1), ports=HTTP)],
+        [
+            CIP + be(B1),
+            "192.0.2.10:80/TCP  LoadBalancer  default/web:http  -> " + be(B1)
+            + "  external -> " + be(B1),
+        ],
+    ),
+    Case(
+        "load balancer IPs of a NodePort Service (stale status) are ignored",
+        [with_lb(web(type="NodePort", node_port=30080), "192.0.2.10"),
+         eps("w", "web", remote(B1), ports=HTTP)],
+        [CIP + be(B1), NP + be(B1) + "  external -> " + be(B1)],
+    ),
+    # ---- affinity -----------------------------------------------------------------
+    Case(
+        "ClientIP affinity on every frontend of the Service",
+        [
+            web(type="NodePort", node_port=30080, sessionAffinity="ClientIP",
+                sessionAffinityConfig={"clientIP": {"timeoutSeconds": 600}}),
+            eps("w", "web", remote(B1), ports=HTTP),
+        ],
+        [
+            CIP + be(B1) + "  affinity 600s",
+            NP + be(B1) + "  external -> " + be(B1) + "  affinity 600s",
+        ],
+    ),
+    Case(
+        "ClientIP affinity defaults to three hours",
+        [web(sessionAffinity="ClientIP"), eps("w", "web", remote(B1), ports=HTTP)],
+        [CIP + be(B1) + "  affinity 10800s"],
+    ),
+    # ---- health check node port -------------------------------------------------
+    Case(
+        "healthCheckNodePort counts this node's endpoints",
+        [
+            with_lb(web(type="LoadBalancer", node_port=30080, externalTrafficPolicy="Local",
+                        healthCheckNodePort=32000), "192.0.2.10"),
+            eps("w", "web", local(A1), local(A2), remote(B1), ports=HTTP),
+        ],
+        [
+            CIP + be(A1, A2, B1),
+            NP + be(A1, A2, B1) + "  external(Local) -> " + be(A1, A2),
+            "192.0.2.10:80/TCP  LoadBalancer  default/web:http  -> " + be(A1, A2, B1)
+            + "  external(Local) -> " + be(A1, A2),
+        ],
+        health=["32000 default/web local-endpoints=2"],
+    ),
+    Case(
+        "no health check for policy Cluster",
+        [web(type="NodePort", node_port=30080, healthCheckNodePort=32000),
+         eps("w", "web", local(A1), ports=HTTP)],
+        [CIP + be(A1), NP + be(A1) + "  external -> " + be(A1)],
+    ),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_policies(case: Case) -> None:
+    state = compute_desired(ClusterSnapshot.of(models(*case.objects)), NODE, case.config)
+    got = sorted(render_frontend(f) for f in state.frontends.values())
+    assert got == sorted(case.lines), case.name
+    health = [f"{h.port} {h.namespace}/{h.name} local-endpoints={h.local_endpoints}"
+              for h in state.health_checks]
+    assert health == case.health
+
+
+def test_dual_stack_nodeport_answers_on_both_families() -> None:
+    svc = service("web", port("http", 80, 8080, node_port=30080),
+                  ips=["10.96.0.1", "fd00:96::1"], type="NodePort",
+                  ipFamilyPolicy="RequireDualStack")
+    objects = [
+        svc,
+        eps("w4", "web", local(A1), ports=HTTP),
+        eps("w6", "web", local("fd00:10:244:1::2"), ports=HTTP),
+    ]
+    state = compute_desired(ClusterSnapshot.of(models(*objects)), NODE, ComputeConfig())
+    assert sorted(str(k) for k in state.frontends) == sorted([
+        "10.96.0.1:80/TCP", "[fd00:96::1]:80/TCP", "10.0.0.1:30080/TCP", "[fd00::1]:30080/TCP",
+    ])
+    v6 = state.frontends[next(k for k in state.frontends if str(k) == "[fd00::1]:30080/TCP")]
+    assert [str(b) for b in v6.backends] == ["[fd00:10:244:1::2]:8080/TCP"]
+    # NodePorts are not Service VIPs: the node's own address must not refuse other ports.
+    assert {str(v) for v in state.vips} == {"10.96.0.1", "fd00:96::1"}
