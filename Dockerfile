@@ -11,5 +11,7 @@ RUN python3 -m venv /opt/veer/.venv \
  && mkdir -p /opt/veer/.venv/bcc-link \
  && ln -s /usr/lib/python3/dist-packages/bcc /opt/veer/.venv/bcc-link/bcc \
  && echo /opt/veer/.venv/bcc-link > "$(/opt/veer/.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/veer-bcc.pth" \
+ && /opt/veer/.venv/bin/pip install --no-cache-dir grpcio-tools \
+ && PYTHON=/opt/veer/.venv/bin/python /opt/veer/scripts/gen-proto.sh \
  && /opt/veer/.venv/bin/pip install --no-cache-dir /opt/veer
 ENTRYPOINT ["/opt/veer/.venv/bin/veer"]

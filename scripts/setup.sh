@@ -10,6 +10,7 @@
 #                     (`ip netns exec` remounts /sys, so tests use the /run/veer ones)
 #   virtualenv        .venv from Debian's python3, reaching Debian's `bcc` package
 #                     (and nothing else of dist-packages), with veer installed editable
+#   gRPC code         agent/api/gen/ from agent/api/veer.proto (scripts/gen-proto.sh)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -84,5 +85,6 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     || { tail -30 "$log" >&2; die "pip install failed (full log: $log)"; }
   echo "$want" > "$stamp"
 fi
+PYTHON="$VENV/bin/python" "$ROOT/scripts/gen-proto.sh" || die "generating the gRPC code from agent/api/veer.proto failed"
 "$VENV/bin/python" -c "import bcc, agent" || die "the virtualenv cannot import bcc and veer"
 say "ready (virtualenv: $VENV)"
