@@ -20,6 +20,7 @@ class AgentConfig:
     bpffs: str = DEFAULT_BPFFS
     mode: str = "auto"
     service_cidrs: frozenset[IPNetwork] = field(default_factory=frozenset)
+    nodeport_addresses: frozenset[IPNetwork] = field(default_factory=frozenset)
     service_proxy_name: str | None = None
     min_sync_interval: float = 0.0
     max_sync_interval: float = 60.0

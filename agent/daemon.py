@@ -10,6 +10,7 @@ agent and leave the datapath in place; the kernel keeps serving with it.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import logging
 import os
@@ -23,10 +24,13 @@ from agent.compute import ComputeConfig, DesiredState, NodeIdentity, compute_des
 from agent.config import AgentConfig
 from agent.datapath.interface import Datapath
 from agent.errors import ConfigError
+from agent.model.objects import IPAddress, Node
 from agent.model.snapshot import Store
 from agent.reconcile.reconciler import Reconciler, SyncResult
 from agent.reconcile.runner import BoundedFrequencyRunner
+from agent.serve import ServeOptions, Servers
 from agent.sources.manifests import ManifestSource
+from agent.telemetry import Telemetry
 
 log = logging.getLogger("veer.agent")
 
@@ -61,8 +65,31 @@ def open_ebpf_datapath(config: AgentConfig) -> Datapath:
     return EbpfDatapath(SockLbMaps.open(config.bpffs))
 
 
+def node_addresses(node: Node) -> tuple[IPAddress, ...]:
+    """A Node's InternalIP and ExternalIP addresses, in the Node's order;
+    entries that are not IP addresses (or repeat) are skipped."""
+    out: list[IPAddress] = []
+    for entry in node.addresses:
+        if entry.type not in ("InternalIP", "ExternalIP"):
+            continue
+        try:
+            address = ipaddress.ip_address(entry.address)
+        except ValueError:
+            continue
+        if address not in out:
+            out.append(address)
+    return tuple(out)
+
+
 class Agent:
-    def __init__(self, config: AgentConfig, datapath: Datapath, status_file: str | None = None):
+    def __init__(
+        self,
+        config: AgentConfig,
+        datapath: Datapath,
+        status_file: str | None = None,
+        mode: tuple[str, str] | None = None,
+        serve: ServeOptions | None = None,
+    ):
         if not config.manifests:
             raise ConfigError("--manifests DIR is required (the Kubernetes source comes later)")
         self.config = config
@@ -73,6 +100,7 @@ class Agent:
         self.compute_config = ComputeConfig(
             service_proxy_name=config.service_proxy_name,
             service_cidrs=config.service_cidrs,
+            nodeport_addresses=config.nodeport_addresses,
         )
         self.reconciler = Reconciler(datapath, self._desired)
         self.runner = BoundedFrequencyRunner(
@@ -84,10 +112,18 @@ class Agent:
         self.last_desired = DesiredState()
         self._stopped = threading.Event()
         self.store.subscribe(self.runner.run)
+        # What `veer status` and the metrics report, and where they are served.
+        self.mode = mode or (datapath.name, "")  # (mode, why it was chosen)
+        self.telemetry = Telemetry()
+        self.store.subscribe(lambda: self.telemetry.note_change(self.store.snapshot()))
+        self.servers = Servers(self, serve or ServeOptions())
 
     def node_identity(self) -> NodeIdentity:
+        """This node as its Node object describes it: zone and addresses."""
         node = self.store.snapshot().nodes.get(self.config.node_name)
-        return NodeIdentity(self.config.node_name, node.zone if node else "")
+        if node is None:
+            return NodeIdentity(self.config.node_name)
+        return NodeIdentity(self.config.node_name, node.zone, node_addresses(node))
 
     def _desired(self) -> DesiredState:
         self.last_desired = compute_desired(
@@ -99,6 +135,7 @@ class Agent:
         if not self.store.synced:
             return
         result = self.reconciler.sync(full=periodic)
+        self.telemetry.record_sync(result)
         if not result.ok:
             self.runner.retry_after(RETRY_AFTER_FAILURE)
         self._write_status(result)
@@ -130,10 +167,12 @@ class Agent:
         os.replace(tmp, self.status_file)
 
     def start(self) -> None:
+        self.servers.start()
         self.runner.start()
         self.source.start()
 
     def stop(self) -> None:
+        self.servers.stop()
         self._stopped.set()
         self.source.stop()
         self.runner.stop()

@@ -19,6 +19,8 @@
 #define VEER_IPPROTO_TCP 6
 #define VEER_IPPROTO_UDP 17
 #define VEER_ECONNREFUSED 111
+#define VEER_EHOSTUNREACH 113
+#define VEER_NSEC_PER_SEC 1000000000ULL
 
 /* BCC 0.26 declares bpf_get_socket_cookie as returning u32, truncating the
  * cookie; declare it with the kernel's real signature. */
@@ -38,6 +40,7 @@ enum veer_verdict {
 	VEER_PASS = 0,   /* not a Service address: leave the call alone */
 	VEER_TRANSLATE,  /* rewrite the destination to the chosen backend */
 	VEER_REFUSE,     /* fail the call with ECONNREFUSED */
+	VEER_UNREACHABLE,/* fail the call with EHOSTUNREACH (kube-proxy's DROP) */
 };
 
 static __always_inline void veer_count(__u32 idx)
@@ -77,6 +80,27 @@ static __always_inline int veer_miss(const struct veer_flow *flow)
 	return VEER_PASS;
 }
 
+/* The backend a client's live affinity entry names, or 0. An entry counts
+ * while it is younger than the timeout and its backend still serves the
+ * frontend (veer_affinity_match); the caller refreshes it on use. */
+static __always_inline __u32 veer_affinity_lookup(struct veer_affinity_key *key,
+						  __u32 timeout_seconds)
+{
+	struct veer_affinity_value *entry = veer_affinity.lookup(key);
+	struct veer_affinity_match_key match = {};
+
+	if (!entry)
+		return 0;
+	if (bpf_ktime_get_ns() - entry->last_used_ns > timeout_seconds * VEER_NSEC_PER_SEC)
+		return 0;
+	match.backend_id = entry->backend_id;
+	match.service_id = key->service_id;
+	if (!veer_affinity_match.lookup(&match))
+		return 0;
+	veer_count(VEER_CNT_AFFINITY_HIT);
+	return entry->backend_id;
+}
+
 /* Choose a backend for `flow` and remember, for this socket, which Service
  * address the backend stands for. On VEER_TRANSLATE, *out holds the backend. */
 static __always_inline int veer_forward(void *ctx, const struct veer_flow *flow,
@@ -88,8 +112,9 @@ static __always_inline int veer_forward(void *ctx, const struct veer_flow *flow,
 	struct veer_backend_value *backend;
 	struct veer_sock_revnat_key rev_key = {};
 	struct veer_sock_revnat_value rev_val = {};
-	__u32 service_id;
-	__u16 count;
+	struct veer_affinity_key affinity_key = {};
+	__u32 service_id, affinity_timeout;
+	__u16 count, flags;
 
 	__builtin_memcpy(key.addr, flow->addr, 16);
 	key.port = flow->port;
@@ -102,18 +127,39 @@ static __always_inline int veer_forward(void *ctx, const struct veer_flow *flow,
 	/* Read the count once: the agent may change it under us, but every
 	 * slot up to any count it ever published is filled (see veer_structs.h). */
 	count = frontend->count;
+	flags = frontend->flags;
 	service_id = frontend->service_id;
+	affinity_timeout = frontend->affinity_timeout;
 	if (count == 0) {
+		if (flags & VEER_SVC_F_DROP_EMPTY) {
+			veer_count(VEER_CNT_DROPPED_NO_LOCAL);
+			return VEER_UNREACHABLE;
+		}
 		veer_count(VEER_CNT_REFUSED_NO_BACKEND);
 		return VEER_REFUSE;
 	}
-	key.slot = (bpf_get_prandom_u32() % count) + 1;
-	slot = veer_services.lookup(&key);
-	if (!slot) {
-		veer_count(VEER_CNT_INCONSISTENT);
-		return VEER_REFUSE;
+
+	if (flags & VEER_SVC_F_AFFINITY) {
+		affinity_key.client = bpf_get_netns_cookie(ctx);
+		affinity_key.service_id = service_id;
+		backend_key.backend_id = veer_affinity_lookup(&affinity_key, affinity_timeout);
 	}
-	backend_key.backend_id = slot->backend_id;
+	if (!backend_key.backend_id) {
+		key.slot = (bpf_get_prandom_u32() % count) + 1;
+		slot = veer_services.lookup(&key);
+		if (!slot) {
+			veer_count(VEER_CNT_INCONSISTENT);
+			return VEER_REFUSE;
+		}
+		backend_key.backend_id = slot->backend_id;
+	}
+	if (flags & VEER_SVC_F_AFFINITY) {
+		struct veer_affinity_value fresh = {
+			.backend_id = backend_key.backend_id,
+			.last_used_ns = bpf_ktime_get_ns(),
+		};
+		veer_affinity.update(&affinity_key, &fresh);
+	}
 	backend = veer_backends.lookup(&backend_key);
 	if (!backend || backend->family != flow->family) {
 		veer_count(VEER_CNT_INCONSISTENT);
@@ -178,8 +224,8 @@ static __always_inline int veer_translate4(struct bpf_sock_addr *ctx)
 		return 1;
 	veer_flow4(ctx, &flow);
 	verdict = veer_forward(ctx, &flow, &backend);
-	if (verdict == VEER_REFUSE) {
-		bpf_set_retval(-VEER_ECONNREFUSED);
+	if (verdict == VEER_REFUSE || verdict == VEER_UNREACHABLE) {
+		bpf_set_retval(verdict == VEER_REFUSE ? -VEER_ECONNREFUSED : -VEER_EHOSTUNREACH);
 		return 0;
 	}
 	if (verdict == VEER_TRANSLATE) {
@@ -285,8 +331,8 @@ static __always_inline int veer_translate6(struct bpf_sock_addr *ctx)
 		return 1;
 	veer_flow6(ctx, &flow);
 	verdict = veer_forward(ctx, &flow, &backend);
-	if (verdict == VEER_REFUSE) {
-		bpf_set_retval(-VEER_ECONNREFUSED);
+	if (verdict == VEER_REFUSE || verdict == VEER_UNREACHABLE) {
+		bpf_set_retval(verdict == VEER_REFUSE ? -VEER_ECONNREFUSED : -VEER_EHOSTUNREACH);
 		return 0;
 	}
 	if (verdict == VEER_TRANSLATE) {

@@ -28,6 +28,9 @@
 #ifndef VEER_VIPS_MAX
 #define VEER_VIPS_MAX 65536
 #endif
+#ifndef VEER_AFFINITY_MAX
+#define VEER_AFFINITY_MAX 65536
+#endif
 #ifndef VEER_REVNAT_MAX
 #define VEER_REVNAT_MAX 262144
 #endif
@@ -54,6 +57,16 @@ BPF_TABLE_PINNED("lpm_trie", struct veer_cidr_key, struct veer_cidr_value,
 BPF_TABLE_PINNED("lru_hash", struct veer_sock_revnat_key,
 		 struct veer_sock_revnat_value, veer_sock_revnat,
 		 VEER_REVNAT_MAX, VEER_PIN_DIR "/veer_sock_revnat");
+
+/* Client (netns cookie) + service id -> backend, for ClientIP affinity.
+ * LRU: idle clients age out; the timeout itself is checked by the program. */
+BPF_TABLE_PINNED("lru_hash", struct veer_affinity_key, struct veer_affinity_value,
+		 veer_affinity, VEER_AFFINITY_MAX, VEER_PIN_DIR "/veer_affinity");
+
+/* Current (backend, service) pairs of frontends with affinity. */
+BPF_TABLE_PINNED("hash", struct veer_affinity_match_key,
+		 struct veer_affinity_match_value, veer_affinity_match,
+		 VEER_BACKENDS_MAX, VEER_PIN_DIR "/veer_affinity_match");
 
 /* Per-CPU event counters indexed by enum veer_counter. */
 BPF_TABLE_PINNED("percpu_array", __u32, __u64, veer_counters, VEER_CNT_MAX,

@@ -40,13 +40,20 @@ struct veer_service_key {
 
 /* Frontend flags (slot 0 only). */
 #define VEER_SVC_F_NONE 0
+/* sessionAffinity: ClientIP — a client keeps its backend for
+ * affinity_timeout seconds after its last connection. */
+#define VEER_SVC_F_AFFINITY (1 << 0)
+/* With no backend, fail with EHOSTUNREACH (kube-proxy drops: endpoints exist
+ * elsewhere but a Local policy keeps this traffic on this node) instead of
+ * ECONNREFUSED (kube-proxy rejects: no endpoint anywhere). */
+#define VEER_SVC_F_DROP_EMPTY (1 << 1)
 
 struct veer_service_value {
-	__u32 backend_id; /* slot > 0: the backend in this slot; 0 in slot 0 */
-	__u16 count;      /* slot 0: number of backend slots in use */
-	__u16 flags;      /* slot 0: VEER_SVC_F_* */
-	__u32 service_id; /* stable id of the frontend, kept across restarts */
-	__u32 pad;
+	__u32 backend_id;       /* slot > 0: the backend in this slot; 0 in slot 0 */
+	__u16 count;            /* slot 0: number of backend slots in use */
+	__u16 flags;            /* slot 0: VEER_SVC_F_* */
+	__u32 service_id;       /* stable id of the frontend, kept across restarts */
+	__u32 affinity_timeout; /* slot 0: seconds, with VEER_SVC_F_AFFINITY */
 };
 
 /* Backends are referenced by id so that a backend shared by many frontends
@@ -110,6 +117,33 @@ struct veer_sock_revnat_value {
 	__u32 service_id;
 };
 
+/* Session affinity at the socket layer. The client is identified by its
+ * network namespace cookie: connect() runs before the source address is
+ * chosen, and a pod is one namespace, so this is ClientIP affinity for pods
+ * (host processes, sharing the host namespace, share one entry). */
+struct veer_affinity_key {
+	__u64 client; /* netns cookie */
+	__u32 service_id;
+	__u32 pad;
+};
+
+struct veer_affinity_value {
+	__u32 backend_id;
+	__u32 pad;
+	__u64 last_used_ns; /* bpf_ktime_get_ns() of the last connection */
+};
+
+/* (backend, service) pairs that are current: an affinity entry is honoured
+ * only while its backend still serves that frontend. */
+struct veer_affinity_match_key {
+	__u32 backend_id;
+	__u32 service_id;
+};
+
+struct veer_affinity_match_value {
+	__u32 flags; /* reserved, zero */
+};
+
 /* Indexes of the per-CPU counters map (key __u32, value __u64). The agent
  * names them in agent/datapath/ebpf/structs.py (COUNTER_NAMES). */
 enum veer_counter {
@@ -119,6 +153,8 @@ enum veer_counter {
 	VEER_CNT_REFUSED_NO_SERVICE,  /* inside a Service CIDR, no Service */
 	VEER_CNT_INCONSISTENT,        /* a slot or backend missing: should never count */
 	VEER_CNT_REVNAT,              /* getpeername/recvmsg answered with a Service address */
+	VEER_CNT_DROPPED_NO_LOCAL,    /* frontend empty under a Local policy: EHOSTUNREACH */
+	VEER_CNT_AFFINITY_HIT,        /* backend taken from a live affinity entry */
 	VEER_CNT_MAX,
 };
 

@@ -18,6 +18,7 @@ import sys
 
 from agent import __version__
 from agent.config import DEFAULT_BPFFS, AgentConfig, parse_cidrs
+from agent.defaults import DEFAULT_SOCKET
 from agent.errors import VeerError
 
 log = logging.getLogger("veer")
@@ -37,6 +38,9 @@ def _agent_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--mode", choices=("auto", "ebpf", "tproxy"), default="auto")
     p.add_argument("--service-cidr", metavar="CIDR,...", default="",
                    help="Service ranges: addresses in them without a Service are refused")
+    p.add_argument("--nodeport-addresses", metavar="CIDR,...", default="",
+                   help="NodePorts answer only on the node's addresses inside these ranges "
+                   "(default: all of the node's addresses, from its Node object)")
     p.add_argument("--service-proxy-name", metavar="NAME", default=None,
                    help="also serve Services whose label "
                    "service.kubernetes.io/service-proxy-name is NAME")
@@ -44,6 +48,11 @@ def _agent_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--max-sync-interval", type=float, default=60.0, metavar="SECONDS")
     p.add_argument("--status-file", metavar="PATH",
                    help="write a JSON summary of the programmed state after every sync")
+    p.add_argument("--api-socket", metavar="PATH", default=DEFAULT_SOCKET,
+                   help=f"serve the veer API (the `veer` debug commands) on this Unix socket, "
+                   f"root only (default {DEFAULT_SOCKET}; '' turns it off)")
+    p.add_argument("--api-address", metavar="IP:PORT", default="",
+                   help="also serve the API on this loopback TCP address (default: off)")
     p.add_argument("--cleanup", action="store_true",
                    help="remove every program, pin and rule veer made, then exit")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -61,6 +70,7 @@ def run_agent(args: argparse.Namespace) -> int:
         return 0
 
     from agent.daemon import Agent, choose_mode, open_ebpf_datapath
+    from agent.serve import ServeOptions
 
     config = AgentConfig(
         node_name=args.node_name or "",
@@ -69,13 +79,16 @@ def run_agent(args: argparse.Namespace) -> int:
         bpffs=args.bpffs,
         mode=args.mode,
         service_cidrs=parse_cidrs(args.service_cidr, "--service-cidr"),
+        nodeport_addresses=parse_cidrs(args.nodeport_addresses, "--nodeport-addresses"),
         service_proxy_name=args.service_proxy_name,
         min_sync_interval=args.min_sync_interval,
         max_sync_interval=args.max_sync_interval,
     )
     mode, why = choose_mode(config)
     log.info("datapath mode %s (%s)", mode, why)
-    agent = Agent(config, open_ebpf_datapath(config), status_file=args.status_file)
+    serve = ServeOptions(api_socket=args.api_socket, api_address=args.api_address)
+    agent = Agent(config, open_ebpf_datapath(config), status_file=args.status_file,
+                  mode=(mode, why), serve=serve)
     agent.run_forever()
     return 0
 

@@ -7,7 +7,7 @@ and can be told to fail on chosen frontends to exercise error paths.
 from __future__ import annotations
 
 from agent.compute.types import Frontend, L4Addr
-from agent.datapath.interface import Datapath, DatapathState
+from agent.datapath.interface import Datapath, DatapathState, ProgrammedFrontend
 from agent.errors import DatapathError
 from agent.model.objects import IPAddress, IPNetwork
 
@@ -35,9 +35,10 @@ class FakeDatapath(Datapath):
         self.calls.append(("upsert_frontend", str(frontend.key)))
         if frontend.key in self.fail_on:
             raise DatapathError(f"fake: cannot write frontend {frontend.key}")
-        if self.state.frontends.get(frontend.key) == frontend.backends:
+        programmed = ProgrammedFrontend.of(frontend)
+        if self.state.frontends.get(frontend.key) == programmed:
             return False
-        self.state.frontends[frontend.key] = frontend.backends
+        self.state.frontends[frontend.key] = programmed
         return True
 
     def delete_frontend(self, key: L4Addr) -> bool:

@@ -17,15 +17,34 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from agent.compute.types import Frontend, L4Addr
+from agent.compute.types import EmptyVerdict, Frontend, L4Addr
 from agent.model.objects import IPAddress, IPNetwork
+
+
+@dataclass(frozen=True)
+class ProgrammedFrontend:
+    """What the datapath holds for one frontend: the projection of a Frontend
+    onto the fields it programs. The reconciler compares these, so a change
+    to any of them (and only to them) rewrites the frontend."""
+
+    backends: tuple[L4Addr, ...]
+    drop_when_empty: bool = False
+    affinity_timeout: int = 0
+
+    @staticmethod
+    def of(frontend: Frontend) -> ProgrammedFrontend:
+        return ProgrammedFrontend(
+            backends=frontend.backends,
+            drop_when_empty=frontend.on_empty is EmptyVerdict.DROP,
+            affinity_timeout=frontend.affinity_timeout,
+        )
 
 
 @dataclass
 class DatapathState:
     """What a datapath actually holds, in DesiredState's vocabulary."""
 
-    frontends: dict[L4Addr, tuple[L4Addr, ...]] = field(default_factory=dict)
+    frontends: dict[L4Addr, ProgrammedFrontend] = field(default_factory=dict)
     vips: set[IPAddress] = field(default_factory=set)
     service_cidrs: set[IPNetwork] = field(default_factory=set)
 

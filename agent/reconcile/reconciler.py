@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from functools import partial
 
 from agent.compute.types import DesiredState, L4Addr, ServiceProblem
-from agent.datapath.interface import Datapath, DatapathState
+from agent.datapath.interface import Datapath, DatapathState, ProgrammedFrontend
 from agent.errors import DatapathError
 
 log = logging.getLogger(__name__)
@@ -119,11 +119,12 @@ class Reconciler:
                 applied.service_cidrs.add(cidr)
 
         for key, frontend in desired.frontends.items():
-            if applied.frontends.get(key) == frontend.backends:
+            programmed = ProgrammedFrontend.of(frontend)
+            if applied.frontends.get(key) == programmed:
                 continue
             what = f"frontend {key} of {frontend.service}"
             if attempt(result, what, partial(dp.upsert_frontend, frontend)):
-                applied.frontends[key] = frontend.backends
+                applied.frontends[key] = programmed
                 self.failed_frontends.pop(key, None)
             else:
                 # The datapath keeps the old, consistent version; a full pass retries.

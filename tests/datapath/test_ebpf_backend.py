@@ -97,7 +97,8 @@ def test_a_second_instance_adopts_ids_and_state(small: tuple[str, EbpfDatapath])
     adopted = EbpfDatapath(SockLbMaps.open(pins))
     try:
         state = adopted.dump()
-        assert state.frontends == {a.key: a.backends, b.key: b.backends}
+        assert {k: v.backends for k, v in state.frontends.items()} == {
+            a.key: a.backends, b.key: b.backends}
         assert (adopted.service_id(a.key), adopted.service_id(b.key)) == ids
         assert not adopted.upsert_frontend(a) and not adopted.upsert_frontend(b)
         assert {bytes(k): bytes(v) for k, v in adopted.maps.services.items()} == before
@@ -118,11 +119,11 @@ def test_full_map_refuses_one_frontend_and_keeps_the_rest(
     # No frontend entry was written for it, so no reader can reach its slots;
     # the next dump removes the unreachable ones and their backends.
     state = dp.dump()
-    assert state.frontends == {a.key: a.backends}
+    assert {k: v.backends for k, v in state.frontends.items()} == {a.key: a.backends}
     assert len(dp.maps.services) == 4
     assert len(dp.maps.backends) == 3
     # Growing an existing frontend past the limit leaves its old version whole.
     grown = fe("10.96.0.1", 80, *[f"10.0.0.{i}" for i in range(1, 10)])
     with pytest.raises(MapFullError):
         dp.upsert_frontend(grown)
-    assert dp.dump().frontends == {a.key: a.backends}
+    assert {k: v.backends for k, v in dp.dump().frontends.items()} == {a.key: a.backends}

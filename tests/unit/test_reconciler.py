@@ -22,6 +22,7 @@ from agent.compute.types import (
     ServiceProblem,
 )
 from agent.datapath.fake import FakeDatapath
+from agent.datapath.interface import ProgrammedFrontend
 from agent.model.objects import Protocol
 from agent.reconcile.reconciler import Reconciler
 
@@ -70,7 +71,7 @@ def setup(initial: DesiredState) -> tuple[FakeDatapath, Desired, Reconciler]:
 
 
 def programmed(dp: FakeDatapath) -> dict[str, list[str]]:
-    return {str(k): [str(b) for b in v] for k, v in dp.state.frontends.items()}
+    return {str(k): [str(b) for b in v.backends] for k, v in dp.state.frontends.items()}
 
 
 def assert_holds(dp: FakeDatapath, want: DesiredState) -> None:
@@ -257,7 +258,7 @@ def test_full_pass_prunes_what_nobody_wants() -> None:
     """Entries of a previous agent (or a crash mid-pass) are removed."""
     dp = FakeDatapath()
     stale = l4("10.96.0.9:80/TCP")
-    dp.state.frontends[stale] = (l4("10.244.9.9:8080/TCP"),)
+    dp.state.frontends[stale] = ProgrammedFrontend((l4("10.244.9.9:8080/TCP"),))
     dp.state.vips.add(stale.address)
     dp.state.service_cidrs.add(ip_network("10.100.0.0/16"))
     want = state(A)
@@ -290,7 +291,7 @@ def test_incremental_pass_trusts_memory_full_pass_repairs() -> None:
 
     # Someone changes the datapath behind the reconciler's back.
     a = l4("10.96.0.1:80/TCP")
-    dp.state.frontends[a] = (l4("10.244.6.6:8080/TCP"),)
+    dp.state.frontends[a] = ProgrammedFrontend((l4("10.244.6.6:8080/TCP"),))
     del dp.state.frontends[l4("[fd00:96::3]:80/TCP")]
     dp.state.vips.discard(ip_address("10.96.0.2"))
 

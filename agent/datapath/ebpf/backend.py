@@ -23,12 +23,16 @@ from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from agent.compute.types import Frontend, L4Addr
+from agent.compute.types import EmptyVerdict, Frontend, L4Addr
 from agent.datapath.ebpf.maps import SockLbMaps
 from agent.datapath.ebpf.structs import (
     CIDR_KEY_PREFIX_BITS,
     IPPROTO,
     PROTOCOL_OF,
+    SVC_F_AFFINITY,
+    SVC_F_DROP_EMPTY,
+    AffinityMatchKey,
+    AffinityMatchValue,
     BackendKey,
     BackendValue,
     CidrKey,
@@ -43,7 +47,7 @@ from agent.datapath.ebpf.structs import (
     port_be,
     port_host,
 )
-from agent.datapath.interface import Datapath, DatapathState, MapUsage
+from agent.datapath.interface import Datapath, DatapathState, MapUsage, ProgrammedFrontend
 from agent.errors import DatapathError
 from agent.model.objects import IPAddress, IPNetwork
 
@@ -56,6 +60,30 @@ FrontendId = tuple[bytes, int, int, int]  # addr, port (be), proto, family
 class _FrontendEntry:
     service_id: int
     slots: list[int]  # backend id per slot (slot i + 1); 0 marks a missing slot
+    flags: int = 0
+    affinity_timeout: int = 0
+
+    @property
+    def affinity_backends(self) -> set[int]:
+        """Backends that veer_affinity_match must list for this frontend."""
+        return {i for i in self.slots if i} if self.flags & SVC_F_AFFINITY else set()
+
+
+def _flags_of(frontend: Frontend) -> int:
+    flags = 0
+    if frontend.affinity_timeout:
+        flags |= SVC_F_AFFINITY
+    if frontend.on_empty is EmptyVerdict.DROP:
+        flags |= SVC_F_DROP_EMPTY
+    return flags
+
+
+def _programmed(entry: _FrontendEntry, backends: tuple[L4Addr, ...]) -> ProgrammedFrontend:
+    return ProgrammedFrontend(
+        backends=backends,
+        drop_when_empty=bool(entry.flags & SVC_F_DROP_EMPTY),
+        affinity_timeout=entry.affinity_timeout if entry.flags & SVC_F_AFFINITY else 0,
+    )
 
 
 def _service_key(fe: L4Addr, slot: int = 0) -> ServiceKey:
@@ -155,13 +183,23 @@ class EbpfDatapath(Datapath):
             slots_of = slot_values.get(fid, {})
             slots = [slots_of.get(i, 0) for i in range(1, master.count + 1)]
             self._service_alloc.take(master.service_id)
-            self._frontends[fe] = _FrontendEntry(master.service_id, slots)
-            self._backend_refs.update(i for i in slots if i)
-            state.frontends[fe] = tuple(
-                sorted(backends[i] for i in slots if i in backends)
+            entry = _FrontendEntry(
+                master.service_id, slots, master.flags, master.affinity_timeout
             )
-            if len(state.frontends[fe]) != len(slots):
+            self._frontends[fe] = entry
+            self._backend_refs.update(i for i in slots if i)
+            present = tuple(sorted(backends[i] for i in slots if i in backends))
+            state.frontends[fe] = _programmed(entry, present)
+            if len(present) != len(slots):
                 log.warning("frontend %s has missing slots or backends; it will be rewritten", fe)
+
+        # Garbage: affinity pairs no frontend vouches for.
+        wanted_pairs = {
+            (b, e.service_id) for e in self._frontends.values() for b in e.affinity_backends
+        }
+        for mkey in self.maps.affinity_match.list_keys():
+            if (mkey.backend_id, mkey.service_id) not in wanted_pairs:
+                self.maps.affinity_match.delete(mkey)
 
         # Garbage: unreachable slots.
         for fid, slots_of in slot_values.items():
@@ -244,12 +282,25 @@ class EbpfDatapath(Datapath):
         wanted = [self._acquire_backend(be) for be in frontend.backends]
         old_slots = entry.slots if entry else []
         new_slots = self._layout(old_slots, wanted)
-        if entry is not None and new_slots == old_slots:
+        flags, timeout = _flags_of(frontend), frontend.affinity_timeout
+        if (
+            entry is not None
+            and new_slots == old_slots
+            and (entry.flags, entry.affinity_timeout) == (flags, timeout)
+        ):
             self._release_unreferenced(set(wanted) - set(old_slots))
             return False
 
         service_id = entry.service_id if entry else self._service_alloc.take()
+        new = _FrontendEntry(service_id, new_slots, flags, timeout)
+        old_pairs = entry.affinity_backends if entry else set()
         try:
+            # Affinity pairs first: a client whose entry names a new backend
+            # must find it valid by the time a slot can hand it out.
+            for ident in new.affinity_backends - old_pairs:
+                self.maps.affinity_match.put(
+                    AffinityMatchKey(ident, service_id), AffinityMatchValue()
+                )
             for pos, ident in enumerate(new_slots):
                 if pos >= len(old_slots) or old_slots[pos] != ident:
                     self.maps.services.put(
@@ -258,7 +309,8 @@ class EbpfDatapath(Datapath):
                     )
             self.maps.services.put(
                 _service_key(key, 0),
-                ServiceValue(count=len(new_slots), service_id=service_id),
+                ServiceValue(count=len(new_slots), flags=flags, service_id=service_id,
+                             affinity_timeout=timeout),
             )
         except DatapathError as err:
             if entry is None:
@@ -266,9 +318,13 @@ class EbpfDatapath(Datapath):
             self._release_unreferenced(set(wanted) - set(old_slots))
             raise type(err)(f"frontend {key} ({frontend.service}): {err}") from err
 
-        self._frontends[key] = _FrontendEntry(service_id, new_slots)
+        self._frontends[key] = new
         for pos in range(len(new_slots), len(old_slots)):
             self.maps.services.delete(_service_key(key, pos + 1))
+        # A removed backend stops being an affinity target only after no slot
+        # can hand it out any more.
+        for ident in old_pairs - new.affinity_backends:
+            self.maps.affinity_match.delete(AffinityMatchKey(ident, service_id))
         self._backend_refs.update(new_slots)
         self._backend_refs.subtract(i for i in old_slots if i)
         self._release_unreferenced(set(old_slots) | set(wanted))
@@ -281,6 +337,8 @@ class EbpfDatapath(Datapath):
             return existed
         for pos in range(len(entry.slots)):
             self.maps.services.delete(_service_key(key, pos + 1))
+        for ident in entry.affinity_backends:
+            self.maps.affinity_match.delete(AffinityMatchKey(ident, entry.service_id))
         del self._frontends[key]
         self._service_alloc.release(entry.service_id)
         self._backend_refs.subtract(i for i in entry.slots if i)

@@ -15,6 +15,10 @@ from typing import Generic, TypeVar
 from agent.datapath.ebpf import syscall
 from agent.datapath.ebpf.structs import (
     COUNTER_NAMES,
+    AffinityKey,
+    AffinityMatchKey,
+    AffinityMatchValue,
+    AffinityValue,
     BackendKey,
     BackendValue,
     CidrKey,
@@ -100,6 +104,8 @@ class SockLbMaps:
     vips: PinnedMap[VipKey, VipValue]
     service_cidrs: PinnedMap[CidrKey, CidrValue]
     sock_revnat: PinnedMap[SockRevnatKey, SockRevnatValue]
+    affinity: PinnedMap[AffinityKey, AffinityValue]
+    affinity_match: PinnedMap[AffinityMatchKey, AffinityMatchValue]
     counters_fd: int
 
     @staticmethod
@@ -113,6 +119,10 @@ class SockLbMaps:
             vips=PinnedMap(path("veer_vips"), VipKey, VipValue),
             service_cidrs=PinnedMap(path("veer_service_cidrs"), CidrKey, CidrValue),
             sock_revnat=PinnedMap(path("veer_sock_revnat"), SockRevnatKey, SockRevnatValue),
+            affinity=PinnedMap(path("veer_affinity"), AffinityKey, AffinityValue),
+            affinity_match=PinnedMap(
+                path("veer_affinity_match"), AffinityMatchKey, AffinityMatchValue
+            ),
             counters_fd=syscall.obj_get(path("veer_counters")),
         )
 
@@ -130,7 +140,8 @@ class SockLbMaps:
         return out
 
     def close(self) -> None:
-        for m in (self.services, self.backends, self.vips, self.service_cidrs, self.sock_revnat):
+        for m in (self.services, self.backends, self.vips, self.service_cidrs, self.sock_revnat,
+                  self.affinity, self.affinity_match):
             m.close()
         os.close(self.counters_fd)
 

@@ -73,6 +73,8 @@ MAP_NAMES = (
     "veer_vips",
     "veer_service_cidrs",
     "veer_sock_revnat",
+    "veer_affinity",
+    "veer_affinity_match",
     "veer_counters",
 )
 

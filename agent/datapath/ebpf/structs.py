@@ -45,8 +45,13 @@ class ServiceValue(ctypes.Structure):
         ("count", ctypes.c_uint16),
         ("flags", ctypes.c_uint16),
         ("service_id", ctypes.c_uint32),
-        ("pad", ctypes.c_uint32),
+        ("affinity_timeout", ctypes.c_uint32),
     ]
+
+
+# veer_service_value.flags
+SVC_F_AFFINITY = 1 << 0
+SVC_F_DROP_EMPTY = 1 << 1
 
 
 class BackendKey(ctypes.Structure):
@@ -111,6 +116,34 @@ class SockRevnatValue(ctypes.Structure):
     ]
 
 
+class AffinityKey(ctypes.Structure):
+    C_NAME = "veer_affinity_key"
+    _fields_ = [
+        ("client", ctypes.c_uint64),
+        ("service_id", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+    ]
+
+
+class AffinityValue(ctypes.Structure):
+    C_NAME = "veer_affinity_value"
+    _fields_ = [
+        ("backend_id", ctypes.c_uint32),
+        ("pad", ctypes.c_uint32),
+        ("last_used_ns", ctypes.c_uint64),
+    ]
+
+
+class AffinityMatchKey(ctypes.Structure):
+    C_NAME = "veer_affinity_match_key"
+    _fields_ = [("backend_id", ctypes.c_uint32), ("service_id", ctypes.c_uint32)]
+
+
+class AffinityMatchValue(ctypes.Structure):
+    C_NAME = "veer_affinity_match_value"
+    _fields_ = [("flags", ctypes.c_uint32)]
+
+
 MIRRORS: tuple[type[ctypes.Structure], ...] = (
     ServiceKey,
     ServiceValue,
@@ -122,6 +155,10 @@ MIRRORS: tuple[type[ctypes.Structure], ...] = (
     CidrValue,
     SockRevnatKey,
     SockRevnatValue,
+    AffinityKey,
+    AffinityValue,
+    AffinityMatchKey,
+    AffinityMatchValue,
 )
 
 # enum veer_counter, in order.
@@ -132,6 +169,8 @@ COUNTER_NAMES: tuple[str, ...] = (
     "refused_no_service",
     "inconsistent",
     "revnat",
+    "dropped_no_local",
+    "affinity_hit",
 )
 
 # LPM trie keys carry family + padding (32 bits) before the address.

@@ -1,0 +1,161 @@
+"""MapsReader: the eBPF datapath's pinned maps, read-only, for the API.
+
+Each point lookup is one BPF_MAP_LOOKUP_ELEM with the key the kernel program
+builds (see bpf/sock_lb.c), so `Explain` replays the program's lookups on
+the very maps it reads. The Service CIDR check is a lookup in the LPM trie
+with a full-length prefix: the kernel does the longest-prefix match, from
+user space as from the program.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+
+from agent.compute.types import L4Addr
+from agent.datapath.ebpf.maps import SockLbMaps
+from agent.datapath.ebpf.structs import (
+    CIDR_KEY_PREFIX_BITS,
+    IPPROTO,
+    PROTOCOL_OF,
+    SVC_F_AFFINITY,
+    SVC_F_DROP_EMPTY,
+    BackendKey,
+    CidrKey,
+    ServiceKey,
+    ServiceValue,
+    VipKey,
+    addr_bytes,
+    addr_from,
+    family_of,
+    port_be,
+    port_host,
+)
+from agent.datapath.inspect import (
+    ActualState,
+    DatapathReader,
+    FrontendEntry,
+    FrontendView,
+    SlotView,
+    SocketEntry,
+)
+from agent.model.objects import IPAddress, IPNetwork
+
+FrontendId = tuple[bytes, int, int, int]  # addr, port (be), proto, family
+
+
+def _service_key(key: L4Addr, slot: int) -> ServiceKey:
+    return ServiceKey(
+        addr=addr_bytes(key.address),
+        port=port_be(key.port),
+        proto=IPPROTO[key.protocol],
+        family=family_of(key.address),
+        slot=slot,
+    )
+
+
+def _entry(value: ServiceValue) -> FrontendEntry:
+    """A slot-0 value in the reader's terms (flags decoded)."""
+    affinity = bool(value.flags & SVC_F_AFFINITY)
+    return FrontendEntry(
+        count=value.count,
+        service_id=value.service_id,
+        drop_when_empty=bool(value.flags & SVC_F_DROP_EMPTY),
+        affinity_timeout=value.affinity_timeout if affinity else 0,
+    )
+
+
+class MapsReader(DatapathReader):
+    def __init__(self, maps: SockLbMaps) -> None:
+        self.maps = maps
+
+    # ---- point lookups ---------------------------------------------------
+
+    def frontend(self, key: L4Addr) -> FrontendEntry | None:
+        value = self.maps.services.get(_service_key(key, 0))
+        return _entry(value) if value is not None else None
+
+    def slot(self, key: L4Addr, slot: int) -> int | None:
+        value = self.maps.services.get(_service_key(key, slot))
+        return value.backend_id if value else None
+
+    def backend(self, backend_id: int) -> L4Addr | None:
+        value = self.maps.backends.get(BackendKey(backend_id))
+        if value is None:
+            return None
+        protocol = PROTOCOL_OF.get(value.proto)
+        if protocol is None:
+            return None
+        return L4Addr(addr_from(value.addr, value.family), port_host(value.port), protocol)
+
+    def is_vip(self, address: IPAddress) -> bool:
+        key = VipKey(addr=addr_bytes(address), family=family_of(address))
+        return self.maps.vips.get(key) is not None
+
+    def in_service_cidr(self, address: IPAddress) -> bool:
+        key = CidrKey(
+            prefixlen=CIDR_KEY_PREFIX_BITS + 128,
+            family=family_of(address),
+            addr=addr_bytes(address),
+        )
+        return self.maps.service_cidrs.get(key) is not None
+
+    # ---- whole tables ----------------------------------------------------
+
+    def read(self) -> ActualState:
+        backends: dict[int, L4Addr] = {}
+        for bkey, bvalue in self.maps.backends.items():
+            protocol = PROTOCOL_OF.get(bvalue.proto)
+            if protocol is not None:
+                backends[bkey.backend_id] = L4Addr(
+                    addr_from(bvalue.addr, bvalue.family), port_host(bvalue.port), protocol
+                )
+        masters: dict[FrontendId, tuple[L4Addr, FrontendEntry]] = {}
+        slots: dict[FrontendId, dict[int, int]] = {}
+        for key, value in self.maps.services.items():
+            fid = (bytes(key.addr), key.port, key.proto, key.family)
+            if key.slot == 0:
+                protocol = PROTOCOL_OF.get(key.proto)
+                if protocol is not None:
+                    fe = L4Addr(addr_from(key.addr, key.family), port_host(key.port), protocol)
+                    masters[fid] = (fe, _entry(value))
+            else:
+                slots.setdefault(fid, {})[key.slot] = value.backend_id
+
+        state = ActualState()
+        for fid, (fe, entry) in masters.items():
+            of = slots.get(fid, {})
+            views = []
+            for pos in range(1, entry.count + 1):
+                ident = of.get(pos, 0)
+                views.append(SlotView(pos, ident, backends.get(ident) if ident else None))
+            state.frontends[fe] = FrontendView(
+                fe, entry.service_id, tuple(views), entry.drop_when_empty, entry.affinity_timeout
+            )
+        for vkey in self.maps.vips.list_keys():
+            state.vips.add(addr_from(vkey.addr, vkey.family))
+        for ckey in self.maps.service_cidrs.list_keys():
+            state.service_cidrs.add(_cidr_of(ckey))
+        return state
+
+    def sockets(self) -> list[SocketEntry]:
+        out = []
+        for key, value in self.maps.sock_revnat.items():
+            out.append(
+                SocketEntry(
+                    cookie=int(key.cookie),
+                    backend_address=addr_from(key.addr, key.family),
+                    backend_port=port_host(key.port),
+                    service_address=addr_from(value.addr, key.family),
+                    service_port=port_host(value.port),
+                    service_id=int(value.service_id),
+                )
+            )
+        return out
+
+    def sockets_capacity(self) -> int:
+        return self.maps.sock_revnat.capacity
+
+
+def _cidr_of(key: CidrKey) -> IPNetwork:
+    address = addr_from(key.addr, key.family)
+    return ipaddress.ip_network(f"{address}/{key.prefixlen - CIDR_KEY_PREFIX_BITS}")
