@@ -60,6 +60,8 @@ class SandboxCluster:
                         shutil.copy(f, self.manifests)
             self.status_file = os.path.join(self.topo.workdir, "status.json")
             self.agent_log = os.path.join(self.topo.workdir, "agent.log")
+            # The agent's API socket: per sandbox, never the node-wide default.
+            self.api_socket = os.path.join(self.topo.workdir, "veer.sock")
             self.agent: subprocess.Popen[bytes] | None = None
             for spec in (*pods, CLIENT):
                 self.topo.add_pod(spec.name, spec.ipv4, spec.ipv6)
@@ -102,6 +104,7 @@ class SandboxCluster:
             "--service-cidr", SERVICE_CIDRS,
             "--status-file", self.status_file,
             "--max-sync-interval", "10",
+            "--api-socket", self.api_socket,
             *extra,
         ]
 

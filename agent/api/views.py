@@ -1,0 +1,309 @@
+"""Agent state -> API messages (veer.v1), one function per answer.
+
+Everything here reads: the snapshot (what the source delivered), the desired
+state (what compute makes of it), the real maps (through a DatapathReader)
+and the reconciler's record of failures. Nothing here writes.
+
+The `pb` argument is the generated message module (agent.api.proto.load()).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from agent.compute.desired import (
+    HEADLESS_LABEL,
+    SERVICE_PROXY_NAME_LABEL,
+    is_proxied,
+)
+from agent.compute.endpoints import endpoint_views
+from agent.compute.render import render_desired
+from agent.compute.types import (
+    ComputeConfig,
+    DesiredState,
+    EmptyVerdict,
+    Frontend,
+    L4Addr,
+    ServiceProblem,
+)
+from agent.datapath.inspect import ActualState, FrontendView, SocketEntry
+from agent.model.objects import IPAddress, IPFamily, Service, ServiceType
+from agent.model.snapshot import ClusterSnapshot
+from agent.telemetry import TelemetrySnapshot
+
+from .explain import Explanation
+
+# Lines of the desired text that no map holds; left out of the diff.
+NOT_IN_MAPS = ("problem ", "healthcheck ")
+
+
+def not_proxied_reason(svc: Service, config: ComputeConfig) -> str:
+    """Why compute.is_proxied(svc) is False, in the order it checks."""
+    labels = svc.meta.labels
+    if SERVICE_PROXY_NAME_LABEL in labels:
+        if config.service_proxy_name is None:
+            return f"labelled {SERVICE_PROXY_NAME_LABEL}={labels[SERVICE_PROXY_NAME_LABEL]}: " \
+                "left to another proxy"
+        if labels[SERVICE_PROXY_NAME_LABEL] != config.service_proxy_name:
+            return f"labelled {SERVICE_PROXY_NAME_LABEL}={labels[SERVICE_PROXY_NAME_LABEL]}, " \
+                f"not {config.service_proxy_name}: left to another proxy"
+    if HEADLESS_LABEL in labels:
+        return f"labelled {HEADLESS_LABEL}: not proxied"
+    if svc.type == ServiceType.EXTERNAL_NAME:
+        return "type ExternalName: answered by DNS, not proxied"
+    if svc.headless:
+        return "headless (clusterIP: None): clients reach the pods directly"
+    return "no cluster IP"
+
+
+def problem_message(pb: Any, problem: ServiceProblem) -> Any:
+    return pb.Problem(namespace=problem.namespace, name=problem.name, reason=problem.reason,
+                      message=problem.message)
+
+
+# ---- services ----------------------------------------------------------------
+
+
+def _frontend_state(
+    pb: Any, fe: Frontend, view: FrontendView | None, failed: Mapping[L4Addr, str]
+) -> tuple[int, str]:
+    if fe.key in failed:
+        return pb.FRONTEND_STATE_FAILED, failed[fe.key]
+    if (
+        view is not None
+        and view.complete
+        and view.backends == fe.backends
+        and view.drop_when_empty == (fe.on_empty is EmptyVerdict.DROP)
+        and view.affinity_timeout == fe.affinity_timeout
+    ):
+        return pb.FRONTEND_STATE_PROGRAMMED, ""
+    return pb.FRONTEND_STATE_PENDING, ""
+
+
+def frontend_message(
+    pb: Any,
+    fe: Frontend,
+    svc: Service | None,
+    snapshot: ClusterSnapshot,
+    view: FrontendView | None,
+    failed: Mapping[L4Addr, str],
+) -> Any:
+    state, error = _frontend_state(pb, fe, view, failed)
+    msg = pb.Frontend(
+        address=str(fe.key.address),
+        port=fe.key.port,
+        protocol=fe.key.protocol.value,
+        kind=fe.kind.value,
+        port_name=fe.service.port,
+        service_port=str(fe.service),
+        state=state,
+        error=error,
+        service_id=view.service_id if view else 0,
+        programmed_backends=view.count if view else 0,
+        on_empty=fe.on_empty.value,
+        affinity_timeout_seconds=fe.affinity_timeout,
+    )
+    in_use = set(fe.backends)
+    programmed = set(view.backends) if view else set()
+    listed: set[L4Addr] = set()
+    port = None
+    if svc is not None:
+        port = next(
+            (p for p in svc.ports
+             if p.name == fe.service.port and p.protocol == fe.key.protocol),
+            None,
+        )
+    if svc is not None and port is not None:
+        for ep in endpoint_views(snapshot, svc, port, IPFamily.of(fe.key.address)):
+            listed.add(ep.backend)
+            msg.backends.append(pb.Backend(
+                address=str(ep.backend.address), port=ep.backend.port,
+                ready=ep.ready, serving=ep.serving, terminating=ep.terminating,
+                in_use=ep.backend in in_use, programmed=ep.backend in programmed,
+                node_name=ep.node_name,
+            ))
+    # Backends the maps (or the desired state) hold that no EndpointSlice lists.
+    for be in sorted((in_use | programmed) - listed):
+        msg.backends.append(pb.Backend(
+            address=str(be.address), port=be.port,
+            in_use=be in in_use, programmed=be in programmed,
+        ))
+    return msg
+
+
+def service_messages(
+    pb: Any,
+    snapshot: ClusterSnapshot,
+    desired: DesiredState,
+    actual: ActualState,
+    failed: Mapping[L4Addr, str],
+    config: ComputeConfig,
+    namespace: str = "",
+    name: str = "",
+) -> list[Any]:
+    """ServiceInfo for every Service of the snapshot (or the one asked for)."""
+    by_service: dict[tuple[str, str], list[Frontend]] = {}
+    for fe in desired.frontends.values():
+        by_service.setdefault((fe.service.namespace, fe.service.name), []).append(fe)
+    out = []
+    for (ns, nm), svc in sorted(snapshot.services.items()):
+        if (namespace and ns != namespace) or (name and nm != name):
+            continue
+        proxied = is_proxied(svc, config)
+        info = pb.ServiceInfo(
+            namespace=ns, name=nm, type=svc.type.value, proxied=proxied,
+            not_proxied_reason="" if proxied else not_proxied_reason(svc, config),
+        )
+        for fe in sorted(by_service.get((ns, nm), []), key=lambda f: f.key):
+            info.frontends.append(
+                frontend_message(pb, fe, svc, snapshot, actual.frontends.get(fe.key), failed)
+            )
+        info.problems.extend(
+            problem_message(pb, p) for p in desired.problems if (p.namespace, p.name) == (ns, nm)
+        )
+        out.append(info)
+    return out
+
+
+# ---- conntrack -------------------------------------------------------------
+
+
+def socket_messages(
+    pb: Any,
+    entries: list[SocketEntry],
+    actual: ActualState,
+    desired: DesiredState,
+    address: IPAddress | None = None,
+    port: int = 0,
+) -> list[Any]:
+    by_id = actual.by_service_id()
+    out = []
+    for e in sorted(entries, key=lambda e: (e.service_address.version, int(e.service_address),
+                                              e.service_port, e.cookie)):
+        if address is not None and address not in (e.backend_address, e.service_address):
+            continue
+        if port and port not in (e.backend_port, e.service_port):
+            continue
+        view = by_id.get(e.service_id)
+        fe = desired.frontends.get(view.key) if view else None
+        out.append(pb.SocketEntry(
+            cookie=e.cookie,
+            backend_address=str(e.backend_address), backend_port=e.backend_port,
+            service_address=str(e.service_address), service_port=e.service_port,
+            service_id=e.service_id, service=str(fe.service) if fe else "",
+        ))
+    return out
+
+
+# ---- explain -----------------------------------------------------------------
+
+VERDICTS = {
+    "translate": "VERDICT_TRANSLATE",
+    "refuse": "VERDICT_REFUSE",
+    "unreachable": "VERDICT_UNREACHABLE",
+    "pass": "VERDICT_PASS",
+}
+
+
+def explain_message(pb: Any, ex: Explanation) -> Any:
+    msg = pb.ExplainResponse(
+        verdict=getattr(pb, VERDICTS[ex.verdict]),
+        reason=ex.reason, summary=ex.summary, steps=ex.steps, counter=ex.counter,
+        errno=ex.errno, service_cidr=ex.service_cidr, served_ports=ex.served_ports,
+        program=ex.program,
+    )
+    if ex.frontend is not None:
+        f = ex.frontend
+        msg.frontend.CopyFrom(pb.ExplainFrontend(
+            address=str(f.key.address), port=f.key.port, protocol=f.key.protocol.value,
+            service_id=f.service_id, count=f.count, service_port=f.service_port, kind=f.kind,
+            affinity_timeout_seconds=f.affinity_timeout, drop_when_empty=f.drop_when_empty,
+        ))
+    for c in ex.candidates:
+        msg.candidates.append(pb.Candidate(
+            slot=c.slot, backend_id=c.backend_id, address=str(c.backend.address),
+            port=c.backend.port, probability=c.probability,
+        ))
+    return msg
+
+
+# ---- maps --------------------------------------------------------------------
+
+
+def actual_text(actual: ActualState, desired: DesiredState) -> str:
+    """The real maps in render_desired's format.
+
+    From the maps: which frontends exist, their backends (through the slots),
+    their drop-when-empty flag and affinity timeout, the VIPs and CIDRs. A
+    frontend's Service name, kind and what only later datapaths hold
+    (external backends, source ranges) are not in these maps: they are taken
+    from the desired frontend with the same key, so the diff shows exactly what
+    the maps get wrong. Frontends nobody wants are shown with their service
+    id; frontends with missing slots or backends get an `inconsistent` line.
+    """
+    known: dict[L4Addr, Frontend] = {}
+    strays: list[str] = []
+    broken: list[str] = []
+    for key in sorted(actual.frontends):
+        view = actual.frontends[key]
+        on_empty = EmptyVerdict.DROP if view.drop_when_empty else EmptyVerdict.REFUSE
+        want = desired.frontends.get(key)
+        if want is not None:
+            known[key] = dataclasses.replace(
+                want, backends=view.backends, on_empty=on_empty,
+                affinity_timeout=view.affinity_timeout,
+            )
+        else:
+            backends = " ".join(str(b) for b in view.backends) or f"(none: {on_empty.value})"
+            strays.append(f"{key}  ?  (not desired: service id {view.service_id})  -> {backends}")
+        for s in view.slots:
+            if s.backend is None:
+                what = "missing" if not s.backend_id else f"backend {s.backend_id} missing"
+                broken.append(f"inconsistent {key} slot {s.slot}: {what}")
+    text = render_desired(DesiredState(
+        frontends=known, vips=frozenset(actual.vips),
+        service_cidrs=frozenset(actual.service_cidrs),
+    ))
+    return text + "".join(f"{line}\n" for line in (*strays, *broken))
+
+
+def maps_message(pb: Any, desired: DesiredState, actual: ActualState, bpffs: str) -> Any:
+    desired_text = render_desired(desired)
+    comparable = "".join(
+        line for line in desired_text.splitlines(keepends=True)
+        if not line.startswith(NOT_IN_MAPS)
+    )
+    actual_txt = actual_text(actual, desired)
+    diff = "".join(difflib.unified_diff(
+        comparable.splitlines(keepends=True), actual_txt.splitlines(keepends=True),
+        fromfile="desired", tofile="actual",
+    ))
+    return pb.MapsResponse(desired=desired_text, actual=actual_txt, diff=diff,
+                           in_sync=not diff, bpffs=bpffs)
+
+
+# ---- status ------------------------------------------------------------------
+
+
+def sync_message(pb: Any, t: TelemetrySnapshot) -> Any | None:
+    if t.last is None:
+        return None
+    return pb.SyncStatus(
+        last_time=t.last.end_time,
+        last_duration_seconds=t.last.duration,
+        last_full=t.last.full,
+        last_changes=t.last.changes,
+        last_errors=list(t.last.errors),
+        last_success_time=t.last_success_time,
+        last_full_time=t.last_full_time,
+        passes=t.passes,
+        failed_passes=t.failed_passes,
+    )
+
+
+def kernel_release() -> str:
+    return os.uname().release

@@ -1,0 +1,5 @@
+"""Default paths and addresses shared by the agent and the `veer` commands
+(kept free of imports so the CLI can read them without loading the agent)."""
+
+# The API's Unix socket (root only), as kube-proxy's and Cilium's agents keep theirs under /run.
+DEFAULT_SOCKET = "/run/veer/veer.sock"

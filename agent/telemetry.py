@@ -1,0 +1,199 @@
+"""What the agent records about its own work, for the API, metrics and health.
+
+    Store change ──> note_change(snapshot)   last queued time; Service and
+                                              EndpointSlice objects changed
+    Reconciler pass ──> record_sync(result)  durations (full / partial),
+                                              last (successful) pass, errors
+
+kube-proxy's sync metrics are defined over the same events, so the names
+carry over (see agent/metrics/collect.py). Changes are counted as the agent
+sees them: the objects that differ between two consecutive snapshots of the
+Store (added, updated or removed). A source that coalesces several edits of
+one object into one snapshot counts one change, as kube-proxy's change
+trackers merge pending changes of one object.
+
+Thread-safe: the Store's listener, the runner's thread and the API/metrics
+threads all call in.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from agent.model.snapshot import ClusterSnapshot
+from agent.reconcile.reconciler import SyncResult
+
+# kube-proxy's buckets for its sync duration histograms:
+# metrics.ExponentialBuckets(0.001, 2, 15), i.e. 1 ms .. 16.384 s.
+SYNC_BUCKETS: tuple[float, ...] = tuple(0.001 * 2**i for i in range(15))
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+
+@dataclass
+class Histogram:
+    """Cumulative-bucket histogram, as Prometheus exposes one."""
+
+    buckets: tuple[float, ...] = SYNC_BUCKETS
+    counts: list[int] = field(default_factory=list)  # per bucket, cumulative at render
+    count: int = 0
+    sum: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.counts:
+            self.counts = [0] * len(self.buckets)
+
+    def observe(self, value: float) -> None:
+        self.count += 1
+        self.sum += value
+        for i, bound in enumerate(self.buckets):
+            if value <= bound:
+                self.counts[i] += 1
+                break
+
+    def cumulative(self) -> list[tuple[float, int]]:
+        """(upper bound, observations <= bound) per bucket, then (+Inf, count)."""
+        out, running = [], 0
+        for bound, n in zip(self.buckets, self.counts, strict=True):
+            running += n
+            out.append((bound, running))
+        out.append((float("inf"), self.count))
+        return out
+
+    def copy(self) -> Histogram:
+        return Histogram(self.buckets, list(self.counts), self.count, self.sum)
+
+
+@dataclass(frozen=True)
+class SyncRecord:
+    """One finished reconcile pass."""
+
+    end_time: float  # Unix seconds
+    duration: float
+    full: bool
+    changes: int
+    errors: tuple[str, ...]
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+@dataclass
+class TelemetrySnapshot:
+    """A consistent copy of everything recorded, for one API answer or scrape."""
+
+    start_time: float
+    last: SyncRecord | None
+    last_success_time: float
+    last_full_time: float
+    last_queued_time: float
+    passes: int
+    failed_passes: int
+    sync_errors: int
+    service_changes: int
+    endpoint_changes: int
+    all_syncs: Histogram
+    full_syncs: Histogram
+    partial_syncs: Histogram
+
+
+def _changed(old: Mapping[K, V], new: Mapping[K, V]) -> int:
+    """How many keys were added, removed or given a different value."""
+    if old is new:
+        return 0
+    n = sum(1 for k in old.keys() - new.keys())
+    for k, v in new.items():
+        before = old.get(k)
+        if before is None or (before is not v and before != v):
+            n += 1
+    return n
+
+
+class Telemetry:
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._cond = threading.Condition()
+        self._start = clock()
+        self._last: SyncRecord | None = None
+        self._last_success = 0.0
+        self._last_full = 0.0
+        self._last_queued = 0.0
+        self._passes = 0
+        self._failed = 0
+        self._errors = 0
+        self._service_changes = 0
+        self._endpoint_changes = 0
+        self._seen = ClusterSnapshot()
+        self._all = Histogram()
+        self._full = Histogram()
+        self._partial = Histogram()
+
+    def note_change(self, snapshot: ClusterSnapshot) -> None:
+        """The Store changed: a sync is queued. Count what changed since last time."""
+        with self._cond:
+            self._last_queued = self._clock()
+            self._service_changes += _changed(self._seen.services, snapshot.services)
+            self._endpoint_changes += _changed(
+                self._seen.endpoint_slices, snapshot.endpoint_slices
+            )
+            self._seen = snapshot
+
+    def record_sync(self, result: SyncResult) -> None:
+        """A reconcile pass finished."""
+        with self._cond:
+            now = self._clock()
+            record = SyncRecord(now, result.duration, result.full, result.changed,
+                                tuple(result.errors))
+            self._last = record
+            self._passes += 1
+            self._all.observe(result.duration)
+            (self._full if result.full else self._partial).observe(result.duration)
+            if record.ok:
+                self._last_success = now
+                if result.full:
+                    self._last_full = now
+            else:
+                self._failed += 1
+                self._errors += len(result.errors)
+            self._cond.notify_all()
+
+    @property
+    def passes(self) -> int:
+        with self._cond:
+            return self._passes
+
+    def wait_for_pass(self, after: int, timeout: float) -> SyncRecord | None:
+        """Wait until more than `after` passes have finished; the last one, or
+        None on timeout."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._passes <= after:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self._cond.wait(left)
+            return self._last
+
+    def snapshot(self) -> TelemetrySnapshot:
+        with self._cond:
+            return TelemetrySnapshot(
+                start_time=self._start,
+                last=self._last,
+                last_success_time=self._last_success,
+                last_full_time=self._last_full,
+                last_queued_time=self._last_queued,
+                passes=self._passes,
+                failed_passes=self._failed,
+                sync_errors=self._errors,
+                service_changes=self._service_changes,
+                endpoint_changes=self._endpoint_changes,
+                all_syncs=self._all.copy(),
+                full_syncs=self._full.copy(),
+                partial_syncs=self._partial.copy(),
+            )
