@@ -4,10 +4,13 @@
                [--mode auto|ebpf|tproxy] [--service-cidr CIDR,...]
     veer agent --cleanup [--cgroup PATH] [--bpffs PATH]
     veer sandbox [--keep]
+    veer status | services | service NS/NAME | conntrack | explain | maps | resync | observe
+                                  ask this node's agent (agent/cli/commands.py)
     veer version
 
 Errors veer raises on purpose (VeerError) end the command with their message
-and exit code 2; anything else is a bug and shows its traceback.
+and exit code 2 (3 when no agent answers the debug commands, 1 when it
+answers with an error); anything else is a bug and shows its traceback.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import logging
 import sys
 
 from agent import __version__
+from agent.cli.commands import COMMANDS, add_debug_commands, run_debug_command
 from agent.config import DEFAULT_BPFFS, AgentConfig, parse_cidrs
 from agent.defaults import DEFAULT_SOCKET
 from agent.errors import VeerError
@@ -109,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     sb.add_argument("--requests", type=int, default=300,
                     help="connections per Service for the report (default 300)")
     sb.add_argument("-v", "--verbose", action="store_true")
+    add_debug_commands(sub)
     sub.add_parser("version", help="print the version")
     args = parser.parse_args(argv)
 
@@ -121,11 +126,18 @@ def main(argv: list[str] | None = None) -> int:
             return run_agent(args)
         if args.command == "sandbox":
             return run_sandbox(args)
+        if args.command in COMMANDS:
+            return run_debug_command(args)
         print(f"veer {__version__}")
         return 0
     except VeerError as err:
-        print(f"veer: {err}", file=sys.stderr)
-        return 2
+        code = getattr(err, "exit_code", 2)
+        if code == 3:  # unreachable: the message says it all
+            print(err, file=sys.stderr)
+        else:
+            prefix = f"veer {args.command}" if args.command in COMMANDS else "veer"
+            print(f"{prefix}: {err}", file=sys.stderr)
+        return int(code)
     except KeyboardInterrupt:
         return 130
 

@@ -1,0 +1,116 @@
+"""The `veer` debug commands: ask the node's agent over its API, print the answer.
+
+    veer status                                  the agent at a glance
+    veer services [-n NAMESPACE]                 every Service, its frontends and backends
+    veer service NS/NAME                         one Service in detail
+    veer conntrack [--address IP] [--port N]     per-socket translation entries
+    veer explain --dst IP --port N [--src IP] [--protocol TCP|UDP]
+                                                 what the kernel does with that connection
+    veer maps [--diff]                           desired vs actual map contents
+    veer resync                                  force a full reconcile pass
+    veer observe                                 flow events (not available yet)
+
+Each takes --socket PATH (default /run/veer/veer.sock) or --api-address
+IP:PORT, and -o table|json|yaml. Exit codes: 0 done, 1 the agent answered
+with an error, 2 bad usage, 3 no agent reachable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from agent.cli import render
+from agent.defaults import DEFAULT_SOCKET
+
+COMMANDS = ("status", "services", "service", "conntrack", "explain", "maps", "resync",
+            "observe")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--socket", metavar="PATH", default=DEFAULT_SOCKET,
+                   help=f"the agent's API socket (default {DEFAULT_SOCKET})")
+    p.add_argument("--api-address", metavar="IP:PORT", default="",
+                   help="reach the agent's API on this TCP address instead of the socket")
+    p.add_argument("-o", "--output", choices=render.FORMATS, default="table",
+                   help="output format (default: table)")
+
+
+def add_debug_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    _common(sub.add_parser("status", help="the node's agent at a glance"))
+    p = sub.add_parser("services", help="Services with their frontends and backends")
+    p.add_argument("-n", "--namespace", default="", help="only this namespace")
+    _common(p)
+    p = sub.add_parser("service", help="one Service in detail")
+    p.add_argument("name", metavar="NAMESPACE/NAME")
+    _common(p)
+    p = sub.add_parser("conntrack", help="per-socket translation entries")
+    p.add_argument("--address", default="", metavar="IP",
+                   help="only entries whose backend or Service address is IP")
+    p.add_argument("--port", type=int, default=0, help="only entries with this port")
+    _common(p)
+    p = sub.add_parser("explain", help="what the kernel does with a connection, from the maps")
+    p.add_argument("--src", default="", metavar="IP", help="the client's address")
+    p.add_argument("--dst", required=True, metavar="IP", help="the address dialled")
+    p.add_argument("--port", type=int, required=True, help="the port dialled")
+    p.add_argument("--protocol", type=str.upper, choices=("TCP", "UDP"), default="TCP")
+    _common(p)
+    p = sub.add_parser("maps", help="desired vs actual map contents")
+    p.add_argument("--diff", action="store_true", help="only their difference")
+    _common(p)
+    p = sub.add_parser("resync", help="force a full reconcile pass and wait for it")
+    p.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS")
+    _common(p)
+    p = sub.add_parser("observe", help="flow events from the kernel (not available yet)")
+    p.add_argument("--follow", action="store_true", help="keep streaming")
+    _common(p)
+
+
+def _emit(args: argparse.Namespace, data: Any, draw: Callable[[], str]) -> None:
+    sys.stdout.write(draw() if args.output == "table" else render.render_data(data, args.output))
+
+
+def run_debug_command(args: argparse.Namespace) -> int:
+    """Run one debug command; VeerErrors (unreachable, API errors) go to the caller."""
+    from agent.cli.client import Client
+
+    now = time.time()
+    with Client(args.socket, args.api_address) as client:
+        cmd = args.command
+        if cmd == "status":
+            data = client.status()
+            _emit(args, data, lambda: render.render_status(data, now))
+        elif cmd == "services":
+            data = client.services(args.namespace)
+            _emit(args, data, lambda: render.render_services(data["services"]))
+        elif cmd == "service":
+            namespace, sep, name = args.name.partition("/")
+            if not sep or not namespace or not name:
+                print("veer service: expected NAMESPACE/NAME, e.g. default/web", file=sys.stderr)
+                return 2
+            data = client.service(namespace, name)
+            _emit(args, data, lambda: render.render_service(data))
+        elif cmd == "conntrack":
+            data = client.conntrack(args.address, args.port)
+            _emit(args, data, lambda: render.render_conntrack(data))
+        elif cmd == "explain":
+            data = client.explain(args.src, args.dst, args.port, args.protocol)
+            dialled = render.l4(args.dst, args.port, args.protocol)
+            _emit(args, data, lambda: render.render_explain(data, dialled, args.src))
+        elif cmd == "maps":
+            data = client.maps()
+            _emit(args, data, lambda: render.render_maps(data, args.diff))
+            if args.diff and not data["in_sync"]:
+                return 1  # as diff(1): 1 means "they differ"
+        elif cmd == "resync":
+            data = client.resync(args.timeout)
+            _emit(args, data, lambda: render.render_resync(data, time.time()))
+        elif cmd == "observe":
+            for event in client.observe():
+                _emit(args, event, functools.partial(render.render_flow, event))
+                sys.stdout.flush()
+    return 0
