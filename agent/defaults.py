@@ -3,3 +3,7 @@
 
 # The API's Unix socket (root only), as kube-proxy's and Cilium's agents keep theirs under /run.
 DEFAULT_SOCKET = "/run/veer/veer.sock"
+
+# kube-proxy's metrics and health ports, so existing scrapes and probes work.
+DEFAULT_METRICS = "0.0.0.0:10249"
+DEFAULT_HEALTHZ = "0.0.0.0:10256"

@@ -2,6 +2,8 @@
 
     --api-socket PATH             veer.v1 gRPC API (agent/api/server.py), root only
     --api-address 127.0.0.1:PORT  the same API on loopback TCP (optional)
+    --metrics-bind-address IP:PORT   /metrics in Prometheus format (agent/metrics/)
+    --healthz-bind-address IP:PORT   /healthz, kube-proxy's health check
 
 Each is off when its option is empty. A socket that cannot be bound stops
 the agent at start with the reason: an agent nobody can ask is a worse
@@ -27,6 +29,8 @@ class ServeOptions:
 
     api_socket: str = ""
     api_address: str = ""
+    metrics_bind_address: str = ""
+    healthz_bind_address: str = ""
 
 
 class _Listener(Protocol):
@@ -46,6 +50,13 @@ class Servers:
             self._listeners.append(self.api)
         else:
             self.api = None
+        if options.metrics_bind_address or options.healthz_bind_address:
+            from agent.metrics.http import healthz_endpoint, metrics_endpoint
+
+            if options.metrics_bind_address:
+                self._listeners.append(metrics_endpoint(agent, options.metrics_bind_address))
+            if options.healthz_bind_address:
+                self._listeners.append(healthz_endpoint(agent, options.healthz_bind_address))
         self._started: list[_Listener] = []
 
     def start(self) -> None:

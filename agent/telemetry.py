@@ -5,6 +5,10 @@
     Reconciler pass ──> record_sync(result)  durations (full / partial),
                                               last (successful) pass, errors
 
+Health follows kube-proxy's proxier health: the agent is unhealthy when a
+change has waited longer than a timeout without a successful pass (the
+initial sync counts as a change queued at start).
+
 kube-proxy's sync metrics are defined over the same events, so the names
 carry over (see agent/metrics/collect.py). Changes are counted as the agent
 sees them: the objects that differ between two consecutive snapshots of the
@@ -93,6 +97,9 @@ class TelemetrySnapshot:
     last_success_time: float
     last_full_time: float
     last_queued_time: float
+    # The oldest change (or the start, before the first successful pass)
+    # that no successful pass has covered yet; 0 when none is pending.
+    oldest_pending_time: float
     passes: int
     failed_passes: int
     sync_errors: int
@@ -124,6 +131,7 @@ class Telemetry:
         self._last_success = 0.0
         self._last_full = 0.0
         self._last_queued = 0.0
+        self._oldest_pending = self._start  # the first sync is pending from the start
         self._passes = 0
         self._failed = 0
         self._errors = 0
@@ -138,6 +146,8 @@ class Telemetry:
         """The Store changed: a sync is queued. Count what changed since last time."""
         with self._cond:
             self._last_queued = self._clock()
+            if not self._oldest_pending:
+                self._oldest_pending = self._last_queued
             self._service_changes += _changed(self._seen.services, snapshot.services)
             self._endpoint_changes += _changed(
                 self._seen.endpoint_slices, snapshot.endpoint_slices
@@ -158,6 +168,10 @@ class Telemetry:
                 self._last_success = now
                 if result.full:
                     self._last_full = now
+                # The pass read the snapshot when it started: changes queued
+                # since then are still pending (the start bounds them from below).
+                started = now - result.duration
+                self._oldest_pending = started if self._last_queued > started else 0.0
             else:
                 self._failed += 1
                 self._errors += len(result.errors)
@@ -188,6 +202,7 @@ class Telemetry:
                 last_success_time=self._last_success,
                 last_full_time=self._last_full,
                 last_queued_time=self._last_queued,
+                oldest_pending_time=self._oldest_pending,
                 passes=self._passes,
                 failed_passes=self._failed,
                 sync_errors=self._errors,

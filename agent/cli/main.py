@@ -22,7 +22,7 @@ import sys
 from agent import __version__
 from agent.cli.commands import COMMANDS, add_debug_commands, run_debug_command
 from agent.config import DEFAULT_BPFFS, AgentConfig, parse_cidrs
-from agent.defaults import DEFAULT_SOCKET
+from agent.defaults import DEFAULT_HEALTHZ, DEFAULT_METRICS, DEFAULT_SOCKET
 from agent.errors import VeerError
 
 log = logging.getLogger("veer")
@@ -57,6 +57,12 @@ def _agent_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
                    f"root only (default {DEFAULT_SOCKET}; '' turns it off)")
     p.add_argument("--api-address", metavar="IP:PORT", default="",
                    help="also serve the API on this loopback TCP address (default: off)")
+    p.add_argument("--metrics-bind-address", metavar="IP:PORT", default=DEFAULT_METRICS,
+                   help=f"serve /metrics (Prometheus) here (default {DEFAULT_METRICS}, "
+                   "kube-proxy's; '' turns it off)")
+    p.add_argument("--healthz-bind-address", metavar="IP:PORT", default=DEFAULT_HEALTHZ,
+                   help=f"serve /healthz here (default {DEFAULT_HEALTHZ}, kube-proxy's; "
+                   "'' turns it off)")
     p.add_argument("--cleanup", action="store_true",
                    help="remove every program, pin and rule veer made, then exit")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -90,7 +96,12 @@ def run_agent(args: argparse.Namespace) -> int:
     )
     mode, why = choose_mode(config)
     log.info("datapath mode %s (%s)", mode, why)
-    serve = ServeOptions(api_socket=args.api_socket, api_address=args.api_address)
+    serve = ServeOptions(
+        api_socket=args.api_socket,
+        api_address=args.api_address,
+        metrics_bind_address=args.metrics_bind_address,
+        healthz_bind_address=args.healthz_bind_address,
+    )
     agent = Agent(config, open_ebpf_datapath(config), status_file=args.status_file,
                   mode=(mode, why), serve=serve)
     agent.run_forever()

@@ -1,0 +1,152 @@
+"""The agent's metrics.
+
+kube-proxy's names where the meaning is the same, so dashboards and alerts
+written for kube-proxy keep working (their help text is kube-proxy's):
+
+    kubeproxy_sync_proxy_rules_duration_seconds                histogram, every pass
+    kubeproxy_sync_full_proxy_rules_duration_seconds           histogram, full passes
+    kubeproxy_sync_partial_proxy_rules_duration_seconds        histogram, incremental passes
+    kubeproxy_sync_proxy_rules_last_timestamp_seconds          end of the last successful pass
+    kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds   last change that asked for a pass
+    kubeproxy_sync_proxy_rules_service_changes_total           Service objects changed
+    kubeproxy_sync_proxy_rules_endpoint_changes_total          EndpointSlice objects changed
+
+and veer's own (veer_*), listed in docs/debugging.md. `gather(agent)` reads
+the agent (cheap: counters, map sizes, the last desired state; no compute);
+`families(inputs)` is pure, so the exposition is unit-tested.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from agent import __version__
+from agent.datapath.interface import MapUsage
+from agent.metrics.exposition import MetricFamily
+from agent.telemetry import Histogram, TelemetrySnapshot
+
+if TYPE_CHECKING:
+    from agent.daemon import Agent
+
+
+@dataclass
+class MetricsInput:
+    telemetry: TelemetrySnapshot
+    mode: str
+    maps: Sequence[MapUsage]
+    counters: Mapping[str, int]
+    programs_attached: int
+    skipped: Mapping[str, int]  # reason -> Services (ports) skipped
+    manifest_problems: int
+    frontends: int
+    frontends_failed: int
+    source_synced: bool
+    version: str = __version__
+    modes: Sequence[str] = ("ebpf", "tproxy")
+
+
+def _histogram(name: str, help_text: str, h: Histogram) -> MetricFamily:
+    return MetricFamily(name, "histogram", help_text).add_histogram(h.cumulative(), h.sum)
+
+
+def families(m: MetricsInput) -> list[MetricFamily]:
+    t = m.telemetry
+    out = [
+        _histogram("kubeproxy_sync_proxy_rules_duration_seconds",
+                   "SyncProxyRules latency in seconds", t.all_syncs),
+        _histogram("kubeproxy_sync_full_proxy_rules_duration_seconds",
+                   "SyncProxyRules latency in seconds for full resyncs", t.full_syncs),
+        _histogram("kubeproxy_sync_partial_proxy_rules_duration_seconds",
+                   "SyncProxyRules latency in seconds for partial resyncs", t.partial_syncs),
+        MetricFamily("kubeproxy_sync_proxy_rules_last_timestamp_seconds", "gauge",
+                     "The last time proxy rules were successfully synced")
+        .add(t.last_success_time),
+        MetricFamily("kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds", "gauge",
+                     "The last time a sync of proxy rules was queued").add(t.last_queued_time),
+        MetricFamily("kubeproxy_sync_proxy_rules_service_changes_total", "counter",
+                     "Cumulative proxy rules Service changes").add(t.service_changes),
+        MetricFamily("kubeproxy_sync_proxy_rules_endpoint_changes_total", "counter",
+                     "Cumulative proxy rules Endpoint changes").add(t.endpoint_changes),
+        MetricFamily("veer_build_info", "gauge", "The running veer version (always 1)")
+        .add(1, {"version": m.version}),
+    ]
+    mode = MetricFamily("veer_datapath_mode", "gauge",
+                        "1 for the datapath mode the agent runs in, 0 for the others")
+    for name in sorted({*m.modes, m.mode}):
+        mode.add(1 if name == m.mode else 0, {"mode": name})
+    out.append(mode)
+    out.append(MetricFamily("veer_programs_attached", "gauge",
+                            "BPF programs attached at veer's hooks, read from the kernel")
+               .add(m.programs_attached))
+    entries = MetricFamily("veer_map_entries", "gauge", "Entries in each BPF map")
+    capacity = MetricFamily("veer_map_capacity", "gauge", "Maximum entries of each BPF map")
+    for usage in m.maps:
+        entries.add(usage.entries, {"map": usage.name})
+        capacity.add(usage.capacity, {"map": usage.name})
+    out += [entries, capacity]
+    events = MetricFamily("veer_socket_lb_events_total", "counter",
+                          "Verdicts counted by veer's BPF programs, by event (the "
+                          "veer_counters map, summed over CPUs, since it was created)")
+    for name, value in m.counters.items():
+        events.add(value, {"event": name})
+    out.append(events)
+    skipped = MetricFamily("veer_services_skipped", "gauge",
+                           "Services (or ports of them) the datapath cannot serve, by reason")
+    for reason, n in sorted(m.skipped.items()):
+        skipped.add(n, {"reason": reason})
+    out.append(skipped)
+    out += [
+        MetricFamily("veer_manifest_problems", "gauge",
+                     "Manifest files or objects that could not be used").add(m.manifest_problems),
+        MetricFamily("veer_frontends", "gauge", "Frontends in the desired state")
+        .add(m.frontends),
+        MetricFamily("veer_frontends_failed", "gauge",
+                     "Frontends whose last write to the datapath failed").add(m.frontends_failed),
+        MetricFamily("veer_sync_passes_total", "counter", "Reconcile passes run").add(t.passes),
+        MetricFamily("veer_sync_errors_total", "counter",
+                     "Datapath operations that failed during reconcile passes")
+        .add(t.sync_errors),
+        MetricFamily("veer_source_synced", "gauge",
+                     "1 once the source has delivered a complete view").add(int(m.source_synced)),
+    ]
+    return out
+
+
+@dataclass
+class Gatherer:
+    """Reads the agent for one scrape; remembers skip reasons so that a reason
+    that no longer applies reads 0 instead of vanishing."""
+
+    agent: Agent
+    reasons: set[str] = field(default_factory=set)
+
+    def _programs(self) -> int:
+        if self.agent.datapath.name != "ebpf":
+            return 0
+        from agent.datapath.ebpf.env import cgroup2_root
+        from agent.datapath.ebpf.programs import attached_programs
+
+        return len(attached_programs(self.agent.config.cgroup or cgroup2_root()))
+
+    def gather(self) -> MetricsInput:
+        agent = self.agent
+        desired = agent.last_desired
+        skipped: dict[str, int] = dict.fromkeys(self.reasons, 0)
+        for problem in desired.problems:
+            skipped[problem.reason] = skipped.get(problem.reason, 0) + 1
+        self.reasons.update(skipped)
+        failed = dict(agent.reconciler.failed_frontends)
+        return MetricsInput(
+            telemetry=agent.telemetry.snapshot(),
+            mode=agent.mode[0],
+            maps=agent.datapath.usage(),
+            counters=agent.datapath.counters(),
+            programs_attached=self._programs(),
+            skipped=skipped,
+            manifest_problems=len(agent.source.last_report.problems),
+            frontends=len(desired.frontends),
+            frontends_failed=len([k for k in failed if k in desired.frontends]),
+            source_synced=agent.store.synced,
+        )
