@@ -21,6 +21,8 @@ class AgentConfig:
     mode: str = "auto"
     service_cidrs: frozenset[IPNetwork] = field(default_factory=frozenset)
     nodeport_addresses: frozenset[IPNetwork] = field(default_factory=frozenset)
+    # Devices that get the per-packet programs; empty: those holding the node's addresses.
+    devices: tuple[str, ...] = ()
     service_proxy_name: str | None = None
     min_sync_interval: float = 0.0
     max_sync_interval: float = 60.0

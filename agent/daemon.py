@@ -23,7 +23,7 @@ from agent import __version__
 from agent.compute import ComputeConfig, DesiredState, NodeIdentity, compute_desired
 from agent.config import AgentConfig
 from agent.datapath.interface import Datapath
-from agent.errors import ConfigError
+from agent.errors import ConfigError, VeerError
 from agent.model.objects import IPAddress, Node
 from agent.model.snapshot import Store
 from agent.reconcile.reconciler import Reconciler, SyncResult
@@ -62,7 +62,7 @@ def open_ebpf_datapath(config: AgentConfig) -> Datapath:
     programs = SockLbPrograms(config.bpffs)
     programs.load()
     programs.attach(cgroup)
-    return EbpfDatapath(SockLbMaps.open(config.bpffs))
+    return EbpfDatapath(SockLbMaps.open(config.bpffs), programs)
 
 
 def node_addresses(node: Node) -> tuple[IPAddress, ...]:
@@ -135,6 +135,11 @@ class Agent:
         if not self.store.synced:
             return
         result = self.reconciler.sync(full=periodic)
+        try:
+            self.datapath.serve_devices(list(self.config.devices),
+                                        self.last_desired.node_addresses)
+        except VeerError as err:
+            result.errors.append(f"per-packet path: {err}")
         self.telemetry.record_sync(result)
         if not result.ok:
             self.runner.retry_after(RETRY_AFTER_FAILURE)
@@ -156,6 +161,15 @@ class Agent:
                 str(k): [str(b) for b in fe.backends]
                 for k, fe in desired.frontends.items()
                 if k not in self.reconciler.failed_frontends
+            },
+            # NodePort/ExternalIP/LB frontends: backends for traffic from outside.
+            "external_frontends": {
+                str(k): {
+                    "backends": [str(b) for b in fe.external_backends],
+                    "local": fe.external_local,
+                }
+                for k, fe in desired.frontends.items()
+                if fe.kind.external and k not in self.reconciler.failed_frontends
             },
             "problems": [str(p) for p in desired.problems],
             "manifest_problems": list(self.source.last_report.problems),

@@ -14,10 +14,8 @@
  * failing so that applications see what kube-proxy's REJECT gives them,
  * instead of the default EPERM.
  */
-#include "veer_maps.h"
+#include "veer_common.h"
 
-#define VEER_IPPROTO_TCP 6
-#define VEER_IPPROTO_UDP 17
 #define VEER_ECONNREFUSED 111
 #define VEER_EHOSTUNREACH 113
 #define VEER_NSEC_PER_SEC 1000000000ULL
@@ -42,14 +40,6 @@ enum veer_verdict {
 	VEER_REFUSE,     /* fail the call with ECONNREFUSED */
 	VEER_UNREACHABLE,/* fail the call with EHOSTUNREACH (kube-proxy's DROP) */
 };
-
-static __always_inline void veer_count(__u32 idx)
-{
-	__u64 *counter = veer_counters.lookup(&idx);
-
-	if (counter)
-		*counter += 1;
-}
 
 static __always_inline int veer_proto_handled(__u32 proto)
 {

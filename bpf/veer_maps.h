@@ -31,6 +31,9 @@
 #ifndef VEER_AFFINITY_MAX
 #define VEER_AFFINITY_MAX 65536
 #endif
+#ifndef VEER_NAT_MAX
+#define VEER_NAT_MAX 262144
+#endif
 #ifndef VEER_REVNAT_MAX
 #define VEER_REVNAT_MAX 262144
 #endif
@@ -67,6 +70,20 @@ BPF_TABLE_PINNED("lru_hash", struct veer_affinity_key, struct veer_affinity_valu
 BPF_TABLE_PINNED("hash", struct veer_affinity_match_key,
 		 struct veer_affinity_match_value, veer_affinity_match,
 		 VEER_BACKENDS_MAX, VEER_PIN_DIR "/veer_affinity_match");
+
+/* Per-packet NAT, forward: original tuple (client -> frontend) -> rewritten
+ * tuple (client or node -> backend). LRU: idle flows age out. */
+BPF_TABLE_PINNED("lru_hash", struct veer_tuple, struct veer_nat_value, veer_nat_fwd,
+		 VEER_NAT_MAX, VEER_PIN_DIR "/veer_nat_fwd");
+
+/* Per-packet NAT, reverse: reply tuple (backend -> client or node) ->
+ * restored tuple (frontend -> client). */
+BPF_TABLE_PINNED("lru_hash", struct veer_tuple, struct veer_nat_value, veer_nat_rev,
+		 VEER_NAT_MAX, VEER_PIN_DIR "/veer_nat_rev");
+
+/* This node's addresses (one entry, key 0), written by the agent. */
+BPF_TABLE_PINNED("array", __u32, struct veer_node_value, veer_node, 1,
+		 VEER_PIN_DIR "/veer_node");
 
 /* Per-CPU event counters indexed by enum veer_counter. */
 BPF_TABLE_PINNED("percpu_array", __u32, __u64, veer_counters, VEER_CNT_MAX,

@@ -35,8 +35,16 @@ struct veer_service_key {
 	__u8 proto;  /* IPPROTO_TCP or IPPROTO_UDP */
 	__u8 family; /* VEER_FAMILY_* */
 	__u16 slot;  /* 0: the frontend entry; 1..count: backend slots */
-	__u16 pad;
+	__u8 scope;  /* VEER_SCOPE_*: which traffic this entry serves */
+	__u8 pad;
 };
+
+/* A frontend has one set of entries per scope. Connections that start on
+ * this node (socket hooks) use VEER_SCOPE_SOCKET; packets arriving from
+ * outside (TC) use VEER_SCOPE_EXTERNAL, which honours
+ * externalTrafficPolicy and exists only for NodePort/ExternalIP/LB. */
+#define VEER_SCOPE_SOCKET 0
+#define VEER_SCOPE_EXTERNAL 1
 
 /* Frontend flags (slot 0 only). */
 #define VEER_SVC_F_NONE 0
@@ -47,6 +55,9 @@ struct veer_service_key {
  * elsewhere but a Local policy keeps this traffic on this node) instead of
  * ECONNREFUSED (kube-proxy rejects: no endpoint anywhere). */
 #define VEER_SVC_F_DROP_EMPTY (1 << 1)
+/* externalTrafficPolicy: Local (external scope): never SNAT, keep the
+ * client's address. */
+#define VEER_SVC_F_EXT_LOCAL (1 << 2)
 
 struct veer_service_value {
 	__u32 backend_id;       /* slot > 0: the backend in this slot; 0 in slot 0 */
@@ -144,6 +155,34 @@ struct veer_affinity_match_value {
 	__u32 flags; /* reserved, zero */
 };
 
+/* A connection's addresses as one packet carries them (per-packet path).
+ * Used as the key of both NAT maps: a packet whose tuple is a key is
+ * rewritten to the tuple in the value. */
+struct veer_tuple {
+	__u8 saddr[16];
+	__u8 daddr[16];
+	__be16 sport;
+	__be16 dport;
+	__u8 proto;
+	__u8 family;
+	__u8 pad[2];
+};
+
+struct veer_nat_value {
+	__u8 saddr[16];
+	__u8 daddr[16];
+	__be16 sport;
+	__be16 dport;
+	__u32 service_id;
+	__u64 last_seen_ns;
+};
+
+/* This node's own addresses (key 0), for SNAT. */
+struct veer_node_value {
+	__u8 addr4[16]; /* IPv4 in the first 4 bytes; all zero: none */
+	__u8 addr6[16];
+};
+
 /* Indexes of the per-CPU counters map (key __u32, value __u64). The agent
  * names them in agent/datapath/ebpf/structs.py (COUNTER_NAMES). */
 enum veer_counter {
@@ -155,6 +194,11 @@ enum veer_counter {
 	VEER_CNT_REVNAT,              /* getpeername/recvmsg answered with a Service address */
 	VEER_CNT_DROPPED_NO_LOCAL,    /* frontend empty under a Local policy: EHOSTUNREACH */
 	VEER_CNT_AFFINITY_HIT,        /* backend taken from a live affinity entry */
+	VEER_CNT_NAT_NEW,             /* TC: a new external flow translated */
+	VEER_CNT_NAT_SNAT,            /* TC: ... and source-NATed to the node */
+	VEER_CNT_NAT_DROP,            /* TC: external packet to an empty frontend dropped */
+	VEER_CNT_NAT_REPLY,           /* TC: a reply translated back */
+	VEER_CNT_NAT_FAIL,            /* TC: no route, no SNAT port, or a write failed */
 	VEER_CNT_MAX,
 };
 

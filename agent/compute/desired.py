@@ -277,4 +277,5 @@ def compute_desired(
         service_cidrs=config.service_cidrs,
         problems=tuple(out.problems),
         health_checks=tuple(sorted(out.health_checks, key=lambda h: (h.port, h.namespace))),
+        node_addresses=node.addresses,
     )

@@ -138,6 +138,9 @@ class DesiredState:
     service_cidrs: frozenset[IPNetwork] = frozenset()
     problems: tuple[ServiceProblem, ...] = ()
     health_checks: tuple[HealthCheck, ...] = ()
+    # This node's own addresses (from its Node object): NodePorts answer on
+    # them, and the per-packet path source-NATs to them.
+    node_addresses: tuple[IPAddress, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -30,13 +30,24 @@ class ProgrammedFrontend:
     backends: tuple[L4Addr, ...]
     drop_when_empty: bool = False
     affinity_timeout: int = 0
+    # The per-packet (external) side, for NodePort/ExternalIP/LoadBalancer.
+    external: bool = False
+    external_backends: tuple[L4Addr, ...] = ()
+    external_drop_when_empty: bool = False
+    external_local: bool = False
 
     @staticmethod
     def of(frontend: Frontend) -> ProgrammedFrontend:
+        external = frontend.kind.external
         return ProgrammedFrontend(
             backends=frontend.backends,
             drop_when_empty=frontend.on_empty is EmptyVerdict.DROP,
             affinity_timeout=frontend.affinity_timeout,
+            external=external,
+            external_backends=frontend.external_backends if external else (),
+            external_drop_when_empty=external
+            and frontend.external_on_empty is EmptyVerdict.DROP,
+            external_local=external and frontend.external_local,
         )
 
 
@@ -85,6 +96,18 @@ class Datapath(ABC):
 
     @abstractmethod
     def delete_service_cidr(self, cidr: IPNetwork) -> bool: ...
+
+    def set_node_addresses(self, addresses: tuple[IPAddress, ...]) -> bool:
+        """Tell the datapath this node's addresses (the per-packet path's SNAT
+        source). Returns True if anything changed. Default: not needed."""
+        del addresses
+        return False
+
+    def serve_devices(self, devices: list[str], node_addresses: tuple[IPAddress, ...]) -> None:
+        """Serve packets arriving on network devices (the per-packet path):
+        `devices` if given, else those holding one of `node_addresses`.
+        Idempotent. Default: the backend has no per-packet path."""
+        del devices, node_addresses
 
     def usage(self) -> list[MapUsage]:
         """Fill levels of the backend's tables, for status and metrics."""

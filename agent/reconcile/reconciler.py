@@ -114,6 +114,9 @@ class Reconciler:
     def _apply(self, desired: DesiredState, result: SyncResult) -> None:
         dp, applied, attempt = self._datapath, self._applied, self._try
 
+        attempt(result, "set node addresses",
+                partial(dp.set_node_addresses, desired.node_addresses))
+
         for cidr in desired.service_cidrs - applied.service_cidrs:
             if attempt(result, f"add CIDR {cidr}", partial(dp.upsert_service_cidr, cidr)):
                 applied.service_cidrs.add(cidr)

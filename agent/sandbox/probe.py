@@ -22,7 +22,7 @@ import time
 from collections import Counter
 from typing import Any
 
-REQUEST = b"GET / HTTP/1.1\r\nHost: veer\r\nConnection: close\r\n\r\n"
+REQUEST = b"GET {path} HTTP/1.1\r\nHost: veer\r\nConnection: close\r\n\r\n"
 KEEPALIVE_REQUEST = b"GET / HTTP/1.1\r\nHost: veer\r\n\r\n"
 
 
@@ -76,12 +76,12 @@ def _peer_matches(peer: Any, addr: str, port: int) -> bool:
     return bool(host == addr and peer[1] == port)
 
 
-def tcp_once(addr: str, port: int, timeout: float) -> tuple[str, bool]:
+def tcp_once(addr: str, port: int, timeout: float, path: str = "/") -> tuple[str, bool]:
     with socket.socket(_family(addr), socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         sock.connect((addr, port))
         peer_ok = _peer_matches(sock.getpeername(), addr, port)
-        sock.sendall(REQUEST)
+        sock.sendall(REQUEST.replace(b"{path}", path.encode()))
         return _read_http(sock), peer_ok
 
 
@@ -100,7 +100,7 @@ def run_tcp(args: argparse.Namespace) -> dict[str, Any]:
         n += 1
         start = time.perf_counter()
         try:
-            body, peer_ok = tcp_once(args.addr, args.port, args.timeout)
+            body, peer_ok = tcp_once(args.addr, args.port, args.timeout, args.path)
         except OSError as err:
             errors[_errname(err)] += 1
             failed_after.append((time.perf_counter() - start) * 1e6)
@@ -193,6 +193,8 @@ def main() -> None:
     parser.add_argument("--interval", type=float, default=0.0)
     parser.add_argument("--timeout", type=float, default=2.0)
     parser.add_argument("--connect", action="store_true", help="UDP: use connect()")
+    parser.add_argument("--path", default="/",
+                        help="TCP: the HTTP path (/client also returns the address nginx saw)")
     args = parser.parse_args()
     result = run_tcp(args) if args.proto == "tcp" else run_udp(args)
     print(json.dumps(result, sort_keys=True), flush=True)

@@ -25,6 +25,7 @@ def nginx_config(directory: str, pod: str, ports: Sequence[int]) -> str:
         listen {port} reuseport backlog=4096;
         listen [::]:{port} ipv6only=on reuseport backlog=4096;
         location / {{ return 200 "{pod}:{port}\\n"; }}
+        location /client {{ return 200 "{pod}:{port} $remote_addr\\n"; }}
     }}"""
         for port in ports
     )

@@ -94,6 +94,7 @@ class Topology:
     _cleanups: list[tuple[str, Callable[[], None]]] = field(default_factory=list)
     _procs: list[subprocess.Popen[Any]] = field(default_factory=list)
     _veth_count: int = 0
+    lan_ns: str = ""
 
     def __post_init__(self) -> None:
         ensure_mounts()
@@ -188,26 +189,50 @@ class Topology:
     def ns(self, netns: str, *argv: str) -> subprocess.CompletedProcess[str]:
         return run(["ip", "netns", "exec", netns, *argv])
 
-    def add_pod(self, name: str, ipv4: str = "", ipv6: str = "") -> Pod:
+    def add_node(self, role: str) -> str:
+        """Another node namespace, set up like the first; returns its name."""
+        node_ns = self._netns(role)
+        self.ns(node_ns, "sysctl", "-qw", "net.ipv4.ip_forward=1")
+        self.ns(node_ns, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
+        self.ns(node_ns, "ip", "addr", "add", f"{GATEWAY4}/32", "dev", "lo")
+        return node_ns
+
+    def join_lan(self, netns: str, cidr: str, device: str = "eth0") -> None:
+        """Put `netns` on the topology's LAN (a bridge in a namespace of its
+        own, made on first use) with address `cidr` on `device`."""
+        if not self.lan_ns:
+            self.lan_ns = self._netns("lan")
+            self.ns(self.lan_ns, "ip", "link", "add", "name", "br0", "type", "bridge")
+            self.ns(self.lan_ns, "ip", "link", "set", "br0", "up")
+        self._veth_count += 1
+        port = f"{self.prefix}l{self._veth_count}"
+        run(["ip", "link", "add", port, "netns", self.lan_ns, "type", "veth",
+             "peer", "name", device, "netns", netns])
+        self.ns(self.lan_ns, "ip", "link", "set", port, "master", "br0", "up")
+        self.ns(netns, "ip", "addr", "add", cidr, "dev", device)
+        self.ns(netns, "ip", "link", "set", device, "up")
+
+    def add_pod(self, name: str, ipv4: str = "", ipv6: str = "", node_ns: str = "") -> Pod:
         netns = self._netns(name)
+        node = node_ns or self.node_ns
         self._veth_count += 1
         host = f"{self.prefix}v{self._veth_count}"
-        run(["ip", "link", "add", host, "netns", self.node_ns, "type", "veth",
+        run(["ip", "link", "add", host, "netns", node, "type", "veth",
              "peer", "name", "eth0", "netns", netns])
         self.ns(netns, "ip", "link", "set", "eth0", "up")
-        self.ns(self.node_ns, "ip", "link", "set", host, "up")
+        self.ns(node, "ip", "link", "set", host, "up")
         if ipv4:
             ipaddress.IPv4Address(ipv4)
             self.ns(netns, "ip", "addr", "add", f"{ipv4}/32", "dev", "eth0")
             self.ns(netns, "ip", "route", "add", GATEWAY4, "dev", "eth0", "scope", "link")
             self.ns(netns, "ip", "route", "add", "default", "via", GATEWAY4, "dev", "eth0")
-            self.ns(self.node_ns, "ip", "route", "add", f"{ipv4}/32", "dev", host)
+            self.ns(node, "ip", "route", "add", f"{ipv4}/32", "dev", host)
         if ipv6:
             ipaddress.IPv6Address(ipv6)
-            self.ns(self.node_ns, "ip", "-6", "addr", "add", f"{GATEWAY6}/64", "dev", host, "nodad")
+            self.ns(node, "ip", "-6", "addr", "add", f"{GATEWAY6}/64", "dev", host, "nodad")
             self.ns(netns, "ip", "-6", "addr", "add", f"{ipv6}/128", "dev", "eth0", "nodad")
             self.ns(netns, "ip", "-6", "route", "add", "default", "via", GATEWAY6, "dev", "eth0")
-            self.ns(self.node_ns, "ip", "-6", "route", "add", f"{ipv6}/128", "dev", host)
+            self.ns(node, "ip", "-6", "route", "add", f"{ipv6}/128", "dev", host)
         pod = Pod(name, netns, ipv4, ipv6, host)
         self.pods[name] = pod
         return pod

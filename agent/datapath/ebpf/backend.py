@@ -25,18 +25,24 @@ from dataclasses import dataclass
 
 from agent.compute.types import EmptyVerdict, Frontend, L4Addr
 from agent.datapath.ebpf.maps import SockLbMaps
+from agent.datapath.ebpf.programs import SockLbPrograms
 from agent.datapath.ebpf.structs import (
     CIDR_KEY_PREFIX_BITS,
     IPPROTO,
     PROTOCOL_OF,
+    SCOPE_EXTERNAL,
+    SCOPE_SOCKET,
     SVC_F_AFFINITY,
     SVC_F_DROP_EMPTY,
+    SVC_F_EXT_LOCAL,
     AffinityMatchKey,
     AffinityMatchValue,
     BackendKey,
     BackendValue,
     CidrKey,
     CidrValue,
+    IndexKey,
+    NodeValue,
     ServiceKey,
     ServiceValue,
     VipKey,
@@ -53,11 +59,14 @@ from agent.model.objects import IPAddress, IPNetwork
 
 log = logging.getLogger(__name__)
 
-FrontendId = tuple[bytes, int, int, int]  # addr, port (be), proto, family
+FrontendId = tuple[bytes, int, int, int, int]  # addr, port (be), proto, family, scope
+Scoped = tuple[L4Addr, int]  # a frontend in one scope (SCOPE_SOCKET or SCOPE_EXTERNAL)
 
 
 @dataclass
 class _FrontendEntry:
+    """One scope of one frontend as the maps hold it."""
+
     service_id: int
     slots: list[int]  # backend id per slot (slot i + 1); 0 marks a missing slot
     flags: int = 0
@@ -69,30 +78,64 @@ class _FrontendEntry:
         return {i for i in self.slots if i} if self.flags & SVC_F_AFFINITY else set()
 
 
-def _flags_of(frontend: Frontend) -> int:
-    flags = 0
-    if frontend.affinity_timeout:
-        flags |= SVC_F_AFFINITY
+@dataclass(frozen=True)
+class _ScopeSpec:
+    """What one scope of a frontend should hold."""
+
+    backends: tuple[L4Addr, ...]
+    flags: int
+    affinity_timeout: int
+
+
+def _scopes_of(frontend: Frontend) -> dict[int, _ScopeSpec]:
+    """The scopes a frontend occupies: the socket scope always; the external
+    scope (read by TC) for NodePort/ExternalIP/LoadBalancer frontends."""
+    socket_flags = SVC_F_AFFINITY if frontend.affinity_timeout else 0
     if frontend.on_empty is EmptyVerdict.DROP:
-        flags |= SVC_F_DROP_EMPTY
-    return flags
+        socket_flags |= SVC_F_DROP_EMPTY
+    scopes = {
+        SCOPE_SOCKET: _ScopeSpec(frontend.backends, socket_flags, frontend.affinity_timeout)
+    }
+    if frontend.kind.external:
+        flags = SVC_F_EXT_LOCAL if frontend.external_local else 0
+        if frontend.external_on_empty is EmptyVerdict.DROP:
+            flags |= SVC_F_DROP_EMPTY
+        scopes[SCOPE_EXTERNAL] = _ScopeSpec(frontend.external_backends, flags, 0)
+    return scopes
 
 
-def _programmed(entry: _FrontendEntry, backends: tuple[L4Addr, ...]) -> ProgrammedFrontend:
-    return ProgrammedFrontend(
+def _programmed(
+    socket: tuple[_FrontendEntry, tuple[L4Addr, ...]],
+    external: tuple[_FrontendEntry, tuple[L4Addr, ...]] | None,
+) -> ProgrammedFrontend:
+    entry, backends = socket
+    out = ProgrammedFrontend(
         backends=backends,
         drop_when_empty=bool(entry.flags & SVC_F_DROP_EMPTY),
         affinity_timeout=entry.affinity_timeout if entry.flags & SVC_F_AFFINITY else 0,
     )
+    if external is None:
+        return out
+    ext_entry, ext_backends = external
+    return ProgrammedFrontend(
+        backends=out.backends,
+        drop_when_empty=out.drop_when_empty,
+        affinity_timeout=out.affinity_timeout,
+        external=True,
+        external_backends=ext_backends,
+        external_drop_when_empty=bool(ext_entry.flags & SVC_F_DROP_EMPTY),
+        external_local=bool(ext_entry.flags & SVC_F_EXT_LOCAL),
+    )
 
 
-def _service_key(fe: L4Addr, slot: int = 0) -> ServiceKey:
+def _service_key(fe: L4Addr, slot: int = 0, scope: int = SCOPE_SOCKET) -> ServiceKey:
     return ServiceKey(
         addr=addr_bytes(fe.address),
         port=port_be(fe.port),
         proto=IPPROTO[fe.protocol],
         family=family_of(fe.address),
         slot=slot,
+        scope=scope,
     )
 
 
@@ -143,13 +186,16 @@ class _IdAllocator:
 class EbpfDatapath(Datapath):
     name = "ebpf"
 
-    def __init__(self, maps: SockLbMaps) -> None:
+    def __init__(self, maps: SockLbMaps, programs: SockLbPrograms | None = None) -> None:
         self.maps = maps
+        self.programs = programs
+        self.devices: list[str] = []
+        self._resolved_for: tuple[IPAddress, ...] | None = None
         self._backend_ids: dict[L4Addr, int] = {}
         self._backend_refs: Counter[int] = Counter()
         self._backend_alloc = _IdAllocator(maps.backends.capacity)
         self._service_alloc = _IdAllocator(maps.services.capacity)
-        self._frontends: dict[L4Addr, _FrontendEntry] = {}
+        self._frontends: dict[Scoped, _FrontendEntry] = {}
         self._backend_of_id: dict[int, L4Addr] = {}
 
     # ---- reading back ----------------------------------------------------
@@ -167,7 +213,7 @@ class EbpfDatapath(Datapath):
         masters: dict[FrontendId, tuple[L4Addr, ServiceValue]] = {}
         slot_values: dict[FrontendId, dict[int, int]] = {}
         for key, value in self.maps.services.items():
-            fid = (bytes(key.addr), key.port, key.proto, key.family)
+            fid = (bytes(key.addr), key.port, key.proto, key.family, key.scope)
             if key.slot == 0:
                 fe = _l4(key.addr, key.port, key.proto, key.family)
                 if fe is not None:
@@ -178,7 +224,7 @@ class EbpfDatapath(Datapath):
         self._frontends.clear()
         self._service_alloc.reset()
         self._backend_refs.clear()
-        state = DatapathState()
+        found: dict[Scoped, tuple[_FrontendEntry, tuple[L4Addr, ...]]] = {}
         for fid, (fe, master) in masters.items():
             slots_of = slot_values.get(fid, {})
             slots = [slots_of.get(i, 0) for i in range(1, master.count + 1)]
@@ -186,12 +232,21 @@ class EbpfDatapath(Datapath):
             entry = _FrontendEntry(
                 master.service_id, slots, master.flags, master.affinity_timeout
             )
-            self._frontends[fe] = entry
+            self._frontends[(fe, fid[4])] = entry
             self._backend_refs.update(i for i in slots if i)
             present = tuple(sorted(backends[i] for i in slots if i in backends))
-            state.frontends[fe] = _programmed(entry, present)
+            found[(fe, fid[4])] = (entry, present)
             if len(present) != len(slots):
                 log.warning("frontend %s has missing slots or backends; it will be rewritten", fe)
+        state = DatapathState()
+        for (fe, scope), socket in found.items():
+            if scope == SCOPE_SOCKET:
+                state.frontends[fe] = _programmed(socket, found.get((fe, SCOPE_EXTERNAL)))
+        for (fe, scope) in found:
+            if scope == SCOPE_EXTERNAL and fe not in state.frontends:
+                # An external scope without a socket scope: no desired frontend
+                # looks like this, so the reconciler will remove it.
+                state.frontends[fe] = ProgrammedFrontend(backends=(), external=True)
 
         # Garbage: affinity pairs no frontend vouches for.
         wanted_pairs = {
@@ -210,7 +265,7 @@ class EbpfDatapath(Datapath):
                     garbage = ServiceKey()
                     garbage.addr[:] = list(fid[0])
                     garbage.port, garbage.proto, garbage.family = fid[1], fid[2], fid[3]
-                    garbage.slot = slot
+                    garbage.slot, garbage.scope = slot, fid[4]
                     self.maps.services.delete(garbage)
 
         self._backend_ids.clear()
@@ -278,21 +333,46 @@ class EbpfDatapath(Datapath):
 
     def upsert_frontend(self, frontend: Frontend) -> bool:
         key = frontend.key
-        entry = self._frontends.get(key)
-        wanted = [self._acquire_backend(be) for be in frontend.backends]
+        scopes = _scopes_of(frontend)
+        existing = self._frontends.get((key, SCOPE_SOCKET)) or self._frontends.get(
+            (key, SCOPE_EXTERNAL)
+        )
+        fresh_id = existing is None
+        service_id = existing.service_id if existing else self._service_alloc.take()
+        changed = False
+        try:
+            # The external scope first: TC never sees a frontend whose socket
+            # scope is newer than its external one matters less than the
+            # reverse, but either order keeps each scope whole.
+            for scope in sorted(scopes, reverse=True):
+                changed |= self._upsert_scope(frontend, scope, scopes[scope], service_id)
+        except DatapathError:
+            if fresh_id and not any((key, sc) in self._frontends for sc in scopes):
+                self._service_alloc.release(service_id)
+            raise
+        for scope in (SCOPE_SOCKET, SCOPE_EXTERNAL):
+            if scope not in scopes and (key, scope) in self._frontends:
+                self._delete_scope(key, scope)
+                changed = True
+        return changed
+
+    def _upsert_scope(
+        self, frontend: Frontend, scope: int, spec: _ScopeSpec, service_id: int
+    ) -> bool:
+        key = frontend.key
+        entry = self._frontends.get((key, scope))
+        wanted = [self._acquire_backend(be) for be in spec.backends]
         old_slots = entry.slots if entry else []
         new_slots = self._layout(old_slots, wanted)
-        flags, timeout = _flags_of(frontend), frontend.affinity_timeout
         if (
             entry is not None
             and new_slots == old_slots
-            and (entry.flags, entry.affinity_timeout) == (flags, timeout)
+            and (entry.flags, entry.affinity_timeout) == (spec.flags, spec.affinity_timeout)
         ):
             self._release_unreferenced(set(wanted) - set(old_slots))
             return False
 
-        service_id = entry.service_id if entry else self._service_alloc.take()
-        new = _FrontendEntry(service_id, new_slots, flags, timeout)
+        new = _FrontendEntry(service_id, new_slots, spec.flags, spec.affinity_timeout)
         old_pairs = entry.affinity_backends if entry else set()
         try:
             # Affinity pairs first: a client whose entry names a new backend
@@ -304,23 +384,21 @@ class EbpfDatapath(Datapath):
             for pos, ident in enumerate(new_slots):
                 if pos >= len(old_slots) or old_slots[pos] != ident:
                     self.maps.services.put(
-                        _service_key(key, pos + 1), ServiceValue(backend_id=ident,
-                                                                 service_id=service_id)
+                        _service_key(key, pos + 1, scope),
+                        ServiceValue(backend_id=ident, service_id=service_id),
                     )
             self.maps.services.put(
-                _service_key(key, 0),
-                ServiceValue(count=len(new_slots), flags=flags, service_id=service_id,
-                             affinity_timeout=timeout),
+                _service_key(key, 0, scope),
+                ServiceValue(count=len(new_slots), flags=spec.flags, service_id=service_id,
+                             affinity_timeout=spec.affinity_timeout),
             )
         except DatapathError as err:
-            if entry is None:
-                self._service_alloc.release(service_id)
             self._release_unreferenced(set(wanted) - set(old_slots))
             raise type(err)(f"frontend {key} ({frontend.service}): {err}") from err
 
-        self._frontends[key] = new
+        self._frontends[(key, scope)] = new
         for pos in range(len(new_slots), len(old_slots)):
-            self.maps.services.delete(_service_key(key, pos + 1))
+            self.maps.services.delete(_service_key(key, pos + 1, scope))
         # A removed backend stops being an affinity target only after no slot
         # can hand it out any more.
         for ident in old_pairs - new.affinity_backends:
@@ -330,19 +408,62 @@ class EbpfDatapath(Datapath):
         self._release_unreferenced(set(old_slots) | set(wanted))
         return True
 
-    def delete_frontend(self, key: L4Addr) -> bool:
-        entry = self._frontends.get(key)
-        existed = self.maps.services.delete(_service_key(key, 0))
+    def _delete_scope(self, key: L4Addr, scope: int) -> bool:
+        entry = self._frontends.get((key, scope))
+        existed = self.maps.services.delete(_service_key(key, 0, scope))
         if entry is None:
             return existed
         for pos in range(len(entry.slots)):
-            self.maps.services.delete(_service_key(key, pos + 1))
+            self.maps.services.delete(_service_key(key, pos + 1, scope))
         for ident in entry.affinity_backends:
             self.maps.affinity_match.delete(AffinityMatchKey(ident, entry.service_id))
-        del self._frontends[key]
-        self._service_alloc.release(entry.service_id)
+        del self._frontends[(key, scope)]
         self._backend_refs.subtract(i for i in entry.slots if i)
         self._release_unreferenced({i for i in entry.slots if i})
+        return True
+
+    def delete_frontend(self, key: L4Addr) -> bool:
+        # The socket scope first (connections from this node stop at once),
+        # then the external one; the id is free once neither remains.
+        entry = self._frontends.get((key, SCOPE_SOCKET)) or self._frontends.get(
+            (key, SCOPE_EXTERNAL)
+        )
+        existed = False
+        for scope in (SCOPE_SOCKET, SCOPE_EXTERNAL):
+            existed |= self._delete_scope(key, scope)
+        if entry is not None:
+            self._service_alloc.release(entry.service_id)
+        return existed
+
+    def serve_devices(self, devices: list[str], node_addresses: tuple[IPAddress, ...]) -> None:
+        """Attach the per-packet programs to each device not served yet."""
+        if self.programs is None:
+            return
+        if not devices:
+            if node_addresses == self._resolved_for:
+                return
+            from agent.datapath.ebpf.tc import devices_with
+
+            devices = devices_with(node_addresses)
+            self._resolved_for = node_addresses
+        new = [d for d in devices if d not in self.devices]
+        if new:
+            self.programs.attach_tc(new)
+            self.devices.extend(new)
+
+    def set_node_addresses(self, addresses: tuple[IPAddress, ...]) -> bool:
+        """This node's first IPv4 and IPv6 address, the TC path's SNAT source."""
+        value = NodeValue()
+        v4 = next((a for a in addresses if a.version == 4), None)
+        v6 = next((a for a in addresses if a.version == 6), None)
+        if v4 is not None:
+            value.addr4 = addr_bytes(v4)
+        if v6 is not None:
+            value.addr6 = addr_bytes(v6)
+        current = self.maps.node.get(IndexKey(0))
+        if current is not None and bytes(current) == bytes(value):
+            return False
+        self.maps.node.put(IndexKey(0), value)
         return True
 
     # ---- VIPs and CIDRs ----------------------------------------------------
@@ -380,7 +501,7 @@ class EbpfDatapath(Datapath):
         return self.maps.counters()
 
     def service_id(self, key: L4Addr) -> int | None:
-        entry = self._frontends.get(key)
+        entry = self._frontends.get((key, SCOPE_SOCKET))
         return entry.service_id if entry else None
 
     def backend_id(self, backend: L4Addr) -> int | None:

@@ -23,10 +23,14 @@ from agent.datapath.ebpf.structs import (
     BackendValue,
     CidrKey,
     CidrValue,
+    IndexKey,
+    NatValue,
+    NodeValue,
     ServiceKey,
     ServiceValue,
     SockRevnatKey,
     SockRevnatValue,
+    Tuple,
     VipKey,
     VipValue,
 )
@@ -106,6 +110,9 @@ class SockLbMaps:
     sock_revnat: PinnedMap[SockRevnatKey, SockRevnatValue]
     affinity: PinnedMap[AffinityKey, AffinityValue]
     affinity_match: PinnedMap[AffinityMatchKey, AffinityMatchValue]
+    nat_fwd: PinnedMap[Tuple, NatValue]
+    nat_rev: PinnedMap[Tuple, NatValue]
+    node: PinnedMap[IndexKey, NodeValue]
     counters_fd: int
 
     @staticmethod
@@ -123,6 +130,9 @@ class SockLbMaps:
             affinity_match=PinnedMap(
                 path("veer_affinity_match"), AffinityMatchKey, AffinityMatchValue
             ),
+            nat_fwd=PinnedMap(path("veer_nat_fwd"), Tuple, NatValue),
+            nat_rev=PinnedMap(path("veer_nat_rev"), Tuple, NatValue),
+            node=PinnedMap(path("veer_node"), IndexKey, NodeValue),
             counters_fd=syscall.obj_get(path("veer_counters")),
         )
 
@@ -141,7 +151,7 @@ class SockLbMaps:
 
     def close(self) -> None:
         for m in (self.services, self.backends, self.vips, self.service_cidrs, self.sock_revnat,
-                  self.affinity, self.affinity_match):
+                  self.affinity, self.affinity_match, self.nat_fwd, self.nat_rev, self.node):
             m.close()
         os.close(self.counters_fd)
 

@@ -29,7 +29,9 @@ from agent.errors import DatapathError, EnvironmentProblem
 log = logging.getLogger(__name__)
 
 BPF_SRC_DIR = Path(__file__).resolve().parents[3] / "bpf"
-SOCK_LB_SOURCE = "sock_lb.c"
+# Parts of the one BPF object, concatenated in this order (BCC rewrites map
+# calls only in the text it is given, never in included files).
+SOURCES = ("veer_helpers.c", "sock_lb.c", "tc_nat.c")
 
 # enum bpf_attach_type values (uapi/linux/bpf.h).
 CGROUP_INET4_CONNECT = 10
@@ -42,6 +44,7 @@ CGROUP_INET4_GETPEERNAME = 29
 CGROUP_INET6_GETPEERNAME = 30
 
 BPF_PROG_TYPE_CGROUP_SOCK_ADDR = 18
+BPF_PROG_TYPE_SCHED_CLS = 3
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,9 @@ MAP_NAMES = (
     "veer_sock_revnat",
     "veer_affinity",
     "veer_affinity_match",
+    "veer_nat_fwd",
+    "veer_nat_rev",
+    "veer_node",
     "veer_counters",
 )
 
@@ -123,6 +129,7 @@ class SockLbPrograms:
         self.map_sizes = map_sizes or {}
         self._bpf: Any = None
         self._fns: dict[str, Any] = {}
+        self._tc_fns: dict[str, Any] = {}
 
     def load(self) -> None:
         """Compile sock_lb.c and load its programs; create or adopt the pinned maps."""
@@ -135,9 +142,10 @@ class SockLbPrograms:
             *(f"-DVEER_{name.upper()}_MAX={size}" for name, size in self.map_sizes.items()),
         ]
         try:
-            self._bpf = bcc.BPF(
-                src_file=str(BPF_SRC_DIR / SOCK_LB_SOURCE).encode(), cflags=cflags
+            text = "\n".join(
+                f'#line 1 "{name}"\n' + (BPF_SRC_DIR / name).read_text() for name in SOURCES
             )
+            self._bpf = bcc.BPF(text=text.encode(), cflags=cflags)
             for hook in SOCK_HOOKS:
                 self._fns[hook.pin] = self._bpf.load_func(
                     hook.function.encode(),
@@ -145,7 +153,7 @@ class SockLbPrograms:
                     attach_type=hook.attach_type,
                 )
         except Exception as err:  # BCC raises bare Exception for compile/load errors
-            raise DatapathError(f"loading {SOCK_LB_SOURCE} failed: {err}") from err
+            raise DatapathError(f"loading veer's BPF programs failed: {err}") from err
 
     def attach(self, cgroup: str) -> None:
         """Attach every hook to `cgroup` (replacing what is there) and pin it."""
@@ -159,6 +167,23 @@ class SockLbPrograms:
                     os.unlink(pin)
                 syscall.obj_pin(prog_fd, pin)
         log.info("attached %d socket hooks to %s", len(SOCK_HOOKS), cgroup)
+
+    def attach_tc(self, devices: list[str]) -> None:
+        """Attach the per-packet programs to each device (replacing veer's own)."""
+        from agent.datapath.ebpf import tc
+
+        progs = []
+        for hook in tc.TC_HOOKS:
+            fn = self._tc_fns.get(hook.function)
+            if fn is None:
+                try:
+                    fn = self._bpf.load_func(hook.function.encode(), BPF_PROG_TYPE_SCHED_CLS)
+                except Exception as err:  # BCC raises bare Exception
+                    raise DatapathError(f"loading {hook.function} failed: {err}") from err
+                self._tc_fns[hook.function] = fn
+            progs.append((hook, int(fn.fd), hook.function))
+        for device in devices:
+            tc.attach(device, progs)
 
     def map_path(self, name: str) -> str:
         return os.path.join(self.bpffs_dir, name)
@@ -180,7 +205,8 @@ def attached_programs(cgroup: str) -> list[AttachedProgram]:
 
 
 def cleanup(cgroup: str, bpffs_dir: str) -> list[str]:
-    """Detach every veer program from `cgroup` and remove veer's pins in `bpffs_dir`.
+    """Detach every veer program from `cgroup`, remove veer's TC filters from
+    this network namespace's devices, and remove veer's pins in `bpffs_dir`.
 
     Idempotent. Programs are found both through their pins and by querying
     the cgroup (a veer program attached without a pin is still removed).
@@ -205,6 +231,9 @@ def cleanup(cgroup: str, bpffs_dir: str) -> list[str]:
                                 raise
                     finally:
                         os.close(fd)
+    from agent.datapath.ebpf import tc
+
+    removed.extend(tc.detach_all())
     if os.path.isdir(bpffs_dir):
         for name in sorted(os.listdir(bpffs_dir)):
             if name.startswith(("prog_", "veer_")):

@@ -34,8 +34,14 @@ class ServiceKey(ctypes.Structure):
         ("proto", ctypes.c_uint8),
         ("family", ctypes.c_uint8),
         ("slot", ctypes.c_uint16),
-        ("pad", ctypes.c_uint16),
+        ("scope", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8),
     ]
+
+
+# veer_service_key.scope
+SCOPE_SOCKET = 0
+SCOPE_EXTERNAL = 1
 
 
 class ServiceValue(ctypes.Structure):
@@ -52,6 +58,7 @@ class ServiceValue(ctypes.Structure):
 # veer_service_value.flags
 SVC_F_AFFINITY = 1 << 0
 SVC_F_DROP_EMPTY = 1 << 1
+SVC_F_EXT_LOCAL = 1 << 2
 
 
 class BackendKey(ctypes.Structure):
@@ -144,6 +151,42 @@ class AffinityMatchValue(ctypes.Structure):
     _fields_ = [("flags", ctypes.c_uint32)]
 
 
+class Tuple(ctypes.Structure):
+    C_NAME = "veer_tuple"
+    _fields_ = [
+        ("saddr", Addr16),
+        ("daddr", Addr16),
+        ("sport", ctypes.c_uint16),
+        ("dport", ctypes.c_uint16),
+        ("proto", ctypes.c_uint8),
+        ("family", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 2),
+    ]
+
+
+class NatValue(ctypes.Structure):
+    C_NAME = "veer_nat_value"
+    _fields_ = [
+        ("saddr", Addr16),
+        ("daddr", Addr16),
+        ("sport", ctypes.c_uint16),
+        ("dport", ctypes.c_uint16),
+        ("service_id", ctypes.c_uint32),
+        ("last_seen_ns", ctypes.c_uint64),
+    ]
+
+
+class NodeValue(ctypes.Structure):
+    C_NAME = "veer_node_value"
+    _fields_ = [("addr4", Addr16), ("addr6", Addr16)]
+
+
+class IndexKey(ctypes.Structure):
+    """The __u32 key of an array map (no C struct of its own)."""
+
+    _fields_ = [("index", ctypes.c_uint32)]
+
+
 MIRRORS: tuple[type[ctypes.Structure], ...] = (
     ServiceKey,
     ServiceValue,
@@ -159,6 +202,9 @@ MIRRORS: tuple[type[ctypes.Structure], ...] = (
     AffinityValue,
     AffinityMatchKey,
     AffinityMatchValue,
+    Tuple,
+    NatValue,
+    NodeValue,
 )
 
 # enum veer_counter, in order.
@@ -171,6 +217,11 @@ COUNTER_NAMES: tuple[str, ...] = (
     "revnat",
     "dropped_no_local",
     "affinity_hit",
+    "nat_new",
+    "nat_snat",
+    "nat_drop",
+    "nat_reply",
+    "nat_fail",
 )
 
 # LPM trie keys carry family + padding (32 bits) before the address.

@@ -1,0 +1,209 @@
+"""Several nodes on one machine: node namespaces on a shared LAN, pods on each,
+an agent per node (own cgroup subtree, own bpffs directory), and an external
+client on the LAN with no route to any pod.
+
+    ext 10.0.0.100 ──┐
+    node-1 10.0.0.1 ─┼─ br0 (lan namespace)        node-N routes 10.244.M.0/24
+    node-2 10.0.0.2 ─┘                                via 10.0.0.M for every other M
+       │ pods 10.244.1.x          │ pods 10.244.2.x
+
+Nothing here has a route out of these namespaces.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+from agent.sandbox.servers import start_nginx, wait_listening
+from agent.sandbox.topology import Topology, run
+
+LAN_PREFIX = "10.0.0"
+HTTP_PORTS = (8080, 8081)
+
+
+def _holds(frontend: str, want: list[str], status: dict[str, Any]) -> bool:
+    return sorted(status["frontends"].get(frontend, ["-"])) == want
+
+
+@dataclass
+class NodeHandle:
+    name: str  # the Node object's name, e.g. node-1
+    netns: str
+    address: str
+    cgroup: str
+    bpffs: str
+    status_file: str
+    log_file: str
+    agent: subprocess.Popen[bytes] | None = None
+    pods: list[str] = field(default_factory=list)
+
+
+class MultiNodeCluster:
+    """`pods` maps pod name -> node index (1-based); pod n on node m gets
+    10.244.m.(n+1)."""
+
+    def __init__(self, nodes: int = 2, pods: dict[str, int] | None = None) -> None:
+        self.topo = Topology()
+        try:
+            self._build(nodes, pods or {"web-a": 1, "web-b": 1, "web-c": 2})
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self, count: int, pods: dict[str, int]) -> None:
+        topo = self.topo
+        self.manifests = os.path.join(topo.workdir, "manifests")
+        os.makedirs(self.manifests)
+        self.nodes: list[NodeHandle] = []
+        for i in range(1, count + 1):
+            netns = topo.node_ns if i == 1 else topo.add_node(f"node{i}")
+            cgroup = os.path.join(topo.cgroup, f"node-{i}")
+            os.mkdir(cgroup)
+            node = NodeHandle(
+                name=f"node-{i}",
+                netns=netns,
+                address=f"{LAN_PREFIX}.{i}",
+                cgroup=cgroup,
+                bpffs=f"{topo.bpffs}-node{i}",
+                status_file=os.path.join(topo.workdir, f"status-node{i}.json"),
+                log_file=os.path.join(topo.workdir, f"agent-node{i}.log"),
+            )
+            topo._on_close(f"datapath of {node.name}", partial(self._cleanup_node, node))
+            topo.join_lan(netns, f"{node.address}/24")
+            self.nodes.append(node)
+        for node in self.nodes:
+            for other in range(1, count + 1):
+                if other != int(node.name.split("-")[1]):
+                    topo.ns(node.netns, "ip", "route", "add", f"10.244.{other}.0/24",
+                            "via", f"{LAN_PREFIX}.{other}")
+        self.external = topo._netns("ext")
+        topo.join_lan(self.external, f"{LAN_PREFIX}.100/24")
+        self.pod_ips: dict[str, str] = {}
+        per_node: dict[int, int] = {}
+        for name, index in pods.items():
+            per_node[index] = per_node.get(index, 1) + 1
+            ip = f"10.244.{index}.{per_node[index]}"
+            pod = topo.add_pod(name, ip, node_ns=self.nodes[index - 1].netns)
+            self.pod_ips[name] = ip
+            self.nodes[index - 1].pods.append(name)
+            start_nginx(topo, pod, HTTP_PORTS)
+        for name in pods:
+            wait_listening(topo, topo.pods[name], HTTP_PORTS[0])
+        self.write_manifest("nodes.yaml", "\n---\n".join(
+            json.dumps({
+                "apiVersion": "v1", "kind": "Node",
+                "metadata": {"name": n.name},
+                "status": {"addresses": [{"type": "InternalIP", "address": n.address}]},
+            }) for n in self.nodes))
+
+    def _cleanup_node(self, node: NodeHandle) -> None:
+        self.stop_agent(node)
+        run(["ip", "netns", "exec", node.netns, sys.executable, "-m", "agent.cli.main",
+             "agent", "--cleanup", "--cgroup", node.cgroup, "--bpffs", node.bpffs], check=False)
+        if os.path.isdir(node.cgroup):
+            os.rmdir(node.cgroup)
+
+    # ---- lifecycle -------------------------------------------------------
+
+    def __enter__(self) -> MultiNodeCluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for node in getattr(self, "nodes", []):
+            self.stop_agent(node)
+        self.topo.close()
+
+    def start_agents(self, extra: Sequence[str] = ()) -> None:
+        for node in self.nodes:
+            argv = [
+                sys.executable, "-m", "agent.cli.main", "agent",
+                "--manifests", self.manifests, "--node-name", node.name,
+                "--cgroup", node.cgroup, "--bpffs", node.bpffs,
+                "--service-cidr", "10.96.0.0/16", "--status-file", node.status_file,
+                "--api-socket", "", "--max-sync-interval", "10", *extra,
+            ]
+            with open(node.log_file, "ab") as log:
+                node.agent = self.topo.spawn(node.netns, argv, in_cgroup=False,
+                                             stdout=log, stderr=log)
+        for node in self.nodes:
+            self.wait_status(node, lambda s: s["ok"], "first sync")
+
+    def stop_agent(self, node: NodeHandle, sig: int = signal.SIGTERM) -> None:
+        if node.agent is None:
+            return
+        if node.agent.poll() is None:
+            node.agent.send_signal(sig)
+            try:
+                node.agent.wait(15)
+            except subprocess.TimeoutExpired:
+                node.agent.kill()
+                node.agent.wait(5)
+        self.topo.forget(node.agent)
+        node.agent = None
+
+    def wait_status(
+        self, node: NodeHandle, predicate: Callable[[dict[str, Any]], bool], what: str,
+        timeout: float = 60.0,
+    ) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                with open(node.status_file) as f:
+                    status: dict[str, Any] = json.load(f)
+                if predicate(status):
+                    return status
+            except (FileNotFoundError, json.JSONDecodeError):
+                pass
+            if node.agent is not None and node.agent.poll() is not None:
+                break
+            time.sleep(0.05)
+        with open(node.log_file, errors="replace") as f:
+            log = f.read()[-4000:]
+        raise TimeoutError(f"{node.name}: waiting for {what} failed; agent log:\n{log}")
+
+    def wait_programmed(self, frontend: str, backends_by_node: dict[str, list[str]]) -> None:
+        """Wait until each node named holds `frontend` with the given backends
+        (as "ip:port/TCP" strings) for traffic that starts on that node."""
+        for node in self.nodes:
+            if node.name not in backends_by_node:
+                continue
+            want = sorted(backends_by_node[node.name])
+            self.wait_status(node, partial(_holds, frontend, want), f"{frontend} -> {want}")
+
+    def wait_external(self, frontend: str, node: NodeHandle, backends: list[str],
+                      local: bool) -> None:
+        """Wait until `node` holds `frontend`'s external side as given."""
+        want = {"backends": sorted(backends), "local": local}
+        self.wait_status(
+            node,
+            lambda s: s.get("external_frontends", {}).get(frontend) == want,
+            f"external {frontend} -> {want}",
+        )
+
+    def write_manifest(self, name: str, text: str) -> None:
+        tmp = os.path.join(self.manifests, f".{name}.tmp")
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, os.path.join(self.manifests, name))
+
+    # ---- traffic -----------------------------------------------------------
+
+    def probe_from_outside(self, *args: str, timeout: float = 300) -> dict[str, Any]:
+        """Run the probe in the external client's namespace (no socket hooks)."""
+        argv = [sys.executable, "-m", "agent.sandbox.probe", *args]
+        res = self.topo.exec(self.external, argv, timeout=timeout, in_cgroup=False)
+        if res.returncode != 0:
+            raise RuntimeError(f"probe {' '.join(args)} failed: {res.stderr[-2000:]}")
+        return dict(json.loads(res.stdout.strip().splitlines()[-1]))

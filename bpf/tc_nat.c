@@ -1,0 +1,313 @@
+/* SPDX-License-Identifier: Apache-2.0 */
+/*
+ * Per-packet NAT for traffic that no socket hook saw: packets arriving at the
+ * node from outside, addressed to a NodePort, an externalIP or a
+ * LoadBalancer IP. Attached with TC (clsact) to the node's devices.
+ *
+ * Ingress, for each IPv4 TCP/UDP packet:
+ *   1. a reply to a flow we source-NATed (addressed to the node's SNAT port):
+ *      restore it (frontend -> client) and send it back out;
+ *   2. a packet of a flow we already translated: translate it the same way
+ *      (a flow keeps its backend for its lifetime);
+ *   3. the first packet to an external frontend: choose a backend from the
+ *      frontend's external scope, DNAT to it, and if the backend lies behind
+ *      the device the packet came in on (another node) and the policy is
+ *      Cluster, SNAT to the node's address so the reply comes back here;
+ *      record both directions in the NAT maps.
+ * Translated packets are forwarded with a FIB lookup and bpf_redirect_neigh:
+ * the stack would drop a packet whose source is now one of its own addresses
+ * ("martian"), and the redirect also skips a second routing pass.
+ *
+ * Egress: replies of local backends to external clients leave through the
+ * device un-SNATed; their source is restored to the frontend here.
+ *
+ * Not yet: IPv6, IP options and fragments (passed untouched), ICMP errors
+ * for translated flows, loadBalancerSourceRanges, TCP RST for "refuse"
+ * (an empty frontend drops).
+ */
+#include "veer_common.h"
+
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/ip.h>
+#include <uapi/linux/pkt_cls.h>
+
+#define VEER_AF_INET 2
+#define VEER_IP_CSUM_OFF (ETH_HLEN + offsetof(struct iphdr, check))
+#define VEER_IP_SRC_OFF (ETH_HLEN + offsetof(struct iphdr, saddr))
+#define VEER_IP_DST_OFF (ETH_HLEN + offsetof(struct iphdr, daddr))
+#define VEER_L4_OFF (ETH_HLEN + sizeof(struct iphdr))
+#define VEER_TCP_CSUM_OFF 16
+#define VEER_UDP_CSUM_OFF 6
+#define VEER_SNAT_PORT_MIN 32768
+#define VEER_SNAT_PORT_RANGE 28232 /* 32768..60999, Linux's default ephemeral range */
+#define VEER_SNAT_TRIES 8
+
+/* BCC 0.26 declares bpf_redirect_neigh with three parameters; the kernel's
+ * helper takes four (ifindex, params, plen, flags). */
+static long (*veer_redirect_neigh)(__u32 ifindex, void *params, int plen, __u64 flags) =
+	(void *)BPF_FUNC_redirect_neigh;
+
+struct veer_pkt {
+	struct veer_tuple t;
+	__u32 csum_off;
+	__u16 udp;
+	__u16 syn; /* a TCP SYN without ACK: the first packet of a connection */
+};
+
+#define VEER_TCP_FLAGS_OFF 13
+#define VEER_TCP_SYN 0x02
+#define VEER_TCP_ACK 0x10
+#define VEER_SYN_REUSE_NS 3000000000ULL /* a SYN retransmit comes within 1-3 s */
+
+/* Parse an IPv4 TCP/UDP packet without options or fragmentation. */
+static __always_inline int veer_parse4(struct __sk_buff *skb, struct veer_pkt *p)
+{
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	struct iphdr *ip;
+	__be16 *ports;
+
+	if ((void *)(eth + 1) > end || eth->h_proto != bpf_htons(ETH_P_IP))
+		return -1;
+	ip = (void *)(eth + 1);
+	if ((void *)(ip + 1) > end || ip->ihl != 5)
+		return -1;
+	if (ip->frag_off & bpf_htons(0x3fff))
+		return -1;
+	if (ip->protocol != VEER_IPPROTO_TCP && ip->protocol != VEER_IPPROTO_UDP)
+		return -1;
+	ports = (void *)(ip + 1);
+	if ((void *)(ports + 2) > end)
+		return -1;
+	__builtin_memset(p, 0, sizeof(*p));
+	__builtin_memcpy(p->t.saddr, &ip->saddr, 4);
+	__builtin_memcpy(p->t.daddr, &ip->daddr, 4);
+	p->t.sport = ports[0];
+	p->t.dport = ports[1];
+	p->t.proto = ip->protocol;
+	p->t.family = VEER_FAMILY_IPV4;
+	p->udp = ip->protocol == VEER_IPPROTO_UDP;
+	p->csum_off = VEER_L4_OFF + (p->udp ? VEER_UDP_CSUM_OFF : VEER_TCP_CSUM_OFF);
+	if (!p->udp) {
+		__u8 *flags = (__u8 *)ports + VEER_TCP_FLAGS_OFF;
+
+		if ((void *)(flags + 1) > end)
+			return -1;
+		p->syn = (*flags & (VEER_TCP_SYN | VEER_TCP_ACK)) == VEER_TCP_SYN;
+	}
+	return 0;
+}
+
+/* Rewrite the packet's addresses and ports from p->t to `to`, fixing the IP
+ * and L4 checksums. A UDP checksum of 0 (none) stays 0 (MANGLED_0). */
+static __always_inline void veer_rewrite4(struct __sk_buff *skb, const struct veer_pkt *p,
+					  const struct veer_nat_value *to)
+{
+	__u64 l4 = BPF_F_PSEUDO_HDR | (p->udp ? BPF_F_MARK_MANGLED_0 : 0);
+	__be32 old_ip, new_ip;
+	__be16 sport, dport;
+
+	__builtin_memcpy(&old_ip, p->t.saddr, 4);
+	__builtin_memcpy(&new_ip, to->saddr, 4);
+	if (old_ip != new_ip) {
+		bpf_l4_csum_replace(skb, p->csum_off, old_ip, new_ip, l4 | 4);
+		bpf_l3_csum_replace(skb, VEER_IP_CSUM_OFF, old_ip, new_ip, 4);
+		bpf_skb_store_bytes(skb, VEER_IP_SRC_OFF, &new_ip, 4, 0);
+	}
+	__builtin_memcpy(&old_ip, p->t.daddr, 4);
+	__builtin_memcpy(&new_ip, to->daddr, 4);
+	if (old_ip != new_ip) {
+		bpf_l4_csum_replace(skb, p->csum_off, old_ip, new_ip, l4 | 4);
+		bpf_l3_csum_replace(skb, VEER_IP_CSUM_OFF, old_ip, new_ip, 4);
+		bpf_skb_store_bytes(skb, VEER_IP_DST_OFF, &new_ip, 4, 0);
+	}
+	l4 = p->udp ? BPF_F_MARK_MANGLED_0 : 0;
+	sport = to->sport;
+	dport = to->dport;
+	if (p->t.sport != sport) {
+		bpf_l4_csum_replace(skb, p->csum_off, p->t.sport, sport, l4 | 2);
+		bpf_skb_store_bytes(skb, VEER_L4_OFF, &sport, 2, 0);
+	}
+	if (p->t.dport != dport) {
+		bpf_l4_csum_replace(skb, p->csum_off, p->t.dport, dport, l4 | 2);
+		bpf_skb_store_bytes(skb, VEER_L4_OFF + 2, &dport, 2, 0);
+	}
+}
+
+/* Where a packet from `saddr` to `daddr` leaves this node: 0 on success. */
+static __always_inline int veer_route4(struct __sk_buff *skb, const __u8 *saddr,
+				       const __u8 *daddr, struct bpf_fib_lookup *fib)
+{
+	int rc;
+
+	__builtin_memset(fib, 0, sizeof(*fib));
+	fib->family = VEER_AF_INET;
+	fib->ifindex = skb->ingress_ifindex;
+	__builtin_memcpy(&fib->ipv4_src, saddr, 4);
+	__builtin_memcpy(&fib->ipv4_dst, daddr, 4);
+	rc = bpf_fib_lookup(skb, fib, sizeof(*fib), 0);
+	if (rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH)
+		return 0;
+	return -1;
+}
+
+/* Translate a packet of a known flow and send it on its way. */
+static __always_inline int veer_apply4(struct __sk_buff *skb, const struct veer_pkt *p,
+				       struct veer_nat_value *to)
+{
+	struct bpf_fib_lookup fib;
+
+	to->last_seen_ns = bpf_ktime_get_ns();
+	veer_rewrite4(skb, p, to);
+	if (veer_route4(skb, to->saddr, to->daddr, &fib) < 0) {
+		veer_count(VEER_CNT_NAT_FAIL);
+		return TC_ACT_SHOT;
+	}
+	return veer_redirect_neigh(fib.ifindex, NULL, 0, 0);
+}
+
+/* The first packet of a flow to an external frontend. */
+static __always_inline int veer_new_flow4(struct __sk_buff *skb, const struct veer_pkt *p)
+{
+	struct veer_service_key key = {};
+	struct veer_service_value *frontend, *slot;
+	struct veer_backend_key backend_key = {};
+	struct veer_backend_value *backend;
+	struct veer_nat_value fwd = {}, rev = {};
+	struct veer_tuple reply = {};
+	struct bpf_fib_lookup fib;
+	struct veer_node_value *node;
+	__u32 zero = 0, hash, i;
+	__u16 count;
+	int stored = 0;
+
+	__builtin_memcpy(key.addr, p->t.daddr, 16);
+	key.port = p->t.dport;
+	key.proto = p->t.proto;
+	key.family = p->t.family;
+	key.scope = VEER_SCOPE_EXTERNAL;
+	frontend = veer_services.lookup(&key);
+	if (!frontend)
+		return TC_ACT_OK; /* not ours */
+	count = frontend->count;
+	if (count == 0) {
+		veer_count(VEER_CNT_NAT_DROP);
+		return TC_ACT_SHOT;
+	}
+	key.slot = (bpf_get_prandom_u32() % count) + 1;
+	slot = veer_services.lookup(&key);
+	if (!slot) {
+		veer_count(VEER_CNT_INCONSISTENT);
+		return TC_ACT_SHOT;
+	}
+	backend_key.backend_id = slot->backend_id;
+	backend = veer_backends.lookup(&backend_key);
+	if (!backend || backend->family != VEER_FAMILY_IPV4) {
+		veer_count(VEER_CNT_INCONSISTENT);
+		return TC_ACT_SHOT;
+	}
+
+	/* Forward: client -> backend, possibly from the node instead. */
+	__builtin_memcpy(fwd.saddr, p->t.saddr, 16);
+	fwd.sport = p->t.sport;
+	__builtin_memcpy(fwd.daddr, backend->addr, 16);
+	fwd.dport = backend->port;
+	fwd.service_id = frontend->service_id;
+	fwd.last_seen_ns = bpf_ktime_get_ns();
+
+	/* Reply: backend -> (client or node) becomes frontend -> client. */
+	__builtin_memcpy(rev.saddr, p->t.daddr, 16);
+	rev.sport = p->t.dport;
+	__builtin_memcpy(rev.daddr, p->t.saddr, 16);
+	rev.dport = p->t.sport;
+	rev.service_id = frontend->service_id;
+	rev.last_seen_ns = fwd.last_seen_ns;
+	__builtin_memcpy(reply.saddr, backend->addr, 16);
+	reply.sport = backend->port;
+	reply.proto = p->t.proto;
+	reply.family = p->t.family;
+
+	if (veer_route4(skb, fwd.saddr, fwd.daddr, &fib) < 0) {
+		veer_count(VEER_CNT_NAT_FAIL);
+		return TC_ACT_SHOT;
+	}
+	if (fib.ifindex == skb->ingress_ifindex && !(frontend->flags & VEER_SVC_F_EXT_LOCAL)) {
+		/* The backend is behind the device the packet came in on: another
+		 * node. Its reply must come back through us, so SNAT. */
+		node = veer_node.lookup(&zero);
+		if (!node || !(node->addr4[0] | node->addr4[1] | node->addr4[2] | node->addr4[3])) {
+			veer_count(VEER_CNT_NAT_FAIL);
+			return TC_ACT_SHOT;
+		}
+		__builtin_memcpy(fwd.saddr, node->addr4, 16);
+		__builtin_memcpy(reply.daddr, node->addr4, 16);
+		hash = bpf_get_prandom_u32();
+#pragma unroll
+		for (i = 0; i < VEER_SNAT_TRIES; i++) {
+			fwd.sport = bpf_htons(VEER_SNAT_PORT_MIN + (hash + i * 7919) % VEER_SNAT_PORT_RANGE);
+			reply.dport = fwd.sport;
+			if (veer_nat_rev.insert(&reply, &rev) == 0) {
+				stored = 1;
+				break;
+			}
+		}
+		if (!stored) {
+			veer_count(VEER_CNT_NAT_FAIL);
+			return TC_ACT_SHOT;
+		}
+		veer_count(VEER_CNT_NAT_SNAT);
+	} else {
+		__builtin_memcpy(reply.daddr, p->t.saddr, 16);
+		reply.dport = p->t.sport;
+		if (veer_nat_rev.update(&reply, &rev) != 0) {
+			veer_count(VEER_CNT_NAT_FAIL);
+			return TC_ACT_SHOT;
+		}
+	}
+	if (veer_nat_fwd.update((struct veer_tuple *)&p->t, &fwd) != 0) {
+		veer_count(VEER_CNT_NAT_FAIL);
+		return TC_ACT_SHOT;
+	}
+	veer_count(VEER_CNT_NAT_NEW);
+	veer_rewrite4(skb, p, &fwd);
+	return veer_redirect_neigh(fib.ifindex, NULL, 0, 0);
+}
+
+int veer_tc_ingress(struct __sk_buff *skb)
+{
+	struct veer_pkt p;
+	struct veer_nat_value *nat;
+
+	if (veer_parse4(skb, &p) < 0)
+		return TC_ACT_OK;
+	nat = veer_nat_rev.lookup(&p.t);
+	if (nat) {
+		veer_count(VEER_CNT_NAT_REPLY);
+		return veer_apply4(skb, &p, nat);
+	}
+	/* A SYN starts a new connection even if an old one used the same ports:
+	 * choose afresh (the new entry replaces the stale one), as conntrack
+	 * does for a connection in TIME_WAIT, unless the entry is only a moment
+	 * old, i.e. this is a retransmitted SYN of the same connection. */
+	nat = veer_nat_fwd.lookup(&p.t);
+	if (nat && (!p.syn || bpf_ktime_get_ns() - nat->last_seen_ns < VEER_SYN_REUSE_NS))
+		return veer_apply4(skb, &p, nat);
+	return veer_new_flow4(skb, &p);
+}
+
+int veer_tc_egress(struct __sk_buff *skb)
+{
+	struct veer_pkt p;
+	struct veer_nat_value *nat;
+
+	if (veer_parse4(skb, &p) < 0)
+		return TC_ACT_OK;
+	nat = veer_nat_rev.lookup(&p.t);
+	if (!nat)
+		return TC_ACT_OK;
+	veer_count(VEER_CNT_NAT_REPLY);
+	nat->last_seen_ns = bpf_ktime_get_ns();
+	veer_rewrite4(skb, &p, nat);
+	return TC_ACT_OK;
+}

@@ -1,0 +1,114 @@
+"""NodePort from outside the cluster: the TC path, across two nodes.
+
+Topology (agent/sandbox/multinode.py): node-1 10.0.0.1 with web-a
+10.244.1.2 and web-b 10.244.1.3; node-2 10.0.0.2 with web-c 10.244.2.2; an
+external client 10.0.0.100 on the same LAN with no route to any pod. Service
+web: NodePort 30080 -> pod port 8080. Each nginx answers GET /client with
+"<pod>:<port> <the client address it saw>".
+
+Each case: which node the client dials, the Service's
+externalTrafficPolicy, and the exact set of (backend, address seen) pairs
+that may answer.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from agent.sandbox.multinode import MultiNodeCluster
+from tests.datapath.conftest import require_datapath
+
+EXT = "10.0.0.100"
+N = 150
+
+
+def web(policy: str, endpoints: dict[str, str]) -> str:
+    svc = {
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "web", "namespace": "default"},
+        "spec": {
+            "type": "NodePort", "clusterIP": "10.96.0.10", "externalTrafficPolicy": policy,
+            "ports": [{"name": "http", "protocol": "TCP", "port": 80, "targetPort": 8080,
+                       "nodePort": 30080}],
+        },
+    }
+    eps = {
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": "web-1", "namespace": "default",
+                     "labels": {"kubernetes.io/service-name": "web"}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "protocol": "TCP", "port": 8080}],
+        "endpoints": [{"addresses": [ip], "nodeName": node} for ip, node in endpoints.items()],
+    }
+    return json.dumps(svc) + "\n---\n" + json.dumps(eps) + "\n"
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[MultiNodeCluster]:
+    require_datapath()
+    with MultiNodeCluster() as c:
+        c.start_agents()
+        yield c
+
+
+ALL = {"10.244.1.2": "node-1", "10.244.1.3": "node-1", "10.244.2.2": "node-2"}
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    policy: str
+    node_ip: str
+    answers: frozenset[str]  # "<pod>:8080 <address the pod saw>"
+
+
+CASES = [
+    Case("Cluster via node-1: local pods see the client, the remote one sees node-1",
+         "Cluster", "10.0.0.1",
+         frozenset({f"web-a:8080 {EXT}", f"web-b:8080 {EXT}", "web-c:8080 10.0.0.1"})),
+    Case("Cluster via node-2: the remote pods see node-2",
+         "Cluster", "10.0.0.2",
+         frozenset({"web-a:8080 10.0.0.2", "web-b:8080 10.0.0.2", f"web-c:8080 {EXT}"})),
+    Case("Local via node-1: only node-1's pods, client address preserved",
+         "Local", "10.0.0.1", frozenset({f"web-a:8080 {EXT}", f"web-b:8080 {EXT}"})),
+    Case("Local via node-2: only node-2's pod, client address preserved",
+         "Local", "10.0.0.2", frozenset({f"web-c:8080 {EXT}"})),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+def test_nodeport_from_outside(cluster: MultiNodeCluster, case: Case) -> None:
+    cluster.write_manifest("web.yaml", web(case.policy, ALL))
+    local = case.policy == "Local"
+    for node in cluster.nodes:
+        mine = [f"{ip}:8080/TCP" for ip, n in ALL.items() if n == node.name or not local]
+        cluster.wait_external(f"{node.address}:30080/TCP", node, mine, local)
+    result = cluster.probe_from_outside(
+        "tcp", case.node_ip, "30080", "--count", str(N), "--path", "/client", "--timeout", "5"
+    )
+    assert result["errors"] == {}, result
+    assert set(result["answers"]) == case.answers, result
+    # The client talks to the NodePort and never sees a backend's address.
+    assert result["peer_mismatch"] == 0
+
+
+def test_no_endpoints_from_outside_is_dropped(cluster: MultiNodeCluster) -> None:
+    cluster.write_manifest("web.yaml", web("Cluster", {}))
+    cluster.wait_external("10.0.0.1:30080/TCP", cluster.nodes[0], [], False)
+    result = cluster.probe_from_outside(
+        "tcp", "10.0.0.1", "30080", "--count", "2", "--timeout", "1"
+    )
+    assert result["answers"] == {} and result["errors"] == {"TIMEOUT": 2}, result
+
+
+def test_local_policy_without_local_endpoints_drops(cluster: MultiNodeCluster) -> None:
+    cluster.write_manifest("web.yaml", web("Local", {"10.244.2.2": "node-2"}))
+    cluster.wait_external("10.0.0.1:30080/TCP", cluster.nodes[0], [], True)
+    result = cluster.probe_from_outside(
+        "tcp", "10.0.0.1", "30080", "--count", "2", "--timeout", "1"
+    )
+    assert result["answers"] == {} and result["errors"] == {"TIMEOUT": 2}, result
