@@ -145,7 +145,7 @@ def render_status(s: dict[str, Any], now: float) -> str:
         "  ",
     ) if s["maps"] else "  none\n"
 
-    out += "\nKERNEL COUNTERS (socket programs, since the maps were created)\n"
+    out += "\nKERNEL COUNTERS (veer_counters, summed over CPUs, since the map was created)\n"
     out += table(["EVENT", "COUNT"], [[c["name"], c["value"]] for c in s["counters"]], "  ") \
         if s["counters"] else "  none\n"
 

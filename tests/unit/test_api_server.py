@@ -1,0 +1,144 @@
+"""The API server's socket handling and a round trip through the client,
+with an agent on the fake datapath (no root, no kernel).
+
+The socket is created 0600 in a directory made 0700; a stale socket file is
+replaced; a live one is refused; stopping removes it.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from agent.cli.client import AgentUnreachable, ApiError, Client
+from agent.config import AgentConfig
+from agent.daemon import Agent
+from agent.datapath.fake import FakeDatapath
+from agent.errors import ConfigError
+from agent.serve import ServeOptions
+
+WEB = """
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec:
+  clusterIP: 10.96.0.10
+  ports: [{name: http, protocol: TCP, port: 80, targetPort: 8080}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: web-1
+  namespace: default
+  labels: {kubernetes.io/service-name: web}
+addressType: IPv4
+ports: [{name: http, protocol: TCP, port: 8080}]
+endpoints:
+  - addresses: ["10.244.1.2"]
+  - addresses: ["10.244.1.5"]
+    conditions: {ready: false}
+"""
+
+
+def make_agent(tmp: Path, sock: str) -> Agent:
+    manifests = tmp / "manifests"
+    manifests.mkdir(exist_ok=True)
+    (manifests / "web.yaml").write_text(WEB)
+    config = AgentConfig(node_name="node-1", manifests=str(manifests), scan_interval=0.05)
+    return Agent(config, FakeDatapath(), mode=("ebpf", "test"),
+                 serve=ServeOptions(api_socket=sock))
+
+
+@pytest.fixture
+def running(tmp_path: Path) -> Iterator[tuple[Agent, str]]:
+    sock = str(tmp_path / "run" / "veer.sock")
+    agent = make_agent(tmp_path, sock)
+    agent.start()
+    try:
+        deadline = time.monotonic() + 10
+        while agent.telemetry.passes == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        yield agent, sock
+    finally:
+        agent.stop()
+
+
+def test_socket_and_directory_are_root_only(running: tuple[Agent, str]) -> None:
+    _, sock = running
+    assert stat.S_ISSOCK(os.stat(sock).st_mode)
+    assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(os.path.dirname(sock)).st_mode) == 0o700
+    assert os.listdir(os.path.dirname(sock)) == ["veer.sock"]  # no staging leftovers
+
+
+def test_round_trip(running: tuple[Agent, str]) -> None:
+    _, sock = running
+    with Client(sock) as client:
+        status = client.status()
+        assert (status["mode"], status["mode_reason"], status["datapath"]) == (
+            "ebpf", "test", "fake")
+        assert status["programs"] == [] and status["frontends"] == 1
+        assert status["sync"]["passes"] >= 1 and status["source"]["synced"]
+        web = client.service("default", "web")["frontends"][0]
+        assert [(b["address"], b["in_use"], b["ready"]) for b in web["backends"]] == [
+            ("10.244.1.2", True, True), ("10.244.1.5", False, False)]
+        assert web["state"] == "FRONTEND_STATE_PROGRAMMED"
+        explained = client.explain("", "10.96.0.10", 80)
+        assert explained["verdict"] == "VERDICT_TRANSLATE"
+        assert [c["address"] for c in explained["candidates"]] == ["10.244.1.2"]
+        assert client.maps()["in_sync"] is True
+        passes = status["sync"]["passes"]
+        assert client.resync(timeout=10)["sync"]["passes"] > passes
+        with pytest.raises(ApiError) as missing:
+            client.service("default", "nope")
+        assert missing.value.code == "NOT_FOUND"
+        with pytest.raises(ApiError) as observe:
+            list(client.observe())
+        assert observe.value.code == "UNIMPLEMENTED"
+
+
+def test_live_socket_is_refused(running: tuple[Agent, str], tmp_path: Path) -> None:
+    _, sock = running
+    (tmp_path / "second").mkdir()
+    second = make_agent(tmp_path / "second", sock)
+    with pytest.raises(ConfigError, match="another veer agent answers there"):
+        second.servers.start()
+    assert stat.S_ISSOCK(os.stat(sock).st_mode)  # the first agent's socket is untouched
+
+
+def test_stale_socket_is_replaced_and_removed_on_stop(tmp_path: Path) -> None:
+    sock = str(tmp_path / "veer.sock")
+    with socket.socket(socket.AF_UNIX) as dead:
+        dead.bind(sock)  # bound, never listening, then closed: stale
+    agent = make_agent(tmp_path, sock)
+    agent.servers.start()
+    try:
+        with Client(sock) as client:
+            assert client.status()["node_name"] == "node-1"
+    finally:
+        agent.servers.stop()
+    assert not os.path.exists(sock)
+    with pytest.raises(AgentUnreachable, match=f"no veer agent at {sock}"):
+        Client(sock).status()
+
+
+def test_not_a_socket_is_an_error(tmp_path: Path) -> None:
+    path = tmp_path / "veer.sock"
+    path.write_text("not a socket")
+    with pytest.raises(ConfigError, match="exists and is not a socket"):
+        make_agent(tmp_path, str(path)).servers.start()
+
+
+@pytest.mark.parametrize("address", ["0.0.0.0:9999", "10.0.0.1:1"])
+def test_tcp_api_is_loopback_only(tmp_path: Path, address: str) -> None:
+    manifests = tmp_path / "m"
+    manifests.mkdir()
+    config = AgentConfig(node_name="n", manifests=str(manifests))
+    with pytest.raises(ConfigError, match="not a loopback address"):
+        Agent(config, FakeDatapath(), serve=ServeOptions(api_address=address))
