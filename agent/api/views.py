@@ -69,17 +69,14 @@ def problem_message(pb: Any, problem: ServiceProblem) -> Any:
 
 
 def _frontend_state(
-    pb: Any, fe: Frontend, view: FrontendView | None, failed: Mapping[L4Addr, str]
+    pb: Any, fe: Frontend, view: FrontendView | None, external: FrontendView | None,
+    failed: Mapping[L4Addr, str],
 ) -> tuple[int, str]:
     if fe.key in failed:
         return pb.FRONTEND_STATE_FAILED, failed[fe.key]
-    if (
-        view is not None
-        and view.complete
-        and view.backends == fe.backends
-        and view.drop_when_empty == (fe.on_empty is EmptyVerdict.DROP)
-        and view.affinity_timeout == fe.affinity_timeout
-    ):
+    complete = view is not None and view.complete and (
+        not fe.kind.external or (external is not None and external.complete))
+    if complete and view is not None and _project(fe, view, external) == fe:
         return pb.FRONTEND_STATE_PROGRAMMED, ""
     return pb.FRONTEND_STATE_PENDING, ""
 
@@ -91,8 +88,9 @@ def frontend_message(
     snapshot: ClusterSnapshot,
     view: FrontendView | None,
     failed: Mapping[L4Addr, str],
+    external: FrontendView | None = None,
 ) -> Any:
-    state, error = _frontend_state(pb, fe, view, failed)
+    state, error = _frontend_state(pb, fe, view, external, failed)
     msg = pb.Frontend(
         address=str(fe.key.address),
         port=fe.key.port,
@@ -160,7 +158,8 @@ def service_messages(
         )
         for fe in sorted(by_service.get((ns, nm), []), key=lambda f: f.key):
             info.frontends.append(
-                frontend_message(pb, fe, svc, snapshot, actual.frontends.get(fe.key), failed)
+                frontend_message(pb, fe, svc, snapshot, actual.frontends.get(fe.key), failed,
+                                 actual.external.get(fe.key))
             )
         info.problems.extend(
             problem_message(pb, p) for p in desired.problems if (p.namespace, p.name) == (ns, nm)
@@ -234,36 +233,69 @@ def explain_message(pb: Any, ex: Explanation) -> Any:
 # ---- maps --------------------------------------------------------------------
 
 
+def _project(want: Frontend, view: FrontendView, external: FrontendView | None) -> Frontend:
+    """`want` with what the maps hold in place of what it asks for."""
+    def verdict(drop: bool) -> EmptyVerdict:
+        return EmptyVerdict.DROP if drop else EmptyVerdict.REFUSE
+
+    held = dataclasses.replace(
+        want, backends=view.backends, on_empty=verdict(view.drop_when_empty),
+        affinity_timeout=view.affinity_timeout,
+    )
+    if not want.kind.external:
+        return held
+    if external is None:  # the external scope is missing: nothing serves outside traffic
+        return dataclasses.replace(held, external_backends=(),
+                                   external_on_empty=EmptyVerdict.REFUSE, external_local=False)
+    return dataclasses.replace(
+        held, external_backends=external.backends,
+        external_on_empty=verdict(external.drop_when_empty),
+        external_local=external.external_local,
+    )
+
+
+def _broken(view: FrontendView, scope: str) -> list[str]:
+    out = []
+    for s in view.slots:
+        if s.backend is None:
+            what = "missing" if not s.backend_id else f"backend {s.backend_id} missing"
+            out.append(f"inconsistent {view.key}{scope} slot {s.slot}: {what}")
+    return out
+
+
 def actual_text(actual: ActualState, desired: DesiredState) -> str:
     """The real maps in render_desired's format.
 
-    From the maps: which frontends exist, their backends (through the slots),
-    their drop-when-empty flag and affinity timeout, the VIPs and CIDRs. A
-    frontend's Service name, kind and what only later datapaths hold
-    (external backends, source ranges) are not in these maps: they are taken
-    from the desired frontend with the same key, so the diff shows exactly what
-    the maps get wrong. Frontends nobody wants are shown with their service
-    id; frontends with missing slots or backends get an `inconsistent` line.
+    From the maps: which frontends exist, their backends (through the slots)
+    in the socket scope and, for NodePort/ExternalIP/LoadBalancer, in the
+    external scope; the drop-when-empty, affinity and external-Local flags;
+    the VIPs and CIDRs. A frontend's Service name and kind, and its source
+    ranges, are not in these maps: they are taken from the desired frontend
+    with the same key, so the diff shows exactly what the maps get wrong.
+    Frontends nobody wants are shown with their service id; frontends with
+    missing slots or backends get an `inconsistent` line.
     """
     known: dict[L4Addr, Frontend] = {}
     strays: list[str] = []
     broken: list[str] = []
     for key in sorted(actual.frontends):
         view = actual.frontends[key]
-        on_empty = EmptyVerdict.DROP if view.drop_when_empty else EmptyVerdict.REFUSE
+        external = actual.external.get(key)
         want = desired.frontends.get(key)
         if want is not None:
-            known[key] = dataclasses.replace(
-                want, backends=view.backends, on_empty=on_empty,
-                affinity_timeout=view.affinity_timeout,
-            )
+            known[key] = _project(want, view, external)
         else:
-            backends = " ".join(str(b) for b in view.backends) or f"(none: {on_empty.value})"
+            empty = "drop" if view.drop_when_empty else "refuse"
+            backends = " ".join(str(b) for b in view.backends) or f"(none: {empty})"
             strays.append(f"{key}  ?  (not desired: service id {view.service_id})  -> {backends}")
-        for s in view.slots:
-            if s.backend is None:
-                what = "missing" if not s.backend_id else f"backend {s.backend_id} missing"
-                broken.append(f"inconsistent {key} slot {s.slot}: {what}")
+        broken += _broken(view, "")
+        if external is not None:
+            broken += _broken(external, " (external)")
+    for key in sorted(set(actual.external) - set(actual.frontends)):
+        view = actual.external[key]
+        strays.append(f"{key}  ?  (external scope only: service id {view.service_id})  "
+                      f"-> {' '.join(str(b) for b in view.backends) or '(none)'}")
+        broken += _broken(view, " (external)")
     text = render_desired(DesiredState(
         frontends=known, vips=frozenset(actual.vips),
         service_cidrs=frozenset(actual.service_cidrs),

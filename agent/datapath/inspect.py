@@ -52,6 +52,7 @@ class FrontendView:
     slots: tuple[SlotView, ...]  # slots 1..count, in order
     drop_when_empty: bool = False
     affinity_timeout: int = 0
+    external_local: bool = False  # external scope: externalTrafficPolicy Local (no SNAT)
 
     @property
     def count(self) -> int:
@@ -69,7 +70,12 @@ class FrontendView:
 
 @dataclass
 class ActualState:
-    frontends: dict[L4Addr, FrontendView] = field(default_factory=dict)
+    """The tables as read. A frontend has a socket scope (read by the socket
+    programs) and, for NodePort/ExternalIP/LoadBalancer, an external scope
+    (read by the TC programs for packets from outside); both share its id."""
+
+    frontends: dict[L4Addr, FrontendView] = field(default_factory=dict)  # socket scope
+    external: dict[L4Addr, FrontendView] = field(default_factory=dict)  # external scope
     vips: set[IPAddress] = field(default_factory=set)
     service_cidrs: set[IPNetwork] = field(default_factory=set)
 
@@ -96,11 +102,11 @@ class DatapathReader(ABC):
 
     @abstractmethod
     def frontend(self, key: L4Addr) -> FrontendEntry | None:
-        """The slot-0 entry of `key`."""
+        """The slot-0 entry of `key` in the socket scope (what the socket programs read)."""
 
     @abstractmethod
     def slot(self, key: L4Addr, slot: int) -> int | None:
-        """The backend id in slot `slot` (>= 1) of `key`."""
+        """The backend id in slot `slot` (>= 1) of `key`, socket scope."""
 
     @abstractmethod
     def backend(self, backend_id: int) -> L4Addr | None: ...
@@ -134,23 +140,25 @@ class StateReader(DatapathReader):
 
     def _state(self) -> ActualState:
         state = self._dump()
-        held = {key: _backends_of(value) for key, value in state.frontends.items()}
-        backend_ids: dict[L4Addr, int] = {}
-        for ident, be in enumerate(sorted({b for bs in held.values() for b in bs}), start=1):
-            backend_ids[be] = ident
+        every = {b for pf in state.frontends.values()
+                 for b in (*pf.backends, *pf.external_backends)}
+        backend_ids = {be: ident for ident, be in enumerate(sorted(every), start=1)}
+
+        def slots(backends: tuple[L4Addr, ...]) -> tuple[SlotView, ...]:
+            return tuple(SlotView(pos, backend_ids[be], be)
+                         for pos, be in enumerate(backends, start=1))
+
         out = ActualState(vips=set(state.vips), service_cidrs=set(state.service_cidrs))
-        for service_id, key in enumerate(sorted(held), start=1):
-            slots = tuple(
-                SlotView(pos, backend_ids[be], be) for pos, be in enumerate(held[key], start=1)
-            )
-            held_as = state.frontends[key]
+        for service_id, key in enumerate(sorted(state.frontends), start=1):
+            pf = state.frontends[key]
             out.frontends[key] = FrontendView(
-                key,
-                service_id,
-                slots,
-                bool(getattr(held_as, "drop_when_empty", False)),
-                int(getattr(held_as, "affinity_timeout", 0)),
+                key, service_id, slots(pf.backends), pf.drop_when_empty, pf.affinity_timeout
             )
+            if pf.external:
+                out.external[key] = FrontendView(
+                    key, service_id, slots(pf.external_backends),
+                    pf.external_drop_when_empty, 0, pf.external_local,
+                )
         return out
 
     def read(self) -> ActualState:
@@ -181,14 +189,6 @@ class StateReader(DatapathReader):
     def in_service_cidr(self, address: IPAddress) -> bool:
         return any(address in cidr for cidr in self._state().service_cidrs
                    if cidr.version == address.version)
-
-
-def _backends_of(held: object) -> tuple[L4Addr, ...]:
-    """The backends of a DatapathState frontend entry (a ProgrammedFrontend, or
-    the bare tuple of backends older datapaths keep)."""
-    backends = getattr(held, "backends", held)
-    assert isinstance(backends, tuple)
-    return backends
 
 
 def reader_for(datapath: Datapath) -> DatapathReader:

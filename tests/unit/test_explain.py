@@ -11,6 +11,7 @@ Addresses: Service CIDR 10.96.0.0/16; web 10.96.0.10:80 -> pods .2 .3 (ready),
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 
 import pytest
@@ -105,3 +106,28 @@ def test_maps_diff_shows_a_missing_backend() -> None:
     assert "-10.96.0.10:80/TCP  ClusterIP  default/web:http  -> 10.244.1.2:8080/TCP " \
            "10.244.1.3:8080/TCP\n" in msg.diff
     assert "+10.96.0.10:80/TCP  ClusterIP  default/web:http  -> 10.244.1.2:8080/TCP\n" in msg.diff
+
+
+def test_external_scope_is_projected_and_diffed() -> None:
+    """An ExternalIP frontend holds a second (external) scope; the maps view
+    renders it like compute does, and a change to it shows in the diff."""
+    state = desired(
+        service("web", port("http", 80, 8080), ips="10.96.0.10",
+                externalIPs=["192.0.2.10"], externalTrafficPolicy="Local"),
+        eps("web-1", "web", ep("10.244.1.2", ready=True, node="node-1"),
+            ep("10.244.2.2", ready=True, node="node-2"), ports=[eport("http", 8080)]),
+        config=CONFIG,
+    )
+    datapath = FakeDatapath()
+    assert Reconciler(datapath, lambda: state).sync().ok
+    actual = StateReader(datapath.dump).read()
+    external = L4Addr(ipaddress.ip_address("192.0.2.10"), 80, Protocol.TCP)
+    assert set(actual.external) == {external}
+    assert actual_text(actual, state) == render_desired(state)
+    assert "external(Local) -> 10.244.1.2:8080/TCP" in render_desired(state)
+
+    held = datapath.state.frontends[external]
+    datapath.state.frontends[external] = dataclasses.replace(held, external_backends=())
+    text = actual_text(StateReader(datapath.dump).read(), state)
+    assert "192.0.2.10:80/TCP  ExternalIP  default/web:http  -> 10.244.1.2:8080/TCP " \
+           "10.244.2.2:8080/TCP  external(Local) -> (none: drop)" in text

@@ -17,8 +17,11 @@ from agent.datapath.ebpf.structs import (
     CIDR_KEY_PREFIX_BITS,
     IPPROTO,
     PROTOCOL_OF,
+    SCOPE_EXTERNAL,
+    SCOPE_SOCKET,
     SVC_F_AFFINITY,
     SVC_F_DROP_EMPTY,
+    SVC_F_EXT_LOCAL,
     BackendKey,
     CidrKey,
     ServiceKey,
@@ -40,16 +43,18 @@ from agent.datapath.inspect import (
 )
 from agent.model.objects import IPAddress, IPNetwork
 
-FrontendId = tuple[bytes, int, int, int]  # addr, port (be), proto, family
+FrontendId = tuple[bytes, int, int, int, int]  # addr, port (be), proto, family, scope
 
 
 def _service_key(key: L4Addr, slot: int) -> ServiceKey:
+    """A socket-scope key, as sock_lb.c builds it (scope 0)."""
     return ServiceKey(
         addr=addr_bytes(key.address),
         port=port_be(key.port),
         proto=IPPROTO[key.protocol],
         family=family_of(key.address),
         slot=slot,
+        scope=SCOPE_SOCKET,
     )
 
 
@@ -62,6 +67,17 @@ def _entry(value: ServiceValue) -> FrontendEntry:
         drop_when_empty=bool(value.flags & SVC_F_DROP_EMPTY),
         affinity_timeout=value.affinity_timeout if affinity else 0,
     )
+
+
+def _view(fe: L4Addr, value: ServiceValue, slots: dict[int, int],
+          backends: dict[int, L4Addr]) -> FrontendView:
+    entry = _entry(value)
+    views = []
+    for pos in range(1, entry.count + 1):
+        ident = slots.get(pos, 0)
+        views.append(SlotView(pos, ident, backends.get(ident) if ident else None))
+    return FrontendView(fe, entry.service_id, tuple(views), entry.drop_when_empty,
+                        entry.affinity_timeout, bool(value.flags & SVC_F_EXT_LOCAL))
 
 
 class MapsReader(DatapathReader):
@@ -109,28 +125,22 @@ class MapsReader(DatapathReader):
                 backends[bkey.backend_id] = L4Addr(
                     addr_from(bvalue.addr, bvalue.family), port_host(bvalue.port), protocol
                 )
-        masters: dict[FrontendId, tuple[L4Addr, FrontendEntry]] = {}
+        masters: dict[FrontendId, tuple[L4Addr, ServiceValue]] = {}
         slots: dict[FrontendId, dict[int, int]] = {}
         for key, value in self.maps.services.items():
-            fid = (bytes(key.addr), key.port, key.proto, key.family)
+            fid = (bytes(key.addr), key.port, key.proto, key.family, key.scope)
             if key.slot == 0:
                 protocol = PROTOCOL_OF.get(key.proto)
                 if protocol is not None:
                     fe = L4Addr(addr_from(key.addr, key.family), port_host(key.port), protocol)
-                    masters[fid] = (fe, _entry(value))
+                    masters[fid] = (fe, value)
             else:
                 slots.setdefault(fid, {})[key.slot] = value.backend_id
 
         state = ActualState()
-        for fid, (fe, entry) in masters.items():
-            of = slots.get(fid, {})
-            views = []
-            for pos in range(1, entry.count + 1):
-                ident = of.get(pos, 0)
-                views.append(SlotView(pos, ident, backends.get(ident) if ident else None))
-            state.frontends[fe] = FrontendView(
-                fe, entry.service_id, tuple(views), entry.drop_when_empty, entry.affinity_timeout
-            )
+        for fid, (fe, value) in masters.items():
+            view = _view(fe, value, slots.get(fid, {}), backends)
+            (state.external if fid[4] == SCOPE_EXTERNAL else state.frontends)[fe] = view
         for vkey in self.maps.vips.list_keys():
             state.vips.add(addr_from(vkey.addr, vkey.family))
         for ckey in self.maps.service_cidrs.list_keys():
