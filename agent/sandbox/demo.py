@@ -108,6 +108,8 @@ def _keep_running(cluster: SandboxCluster) -> None:
     print(f"    {sys.executable} -m agent.sandbox.probe tcp 10.96.0.10 80 --count 10")
     print(f"  manifests (edit them; the agent follows): {cluster.manifests}")
     print(f"  agent log: {cluster.agent_log}; status: {cluster.status_file}")
+    print("  ask the agent (docs/debugging.md): veer status | services | explain ... "
+          f"--socket {cluster.api_socket}")
     stop = False
 
     def on_signal(_signum: int, _frame: object) -> None:
