@@ -109,6 +109,12 @@ class Datapath(ABC):
         Idempotent. Default: the backend has no per-packet path."""
         del devices, node_addresses
 
+    def finish_pass(self) -> list[str]:
+        """Called once at the end of every reconciler pass, for work that is
+        best batched (clearing flows of removed backends). Returns notes for
+        the log. Default: nothing to do."""
+        return []
+
     def usage(self) -> list[MapUsage]:
         """Fill levels of the backend's tables, for status and metrics."""
         return []

@@ -150,3 +150,9 @@ class Reconciler:
         for cidr in applied.service_cidrs - desired.service_cidrs:
             if attempt(result, f"remove CIDR {cidr}", partial(dp.delete_service_cidr, cidr)):
                 applied.service_cidrs.discard(cidr)
+
+        try:
+            for note in dp.finish_pass():
+                log.info("%s", note)
+        except DatapathError as err:
+            result.errors.append(f"finishing the pass: {err}")

@@ -23,11 +23,12 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
-from agent.sandbox.servers import start_nginx, wait_listening
+from agent.sandbox.servers import start_nginx, start_udp_echo, wait_listening, wait_udp
 from agent.sandbox.topology import Topology, run
 
 LAN_PREFIX = "10.0.0"
 HTTP_PORTS = (8080, 8081)
+UDP_PORT = 9053
 
 
 def _holds(frontend: str, want: list[str], status: dict[str, Any]) -> bool:
@@ -96,8 +97,10 @@ class MultiNodeCluster:
             self.pod_ips[name] = ip
             self.nodes[index - 1].pods.append(name)
             start_nginx(topo, pod, HTTP_PORTS)
+            start_udp_echo(topo, pod, [UDP_PORT])
         for name in pods:
             wait_listening(topo, topo.pods[name], HTTP_PORTS[0])
+            wait_udp(topo, topo.pods[name], UDP_PORT)
         self.write_manifest("nodes.yaml", "\n---\n".join(
             json.dumps({
                 "apiVersion": "v1", "kind": "Node",
@@ -199,6 +202,13 @@ class MultiNodeCluster:
         os.replace(tmp, os.path.join(self.manifests, name))
 
     # ---- traffic -----------------------------------------------------------
+
+    def spawn_probe_outside(self, *args: str) -> subprocess.Popen[str]:
+        argv = [sys.executable, "-m", "agent.sandbox.probe", *args]
+        proc = subprocess.Popen(["ip", "netns", "exec", self.external, *argv],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.topo._procs.append(proc)
+        return proc
 
     def probe_from_outside(self, *args: str, timeout: float = 300) -> dict[str, Any]:
         """Run the probe in the external client's namespace (no socket hooks)."""

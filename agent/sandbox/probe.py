@@ -4,6 +4,7 @@
     python -m agent.sandbox.probe tcp ADDR PORT --duration S     as many as fit in S seconds
     python -m agent.sandbox.probe tcp ADDR PORT --persistent N   N requests on one connection
     python -m agent.sandbox.probe udp ADDR PORT --count N [--connect]
+    python -m agent.sandbox.probe udp ADDR PORT --persistent N [--connect]   one socket
 
 It prints one JSON object: which backend answered how often ("answers"),
 failures by errno name ("errors"), how often getpeername()/recvfrom() showed
@@ -142,6 +143,47 @@ def run_tcp_persistent(args: argparse.Namespace) -> dict[str, Any]:
     return {"answers": dict(answers), "errors": dict(errors), "peer_mismatch": int(not peer_ok)}
 
 
+def run_udp_persistent(args: argparse.Namespace) -> dict[str, Any]:
+    """One long-lived UDP socket (one source port), `persistent` datagrams
+    `interval` apart, as a long-lived client would. On an error the socket is
+    replaced, as an application would reconnect. Reports the sequence of
+    answering backends as runs: [[backend, count], ...]."""
+    runs: list[list[Any]] = []
+    errors: Counter[str] = Counter()
+
+    def fresh() -> socket.socket:
+        sock = socket.socket(_family(args.addr), socket.SOCK_DGRAM)
+        sock.settimeout(args.timeout)
+        if args.connect:
+            sock.connect((args.addr, args.port))
+        return sock
+
+    sock = fresh()
+    print(json.dumps({"started": True}), flush=True)
+    for i in range(args.persistent):
+        payload = f"ping-{i}".encode()
+        try:
+            if args.connect:
+                sock.send(payload)
+                data = sock.recv(65535)
+            else:
+                sock.sendto(payload, (args.addr, args.port))
+                data, _ = sock.recvfrom(65535)
+            name = data.decode(errors="replace").partition(" ")[0]
+            if runs and runs[-1][0] == name:
+                runs[-1][1] += 1
+            else:
+                runs.append([name, 1])
+        except OSError as err:
+            errors[_errname(err)] += 1
+            if not isinstance(err, TimeoutError):
+                sock.close()
+                sock = fresh()
+        time.sleep(args.interval)
+    sock.close()
+    return {"runs": runs, "errors": dict(errors)}
+
+
 def run_udp(args: argparse.Namespace) -> dict[str, Any]:
     answers: Counter[str] = Counter()
     errors: Counter[str] = Counter()
@@ -196,7 +238,12 @@ def main() -> None:
     parser.add_argument("--path", default="/",
                         help="TCP: the HTTP path (/client also returns the address nginx saw)")
     args = parser.parse_args()
-    result = run_tcp(args) if args.proto == "tcp" else run_udp(args)
+    if args.proto == "tcp":
+        result = run_tcp(args)
+    elif args.persistent:
+        result = run_udp_persistent(args)
+    else:
+        result = run_udp(args)
     print(json.dumps(result, sort_keys=True), flush=True)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 from agent.sandbox.cluster import SandboxCluster
 from tests.datapath.manifests import backends, service_with_endpoints
@@ -124,3 +125,32 @@ def test_malformed_object_is_reported_with_its_field(cluster: SandboxCluster) ->
     # Its slice is valid and stays; the Service itself is not programmed.
     assert "10.96.0.41:80/TCP" not in status["frontends"]
     assert cluster.probe("tcp", VIP, "80", "--count", "10")["answers"] == {"web-b:8080": 10}
+
+
+def test_connected_udp_socket_leaves_a_removed_backend(cluster: SandboxCluster) -> None:
+    """kube-proxy's most reported failure: a long-lived UDP client keeps
+    talking to a backend that is gone. veer destroys such sockets, so the
+    client's next send fails once, it reconnects, and reaches a live one."""
+    cluster.write_manifest(
+        "one.yaml", service_with_endpoints("one", VIP, ["web-a"], 53, 9053, "UDP")
+    )
+    cluster.wait_frontend(f"{VIP}:53/UDP", backends(["web-a"], 9053, "UDP"))
+    client = cluster.spawn_probe(
+        "udp", VIP, "53", "--persistent", "40", "--interval", "0.1", "--connect",
+        "--timeout", "1",
+    )
+    assert client.stdout is not None
+    assert json.loads(client.stdout.readline()) == {"started": True}
+    time.sleep(1)
+    cluster.write_manifest(
+        "one.yaml", service_with_endpoints("one", VIP, ["web-b"], 53, 9053, "UDP")
+    )
+    cluster.wait_frontend(f"{VIP}:53/UDP", backends(["web-b"], 9053, "UDP"))
+    out, _ = client.communicate(timeout=60)
+    result = json.loads(out.strip().splitlines()[-1])
+    runs = result["runs"]
+    # web-a until the change, then web-b for the rest: never back to web-a,
+    # and no datagram lost to a timeout.
+    assert [name for name, _ in runs] == ["web-a", "web-b"], result
+    assert "TIMEOUT" not in result["errors"], result
+    assert sum(n for _, n in runs) + sum(result["errors"].values()) == 40

@@ -14,6 +14,7 @@ that may answer.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -27,13 +28,16 @@ N = 150
 
 
 def web(policy: str, endpoints: dict[str, str]) -> str:
+    """Service web: TCP 80 -> 8080 on nodePort 30080, UDP 53 -> 9053 on 30053."""
     svc = {
         "apiVersion": "v1", "kind": "Service",
         "metadata": {"name": "web", "namespace": "default"},
         "spec": {
             "type": "NodePort", "clusterIP": "10.96.0.10", "externalTrafficPolicy": policy,
             "ports": [{"name": "http", "protocol": "TCP", "port": 80, "targetPort": 8080,
-                       "nodePort": 30080}],
+                       "nodePort": 30080},
+                      {"name": "dns", "protocol": "UDP", "port": 53, "targetPort": 9053,
+                       "nodePort": 30053}],
         },
     }
     eps = {
@@ -41,7 +45,8 @@ def web(policy: str, endpoints: dict[str, str]) -> str:
         "metadata": {"name": "web-1", "namespace": "default",
                      "labels": {"kubernetes.io/service-name": "web"}},
         "addressType": "IPv4",
-        "ports": [{"name": "http", "protocol": "TCP", "port": 8080}],
+        "ports": [{"name": "http", "protocol": "TCP", "port": 8080},
+                  {"name": "dns", "protocol": "UDP", "port": 9053}],
         "endpoints": [{"addresses": [ip], "nodeName": node} for ip, node in endpoints.items()],
     }
     return json.dumps(svc) + "\n---\n" + json.dumps(eps) + "\n"
@@ -112,3 +117,24 @@ def test_local_policy_without_local_endpoints_drops(cluster: MultiNodeCluster) -
         "tcp", "10.0.0.1", "30080", "--count", "2", "--timeout", "1"
     )
     assert result["answers"] == {} and result["errors"] == {"TIMEOUT": 2}, result
+
+
+def test_udp_flow_from_outside_moves_when_its_backend_goes(cluster: MultiNodeCluster) -> None:
+    """One client socket (one source port) sending through a NodePort: when
+    its backend is removed, the NAT entry is cleared at once and the next
+    datagram reaches a live backend; nothing is lost to a stale entry."""
+    frontend = "10.0.0.1:30053/UDP"
+    cluster.write_manifest("web.yaml", web("Cluster", {"10.244.1.2": "node-1"}))
+    cluster.wait_external(frontend, cluster.nodes[0], ["10.244.1.2:9053/UDP"], False)
+    client = cluster.spawn_probe_outside(
+        "udp", "10.0.0.1", "30053", "--persistent", "40", "--interval", "0.1", "--timeout", "1"
+    )
+    assert client.stdout is not None
+    assert json.loads(client.stdout.readline()) == {"started": True}
+    time.sleep(1)
+    cluster.write_manifest("web.yaml", web("Cluster", {"10.244.2.2": "node-2"}))
+    cluster.wait_external(frontend, cluster.nodes[0], ["10.244.2.2:9053/UDP"], False)
+    out, _ = client.communicate(timeout=60)
+    result = json.loads(out.strip().splitlines()[-1])
+    assert [name for name, _ in result["runs"]] == ["web-a", "web-c"], result
+    assert result["errors"] == {}, result

@@ -45,6 +45,7 @@ from agent.datapath.ebpf.structs import (
     NodeValue,
     ServiceKey,
     ServiceValue,
+    Tuple,
     VipKey,
     VipValue,
     addr_bytes,
@@ -55,7 +56,7 @@ from agent.datapath.ebpf.structs import (
 )
 from agent.datapath.interface import Datapath, DatapathState, MapUsage, ProgrammedFrontend
 from agent.errors import DatapathError
-from agent.model.objects import IPAddress, IPNetwork
+from agent.model.objects import IPAddress, IPNetwork, Protocol
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +191,7 @@ class EbpfDatapath(Datapath):
         self.maps = maps
         self.programs = programs
         self.devices: list[str] = []
+        self._removed_udp: set[tuple[int, L4Addr]] = set()
         self._resolved_for: tuple[IPAddress, ...] | None = None
         self._backend_ids: dict[L4Addr, int] = {}
         self._backend_refs: Counter[int] = Counter()
@@ -397,6 +399,7 @@ class EbpfDatapath(Datapath):
             raise type(err)(f"frontend {key} ({frontend.service}): {err}") from err
 
         self._frontends[(key, scope)] = new
+        self._note_removed(frontend.key, service_id, set(old_slots) - set(new_slots))
         for pos in range(len(new_slots), len(old_slots)):
             self.maps.services.delete(_service_key(key, pos + 1, scope))
         # A removed backend stops being an affinity target only after no slot
@@ -408,11 +411,21 @@ class EbpfDatapath(Datapath):
         self._release_unreferenced(set(old_slots) | set(wanted))
         return True
 
+    def _note_removed(self, key: L4Addr, service_id: int, idents: set[int]) -> None:
+        """Remember UDP backends that left a frontend, for finish_pass()."""
+        if key.protocol is not Protocol.UDP:
+            return
+        for ident in idents:
+            backend = self._backend_of_id.get(ident)
+            if backend is not None:
+                self._removed_udp.add((service_id, backend))
+
     def _delete_scope(self, key: L4Addr, scope: int) -> bool:
         entry = self._frontends.get((key, scope))
         existed = self.maps.services.delete(_service_key(key, 0, scope))
         if entry is None:
             return existed
+        self._note_removed(key, entry.service_id, {i for i in entry.slots if i})
         for pos in range(len(entry.slots)):
             self.maps.services.delete(_service_key(key, pos + 1, scope))
         for ident in entry.affinity_backends:
@@ -434,6 +447,39 @@ class EbpfDatapath(Datapath):
         if entry is not None:
             self._service_alloc.release(entry.service_id)
         return existed
+
+    def finish_pass(self) -> list[str]:
+        """Clear UDP flows to backends that left their frontend in this pass.
+
+        UDP has no end: without this, a flow keeps going to a backend that is
+        gone (kube-proxy's most reported failure). Per-packet flows lose their
+        NAT entries, so their next datagram picks a live backend; sockets on
+        this node connected to such a backend are destroyed (SOCK_DESTROY),
+        so the application sees an error and reconnects through the Service.
+        TCP flows are left alone: they end by themselves.
+        """
+        if not self._removed_udp:
+            return []
+        removed, self._removed_udp = self._removed_udp, set()
+        targets = {(sid, bytes(addr_bytes(b.address)), port_be(b.port)) for sid, b in removed}
+        cleared = 0
+        for key, value in self.maps.nat_fwd.items():
+            if key.proto != IPPROTO[Protocol.UDP]:
+                continue
+            if (value.service_id, bytes(value.daddr), value.dport) not in targets:
+                continue
+            reply = Tuple(saddr=value.daddr, daddr=value.saddr, sport=value.dport,
+                          dport=value.sport, proto=key.proto, family=key.family)
+            self.maps.nat_rev.delete(reply)
+            self.maps.nat_fwd.delete(key)
+            cleared += 1
+        notes = [f"cleared {cleared} UDP flow(s) to removed backends"] if cleared else []
+        if self.programs is not None and self.programs.cgroup:
+            from agent.datapath.ebpf.sockets import destroy_udp_sockets
+
+            gone = sorted({b for _, b in removed})
+            notes.extend(destroy_udp_sockets(self.programs.cgroup, gone))
+        return notes
 
     def serve_devices(self, devices: list[str], node_addresses: tuple[IPAddress, ...]) -> None:
         """Attach the per-packet programs to each device not served yet."""

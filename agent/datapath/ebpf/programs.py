@@ -130,6 +130,7 @@ class SockLbPrograms:
         self._bpf: Any = None
         self._fns: dict[str, Any] = {}
         self._tc_fns: dict[str, Any] = {}
+        self.cgroup = ""  # where the socket hooks are attached, once attached
 
     def load(self) -> None:
         """Compile sock_lb.c and load its programs; create or adopt the pinned maps."""
@@ -166,6 +167,7 @@ class SockLbPrograms:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(pin)
                 syscall.obj_pin(prog_fd, pin)
+        self.cgroup = cgroup
         log.info("attached %d socket hooks to %s", len(SOCK_HOOKS), cgroup)
 
     def attach_tc(self, devices: list[str]) -> None:
