@@ -24,6 +24,7 @@ from agent.compute import ComputeConfig, DesiredState, NodeIdentity, compute_des
 from agent.config import AgentConfig
 from agent.datapath.interface import Datapath
 from agent.errors import ConfigError, VeerError
+from agent.health.service_checks import ServiceHealthServers
 from agent.model.objects import IPAddress, Node
 from agent.model.snapshot import Store
 from agent.reconcile.reconciler import Reconciler, SyncResult
@@ -117,6 +118,10 @@ class Agent:
         self.telemetry = Telemetry()
         self.store.subscribe(lambda: self.telemetry.note_change(self.store.snapshot()))
         self.servers = Servers(self, serve or ServeOptions())
+        # healthCheckNodePort servers; "proxy healthy" once a first pass is done.
+        self.health_checks = ServiceHealthServers(
+            lambda: self.reconciler.last_result is not None
+        )
 
     def node_identity(self) -> NodeIdentity:
         """This node as its Node object describes it: zone and addresses."""
@@ -140,6 +145,8 @@ class Agent:
                                         self.last_desired.node_addresses)
         except VeerError as err:
             result.errors.append(f"per-packet path: {err}")
+        for problem in self.health_checks.sync(self.last_desired.health_checks):
+            log.warning("%s", problem)
         self.telemetry.record_sync(result)
         if not result.ok:
             self.runner.retry_after(RETRY_AFTER_FAILURE)
@@ -186,6 +193,7 @@ class Agent:
         self.source.start()
 
     def stop(self) -> None:
+        self.health_checks.stop()
         self.servers.stop()
         self._stopped.set()
         self.source.stop()

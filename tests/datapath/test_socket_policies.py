@@ -8,6 +8,7 @@ another node (they are real pods here, so a wrong choice would answer).
 from __future__ import annotations
 
 import json
+import sys
 import time
 from typing import Any
 
@@ -136,3 +137,38 @@ def test_external_ip_from_a_local_pod(cluster: SandboxCluster) -> None:
     assert result["errors"] == {} and len(result["answers"]) >= 2, result
     refused = cluster.probe("tcp", "198.51.100.7", "81", "--count", "2", "--timeout", "2")
     assert refused["errors"] == {"ECONNREFUSED": 2}, refused
+
+
+FETCH = """
+import json, sys, urllib.request, urllib.error
+try:
+    r = urllib.request.urlopen(sys.argv[1], timeout=5)
+    code, headers, body = r.status, dict(r.headers), r.read()
+except urllib.error.HTTPError as e:
+    code, headers, body = e.code, dict(e.headers), e.read()
+print(json.dumps({"code": code, "weight": headers.get("X-Load-Balancing-Endpoint-Weight"),
+                  "body": json.loads(body)}))
+"""
+
+
+def fetch(cluster: SandboxCluster, url: str) -> dict[str, Any]:
+    res = cluster.topo.exec(cluster.client, [sys.executable, "-c", FETCH, url])
+    assert res.returncode == 0, res.stderr
+    return dict(json.loads(res.stdout))
+
+
+def test_health_check_node_port_answers_like_kube_proxy(cluster: SandboxCluster) -> None:
+    spec = {"type": "NodePort", "externalTrafficPolicy": "Local", "healthCheckNodePort": 32100}
+    apply(cluster, manifest({"web-a": "node-1", "web-b": "node-1", "web-c": "node-2"},
+                            spec=spec), "10.0.0.1:30080/TCP", ["web-a", "web-b", "web-c"])
+    # The agent serves it in the node's namespace; the pod reaches the node
+    # at its gateway address.
+    url = "http://169.254.1.1:32100/"
+    got = fetch(cluster, url)
+    assert got == {"code": 200, "weight": "2", "body": {
+        "service": {"namespace": "default", "name": "pol"}, "localEndpoints": 2,
+        "serviceProxyHealthy": True}}, got
+
+    apply(cluster, manifest({"web-c": "node-2"}, spec=spec), "10.0.0.1:30080/TCP", ["web-c"])
+    got = fetch(cluster, url)
+    assert got["code"] == 503 and got["body"]["localEndpoints"] == 0, got

@@ -1,0 +1,1 @@
+"""kube-proxy's per-Service health checks (healthCheckNodePort)."""
