@@ -210,6 +210,23 @@ class MultiNodeCluster:
         self.topo._procs.append(proc)
         return proc
 
+    def probe_from_pod(self, pod: str, *args: str, timeout: float = 300) -> dict[str, Any]:
+        """Run the probe in `pod`, inside its node's served cgroup."""
+        node = next(n for n in self.nodes if pod in n.pods)
+        argv = ["ip", "netns", "exec", self.topo.pods[pod].netns,
+                sys.executable, "-m", "agent.sandbox.probe", *args]
+        procs = os.path.join(node.cgroup, "cgroup.procs")
+
+        def join() -> None:
+            with open(procs, "w") as f:
+                f.write(str(os.getpid()))
+
+        res = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
+                             preexec_fn=join)
+        if res.returncode != 0:
+            raise RuntimeError(f"probe {' '.join(args)} failed: {res.stderr[-2000:]}")
+        return dict(json.loads(res.stdout.strip().splitlines()[-1]))
+
     def probe_from_outside(self, *args: str, timeout: float = 300) -> dict[str, Any]:
         """Run the probe in the external client's namespace (no socket hooks)."""
         argv = [sys.executable, "-m", "agent.sandbox.probe", *args]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 import time
 
 from agent.sandbox.cluster import SandboxCluster
@@ -154,3 +155,12 @@ def test_connected_udp_socket_leaves_a_removed_backend(cluster: SandboxCluster) 
     assert [name for name, _ in runs] == ["web-a", "web-b"], result
     assert "TIMEOUT" not in result["errors"], result
     assert sum(n for _, n in runs) + sum(result["errors"].values()) == 40
+
+
+def test_hairpin_a_pod_reaches_itself_through_its_service(cluster: SandboxCluster) -> None:
+    _set_endpoints(cluster, ["web-b"])
+    argv = [sys.executable, "-m", "agent.sandbox.probe", "tcp", VIP, "80", "--count", "20"]
+    res = cluster.topo.exec(cluster.topo.pods["web-b"].netns, argv)
+    assert res.returncode == 0, res.stderr
+    result = json.loads(res.stdout.strip().splitlines()[-1])
+    assert result["answers"] == {"web-b:8080": 20} and result["peer_mismatch"] == 0, result

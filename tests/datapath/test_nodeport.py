@@ -2,7 +2,8 @@
 
 Topology (agent/sandbox/multinode.py): node-1 10.0.0.1 with web-a
 10.244.1.2 and web-b 10.244.1.3; node-2 10.0.0.2 with web-c 10.244.2.2; an
-external client 10.0.0.100 on the same LAN with no route to any pod. Service
+external client 10.0.0.100 on the same LAN with no route to any pod; a client
+pod cli-2 10.244.2.3 on node-2. Service
 web: NodePort 30080 -> pod port 8080. Each nginx answers GET /client with
 "<pod>:<port> <the client address it saw>".
 
@@ -55,7 +56,7 @@ def web(policy: str, endpoints: dict[str, str]) -> str:
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[MultiNodeCluster]:
     require_datapath()
-    with MultiNodeCluster() as c:
+    with MultiNodeCluster(pods={"web-a": 1, "web-b": 1, "web-c": 2, "cli-2": 2}) as c:
         c.start_agents()
         yield c
 
@@ -138,3 +139,29 @@ def test_udp_flow_from_outside_moves_when_its_backend_goes(cluster: MultiNodeClu
     result = json.loads(out.strip().splitlines()[-1])
     assert [name for name, _ in result["runs"]] == ["web-a", "web-c"], result
     assert result["errors"] == {}, result
+
+
+def test_cluster_ip_from_a_pod_on_another_node(cluster: MultiNodeCluster) -> None:
+    """node-2's agent balances its pod's connection over every endpoint,
+    local or on node-1, and no address is translated on the wire."""
+    cluster.write_manifest("web.yaml", web("Cluster", ALL))
+    cluster.wait_programmed("10.96.0.10:80/TCP",
+                            {"node-2": sorted(f"{ip}:8080/TCP" for ip in ALL)})
+    result = cluster.probe_from_pod("cli-2", "tcp", "10.96.0.10", "80", "--count", str(N),
+                                    "--path", "/client")
+    assert result["errors"] == {} and result["peer_mismatch"] == 0, result
+    assert set(result["answers"]) == {
+        "web-a:8080 10.244.2.3", "web-b:8080 10.244.2.3", "web-c:8080 10.244.2.3"}, result
+
+
+def test_nodeport_of_another_node_from_a_pod(cluster: MultiNodeCluster) -> None:
+    """A pod on node-2 dialing node-1's NodePort goes over the wire to node-1,
+    whose TC program serves it like any outside client."""
+    cluster.write_manifest("web.yaml", web("Cluster", ALL))
+    cluster.wait_external("10.0.0.1:30080/TCP", cluster.nodes[0],
+                          sorted(f"{ip}:8080/TCP" for ip in ALL), False)
+    result = cluster.probe_from_pod("cli-2", "tcp", "10.0.0.1", "30080", "--count", str(N),
+                                    "--path", "/client", "--timeout", "5")
+    assert result["errors"] == {}, result
+    assert set(result["answers"]) == {
+        "web-a:8080 10.244.2.3", "web-b:8080 10.244.2.3", "web-c:8080 10.0.0.1"}, result
