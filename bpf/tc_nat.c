@@ -4,7 +4,7 @@
  * node from outside, addressed to a NodePort, an externalIP or a
  * LoadBalancer IP. Attached with TC (clsact) to the node's devices.
  *
- * Ingress, for each IPv4 TCP/UDP packet:
+ * Ingress, for each IPv4 or IPv6 TCP/UDP packet:
  *   1. a reply to a flow we source-NATed (addressed to the node's SNAT port):
  *      restore it (frontend -> client) and send it back out;
  *   2. a packet of a flow we already translated: translate it the same way
@@ -21,21 +21,24 @@
  * Egress: replies of local backends to external clients leave through the
  * device un-SNATed; their source is restored to the frontend here.
  *
- * Not yet: IPv6, IP options and fragments (passed untouched), ICMP errors
- * for translated flows, loadBalancerSourceRanges, TCP RST for "refuse"
- * (an empty frontend drops).
+ * Not yet: IPv4 options, IPv6 extension headers and fragments (passed
+ * untouched), ICMP errors for translated flows, loadBalancerSourceRanges,
+ * TCP RST for "refuse" (an empty frontend drops).
  */
 #include "veer_common.h"
 
 #include <uapi/linux/if_ether.h>
 #include <uapi/linux/ip.h>
+#include <uapi/linux/ipv6.h>
 #include <uapi/linux/pkt_cls.h>
 
 #define VEER_AF_INET 2
+#define VEER_AF_INET6 10
 #define VEER_IP_CSUM_OFF (ETH_HLEN + offsetof(struct iphdr, check))
 #define VEER_IP_SRC_OFF (ETH_HLEN + offsetof(struct iphdr, saddr))
 #define VEER_IP_DST_OFF (ETH_HLEN + offsetof(struct iphdr, daddr))
-#define VEER_L4_OFF (ETH_HLEN + sizeof(struct iphdr))
+#define VEER_IP6_SRC_OFF (ETH_HLEN + offsetof(struct ipv6hdr, saddr))
+#define VEER_IP6_DST_OFF (ETH_HLEN + offsetof(struct ipv6hdr, daddr))
 #define VEER_TCP_CSUM_OFF 16
 #define VEER_UDP_CSUM_OFF 6
 #define VEER_SNAT_PORT_MIN 32768
@@ -49,6 +52,7 @@ static long (*veer_redirect_neigh)(__u32 ifindex, void *params, int plen, __u64 
 
 struct veer_pkt {
 	struct veer_tuple t;
+	__u32 l4_off;
 	__u32 csum_off;
 	__u16 udp;
 	__u16 syn; /* a TCP SYN without ACK: the first packet of a connection */
@@ -59,38 +63,22 @@ struct veer_pkt {
 #define VEER_TCP_ACK 0x10
 #define VEER_SYN_REUSE_NS 3000000000ULL /* a SYN retransmit comes within 1-3 s */
 
-/* Parse an IPv4 TCP/UDP packet without options or fragmentation. */
-static __always_inline int veer_parse4(struct __sk_buff *skb, struct veer_pkt *p)
+/* The ports and TCP flags that follow an IP header at `l4`. */
+static __always_inline int veer_parse_l4(struct veer_pkt *p, void *l4, void *end, __u8 proto)
 {
-	void *data = (void *)(long)skb->data;
-	void *end = (void *)(long)skb->data_end;
-	struct ethhdr *eth = data;
-	struct iphdr *ip;
-	__be16 *ports;
+	__be16 *ports = l4;
 
-	if ((void *)(eth + 1) > end || eth->h_proto != bpf_htons(ETH_P_IP))
+	if (proto != VEER_IPPROTO_TCP && proto != VEER_IPPROTO_UDP)
 		return -1;
-	ip = (void *)(eth + 1);
-	if ((void *)(ip + 1) > end || ip->ihl != 5)
-		return -1;
-	if (ip->frag_off & bpf_htons(0x3fff))
-		return -1;
-	if (ip->protocol != VEER_IPPROTO_TCP && ip->protocol != VEER_IPPROTO_UDP)
-		return -1;
-	ports = (void *)(ip + 1);
 	if ((void *)(ports + 2) > end)
 		return -1;
-	__builtin_memset(p, 0, sizeof(*p));
-	__builtin_memcpy(p->t.saddr, &ip->saddr, 4);
-	__builtin_memcpy(p->t.daddr, &ip->daddr, 4);
 	p->t.sport = ports[0];
 	p->t.dport = ports[1];
-	p->t.proto = ip->protocol;
-	p->t.family = VEER_FAMILY_IPV4;
-	p->udp = ip->protocol == VEER_IPPROTO_UDP;
-	p->csum_off = VEER_L4_OFF + (p->udp ? VEER_UDP_CSUM_OFF : VEER_TCP_CSUM_OFF);
+	p->t.proto = proto;
+	p->udp = proto == VEER_IPPROTO_UDP;
+	p->csum_off = p->l4_off + (p->udp ? VEER_UDP_CSUM_OFF : VEER_TCP_CSUM_OFF);
 	if (!p->udp) {
-		__u8 *flags = (__u8 *)ports + VEER_TCP_FLAGS_OFF;
+		__u8 *flags = (__u8 *)l4 + VEER_TCP_FLAGS_OFF;
 
 		if ((void *)(flags + 1) > end)
 			return -1;
@@ -99,53 +87,120 @@ static __always_inline int veer_parse4(struct __sk_buff *skb, struct veer_pkt *p
 	return 0;
 }
 
-/* Rewrite the packet's addresses and ports from p->t to `to`, fixing the IP
- * and L4 checksums. A UDP checksum of 0 (none) stays 0 (MANGLED_0). */
-static __always_inline void veer_rewrite4(struct __sk_buff *skb, const struct veer_pkt *p,
-					  const struct veer_nat_value *to)
+/* Parse a TCP/UDP packet over IPv4 (no options, not a fragment) or IPv6 (no
+ * extension headers). Anything else is not ours: -1. */
+static __always_inline int veer_parse(struct __sk_buff *skb, struct veer_pkt *p)
+{
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+
+	if ((void *)(eth + 1) > end)
+		return -1;
+	__builtin_memset(p, 0, sizeof(*p));
+	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
+		struct iphdr *ip = (void *)(eth + 1);
+
+		if ((void *)(ip + 1) > end || ip->ihl != 5)
+			return -1;
+		if (ip->frag_off & bpf_htons(0x3fff))
+			return -1;
+		__builtin_memcpy(p->t.saddr, &ip->saddr, 4);
+		__builtin_memcpy(p->t.daddr, &ip->daddr, 4);
+		p->t.family = VEER_FAMILY_IPV4;
+		p->l4_off = ETH_HLEN + sizeof(struct iphdr);
+		return veer_parse_l4(p, ip + 1, end, ip->protocol);
+	}
+	if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr *ip6 = (void *)(eth + 1);
+
+		if ((void *)(ip6 + 1) > end)
+			return -1;
+		__builtin_memcpy(p->t.saddr, &ip6->saddr, 16);
+		__builtin_memcpy(p->t.daddr, &ip6->daddr, 16);
+		p->t.family = VEER_FAMILY_IPV6;
+		p->l4_off = ETH_HLEN + sizeof(struct ipv6hdr);
+		return veer_parse_l4(p, ip6 + 1, end, ip6->nexthdr);
+	}
+	return -1;
+}
+
+/* Replace a 16-byte IPv6 address at `off`, fixing the L4 checksum (IPv6
+ * has no header checksum). */
+static __always_inline void veer_pkt_store6(struct __sk_buff *skb, const struct veer_pkt *p,
+					__u32 off, const __u8 *old, const __u8 *new)
+{
+	__be32 from[4], to[4];
+	__s64 diff;
+
+	__builtin_memcpy(from, old, 16);
+	__builtin_memcpy(to, new, 16);
+	if (from[0] == to[0] && from[1] == to[1] && from[2] == to[2] && from[3] == to[3])
+		return;
+	diff = bpf_csum_diff(from, 16, to, 16, 0);
+	bpf_l4_csum_replace(skb, p->csum_off, 0, diff,
+			    BPF_F_PSEUDO_HDR | (p->udp ? BPF_F_MARK_MANGLED_0 : 0));
+	bpf_skb_store_bytes(skb, off, to, 16, 0);
+}
+
+/* Replace an IPv4 address at `off`, fixing the IP and L4 checksums. */
+static __always_inline void veer_pkt_store4(struct __sk_buff *skb, const struct veer_pkt *p,
+					__u32 off, const __u8 *old, const __u8 *new)
 {
 	__u64 l4 = BPF_F_PSEUDO_HDR | (p->udp ? BPF_F_MARK_MANGLED_0 : 0);
-	__be32 old_ip, new_ip;
-	__be16 sport, dport;
+	__be32 from, to;
 
-	__builtin_memcpy(&old_ip, p->t.saddr, 4);
-	__builtin_memcpy(&new_ip, to->saddr, 4);
-	if (old_ip != new_ip) {
-		bpf_l4_csum_replace(skb, p->csum_off, old_ip, new_ip, l4 | 4);
-		bpf_l3_csum_replace(skb, VEER_IP_CSUM_OFF, old_ip, new_ip, 4);
-		bpf_skb_store_bytes(skb, VEER_IP_SRC_OFF, &new_ip, 4, 0);
+	__builtin_memcpy(&from, old, 4);
+	__builtin_memcpy(&to, new, 4);
+	if (from == to)
+		return;
+	bpf_l4_csum_replace(skb, p->csum_off, from, to, l4 | 4);
+	bpf_l3_csum_replace(skb, VEER_IP_CSUM_OFF, from, to, 4);
+	bpf_skb_store_bytes(skb, off, &to, 4, 0);
+}
+
+/* Rewrite the packet's addresses and ports from p->t to `to`, fixing the
+ * checksums. A UDP checksum of 0 (none, IPv4 only) stays 0 (MANGLED_0). */
+static __always_inline void veer_rewrite(struct __sk_buff *skb, const struct veer_pkt *p,
+					 const struct veer_nat_value *to)
+{
+	__u64 l4 = p->udp ? BPF_F_MARK_MANGLED_0 : 0;
+	__be16 sport = to->sport, dport = to->dport;
+
+	if (p->t.family == VEER_FAMILY_IPV4) {
+		veer_pkt_store4(skb, p, VEER_IP_SRC_OFF, p->t.saddr, to->saddr);
+		veer_pkt_store4(skb, p, VEER_IP_DST_OFF, p->t.daddr, to->daddr);
+	} else {
+		veer_pkt_store6(skb, p, VEER_IP6_SRC_OFF, p->t.saddr, to->saddr);
+		veer_pkt_store6(skb, p, VEER_IP6_DST_OFF, p->t.daddr, to->daddr);
 	}
-	__builtin_memcpy(&old_ip, p->t.daddr, 4);
-	__builtin_memcpy(&new_ip, to->daddr, 4);
-	if (old_ip != new_ip) {
-		bpf_l4_csum_replace(skb, p->csum_off, old_ip, new_ip, l4 | 4);
-		bpf_l3_csum_replace(skb, VEER_IP_CSUM_OFF, old_ip, new_ip, 4);
-		bpf_skb_store_bytes(skb, VEER_IP_DST_OFF, &new_ip, 4, 0);
-	}
-	l4 = p->udp ? BPF_F_MARK_MANGLED_0 : 0;
-	sport = to->sport;
-	dport = to->dport;
 	if (p->t.sport != sport) {
 		bpf_l4_csum_replace(skb, p->csum_off, p->t.sport, sport, l4 | 2);
-		bpf_skb_store_bytes(skb, VEER_L4_OFF, &sport, 2, 0);
+		bpf_skb_store_bytes(skb, p->l4_off, &sport, 2, 0);
 	}
 	if (p->t.dport != dport) {
 		bpf_l4_csum_replace(skb, p->csum_off, p->t.dport, dport, l4 | 2);
-		bpf_skb_store_bytes(skb, VEER_L4_OFF + 2, &dport, 2, 0);
+		bpf_skb_store_bytes(skb, p->l4_off + 2, &dport, 2, 0);
 	}
 }
 
 /* Where a packet from `saddr` to `daddr` leaves this node: 0 on success. */
-static __always_inline int veer_route4(struct __sk_buff *skb, const __u8 *saddr,
-				       const __u8 *daddr, struct bpf_fib_lookup *fib)
+static __always_inline int veer_route(struct __sk_buff *skb, __u8 family, const __u8 *saddr,
+				      const __u8 *daddr, struct bpf_fib_lookup *fib)
 {
 	int rc;
 
 	__builtin_memset(fib, 0, sizeof(*fib));
-	fib->family = VEER_AF_INET;
 	fib->ifindex = skb->ingress_ifindex;
-	__builtin_memcpy(&fib->ipv4_src, saddr, 4);
-	__builtin_memcpy(&fib->ipv4_dst, daddr, 4);
+	if (family == VEER_FAMILY_IPV4) {
+		fib->family = VEER_AF_INET;
+		__builtin_memcpy(&fib->ipv4_src, saddr, 4);
+		__builtin_memcpy(&fib->ipv4_dst, daddr, 4);
+	} else {
+		fib->family = VEER_AF_INET6;
+		__builtin_memcpy(fib->ipv6_src, saddr, 16);
+		__builtin_memcpy(fib->ipv6_dst, daddr, 16);
+	}
 	rc = bpf_fib_lookup(skb, fib, sizeof(*fib), 0);
 	if (rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH)
 		return 0;
@@ -153,14 +208,14 @@ static __always_inline int veer_route4(struct __sk_buff *skb, const __u8 *saddr,
 }
 
 /* Translate a packet of a known flow and send it on its way. */
-static __always_inline int veer_apply4(struct __sk_buff *skb, const struct veer_pkt *p,
-				       struct veer_nat_value *to)
+static __always_inline int veer_apply(struct __sk_buff *skb, const struct veer_pkt *p,
+				      struct veer_nat_value *to)
 {
 	struct bpf_fib_lookup fib;
 
 	to->last_seen_ns = bpf_ktime_get_ns();
-	veer_rewrite4(skb, p, to);
-	if (veer_route4(skb, to->saddr, to->daddr, &fib) < 0) {
+	veer_rewrite(skb, p, to);
+	if (veer_route(skb, p->t.family, to->saddr, to->daddr, &fib) < 0) {
 		veer_count(VEER_CNT_NAT_FAIL);
 		return TC_ACT_SHOT;
 	}
@@ -168,7 +223,7 @@ static __always_inline int veer_apply4(struct __sk_buff *skb, const struct veer_
 }
 
 /* The first packet of a flow to an external frontend. */
-static __always_inline int veer_new_flow4(struct __sk_buff *skb, const struct veer_pkt *p)
+static __always_inline int veer_new_flow(struct __sk_buff *skb, const struct veer_pkt *p)
 {
 	struct veer_service_key key = {};
 	struct veer_service_value *frontend, *slot;
@@ -178,7 +233,7 @@ static __always_inline int veer_new_flow4(struct __sk_buff *skb, const struct ve
 	struct veer_tuple reply = {};
 	struct bpf_fib_lookup fib;
 	struct veer_node_value *node;
-	__u32 zero = 0, hash, i;
+	__u32 zero = 0, hash, i, snat[4];
 	__u16 count;
 	int stored = 0;
 
@@ -203,7 +258,7 @@ static __always_inline int veer_new_flow4(struct __sk_buff *skb, const struct ve
 	}
 	backend_key.backend_id = slot->backend_id;
 	backend = veer_backends.lookup(&backend_key);
-	if (!backend || backend->family != VEER_FAMILY_IPV4) {
+	if (!backend || backend->family != p->t.family) {
 		veer_count(VEER_CNT_INCONSISTENT);
 		return TC_ACT_SHOT;
 	}
@@ -228,7 +283,7 @@ static __always_inline int veer_new_flow4(struct __sk_buff *skb, const struct ve
 	reply.proto = p->t.proto;
 	reply.family = p->t.family;
 
-	if (veer_route4(skb, fwd.saddr, fwd.daddr, &fib) < 0) {
+	if (veer_route(skb, p->t.family, fwd.saddr, fwd.daddr, &fib) < 0) {
 		veer_count(VEER_CNT_NAT_FAIL);
 		return TC_ACT_SHOT;
 	}
@@ -236,12 +291,20 @@ static __always_inline int veer_new_flow4(struct __sk_buff *skb, const struct ve
 		/* The backend is behind the device the packet came in on: another
 		 * node. Its reply must come back through us, so SNAT. */
 		node = veer_node.lookup(&zero);
-		if (!node || !(node->addr4[0] | node->addr4[1] | node->addr4[2] | node->addr4[3])) {
+		if (!node) {
 			veer_count(VEER_CNT_NAT_FAIL);
 			return TC_ACT_SHOT;
 		}
-		__builtin_memcpy(fwd.saddr, node->addr4, 16);
-		__builtin_memcpy(reply.daddr, node->addr4, 16);
+		if (p->t.family == VEER_FAMILY_IPV4)
+			__builtin_memcpy(snat, node->addr4, 16);
+		else
+			__builtin_memcpy(snat, node->addr6, 16);
+		if (!(snat[0] | snat[1] | snat[2] | snat[3])) {
+			veer_count(VEER_CNT_NAT_FAIL); /* no node address of this family */
+			return TC_ACT_SHOT;
+		}
+		__builtin_memcpy(fwd.saddr, snat, 16);
+		__builtin_memcpy(reply.daddr, snat, 16);
 		hash = bpf_get_prandom_u32();
 #pragma unroll
 		for (i = 0; i < VEER_SNAT_TRIES; i++) {
@@ -270,7 +333,7 @@ static __always_inline int veer_new_flow4(struct __sk_buff *skb, const struct ve
 		return TC_ACT_SHOT;
 	}
 	veer_count(VEER_CNT_NAT_NEW);
-	veer_rewrite4(skb, p, &fwd);
+	veer_rewrite(skb, p, &fwd);
 	return veer_redirect_neigh(fib.ifindex, NULL, 0, 0);
 }
 
@@ -279,12 +342,12 @@ int veer_tc_ingress(struct __sk_buff *skb)
 	struct veer_pkt p;
 	struct veer_nat_value *nat;
 
-	if (veer_parse4(skb, &p) < 0)
+	if (veer_parse(skb, &p) < 0)
 		return TC_ACT_OK;
 	nat = veer_nat_rev.lookup(&p.t);
 	if (nat) {
 		veer_count(VEER_CNT_NAT_REPLY);
-		return veer_apply4(skb, &p, nat);
+		return veer_apply(skb, &p, nat);
 	}
 	/* A SYN starts a new connection even if an old one used the same ports:
 	 * choose afresh (the new entry replaces the stale one), as conntrack
@@ -292,8 +355,8 @@ int veer_tc_ingress(struct __sk_buff *skb)
 	 * old, i.e. this is a retransmitted SYN of the same connection. */
 	nat = veer_nat_fwd.lookup(&p.t);
 	if (nat && (!p.syn || bpf_ktime_get_ns() - nat->last_seen_ns < VEER_SYN_REUSE_NS))
-		return veer_apply4(skb, &p, nat);
-	return veer_new_flow4(skb, &p);
+		return veer_apply(skb, &p, nat);
+	return veer_new_flow(skb, &p);
 }
 
 int veer_tc_egress(struct __sk_buff *skb)
@@ -301,13 +364,13 @@ int veer_tc_egress(struct __sk_buff *skb)
 	struct veer_pkt p;
 	struct veer_nat_value *nat;
 
-	if (veer_parse4(skb, &p) < 0)
+	if (veer_parse(skb, &p) < 0)
 		return TC_ACT_OK;
 	nat = veer_nat_rev.lookup(&p.t);
 	if (!nat)
 		return TC_ACT_OK;
 	veer_count(VEER_CNT_NAT_REPLY);
 	nat->last_seen_ns = bpf_ktime_get_ns();
-	veer_rewrite4(skb, &p, nat);
+	veer_rewrite(skb, &p, nat);
 	return TC_ACT_OK;
 }

@@ -7,6 +7,9 @@ client on the LAN with no route to any pod.
     node-2 10.0.0.2 ─┘                                via 10.0.0.M for every other M
        │ pods 10.244.1.x          │ pods 10.244.2.x
 
+and the same in IPv6: LAN fd00:10::N (ext fd00:10::100), pods
+fd00:10:244:M::x, routes to fd00:10:244:M::/64 via fd00:10::M.
+
 Nothing here has a route out of these namespaces.
 """
 
@@ -27,6 +30,7 @@ from agent.sandbox.servers import start_nginx, start_udp_echo, wait_listening, w
 from agent.sandbox.topology import Topology, run
 
 LAN_PREFIX = "10.0.0"
+LAN6_PREFIX = "fd00:10::"
 HTTP_PORTS = (8080, 8081)
 UDP_PORT = 9053
 
@@ -40,6 +44,7 @@ class NodeHandle:
     name: str  # the Node object's name, e.g. node-1
     netns: str
     address: str
+    address6: str
     cgroup: str
     bpffs: str
     status_file: str
@@ -73,6 +78,7 @@ class MultiNodeCluster:
                 name=f"node-{i}",
                 netns=netns,
                 address=f"{LAN_PREFIX}.{i}",
+                address6=f"{LAN6_PREFIX}{i}",
                 cgroup=cgroup,
                 bpffs=f"{topo.bpffs}-node{i}",
                 status_file=os.path.join(topo.workdir, f"status-node{i}.json"),
@@ -80,21 +86,30 @@ class MultiNodeCluster:
             )
             topo._on_close(f"datapath of {node.name}", partial(self._cleanup_node, node))
             topo.join_lan(netns, f"{node.address}/24")
+            topo.ns(netns, "ip", "-6", "addr", "add", f"{node.address6}/64", "dev", "eth0",
+                    "nodad")
             self.nodes.append(node)
         for node in self.nodes:
             for other in range(1, count + 1):
                 if other != int(node.name.split("-")[1]):
                     topo.ns(node.netns, "ip", "route", "add", f"10.244.{other}.0/24",
                             "via", f"{LAN_PREFIX}.{other}")
+                    topo.ns(node.netns, "ip", "-6", "route", "add",
+                            f"fd00:10:244:{other}::/64", "via", f"{LAN6_PREFIX}{other}")
         self.external = topo._netns("ext")
         topo.join_lan(self.external, f"{LAN_PREFIX}.100/24")
+        topo.ns(self.external, "ip", "-6", "addr", "add", f"{LAN6_PREFIX}100/64", "dev",
+                "eth0", "nodad")
         self.pod_ips: dict[str, str] = {}
+        self.pod_ips6: dict[str, str] = {}
         per_node: dict[int, int] = {}
         for name, index in pods.items():
             per_node[index] = per_node.get(index, 1) + 1
             ip = f"10.244.{index}.{per_node[index]}"
-            pod = topo.add_pod(name, ip, node_ns=self.nodes[index - 1].netns)
+            ip6 = f"fd00:10:244:{index}::{per_node[index]}"
+            pod = topo.add_pod(name, ip, ip6, node_ns=self.nodes[index - 1].netns)
             self.pod_ips[name] = ip
+            self.pod_ips6[name] = ip6
             self.nodes[index - 1].pods.append(name)
             start_nginx(topo, pod, HTTP_PORTS)
             start_udp_echo(topo, pod, [UDP_PORT])
@@ -105,7 +120,8 @@ class MultiNodeCluster:
             json.dumps({
                 "apiVersion": "v1", "kind": "Node",
                 "metadata": {"name": n.name},
-                "status": {"addresses": [{"type": "InternalIP", "address": n.address}]},
+                "status": {"addresses": [{"type": "InternalIP", "address": n.address},
+                                         {"type": "InternalIP", "address": n.address6}]},
             }) for n in self.nodes))
 
     def _cleanup_node(self, node: NodeHandle) -> None:

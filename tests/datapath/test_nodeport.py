@@ -165,3 +165,62 @@ def test_nodeport_of_another_node_from_a_pod(cluster: MultiNodeCluster) -> None:
     assert result["errors"] == {}, result
     assert set(result["answers"]) == {
         "web-a:8080 10.244.2.3", "web-b:8080 10.244.2.3", "web-c:8080 10.0.0.1"}, result
+
+
+def web6(policy: str, endpoints: dict[str, str]) -> str:
+    """Dual-stack Service web6: TCP 80 -> 8080 on nodePort 30090 over both
+    families; `endpoints` maps pod name -> node."""
+    svc = {
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "web6", "namespace": "default"},
+        "spec": {
+            "type": "NodePort", "clusterIP": "10.96.0.60",
+            "clusterIPs": ["10.96.0.60", "fd00:96::60"], "ipFamilies": ["IPv4", "IPv6"],
+            "ipFamilyPolicy": "RequireDualStack", "externalTrafficPolicy": policy,
+            "ports": [{"name": "http", "protocol": "TCP", "port": 80, "targetPort": 8080,
+                       "nodePort": 30090}],
+        },
+    }
+    docs = [svc]
+    for family, ips in (("IPv4", POD4), ("IPv6", POD6)):
+        docs.append({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": f"web6-{family.lower()}", "namespace": "default",
+                         "labels": {"kubernetes.io/service-name": "web6"}},
+            "addressType": family,
+            "ports": [{"name": "http", "protocol": "TCP", "port": 8080}],
+            "endpoints": [{"addresses": [ips[pod]], "nodeName": node}
+                          for pod, node in endpoints.items()],
+        })
+    return "\n---\n".join(json.dumps(d) for d in docs) + "\n"
+
+
+POD4 = {"web-a": "10.244.1.2", "web-b": "10.244.1.3", "web-c": "10.244.2.2"}
+POD6 = {"web-a": "fd00:10:244:1::2", "web-b": "fd00:10:244:1::3", "web-c": "fd00:10:244:2::2"}
+EXT6 = "fd00:10::100"
+ALL_PODS = {"web-a": "node-1", "web-b": "node-1", "web-c": "node-2"}
+
+
+@pytest.mark.parametrize(
+    ("policy", "node", "answers"),
+    [
+        ("Cluster", 0, {f"web-a:8080 {EXT6}", f"web-b:8080 {EXT6}", "web-c:8080 fd00:10::1"}),
+        ("Local", 1, {f"web-c:8080 {EXT6}"}),
+    ],
+    ids=["cluster-via-node-1", "local-via-node-2"],
+)
+def test_ipv6_nodeport_from_outside(
+    cluster: MultiNodeCluster, policy: str, node: int, answers: set[str]
+) -> None:
+    cluster.write_manifest("web6.yaml", web6(policy, ALL_PODS))
+    target = cluster.nodes[node]
+    local = policy == "Local"
+    want = [f"[{POD6[p]}]:8080/TCP" for p, n in ALL_PODS.items()
+            if not local or n == target.name]
+    cluster.wait_external(f"[{target.address6}]:30090/TCP", target, want, local)
+    result = cluster.probe_from_outside(
+        "tcp", target.address6, "30090", "--count", str(N), "--path", "/client",
+        "--timeout", "5",
+    )
+    assert result["errors"] == {} and result["peer_mismatch"] == 0, result
+    assert set(result["answers"]) == answers, result
