@@ -21,6 +21,7 @@ class AgentConfig:
     mode: str = "auto"
     service_cidrs: frozenset[IPNetwork] = field(default_factory=frozenset)
     nodeport_addresses: frozenset[IPNetwork] = field(default_factory=frozenset)
+    cluster_cidrs: frozenset[IPNetwork] = field(default_factory=frozenset)
     # Devices that get the per-packet programs; empty: those holding the node's addresses.
     devices: tuple[str, ...] = ()
     service_proxy_name: str | None = None

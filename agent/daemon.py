@@ -102,6 +102,7 @@ class Agent:
             service_proxy_name=config.service_proxy_name,
             service_cidrs=config.service_cidrs,
             nodeport_addresses=config.nodeport_addresses,
+            cluster_cidrs=config.cluster_cidrs,
         )
         self.reconciler = Reconciler(datapath, self._desired)
         self.runner = BoundedFrequencyRunner(
@@ -174,6 +175,8 @@ class Agent:
                 str(k): {
                     "backends": [str(b) for b in fe.external_backends],
                     "local": fe.external_local,
+                    "sources": [str(c) for c in fe.source_ranges],
+                    "affinity": fe.affinity_timeout,
                 }
                 for k, fe in desired.frontends.items()
                 if fe.kind.external and k not in self.reconciler.failed_frontends

@@ -21,9 +21,14 @@
  * Egress: replies of local backends to external clients leave through the
  * device un-SNATed; their source is restored to the frontend here.
  *
+ * Also: loadBalancerSourceRanges (clients outside are dropped), ClientIP
+ * affinity keyed by the client's address, and pods of the cluster
+ * (--cluster-cidr) reaching an externalTrafficPolicy: Local frontend are
+ * served from every endpoint with SNAT (kube-proxy's short-circuit).
+ *
  * Not yet: IPv4 options, IPv6 extension headers and fragments (passed
- * untouched), ICMP errors for translated flows, loadBalancerSourceRanges,
- * TCP RST for "refuse" (an empty frontend drops).
+ * untouched), ICMP errors for translated flows, TCP RST for "refuse" (an
+ * empty frontend drops).
  */
 #include "veer_common.h"
 
@@ -222,6 +227,48 @@ static __always_inline int veer_apply(struct __sk_buff *skb, const struct veer_p
 	return veer_redirect_neigh(fib.ifindex, NULL, 0, 0);
 }
 
+/* Whether the client may use a frontend with loadBalancerSourceRanges. */
+static __always_inline int veer_source_allowed(__u32 service_id, const struct veer_tuple *t)
+{
+	struct veer_source_key key = {};
+
+	key.prefixlen = 32 + 32 + 128;
+	key.service_id = service_id;
+	key.family = t->family;
+	__builtin_memcpy(key.addr, t->saddr, 16);
+	return veer_lb_sources.lookup(&key) != NULL;
+}
+
+/* Whether the client address lies in the cluster's pod CIDRs. */
+static __always_inline int veer_from_pod(const struct veer_tuple *t)
+{
+	struct veer_cidr_key key = {};
+
+	key.prefixlen = 32 + 128;
+	key.family = t->family;
+	__builtin_memcpy(key.addr, t->saddr, 16);
+	return veer_cluster_cidrs.lookup(&key) != NULL;
+}
+
+/* The backend a client's live per-packet affinity entry names, or 0. */
+static __always_inline __u32 veer_ext_affinity_lookup(struct veer_ext_affinity_key *key,
+						      __u32 timeout_seconds)
+{
+	struct veer_affinity_value *entry = veer_ext_affinity.lookup(key);
+	struct veer_affinity_match_key match = {};
+
+	if (!entry)
+		return 0;
+	if (bpf_ktime_get_ns() - entry->last_used_ns > timeout_seconds * 1000000000ULL)
+		return 0;
+	match.backend_id = entry->backend_id;
+	match.service_id = key->service_id;
+	if (!veer_affinity_match.lookup(&match))
+		return 0;
+	veer_count(VEER_CNT_AFFINITY_HIT);
+	return entry->backend_id;
+}
+
 /* The first packet of a flow to an external frontend. */
 static __always_inline int veer_new_flow(struct __sk_buff *skb, const struct veer_pkt *p)
 {
@@ -233,9 +280,10 @@ static __always_inline int veer_new_flow(struct __sk_buff *skb, const struct vee
 	struct veer_tuple reply = {};
 	struct bpf_fib_lookup fib;
 	struct veer_node_value *node;
+	struct veer_ext_affinity_key affinity_key = {};
 	__u32 zero = 0, hash, i, snat[4];
 	__u16 count;
-	int stored = 0;
+	int stored = 0, short_circuit = 0;
 
 	__builtin_memcpy(key.addr, p->t.daddr, 16);
 	key.port = p->t.dport;
@@ -245,18 +293,51 @@ static __always_inline int veer_new_flow(struct __sk_buff *skb, const struct vee
 	frontend = veer_services.lookup(&key);
 	if (!frontend)
 		return TC_ACT_OK; /* not ours */
+	if ((frontend->flags & VEER_SVC_F_SOURCE_RANGES) &&
+	    !veer_source_allowed(frontend->service_id, &p->t)) {
+		veer_count(VEER_CNT_NAT_DENIED_SOURCE);
+		return TC_ACT_SHOT;
+	}
+	if ((frontend->flags & VEER_SVC_F_EXT_LOCAL) && veer_from_pod(&p->t)) {
+		/* A pod elsewhere in the cluster: serve it from every endpoint,
+		 * source-NATed like kube-proxy's short-circuit. */
+		key.scope = VEER_SCOPE_SOCKET;
+		frontend = veer_services.lookup(&key);
+		if (!frontend) {
+			veer_count(VEER_CNT_INCONSISTENT);
+			return TC_ACT_SHOT;
+		}
+		short_circuit = 1;
+		veer_count(VEER_CNT_NAT_SHORT_CIRCUIT);
+	}
 	count = frontend->count;
 	if (count == 0) {
 		veer_count(VEER_CNT_NAT_DROP);
 		return TC_ACT_SHOT;
 	}
-	key.slot = (bpf_get_prandom_u32() % count) + 1;
-	slot = veer_services.lookup(&key);
-	if (!slot) {
-		veer_count(VEER_CNT_INCONSISTENT);
-		return TC_ACT_SHOT;
+	if (frontend->flags & VEER_SVC_F_AFFINITY) {
+		__builtin_memcpy(affinity_key.addr, p->t.saddr, 16);
+		affinity_key.family = p->t.family;
+		affinity_key.service_id = frontend->service_id;
+		backend_key.backend_id =
+			veer_ext_affinity_lookup(&affinity_key, frontend->affinity_timeout);
 	}
-	backend_key.backend_id = slot->backend_id;
+	if (!backend_key.backend_id) {
+		key.slot = (bpf_get_prandom_u32() % count) + 1;
+		slot = veer_services.lookup(&key);
+		if (!slot) {
+			veer_count(VEER_CNT_INCONSISTENT);
+			return TC_ACT_SHOT;
+		}
+		backend_key.backend_id = slot->backend_id;
+	}
+	if (frontend->flags & VEER_SVC_F_AFFINITY) {
+		struct veer_affinity_value fresh = {
+			.backend_id = backend_key.backend_id,
+			.last_used_ns = bpf_ktime_get_ns(),
+		};
+		veer_ext_affinity.update(&affinity_key, &fresh);
+	}
 	backend = veer_backends.lookup(&backend_key);
 	if (!backend || backend->family != p->t.family) {
 		veer_count(VEER_CNT_INCONSISTENT);
@@ -287,7 +368,8 @@ static __always_inline int veer_new_flow(struct __sk_buff *skb, const struct vee
 		veer_count(VEER_CNT_NAT_FAIL);
 		return TC_ACT_SHOT;
 	}
-	if (fib.ifindex == skb->ingress_ifindex && !(frontend->flags & VEER_SVC_F_EXT_LOCAL)) {
+	if (fib.ifindex == skb->ingress_ifindex &&
+	    (short_circuit || !(frontend->flags & VEER_SVC_F_EXT_LOCAL))) {
 		/* The backend is behind the device the packet came in on: another
 		 * node. Its reply must come back through us, so SNAT. */
 		node = veer_node.lookup(&zero);

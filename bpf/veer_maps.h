@@ -81,6 +81,20 @@ BPF_TABLE_PINNED("lru_hash", struct veer_tuple, struct veer_nat_value, veer_nat_
 BPF_TABLE_PINNED("lru_hash", struct veer_tuple, struct veer_nat_value, veer_nat_rev,
 		 VEER_NAT_MAX, VEER_PIN_DIR "/veer_nat_rev");
 
+/* loadBalancerSourceRanges of frontends with VEER_SVC_F_SOURCE_RANGES. */
+BPF_TABLE_PINNED("lpm_trie", struct veer_source_key, struct veer_cidr_value, veer_lb_sources,
+		 16384, VEER_PIN_DIR "/veer_lb_sources", BPF_F_NO_PREALLOC);
+
+/* Client address + service id -> backend, ClientIP affinity from outside. */
+BPF_TABLE_PINNED("lru_hash", struct veer_ext_affinity_key, struct veer_affinity_value,
+		 veer_ext_affinity, VEER_AFFINITY_MAX, VEER_PIN_DIR "/veer_ext_affinity");
+
+/* The cluster's pod CIDRs (--cluster-cidr): a pod on another node reaching an
+ * externalTrafficPolicy: Local frontend is served cluster-wide, like
+ * kube-proxy's short-circuit for traffic "from a pod". */
+BPF_TABLE_PINNED("lpm_trie", struct veer_cidr_key, struct veer_cidr_value,
+		 veer_cluster_cidrs, 64, VEER_PIN_DIR "/veer_cluster_cidrs", BPF_F_NO_PREALLOC);
+
 /* This node's addresses (one entry, key 0), written by the agent. */
 BPF_TABLE_PINNED("array", __u32, struct veer_node_value, veer_node, 1,
 		 VEER_PIN_DIR "/veer_node");

@@ -58,6 +58,9 @@ struct veer_service_key {
 /* externalTrafficPolicy: Local (external scope): never SNAT, keep the
  * client's address. */
 #define VEER_SVC_F_EXT_LOCAL (1 << 2)
+/* loadBalancerSourceRanges (external scope): only clients inside the
+ * frontend's ranges in veer_lb_sources may start a flow. */
+#define VEER_SVC_F_SOURCE_RANGES (1 << 3)
 
 struct veer_service_value {
 	__u32 backend_id;       /* slot > 0: the backend in this slot; 0 in slot 0 */
@@ -155,6 +158,25 @@ struct veer_affinity_match_value {
 	__u32 flags; /* reserved, zero */
 };
 
+/* A frontend's allowed client ranges (an LPM trie keyed by service id
+ * first, so one trie serves every frontend). */
+struct veer_source_key {
+	__u32 prefixlen; /* 32 (service id) + 32 (family, pad) + the range's bits */
+	__u32 service_id;
+	__u8 family;
+	__u8 pad[3];
+	__u8 addr[16];
+};
+
+/* ClientIP affinity on the per-packet path, keyed by the client's address
+ * (the socket path keys by network namespace instead). */
+struct veer_ext_affinity_key {
+	__u8 addr[16];
+	__u8 family;
+	__u8 pad[3];
+	__u32 service_id;
+};
+
 /* A connection's addresses as one packet carries them (per-packet path).
  * Used as the key of both NAT maps: a packet whose tuple is a key is
  * rewritten to the tuple in the value. */
@@ -199,6 +221,8 @@ enum veer_counter {
 	VEER_CNT_NAT_DROP,            /* TC: external packet to an empty frontend dropped */
 	VEER_CNT_NAT_REPLY,           /* TC: a reply translated back */
 	VEER_CNT_NAT_FAIL,            /* TC: no route, no SNAT port, or a write failed */
+	VEER_CNT_NAT_DENIED_SOURCE,   /* TC: client outside loadBalancerSourceRanges */
+	VEER_CNT_NAT_SHORT_CIRCUIT,   /* TC: pod client of a Local frontend: cluster-wide */
 	VEER_CNT_MAX,
 };
 

@@ -45,6 +45,9 @@ def _agent_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--devices", metavar="IFACE,...", default="",
                    help="network devices that get the per-packet (NodePort/ExternalIP/LB) "
                    "programs (default: those holding the node's addresses)")
+    p.add_argument("--cluster-cidr", metavar="CIDR,...", default="",
+                   help="the cluster's pod ranges, as for kube-proxy: a pod on another node "
+                   "reaching an externalTrafficPolicy: Local NodePort/LB is served cluster-wide")
     p.add_argument("--nodeport-addresses", metavar="CIDR,...", default="",
                    help="NodePorts answer only on the node's addresses inside these ranges "
                    "(default: all of the node's addresses, from its Node object)")
@@ -94,6 +97,7 @@ def run_agent(args: argparse.Namespace) -> int:
         service_cidrs=parse_cidrs(args.service_cidr, "--service-cidr"),
         nodeport_addresses=parse_cidrs(args.nodeport_addresses, "--nodeport-addresses"),
         devices=tuple(d.strip() for d in args.devices.split(",") if d.strip()),
+        cluster_cidrs=parse_cidrs(args.cluster_cidr, "--cluster-cidr"),
         service_proxy_name=args.service_proxy_name,
         min_sync_interval=args.min_sync_interval,
         max_sync_interval=args.max_sync_interval,

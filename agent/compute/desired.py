@@ -278,4 +278,5 @@ def compute_desired(
         problems=tuple(out.problems),
         health_checks=tuple(sorted(out.health_checks, key=lambda h: (h.port, h.namespace))),
         node_addresses=node.addresses,
+        cluster_cidrs=config.cluster_cidrs,
     )

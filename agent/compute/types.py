@@ -141,6 +141,8 @@ class DesiredState:
     # This node's own addresses (from its Node object): NodePorts answer on
     # them, and the per-packet path source-NATs to them.
     node_addresses: tuple[IPAddress, ...] = ()
+    # The cluster's pod ranges (--cluster-cidr): what is "from a pod".
+    cluster_cidrs: frozenset[IPNetwork] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -170,3 +172,5 @@ class ComputeConfig:
     # kube-proxy's --nodeport-addresses: NodePorts answer only on node addresses
     # inside these ranges. Empty: on all of the node's addresses.
     nodeport_addresses: frozenset[IPNetwork] = frozenset()
+    # kube-proxy's --cluster-cidr: sources in these ranges are pods.
+    cluster_cidrs: frozenset[IPNetwork] = frozenset()

@@ -35,6 +35,7 @@ class ProgrammedFrontend:
     external_backends: tuple[L4Addr, ...] = ()
     external_drop_when_empty: bool = False
     external_local: bool = False
+    external_sources: tuple[IPNetwork, ...] = ()
 
     @staticmethod
     def of(frontend: Frontend) -> ProgrammedFrontend:
@@ -48,6 +49,10 @@ class ProgrammedFrontend:
             external_drop_when_empty=external
             and frontend.external_on_empty is EmptyVerdict.DROP,
             external_local=external and frontend.external_local,
+            external_sources=tuple(sorted(
+                frontend.source_ranges,
+                key=lambda c: (c.version, int(c.network_address), c.prefixlen),
+            )) if external else (),
         )
 
 
@@ -101,6 +106,12 @@ class Datapath(ABC):
         """Tell the datapath this node's addresses (the per-packet path's SNAT
         source). Returns True if anything changed. Default: not needed."""
         del addresses
+        return False
+
+    def set_cluster_cidrs(self, cidrs: frozenset[IPNetwork]) -> bool:
+        """The cluster's pod ranges, for the per-packet path. Returns True if
+        anything changed. Default: not needed."""
+        del cidrs
         return False
 
     def serve_devices(self, devices: list[str], node_addresses: tuple[IPAddress, ...]) -> None:

@@ -116,6 +116,7 @@ class Reconciler:
 
         attempt(result, "set node addresses",
                 partial(dp.set_node_addresses, desired.node_addresses))
+        attempt(result, "set cluster CIDRs", partial(dp.set_cluster_cidrs, desired.cluster_cidrs))
 
         for cidr in desired.service_cidrs - applied.service_cidrs:
             if attempt(result, f"add CIDR {cidr}", partial(dp.upsert_service_cidr, cidr)):

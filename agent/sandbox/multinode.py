@@ -202,9 +202,10 @@ class MultiNodeCluster:
             self.wait_status(node, partial(_holds, frontend, want), f"{frontend} -> {want}")
 
     def wait_external(self, frontend: str, node: NodeHandle, backends: list[str],
-                      local: bool) -> None:
+                      local: bool, sources: Sequence[str] = (), affinity: int = 0) -> None:
         """Wait until `node` holds `frontend`'s external side as given."""
-        want = {"backends": sorted(backends), "local": local}
+        want = {"backends": sorted(backends), "local": local, "sources": list(sources),
+                "affinity": affinity}
         self.wait_status(
             node,
             lambda s: s.get("external_frontends", {}).get(frontend) == want,

@@ -25,12 +25,15 @@ from agent.sandbox.multinode import MultiNodeCluster
 from tests.datapath.conftest import require_datapath
 
 EXT = "10.0.0.100"
+LB_IP = "10.0.1.10"
 N = 150
 
 
-def web(policy: str, endpoints: dict[str, str]) -> str:
-    """Service web: TCP 80 -> 8080 on nodePort 30080, UDP 53 -> 9053 on 30053."""
-    svc = {
+def web(policy: str, endpoints: dict[str, str], **spec: object) -> str:
+    """Service web: TCP 80 -> 8080 on nodePort 30080, UDP 53 -> 9053 on 30053;
+    `spec` adds to its spec; a `lb` key makes it a LoadBalancer at LB_IP."""
+    lb = spec.pop("lb", False)
+    svc: dict[str, object] = {
         "apiVersion": "v1", "kind": "Service",
         "metadata": {"name": "web", "namespace": "default"},
         "spec": {
@@ -39,8 +42,12 @@ def web(policy: str, endpoints: dict[str, str]) -> str:
                        "nodePort": 30080},
                       {"name": "dns", "protocol": "UDP", "port": 53, "targetPort": 9053,
                        "nodePort": 30053}],
+            **spec,
         },
     }
+    if lb:
+        svc["spec"]["type"] = "LoadBalancer"  # type: ignore[index]
+        svc["status"] = {"loadBalancer": {"ingress": [{"ip": LB_IP}]}}
     eps = {
         "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
         "metadata": {"name": "web-1", "namespace": "default",
@@ -57,7 +64,9 @@ def web(policy: str, endpoints: dict[str, str]) -> str:
 def cluster() -> Iterator[MultiNodeCluster]:
     require_datapath()
     with MultiNodeCluster(pods={"web-a": 1, "web-b": 1, "web-c": 2, "cli-2": 2}) as c:
-        c.start_agents()
+        c.start_agents(["--cluster-cidr", "10.244.0.0/16,fd00:10:244::/48"])
+        # The LoadBalancer IP of the tests below is announced to node-1.
+        c.topo.ns(c.external, "ip", "route", "add", f"{LB_IP}/32", "via", "10.0.0.1")
         yield c
 
 
@@ -224,3 +233,49 @@ def test_ipv6_nodeport_from_outside(
     )
     assert result["errors"] == {} and result["peer_mismatch"] == 0, result
     assert set(result["answers"]) == answers, result
+
+
+def test_load_balancer_source_ranges(cluster: MultiNodeCluster) -> None:
+    frontend = f"{LB_IP}:80/TCP"
+    backends = sorted(f"{ip}:8080/TCP" for ip in ALL)
+    node = cluster.nodes[0]
+    cluster.write_manifest("web.yaml", web("Cluster", ALL, lb=True,
+                                           loadBalancerSourceRanges=[f"{EXT}/32"]))
+    cluster.wait_external(frontend, node, backends, False, sources=[f"{EXT}/32"])
+    allowed = cluster.probe_from_outside("tcp", LB_IP, "80", "--count", "30", "--timeout", "5")
+    assert allowed["errors"] == {} and len(allowed["answers"]) >= 2, allowed
+
+    cluster.write_manifest("web.yaml", web("Cluster", ALL, lb=True,
+                                           loadBalancerSourceRanges=["10.0.0.99/32"]))
+    cluster.wait_external(frontend, node, backends, False, sources=["10.0.0.99/32"])
+    # The client is now outside the ranges: its packets are dropped.
+    denied = cluster.probe_from_outside("tcp", LB_IP, "80", "--count", "2", "--timeout", "1")
+    assert denied["answers"] == {} and denied["errors"] == {"TIMEOUT": 2}, denied
+
+
+def test_client_ip_affinity_from_outside(cluster: MultiNodeCluster) -> None:
+    spec = {"sessionAffinity": "ClientIP",
+            "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 60}}}
+    cluster.write_manifest("web.yaml", web("Cluster", ALL, **spec))
+    cluster.wait_external("10.0.0.1:30080/TCP", cluster.nodes[0],
+                          sorted(f"{ip}:8080/TCP" for ip in ALL), False, affinity=60)
+    result = cluster.probe_from_outside("tcp", "10.0.0.1", "30080", "--count", "60",
+                                        "--timeout", "5")
+    # 60 connections over 3 backends all on one: 3^-59 by chance.
+    assert result["errors"] == {} and len(result["answers"]) == 1, result
+
+
+def test_pod_reaching_a_local_policy_nodeport_is_served_cluster_wide(
+    cluster: MultiNodeCluster,
+) -> None:
+    """kube-proxy's short-circuit: with --cluster-cidr, a pod (cli-2 on
+    node-2) reaching node-1's NodePort under externalTrafficPolicy: Local is
+    served from every endpoint, not only node-1's."""
+    cluster.write_manifest("web.yaml", web("Local", ALL))
+    cluster.wait_external("10.0.0.1:30080/TCP", cluster.nodes[0],
+                          ["10.244.1.2:8080/TCP", "10.244.1.3:8080/TCP"], True)
+    result = cluster.probe_from_pod("cli-2", "tcp", "10.0.0.1", "30080", "--count", str(N),
+                                    "--path", "/client", "--timeout", "5")
+    assert result["errors"] == {}, result
+    assert set(result["answers"]) == {
+        "web-a:8080 10.244.2.3", "web-b:8080 10.244.2.3", "web-c:8080 10.0.0.1"}, result

@@ -32,9 +32,11 @@ from agent.datapath.ebpf.structs import (
     PROTOCOL_OF,
     SCOPE_EXTERNAL,
     SCOPE_SOCKET,
+    SOURCE_KEY_PREFIX_BITS,
     SVC_F_AFFINITY,
     SVC_F_DROP_EMPTY,
     SVC_F_EXT_LOCAL,
+    SVC_F_SOURCE_RANGES,
     AffinityMatchKey,
     AffinityMatchValue,
     BackendKey,
@@ -45,6 +47,7 @@ from agent.datapath.ebpf.structs import (
     NodeValue,
     ServiceKey,
     ServiceValue,
+    SourceKey,
     Tuple,
     VipKey,
     VipValue,
@@ -72,6 +75,7 @@ class _FrontendEntry:
     slots: list[int]  # backend id per slot (slot i + 1); 0 marks a missing slot
     flags: int = 0
     affinity_timeout: int = 0
+    sources: frozenset[IPNetwork] = frozenset()  # loadBalancerSourceRanges (external)
 
     @property
     def affinity_backends(self) -> set[int]:
@@ -86,6 +90,7 @@ class _ScopeSpec:
     backends: tuple[L4Addr, ...]
     flags: int
     affinity_timeout: int
+    sources: frozenset[IPNetwork] = frozenset()
 
 
 def _scopes_of(frontend: Frontend) -> dict[int, _ScopeSpec]:
@@ -101,7 +106,14 @@ def _scopes_of(frontend: Frontend) -> dict[int, _ScopeSpec]:
         flags = SVC_F_EXT_LOCAL if frontend.external_local else 0
         if frontend.external_on_empty is EmptyVerdict.DROP:
             flags |= SVC_F_DROP_EMPTY
-        scopes[SCOPE_EXTERNAL] = _ScopeSpec(frontend.external_backends, flags, 0)
+        if frontend.affinity_timeout:
+            flags |= SVC_F_AFFINITY
+        if frontend.source_ranges:
+            flags |= SVC_F_SOURCE_RANGES
+        scopes[SCOPE_EXTERNAL] = _ScopeSpec(
+            frontend.external_backends, flags, frontend.affinity_timeout,
+            frozenset(frontend.source_ranges),
+        )
     return scopes
 
 
@@ -126,6 +138,7 @@ def _programmed(
         external_backends=ext_backends,
         external_drop_when_empty=bool(ext_entry.flags & SVC_F_DROP_EMPTY),
         external_local=bool(ext_entry.flags & SVC_F_EXT_LOCAL),
+        external_sources=tuple(sorted(ext_entry.sources, key=_cidr_sort_key)),
     )
 
 
@@ -240,6 +253,15 @@ class EbpfDatapath(Datapath):
             found[(fe, fid[4])] = (entry, present)
             if len(present) != len(slots):
                 log.warning("frontend %s has missing slots or backends; it will be rewritten", fe)
+        sources: dict[int, set[IPNetwork]] = {}
+        for skey in self.maps.lb_sources.list_keys():
+            sources.setdefault(skey.service_id, set()).add(_source_from(skey))
+        for (_, scope), (entry, _) in found.items():
+            if scope == SCOPE_EXTERNAL:
+                entry.sources = frozenset(sources.pop(entry.service_id, set()))
+        for sid, leftover in sources.items():  # ranges of frontends that are gone
+            for cidr in leftover:
+                self.maps.lb_sources.delete(_source_key(sid, cidr))
         state = DatapathState()
         for (fe, scope), socket in found.items():
             if scope == SCOPE_SOCKET:
@@ -366,17 +388,27 @@ class EbpfDatapath(Datapath):
         wanted = [self._acquire_backend(be) for be in spec.backends]
         old_slots = entry.slots if entry else []
         new_slots = self._layout(old_slots, wanted)
+        old_sources = entry.sources if entry else frozenset()
         if (
             entry is not None
             and new_slots == old_slots
             and (entry.flags, entry.affinity_timeout) == (spec.flags, spec.affinity_timeout)
+            and old_sources == spec.sources
         ):
             self._release_unreferenced(set(wanted) - set(old_slots))
             return False
 
-        new = _FrontendEntry(service_id, new_slots, spec.flags, spec.affinity_timeout)
+        new = _FrontendEntry(service_id, new_slots, spec.flags, spec.affinity_timeout,
+                             spec.sources)
         old_pairs = entry.affinity_backends if entry else set()
+        other = self._frontends.get((key, SCOPE_EXTERNAL if scope == SCOPE_SOCKET
+                                     else SCOPE_SOCKET))
+        still_needed = other.affinity_backends if other else set()
         try:
+            # New source ranges before the flag that makes the program check
+            # them; old ones go only after the frontend entry no longer needs them.
+            for cidr in spec.sources - old_sources:
+                self.maps.lb_sources.put(_source_key(service_id, cidr), CidrValue())
             # Affinity pairs first: a client whose entry names a new backend
             # must find it valid by the time a slot can hand it out.
             for ident in new.affinity_backends - old_pairs:
@@ -403,9 +435,11 @@ class EbpfDatapath(Datapath):
         for pos in range(len(new_slots), len(old_slots)):
             self.maps.services.delete(_service_key(key, pos + 1, scope))
         # A removed backend stops being an affinity target only after no slot
-        # can hand it out any more.
-        for ident in old_pairs - new.affinity_backends:
+        # of either scope can hand it out any more.
+        for ident in old_pairs - new.affinity_backends - still_needed:
             self.maps.affinity_match.delete(AffinityMatchKey(ident, service_id))
+        for cidr in old_sources - spec.sources:
+            self.maps.lb_sources.delete(_source_key(service_id, cidr))
         self._backend_refs.update(new_slots)
         self._backend_refs.subtract(i for i in old_slots if i)
         self._release_unreferenced(set(old_slots) | set(wanted))
@@ -428,8 +462,13 @@ class EbpfDatapath(Datapath):
         self._note_removed(key, entry.service_id, {i for i in entry.slots if i})
         for pos in range(len(entry.slots)):
             self.maps.services.delete(_service_key(key, pos + 1, scope))
-        for ident in entry.affinity_backends:
+        other = self._frontends.get((key, SCOPE_EXTERNAL if scope == SCOPE_SOCKET
+                                     else SCOPE_SOCKET))
+        still_needed = other.affinity_backends if other else set()
+        for ident in entry.affinity_backends - still_needed:
             self.maps.affinity_match.delete(AffinityMatchKey(ident, entry.service_id))
+        for cidr in entry.sources:
+            self.maps.lb_sources.delete(_source_key(entry.service_id, cidr))
         del self._frontends[(key, scope)]
         self._backend_refs.subtract(i for i in entry.slots if i)
         self._release_unreferenced({i for i in entry.slots if i})
@@ -496,6 +535,16 @@ class EbpfDatapath(Datapath):
         if new:
             self.programs.attach_tc(new)
             self.devices.extend(new)
+
+    def set_cluster_cidrs(self, cidrs: frozenset[IPNetwork]) -> bool:
+        current = {_cidr_from(k) for k in self.maps.cluster_cidrs.list_keys()}
+        if current == set(cidrs):
+            return False
+        for cidr in set(cidrs) - current:
+            self.maps.cluster_cidrs.put(_cidr_key(cidr), CidrValue())
+        for cidr in current - set(cidrs):
+            self.maps.cluster_cidrs.delete(_cidr_key(cidr))
+        return True
 
     def set_node_addresses(self, addresses: tuple[IPAddress, ...]) -> bool:
         """This node's first IPv4 and IPv6 address, the TC path's SNAT source."""
@@ -570,3 +619,23 @@ def _cidr_from(key: CidrKey) -> IPNetwork:
 
     address = addr_from(key.addr, key.family)
     return ipaddress.ip_network(f"{address}/{key.prefixlen - CIDR_KEY_PREFIX_BITS}")
+
+
+def _source_key(service_id: int, cidr: IPNetwork) -> SourceKey:
+    return SourceKey(
+        prefixlen=SOURCE_KEY_PREFIX_BITS + cidr.prefixlen,
+        service_id=service_id,
+        family=family_of(cidr),
+        addr=addr_bytes(cidr.network_address),
+    )
+
+
+def _source_from(key: SourceKey) -> IPNetwork:
+    import ipaddress
+
+    address = addr_from(key.addr, key.family)
+    return ipaddress.ip_network(f"{address}/{key.prefixlen - SOURCE_KEY_PREFIX_BITS}")
+
+
+def _cidr_sort_key(cidr: IPNetwork) -> tuple[int, int, int]:
+    return (cidr.version, int(cidr.network_address), cidr.prefixlen)

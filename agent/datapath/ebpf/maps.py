@@ -23,6 +23,7 @@ from agent.datapath.ebpf.structs import (
     BackendValue,
     CidrKey,
     CidrValue,
+    ExtAffinityKey,
     IndexKey,
     NatValue,
     NodeValue,
@@ -30,6 +31,7 @@ from agent.datapath.ebpf.structs import (
     ServiceValue,
     SockRevnatKey,
     SockRevnatValue,
+    SourceKey,
     Tuple,
     VipKey,
     VipValue,
@@ -113,6 +115,9 @@ class SockLbMaps:
     nat_fwd: PinnedMap[Tuple, NatValue]
     nat_rev: PinnedMap[Tuple, NatValue]
     node: PinnedMap[IndexKey, NodeValue]
+    lb_sources: PinnedMap[SourceKey, CidrValue]
+    ext_affinity: PinnedMap[ExtAffinityKey, AffinityValue]
+    cluster_cidrs: PinnedMap[CidrKey, CidrValue]
     counters_fd: int
 
     @staticmethod
@@ -133,6 +138,9 @@ class SockLbMaps:
             nat_fwd=PinnedMap(path("veer_nat_fwd"), Tuple, NatValue),
             nat_rev=PinnedMap(path("veer_nat_rev"), Tuple, NatValue),
             node=PinnedMap(path("veer_node"), IndexKey, NodeValue),
+            lb_sources=PinnedMap(path("veer_lb_sources"), SourceKey, CidrValue),
+            ext_affinity=PinnedMap(path("veer_ext_affinity"), ExtAffinityKey, AffinityValue),
+            cluster_cidrs=PinnedMap(path("veer_cluster_cidrs"), CidrKey, CidrValue),
             counters_fd=syscall.obj_get(path("veer_counters")),
         )
 
@@ -151,7 +159,8 @@ class SockLbMaps:
 
     def close(self) -> None:
         for m in (self.services, self.backends, self.vips, self.service_cidrs, self.sock_revnat,
-                  self.affinity, self.affinity_match, self.nat_fwd, self.nat_rev, self.node):
+                  self.affinity, self.affinity_match, self.nat_fwd, self.nat_rev, self.node,
+                  self.lb_sources, self.ext_affinity, self.cluster_cidrs):
             m.close()
         os.close(self.counters_fd)
 

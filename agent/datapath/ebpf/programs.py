@@ -81,6 +81,9 @@ MAP_NAMES = (
     "veer_nat_fwd",
     "veer_nat_rev",
     "veer_node",
+    "veer_lb_sources",
+    "veer_ext_affinity",
+    "veer_cluster_cidrs",
     "veer_counters",
 )
 

@@ -59,6 +59,7 @@ class ServiceValue(ctypes.Structure):
 SVC_F_AFFINITY = 1 << 0
 SVC_F_DROP_EMPTY = 1 << 1
 SVC_F_EXT_LOCAL = 1 << 2
+SVC_F_SOURCE_RANGES = 1 << 3
 
 
 class BackendKey(ctypes.Structure):
@@ -151,6 +152,31 @@ class AffinityMatchValue(ctypes.Structure):
     _fields_ = [("flags", ctypes.c_uint32)]
 
 
+class SourceKey(ctypes.Structure):
+    C_NAME = "veer_source_key"
+    _fields_ = [
+        ("prefixlen", ctypes.c_uint32),
+        ("service_id", ctypes.c_uint32),
+        ("family", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 3),
+        ("addr", Addr16),
+    ]
+
+
+# Bits of a SourceKey before the address: service id, family and padding.
+SOURCE_KEY_PREFIX_BITS = 64
+
+
+class ExtAffinityKey(ctypes.Structure):
+    C_NAME = "veer_ext_affinity_key"
+    _fields_ = [
+        ("addr", Addr16),
+        ("family", ctypes.c_uint8),
+        ("pad", ctypes.c_uint8 * 3),
+        ("service_id", ctypes.c_uint32),
+    ]
+
+
 class Tuple(ctypes.Structure):
     C_NAME = "veer_tuple"
     _fields_ = [
@@ -205,6 +231,8 @@ MIRRORS: tuple[type[ctypes.Structure], ...] = (
     Tuple,
     NatValue,
     NodeValue,
+    SourceKey,
+    ExtAffinityKey,
 )
 
 # enum veer_counter, in order.
@@ -222,6 +250,8 @@ COUNTER_NAMES: tuple[str, ...] = (
     "nat_drop",
     "nat_reply",
     "nat_fail",
+    "nat_denied_source",
+    "nat_short_circuit",
 )
 
 # LPM trie keys carry family + padding (32 bits) before the address.
