@@ -8,7 +8,8 @@ client on the LAN with no route to any pod.
        │ pods 10.244.1.x          │ pods 10.244.2.x
 
 and the same in IPv6: LAN fd00:10::N (ext fd00:10::100), pods
-fd00:10:244:M::x, routes to fd00:10:244:M::/64 via fd00:10::M.
+fd00:10:244:M::x, routes to fd00:10:244:M::/64 via fd00:10::M. Node N is
+in zone zone-<a, b, ...>.
 
 Nothing here has a route out of these namespaces.
 """
@@ -119,7 +120,8 @@ class MultiNodeCluster:
         self.write_manifest("nodes.yaml", "\n---\n".join(
             json.dumps({
                 "apiVersion": "v1", "kind": "Node",
-                "metadata": {"name": n.name},
+                "metadata": {"name": n.name, "labels": {
+                    "topology.kubernetes.io/zone": f"zone-{'abcdefgh'[int(n.name[5:]) - 1]}"}},
                 "status": {"addresses": [{"type": "InternalIP", "address": n.address},
                                          {"type": "InternalIP", "address": n.address6}]},
             }) for n in self.nodes))
@@ -227,12 +229,11 @@ class MultiNodeCluster:
         self.topo._procs.append(proc)
         return proc
 
-    def probe_from_pod(self, pod: str, *args: str, timeout: float = 300) -> dict[str, Any]:
-        """Run the probe in `pod`, inside its node's served cgroup."""
-        node = next(n for n in self.nodes if pod in n.pods)
-        argv = ["ip", "netns", "exec", self.topo.pods[pod].netns,
-                sys.executable, "-m", "agent.sandbox.probe", *args]
-        procs = os.path.join(node.cgroup, "cgroup.procs")
+    def _probe_in(self, netns: str, cgroup: str, args: Sequence[str],
+                  timeout: float) -> dict[str, Any]:
+        argv = ["ip", "netns", "exec", netns, sys.executable, "-m", "agent.sandbox.probe",
+                *args]
+        procs = os.path.join(cgroup, "cgroup.procs")
 
         def join() -> None:
             with open(procs, "w") as f:
@@ -243,6 +244,17 @@ class MultiNodeCluster:
         if res.returncode != 0:
             raise RuntimeError(f"probe {' '.join(args)} failed: {res.stderr[-2000:]}")
         return dict(json.loads(res.stdout.strip().splitlines()[-1]))
+
+    def probe_from_pod(self, pod: str, *args: str, timeout: float = 300) -> dict[str, Any]:
+        """Run the probe in `pod`, inside its node's served cgroup."""
+        node = next(n for n in self.nodes if pod in n.pods)
+        return self._probe_in(self.topo.pods[pod].netns, node.cgroup, args, timeout)
+
+    def probe_from_node(self, index: int, *args: str, timeout: float = 300) -> dict[str, Any]:
+        """Run the probe as a host process of node `index` (1-based): in the
+        node's namespace and its served cgroup."""
+        node = self.nodes[index - 1]
+        return self._probe_in(node.netns, node.cgroup, args, timeout)
 
     def probe_from_outside(self, *args: str, timeout: float = 300) -> dict[str, Any]:
         """Run the probe in the external client's namespace (no socket hooks)."""
