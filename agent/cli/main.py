@@ -3,7 +3,7 @@
     veer agent --manifests DIR --node-name NAME [--cgroup PATH] [--bpffs PATH]
                [--mode auto|ebpf|tproxy] [--service-cidr CIDR,...]
     veer agent --cleanup [--cgroup PATH] [--bpffs PATH]
-    veer sandbox [--keep]
+    veer sandbox [--keep] [--nodes N]
     veer status | services | service NS/NAME | conntrack | explain | maps | resync | observe
                                   ask this node's agent (agent/cli/commands.py)
     veer version
@@ -117,6 +117,10 @@ def run_agent(args: argparse.Namespace) -> int:
 
 
 def run_sandbox(args: argparse.Namespace) -> int:
+    if args.nodes > 1:
+        from agent.sandbox.multinode_demo import run_multinode_demo
+
+        return run_multinode_demo(args.nodes, args.requests, args.keep)
     from agent.sandbox.demo import run_demo
 
     return run_demo(keep=args.keep, requests=args.requests)
@@ -129,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     sb = sub.add_parser("sandbox", help="build a one-machine demo cluster, send traffic, report")
     sb.add_argument("--keep", action="store_true",
                     help="keep the sandbox running until Ctrl-C and print how to reach it")
+    sb.add_argument("--nodes", type=int, default=1, choices=range(1, 9), metavar="N",
+                    help="nodes (1-8); with 2 or more, show NodePort traffic from outside "
+                    "under both traffic policies")
     sb.add_argument("--requests", type=int, default=300,
                     help="connections per Service for the report (default 300)")
     sb.add_argument("-v", "--verbose", action="store_true")
