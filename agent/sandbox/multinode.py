@@ -16,6 +16,7 @@ Nothing here has a route out of these namespaces.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -146,8 +147,15 @@ class MultiNodeCluster:
             self.stop_agent(node)
         self.topo.close()
 
-    def start_agents(self, extra: Sequence[str] = ()) -> None:
-        for node in self.nodes:
+    def start_agents(self, extra: Sequence[str] = (),
+                     only: Sequence[NodeHandle] | None = None) -> None:
+        """Start the agent of every node (or of `only` those) and wait for
+        each one's first sync."""
+        started = list(only) if only is not None else self.nodes
+        for node in started:  # a stale status must not pass for the new agent's
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(node.status_file)
+        for node in started:
             argv = [
                 sys.executable, "-m", "agent.cli.main", "agent",
                 "--manifests", self.manifests, "--node-name", node.name,
@@ -158,7 +166,7 @@ class MultiNodeCluster:
             with open(node.log_file, "ab") as log:
                 node.agent = self.topo.spawn(node.netns, argv, in_cgroup=False,
                                              stdout=log, stderr=log)
-        for node in self.nodes:
+        for node in started:
             self.wait_status(node, lambda s: s["ok"], "first sync")
 
     def stop_agent(self, node: NodeHandle, sig: int = signal.SIGTERM) -> None:

@@ -15,6 +15,7 @@ that may answer.
 from __future__ import annotations
 
 import json
+import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -279,3 +280,40 @@ def test_pod_reaching_a_local_policy_nodeport_is_served_cluster_wide(
     assert result["errors"] == {}, result
     assert set(result["answers"]) == {
         "web-a:8080 10.244.2.3", "web-b:8080 10.244.2.3", "web-c:8080 10.0.0.1"}, result
+
+
+def test_agent_restart_does_not_disturb_a_live_udp_flow(cluster: MultiNodeCluster) -> None:
+    """The NAT maps are pinned: an agent restart (SIGKILL and start) keeps a
+    UDP flow from outside on its backend, without a lost datagram."""
+    frontend = "10.0.0.1:30053/UDP"
+    cluster.write_manifest("web.yaml", web("Cluster", ALL))
+    cluster.wait_external(frontend, cluster.nodes[0],
+                          sorted(f"{ip}:9053/UDP" for ip in ALL), False)
+    client = cluster.spawn_probe_outside(
+        "udp", "10.0.0.1", "30053", "--persistent", "50", "--interval", "0.1", "--timeout", "1"
+    )
+    assert client.stdout is not None
+    assert json.loads(client.stdout.readline()) == {"started": True}
+    time.sleep(0.5)
+    node = cluster.nodes[0]
+    cluster.stop_agent(node, signal.SIGKILL)
+    cluster.start_agents(["--cluster-cidr", "10.244.0.0/16,fd00:10:244::/48"],
+                         only=[node])
+    out, _ = client.communicate(timeout=60)
+    result = json.loads(out.strip().splitlines()[-1])
+    assert len(result["runs"]) == 1 and result["runs"][0][1] == 50, result
+    assert result["errors"] == {}, result
+
+
+def test_udp_service_scaled_to_zero_and_back(cluster: MultiNodeCluster) -> None:
+    frontend = "10.0.0.1:30053/UDP"
+    cluster.write_manifest("web.yaml", web("Cluster", {}))
+    cluster.wait_external(frontend, cluster.nodes[0], [], False)
+    gone = cluster.probe_from_outside("udp", "10.0.0.1", "30053", "--count", "2",
+                                      "--timeout", "1")
+    assert gone["errors"] == {"TIMEOUT": 2}, gone
+    cluster.write_manifest("web.yaml", web("Cluster", {"10.244.2.2": "node-2"}))
+    cluster.wait_external(frontend, cluster.nodes[0], ["10.244.2.2:9053/UDP"], False)
+    back = cluster.probe_from_outside("udp", "10.0.0.1", "30053", "--count", "10",
+                                      "--timeout", "2")
+    assert back["answers"] == {"web-c": 10} and back["errors"] == {}, back
