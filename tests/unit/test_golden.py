@@ -2,7 +2,8 @@
 
 Each directory tests/unit/golden/<case>/ holds input manifests (*.yaml, read
 in name order) and expected.txt, the text `agent.compute.render` makes of
-compute_desired's result for node-1 with the Service CIDRs below. The
+compute_desired's result for node-1 (with the addresses and zone of its Node
+object, when the case has one) and the Service CIDRs below. The
 expected files are reviewed by hand against kube-proxy's behaviour; the
 comments at the top of each case's manifests say what to look for.
 
@@ -21,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from agent.compute import ComputeConfig, NodeIdentity, compute_desired
+from agent.compute.node import identity_of
 from agent.compute.render import render_desired
 from agent.model.parse import Model
 from agent.model.snapshot import ClusterSnapshot
@@ -42,7 +44,9 @@ def render_case(case: Path) -> str:
         assert not problems, f"fixture {manifest} has malformed objects: {problems}"
         objects.extend(found)
     assert objects, f"golden case {case.name} has no objects"
-    return render_desired(compute_desired(ClusterSnapshot.of(objects), NODE, CONFIG))
+    snapshot = ClusterSnapshot.of(objects)
+    # node-1 as its Node object (if the case has one) describes it, as the agent does.
+    return render_desired(compute_desired(snapshot, identity_of(snapshot, NODE.name), CONFIG))
 
 
 def test_there_are_golden_cases() -> None:
