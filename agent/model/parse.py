@@ -11,6 +11,7 @@ does not consume (a ConfigMap in a manifest directory is not an error).
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any, TypeVar
@@ -393,50 +394,133 @@ def parse_node(doc: Mapping[str, Any]) -> Node:
     return Node(meta=meta, addresses=addresses, pod_cidrs=pod_cidrs)
 
 
+# The limits of crds/trafficpolicies.veer.dev.yaml, checked here too so that a
+# manifest directory refuses what the API server refuses, naming the same field.
+# (Objects from the API server have passed them already.)
+_DNS_1035_LABEL = re.compile(r"[a-z]([-a-z0-9]*[a-z0-9])?")
+MAX_TARGET_REFS = 16
+MAX_SPLIT_ENTRIES = 16
+MAX_ACCESS_RULES = 32
+MAX_RULE_SOURCES = 32
+
+
+def _limit(f: _Fields, key: str, items: list[Any], most: int) -> None:
+    if len(items) > most:
+        raise f.error(key, f"must have at most {most} items, not {len(items)}")
+
+
+def _service_name(f: _Fields, key: str) -> str:
+    name = f.string(key)
+    if not name:
+        raise f.error(key, "is required")
+    if len(name) > 63 or not _DNS_1035_LABEL.fullmatch(name):
+        raise f.error(
+            key,
+            f"{name!r} is not a Service name (a DNS-1035 label: at most 63 characters, "
+            "lowercase letters, digits and '-', starting with a letter)",
+        )
+    return name
+
+
+def _unique(f: _Fields, key: str, names: list[str], what: str) -> None:
+    seen: set[str] = set()
+    for i, name in enumerate(names):
+        if name in seen:
+            raise f.error(f"{key}[{i}]", f"duplicate {what} {name!r}")
+        seen.add(name)
+
+
+def _strict_cidrs(f: _Fields, key: str) -> tuple[IPNetwork, ...]:
+    """CIDRs with a prefix length and no host bits, as the CRD's CEL rule
+    `isCIDR(self) && cidr(self) == cidr(self).masked()` wants."""
+    out = []
+    for path, item in f.entries(key):
+        if not isinstance(item, str):
+            raise ModelError(f.obj, path, f"expected a CIDR, got {_kind(item)}")
+        try:
+            if "/" not in item:
+                raise ValueError("no prefix length")
+            out.append(ipaddress.ip_network(item, strict=True))
+        except ValueError:
+            raise ModelError(
+                f.obj, path,
+                f"{item!r} is not a CIDR such as 10.0.0.0/8 or fd00::/64 with no address "
+                "bits set beyond the prefix length",
+            ) from None
+    return tuple(out)
+
+
 def parse_traffic_policy(doc: Mapping[str, Any]) -> TrafficPolicy:
-    """Parse a TrafficPolicy. Checks types and ranges; the API server's schema
-    and the operator check the rest (see crds/)."""
+    """Parse a TrafficPolicy, checking what crds/trafficpolicies.veer.dev.yaml
+    checks (schema and CEL rules), with the same field paths; the operator
+    checks the rest (that the Services exist, conflicts between policies)."""
     obj = object_name(doc, namespaced=True)
     root = _Fields(obj, doc, "")
     meta = _meta(root, namespaced=True)
     spec = root.sub("spec")
-    targets = tuple(t.string("name") for t in spec.objects("targetRefs"))
-    if not targets:
+    refs = spec.objects("targetRefs")
+    if not refs:
         raise spec.error("targetRefs", "at least one target Service is required")
-    for i, name in enumerate(targets):
-        if not name:
-            raise spec.error(f"targetRefs[{i}].name", "is required")
+    _limit(spec, "targetRefs", refs, MAX_TARGET_REFS)
+    targets = []
+    for t in refs:
+        if t.string("kind", "Service") != "Service":
+            raise t.error("kind", f"unsupported value {t.data['kind']!r} (allowed: Service)")
+        targets.append(_service_name(t, "name"))
+    _unique(spec, "targetRefs", targets, "target")
 
     lb = spec.sub("loadBalancing")
     affinity = None
     if lb.has("sessionAffinity"):
         sa = lb.sub("sessionAffinity")
+        if not sa.has("type"):
+            raise sa.error("type", "is required")
+        kind = sa.enum("type", SessionAffinity, SessionAffinity.NONE)
+        if kind != SessionAffinity.CLIENT_IP and sa.has("timeoutSeconds"):
+            raise sa.error("timeoutSeconds", "may be set only when type is ClientIP")
         affinity = AffinityOverride(
-            type=sa.enum("type", SessionAffinity, SessionAffinity.NONE),
+            type=kind,
             timeout_seconds=sa.integer(
                 "timeoutSeconds", DEFAULT_AFFINITY_TIMEOUT_SECONDS, lo=1, hi=86400
             ),
         )
 
-    split = tuple(
-        SplitEntry(service=s.string("service"), weight=s.integer("weight", 0, lo=0, hi=1000))
-        for s in spec.objects("split")
-    )
+    entries = spec.objects("split")
+    _limit(spec, "split", entries, MAX_SPLIT_ENTRIES)
+    split = []
+    for s in entries:
+        if not s.has("weight"):
+            raise s.error("weight", "is required")
+        split.append(
+            SplitEntry(
+                service=_service_name(s, "service"), weight=s.integer("weight", lo=0, hi=1000)
+            )
+        )
+    _unique(spec, "split", [s.service for s in split], "service")
     if split and not any(s.weight > 0 for s in split):
-        raise spec.error("split", "at least one weight must be greater than 0")
+        raise spec.error("split", "at least one split weight must be greater than 0")
 
     access = None
     if spec.has("access"):
         a = spec.sub("access")
+        rules = a.objects("rules")
+        _limit(a, "rules", rules, MAX_ACCESS_RULES)
+        parsed_rules = []
+        for r in rules:
+            if not r.has("action"):
+                raise r.error("action", "is required")
+            sources = _strict_cidrs(r, "sources")
+            if not sources:
+                raise r.error("sources", "at least one CIDR is required")
+            _limit(r, "sources", list(sources), MAX_RULE_SOURCES)
+            parsed_rules.append(
+                AccessRule(
+                    action=r.enum("action", AccessAction, AccessAction.ALLOW), sources=sources
+                )
+            )
         access = AccessPolicy(
             default_action=a.enum("defaultAction", AccessAction, AccessAction.ALLOW),
-            rules=tuple(
-                AccessRule(
-                    action=r.enum("action", AccessAction, AccessAction.ALLOW),
-                    sources=r.cidrs("sources"),
-                )
-                for r in a.objects("rules")
-            ),
+            rules=tuple(parsed_rules),
         )
 
     redirect = None
@@ -448,10 +532,10 @@ def parse_traffic_policy(doc: Mapping[str, Any]) -> TrafficPolicy:
 
     return TrafficPolicy(
         meta=meta,
-        target_refs=targets,
+        target_refs=tuple(targets),
         algorithm=lb.enum("algorithm", Algorithm, Algorithm.RANDOM),
         session_affinity=affinity,
-        split=split,
+        split=tuple(split),
         access=access,
         redirect=redirect,
         sockmap=spec.sub("acceleration").boolean("sockmap"),
