@@ -26,6 +26,10 @@
  * (--cluster-cidr) reaching an externalTrafficPolicy: Local frontend are
  * served from every endpoint with SNAT (kube-proxy's short-circuit).
  *
+ * Verdicts on new flows are reported to the agent through veer_report()
+ * (veer_helpers.c): drops, denials and failures always, new flows while the
+ * agent asks.
+ *
  * Not yet: IPv4 options, IPv6 extension headers and fragments (passed
  * untouched), ICMP errors for translated flows, TCP RST for "refuse" (an
  * empty frontend drops).
@@ -67,6 +71,7 @@ struct veer_pkt {
 #define VEER_TCP_SYN 0x02
 #define VEER_TCP_ACK 0x10
 #define VEER_SYN_REUSE_NS 3000000000ULL /* a SYN retransmit comes within 1-3 s */
+#define VEER_UDP_IDLE_NS 180000000000ULL /* conntrack's udp_timeout_stream */
 
 /* The ports and TCP flags that follow an IP header at `l4`. */
 static __always_inline int veer_parse_l4(struct veer_pkt *p, void *l4, void *end, __u8 proto)
@@ -212,6 +217,42 @@ static __always_inline int veer_route(struct __sk_buff *skb, __u8 family, const 
 	return -1;
 }
 
+/* Report a verdict on the packet `p` (see veer_report). */
+static __always_inline void veer_report_tc(struct __sk_buff *skb, __u32 reason,
+					   const struct veer_pkt *p, __u32 service_id,
+					   const __u8 *baddr, __be16 bport, __u8 flags)
+{
+	veer_report(skb, VEER_HOOK_TC_INGRESS, reason, flags, service_id, p->t.family,
+		    p->t.proto, p->t.saddr, p->t.sport, p->t.daddr, p->t.dport, baddr, bport);
+}
+
+/* Whether a NAT entry outlived its flow. UDP has no end: an entry idle for
+ * longer than conntrack's UDP timeout is dead (its ports may be reused by an
+ * unrelated flow). TCP entries end when a new SYN reuses their ports. */
+static __always_inline int veer_nat_stale(const struct veer_tuple *t,
+					  const struct veer_nat_value *nat)
+{
+	return t->proto == VEER_IPPROTO_UDP &&
+	       bpf_ktime_get_ns() - nat->last_seen_ns > VEER_UDP_IDLE_NS;
+}
+
+/* The reverse entry a packet's flow would have if we had translated it. A new
+ * connection that we do not translate (pod to pod across nodes, say) may
+ * reuse the ports of an old translated one; its replies must not be
+ * "restored" to the old frontend, so its SYN removes the old entry. */
+static __always_inline void veer_forget_reverse(const struct veer_pkt *p)
+{
+	struct veer_tuple reply = {};
+
+	__builtin_memcpy(reply.saddr, p->t.daddr, 16);
+	__builtin_memcpy(reply.daddr, p->t.saddr, 16);
+	reply.sport = p->t.dport;
+	reply.dport = p->t.sport;
+	reply.proto = p->t.proto;
+	reply.family = p->t.family;
+	veer_nat_rev.delete(&reply);
+}
+
 /* Translate a packet of a known flow and send it on its way. */
 static __always_inline int veer_apply(struct __sk_buff *skb, const struct veer_pkt *p,
 				      struct veer_nat_value *to)
@@ -222,6 +263,7 @@ static __always_inline int veer_apply(struct __sk_buff *skb, const struct veer_p
 	veer_rewrite(skb, p, to);
 	if (veer_route(skb, p->t.family, to->saddr, to->daddr, &fib) < 0) {
 		veer_count(VEER_CNT_NAT_FAIL);
+		veer_report_tc(skb, VEER_CNT_NAT_FAIL, p, to->service_id, to->daddr, to->dport, 0);
 		return TC_ACT_SHOT;
 	}
 	return veer_redirect_neigh(fib.ifindex, NULL, 0, 0);
@@ -269,6 +311,15 @@ static __always_inline __u32 veer_ext_affinity_lookup(struct veer_ext_affinity_k
 	return entry->backend_id;
 }
 
+/* A new flow could not be set up (no route, no SNAT address or port, a NAT
+ * map write failed): report it with the backend that was chosen. */
+static __always_inline void veer_nat_failed(struct __sk_buff *skb, const struct veer_pkt *p,
+					    __u32 service_id,
+					    const struct veer_backend_value *backend, __u8 flags)
+{
+	veer_report_tc(skb, VEER_CNT_NAT_FAIL, p, service_id, backend->addr, backend->port, flags);
+}
+
 /* The first packet of a flow to an external frontend. */
 static __always_inline int veer_new_flow(struct __sk_buff *skb, const struct veer_pkt *p)
 {
@@ -283,6 +334,7 @@ static __always_inline int veer_new_flow(struct __sk_buff *skb, const struct vee
 	struct veer_ext_affinity_key affinity_key = {};
 	__u32 zero = 0, hash, i, snat[4];
 	__u16 count;
+	__u8 report_flags = 0;
 	int stored = 0, short_circuit = 0;
 
 	__builtin_memcpy(key.addr, p->t.daddr, 16);
@@ -291,11 +343,16 @@ static __always_inline int veer_new_flow(struct __sk_buff *skb, const struct vee
 	key.family = p->t.family;
 	key.scope = VEER_SCOPE_EXTERNAL;
 	frontend = veer_services.lookup(&key);
-	if (!frontend)
-		return TC_ACT_OK; /* not ours */
+	if (!frontend) {
+		/* Not ours. */
+		if (p->syn)
+			veer_forget_reverse(p);
+		return TC_ACT_OK;
+	}
 	if ((frontend->flags & VEER_SVC_F_SOURCE_RANGES) &&
 	    !veer_source_allowed(frontend->service_id, &p->t)) {
 		veer_count(VEER_CNT_NAT_DENIED_SOURCE);
+		veer_report_tc(skb, VEER_CNT_NAT_DENIED_SOURCE, p, frontend->service_id, NULL, 0, 0);
 		return TC_ACT_SHOT;
 	}
 	if ((frontend->flags & VEER_SVC_F_EXT_LOCAL) && veer_from_pod(&p->t)) {
@@ -305,14 +362,18 @@ static __always_inline int veer_new_flow(struct __sk_buff *skb, const struct vee
 		frontend = veer_services.lookup(&key);
 		if (!frontend) {
 			veer_count(VEER_CNT_INCONSISTENT);
+			veer_report_tc(skb, VEER_CNT_INCONSISTENT, p, 0, NULL, 0,
+				       VEER_EV_F_SHORT_CIRCUIT);
 			return TC_ACT_SHOT;
 		}
 		short_circuit = 1;
+		report_flags |= VEER_EV_F_SHORT_CIRCUIT;
 		veer_count(VEER_CNT_NAT_SHORT_CIRCUIT);
 	}
 	count = frontend->count;
 	if (count == 0) {
 		veer_count(VEER_CNT_NAT_DROP);
+		veer_report_tc(skb, VEER_CNT_NAT_DROP, p, frontend->service_id, NULL, 0, report_flags);
 		return TC_ACT_SHOT;
 	}
 	if (frontend->flags & VEER_SVC_F_AFFINITY) {
@@ -321,12 +382,16 @@ static __always_inline int veer_new_flow(struct __sk_buff *skb, const struct vee
 		affinity_key.service_id = frontend->service_id;
 		backend_key.backend_id =
 			veer_ext_affinity_lookup(&affinity_key, frontend->affinity_timeout);
+		if (backend_key.backend_id)
+			report_flags |= VEER_EV_F_AFFINITY;
 	}
 	if (!backend_key.backend_id) {
 		key.slot = (bpf_get_prandom_u32() % count) + 1;
 		slot = veer_services.lookup(&key);
 		if (!slot) {
 			veer_count(VEER_CNT_INCONSISTENT);
+			veer_report_tc(skb, VEER_CNT_INCONSISTENT, p, frontend->service_id, NULL, 0,
+				       report_flags);
 			return TC_ACT_SHOT;
 		}
 		backend_key.backend_id = slot->backend_id;
@@ -341,6 +406,8 @@ static __always_inline int veer_new_flow(struct __sk_buff *skb, const struct vee
 	backend = veer_backends.lookup(&backend_key);
 	if (!backend || backend->family != p->t.family) {
 		veer_count(VEER_CNT_INCONSISTENT);
+		veer_report_tc(skb, VEER_CNT_INCONSISTENT, p, frontend->service_id, NULL, 0,
+			       report_flags);
 		return TC_ACT_SHOT;
 	}
 
@@ -366,6 +433,7 @@ static __always_inline int veer_new_flow(struct __sk_buff *skb, const struct vee
 
 	if (veer_route(skb, p->t.family, fwd.saddr, fwd.daddr, &fib) < 0) {
 		veer_count(VEER_CNT_NAT_FAIL);
+		veer_nat_failed(skb, p, frontend->service_id, backend, report_flags);
 		return TC_ACT_SHOT;
 	}
 	if (fib.ifindex == skb->ingress_ifindex &&
@@ -375,6 +443,7 @@ static __always_inline int veer_new_flow(struct __sk_buff *skb, const struct vee
 		node = veer_node.lookup(&zero);
 		if (!node) {
 			veer_count(VEER_CNT_NAT_FAIL);
+			veer_nat_failed(skb, p, frontend->service_id, backend, report_flags);
 			return TC_ACT_SHOT;
 		}
 		if (p->t.family == VEER_FAMILY_IPV4)
@@ -383,6 +452,7 @@ static __always_inline int veer_new_flow(struct __sk_buff *skb, const struct vee
 			__builtin_memcpy(snat, node->addr6, 16);
 		if (!(snat[0] | snat[1] | snat[2] | snat[3])) {
 			veer_count(VEER_CNT_NAT_FAIL); /* no node address of this family */
+			veer_nat_failed(skb, p, frontend->service_id, backend, report_flags);
 			return TC_ACT_SHOT;
 		}
 		__builtin_memcpy(fwd.saddr, snat, 16);
@@ -399,6 +469,7 @@ static __always_inline int veer_new_flow(struct __sk_buff *skb, const struct vee
 		}
 		if (!stored) {
 			veer_count(VEER_CNT_NAT_FAIL);
+			veer_nat_failed(skb, p, frontend->service_id, backend, report_flags);
 			return TC_ACT_SHOT;
 		}
 		veer_count(VEER_CNT_NAT_SNAT);
@@ -407,14 +478,20 @@ static __always_inline int veer_new_flow(struct __sk_buff *skb, const struct vee
 		reply.dport = p->t.sport;
 		if (veer_nat_rev.update(&reply, &rev) != 0) {
 			veer_count(VEER_CNT_NAT_FAIL);
+			veer_nat_failed(skb, p, frontend->service_id, backend, report_flags);
 			return TC_ACT_SHOT;
 		}
 	}
 	if (veer_nat_fwd.update((struct veer_tuple *)&p->t, &fwd) != 0) {
 		veer_count(VEER_CNT_NAT_FAIL);
+		veer_nat_failed(skb, p, frontend->service_id, backend, report_flags);
 		return TC_ACT_SHOT;
 	}
 	veer_count(VEER_CNT_NAT_NEW);
+	if (stored)
+		report_flags |= VEER_EV_F_SNAT;
+	veer_report_tc(skb, VEER_CNT_NAT_NEW, p, frontend->service_id, backend->addr,
+		       backend->port, report_flags);
 	veer_rewrite(skb, p, &fwd);
 	return veer_redirect_neigh(fib.ifindex, NULL, 0, 0);
 }
@@ -427,6 +504,10 @@ int veer_tc_ingress(struct __sk_buff *skb)
 	if (veer_parse(skb, &p) < 0)
 		return TC_ACT_OK;
 	nat = veer_nat_rev.lookup(&p.t);
+	if (nat && veer_nat_stale(&p.t, nat)) {
+		veer_nat_rev.delete(&p.t);
+		nat = NULL;
+	}
 	if (nat) {
 		veer_count(VEER_CNT_NAT_REPLY);
 		return veer_apply(skb, &p, nat);
@@ -436,7 +517,8 @@ int veer_tc_ingress(struct __sk_buff *skb)
 	 * does for a connection in TIME_WAIT, unless the entry is only a moment
 	 * old, i.e. this is a retransmitted SYN of the same connection. */
 	nat = veer_nat_fwd.lookup(&p.t);
-	if (nat && (!p.syn || bpf_ktime_get_ns() - nat->last_seen_ns < VEER_SYN_REUSE_NS))
+	if (nat && !veer_nat_stale(&p.t, nat) &&
+	    (!p.syn || bpf_ktime_get_ns() - nat->last_seen_ns < VEER_SYN_REUSE_NS))
 		return veer_apply(skb, &p, nat);
 	return veer_new_flow(skb, &p);
 }
@@ -451,6 +533,10 @@ int veer_tc_egress(struct __sk_buff *skb)
 	nat = veer_nat_rev.lookup(&p.t);
 	if (!nat)
 		return TC_ACT_OK;
+	if (veer_nat_stale(&p.t, nat)) {
+		veer_nat_rev.delete(&p.t);
+		return TC_ACT_OK;
+	}
 	veer_count(VEER_CNT_NAT_REPLY);
 	nat->last_seen_ns = bpf_ktime_get_ns();
 	veer_rewrite(skb, &p, nat);

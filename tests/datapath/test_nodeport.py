@@ -15,7 +15,10 @@ that may answer.
 from __future__ import annotations
 
 import json
+import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -317,3 +320,47 @@ def test_udp_service_scaled_to_zero_and_back(cluster: MultiNodeCluster) -> None:
     back = cluster.probe_from_outside("udp", "10.0.0.1", "30053", "--count", "10",
                                       "--timeout", "2")
     assert back["answers"] == {"web-c": 10} and back["errors"] == {}, back
+
+
+REUSE_PORT = """
+import socket, sys
+def get(addr, port, src_port):
+    s = socket.socket(); s.settimeout(3)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", src_port)); s.connect((addr, port))
+    s.sendall(b"GET / HTTP/1.0\\r\\n\\r\\n"); data = b""
+    while chunk := s.recv(4096): data += chunk
+    s.close(); return data.split(b"\\r\\n\\r\\n", 1)[1].decode().strip()
+local = {"web-a": "10.244.1.2", "web-b": "10.244.1.3"}  # node-1's pods: no SNAT
+for port in range(45678, 45698):  # web-c (remote, SNAT) would not test this
+    first = get(sys.argv[1], int(sys.argv[2]), port)
+    if first.split(":")[0] in local:
+        print(first, get(local[first.split(":")[0]], 8080, port))
+        break
+"""
+
+
+def test_new_direct_connection_reusing_the_ports_of_a_translated_one(
+    cluster: MultiNodeCluster,
+) -> None:
+    """A pod connects through node-1's Local NodePort (served by a local pod,
+    no SNAT: node-1 keeps a reverse NAT entry), then, from the same source
+    port, straight to that pod. The old entry must not rewrite the new
+    connection's replies."""
+    cluster.write_manifest("web.yaml", web("Local", ALL))
+    cluster.wait_external("10.0.0.1:30080/TCP", cluster.nodes[0],
+                          ["10.244.1.2:8080/TCP", "10.244.1.3:8080/TCP"], True)
+    node = next(n for n in cluster.nodes if "cli-2" in n.pods)
+
+    def join_node_cgroup() -> None:
+        with open(os.path.join(node.cgroup, "cgroup.procs"), "w") as f:
+            f.write(str(os.getpid()))
+
+    res = subprocess.run(
+        ["ip", "netns", "exec", cluster.topo.pods["cli-2"].netns, sys.executable, "-c",
+         REUSE_PORT, "10.0.0.1", "30080"],
+        capture_output=True, text=True, timeout=60, preexec_fn=join_node_cgroup,
+    )
+    assert res.returncode == 0, res.stderr
+    via_nodeport, direct = res.stdout.split()
+    assert via_nodeport == direct and via_nodeport in ("web-a:8080", "web-b:8080"), res.stdout

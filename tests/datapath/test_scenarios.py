@@ -20,6 +20,9 @@ client address each pod sees ("pod@address"); or that the connection is
 REFUSED (ECONNREFUSED at once), UNREACHABLE (EHOSTUNREACH at once: where
 kube-proxy drops, a local client fails fast) or DROPPED (no answer).
 
+Every case also runs over IPv6 (its twin maps each address to its IPv6
+counterpart), except those with no IPv6 meaning.
+
 Where veer differs from kube-proxy, the case says so: an external client
 of a Service with no endpoints at all is DROPPED (kube-proxy REJECTs).
 """
@@ -146,13 +149,37 @@ CASES = [
          spec={"type": "LoadBalancer"} | LOCAL),
     Case("LB source ranges let the client in", "ext", "lb",
          seen("web-a web-b", EXT4) | seen("web-c", NODE4[1]),
-         spec={"type": "LoadBalancer", "loadBalancerSourceRanges": [f"{EXT4}/32"]}),
+         spec={"type": "LoadBalancer",
+               "loadBalancerSourceRanges": [f"{EXT4}/32", f"{EXT6}/128"]}),
     Case("LB source ranges keep the client out", "ext", "lb", DROPPED,
-         spec={"type": "LoadBalancer", "loadBalancerSourceRanges": ["10.0.0.99/32"]}),
+         spec={"type": "LoadBalancer",
+               "loadBalancerSourceRanges": ["10.0.0.99/32", "fd00:10::99/128"]}),
     Case("LB over IPv6 from outside", "ext", "lb",
          seen("web-a web-b", EXT6) | seen("web-c", NODE6[1]),
          spec={"type": "LoadBalancer"}, family=6),
 ]
+
+
+# Every IPv4 address an expectation can name, and its IPv6 twin.
+TO_V6 = {**{IP4[p]: IP6[p] for p in IP4}, EXT4: EXT6, NODE4[1]: NODE6[1], NODE4[2]: NODE6[2]}
+
+
+def ipv6_twin(case: Case) -> Case | None:
+    """The same case over IPv6 (None where it has no IPv6 meaning: a
+    client on node-1 itself picks its own source address either way)."""
+    if case.family == 6 or case.dst == "badport":
+        return None
+    expect: frozenset[str] | str = case.expect
+    if not isinstance(expect, str):
+        expect = frozenset(
+            f"{pod}@{TO_V6[addr]}" if addr else pod
+            for pod, _, addr in (e.partition("@") for e in expect)
+        )
+    return Case(f"{case.name} (IPv6)", case.client, case.dst, expect, case.spec,
+                case.endpoints, case.hints, family=6)
+
+
+ALL_CASES = [c for c in CASES] + [t for t in map(ipv6_twin, CASES) if t is not None]
 
 
 def manifest(index: int, case: Case) -> str:
@@ -249,8 +276,8 @@ def run_client(cluster: MultiNodeCluster, case: Case, addr: str, port: int,
     return cluster.probe_from_pod(case.client, *args)
 
 
-@pytest.mark.parametrize("index_case", list(enumerate(CASES, start=1)),
-                         ids=[c.name for c in CASES])
+@pytest.mark.parametrize("index_case", list(enumerate(ALL_CASES, start=1)),
+                         ids=[c.name for c in ALL_CASES])
 def test_scenario(cluster: MultiNodeCluster, index_case: tuple[int, Case]) -> None:
     index, case = index_case
     cluster.write_manifest("svc.yaml", manifest(index, case))
