@@ -28,6 +28,11 @@ class AgentConfig:
     min_sync_interval: float = 0.0
     max_sync_interval: float = 60.0
     scan_interval: float = 0.5
+    # The source: a manifest directory, or the API server (--kubernetes).
+    kubernetes: bool = False
+    kubeconfig: str | None = None  # None: the in-cluster ServiceAccount
+    # On SIGTERM, clean up if the chart's DaemonSet is being deleted (agent/kube/uninstall.py).
+    cleanup_on_uninstall: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -38,6 +43,10 @@ class AgentConfig:
             raise ConfigError("sync intervals must be positive")
         if self.min_sync_interval > self.max_sync_interval:
             raise ConfigError("--min-sync-interval must not exceed --max-sync-interval")
+        if self.kubernetes and self.manifests:
+            raise ConfigError("--manifests and --kubernetes are two sources: give one")
+        if not self.kubernetes and (self.kubeconfig or self.cleanup_on_uninstall):
+            raise ConfigError("--kubeconfig and --cleanup-on-uninstall need --kubernetes")
 
 
 def parse_cidrs(value: str, flag: str) -> frozenset[IPNetwork]:

@@ -1,7 +1,10 @@
 """The agent process: wires a source, compute, the reconciler and a datapath.
 
-    ManifestSource ──> Store ──(wake)──> BoundedFrequencyRunner ──> Reconciler ──> Datapath
-                                                  compute_desired(snapshot) ─┘
+    Source ──> Store ──(wake)──> BoundedFrequencyRunner ──> Reconciler ──> Datapath
+                                          compute_desired(snapshot) ─┘
+
+The source is a manifest directory (agent/sources/manifests.py) or the
+Kubernetes API server (agent/kube/), handed in as a factory of the Store.
 
 Nothing is programmed until the source has delivered one complete view, so a
 restart never prunes state from a partial picture. SIGTERM/SIGINT stop the
@@ -17,6 +20,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from types import FrameType
 
 from agent import __version__
@@ -30,6 +34,7 @@ from agent.model.snapshot import Store
 from agent.reconcile.reconciler import Reconciler, SyncResult
 from agent.reconcile.runner import BoundedFrequencyRunner
 from agent.serve import ServeOptions, Servers
+from agent.sources import Source
 from agent.sources.manifests import ManifestSource
 from agent.telemetry import Telemetry
 
@@ -90,14 +95,21 @@ class Agent:
         status_file: str | None = None,
         mode: tuple[str, str] | None = None,
         serve: ServeOptions | None = None,
+        source: Callable[[Store], Source] | None = None,
     ):
-        if not config.manifests:
-            raise ConfigError("--manifests DIR is required (the Kubernetes source comes later)")
         self.config = config
         self.datapath = datapath
         self.status_file = status_file
         self.store = Store()
-        self.source = ManifestSource(config.manifests, self.store, config.scan_interval)
+        self.source: Source
+        if source is not None:
+            self.source = source(self.store)
+        elif config.manifests:
+            self.source = ManifestSource(config.manifests, self.store, config.scan_interval)
+        else:
+            raise ConfigError("--manifests DIR or --kubernetes is required")
+        # Called after every reconcile pass (with its result), from the runner's thread.
+        self.sync_listeners: list[Callable[[SyncResult], None]] = []
         self.compute_config = ComputeConfig(
             service_proxy_name=config.service_proxy_name,
             service_cidrs=config.service_cidrs,
@@ -149,6 +161,8 @@ class Agent:
         for problem in self.health_checks.sync(self.last_desired.health_checks):
             log.warning("%s", problem)
         self.telemetry.record_sync(result)
+        for listener in self.sync_listeners:
+            listener(result)
         if not result.ok:
             self.runner.retry_after(RETRY_AFTER_FAILURE)
         self._write_status(result)

@@ -5,6 +5,7 @@
     ├── ManifestError              a manifest file cannot be read or parsed (names the file)
     ├── ConfigError                the agent was started with options it cannot honour
     ├── EnvironmentProblem         the machine lacks something (root, bpffs, cgroup2, BPF)
+    ├── KubeApiError               a Kubernetes API request failed (HTTP status, 0: no answer)
     └── DatapathError              the kernel refused an operation (names the object)
         └── MapFullError           a map has no room left
 
@@ -49,6 +50,22 @@ class ConfigError(VeerError):
 
 class EnvironmentProblem(VeerError):
     """The machine lacks something veer needs; the message says what and how to fix it."""
+
+
+class KubeApiError(VeerError):
+    """A request to the Kubernetes API failed.
+
+    `status` is the HTTP status (404, 410, ...), 0 when no answer came (the
+    server could not be reached, the connection broke, a timeout); `reason`
+    is the API's reason ("NotFound", "Expired", ...) when it gave one.
+    """
+
+    def __init__(self, what: str, status: int, message: str, reason: str = "") -> None:
+        self.what = what
+        self.status = status
+        self.reason = reason
+        self.message = message
+        super().__init__(f"{what}: {message}" if status == 0 else f"{what}: {status} {message}")
 
 
 class DatapathError(VeerError):

@@ -5,6 +5,13 @@
     Reconciler pass ──> record_sync(result)  durations (full / partial),
                                               last (successful) pass, errors
 
+Network programming latency is kube-proxy's: an EndpointSlice carrying the
+annotation endpoints.kubernetes.io/last-change-trigger-time (the
+EndpointSlice controller sets it to when the change that caused it happened,
+e.g. a Pod turning ready) is noted with that time when the Store changes;
+when a successful pass that read it ends, now - trigger time is observed.
+Trigger times from before the agent started are skipped, as kube-proxy does.
+
 Health follows kube-proxy's proxier health: the agent is unhealthy when a
 change has waited longer than a timeout without a successful pass (the
 initial sync counts as a change queued at start).
@@ -26,6 +33,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import TypeVar
 
 from agent.model.snapshot import ClusterSnapshot
@@ -34,6 +42,13 @@ from agent.reconcile.reconciler import SyncResult
 # kube-proxy's buckets for its sync duration histograms:
 # metrics.ExponentialBuckets(0.001, 2, 15), i.e. 1 ms .. 16.384 s.
 SYNC_BUCKETS: tuple[float, ...] = tuple(0.001 * 2**i for i in range(15))
+
+# kube-proxy's buckets for network programming latency: 0.25 s .. 5 min.
+PROGRAMMING_BUCKETS: tuple[float, ...] = (
+    0.25, 0.5, *range(1, 60), *range(60, 120, 5), *range(120, 301, 30)
+)
+TRIGGER_TIME_ANNOTATION = "endpoints.kubernetes.io/last-change-trigger-time"
+MAX_PENDING_TRIGGERS = 10000  # while passes fail; the oldest are dropped beyond
 
 K = TypeVar("K")
 V = TypeVar("V")
@@ -108,6 +123,19 @@ class TelemetrySnapshot:
     all_syncs: Histogram
     full_syncs: Histogram
     partial_syncs: Histogram
+    network_programming: Histogram = field(
+        default_factory=lambda: Histogram(PROGRAMMING_BUCKETS))
+
+
+def trigger_time(annotations: Mapping[str, str]) -> float | None:
+    """The last-change-trigger-time annotation as Unix seconds, if valid."""
+    value = annotations.get(TRIGGER_TIME_ANNOTATION)
+    if not value:
+        return None
+    try:
+        return datetime.fromisoformat(value).timestamp()
+    except ValueError:
+        return None
 
 
 def _changed(old: Mapping[K, V], new: Mapping[K, V]) -> int:
@@ -141,6 +169,9 @@ class Telemetry:
         self._all = Histogram()
         self._full = Histogram()
         self._partial = Histogram()
+        self._programming = Histogram(PROGRAMMING_BUCKETS)
+        # (when noted, trigger time) of EndpointSlice changes no pass has covered yet
+        self._triggers: list[tuple[float, float]] = []
 
     def note_change(self, snapshot: ClusterSnapshot) -> None:
         """The Store changed: a sync is queued. Count what changed since last time."""
@@ -152,7 +183,23 @@ class Telemetry:
             self._endpoint_changes += _changed(
                 self._seen.endpoint_slices, snapshot.endpoint_slices
             )
+            self._note_triggers(self._seen, snapshot)
             self._seen = snapshot
+
+    def _note_triggers(self, old: ClusterSnapshot, new: ClusterSnapshot) -> None:
+        if old.endpoint_slices is new.endpoint_slices:
+            return
+        for key, eps in new.endpoint_slices.items():
+            before = old.endpoint_slices.get(key)
+            if before is eps or before == eps:
+                continue
+            when = trigger_time(eps.meta.annotations)
+            if when is None or when < self._start:
+                continue
+            if before is not None and trigger_time(before.meta.annotations) == when:
+                continue  # the same change, seen again
+            self._triggers.append((self._last_queued, when))
+        del self._triggers[:-MAX_PENDING_TRIGGERS]
 
     def record_sync(self, result: SyncResult) -> None:
         """A reconcile pass finished."""
@@ -172,6 +219,13 @@ class Telemetry:
                 # since then are still pending (the start bounds them from below).
                 started = now - result.duration
                 self._oldest_pending = started if self._last_queued > started else 0.0
+                pending = []
+                for noted, when in self._triggers:
+                    if noted <= started:
+                        self._programming.observe(max(0.0, now - when))
+                    else:
+                        pending.append((noted, when))
+                self._triggers = pending
             else:
                 self._failed += 1
                 self._errors += len(result.errors)
@@ -211,4 +265,5 @@ class Telemetry:
                 all_syncs=self._all.copy(),
                 full_syncs=self._full.copy(),
                 partial_syncs=self._partial.copy(),
+                network_programming=self._programming.copy(),
             )

@@ -150,8 +150,8 @@ class _Servicer:
             frontends_failed=len([k for k in failed if k in desired.frontends]),
             start_time=agent.telemetry.snapshot().start_time,
             source=pb.SourceStatus(
-                kind="manifests",
-                location=agent.config.manifests or "",
+                kind=agent.source.kind,
+                location=agent.source.location,
                 synced=agent.store.synced,
                 files=report.files,
                 objects=report.objects,

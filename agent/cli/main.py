@@ -17,13 +17,21 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from agent import __version__
 from agent.cli.commands import COMMANDS, add_debug_commands, run_debug_command
 from agent.config import DEFAULT_BPFFS, AgentConfig, parse_cidrs
 from agent.defaults import DEFAULT_HEALTHZ, DEFAULT_METRICS, DEFAULT_SOCKET
-from agent.errors import VeerError
+from agent.errors import ConfigError, VeerError
+
+if TYPE_CHECKING:
+    from agent.kube.runtime import KubeRuntime
+    from agent.model.snapshot import Store
+    from agent.sources import Source
 
 log = logging.getLogger("veer")
 
@@ -31,6 +39,18 @@ log = logging.getLogger("veer")
 def _agent_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("agent", help="run the node agent (or remove what it made)")
     p.add_argument("--manifests", metavar="DIR", help="read Kubernetes objects from DIR")
+    p.add_argument("--kubernetes", action="store_true",
+                   help="follow the Kubernetes API server (the Pod's ServiceAccount unless "
+                   "--kubeconfig)")
+    p.add_argument("--kubeconfig", metavar="PATH",
+                   help="with --kubernetes: the API server and credentials of this kubeconfig")
+    p.add_argument("--cleanup-on-uninstall", action=argparse.BooleanOptionalAction,
+                   default=None,
+                   help="with --kubernetes (default on): on SIGTERM, if the agent's DaemonSet "
+                   "is being deleted (veer is uninstalled), do what --cleanup does")
+    p.add_argument("--owner-daemonset", metavar="NAMESPACE/NAME", default="",
+                   help="the agent's DaemonSet, for --cleanup-on-uninstall (default: the "
+                   "owner of the Pod POD_NAMESPACE/POD_NAME)")
     p.add_argument("--node-name", metavar="NAME", help="this node's name (its Node object)")
     p.add_argument(
         "--cgroup",
@@ -74,15 +94,20 @@ def _agent_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("-v", "--verbose", action="store_true")
 
 
+def _cleanup(cgroup: str | None, bpffs: str) -> list[str]:
+    """What `veer agent --cleanup` does; one line per thing removed."""
+    from agent.datapath.ebpf.env import cgroup2_root
+    from agent.datapath.ebpf.programs import cleanup
+
+    cgroup = cgroup or cgroup2_root()
+    lines = list(cleanup(cgroup, bpffs))
+    return [*lines, f"cleanup of {cgroup} and {bpffs} done"]
+
+
 def run_agent(args: argparse.Namespace) -> int:
     if args.cleanup:
-        from agent.datapath.ebpf.env import cgroup2_root
-        from agent.datapath.ebpf.programs import cleanup
-
-        cgroup = args.cgroup or cgroup2_root()
-        for line in cleanup(cgroup, args.bpffs):
+        for line in _cleanup(args.cgroup, args.bpffs):
             log.info("%s", line)
-        log.info("cleanup of %s and %s done", cgroup, args.bpffs)
         return 0
 
     from agent.daemon import Agent, choose_mode, open_ebpf_datapath
@@ -101,6 +126,10 @@ def run_agent(args: argparse.Namespace) -> int:
         service_proxy_name=args.service_proxy_name,
         min_sync_interval=args.min_sync_interval,
         max_sync_interval=args.max_sync_interval,
+        kubernetes=args.kubernetes,
+        kubeconfig=args.kubeconfig,
+        cleanup_on_uninstall=(args.kubernetes if args.cleanup_on_uninstall is None
+                              else args.cleanup_on_uninstall),
     )
     mode, why = choose_mode(config)
     log.info("datapath mode %s (%s)", mode, why)
@@ -110,9 +139,39 @@ def run_agent(args: argparse.Namespace) -> int:
         metrics_bind_address=args.metrics_bind_address,
         healthz_bind_address=args.healthz_bind_address,
     )
+    runtimes: list[KubeRuntime] = []
+    source: Callable[[Store], Source] | None = None
+    if config.kubernetes:
+        from agent.kube.client import KubeClient
+        from agent.kube.report import Identity
+        from agent.kube.runtime import KubeRuntime, Uninstall
+
+        api = KubeClient.load(config.kubeconfig)
+        pod_name = os.environ.get("POD_NAME", "")
+        identity = Identity(mode, why, pod_name)
+        uninstall = None
+        if config.cleanup_on_uninstall:
+            owner = None
+            if args.owner_daemonset:
+                namespace, _, name = args.owner_daemonset.partition("/")
+                if not namespace or not name:
+                    raise ConfigError(f"--owner-daemonset: {args.owner_daemonset!r} is not "
+                                      "NAMESPACE/NAME")
+                owner = (namespace, name)
+            uninstall = Uninstall(owner, os.environ.get("POD_NAMESPACE", ""), pod_name)
+
+        def source(store: Store) -> Source:
+            runtimes.append(KubeRuntime(api, store, config.node_name, identity, uninstall))
+            return runtimes[-1]
+
     agent = Agent(config, open_ebpf_datapath(config), status_file=args.status_file,
-                  mode=(mode, why), serve=serve)
+                  mode=(mode, why), serve=serve, source=source)
+    for runtime in runtimes:
+        runtime.attach(agent)
     agent.run_forever()
+    if config.cleanup_on_uninstall:
+        for runtime in runtimes:
+            runtime.finish(lambda: _cleanup(config.cgroup, config.bpffs))
     return 0
 
 

@@ -10,6 +10,8 @@ written for kube-proxy keep working (their help text is kube-proxy's):
     kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds   last change that asked for a pass
     kubeproxy_sync_proxy_rules_service_changes_total           Service objects changed
     kubeproxy_sync_proxy_rules_endpoint_changes_total          EndpointSlice objects changed
+    kubeproxy_network_programming_duration_seconds             histogram, EndpointSlice
+                                                               trigger time to programmed
 
 and veer's own (veer_*), listed in docs/debugging.md. `gather(agent)` reads
 the agent (cheap: counters, map sizes, the last desired state; no compute);
@@ -69,6 +71,8 @@ def families(m: MetricsInput) -> list[MetricFamily]:
                      "Cumulative proxy rules Service changes").add(t.service_changes),
         MetricFamily("kubeproxy_sync_proxy_rules_endpoint_changes_total", "counter",
                      "Cumulative proxy rules Endpoint changes").add(t.endpoint_changes),
+        _histogram("kubeproxy_network_programming_duration_seconds",
+                   "In Cluster Network Programming Latency in seconds", t.network_programming),
         MetricFamily("veer_build_info", "gauge", "The running veer version (always 1)")
         .add(1, {"version": m.version}),
     ]

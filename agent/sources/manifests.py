@@ -106,6 +106,8 @@ def parse_file(path: str) -> tuple[list[Model], list[str]]:
 class ManifestSource:
     """Follows a directory and keeps a Store equal to what it holds."""
 
+    kind = "manifests"
+
     def __init__(self, directory: str, store: Store, interval: float = 0.5) -> None:
         self.directory = directory
         self.store = store
@@ -116,6 +118,10 @@ class ManifestSource:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.last_report = ScanReport(0, 0, ())
+
+    @property
+    def location(self) -> str:
+        return self.directory
 
     def _walk(self) -> dict[str, tuple[int, int, int]]:
         found: dict[str, tuple[int, int, int]] = {}

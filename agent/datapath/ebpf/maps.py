@@ -65,6 +65,7 @@ class PinnedMap(Generic[K, V]):
                 "it was made by another veer version; run `veer agent --cleanup` first"
             )
         self.capacity = int(info.max_entries)
+        self._batch = True  # until the kernel says this map type has no batch ops
 
     def get(self, key: K) -> V | None:
         value = self.value_type()
@@ -89,6 +90,16 @@ class PinnedMap(Generic[K, V]):
         return iter(out)
 
     def items(self) -> Iterator[tuple[K, V]]:
+        """All entries: by batch where the map type allows it, else one by one."""
+        if self._batch:
+            try:
+                return iter(list(syscall.map_lookup_batch(
+                    self.fd, self.key_type, self.value_type)))
+            except syscall.BatchUnsupported:
+                self._batch = False
+        return self._items_one_by_one()
+
+    def _items_one_by_one(self) -> Iterator[tuple[K, V]]:
         for key in self.list_keys():
             value = self.get(key)
             if value is not None:

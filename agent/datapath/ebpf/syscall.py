@@ -13,8 +13,13 @@ import ctypes
 import errno
 import os
 import struct
+from collections.abc import Iterator
+from typing import TypeVar
 
 from agent.errors import DatapathError, MapFullError
+
+K = TypeVar("K", bound=ctypes.Structure)
+V = TypeVar("V", bound=ctypes.Structure)
 
 _SYS_BPF = {"x86_64": 321, "aarch64": 280}.get(os.uname().machine, 321)
 
@@ -30,6 +35,7 @@ BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_PROG_QUERY = 16
 BPF_PROG_GET_FD_BY_ID = 13
 BPF_MAP_CREATE = 0
+BPF_MAP_LOOKUP_BATCH = 24
 
 BPF_ANY = 0
 
@@ -111,6 +117,46 @@ def map_next_key(fd: int, key: ctypes._CData | None, next_key: ctypes._CData) ->
             return False
         raise
     return True
+
+
+class BatchUnsupported(DatapathError):
+    """The map type has no batch operations (e.g. LPM tries): iterate instead."""
+
+
+def map_lookup_batch(
+    fd: int, key_type: type[K], value_type: type[V], chunk: int = 4096
+) -> Iterator[tuple[K, V]]:
+    """Every entry of a hash-like map, read `chunk` at a time with
+    BPF_MAP_LOOKUP_BATCH: one system call per chunk instead of two per entry,
+    which is what makes a full pass over 10,000 Services cheap."""
+    keys = (key_type * chunk)()
+    values = (value_type * chunk)()
+    token_size = max(8, ctypes.sizeof(key_type))
+    token_in = ctypes.create_string_buffer(token_size)
+    token_out = ctypes.create_string_buffer(token_size)
+    first = True
+    while True:
+        attr = _attr()
+        struct.pack_into(
+            "=QQQQIIQQ", attr, 0,
+            0 if first else _addr(token_in), _addr(token_out), _addr(keys), _addr(values),
+            chunk, fd, 0, 0,
+        )
+        ret = _libc.syscall(_SYS_BPF, BPF_MAP_LOOKUP_BATCH, attr, _ATTR_SIZE)
+        err = ctypes.get_errno() if ret < 0 else 0
+        count = struct.unpack_from("=I", attr, 32)[0] if err in (0, errno.ENOENT) else 0
+        for i in range(count):
+            yield key_type.from_buffer_copy(keys[i]), value_type.from_buffer_copy(values[i])
+        if err == errno.ENOENT:
+            return
+        if err in (errno.EINVAL, errno.ENOTSUP, 524):  # 524: ENOTSUPP, kernel-internal
+            if first and not count:
+                raise BatchUnsupported(f"batch lookup: {os.strerror(err)}")
+            raise _error(err, "batch lookup")
+        if err:
+            raise _error(err, "batch lookup")
+        ctypes.memmove(token_in, token_out, token_size)
+        first = False
 
 
 def obj_pin(fd: int, path: str) -> None:

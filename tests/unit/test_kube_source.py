@@ -1,0 +1,239 @@
+"""The Kubernetes source against a fake API server (tests/unit/kubefake.py):
+nothing is synced before every kind is listed; relists change the Store only
+where objects differ, and delete what is gone; watch events, 410 Gone and
+broken connections; malformed objects are logged and skipped; a missing
+TrafficPolicy CRD counts as no policies.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import pytest
+from builders import ep, eport, eps, node, port, service
+from kubefake import FakeApi
+
+from agent.errors import KubeApiError
+from agent.kube.client import ENDPOINT_SLICES, NODES, SERVICES, TRAFFIC_POLICIES
+from agent.kube.source import Backoff, Expired, KubeSource
+from agent.model.objects import ObjectRef
+from agent.model.snapshot import Store
+
+NODE = "node-1"
+
+
+def policy(name: str, *targets: str, ns: str = "demo") -> dict[str, object]:
+    return {
+        "apiVersion": "veer.dev/v1alpha1",
+        "kind": "TrafficPolicy",
+        "metadata": {"name": name, "namespace": ns, "generation": 1},
+        "spec": {"targetRefs": [{"name": t} for t in targets]},
+    }
+
+
+@pytest.fixture
+def api() -> FakeApi:
+    fake = FakeApi()
+    fake.put(SERVICES, service("web", port("http", 80, 8080), ips="10.96.0.10", ns="demo"))
+    fake.put(ENDPOINT_SLICES, eps("web-abc", "web", ep("10.244.1.2", ready=True),
+                                  ports=[eport("http", 8080)], ns="demo"))
+    fake.put(NODES, node(NODE))
+    fake.put(NODES, node("node-2"))
+    return fake
+
+
+def changes(store: Store) -> list[int]:
+    seen: list[int] = []
+    store.subscribe(lambda: seen.append(1))
+    return seen
+
+
+def wait(check: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def test_nothing_is_synced_until_every_kind_is_listed(api: FakeApi) -> None:
+    store = Store()
+    source = KubeSource(api, store, NODE)
+    for resource in (SERVICES, ENDPOINT_SLICES, NODES):
+        source.relist(resource)
+        assert not store.synced
+    assert ("Service", "demo", "web") in {
+        (r.kind, r.namespace, r.name) for r in store.snapshot().services.values() for r in [r.ref]
+    }
+    api.missing.add(TRAFFIC_POLICIES)  # the CRD is not installed: that kind is empty
+    assert source.relist(TRAFFIC_POLICIES) == ""
+    assert store.synced
+    assert source.last_report.problems == (
+        "TrafficPolicy: the CRD trafficpolicies.veer.dev is not installed; treating it as "
+        "none (checking again every 30s)",
+    )
+    # Only this node's Node is followed.
+    assert set(store.snapshot().nodes) == {NODE}
+
+
+def test_a_relist_of_the_same_objects_changes_nothing(api: FakeApi) -> None:
+    store = Store()
+    source = KubeSource(api, store, NODE)
+    for resource in source.kinds:
+        source.relist(resource)
+    before = store.snapshot()
+    seen = changes(store)
+    for resource in source.kinds:
+        source.relist(resource)
+    assert seen == []
+    assert store.snapshot() is before
+
+
+def test_objects_gone_after_a_relist_are_deleted(api: FakeApi) -> None:
+    store = Store()
+    source = KubeSource(api, store, NODE)
+    for resource in source.kinds:
+        source.relist(resource)
+    api.put(TRAFFIC_POLICIES, policy("tp", "web"))
+    source.relist(TRAFFIC_POLICIES)
+    assert ("demo", "tp") in store.snapshot().traffic_policies
+    # Deleted while the watch was down: no DELETED event ever comes.
+    api.remove(SERVICES, "demo", "web")
+    api.remove(TRAFFIC_POLICIES, "demo", "tp")
+    source.relist(SERVICES)
+    source.relist(TRAFFIC_POLICIES)
+    snap = store.snapshot()
+    assert snap.services == {} and snap.traffic_policies == {}
+    assert ("demo", "web-abc") in snap.endpoint_slices
+
+
+def test_watch_events_update_the_store(api: FakeApi) -> None:
+    store = Store()
+    source = KubeSource(api, store, NODE)
+    version = source.relist(SERVICES)
+    added = api.put(SERVICES, service("api", port("http", 80), ips="10.96.0.11", ns="demo"))
+    version = source.apply_event(SERVICES, {"type": "ADDED", "object": added}, version)
+    assert version == added["metadata"]["resourceVersion"]
+    assert ("demo", "api") in store.snapshot().services
+    changed = service("api", port("http", 81), ips="10.96.0.11", ns="demo")
+    changed["metadata"]["resourceVersion"] = "900"
+    assert source.apply_event(SERVICES, {"type": "MODIFIED", "object": changed}, version) == "900"
+    assert store.snapshot().services[("demo", "api")].ports[0].port == 81
+    bookmark = {"type": "BOOKMARK", "object": {"metadata": {"resourceVersion": "950"}}}
+    assert source.apply_event(SERVICES, bookmark, "900") == "950"
+    gone = {"type": "DELETED", "object": {**changed, "metadata": {
+        **changed["metadata"], "resourceVersion": "960"}}}
+    assert source.apply_event(SERVICES, gone, "950") == "960"
+    assert ("demo", "api") not in store.snapshot().services
+    assert ("demo", "web") in store.snapshot().services
+
+
+def test_watch_errors(api: FakeApi) -> None:
+    source = KubeSource(api, Store(), NODE)
+    with pytest.raises(Expired):
+        source.apply_event(SERVICES, {"type": "ERROR", "object": {
+            "kind": "Status", "code": 410, "reason": "Expired",
+            "message": "too old resource version: 1 (200)"}}, "1")
+    with pytest.raises(KubeApiError) as err:
+        source.apply_event(SERVICES, {"type": "ERROR", "object": {
+            "kind": "Status", "code": 500, "message": "etcd is sad"}}, "1")
+    assert err.value.status == 500
+
+
+def test_a_malformed_object_is_logged_and_skipped(
+    api: FakeApi, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = Store()
+    source = KubeSource(api, store, NODE)
+    version = source.relist(SERVICES)
+    bad = service("bad", port("http", 80), ips="10.96.0.12", ns="demo")
+    bad["spec"]["ports"][0]["port"] = "eighty"
+    with caplog.at_level(logging.ERROR):
+        source.apply_event(SERVICES, {"type": "ADDED", "object": bad}, version)
+    assert ("demo", "bad") not in store.snapshot().services
+    message = "Service/demo/bad: spec.ports[0].port: expected an integer, got str"
+    assert message in caplog.text
+    assert source.last_report.problems == (message,)
+
+    # An update that does not parse leaves the last good version in force,
+    # through watch events and relists alike.
+    good = store.snapshot().services[("demo", "web")]
+    broken = service("web", port("http", 80, 8080), ips="10.96.0.10", ns="demo")
+    broken["spec"]["clusterIPs"] = ["not-an-ip"]
+    source.apply_event(SERVICES, {"type": "MODIFIED", "object": broken}, version)
+    assert store.snapshot().services[("demo", "web")] == good
+    api.put(SERVICES, broken)
+    source.relist(SERVICES)
+    assert store.snapshot().services[("demo", "web")] == good
+    assert len(source.last_report.problems) == 1  # "bad" is not listed: forgotten
+    assert "Service/demo/web: spec.clusterIPs[0]" in source.last_report.problems[0]
+
+    # Deleting the broken object clears its problem.
+    source.apply_event(SERVICES, {"type": "DELETED", "object": broken}, version)
+    assert source.last_report.problems == ()
+    assert ("demo", "web") not in store.snapshot().services
+
+
+def test_the_loop_survives_errors_expiry_and_server_timeouts(api: FakeApi) -> None:
+    store = Store()
+    source = KubeSource(api, store, NODE, kinds=(SERVICES,), watch_timeout=lambda: 5,
+                        backoff=lambda: Backoff(0.01, 0.05))
+    path = SERVICES.path()
+    api.fail("LIST", path, KubeApiError("GET " + path, 0, "connection refused"))
+    seen = changes(store)
+    source.start()
+    try:
+        wait(lambda: store.synced and api.count("WATCH", path) == 1, "the first watch")
+        assert api.count("LIST", path) == 2  # one refused, one served
+        assert api.watches[-1].version == str(api.version)
+        changes_after_sync = len(seen)
+
+        # The server ends the watch: watch again from the last version, no relist.
+        added = api.put(SERVICES, service("api", port("http", 80), ips="10.96.0.11", ns="demo"))
+        api.emit(SERVICES, "ADDED", added)
+        api.end(SERVICES)
+        wait(lambda: api.count("WATCH", path) == 2, "the second watch")
+        assert api.count("LIST", path) == 2
+        assert api.watches[-1].version == added["metadata"]["resourceVersion"]
+        assert ("demo", "api") in store.snapshot().services
+
+        # 410 Gone: list again; the relist finds what changed meanwhile.
+        api.remove(SERVICES, "demo", "web")
+        api.send(SERVICES, {"type": "ERROR", "object": {"code": 410, "message": "too old"}})
+        wait(lambda: api.count("WATCH", path) == 3, "the watch after the relist")
+        assert api.count("LIST", path) == 3
+        assert set(store.snapshot().services) == {("demo", "api")}
+
+        # A broken connection (the API server restarting): back off, list again;
+        # nothing changed, so the Store does not either.
+        before = len(seen)
+        api.send(SERVICES, KubeApiError("watch", 0, "connection reset"))
+        wait(lambda: api.count("WATCH", path) == 4, "the watch after the break")
+        assert api.count("LIST", path) == 4
+        assert len(seen) == before
+        assert changes_after_sync < before
+    finally:
+        source.stop()
+    assert all(w.closed.is_set() for w in api.watches)
+
+
+def test_a_forbidden_kind_keeps_the_agent_unsynced(
+    api: FakeApi, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = Store()
+    source = KubeSource(api, store, NODE, kinds=(SERVICES, NODES),
+                        backoff=lambda: Backoff(0.01, 0.05))
+    denied = KubeApiError("GET /api/v1/nodes", 403, 'nodes is forbidden: User "x" cannot list')
+    api.fail("LIST", NODES.path(), denied, denied)
+    with caplog.at_level(logging.ERROR):
+        source.start()
+        try:
+            wait(lambda: api.count("LIST", NODES.path()) >= 2, "a retry")
+            assert not store.synced
+            wait(lambda: store.synced, "the third try to succeed")
+        finally:
+            source.stop()
+    assert "the agent's ClusterRole must allow list and watch on nodes" in caplog.text
+    assert source.listed == {SERVICES, NODES}
+    assert store.snapshot().nodes[NODE].ref == ObjectRef("Node", "", NODE)
