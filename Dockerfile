@@ -1,17 +1,15 @@
-# One image for the agent (and, later, the operator and CLI). Debian-based,
-# BCC from Debian. The Kubernetes issue moves these steps into a script that
-# CI runs on the machine, since no engine builds images there.
+# One image for the agent, the operator and the `veer` CLI: Debian, with BCC
+# from Debian. All the work is deploy/image/install.sh, which CI also runs on
+# the machine (tests/e2e/test_image.py), so a broken step fails CI even though
+# no engine builds this image there.
+#
+#   docker build -t veer:0.1.0 .
 FROM debian:bookworm-slim
-RUN apt-get update \
- && apt-get install -y --no-install-recommends \
-      python3 python3-venv python3-bpfcc libbpfcc bpftool iproute2 nftables clang llvm \
- && rm -rf /var/lib/apt/lists/*
-COPY . /opt/veer
-RUN python3 -m venv /opt/veer/.venv \
- && mkdir -p /opt/veer/.venv/bcc-link \
- && ln -s /usr/lib/python3/dist-packages/bcc /opt/veer/.venv/bcc-link/bcc \
- && echo /opt/veer/.venv/bcc-link > "$(/opt/veer/.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/veer-bcc.pth" \
- && /opt/veer/.venv/bin/pip install --no-cache-dir grpcio-tools \
- && PYTHON=/opt/veer/.venv/bin/python /opt/veer/scripts/gen-proto.sh \
- && /opt/veer/.venv/bin/pip install --no-cache-dir /opt/veer
-ENTRYPOINT ["/opt/veer/.venv/bin/veer"]
+COPY pyproject.toml README.md /src/veer/
+COPY agent /src/veer/agent
+COPY scripts/gen-proto.sh /src/veer/scripts/
+COPY deploy/image/install.sh /src/veer/deploy/image/
+RUN PIP_NO_CACHE_DIR=1 /src/veer/deploy/image/install.sh /opt/veer /src/veer \
+ && rm -rf /src/veer /var/lib/apt/lists/*
+ENV PATH=/opt/veer/bin:$PATH
+ENTRYPOINT ["veer"]
