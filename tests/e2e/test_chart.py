@@ -150,6 +150,64 @@ def test_rendered_agent_daemonset(control_plane: ControlPlane) -> None:
     assert cgroup["hostPath"]["path"] == "/sys/fs/cgroup/unified"
 
 
+def _downward(args: list[str]) -> list[str]:
+    """The container's args as the kubelet expands them from the env."""
+    env = {"$(NODE_NAME)": NODE, "$(POD_NAMESPACE)": NS, "$(POD_NAME)": f"{AGENT}-x7k2p"}
+    out = []
+    for arg in args:
+        for var, value in env.items():
+            arg = arg.replace(var, value)
+        out.append(arg)
+    return out
+
+
+def test_rendered_agent_args_are_what_veer_agent_accepts(
+    control_plane: ControlPlane, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from agent.cli import main as cli
+
+    every_value = [
+        "--set", "agent.serviceCIDRs={10.96.0.0/16,fd00:96::/108}",
+        "--set", "agent.clusterCIDRs={10.244.0.0/16}", "--set", "agent.devices={eth0,eth1}",
+        "--set", "agent.nodePortAddresses={192.0.2.0/24}", "--set", "agent.verbose=true",
+        "--set", "agent.serviceProxyName=veer",
+    ]  # fmt: skip
+    parsed: list[Any] = []
+    monkeypatch.setattr(cli, "run_agent", lambda args: parsed.append(args) or 0)
+    for values in ([], every_value, ["--set", "agent.cleanupOnUninstall=false"]):
+        ds = _one(_render(control_plane, *values), "DaemonSet", AGENT)
+        [container] = ds["spec"]["template"]["spec"]["containers"]
+        parsed.clear()
+        assert container["command"] == ["veer"]
+        assert cli.main(_downward(container["args"])) == 0, container["args"]
+        [args] = parsed
+        assert args.kubernetes and args.node_name == NODE
+        assert args.cgroup == "/host/cgroup" and args.bpffs == "/sys/fs/bpf/veer"
+        if values == every_value:
+            assert args.service_cidr == "10.96.0.0/16,fd00:96::/108"
+            assert args.devices == "eth0,eth1" and args.service_proxy_name == "veer"
+        if "agent.cleanupOnUninstall=false" in values:
+            assert args.cleanup_on_uninstall is False and not args.owner_daemonset
+        else:
+            assert args.cleanup_on_uninstall is True
+            assert args.owner_daemonset == f"{NS}/{AGENT}"
+
+
+def test_rendered_operator_args_are_what_veer_operator_accepts(
+    control_plane: ControlPlane, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from agent.cli import main as cli
+
+    if not hasattr(cli, "run_operator"):
+        pytest.skip("`veer operator` is not in agent/cli/main.py yet")
+    deploy = _one(_render(control_plane), "Deployment", OPERATOR)
+    [container] = deploy["spec"]["template"]["spec"]["containers"]
+    parsed: list[Any] = []
+    monkeypatch.setattr(cli, "run_operator", lambda args: parsed.append(args) or 0)
+    assert cli.main(_downward(container["args"])) == 0, container["args"]
+    assert len(parsed) == 1
+
+
 def test_rendered_operator_deployment(control_plane: ControlPlane) -> None:
     deploy = _one(_render(control_plane), "Deployment", OPERATOR)
     assert deploy["spec"]["replicas"] == 2
