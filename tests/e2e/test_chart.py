@@ -96,6 +96,20 @@ def test_helm_lint_is_clean(control_plane: ControlPlane) -> None:
     assert "[WARNING]" not in out and "[ERROR]" not in out, out
 
 
+def test_packaged_chart_carries_the_crds(control_plane: ControlPlane) -> None:
+    cp = control_plane
+    out = cp.dir / "packaged"
+    cp.helm("package", CHART, "-d", str(out))
+    [tgz] = out.glob("veer-*.tgz")
+    rendered = cp.helm("template", RELEASE, str(tgz), "-n", NS, "--include-crds").stdout
+    docs = [d for d in yaml.safe_load_all(rendered) if d]
+    crds = [d for d in docs if d["kind"] == "CustomResourceDefinition"]
+    assert sorted(d["metadata"]["name"] for d in crds) == sorted(CRDS)
+    for doc in crds:
+        source = REPO_ROOT / "crds" / f"{doc['metadata']['name']}.yaml"
+        assert doc == yaml.safe_load(source.read_text())
+
+
 def test_rendered_rbac_grants_no_secrets_and_no_wildcards(control_plane: ControlPlane) -> None:
     docs = _render(control_plane)
     roles = [d for d in docs if d["kind"] in ("ClusterRole", "Role")]
