@@ -147,9 +147,9 @@ def test_schema_enums_are_the_models() -> None:
     assert props["redirect"]["properties"]["mode"]["enum"] == [m.value for m in RedirectMode]
 
 
-def test_every_constraint_has_a_field_in_its_cel_message_or_path() -> None:
-    """CEL rules sit on the field they check (the API server names it), or
-    say with fieldPath which field they mean."""
+def test_every_cel_rule_has_a_message_and_sits_in_spec() -> None:
+    """A CEL rule's error names the field it sits on (or its fieldPath):
+    keep them on the field they check, with a message."""
     for path, sub in walk(TP):
         for rule in sub.get("x-kubernetes-validations", []):
             assert rule.get("message"), f"{path}: a CEL rule without a message"
