@@ -26,6 +26,7 @@ from types import FrameType
 from agent import __version__
 from agent.compute import ComputeConfig, DesiredState, NodeIdentity, compute_desired
 from agent.config import AgentConfig
+from agent.datapath.flows import FlowHub, ServiceNames
 from agent.datapath.interface import Datapath
 from agent.errors import ConfigError, VeerError
 from agent.health.service_checks import ServiceHealthServers
@@ -129,6 +130,9 @@ class Agent:
         # What `veer status` and the metrics report, and where they are served.
         self.mode = mode or (datapath.name, "")  # (mode, why it was chosen)
         self.telemetry = Telemetry()
+        # Flow events from the kernel, for `veer observe` and the flow metrics.
+        self.flows = FlowHub(ServiceNames(lambda: self.last_desired, datapath.frontend_of),
+                             trace=datapath.trace_translations)
         self.store.subscribe(lambda: self.telemetry.note_change(self.store.snapshot()))
         self.servers = Servers(self, serve or ServeOptions())
         # healthCheckNodePort servers; "proxy healthy" once a first pass is done.
@@ -205,6 +209,7 @@ class Agent:
         os.replace(tmp, self.status_file)
 
     def start(self) -> None:
+        self.datapath.start_flow_events(self.flows.publish)
         self.servers.start()
         self.runner.start()
         self.source.start()

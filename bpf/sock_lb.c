@@ -13,16 +13,17 @@
  * (possibly rewritten); 0 fails it. We set the error to ECONNREFUSED before
  * failing so that applications see what kube-proxy's REJECT gives them,
  * instead of the default EPERM.
+ *
+ * Every verdict but a pass is reported to the agent through veer_report()
+ * (veer_helpers.c): refusals always, translations while the agent asks. A
+ * socket hook runs before the source address is bound, so its events carry
+ * the socket cookie and the calling process instead of a source address.
  */
 #include "veer_common.h"
 
 #define VEER_ECONNREFUSED 111
 #define VEER_EHOSTUNREACH 113
 #define VEER_NSEC_PER_SEC 1000000000ULL
-
-/* BCC 0.26 declares bpf_get_socket_cookie as returning u32, truncating the
- * cookie; declare it with the kernel's real signature. */
-static __u64 (*veer_socket_cookie)(void *ctx) = (void *)BPF_FUNC_get_socket_cookie;
 
 /* A destination as a socket hook sees it, normalized: an IPv4-mapped IPv6
  * address (::ffff:a.b.c.d on a dual-stack socket) is treated as IPv4. */
@@ -33,6 +34,19 @@ struct veer_flow {
 	__u8 family;
 	__u8 mapped; /* 1 if it came from an IPv4-mapped IPv6 address */
 };
+
+/* Report a socket hook's verdict on `flow` (see veer_report). */
+static __always_inline void veer_report_sock(void *ctx, __u8 hook, __u32 reason,
+					     const struct veer_flow *flow, __u32 service_id,
+					     const struct veer_backend_value *backend,
+					     __u8 flags)
+{
+	if (flow->mapped)
+		flags |= VEER_EV_F_MAPPED;
+	veer_report(ctx, hook, reason, flags, service_id, flow->family, flow->proto,
+		    NULL, 0, flow->addr, flow->port,
+		    backend ? backend->addr : NULL, backend ? backend->port : 0);
+}
 
 enum veer_verdict {
 	VEER_PASS = 0,   /* not a Service address: leave the call alone */
@@ -48,7 +62,7 @@ static __always_inline int veer_proto_handled(__u32 proto)
 
 /* Decide what to do with a destination that matched no frontend: refuse it
  * if the address is a Service address or lies inside a Service CIDR. */
-static __always_inline int veer_miss(const struct veer_flow *flow)
+static __always_inline int veer_miss(void *ctx, __u8 hook, const struct veer_flow *flow)
 {
 	struct veer_vip_key vip = {};
 	struct veer_cidr_key cidr = {};
@@ -57,6 +71,7 @@ static __always_inline int veer_miss(const struct veer_flow *flow)
 	vip.family = flow->family;
 	if (veer_vips.lookup(&vip)) {
 		veer_count(VEER_CNT_REFUSED_UNKNOWN_PORT);
+		veer_report_sock(ctx, hook, VEER_CNT_REFUSED_UNKNOWN_PORT, flow, 0, NULL, 0);
 		return VEER_REFUSE;
 	}
 	/* The trie's data is family, padding, address: match all of it. */
@@ -65,6 +80,7 @@ static __always_inline int veer_miss(const struct veer_flow *flow)
 	__builtin_memcpy(cidr.addr, flow->addr, 16);
 	if (veer_service_cidrs.lookup(&cidr)) {
 		veer_count(VEER_CNT_REFUSED_NO_SERVICE);
+		veer_report_sock(ctx, hook, VEER_CNT_REFUSED_NO_SERVICE, flow, 0, NULL, 0);
 		return VEER_REFUSE;
 	}
 	return VEER_PASS;
@@ -93,7 +109,7 @@ static __always_inline __u32 veer_affinity_lookup(struct veer_affinity_key *key,
 
 /* Choose a backend for `flow` and remember, for this socket, which Service
  * address the backend stands for. On VEER_TRANSLATE, *out holds the backend. */
-static __always_inline int veer_forward(void *ctx, const struct veer_flow *flow,
+static __always_inline int veer_forward(void *ctx, __u8 hook, const struct veer_flow *flow,
 					struct veer_backend_value *out)
 {
 	struct veer_service_key key = {};
@@ -105,6 +121,7 @@ static __always_inline int veer_forward(void *ctx, const struct veer_flow *flow,
 	struct veer_affinity_key affinity_key = {};
 	__u32 service_id, affinity_timeout;
 	__u16 count, flags;
+	__u8 report_flags = 0;
 
 	__builtin_memcpy(key.addr, flow->addr, 16);
 	key.port = flow->port;
@@ -112,7 +129,7 @@ static __always_inline int veer_forward(void *ctx, const struct veer_flow *flow,
 	key.family = flow->family;
 	frontend = veer_services.lookup(&key);
 	if (!frontend)
-		return veer_miss(flow);
+		return veer_miss(ctx, hook, flow);
 
 	/* Read the count once: the agent may change it under us, but every
 	 * slot up to any count it ever published is filled (see veer_structs.h). */
@@ -123,9 +140,12 @@ static __always_inline int veer_forward(void *ctx, const struct veer_flow *flow,
 	if (count == 0) {
 		if (flags & VEER_SVC_F_DROP_EMPTY) {
 			veer_count(VEER_CNT_DROPPED_NO_LOCAL);
+			veer_report_sock(ctx, hook, VEER_CNT_DROPPED_NO_LOCAL, flow, service_id,
+					 NULL, 0);
 			return VEER_UNREACHABLE;
 		}
 		veer_count(VEER_CNT_REFUSED_NO_BACKEND);
+		veer_report_sock(ctx, hook, VEER_CNT_REFUSED_NO_BACKEND, flow, service_id, NULL, 0);
 		return VEER_REFUSE;
 	}
 
@@ -133,12 +153,15 @@ static __always_inline int veer_forward(void *ctx, const struct veer_flow *flow,
 		affinity_key.client = bpf_get_netns_cookie(ctx);
 		affinity_key.service_id = service_id;
 		backend_key.backend_id = veer_affinity_lookup(&affinity_key, affinity_timeout);
+		if (backend_key.backend_id)
+			report_flags |= VEER_EV_F_AFFINITY;
 	}
 	if (!backend_key.backend_id) {
 		key.slot = (bpf_get_prandom_u32() % count) + 1;
 		slot = veer_services.lookup(&key);
 		if (!slot) {
 			veer_count(VEER_CNT_INCONSISTENT);
+			veer_report_sock(ctx, hook, VEER_CNT_INCONSISTENT, flow, service_id, NULL, 0);
 			return VEER_REFUSE;
 		}
 		backend_key.backend_id = slot->backend_id;
@@ -153,6 +176,7 @@ static __always_inline int veer_forward(void *ctx, const struct veer_flow *flow,
 	backend = veer_backends.lookup(&backend_key);
 	if (!backend || backend->family != flow->family) {
 		veer_count(VEER_CNT_INCONSISTENT);
+		veer_report_sock(ctx, hook, VEER_CNT_INCONSISTENT, flow, service_id, NULL, 0);
 		return VEER_REFUSE;
 	}
 	__builtin_memcpy(out, backend, sizeof(*out));
@@ -167,6 +191,7 @@ static __always_inline int veer_forward(void *ctx, const struct veer_flow *flow,
 	veer_sock_revnat.update(&rev_key, &rev_val);
 
 	veer_count(VEER_CNT_TRANSLATED);
+	veer_report_sock(ctx, hook, VEER_CNT_TRANSLATED, flow, service_id, out, report_flags);
 	return VEER_TRANSLATE;
 }
 
@@ -203,7 +228,7 @@ static __always_inline void veer_flow4(struct bpf_sock_addr *ctx, struct veer_fl
 	flow->family = VEER_FAMILY_IPV4;
 }
 
-static __always_inline int veer_translate4(struct bpf_sock_addr *ctx)
+static __always_inline int veer_translate4(struct bpf_sock_addr *ctx, __u8 hook)
 {
 	struct veer_flow flow;
 	struct veer_backend_value backend;
@@ -213,7 +238,7 @@ static __always_inline int veer_translate4(struct bpf_sock_addr *ctx)
 	if (!veer_proto_handled(ctx->protocol))
 		return 1;
 	veer_flow4(ctx, &flow);
-	verdict = veer_forward(ctx, &flow, &backend);
+	verdict = veer_forward(ctx, hook, &flow, &backend);
 	if (verdict == VEER_REFUSE || verdict == VEER_UNREACHABLE) {
 		bpf_set_retval(verdict == VEER_REFUSE ? -VEER_ECONNREFUSED : -VEER_EHOSTUNREACH);
 		return 0;
@@ -245,12 +270,12 @@ static __always_inline int veer_untranslate4(struct bpf_sock_addr *ctx)
 
 int veer_connect4(struct bpf_sock_addr *ctx)
 {
-	return veer_translate4(ctx);
+	return veer_translate4(ctx, VEER_HOOK_CONNECT4);
 }
 
 int veer_sendmsg4(struct bpf_sock_addr *ctx)
 {
-	return veer_translate4(ctx);
+	return veer_translate4(ctx, VEER_HOOK_SENDMSG4);
 }
 
 int veer_recvmsg4(struct bpf_sock_addr *ctx)
@@ -311,7 +336,7 @@ static __always_inline void veer_store6(struct bpf_sock_addr *ctx, const __u8 *a
 	ctx->user_ip6[3] = w3;
 }
 
-static __always_inline int veer_translate6(struct bpf_sock_addr *ctx)
+static __always_inline int veer_translate6(struct bpf_sock_addr *ctx, __u8 hook)
 {
 	struct veer_flow flow;
 	struct veer_backend_value backend;
@@ -320,7 +345,7 @@ static __always_inline int veer_translate6(struct bpf_sock_addr *ctx)
 	if (!veer_proto_handled(ctx->protocol))
 		return 1;
 	veer_flow6(ctx, &flow);
-	verdict = veer_forward(ctx, &flow, &backend);
+	verdict = veer_forward(ctx, hook, &flow, &backend);
 	if (verdict == VEER_REFUSE || verdict == VEER_UNREACHABLE) {
 		bpf_set_retval(verdict == VEER_REFUSE ? -VEER_ECONNREFUSED : -VEER_EHOSTUNREACH);
 		return 0;
@@ -349,12 +374,12 @@ static __always_inline int veer_untranslate6(struct bpf_sock_addr *ctx)
 
 int veer_connect6(struct bpf_sock_addr *ctx)
 {
-	return veer_translate6(ctx);
+	return veer_translate6(ctx, VEER_HOOK_CONNECT6);
 }
 
 int veer_sendmsg6(struct bpf_sock_addr *ctx)
 {
-	return veer_translate6(ctx);
+	return veer_translate6(ctx, VEER_HOOK_SENDMSG6);
 }
 
 int veer_recvmsg6(struct bpf_sock_addr *ctx)

@@ -2,8 +2,9 @@
 /*
  * Every map of veer's socket-level load balancer, one comment each.
  *
- * All maps are pinned under VEER_PIN_DIR (a bpffs directory chosen by the
- * agent's --bpffs option and passed in as a -D flag). BCC reuses a pinned
+ * All maps but the last two (the live agent's event ring buffer and its
+ * runtime switches) are pinned under VEER_PIN_DIR (a bpffs directory chosen
+ * by the agent's --bpffs option and passed in as a -D flag). BCC reuses a pinned
  * map when one exists, which is how a restarted agent adopts the state its
  * predecessor left: the kernel kept forwarding with it in the meantime.
  *
@@ -102,5 +103,19 @@ BPF_TABLE_PINNED("array", __u32, struct veer_node_value, veer_node, 1,
 /* Per-CPU event counters indexed by enum veer_counter. */
 BPF_TABLE_PINNED("percpu_array", __u32, __u64, veer_counters, VEER_CNT_MAX,
 		 VEER_PIN_DIR "/veer_counters");
+
+#ifndef VEER_EVENTS_PAGES
+#define VEER_EVENTS_PAGES 256 /* 1 MiB: about 8,000 events of 120 bytes */
+#endif
+
+/* Flow events (struct veer_event) for the live agent. Not pinned: only the
+ * agent process that loaded the programs reads it; programs left attached
+ * after the agent stops keep writing into it until a new agent replaces them,
+ * and what does not fit is counted (VEER_CNT_EVENTS_LOST). */
+BPF_RINGBUF_OUTPUT(veer_events, VEER_EVENTS_PAGES);
+
+/* Runtime switches (struct veer_config, key 0), written by the live agent.
+ * Not pinned: a new agent starts with every switch off. */
+BPF_ARRAY(veer_config, struct veer_config, 1);
 
 #endif /* VEER_MAPS_H */

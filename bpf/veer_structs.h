@@ -223,7 +223,59 @@ enum veer_counter {
 	VEER_CNT_NAT_FAIL,            /* TC: no route, no SNAT port, or a write failed */
 	VEER_CNT_NAT_DENIED_SOURCE,   /* TC: client outside loadBalancerSourceRanges */
 	VEER_CNT_NAT_SHORT_CIRCUIT,   /* TC: pod client of a Local frontend: cluster-wide */
+	VEER_CNT_EVENTS_SENT,         /* flow events written to veer_events */
+	VEER_CNT_EVENTS_LOST,         /* flow events lost: veer_events was full */
 	VEER_CNT_MAX,
+};
+
+/* ---- Flow events --------------------------------------------------------
+ *
+ * One record per verdict, written to the veer_events ring buffer and read by
+ * the live agent (agent/datapath/ebpf/events.py). Refusals, drops, denials
+ * and inconsistencies are always reported: they are rare and they are what
+ * the person on call needs. Translations (connect/sendmsg rewritten, a new
+ * per-packet flow) are reported only while veer_config.trace_translations is
+ * set, which the agent does while some client observes them.
+ */
+
+/* Where the verdict was taken (veer_event.hook). */
+#define VEER_HOOK_CONNECT4 1
+#define VEER_HOOK_CONNECT6 2
+#define VEER_HOOK_SENDMSG4 3
+#define VEER_HOOK_SENDMSG6 4
+#define VEER_HOOK_TC_INGRESS 5
+
+/* veer_event.flags */
+#define VEER_EV_F_AFFINITY (1 << 0)      /* backend taken from a live affinity entry */
+#define VEER_EV_F_SNAT (1 << 1)          /* TC: source-NATed to the node */
+#define VEER_EV_F_SHORT_CIRCUIT (1 << 2) /* TC: pod client of a Local frontend */
+#define VEER_EV_F_MAPPED (1 << 3)        /* an IPv4-mapped address on an IPv6 socket */
+
+struct veer_event {
+	__u64 time_ns;    /* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
+	__u64 cookie;     /* socket hooks: the socket's cookie; TC: 0 */
+	__u64 netns;      /* socket hooks: the caller's network namespace cookie; TC: 0 */
+	__u8 saddr[16];   /* TC: the client; socket hooks: zero (no source is bound yet) */
+	__u8 daddr[16];   /* the address dialled: the Service (or node) address */
+	__u8 baddr[16];   /* the backend, when one was chosen */
+	__be16 sport;     /* TC only */
+	__be16 dport;
+	__be16 bport;
+	__u8 proto;
+	__u8 family;      /* VEER_FAMILY_*, of daddr (and saddr, baddr) */
+	__u32 service_id; /* the frontend's id; 0 when no frontend matched */
+	__u32 pid;        /* socket hooks: the calling process (thread group id) */
+	__u16 reason;     /* enum veer_counter: the verdict, as counted */
+	__u8 hook;        /* VEER_HOOK_* */
+	__u8 flags;       /* VEER_EV_F_* */
+	char comm[16];    /* socket hooks: the calling task's name */
+	__u8 pad[4];
+};
+
+/* Runtime switches the agent writes (an array of one, key 0). */
+struct veer_config {
+	__u32 trace_translations; /* 1: report translations too, not only refusals/drops */
+	__u32 pad;
 };
 
 #endif /* VEER_STRUCTS_H */

@@ -30,6 +30,7 @@ from agent.compute.types import (
     L4Addr,
     ServiceProblem,
 )
+from agent.datapath import flows
 from agent.datapath.inspect import ActualState, FrontendView, SocketEntry
 from agent.model.objects import IPAddress, IPFamily, Service, ServiceType
 from agent.model.snapshot import ClusterSnapshot
@@ -339,3 +340,55 @@ def sync_message(pb: Any, t: TelemetrySnapshot) -> Any | None:
 
 def kernel_release() -> str:
     return os.uname().release
+
+
+# ---- observe -----------------------------------------------------------------
+
+FLOW_VERDICTS = {
+    flows.TRANSLATE: "VERDICT_TRANSLATE",
+    flows.REFUSE: "VERDICT_REFUSE",
+    flows.UNREACHABLE: "VERDICT_UNREACHABLE",
+    flows.DROP: "VERDICT_DROP",
+    flows.DENY: "VERDICT_DENY",
+}
+
+
+def flow_filter(pb: Any, request: Any) -> flows.FlowFilter:
+    """The ObserveRequest's filter; ValueError names what is wrong with it."""
+    names = {getattr(pb, v): k for k, v in FLOW_VERDICTS.items()}
+    verdicts = set()
+    for value in request.verdicts:
+        if value not in names:
+            raise ValueError(f"verdict {pb.Verdict.Name(value)} is never reported as a flow event")
+        verdicts.add(names[value])
+    return flows.FlowFilter(namespace=request.namespace, service=request.service,
+                            verdicts=frozenset(verdicts | set(request.reasons)))
+
+
+def flow_message(pb: Any, e: flows.FlowEvent, lost_before: int = 0) -> Any:
+    backend = e.backend
+    return pb.FlowEvent(
+        time=e.time,
+        verdict=getattr(pb, FLOW_VERDICTS.get(e.verdict, "VERDICT_UNSPECIFIED")),
+        reason=e.reason,
+        reason_text=e.info.text,
+        errno=e.errno,
+        hook=e.hook,
+        source=str(e.source) if e.source is not None else "",
+        source_port=e.source_port,
+        destination=str(e.destination),
+        port=e.port,
+        protocol=e.protocol,
+        backend_address=str(backend.address) if backend is not None else "",
+        backend_port=backend.port if backend is not None else 0,
+        service_port=e.service_port,
+        namespace=e.namespace,
+        name=e.name,
+        service_id=e.service_id,
+        cookie=e.cookie,
+        pid=e.pid,
+        comm=e.comm,
+        netns_cookie=e.netns,
+        flags=list(e.flags),
+        lost_before=lost_before,
+    )

@@ -10,7 +10,7 @@ Errors, translated here once:
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import grpc
@@ -140,11 +140,36 @@ class Client:
         return self._call("Resync", self.pb.ResyncRequest(timeout_seconds=timeout),
                           timeout=timeout + 5)
 
-    def observe(self) -> Iterator[dict[str, Any]]:
+    def observe(
+        self,
+        namespace: str = "",
+        service: str = "",
+        verdicts: Sequence[str] = (),
+        reasons: Sequence[str] = (),
+        follow: bool = False,
+        last: int = 0,
+        on_start: Callable[[str], None] | None = None,
+    ) -> Iterator[dict[str, Any]]:
+        """Flow events. `verdicts` are Verdict names without the prefix
+        (refuse, drop, ...). With `follow`, `on_start` is called once the agent
+        has registered this client, with "traced" or "off" (whether
+        translations are reported), and events stream until the caller stops."""
         if not self.address and not os.path.exists(self.socket_path):
             raise self._unreachable()
+        request = self.pb.ObserveRequest(
+            namespace=namespace, service=service, follow=follow, last=last,
+            verdicts=[self.pb.Verdict.Value(f"VERDICT_{v.upper()}") for v in verdicts],
+            reasons=list(reasons),
+        )
+        call = self._stub.Observe(request, timeout=None if follow else self.timeout)
         try:
-            for event in self._stub.Observe(self.pb.ObserveRequest(follow=True)):
+            if follow and on_start is not None:
+                metadata = dict(call.initial_metadata() or ())
+                if metadata:
+                    on_start(str(metadata.get("veer-translations", "")))
+            for event in call:
                 yield message_to_dict(event)
         except grpc.RpcError as err:
             raise self._translate(err) from None
+        finally:
+            call.cancel()  # the caller stopped reading: the agent lets go of us

@@ -8,7 +8,9 @@
                                                  what the kernel does with that connection
     veer maps [--diff]                           desired vs actual map contents
     veer resync                                  force a full reconcile pass
-    veer observe                                 flow events (not available yet)
+    veer observe [--follow] [--namespace NS] [--service NAME] [--verdict V ...] [--last N]
+                                                 flow events: refusals, drops, denials,
+                                                 and translations while followed
 
 Each takes --socket PATH (default /run/veer/veer.sock) or --api-address
 IP:PORT, and -o table|json|yaml. Exit codes: 0 done, 1 the agent answered
@@ -18,17 +20,24 @@ with an error, 2 bad usage, 3 no agent reachable.
 from __future__ import annotations
 
 import argparse
-import functools
+import contextlib
+import json
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.cli import render
 from agent.defaults import DEFAULT_SOCKET
 
+if TYPE_CHECKING:
+    from agent.cli.client import Client
+
 COMMANDS = ("status", "services", "service", "conntrack", "explain", "maps", "resync",
             "observe")
+# Verdict classes of flow events (the API's Verdict enum); other --verdict
+# values are reasons (FlowEvent.reason), which the agent checks.
+FLOW_VERDICTS = ("translate", "refuse", "unreachable", "drop", "deny")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -65,8 +74,22 @@ def add_debug_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     p = sub.add_parser("resync", help="force a full reconcile pass and wait for it")
     p.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS")
     _common(p)
-    p = sub.add_parser("observe", help="flow events from the kernel (not available yet)")
-    p.add_argument("--follow", action="store_true", help="keep streaming")
+    p = sub.add_parser(
+        "observe", help="flow events from the kernel: refusals, drops, denials, translations",
+        description="Without --follow: the flow events the agent keeps (the last 1,000). "
+        "With --follow: new events until Ctrl-C; translations are traced while a follower's "
+        "--verdict filter admits them (refusals, drops and denials are always reported).")
+    p.add_argument("-f", "--follow", action="store_true",
+                   help="stream new events until interrupted")
+    p.add_argument("-n", "--namespace", default="", help="only Services in this namespace")
+    p.add_argument("--service", default="", metavar="[NS/]NAME[:PORT]",
+                   help="only this Service (PORT: the Service port's name)")
+    p.add_argument("--verdict", nargs="+", action="extend", default=[], metavar="V",
+                   type=lambda v: v.lower().replace("-", "_"),
+                   help=f"only these verdicts ({', '.join(FLOW_VERDICTS)}) or reasons "
+                   "(refused_no_backend, nat_drop, ...)")
+    p.add_argument("--last", type=int, default=0, metavar="N",
+                   help="without --follow: only the last N events (default: all kept)")
     _common(p)
 
 
@@ -110,7 +133,37 @@ def run_debug_command(args: argparse.Namespace) -> int:
             data = client.resync(args.timeout)
             _emit(args, data, lambda: render.render_resync(data, time.time()))
         elif cmd == "observe":
-            for event in client.observe():
-                _emit(args, event, functools.partial(render.render_flow, event))
-                sys.stdout.flush()
+            return _observe(args, client)
+    return 0
+
+
+def _observe(args: argparse.Namespace, client: Client) -> int:
+    verdicts = [v for v in args.verdict if v in FLOW_VERDICTS]
+    reasons = [v for v in args.verdict if v not in FLOW_VERDICTS]
+    if not args.follow:
+        events = list(client.observe(args.namespace, args.service, verdicts, reasons,
+                                     last=args.last))
+        _emit(args, {"events": events}, lambda: render.render_flows(events))
+        return 0
+
+    def started(translations: str) -> None:
+        sys.stderr.write(render.render_follow_start(translations))
+        sys.stderr.flush()
+        if args.output == "table":
+            sys.stdout.write(render.render_flow_header())
+            sys.stdout.flush()
+
+    try:
+        for event in client.observe(args.namespace, args.service, verdicts, reasons,
+                                    follow=True, on_start=started):
+            if args.output == "json":  # one object per line
+                sys.stdout.write(json.dumps(event, sort_keys=True) + "\n")
+            elif args.output == "yaml":
+                sys.stdout.write("---\n" + render.render_data(event, "yaml"))
+            else:
+                sys.stdout.write(render.render_flow(event))
+            sys.stdout.flush()
+    except BrokenPipeError:  # `veer observe -f | head`: the reader is done
+        with contextlib.suppress(OSError):
+            sys.stdout.close()
     return 0

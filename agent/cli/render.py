@@ -336,10 +336,81 @@ def render_resync(r: dict[str, Any], now: float) -> str:
     return out
 
 
+# ---- veer observe --------------------------------------------------------------------
+
+# Columns of a flow event line: fixed widths, so that a followed stream lines
+# up without knowing what comes next (a longer value pushes the rest right).
+FLOW_COLUMNS = (("TIME (UTC)", 12), ("VERDICT", 11), ("SERVICE", 22), ("DESTINATION", 20),
+                ("BACKEND", 20), ("CLIENT", 22), ("REASON", 0))
+FLOW_FLAGS = {
+    "affinity": "backend kept by session affinity",
+    "snat": "source-NATed to the node",
+    "short_circuit": "pod client of a Local Service, served cluster-wide",
+    "ipv4_mapped": "IPv4-mapped address on an IPv6 socket",
+}
+
+
+def _flow_row(cells: Sequence[str]) -> str:
+    out = ""
+    for (_, width), cell in zip(FLOW_COLUMNS, cells, strict=True):
+        out += cell.ljust(width) + "  " if width else cell
+    return out.rstrip() + "\n"
+
+
+def render_flow_header() -> str:
+    return _flow_row([name for name, _ in FLOW_COLUMNS])
+
+
+def flow_client(e: dict[str, Any]) -> str:
+    """Who connected: the client's address (per-packet path) or, for the socket
+    hooks, which run before a source address exists, the calling process."""
+    if e["source"]:
+        return host_port(e["source"], e["source_port"])
+    if e["pid"]:
+        return f"{e['comm'] or '?'}[{e['pid']}]"
+    return "-"
+
+
+def flow_reason(e: dict[str, Any]) -> str:
+    where = ", ".join(x for x in (e["errno"], e["hook"]) if x)
+    text = str(e["reason_text"] or e["reason"])
+    extra = "; ".join(FLOW_FLAGS.get(f, f) for f in e["flags"])
+    return text + (f" ({where})" if where else "") + (f"; {extra}" if extra else "")
+
+
 def render_flow(e: dict[str, Any]) -> str:
-    """One flow event per line (the stream is not served yet; see veer.proto)."""
-    verdict = enum_name(e["verdict"], VERDICT_PREFIX)
-    target = l4(e["destination"], e["port"], e["protocol"])
-    backend = f" -> {host_port(e['backend_address'], e['backend_port'])}" \
-        if e["backend_address"] else ""
-    return f"{e['time']:.6f}  {e['source']} -> {target}{backend}  {verdict}  {e['reason']}\n"
+    """One flow event, one line (see FLOW_COLUMNS)."""
+    at = datetime.datetime.fromtimestamp(e["time"], datetime.UTC)
+    out = ""
+    if e["lost_before"]:
+        out += (f"... {plural(e['lost_before'], 'event')} lost here: this client read "
+                "too slowly\n")
+    backend = host_port(e["backend_address"], e["backend_port"]) if e["backend_address"] \
+        else "-"
+    return out + _flow_row([
+        f"{at:%H:%M:%S}.{at.microsecond // 1000:03d}",
+        enum_name(e["verdict"], VERDICT_PREFIX),
+        e["service_port"] or "-",
+        l4(e["destination"], e["port"], e["protocol"]),
+        backend,
+        flow_client(e),
+        flow_reason(e),
+    ])
+
+
+def render_flows(events: Sequence[dict[str, Any]]) -> str:
+    """The kept events (veer observe without --follow)."""
+    if not events:
+        return ("no flow events kept that match. Refusals, drops and denials are reported "
+                "as they happen; translations only while someone follows with "
+                "`veer observe --follow`.\n")
+    return render_flow_header() + "".join(render_flow(e) for e in events)
+
+
+def render_follow_start(translations: str) -> str:
+    """The note `veer observe --follow` prints (on stderr) once the agent has
+    registered it."""
+    traced = ("translations are traced while you follow" if translations == "traced"
+              else "translations are not traced for this filter")
+    return (f"following flow events ({traced}; refusals, drops and denials are always "
+            "reported); Ctrl-C to stop\n")

@@ -14,11 +14,15 @@ Contract (after Cilium's statedb reconciler):
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from agent.compute.types import EmptyVerdict, Frontend, L4Addr
 from agent.model.objects import IPAddress, IPNetwork
+
+if TYPE_CHECKING:
+    from agent.datapath.flows import FlowEvent
 
 
 @dataclass(frozen=True)
@@ -133,6 +137,22 @@ class Datapath(ABC):
     def counters(self) -> Mapping[str, int]:
         """Event counters kept by the datapath (translations, refusals, ...)."""
         return {}
+
+    def start_flow_events(self, sink: Callable[[list[FlowEvent]], None]) -> bool:
+        """Deliver the kernel's flow events, in batches, to `sink` from a thread
+        of the datapath's own until close(). False if this backend has none."""
+        del sink
+        return False
+
+    def trace_translations(self, on: bool) -> None:
+        """Whether translations are reported as flow events too (refusals and
+        drops always are). Default: nothing to switch."""
+        del on
+
+    def frontend_of(self, service_id: int) -> L4Addr | None:
+        """The frontend that a service id in flow events stands for, if any."""
+        del service_id
+        return None
 
     def close(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Release user-space resources. Never removes kernel state."""

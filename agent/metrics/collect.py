@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from agent import __version__
+from agent.datapath.flows import FlowStats
 from agent.datapath.interface import MapUsage
 from agent.metrics.exposition import MetricFamily
 from agent.telemetry import Histogram, TelemetrySnapshot
@@ -46,6 +47,7 @@ class MetricsInput:
     frontends_failed: int
     source_synced: bool
     version: str = __version__
+    flows: FlowStats | None = None  # the flow hub's aggregates (flow events)
     modes: Sequence[str] = ("ebpf", "tproxy")
 
 
@@ -115,7 +117,40 @@ def families(m: MetricsInput) -> list[MetricFamily]:
         MetricFamily("veer_source_synced", "gauge",
                      "1 once the source has delivered a complete view").add(int(m.source_synced)),
     ]
+    if m.flows is not None:
+        out += flow_families(m.flows, m.counters.get("events_lost", 0))
     return out
+
+
+def flow_families(f: FlowStats, ring_buffer_lost: int) -> list[MetricFamily]:
+    """Flow events received by this agent, by Service port and verdict.
+
+    Refusals, drops and denials are reported by the kernel always, so their
+    counts are complete (unless events were lost, which is counted too);
+    translations are reported only while someone follows them with
+    `veer observe --follow`: veer_socket_lb_events_total counts them all.
+    """
+    events = MetricFamily("veer_flow_events_total", "counter",
+                          "Flow events received from the kernel since the agent started, by "
+                          "Service port (namespace/name:port) and verdict (the kernel "
+                          "counter's name); translations only while followed")
+    for (service, reason), n in sorted(f.counts.items()):
+        events.add(n, {"service": service, "verdict": reason})
+    lost = MetricFamily("veer_flow_events_lost_total", "counter",
+                        "Flow events lost: ring_buffer_full (in the kernel, since the "
+                        "counters map was created), slow_follower (an observer fell behind)")
+    lost.add(ring_buffer_lost, {"reason": "ring_buffer_full"})
+    lost.add(f.lost_slow_subscriber, {"reason": "slow_follower"})
+    return [
+        events,
+        lost,
+        MetricFamily("veer_flow_followers", "gauge",
+                     "Clients following flow events (veer observe --follow)")
+        .add(f.subscribers),
+        MetricFamily("veer_flow_translations_traced", "gauge",
+                     "1 while the kernel reports translations as flow events (some "
+                     "follower wants them), 0 otherwise").add(int(f.tracing)),
+    ]
 
 
 @dataclass
@@ -153,4 +188,5 @@ class Gatherer:
             frontends=len(desired.frontends),
             frontends_failed=len([k for k in failed if k in desired.frontends]),
             source_synced=agent.store.synced,
+            flows=agent.flows.stats(),
         )

@@ -7,9 +7,11 @@ replaced; a live one is refused; stopping removes it.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 import stat
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,6 +22,7 @@ from agent.cli.client import AgentUnreachable, ApiError, Client
 from agent.config import AgentConfig
 from agent.daemon import Agent
 from agent.datapath.fake import FakeDatapath
+from agent.datapath.flows import FlowEvent
 from agent.errors import ConfigError
 from agent.serve import ServeOptions
 
@@ -78,7 +81,7 @@ def test_socket_and_directory_are_root_only(running: tuple[Agent, str]) -> None:
 
 
 def test_round_trip(running: tuple[Agent, str]) -> None:
-    _, sock = running
+    agent, sock = running
     with Client(sock) as client:
         status = client.status()
         assert (status["mode"], status["mode_reason"], status["datapath"]) == (
@@ -98,9 +101,47 @@ def test_round_trip(running: tuple[Agent, str]) -> None:
         with pytest.raises(ApiError) as missing:
             client.service("default", "nope")
         assert missing.value.code == "NOT_FOUND"
-        with pytest.raises(ApiError) as observe:
-            list(client.observe())
-        assert observe.value.code == "UNIMPLEMENTED"
+
+        # Flow events: the fake datapath reports none; feed the agent's hub.
+        agent.flows.publish([FlowEvent(
+            time=1.5, reason="refused_unknown_port", hook="connect4", protocol="TCP",
+            destination=ipaddress.ip_address("10.96.0.10"), port=9999, pid=7, comm="curl")])
+        [kept] = client.observe()
+        assert (kept["verdict"], kept["reason"], kept["errno"], kept["service_port"]) == (
+            "VERDICT_REFUSE", "refused_unknown_port", "ECONNREFUSED", "default/web")
+        assert list(client.observe(verdicts=["drop"])) == []
+        with pytest.raises(ApiError) as bad:
+            list(client.observe(reasons=["bogus"]))
+        assert bad.value.code == "INVALID_ARGUMENT"
+
+
+def test_follow(running: tuple[Agent, str]) -> None:
+    agent, sock = running
+    started: list[str] = []
+    refusal = FlowEvent(time=2.0, reason="refused_no_backend", hook="connect6", protocol="TCP",
+                        destination=ipaddress.ip_address("10.96.0.10"), port=80)
+
+    def publish_once_followed() -> None:
+        deadline = time.monotonic() + 10
+        while not started and time.monotonic() < deadline:
+            time.sleep(0.01)
+        agent.flows.publish([refusal, refusal])
+
+    feeder = threading.Thread(target=publish_once_followed)
+    feeder.start()
+    with Client(sock) as client:
+        stream = client.observe(namespace="default", follow=True, on_start=started.append)
+        first = next(stream)
+        assert started == ["traced"] and agent.flows.stats().subscribers == 1
+        assert (first["reason"], first["hook"], first["lost_before"]) == (
+            "refused_no_backend", "connect6", 0)
+        assert next(stream)["time"] == 2.0
+        stream.close()
+    feeder.join(5)
+    deadline = time.monotonic() + 10
+    while agent.flows.stats().subscribers and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert agent.flows.stats().subscribers == 0 and not agent.flows.tracing
 
 
 def test_live_socket_is_refused(running: tuple[Agent, str], tmp_path: Path) -> None:

@@ -43,12 +43,15 @@ def draw(case: dict[str, Any]) -> str:
         return render.render_maps(data, args["diff"])
     if kind == "resync":
         return render.render_resync(data, args["now"])
+    if kind == "observe":
+        return render.render_flows(data["events"])
     raise AssertionError(f"unknown renderer {kind}")
 
 
 def test_every_command_has_a_golden_case() -> None:
     kinds = {json.loads((GOLDEN / f"{c}.json").read_text())["render"] for c in CASES}
-    assert kinds == {"status", "services", "service", "conntrack", "explain", "maps", "resync"}
+    assert kinds == {"status", "services", "service", "conntrack", "explain", "maps", "resync",
+                     "observe"}
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -89,3 +92,22 @@ def test_json_and_yaml_print_the_answer_itself() -> None:
     data = {"b": [1, 2], "a": {"x": None}}
     assert json.loads(render.render_data(data, "json")) == data
     assert render.render_data(data, "yaml") == "a:\n  x: null\nb:\n- 1\n- 2\n"
+
+
+def test_flow_lines_name_the_outside_client_flags_and_lost_events() -> None:
+    event = {
+        "time": 1795644374.25, "verdict": "VERDICT_TRANSLATE", "reason": "nat_new",
+        "reason_text": "new flow from outside the node translated to a backend", "errno": "",
+        "hook": "tc-ingress", "source": "2001:db8::7", "source_port": 40000,
+        "destination": "10.0.0.1", "port": 30080, "protocol": "TCP",
+        "backend_address": "10.244.2.2", "backend_port": 8080,
+        "service_port": "default/web:http", "pid": 0, "comm": "",
+        "flags": ["snat"], "lost_before": 12,
+    }
+    assert render.render_flow(event) == (
+        "... 12 events lost here: this client read too slowly\n"
+        "22:06:14.250  translate    default/web:http        10.0.0.1:30080/TCP    "
+        "10.244.2.2:8080       [2001:db8::7]:40000     new flow from outside the node "
+        "translated to a backend (tc-ingress); source-NATed to the node\n"
+    )
+    assert render.render_flows([]).startswith("no flow events kept that match.")

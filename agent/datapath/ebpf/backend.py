@@ -20,8 +20,9 @@ from __future__ import annotations
 import ctypes
 import logging
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from agent.compute.types import EmptyVerdict, Frontend, L4Addr
 from agent.datapath.ebpf.maps import SockLbMaps
@@ -60,6 +61,10 @@ from agent.datapath.ebpf.structs import (
 from agent.datapath.interface import Datapath, DatapathState, MapUsage, ProgrammedFrontend
 from agent.errors import DatapathError
 from agent.model.objects import IPAddress, IPNetwork, Protocol
+
+if TYPE_CHECKING:
+    from agent.datapath.ebpf.events import EventConsumer
+    from agent.datapath.flows import FlowEvent
 
 log = logging.getLogger(__name__)
 
@@ -212,6 +217,10 @@ class EbpfDatapath(Datapath):
         self._service_alloc = _IdAllocator(maps.services.capacity)
         self._frontends: dict[Scoped, _FrontendEntry] = {}
         self._backend_of_id: dict[int, L4Addr] = {}
+        # service id -> frontend, for naming flow events. Read by the event
+        # consumer's thread: only ever replaced or changed one key at a time.
+        self._frontend_of_id: dict[int, L4Addr] = {}
+        self._events: EventConsumer | None = None
 
     # ---- reading back ----------------------------------------------------
 
@@ -253,6 +262,7 @@ class EbpfDatapath(Datapath):
             found[(fe, fid[4])] = (entry, present)
             if len(present) != len(slots):
                 log.warning("frontend %s has missing slots or backends; it will be rewritten", fe)
+        self._frontend_of_id = {e.service_id: fe for (fe, _), e in self._frontends.items()}
         sources: dict[int, set[IPNetwork]] = {}
         for skey in self.maps.lb_sources.list_keys():
             sources.setdefault(skey.service_id, set()).add(_source_from(skey))
@@ -431,6 +441,7 @@ class EbpfDatapath(Datapath):
             raise type(err)(f"frontend {key} ({frontend.service}): {err}") from err
 
         self._frontends[(key, scope)] = new
+        self._frontend_of_id[service_id] = key
         self._note_removed(frontend.key, service_id, set(old_slots) - set(new_slots))
         for pos in range(len(new_slots), len(old_slots)):
             self.maps.services.delete(_service_key(key, pos + 1, scope))
@@ -485,6 +496,7 @@ class EbpfDatapath(Datapath):
             existed |= self._delete_scope(key, scope)
         if entry is not None:
             self._service_alloc.release(entry.service_id)
+            self._frontend_of_id.pop(entry.service_id, None)
         return existed
 
     def finish_pass(self) -> list[str]:
@@ -602,7 +614,33 @@ class EbpfDatapath(Datapath):
     def backend_id(self, backend: L4Addr) -> int | None:
         return self._backend_ids.get(backend)
 
+    # ---- flow events -------------------------------------------------------
+
+    def start_flow_events(self, sink: Callable[[list[FlowEvent]], None]) -> bool:
+        if self.programs is None or self._events is not None:
+            return False
+        consumer = self.programs.event_consumer(sink)
+        consumer.start()
+        self._events = consumer
+        return True
+
+    def trace_translations(self, on: bool) -> None:
+        if self.programs is not None:
+            self.programs.set_trace_translations(on)
+
+    def frontend_of(self, service_id: int) -> L4Addr | None:
+        return self._frontend_of_id.get(service_id)
+
     def close(self) -> None:
+        if self._events is not None:
+            self._events.stop()
+            self._events = None
+            # Programs stay attached after we exit: leave them reporting only
+            # the rare verdicts into a buffer nobody reads.
+            try:
+                self.trace_translations(False)
+            except DatapathError as err:
+                log.warning("turning translation events off failed: %s", err)
         self.maps.close()
 
 

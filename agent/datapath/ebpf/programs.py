@@ -21,10 +21,14 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agent.datapath.ebpf import syscall
+from agent.datapath.ebpf.structs import ConfigValue, IndexKey
 from agent.errors import DatapathError, EnvironmentProblem
+
+if TYPE_CHECKING:
+    from agent.datapath.ebpf.events import EventConsumer, Sink
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +196,24 @@ class SockLbPrograms:
 
     def map_path(self, name: str) -> str:
         return os.path.join(self.bpffs_dir, name)
+
+    # ---- flow events (the live agent's own, unpinned maps) ------------------
+
+    def event_consumer(self, sink: Sink) -> EventConsumer:
+        """A consumer of veer_events for this loaded object (not started)."""
+        from agent.datapath.ebpf.events import EventConsumer
+
+        if self._bpf is None:
+            raise DatapathError("the BPF programs are not loaded: no flow events to read")
+        return EventConsumer(self._bpf, sink)
+
+    def set_trace_translations(self, on: bool) -> None:
+        """Whether the programs report translations too (veer_config[0])."""
+        if self._bpf is None:
+            return
+        fd = int(self._bpf["veer_config"].map_fd)
+        syscall.map_update(fd, IndexKey(0), ConfigValue(trace_translations=int(on)),
+                           "write veer_config")
 
 
 def attached_programs(cgroup: str) -> list[AttachedProgram]:

@@ -207,6 +207,56 @@ class NodeValue(ctypes.Structure):
     _fields_ = [("addr4", Addr16), ("addr6", Addr16)]
 
 
+class Event(ctypes.Structure):
+    """A flow event from the veer_events ring buffer."""
+
+    C_NAME = "veer_event"
+    _fields_ = [
+        ("time_ns", ctypes.c_uint64),  # CLOCK_MONOTONIC
+        ("cookie", ctypes.c_uint64),
+        ("netns", ctypes.c_uint64),
+        ("saddr", Addr16),
+        ("daddr", Addr16),
+        ("baddr", Addr16),
+        ("sport", ctypes.c_uint16),  # network order, as every port here
+        ("dport", ctypes.c_uint16),
+        ("bport", ctypes.c_uint16),
+        ("proto", ctypes.c_uint8),
+        ("family", ctypes.c_uint8),
+        ("service_id", ctypes.c_uint32),
+        ("pid", ctypes.c_uint32),
+        ("reason", ctypes.c_uint16),  # index into COUNTER_NAMES
+        ("hook", ctypes.c_uint8),
+        ("flags", ctypes.c_uint8),
+        ("comm", ctypes.c_char * 16),
+        ("pad", ctypes.c_uint8 * 4),
+    ]
+
+
+# veer_event.hook
+HOOK_NAMES: dict[int, str] = {
+    1: "connect4",
+    2: "connect6",
+    3: "sendmsg4",
+    4: "sendmsg6",
+    5: "tc-ingress",
+}
+HOOK_TC_INGRESS = 5
+
+# veer_event.flags
+EV_F_AFFINITY = 1 << 0
+EV_F_SNAT = 1 << 1
+EV_F_SHORT_CIRCUIT = 1 << 2
+EV_F_MAPPED = 1 << 3
+
+
+class ConfigValue(ctypes.Structure):
+    """The runtime switches (veer_config, key 0)."""
+
+    C_NAME = "veer_config"
+    _fields_ = [("trace_translations", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
+
+
 class IndexKey(ctypes.Structure):
     """The __u32 key of an array map (no C struct of its own)."""
 
@@ -233,6 +283,8 @@ MIRRORS: tuple[type[ctypes.Structure], ...] = (
     NodeValue,
     SourceKey,
     ExtAffinityKey,
+    Event,
+    ConfigValue,
 )
 
 # enum veer_counter, in order.
@@ -252,6 +304,8 @@ COUNTER_NAMES: tuple[str, ...] = (
     "nat_fail",
     "nat_denied_source",
     "nat_short_circuit",
+    "events_sent",
+    "events_lost",
 )
 
 # LPM trie keys carry family + padding (32 bits) before the address.

@@ -1,0 +1,152 @@
+"""The eBPF side of flow events: read veer_events, decode, hand to a sink.
+
+    veer_report() in the BPF programs ──> veer_events (BPF ring buffer, 1 MiB)
+        ──> EventConsumer thread: BCC ring_buffer_poll(100 ms), woken by
+            refusals and drops, then ring_buffer_consume(): translations are
+            submitted without a wakeup; one callback per record
+        ──> decode() ──> FlowEvent ──> sink(batch) (FlowHub.publish)
+
+The ring buffer is not pinned: it belongs to the agent process that loaded
+the programs. Records that do not fit are lost in the kernel and counted
+(`events_lost` in veer_counters); the verdicts themselves never wait for us.
+
+`decode` is pure (bytes in, FlowEvent out) and unit-tested; only the
+consumer touches BCC, and BCC is imported by agent/datapath/ebpf/programs.py
+alone.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from agent.compute.types import L4Addr
+from agent.datapath.ebpf.structs import (
+    COUNTER_NAMES,
+    EV_F_AFFINITY,
+    EV_F_MAPPED,
+    EV_F_SHORT_CIRCUIT,
+    EV_F_SNAT,
+    HOOK_NAMES,
+    HOOK_TC_INGRESS,
+    PROTOCOL_OF,
+    Event,
+    addr_from,
+    port_host,
+)
+from agent.datapath.flows import FlowEvent
+
+log = logging.getLogger(__name__)
+
+EVENT_SIZE = ctypes.sizeof(Event)
+POLL_MS = 100
+FLAG_NAMES = (
+    (EV_F_AFFINITY, "affinity"),
+    (EV_F_SNAT, "snat"),
+    (EV_F_SHORT_CIRCUIT, "short_circuit"),
+    (EV_F_MAPPED, "ipv4_mapped"),
+)
+
+Sink = Callable[[list[FlowEvent]], None]
+
+
+def monotonic_to_wall() -> float:
+    """What to add to a CLOCK_MONOTONIC time (bpf_ktime_get_ns) to get Unix time."""
+    return time.time() - time.monotonic()
+
+
+def decode(raw: bytes, wall_offset: float) -> FlowEvent:
+    """One veer_event record as a FlowEvent (the Service is not named yet).
+
+    Raises ValueError on a record too short to be a veer_event.
+    """
+    if len(raw) < EVENT_SIZE:
+        raise ValueError(f"flow event of {len(raw)} bytes, expected {EVENT_SIZE}")
+    ev = Event.from_buffer_copy(raw[:EVENT_SIZE])
+    reason = COUNTER_NAMES[ev.reason] if ev.reason < len(COUNTER_NAMES) else f"#{ev.reason}"
+    protocol = PROTOCOL_OF.get(ev.proto)
+    backend = None
+    if any(ev.baddr) or ev.bport:
+        backend = L4Addr(addr_from(ev.baddr, ev.family), port_host(ev.bport),
+                         protocol) if protocol is not None else None
+    tc = ev.hook == HOOK_TC_INGRESS
+    return FlowEvent(
+        time=ev.time_ns / 1e9 + wall_offset,
+        reason=reason,
+        hook=HOOK_NAMES.get(ev.hook, f"hook {ev.hook}"),
+        protocol=protocol.value if protocol is not None else str(ev.proto),
+        destination=addr_from(ev.daddr, ev.family),
+        port=port_host(ev.dport),
+        source=addr_from(ev.saddr, ev.family) if tc else None,
+        source_port=port_host(ev.sport) if tc else 0,
+        backend=backend,
+        service_id=int(ev.service_id),
+        cookie=int(ev.cookie),
+        netns=int(ev.netns),
+        pid=int(ev.pid),
+        comm=ev.comm.decode(errors="replace"),
+        flags=tuple(name for bit, name in FLAG_NAMES if ev.flags & bit),
+    )
+
+
+class EventConsumer:
+    """A thread that polls the ring buffer and hands decoded batches to `sink`.
+
+    `bpf` is the loaded BCC object holding veer_events. The sink runs on this
+    thread and must not block for long (FlowHub.publish never does); while it
+    runs, the kernel keeps filling the 1 MiB buffer.
+    """
+
+    def __init__(self, bpf: Any, sink: Sink, poll_ms: int = POLL_MS) -> None:
+        self._bpf = bpf
+        self._sink = sink
+        self._poll_ms = poll_ms
+        self._stop = threading.Event()
+        self._batch: list[FlowEvent] = []
+        self._offset = monotonic_to_wall()
+        self._thread: threading.Thread | None = None
+        self.decode_errors = 0
+
+    def _on_record(self, _ctx: Any, data: Any, size: int) -> int:
+        try:
+            self._batch.append(decode(ctypes.string_at(data, size), self._offset))
+        except (ValueError, IndexError):
+            self.decode_errors += 1
+        return 0
+
+    def start(self) -> None:
+        self._bpf["veer_events"].open_ring_buffer(self._on_record)
+        self._thread = threading.Thread(target=self._run, name="flow-events", daemon=True)
+        self._thread.start()
+        log.info("reading flow events from the veer_events ring buffer")
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            # The wall clock may be stepped; re-read the offset once per poll.
+            self._offset = monotonic_to_wall()
+            try:
+                # Wait for a wakeup (rare events ask for one) or the timeout,
+                # then drain everything, translations submitted without one too.
+                self._bpf.ring_buffer_poll(self._poll_ms)
+                self._bpf.ring_buffer_consume()
+            except Exception:  # BCC raises bare Exception
+                log.exception("polling the flow event ring buffer failed")
+                self._stop.wait(1.0)
+                continue
+            if self._batch:
+                batch, self._batch = self._batch, []
+                try:
+                    self._sink(batch)
+                except Exception:  # a bad sink must not stop the consumer
+                    log.exception("handling %d flow event(s) failed", len(batch))
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+            self._thread = None
+
