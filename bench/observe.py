@@ -23,7 +23,7 @@ connection's CPU cost there, so the hook's extra work shows in full); the
 agent and the follower run on the other CPU(s), and their CPU time is
 reported beside the rate (what a node pays for being observed).
 
-Honesty checks per run: wrk saw no errors; every connection was translated
+Honesty checks per run: every connection was translated
 (veer_counters translated); with events off none was reported
 (events_sent did not move); with events on, each translation was reported
 or counted lost (events_sent + events_lost = translated).
@@ -32,8 +32,10 @@ Other jobs. On a shared machine another process may take the bench CPU, or
 be pushed onto it when the agent and the follower fill the other CPU. Before
 each round the bench waits (up to --quiet-timeout) for the bench CPU to be
 idle, and it measures the bench CPU's time that was not ours (wrk, nginx,
-that CPU's ksoftirqd); a round in which that exceeded 3% is redone, both
-modes, up to --max-redo times, and the redone runs are kept in the JSON.
+that CPU's ksoftirqd); a round in which that exceeded 3%, or in which wrk
+saw errors (timeouts, when the server starved), is redone, both modes, up
+to --max-redo times, and the redone runs are kept in the JSON. wrk errors
+left after the last redo stop the bench (not with --quick).
 
 `--quick`: one round of 2 s, no waiting, no redo (a smoke test; its numbers
 are not judged).
@@ -297,8 +299,8 @@ class Bench:
 
     @staticmethod
     def check(run: Run) -> None:
-        if run.wrk.error_count:
-            raise RuntimeError(f"wrk saw errors in a {run.mode} run: {run.wrk.errors}")
+        """The checks that hold however busy the machine is (wrk's errors are
+        judged per round, in measure())."""
         if run.translated < run.wrk.requests:
             raise RuntimeError(f"{run.translated} translations for {run.wrk.requests} requests")
         if run.mode == "off" and run.events_sent:
@@ -314,8 +316,14 @@ class Bench:
             for attempt in range(self.args.max_redo + 1):
                 self.wait_quiet()
                 runs = [self.run(mode, rnd, attempt) for mode in order]
-                redo = any(r.foreign_cpu_s > slack for r in runs) \
-                    and attempt < self.args.max_redo
+                # A busy machine shows as others' time on the bench CPU, or
+                # as wrk's timeouts when it starves the server.
+                disturbed = any(r.foreign_cpu_s > slack or r.wrk.error_count for r in runs)
+                redo = disturbed and attempt < self.args.max_redo
+                errors = [r for r in runs if r.wrk.error_count]
+                if errors and not redo and not self.args.quick:
+                    raise RuntimeError(f"wrk saw errors in round {rnd + 1} after "
+                                       f"{attempt} redo(s): {errors[0].wrk.errors}")
                 for run in runs:
                     run.used = not redo
                     self.runs.append(run)
@@ -324,6 +332,7 @@ class Bench:
                         f"{run.events_lost:,} lost; agent {run.agent_cpu_s:.2f} s, "
                         f"follower {run.follower_cpu_s:.2f} s, others "
                         f"{run.foreign_cpu_s:.2f} s on the bench CPU"
+                        f"{f', wrk errors {run.wrk.errors}' if run.wrk.error_count else ''}"
                         f"{', REDO' if redo else ''})")
                 if not redo:
                     break

@@ -89,9 +89,10 @@ REASONS: Mapping[str, Reason] = MappingProxyType({r.name: r for r in (
 )})
 UNKNOWN_REASON = Reason("unknown", DROP, "", "a verdict this agent does not know")
 
-# What a per-packet (TC) event means when the reason names a socket-hook
-# verdict: nothing is refused there, the packet is dropped.
+# The per-packet hook. A socket-hook reason reported there (inconsistent)
+# means a dropped packet: there is no connect() to fail.
 TC_HOOK = "tc-ingress"
+SOCKET_REASONS_DROPPED_ON_TC = frozenset({"inconsistent"})
 
 
 @dataclass(frozen=True)
@@ -130,15 +131,16 @@ class FlowEvent:
         return REASONS.get(self.reason, UNKNOWN_REASON)
 
     @property
+    def _dropped_on_tc(self) -> bool:
+        return self.hook == TC_HOOK and self.reason in SOCKET_REASONS_DROPPED_ON_TC
+
+    @property
     def verdict(self) -> str:
-        info = self.info
-        if self.hook == TC_HOOK and info.verdict == REFUSE:
-            return DROP  # the per-packet path has nobody to refuse to
-        return info.verdict
+        return DROP if self._dropped_on_tc else self.info.verdict
 
     @property
     def errno(self) -> str:
-        return "" if self.hook == TC_HOOK else self.info.errno
+        return "" if self._dropped_on_tc else self.info.errno
 
 
 @dataclass(frozen=True)

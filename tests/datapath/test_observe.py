@@ -26,6 +26,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import IO, Any
 
 import pytest
@@ -37,6 +38,7 @@ from agent.sandbox.multinode import MultiNodeCluster
 from .conftest import require_datapath
 
 METRICS = "127.0.0.1:10249"
+DEBUGGING_DOC = Path(__file__).resolve().parents[2] / "docs" / "debugging.md"
 POD_OF_IP = {p.ipv4: p.name for p in WEB_PODS} | {p.ipv6: p.name for p in WEB_PODS}
 READY = {p.name for p in WEB_PODS if p.name != "web-d"}
 
@@ -189,9 +191,15 @@ def test_refusals_appear_with_their_reasons_and_services(live: SandboxCluster) -
     assert kept_events(live.api_socket, "--namespace", "kube-system") == []
     assert kept_events(live.api_socket, "--verdict", "translate", "drop") == []
 
-    metrics = scrape(live)["veer_flow_events_total"]
+    scraped = scrape(live)
+    metrics = scraped["veer_flow_events_total"]
     assert metrics[(("service", "default/empty:http"), ("verdict", "refused_no_backend"))] >= 1
     assert metrics[(("service", "default/web"), ("verdict", "refused_unknown_port"))] >= 1
+    documented = DEBUGGING_DOC.read_text()
+    for name in ("veer_flow_events_total", "veer_flow_events_lost_total",
+                 "veer_flow_followers", "veer_flow_translations_traced"):
+        assert name in scraped, f"{name} not exposed"
+        assert f"| `{name}" in documented, f"{name} is not documented in docs/debugging.md"
 
 
 def test_a_follower_sees_each_translation_with_its_backend(live: SandboxCluster) -> None:
@@ -312,8 +320,11 @@ def test_outside_drops_and_denials_appear_with_the_client(
         two_nodes: tuple[MultiNodeCluster, str]) -> None:
     c, api = two_nodes
     node = c.nodes[0]
-    c.write_manifest("web.yaml", nodeport_web({}))
-    c.wait_external("10.0.0.1:30080/TCP", node, [], False)
+    # externalTrafficPolicy: Local with the only endpoint on node-2: node-1
+    # drops outside traffic, as kube-proxy does.
+    c.write_manifest("web.yaml", nodeport_web({"10.244.2.2": "node-2"},
+                                              externalTrafficPolicy="Local"))
+    c.wait_external("10.0.0.1:30080/TCP", node, [], True)
     assert c.probe_from_outside("tcp", "10.0.0.1", "30080", "--count", "1",
                                 "--timeout", "1")["errors"] == {"TIMEOUT": 1}
     drop = wait_for("the drop", lambda: kept_events(api, "--verdict", "drop"))[0]

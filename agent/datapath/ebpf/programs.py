@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent.datapath.ebpf import syscall
-from agent.datapath.ebpf.structs import ConfigValue, IndexKey
+from agent.datapath.ebpf.structs import COUNTER_NAMES, ConfigValue, IndexKey
 from agent.errors import DatapathError, EnvironmentProblem
 
 if TYPE_CHECKING:
@@ -144,6 +144,7 @@ class SockLbPrograms:
         bcc = _import_bcc()
         check_headers()
         os.makedirs(self.bpffs_dir, exist_ok=True)
+        self._retire_short_counters()
         cflags = [
             f"-I{BPF_SRC_DIR}",
             f'-DVEER_PIN_DIR="{self.bpffs_dir}"',
@@ -162,6 +163,28 @@ class SockLbPrograms:
                 )
         except Exception as err:  # BCC raises bare Exception for compile/load errors
             raise DatapathError(f"loading veer's BPF programs failed: {err}") from err
+
+    def _retire_short_counters(self) -> None:
+        """Unpin a veer_counters left by a version with fewer counters.
+
+        BCC adopts a pinned map without comparing its size, and counters past
+        its end would never count (events_sent, events_lost, ...). The old
+        programs keep their map until they are replaced; the counts restart
+        from 0, which their metric ("since the map was created") allows.
+        """
+        path = self.map_path("veer_counters")
+        try:
+            fd = syscall.obj_get(path)
+        except DatapathError:
+            return  # not there yet
+        try:
+            entries = syscall.map_info(fd).max_entries
+        finally:
+            os.close(fd)
+        if entries < len(COUNTER_NAMES):
+            log.info("veer_counters holds %d counters, this version has %d: replacing it "
+                     "(the counts restart from 0)", entries, len(COUNTER_NAMES))
+            os.unlink(path)
 
     def attach(self, cgroup: str) -> None:
         """Attach every hook to `cgroup` (replacing what is there) and pin it."""
