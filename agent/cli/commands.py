@@ -76,7 +76,8 @@ def add_debug_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     _common(p)
     p = sub.add_parser(
         "observe", help="flow events from the kernel: refusals, drops, denials, translations",
-        description="Without --follow: the flow events the agent keeps (the last 1,000). "
+        description="Without --follow: the flow events the agent keeps (the last 1,000 "
+        "refusals, drops and denials, and the last 1,000 translations). "
         "With --follow: new events until Ctrl-C; translations are traced while a follower's "
         "--verdict filter admits them (refusals, drops and denials are always reported).")
     p.add_argument("-f", "--follow", action="store_true",

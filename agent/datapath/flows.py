@@ -25,10 +25,11 @@ read it, and the unit tests drive it with made-up events.
 from __future__ import annotations
 
 import collections
+import heapq
 import logging
 import queue
 import threading
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
@@ -37,7 +38,7 @@ from agent.model.objects import IPAddress
 
 log = logging.getLogger(__name__)
 
-RECENT = 1000  # events kept for Observe without follow
+RECENT = 1000  # events kept for Observe without follow (and as many translations)
 SUBSCRIBER_QUEUE = 4096  # events a follower may fall behind by before it loses some
 MAX_SUBSCRIBERS = 8
 
@@ -252,7 +253,6 @@ class Subscription:
         self._queue: queue.Queue[FlowEvent] = queue.Queue(maxsize=size)
         self._lost = 0
         self._lock = threading.Lock()
-        self.lost_total = 0
 
     def offer(self, event: FlowEvent) -> bool:
         """Called by the hub; never blocks. False if the event was lost."""
@@ -261,7 +261,6 @@ class Subscription:
         except queue.Full:
             with self._lock:
                 self._lost += 1
-                self.lost_total += 1
             return False
         return True
 
@@ -325,7 +324,11 @@ class FlowHub:
         self._max = max_subscribers
         self._lock = threading.Lock()
         self._switch = threading.Lock()  # serializes changes of the kernel switch
+        # Kept for Observe without follow, translations apart: a follower's
+        # flood of translations must not push the last refusals out.
         self._recent: collections.deque[FlowEvent] = collections.deque(maxlen=recent)
+        self._recent_translations: collections.deque[FlowEvent] = collections.deque(
+            maxlen=recent)
         self._subscribers: list[Subscription] = []
         self._agg = _Aggregates()
         self._tracing = False
@@ -343,7 +346,10 @@ class FlowHub:
             agg.received += len(named)
             for event in named:
                 agg.counts[(event.service_port, event.reason)] += 1
-                self._recent.append(event)
+                if event.verdict == TRANSLATE:
+                    self._recent_translations.append(event)
+                else:
+                    self._recent.append(event)
         lost = 0
         for sub in subscribers:
             for event in named:
@@ -365,9 +371,13 @@ class FlowHub:
     # ---- the API's side ------------------------------------------------------
 
     def recent(self, flow_filter: FlowFilter, last: int = 0) -> list[FlowEvent]:
-        """The kept events that pass `flow_filter`, oldest first; the last `last` if > 0."""
+        """The kept events that pass `flow_filter`, oldest first; the last `last` if > 0.
+
+        The last RECENT refusals, drops and denials, and the last RECENT
+        translations (kept while someone followed them), merged by time."""
         with self._lock:
-            kept = list(self._recent)
+            kept = list(heapq.merge(self._recent, self._recent_translations,
+                                    key=lambda e: e.time))
         out = [e for e in kept if flow_filter.matches(e)]
         return out[-last:] if last > 0 else out
 
@@ -423,14 +433,4 @@ class FlowHub:
                 subscribers=len(self._subscribers),
                 tracing=self._tracing,
             )
-
-
-def describe_flags(flags: Sequence[str]) -> str:
-    words = {
-        "affinity": "backend kept by session affinity",
-        "snat": "source-NATed to the node",
-        "short_circuit": "pod client of a Local Service: served cluster-wide",
-        "ipv4_mapped": "IPv4-mapped address on an IPv6 socket",
-    }
-    return "; ".join(words.get(f, f) for f in flags)
 

@@ -189,6 +189,16 @@ def test_recent_events_are_bounded_and_counted_per_service_and_verdict() -> None
     assert (stats.received, stats.lost_slow_subscriber, stats.subscribers) == (6, 0, 0)
 
 
+def test_translations_never_push_refusals_out() -> None:
+    hub = FlowHub(names(), recent=2)
+    hub.publish([event(time=1.0), event(time=2.0)])
+    hub.publish([event("translated", WEB, 1, backend=WEB_A, time=float(t)) for t in (1.5, 3, 4)])
+    assert [(e.time, e.reason) for e in hub.recent(FlowFilter())] == [
+        (1.0, "refused_no_backend"), (2.0, "refused_no_backend"),
+        (3.0, "translated"), (4.0, "translated")]
+    assert [e.time for e in hub.recent(FlowFilter(verdicts=frozenset({"refuse"})))] == [1.0, 2.0]
+
+
 def test_followers_get_what_their_filter_passes() -> None:
     hub = FlowHub(names())
     with hub.subscribe(FlowFilter(service="web")) as web, hub.subscribe(FlowFilter()) as every:
