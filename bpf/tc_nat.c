@@ -31,8 +31,9 @@
  * agent asks.
  *
  * Not yet: IPv4 options, IPv6 extension headers and fragments (passed
- * untouched), ICMP errors for translated flows, TCP RST for "refuse" (an
- * empty frontend drops).
+ * untouched), ICMP errors for translated flows. A frontend without any
+ * endpoint answers ICMP port unreachable, as kube-proxy's REJECT does; one
+ * that is empty only here under a Local policy drops.
  */
 #include "veer_common.h"
 
@@ -72,6 +73,12 @@ struct veer_pkt {
 #define VEER_TCP_ACK 0x10
 #define VEER_SYN_REUSE_NS 3000000000ULL /* a SYN retransmit comes within 1-3 s */
 #define VEER_UDP_IDLE_NS 180000000000ULL /* conntrack's udp_timeout_stream */
+/* veer_new_flow's answer "refuse this packet" (not a TC_ACT_* value). */
+#define VEER_TC_REJECT (-100)
+/* Programs veer_tc_ingress tail-calls, by index in veer_tc_tail. */
+#define VEER_TAIL_REJECT 0
+
+BPF_PROG_ARRAY(veer_tc_tail, 1);
 
 /* The ports and TCP flags that follow an IP header at `l4`. */
 static __always_inline int veer_parse_l4(struct veer_pkt *p, void *l4, void *end, __u8 proto)
@@ -320,6 +327,136 @@ static __always_inline void veer_nat_failed(struct __sk_buff *skb, const struct 
 	veer_report_tc(skb, VEER_CNT_NAT_FAIL, p, service_id, backend->addr, backend->port, flags);
 }
 
+/* ICMP messages that refuse a packet: header, then the start of the packet
+ * refused (its IP header and 8 bytes of L4, as RFC 792 / RFC 4443 ask). */
+struct veer_icmp4_refusal {
+	__u8 type;
+	__u8 code;
+	__u16 check;
+	__u32 unused;
+	__u8 orig[sizeof(struct iphdr) + 8];
+};
+
+struct veer_icmp6_refusal {
+	__u8 type;
+	__u8 code;
+	__u16 check;
+	__u32 unused;
+	__u8 orig[sizeof(struct ipv6hdr) + 8];
+};
+
+struct veer_ip6_pseudo {
+	__u8 saddr[16];
+	__u8 daddr[16];
+	__be32 len;
+	__be32 next;
+};
+
+static __always_inline __u16 veer_csum_fold(__s64 sum)
+{
+	__u32 s = (__u32)sum;
+
+	s = (s & 0xffff) + (s >> 16);
+	s = (s & 0xffff) + (s >> 16);
+	return (__u16)~s;
+}
+
+/* Scratch space for building a refusal: too big for the stack next to
+ * veer_new_flow's locals (BPF allows 512 bytes in all). One per CPU. */
+struct veer_reject_scratch {
+	struct ethhdr eth;
+	__u8 mac[ETH_ALEN];
+	__u8 pad[2];
+	struct veer_icmp4_refusal msg4;
+	struct iphdr ip4;
+	struct veer_icmp6_refusal msg6;
+	struct veer_ip6_pseudo pseudo;
+	struct ipv6hdr ip6;
+};
+
+BPF_PERCPU_ARRAY(veer_reject_scratch, struct veer_reject_scratch, 1);
+
+/* Refuse a packet the way kube-proxy's REJECT does: turn it into an ICMP
+ * "port unreachable" (ICMPv6 for IPv6) from the address it was sent to, and
+ * send that back out the device it came in on. The client's connect() then
+ * fails at once with ECONNREFUSED instead of timing out. */
+static __always_inline int veer_reject(struct __sk_buff *skb, const struct veer_pkt *p)
+{
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	struct veer_reject_scratch *w;
+	__u32 zero = 0;
+	__s64 sum;
+
+	w = veer_reject_scratch.lookup(&zero);
+	if (!w || data + ETH_HLEN > end)
+		return TC_ACT_SHOT;
+	__builtin_memset(w, 0, sizeof(*w));
+	__builtin_memcpy(&w->eth, data, ETH_HLEN);
+	__builtin_memcpy(w->mac, w->eth.h_dest, ETH_ALEN);
+	__builtin_memcpy(w->eth.h_dest, w->eth.h_source, ETH_ALEN);
+	__builtin_memcpy(w->eth.h_source, w->mac, ETH_ALEN);
+
+	if (p->t.family == VEER_FAMILY_IPV4) {
+		if (data + ETH_HLEN + sizeof(w->msg4.orig) > end)
+			return TC_ACT_SHOT;
+		__builtin_memcpy(w->msg4.orig, data + ETH_HLEN, sizeof(w->msg4.orig));
+		w->msg4.type = 3; /* destination unreachable */
+		w->msg4.code = 3; /* port unreachable */
+		w->msg4.check = veer_csum_fold(
+			bpf_csum_diff(NULL, 0, (__be32 *)&w->msg4, sizeof(w->msg4), 0));
+		w->ip4.version = 4;
+		w->ip4.ihl = 5;
+		w->ip4.ttl = 64;
+		w->ip4.protocol = 1; /* ICMP */
+		w->ip4.tot_len = bpf_htons(sizeof(w->ip4) + sizeof(w->msg4));
+		__builtin_memcpy(&w->ip4.saddr, p->t.daddr, 4);
+		__builtin_memcpy(&w->ip4.daddr, p->t.saddr, 4);
+		w->ip4.check = veer_csum_fold(
+			bpf_csum_diff(NULL, 0, (__be32 *)&w->ip4, sizeof(w->ip4), 0));
+		if (bpf_skb_change_tail(skb, ETH_HLEN + sizeof(w->ip4) + sizeof(w->msg4), 0))
+			return TC_ACT_SHOT;
+		bpf_skb_store_bytes(skb, 0, &w->eth, ETH_HLEN, 0);
+		bpf_skb_store_bytes(skb, ETH_HLEN, &w->ip4, sizeof(w->ip4), 0);
+		bpf_skb_store_bytes(skb, ETH_HLEN + sizeof(w->ip4), &w->msg4, sizeof(w->msg4), 0);
+	} else {
+		if (data + ETH_HLEN + sizeof(w->msg6.orig) > end)
+			return TC_ACT_SHOT;
+		__builtin_memcpy(w->msg6.orig, data + ETH_HLEN, sizeof(w->msg6.orig));
+		w->msg6.type = 1; /* destination unreachable */
+		w->msg6.code = 4; /* port unreachable */
+		__builtin_memcpy(w->pseudo.saddr, p->t.daddr, 16);
+		__builtin_memcpy(w->pseudo.daddr, p->t.saddr, 16);
+		w->pseudo.len = bpf_htonl(sizeof(w->msg6));
+		w->pseudo.next = bpf_htonl(58); /* ICMPv6 */
+		sum = bpf_csum_diff(NULL, 0, (__be32 *)&w->pseudo, sizeof(w->pseudo), 0);
+		sum = bpf_csum_diff(NULL, 0, (__be32 *)&w->msg6, sizeof(w->msg6), sum);
+		w->msg6.check = veer_csum_fold(sum);
+		w->ip6.version = 6;
+		w->ip6.payload_len = bpf_htons(sizeof(w->msg6));
+		w->ip6.nexthdr = 58;
+		w->ip6.hop_limit = 64;
+		__builtin_memcpy(&w->ip6.saddr, p->t.daddr, 16);
+		__builtin_memcpy(&w->ip6.daddr, p->t.saddr, 16);
+		if (bpf_skb_change_tail(skb, ETH_HLEN + sizeof(w->ip6) + sizeof(w->msg6), 0))
+			return TC_ACT_SHOT;
+		bpf_skb_store_bytes(skb, 0, &w->eth, ETH_HLEN, 0);
+		bpf_skb_store_bytes(skb, ETH_HLEN, &w->ip6, sizeof(w->ip6), 0);
+		bpf_skb_store_bytes(skb, ETH_HLEN + sizeof(w->ip6), &w->msg6, sizeof(w->msg6), 0);
+	}
+	return bpf_redirect(skb->ifindex, 0);
+}
+
+/* A new flow's NAT entries while they are built: kept off the stack, which
+ * veer_new_flow would otherwise nearly fill (BPF allows 512 bytes). */
+struct veer_flow_scratch {
+	struct veer_nat_value fwd;
+	struct veer_nat_value rev;
+	struct veer_tuple reply;
+};
+
+BPF_PERCPU_ARRAY(veer_flow_scratch, struct veer_flow_scratch, 1);
+
 /* The first packet of a flow to an external frontend. */
 static __always_inline int veer_new_flow(struct __sk_buff *skb, const struct veer_pkt *p)
 {
@@ -327,8 +464,7 @@ static __always_inline int veer_new_flow(struct __sk_buff *skb, const struct vee
 	struct veer_service_value *frontend, *slot;
 	struct veer_backend_key backend_key = {};
 	struct veer_backend_value *backend;
-	struct veer_nat_value fwd = {}, rev = {};
-	struct veer_tuple reply = {};
+	struct veer_flow_scratch *w;
 	struct bpf_fib_lookup fib;
 	struct veer_node_value *node;
 	struct veer_ext_affinity_key affinity_key = {};
@@ -372,6 +508,13 @@ static __always_inline int veer_new_flow(struct __sk_buff *skb, const struct vee
 	}
 	count = frontend->count;
 	if (count == 0) {
+		if (!(frontend->flags & VEER_SVC_F_DROP_EMPTY)) {
+			/* No endpoint anywhere: kube-proxy REJECTs. */
+			veer_count(VEER_CNT_NAT_REJECT);
+			veer_report_tc(skb, VEER_CNT_NAT_REJECT, p, frontend->service_id, NULL, 0,
+				       report_flags);
+			return VEER_TC_REJECT;
+		}
 		veer_count(VEER_CNT_NAT_DROP);
 		veer_report_tc(skb, VEER_CNT_NAT_DROP, p, frontend->service_id, NULL, 0, report_flags);
 		return TC_ACT_SHOT;
@@ -411,27 +554,34 @@ static __always_inline int veer_new_flow(struct __sk_buff *skb, const struct vee
 		return TC_ACT_SHOT;
 	}
 
+	w = veer_flow_scratch.lookup(&zero);
+	if (!w) {
+		veer_count(VEER_CNT_NAT_FAIL);
+		return TC_ACT_SHOT;
+	}
+	__builtin_memset(w, 0, sizeof(*w));
+
 	/* Forward: client -> backend, possibly from the node instead. */
-	__builtin_memcpy(fwd.saddr, p->t.saddr, 16);
-	fwd.sport = p->t.sport;
-	__builtin_memcpy(fwd.daddr, backend->addr, 16);
-	fwd.dport = backend->port;
-	fwd.service_id = frontend->service_id;
-	fwd.last_seen_ns = bpf_ktime_get_ns();
+	__builtin_memcpy(w->fwd.saddr, p->t.saddr, 16);
+	w->fwd.sport = p->t.sport;
+	__builtin_memcpy(w->fwd.daddr, backend->addr, 16);
+	w->fwd.dport = backend->port;
+	w->fwd.service_id = frontend->service_id;
+	w->fwd.last_seen_ns = bpf_ktime_get_ns();
 
 	/* Reply: backend -> (client or node) becomes frontend -> client. */
-	__builtin_memcpy(rev.saddr, p->t.daddr, 16);
-	rev.sport = p->t.dport;
-	__builtin_memcpy(rev.daddr, p->t.saddr, 16);
-	rev.dport = p->t.sport;
-	rev.service_id = frontend->service_id;
-	rev.last_seen_ns = fwd.last_seen_ns;
-	__builtin_memcpy(reply.saddr, backend->addr, 16);
-	reply.sport = backend->port;
-	reply.proto = p->t.proto;
-	reply.family = p->t.family;
+	__builtin_memcpy(w->rev.saddr, p->t.daddr, 16);
+	w->rev.sport = p->t.dport;
+	__builtin_memcpy(w->rev.daddr, p->t.saddr, 16);
+	w->rev.dport = p->t.sport;
+	w->rev.service_id = frontend->service_id;
+	w->rev.last_seen_ns = w->fwd.last_seen_ns;
+	__builtin_memcpy(w->reply.saddr, backend->addr, 16);
+	w->reply.sport = backend->port;
+	w->reply.proto = p->t.proto;
+	w->reply.family = p->t.family;
 
-	if (veer_route(skb, p->t.family, fwd.saddr, fwd.daddr, &fib) < 0) {
+	if (veer_route(skb, p->t.family, w->fwd.saddr, w->fwd.daddr, &fib) < 0) {
 		veer_count(VEER_CNT_NAT_FAIL);
 		veer_nat_failed(skb, p, frontend->service_id, backend, report_flags);
 		return TC_ACT_SHOT;
@@ -455,14 +605,14 @@ static __always_inline int veer_new_flow(struct __sk_buff *skb, const struct vee
 			veer_nat_failed(skb, p, frontend->service_id, backend, report_flags);
 			return TC_ACT_SHOT;
 		}
-		__builtin_memcpy(fwd.saddr, snat, 16);
-		__builtin_memcpy(reply.daddr, snat, 16);
+		__builtin_memcpy(w->fwd.saddr, snat, 16);
+		__builtin_memcpy(w->reply.daddr, snat, 16);
 		hash = bpf_get_prandom_u32();
 #pragma unroll
 		for (i = 0; i < VEER_SNAT_TRIES; i++) {
-			fwd.sport = bpf_htons(VEER_SNAT_PORT_MIN + (hash + i * 7919) % VEER_SNAT_PORT_RANGE);
-			reply.dport = fwd.sport;
-			if (veer_nat_rev.insert(&reply, &rev) == 0) {
+			w->fwd.sport = bpf_htons(VEER_SNAT_PORT_MIN + (hash + i * 7919) % VEER_SNAT_PORT_RANGE);
+			w->reply.dport = w->fwd.sport;
+			if (veer_nat_rev.insert(&w->reply, &w->rev) == 0) {
 				stored = 1;
 				break;
 			}
@@ -474,15 +624,15 @@ static __always_inline int veer_new_flow(struct __sk_buff *skb, const struct vee
 		}
 		veer_count(VEER_CNT_NAT_SNAT);
 	} else {
-		__builtin_memcpy(reply.daddr, p->t.saddr, 16);
-		reply.dport = p->t.sport;
-		if (veer_nat_rev.update(&reply, &rev) != 0) {
+		__builtin_memcpy(w->reply.daddr, p->t.saddr, 16);
+		w->reply.dport = p->t.sport;
+		if (veer_nat_rev.update(&w->reply, &w->rev) != 0) {
 			veer_count(VEER_CNT_NAT_FAIL);
 			veer_nat_failed(skb, p, frontend->service_id, backend, report_flags);
 			return TC_ACT_SHOT;
 		}
 	}
-	if (veer_nat_fwd.update((struct veer_tuple *)&p->t, &fwd) != 0) {
+	if (veer_nat_fwd.update((struct veer_tuple *)&p->t, &w->fwd) != 0) {
 		veer_count(VEER_CNT_NAT_FAIL);
 		veer_nat_failed(skb, p, frontend->service_id, backend, report_flags);
 		return TC_ACT_SHOT;
@@ -492,13 +642,14 @@ static __always_inline int veer_new_flow(struct __sk_buff *skb, const struct vee
 		report_flags |= VEER_EV_F_SNAT;
 	veer_report_tc(skb, VEER_CNT_NAT_NEW, p, frontend->service_id, backend->addr,
 		       backend->port, report_flags);
-	veer_rewrite(skb, p, &fwd);
+	veer_rewrite(skb, p, &w->fwd);
 	return veer_redirect_neigh(fib.ifindex, NULL, 0, 0);
 }
 
 int veer_tc_ingress(struct __sk_buff *skb)
 {
 	struct veer_pkt p;
+	int verdict;
 	struct veer_nat_value *nat;
 
 	if (veer_parse(skb, &p) < 0)
@@ -520,7 +671,25 @@ int veer_tc_ingress(struct __sk_buff *skb)
 	if (nat && !veer_nat_stale(&p.t, nat) &&
 	    (!p.syn || bpf_ktime_get_ns() - nat->last_seen_ns < VEER_SYN_REUSE_NS))
 		return veer_apply(skb, &p, nat);
-	return veer_new_flow(skb, &p);
+	verdict = veer_new_flow(skb, &p);
+	if (verdict == VEER_TC_REJECT) {
+		/* Building the ICMP answer does not fit in this program's 512-byte
+		 * stack beside veer_new_flow: it is a program of its own. */
+		veer_tc_tail.call(skb, VEER_TAIL_REJECT);
+		veer_count(VEER_CNT_NAT_FAIL); /* the tail call is missing */
+		return TC_ACT_SHOT;
+	}
+	return verdict;
+}
+
+/* Tail-called by veer_tc_ingress for a packet to refuse (VEER_TAIL_REJECT). */
+int veer_tc_reject(struct __sk_buff *skb)
+{
+	struct veer_pkt p;
+
+	if (veer_parse(skb, &p) < 0)
+		return TC_ACT_SHOT;
+	return veer_reject(skb, &p);
 }
 
 int veer_tc_egress(struct __sk_buff *skb)

@@ -225,6 +225,7 @@ enum veer_counter {
 	VEER_CNT_NAT_SHORT_CIRCUIT,   /* TC: pod client of a Local frontend: cluster-wide */
 	VEER_CNT_EVENTS_SENT,         /* flow events written to veer_events */
 	VEER_CNT_EVENTS_LOST,         /* flow events lost: veer_events was full */
+	VEER_CNT_NAT_REJECT,          /* TC: no endpoint anywhere: ICMP port unreachable sent */
 	VEER_CNT_MAX,
 };
 

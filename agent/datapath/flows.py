@@ -81,7 +81,11 @@ REASONS: Mapping[str, Reason] = MappingProxyType({r.name: r for r in (
     Reason("nat_new", TRANSLATE, "",
            "new flow from outside the node translated to a backend"),
     Reason("nat_drop", DROP, "",
-           "no endpoint for traffic from outside the node: packet dropped"),
+           "no endpoint on this node for traffic from outside under a Local policy: "
+           "packet dropped"),
+    Reason("nat_reject", REFUSE, "ECONNREFUSED",
+           "the Service has no endpoints: the client outside was sent ICMP port "
+           "unreachable, as kube-proxy's REJECT does"),
     Reason("nat_denied_source", DENY, "",
            "client outside the Service's loadBalancerSourceRanges: packet dropped"),
     Reason("nat_fail", DROP, "",

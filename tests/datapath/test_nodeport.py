@@ -115,13 +115,16 @@ def test_nodeport_from_outside(cluster: MultiNodeCluster, case: Case) -> None:
     assert result["peer_mismatch"] == 0
 
 
-def test_no_endpoints_from_outside_is_dropped(cluster: MultiNodeCluster) -> None:
-    cluster.write_manifest("web.yaml", web("Cluster", {}))
+@pytest.mark.parametrize("address", ["10.0.0.1", "fd00:10::1"])
+def test_no_endpoints_from_outside_is_refused(cluster: MultiNodeCluster, address: str) -> None:
+    """kube-proxy REJECTs: the client gets ICMP port unreachable, which its
+    TCP stack reports as ECONNREFUSED at once."""
+    cluster.write_manifest("web.yaml", web("Cluster", {}) + "\n---\n" + web6("Cluster", {}))
     cluster.wait_external("10.0.0.1:30080/TCP", cluster.nodes[0], [], False)
-    result = cluster.probe_from_outside(
-        "tcp", "10.0.0.1", "30080", "--count", "2", "--timeout", "1"
-    )
-    assert result["answers"] == {} and result["errors"] == {"TIMEOUT": 2}, result
+    cluster.wait_external("[fd00:10::1]:30090/TCP", cluster.nodes[0], [], False)
+    port = "30080" if "." in address else "30090"
+    result = cluster.probe_from_outside("tcp", address, port, "--count", "3", "--timeout", "5")
+    assert result["answers"] == {} and result["errors"] == {"ECONNREFUSED": 3}, result
 
 
 def test_local_policy_without_local_endpoints_drops(cluster: MultiNodeCluster) -> None:

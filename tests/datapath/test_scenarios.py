@@ -23,8 +23,8 @@ kube-proxy drops, a local client fails fast) or DROPPED (no answer).
 Every case also runs over IPv6 (its twin maps each address to its IPv6
 counterpart), except those with no IPv6 meaning.
 
-Where veer differs from kube-proxy, the case says so: an external client
-of a Service with no endpoints at all is DROPPED (kube-proxy REJECTs).
+A client outside the cluster is refused by an ICMP port-unreachable answer,
+as kube-proxy's REJECT does, which its TCP stack reports as ECONNREFUSED.
 """
 
 from __future__ import annotations
@@ -135,8 +135,8 @@ CASES = [
     Case("nodeport Local from a pod on another node: every endpoint (short-circuit)",
          "cli-2", "nodeport-1", seen("web-a web-b", IP4["cli-2"]) | seen("web-c", NODE4[1]),
          spec=NODEPORT | LOCAL),
-    Case("nodeport without endpoints: dropped from outside (kube-proxy rejects)", "ext",
-         "nodeport-1", DROPPED, spec=NODEPORT, endpoints={}),
+    Case("nodeport without endpoints: refused from outside (ICMP port unreachable)", "ext",
+         "nodeport-1", REFUSED, spec=NODEPORT, endpoints={}),
     Case("nodeport without endpoints: refused from a pod", "cli-1", "nodeport-1", REFUSED,
          spec=NODEPORT, endpoints={}),
     # ---- externalIPs and LoadBalancer ----------------------------------------------

@@ -49,6 +49,7 @@ CGROUP_INET6_GETPEERNAME = 30
 
 BPF_PROG_TYPE_CGROUP_SOCK_ADDR = 18
 BPF_PROG_TYPE_SCHED_CLS = 3
+TAIL_REJECT = 0  # VEER_TAIL_REJECT in bpf/tc_nat.c
 
 
 @dataclass(frozen=True)
@@ -214,8 +215,22 @@ class SockLbPrograms:
                     raise DatapathError(f"loading {hook.function} failed: {err}") from err
                 self._tc_fns[hook.function] = fn
             progs.append((hook, int(fn.fd), hook.function))
+        self._link_tail_calls()
         for device in devices:
             tc.attach(device, progs)
+
+    def _link_tail_calls(self) -> None:
+        """Fill veer_tc_tail: the programs veer_tc_ingress tail-calls."""
+        import ctypes
+
+        if "veer_tc_reject" in self._tc_fns:
+            return
+        try:
+            fn = self._bpf.load_func(b"veer_tc_reject", BPF_PROG_TYPE_SCHED_CLS)
+            self._bpf["veer_tc_tail"][ctypes.c_int(TAIL_REJECT)] = ctypes.c_int(int(fn.fd))
+        except Exception as err:  # BCC raises bare Exception
+            raise DatapathError(f"loading veer_tc_reject failed: {err}") from err
+        self._tc_fns["veer_tc_reject"] = fn
 
     def map_path(self, name: str) -> str:
         return os.path.join(self.bpffs_dir, name)

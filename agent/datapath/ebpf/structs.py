@@ -306,6 +306,7 @@ COUNTER_NAMES: tuple[str, ...] = (
     "nat_short_circuit",
     "events_sent",
     "events_lost",
+    "nat_reject",
 )
 
 # LPM trie keys carry family + padding (32 bits) before the address.
