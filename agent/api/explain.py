@@ -15,6 +15,7 @@ mirrors sock_lb.c exactly:
       count == 0             VEER_SVC_F_DROP_EMPTY set                  -> EHOSTUNREACH
                              otherwise                                  -> refuse (no backends)
       VEER_SVC_F_AFFINITY    a live entry for the client's netns        -> that backend
+                             (known when the request names the client's netns cookie)
       slot = 1 + random % count: veer_services[..., slot] missing       -> refuse (inconsistent)
       veer_backends[id] missing or of another family                    -> refuse (inconsistent)
                                                                         -> translate
@@ -89,8 +90,11 @@ def explain(
     port: int,
     protocol: str,
     desired: Mapping[L4Addr, Frontend],
+    client_netns_cookie: int = 0,
 ) -> Explanation:
-    """What a connect()/sendmsg() to destination:port/protocol would meet."""
+    """What a connect()/sendmsg() to destination:port/protocol would meet; for
+    a frontend with ClientIP affinity and a known client (network namespace
+    cookie), the backend that client's live affinity entry will pick."""
     protocol = protocol.upper() or "TCP"
     program = _program(destination, protocol)
     host = f"[{destination}]" if destination.version == 6 else str(destination)
@@ -177,6 +181,27 @@ def explain(
         out.summary = f"{dialled}{owner}: every slot is broken; refused (inconsistent maps)"
         return out
     out.verdict, out.reason, out.counter = TRANSLATE, "translated", "translated"
+    if entry.affinity_timeout and client_netns_cookie:
+        sticky = reader.affinity(client_netns_cookie, entry.service_id)
+        kept = next((c for c in out.candidates if sticky and c.backend_id == sticky[0]), None)
+        if sticky is not None and kept is not None and sticky[1] <= entry.affinity_timeout:
+            steps.append(
+                f"veer_affinity[client netns {client_netns_cookie}, service "
+                f"{entry.service_id}]: backend {kept.backend_id} {kept.backend}, last used "
+                f"{sticky[1]:.1f}s ago (< {entry.affinity_timeout}s), still serving -> kept"
+            )
+            out.candidates = [Candidate(kept.slot, kept.backend_id, kept.backend, 1.0)]
+            out.counter = "affinity_hit"
+            out.summary = (
+                f"{dialled}{owner} is translated at connect() to {kept.backend}: this "
+                f"client's ClientIP affinity entry names it (last used {sticky[1]:.1f}s ago)"
+            )
+            return out
+        steps.append(
+            f"veer_affinity[client netns {client_netns_cookie}, service {entry.service_id}]: "
+            + ("expired" if sticky is not None else "no live entry")
+            + " -> a random slot, which becomes the client's entry"
+        )
     chosen = ", ".join(str(c.backend) for c in out.candidates)
     out.summary = (
         f"{dialled}{owner} is translated at connect() to one of {len(out.candidates)} "

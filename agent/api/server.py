@@ -228,7 +228,7 @@ class _Servicer:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, "port must be in 1..65535")
         result = explain(
             self.reader, destination, request.port, request.protocol or "TCP",
-            self._desired().frontends,
+            self._desired().frontends, request.client_netns_cookie,
         )
         return views.explain_message(self.pb, result)
 

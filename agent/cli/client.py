@@ -129,9 +129,10 @@ class Client:
         return self._call("Conntrack", self.pb.ConntrackRequest(address=address, port=port))
 
     def explain(self, source: str, destination: str, port: int,
-                protocol: str = "TCP") -> dict[str, Any]:
+                protocol: str = "TCP", netns_cookie: int = 0) -> dict[str, Any]:
         return self._call("Explain", self.pb.ExplainRequest(
-            source=source, destination=destination, port=port, protocol=protocol))
+            source=source, destination=destination, port=port, protocol=protocol,
+            client_netns_cookie=netns_cookie))
 
     def maps(self) -> dict[str, Any]:
         return self._call("Maps", self.pb.MapsRequest())

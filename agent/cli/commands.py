@@ -5,6 +5,7 @@
     veer service NS/NAME                         one Service in detail
     veer conntrack [--address IP] [--port N]     per-socket translation entries
     veer explain --dst IP --port N [--src IP] [--protocol TCP|UDP]
+                 [--from-pid PID | --from-netns PATH]
                                                  what the kernel does with that connection
     veer maps [--diff]                           desired vs actual map contents
     veer resync                                  force a full reconcile pass
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -29,9 +31,32 @@ from typing import TYPE_CHECKING, Any
 
 from agent.cli import render
 from agent.defaults import DEFAULT_SOCKET
+from agent.errors import ConfigError
 
 if TYPE_CHECKING:
     from agent.cli.client import Client
+
+SO_NETNS_COOKIE = 71  # <asm-generic/socket.h>, Linux 5.14+
+
+_COOKIE_PROGRAM = (
+    "import socket; s = socket.socket(); "
+    f"print(int.from_bytes(s.getsockopt(socket.SOL_SOCKET, {SO_NETNS_COOKIE}, 8), 'little'))"
+)
+
+
+def netns_cookie(pid: int | None, netns: str | None) -> int:
+    """The cookie of a process's (or a namespace file's) network namespace,
+    read from a socket made inside it; 0 when neither is given."""
+    if pid is None and not netns:
+        return 0
+    target = f"/proc/{pid}/ns/net" if pid is not None else str(netns)
+    res = subprocess.run(["nsenter", f"--net={target}", sys.executable, "-c", _COOKIE_PROGRAM],
+                         capture_output=True, text=True, timeout=10)
+    if res.returncode != 0:
+        raise ConfigError(f"cannot enter the network namespace {target}: "
+                       f"{res.stderr.strip() or res.returncode}")
+    return int(res.stdout.strip())
+
 
 COMMANDS = ("status", "services", "service", "conntrack", "explain", "maps", "resync",
             "observe")
@@ -67,6 +92,13 @@ def add_debug_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     p.add_argument("--dst", required=True, metavar="IP", help="the address dialled")
     p.add_argument("--port", type=int, required=True, help="the port dialled")
     p.add_argument("--protocol", type=str.upper, choices=("TCP", "UDP"), default="TCP")
+    who = p.add_mutually_exclusive_group()
+    who.add_argument("--from-pid", type=int, metavar="PID",
+                     help="the client is this process (its network namespace keys ClientIP "
+                     "affinity): name the backend its affinity entry will pick")
+    who.add_argument("--from-netns", metavar="PATH",
+                     help="the same for a network namespace file (/run/netns/NAME, "
+                     "/proc/PID/ns/net)")
     _common(p)
     p = sub.add_parser("maps", help="desired vs actual map contents")
     p.add_argument("--diff", action="store_true", help="only their difference")
@@ -122,7 +154,8 @@ def run_debug_command(args: argparse.Namespace) -> int:
             data = client.conntrack(args.address, args.port)
             _emit(args, data, lambda: render.render_conntrack(data))
         elif cmd == "explain":
-            data = client.explain(args.src, args.dst, args.port, args.protocol)
+            cookie = netns_cookie(args.from_pid, args.from_netns)
+            data = client.explain(args.src, args.dst, args.port, args.protocol, cookie)
             dialled = render.l4(args.dst, args.port, args.protocol)
             _emit(args, data, lambda: render.render_explain(data, dialled, args.src))
         elif cmd == "maps":

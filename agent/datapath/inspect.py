@@ -123,6 +123,14 @@ class DatapathReader(ABC):
     @abstractmethod
     def read(self) -> ActualState: ...
 
+    def affinity(self, client: int, service_id: int) -> tuple[int, float] | None:
+        """The socket-path affinity entry of a client (network namespace
+        cookie) for a frontend: (backend id, seconds since its last use), if
+        it exists and its backend still serves the frontend. None for
+        datapaths without affinity tables."""
+        del client, service_id
+        return None
+
     def sockets(self) -> list[SocketEntry]:
         """Per-socket reverse-translation entries (none for datapaths without them)."""
         return []

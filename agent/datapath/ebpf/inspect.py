@@ -10,6 +10,7 @@ user space as from the program.
 from __future__ import annotations
 
 import ipaddress
+import time
 
 from agent.compute.types import L4Addr
 from agent.datapath.ebpf.maps import SockLbMaps
@@ -22,6 +23,8 @@ from agent.datapath.ebpf.structs import (
     SVC_F_AFFINITY,
     SVC_F_DROP_EMPTY,
     SVC_F_EXT_LOCAL,
+    AffinityKey,
+    AffinityMatchKey,
     BackendKey,
     CidrKey,
     ServiceKey,
@@ -93,6 +96,17 @@ class MapsReader(DatapathReader):
     def slot(self, key: L4Addr, slot: int) -> int | None:
         value = self.maps.services.get(_service_key(key, slot))
         return value.backend_id if value else None
+
+    def affinity(self, client: int, service_id: int) -> tuple[int, float] | None:
+        # The programs compare bpf_ktime_get_ns(), CLOCK_MONOTONIC, as is
+        # time.monotonic_ns().
+        entry = self.maps.affinity.get(AffinityKey(client=client, service_id=service_id))
+        if entry is None:
+            return None
+        if self.maps.affinity_match.get(AffinityMatchKey(entry.backend_id, service_id)) is None:
+            return None
+        age = (time.monotonic_ns() - entry.last_used_ns) / 1e9
+        return entry.backend_id, age
 
     def backend(self, backend_id: int) -> L4Addr | None:
         value = self.maps.backends.get(BackendKey(backend_id))
