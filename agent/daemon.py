@@ -126,7 +126,6 @@ class Agent:
         )
         self.last_desired = DesiredState()
         self._stopped = threading.Event()
-        self.store.subscribe(self.runner.run)
         # What `veer status` and the metrics report, and where they are served.
         self.mode = mode or (datapath.name, "")  # (mode, why it was chosen)
         self.telemetry = Telemetry()
@@ -134,6 +133,9 @@ class Agent:
         self.flows = FlowHub(ServiceNames(lambda: self.last_desired, datapath.frontend_of),
                              trace=datapath.trace_translations)
         self.store.subscribe(lambda: self.telemetry.note_change(self.store.snapshot()))
+        # After telemetry: a change is noted before the pass it wakes reads it
+        # (the network programming latency counts it in that pass).
+        self.store.subscribe(self.runner.run)
         self.servers = Servers(self, serve or ServeOptions())
         # healthCheckNodePort servers; "proxy healthy" once a first pass is done.
         self.health_checks = ServiceHealthServers(

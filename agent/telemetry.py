@@ -196,8 +196,6 @@ class Telemetry:
             when = trigger_time(eps.meta.annotations)
             if when is None or when < self._start:
                 continue
-            if before is not None and trigger_time(before.meta.annotations) == when:
-                continue  # the same change, seen again
             self._triggers.append((self._last_queued, when))
         del self._triggers[:-MAX_PENDING_TRIGGERS]
 

@@ -3,6 +3,8 @@
     veer agent --manifests DIR --node-name NAME [--cgroup PATH] [--bpffs PATH]
                [--mode auto|ebpf|tproxy] [--service-cidr CIDR,...]
     veer agent --cleanup [--cgroup PATH] [--bpffs PATH]
+    veer agent --kubernetes [--kubeconfig PATH] --node-name NAME [...]
+    veer operator [--kubeconfig PATH] [--leader-elect ...]   (agent/operator/main.py)
     veer sandbox [--keep] [--nodes N]
     veer status | services | service NS/NAME | conntrack | explain | maps | resync | observe
                                   ask this node's agent (agent/cli/commands.py)
@@ -27,6 +29,7 @@ from agent.cli.commands import COMMANDS, add_debug_commands, run_debug_command
 from agent.config import DEFAULT_BPFFS, AgentConfig, parse_cidrs
 from agent.defaults import DEFAULT_HEALTHZ, DEFAULT_METRICS, DEFAULT_SOCKET
 from agent.errors import ConfigError, VeerError
+from agent.operator.main import add_parser as add_operator_parser
 
 if TYPE_CHECKING:
     from agent.kube.runtime import KubeRuntime
@@ -175,6 +178,12 @@ def run_agent(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_operator(args: argparse.Namespace) -> int:
+    from agent.operator.main import run
+
+    return run(args)
+
+
 def run_sandbox(args: argparse.Namespace) -> int:
     if args.nodes > 1:
         from agent.sandbox.multinode_demo import run_multinode_demo
@@ -198,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     sb.add_argument("--requests", type=int, default=300,
                     help="connections per Service for the report (default 300)")
     sb.add_argument("-v", "--verbose", action="store_true")
+    add_operator_parser(sub)
     add_debug_commands(sub)
     sub.add_parser("version", help="print the version")
     args = parser.parse_args(argv)
@@ -211,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_agent(args)
         if args.command == "sandbox":
             return run_sandbox(args)
+        if args.command == "operator":
+            return run_operator(args)
         if args.command in COMMANDS:
             return run_debug_command(args)
         print(f"veer {__version__}")

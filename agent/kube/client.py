@@ -84,6 +84,17 @@ TRAFFIC_POLICIES = Resource("veer.dev", "v1alpha1", "trafficpolicies", "TrafficP
 VEER_NODES = Resource("veer.dev", "v1alpha1", "veernodes", "VeerNode", False)
 
 
+@dataclass(frozen=True)
+class Credentials:
+    server: str
+    ca_path: str | None = None
+    insecure: bool = False
+    scheme: str | None = None  # "Bearer"
+    token: str | None = None
+    certificate_path: str | None = None
+    private_key_path: str | None = None
+
+
 class WatchStream(Protocol):
     """Events of one watch request ({"type": ..., "object": {...}}), until the
     server ends it; `close()` (from any thread) ends it early."""
@@ -195,6 +206,22 @@ class KubeClient:
     @property
     def server(self) -> str:
         return str(self._api.configuration.host)
+
+    def credentials(self) -> Credentials:
+        """How to reach the API server, for another client (kopf's login).
+        The token is read afresh each time (an in-cluster one rotates)."""
+        c = self._api.configuration
+        header = c.get_api_key_with_prefix("BearerToken", alias="authorization") or ""
+        scheme, _, token = str(header).partition(" ")
+        return Credentials(
+            server=str(c.host),
+            ca_path=c.ssl_ca_cert or None,
+            insecure=not c.verify_ssl,
+            scheme=scheme if token else None,
+            token=token or None,
+            certificate_path=c.cert_file or None,
+            private_key_path=c.key_file or None,
+        )
 
     def _call(
         self,

@@ -134,12 +134,10 @@ class OwnerWatch:
         while not self._stop.is_set():
             try:
                 items, version = self.api.list(path, selector)
-                with self._lock:
-                    if items:
-                        for item in items:
-                            self.state.observe("LISTED", item)
-                    else:
-                        self.state.vanished()
+                for item in items:
+                    self._observe("LISTED", item)
+                if not items:
+                    self._observe("VANISHED", {})
                 backoff.reset()
                 while not self._stop.is_set():
                     stream = self.api.watch(path, version, self.watch_timeout, selector)
@@ -155,8 +153,7 @@ class OwnerWatch:
                             version = str((obj.get("metadata") or {}).get("resourceVersion")
                                           or version)
                             if event.get("type") in ("ADDED", "MODIFIED", "DELETED"):
-                                with self._lock:
-                                    self.state.observe(str(event["type"]), obj)
+                                self._observe(str(event["type"]), obj)
                     finally:
                         stream.close()
             except KubeApiError as err:
@@ -167,6 +164,18 @@ class OwnerWatch:
                 delay = backoff.next()
                 log.exception("following %s failed; again in %.0fs", self.state.ref, delay)
                 self._stop.wait(delay)
+
+    def _observe(self, kind: str, obj: Obj) -> None:
+        with self._lock:
+            before = self.state.deleting
+            if kind == "VANISHED":
+                self.state.vanished()
+            else:
+                self.state.observe(kind, obj)
+            now = self.state.deleting
+        if now and not before:
+            log.info("%s: veer is being uninstalled; the datapath is removed when this agent "
+                     "stops", now)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="owner-daemonset", daemon=True)

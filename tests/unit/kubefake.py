@@ -17,6 +17,7 @@ from agent.errors import KubeApiError
 from agent.kube.client import (
     DAEMON_SETS,
     ENDPOINT_SLICES,
+    LEASES,
     NODES,
     PODS,
     SERVICES,
@@ -26,7 +27,8 @@ from agent.kube.client import (
     Resource,
 )
 
-RESOURCES = (SERVICES, ENDPOINT_SLICES, NODES, PODS, DAEMON_SETS, TRAFFIC_POLICIES, VEER_NODES)
+RESOURCES = (SERVICES, ENDPOINT_SLICES, NODES, PODS, DAEMON_SETS, LEASES, TRAFFIC_POLICIES,
+             VEER_NODES)
 _END = object()
 
 
@@ -171,14 +173,27 @@ class FakeApi:
 
     def create(self, path: str, body: Mapping[str, Any]) -> Obj:
         self._record("POST", path)
-        r, _, _ = self._locate(path)
+        r, ns, _ = self._locate(path)
+        name = (body.get("metadata") or {}).get("name", "")
+        with self._lock:
+            exists = (ns if r.namespaced else "", name) in self.objects[r]
+        if exists:
+            raise KubeApiError(f"POST {path}", 409, "already exists", "AlreadyExists")
         obj = copy.deepcopy(dict(body))
         obj.pop("status", None)  # the status subresource ignores it
         return self.put(r, obj)
 
     def replace(self, path: str, body: Mapping[str, Any]) -> Obj:
+        """An update: refused (409) if the body's resourceVersion is not current."""
         self._record("PUT", path)
-        r, _, _ = self._locate(path)
+        r, ns, name = self._locate(path)
+        with self._lock:
+            current = self.objects[r].get((ns, name))
+        if current is None:
+            raise self._not_found("PUT", path)
+        given = (body.get("metadata") or {}).get("resourceVersion")
+        if given and given != current["metadata"]["resourceVersion"]:
+            raise KubeApiError(f"PUT {path}", 409, "the object has been modified", "Conflict")
         return self.put(r, body)
 
     def patch(self, path: str, body: Mapping[str, Any]) -> Obj:
