@@ -159,6 +159,7 @@ class Run:
     foreign_cpu_s: float  # time on the bench CPU that was not wrk's, nginx's or its softirqs'
     attempt: int = 0
     used: bool = True
+    disturbed: bool = False  # others took the bench CPU, or wrk saw errors
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -326,6 +327,7 @@ class Bench:
                                        f"{attempt} redo(s): {errors[0].wrk.errors}")
                 for run in runs:
                     run.used = not redo
+                    run.disturbed = disturbed
                     self.runs.append(run)
                     log(f"  round {rnd + 1}/{self.args.rounds} events {run.mode:3s} "
                         f"{run.wrk.rate:10,.0f} conn/s  (events {run.events_sent:,} sent, "
@@ -378,9 +380,11 @@ def table(all_runs: Sequence[Run]) -> tuple[str, float]:
             f"| {sum(r.follower_cpu_s for r in mine) / secs:.2f} |"
         )
     redone = len({(r.round, r.attempt) for r in all_runs if not r.used})
+    kept = len({r.round for r in runs if r.disturbed})
     lines.append("")
     lines.append(f"on/off: **{ratio:.3f}** (per-round {min(pairs):.3f}-{max(pairs):.3f}); "
-                 f"rounds redone because another process took the bench CPU: {redone}")
+                 f"rounds redone because another process took the bench CPU: {redone}; "
+                 f"disturbed rounds kept (redo limit reached): {kept}")
     return "\n".join(lines), ratio
 
 
