@@ -13,7 +13,6 @@ agent and leave the datapath in place; the kernel keeps serving with it.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 import logging
 import os
@@ -25,12 +24,12 @@ from types import FrameType
 
 from agent import __version__
 from agent.compute import ComputeConfig, DesiredState, NodeIdentity, compute_desired
+from agent.compute.node import identity_of
 from agent.config import AgentConfig
 from agent.datapath.flows import FlowHub, ServiceNames
 from agent.datapath.interface import Datapath
 from agent.errors import ConfigError, VeerError
 from agent.health.service_checks import ServiceHealthServers
-from agent.model.objects import IPAddress, Node
 from agent.model.snapshot import Store
 from agent.reconcile.reconciler import Reconciler, SyncResult
 from agent.reconcile.runner import BoundedFrequencyRunner
@@ -70,22 +69,6 @@ def open_ebpf_datapath(config: AgentConfig) -> Datapath:
     programs.load()
     programs.attach(cgroup)
     return EbpfDatapath(SockLbMaps.open(config.bpffs), programs)
-
-
-def node_addresses(node: Node) -> tuple[IPAddress, ...]:
-    """A Node's InternalIP and ExternalIP addresses, in the Node's order;
-    entries that are not IP addresses (or repeat) are skipped."""
-    out: list[IPAddress] = []
-    for entry in node.addresses:
-        if entry.type not in ("InternalIP", "ExternalIP"):
-            continue
-        try:
-            address = ipaddress.ip_address(entry.address)
-        except ValueError:
-            continue
-        if address not in out:
-            out.append(address)
-    return tuple(out)
 
 
 class Agent:
@@ -144,10 +127,7 @@ class Agent:
 
     def node_identity(self) -> NodeIdentity:
         """This node as its Node object describes it: zone and addresses."""
-        node = self.store.snapshot().nodes.get(self.config.node_name)
-        if node is None:
-            return NodeIdentity(self.config.node_name)
-        return NodeIdentity(self.config.node_name, node.zone, node_addresses(node))
+        return identity_of(self.store.snapshot(), self.config.node_name)
 
     def _desired(self) -> DesiredState:
         self.last_desired = compute_desired(
