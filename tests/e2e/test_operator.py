@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import signal
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -20,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.controlplane import CommandError, ControlPlane
+from tests.e2e.controlplane import CommandError, ControlPlane, free_ports
 from tests.e2e.kubeveer import (
     Veer,
     VeerProcess,
@@ -49,8 +50,10 @@ class Operators:
     kubeconfig: Path
     workdir: Path
     replicas: dict[str, VeerProcess] = field(default_factory=dict)
+    health_ports: dict[str, int] = field(default_factory=dict)
 
     def start(self, identity: str) -> VeerProcess:
+        self.health_ports[identity] = free_ports(1)[0]
         self.replicas[identity] = VeerProcess(
             f"operator {identity}",
             ["operator", "--kubeconfig", str(self.kubeconfig), "--leader-elect",
@@ -59,9 +62,15 @@ class Operators:
              "--leader-elect-identity", identity,
              # Short, so that a takeover fits in a test.
              "--leader-elect-lease-duration", "4", "--leader-elect-renew-deadline", "3",
-             "--leader-elect-retry-period", "0.5"],
+             "--leader-elect-retry-period", "0.5",
+             "--healthz-bind-address", f"127.0.0.1:{self.health_ports[identity]}"],
             self.workdir / f"operator-{identity}.log")
         return self.replicas[identity]
+
+    def health(self, identity: str) -> tuple[int, str]:
+        url = f"http://127.0.0.1:{self.health_ports[identity]}/healthz"
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            return resp.status, resp.read().decode().strip()
 
     def running(self) -> list[VeerProcess]:
         return [p for p in self.replicas.values() if p.running()]
@@ -131,6 +140,9 @@ def test_one_replica_leads(operators: Operators) -> None:
     other = next(p for name, p in operators.replicas.items() if name != holder)
     wait_until(lambda: "waiting: Lease veer-op/vo-veer-operator is held by" in other.output(),
                "the other replica to wait", 30, operators.running())
+    waiting = next(name for name in operators.replicas if name != holder)
+    assert operators.health(holder) == (200, "ok (leading)")
+    assert operators.health(waiting) == (200, "ok (waiting for the Lease)")
     # The operator's token reads no Secrets either.
     with pytest.raises(CommandError):
         operators.cp.kubectl("get", "secrets", "-n", RELEASE_NS, kubeconfig=operators.kubeconfig)
@@ -150,11 +162,12 @@ def test_a_valid_policy_is_accepted_and_programmed(operators: Operators) -> None
     # Two nodes report: one has it in force, one not yet.
     report(cp, NODES[0], [entry(tp, True)])
     report(cp, NODES[1], [entry(tp, False, "NotImplemented")])
-    tp = operators.wait_tp("web-rr", lambda t: t["status"].get("programmed") == "1/2", "1/2")
+    tp = operators.wait_tp(
+        "web-rr", lambda t: t["status"]["nodes"].get("notProgrammed") == [
+            {"name": NODES[1], "reason": "NotImplemented"}], "1/2, NotImplemented on one node")
+    assert tp["status"]["programmed"] == "1/2"
     programmed = condition(tp, "Programmed")
     assert (programmed["status"], programmed["reason"]) == ("False", "Pending")
-    assert tp["status"]["nodes"]["notProgrammed"] == [
-        {"name": NODES[1], "reason": "NotImplemented"}]
 
     report(cp, NODES[1], [entry(tp, True)])
     tp = operators.wait_tp("web-rr", lambda t: condition(t, "Programmed").get("status") == "True",
