@@ -301,6 +301,9 @@ class KubeSource:
                 log.info("watch of %s expired (%s); listing again", resource, err)
                 continue
             except KubeApiError as err:
+                if err.status == 410:  # the watch request itself was too old
+                    log.info("watch of %s expired (%s); listing again", resource, err)
+                    continue
                 delay = backoff.next()
                 if err.status == 403:
                     log.error("%s; the agent's ClusterRole must allow list and watch on %s "

@@ -22,6 +22,14 @@
 - Events are posted with kopf.event on the policy (kopf's poster, with its
   retries): Normal Accepted / ResolvedRefs / Programmed, Warning Conflicted /
   Invalid / TargetNotFound / BackendNotFound (conditions.transitions).
+
+A known limit, kopf's (1.45): when a watch breaks and kopf lists again, it
+re-delivers what exists but nothing for what was deleted meanwhile, so an
+object deleted while the operator's watch was down stays in its index (a
+Service so deleted still resolves its policies) until the operator
+restarts. The agent, which must not keep a deleted Service programmed, uses
+its own list+watch for that reason (agent/kube/source.py); for the operator,
+a status that lags such a deletion is the lesser cost.
 """
 
 from __future__ import annotations

@@ -237,3 +237,17 @@ def test_a_forbidden_kind_keeps_the_agent_unsynced(
     assert "the agent's ClusterRole must allow list and watch on nodes" in caplog.text
     assert source.listed == {SERVICES, NODES}
     assert store.snapshot().nodes[NODE].ref == ObjectRef("Node", "", NODE)
+
+
+def test_a_watch_refused_as_too_old_lists_again_at_once(api: FakeApi) -> None:
+    store = Store()
+    source = KubeSource(api, store, NODE, kinds=(SERVICES,),
+                        backoff=lambda: Backoff(30.0, 30.0))  # a backoff would stall the test
+    path = SERVICES.path()
+    api.fail("WATCH", path, KubeApiError("GET " + path, 410, "too old resource version"))
+    source.start()
+    try:
+        wait(lambda: api.count("WATCH", path) == 2, "a watch after the relist")
+        assert api.count("LIST", path) == 2
+    finally:
+        source.stop()
