@@ -1,5 +1,5 @@
 # Developer shortcuts; each target calls the scripts the README documents.
-.PHONY: sandbox test unit lint bench bench-clusterip setup clean
+.PHONY: sandbox test unit lint bench bench-clusterip bench-nodeport setup clean
 
 setup:
 	./scripts/setup.sh
@@ -17,10 +17,13 @@ lint: setup
 	.venv/bin/ruff check .
 	.venv/bin/mypy
 
-bench: bench-clusterip
+bench: bench-clusterip bench-nodeport
 
 bench-clusterip: setup
 	.venv/bin/python bench/clusterip.py
+
+bench-nodeport: setup
+	.venv/bin/python bench/nodeport.py
 
 clean:
 	rm -rf .venv .mypy_cache .ruff_cache build *.egg-info

@@ -1,7 +1,11 @@
-"""Smoke test of the ClusterIP benchmark: `bench/clusterip.py --quick` runs end
-to end (sandbox, agent, 100 extra Services, wrk on both paths), prints a table
-with a ClusterIP/direct ratio for each load, writes its results, and leaves
-nothing behind. Timings are not pass/fail: no threshold on the numbers."""
+"""Smoke tests of the benchmarks, so that they cannot rot:
+- `bench/clusterip.py --quick` runs end to end (sandbox, agent, 100 extra
+  Services, wrk on both paths) and prints a ClusterIP/direct ratio per load;
+- `bench/nodeport.py --quick` runs end to end (two nodes, two agents, wrk from
+  the external client, direct and through a NodePort) and prints a
+  NodePort/direct ratio.
+Each writes its results and leaves nothing behind. Timings are not pass/fail:
+no threshold on the numbers."""
 
 from __future__ import annotations
 
@@ -19,25 +23,45 @@ from agent.sandbox.topology import BPFFS_MOUNT, CGROUP_MOUNT
 
 REPO = Path(__file__).resolve().parents[2]
 BENCH = REPO / "bench" / "clusterip.py"
+NODEPORT_BENCH = REPO / "bench" / "nodeport.py"
 
 pytestmark = pytest.mark.root
 
 # | 1 (bench only) | 12,095 (12,095-12,095) | 12,127 (...) | **1.003** | ... |
 ROW = re.compile(r"^\| (?P<label>[\d,]+ \([^)]*\)) \|.*\| \*\*(?P<ratio>\d+\.\d+)\*\* \|", re.M)
+# | external 10.0.0.100 -> web-b 10.244.2.2 on node-2 | 8,870 (...) | 3,812 (...) | **0.430** | ...
+NODEPORT_ROW = re.compile(r"^\| external [^|]* \|.*\| \*\*(?P<ratio>\d+\.\d+)\*\* \|", re.M)
+
+
+def run_quick(bench: Path, out: Path) -> subprocess.CompletedProcess[str]:
+    if os.geteuid() != 0:
+        pytest.skip(f"{bench.relative_to(REPO)} needs root (network namespaces, eBPF programs)")
+    if shutil.which("wrk") is None:
+        pytest.skip("wrk is not installed (apt-get install wrk)")
+    res = subprocess.run(
+        [sys.executable, str(bench), "--quick", "--out", str(out)],
+        capture_output=True, text=True, timeout=280, cwd=REPO,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    return res
+
+
+def assert_nothing_left(stdout: str) -> None:
+    """Nothing of the bench's sandbox is left: namespaces, cgroup, pins, processes."""
+    prefix = re.search(r"^sandbox (vr[0-9a-f]+):", stdout, re.M)
+    assert prefix, stdout
+    name = prefix[1]
+    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert not [line for line in netns.splitlines() if line.startswith(name)], netns
+    assert not os.path.exists(os.path.join(CGROUP_MOUNT, f"veer-{name}"))
+    assert not [p for p in os.listdir(BPFFS_MOUNT) if p.startswith(name)]
+    procs = subprocess.run(["pgrep", "-af", f"veer-{name}"], capture_output=True, text=True)
+    assert procs.stdout.strip() == "", procs.stdout
 
 
 def test_bench_quick_prints_a_ratio_for_each_load(tmp_path: Path) -> None:
-    if os.geteuid() != 0:
-        pytest.skip("bench/clusterip.py needs root (network namespaces, eBPF programs)")
-    if shutil.which("wrk") is None:
-        pytest.skip("wrk is not installed (apt-get install wrk)")
-
-    res = subprocess.run(
-        [sys.executable, str(BENCH), "--quick", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=280, cwd=REPO,
-    )
+    res = run_quick(BENCH, tmp_path)
     output = res.stdout + res.stderr
-    assert res.returncode == 0, output
 
     rows = {m["label"]: float(m["ratio"]) for m in ROW.finditer(res.stdout)}
     assert set(rows) == {"1 (bench only)", "101 (bench + 100)"}, output
@@ -50,14 +74,20 @@ def test_bench_quick_prints_a_ratio_for_each_load(tmp_path: Path) -> None:
         assert load["ratio"] > 0
         assert {run["path"] for run in load["runs"]} == {"direct", "clusterip"}
     assert list(tmp_path.glob("clusterip-*-quick.md"))
+    assert_nothing_left(res.stdout)
 
-    # Nothing of the bench's sandbox is left: namespaces, cgroup, pins, processes.
-    prefix = re.search(r"^sandbox (vr[0-9a-f]+):", res.stdout, re.M)
-    assert prefix, output
-    name = prefix[1]
-    netns = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    assert not [line for line in netns.splitlines() if line.startswith(name)], netns
-    assert not os.path.exists(os.path.join(CGROUP_MOUNT, f"veer-{name}"))
-    assert not os.path.exists(os.path.join(BPFFS_MOUNT, name))
-    procs = subprocess.run(["pgrep", "-af", f"veer-{name}"], capture_output=True, text=True)
-    assert procs.stdout.strip() == "", procs.stdout
+
+def test_nodeport_bench_quick_prints_a_ratio(tmp_path: Path) -> None:
+    res = run_quick(NODEPORT_BENCH, tmp_path)
+    output = res.stdout + res.stderr
+
+    ratios = [float(m["ratio"]) for m in NODEPORT_ROW.finditer(res.stdout)]
+    assert len(ratios) == 1, output
+    assert "NodePort/direct" in res.stdout, output
+
+    [raw] = tmp_path.glob("nodeport-*-quick.json")
+    data = json.loads(raw.read_text())
+    assert data["series"]["ratio"] == pytest.approx(ratios[0], abs=0.001)
+    assert {run["path"] for run in data["series"]["runs"]} == {"direct", "nodeport"}
+    assert list(tmp_path.glob("nodeport-*-quick.md"))
+    assert_nothing_left(res.stdout)

@@ -1,0 +1,440 @@
+#!/usr/bin/env python3
+"""New-connection rate from outside the cluster to a pod on another node:
+directly, and through a NodePort of the first node.
+
+    .venv/bin/python bench/nodeport.py [--quick]        (make bench-nodeport)
+
+What it measures. Two node namespaces on a LAN (agent/sandbox/multinode.py),
+one agent each, and ONE nginx pod, web-b 10.244.2.2, on node-2. wrk runs in
+the external client's namespace (10.0.0.100, on the LAN, in no served cgroup,
+so no socket hook sees its connections) and opens one connection per HTTP
+request (`Connection: close`) to that nginx:
+
+  direct    http://10.244.2.2:8080/  the client routes node-2's pod CIDR
+                                     10.244.2.0/24 via node-1 (10.0.0.1), and
+                                     node-1 routes it on to node-2: plain
+                                     forwarding, nothing translated
+  NodePort  http://10.0.0.1:30080/   Service `bench` (externalTrafficPolicy
+                                     Cluster), whose only endpoint is web-b:
+                                     node-1's TC program DNATs to web-b and,
+                                     the backend being on another node, SNATs
+                                     to 10.0.0.1
+
+So both paths cross node-1 then node-2 on the way in. The replies differ, as
+they do in a real cluster: on the direct path node-2 sends them straight to
+the client (10.0.0.100 is on its LAN); NodePort replies are addressed to
+node-1 (SNAT) and come back through it, where they are restored and sent on
+to the client. The NodePort reply path thus crosses node-1 and the LAN bridge
+once more than the direct one; that is part of what a NodePort costs.
+
+The client ignores ICMP redirects: otherwise node-1, forwarding a packet out
+of the interface it came in on, tells the client to reach 10.244.2.0/24
+through node-2 itself, and the "direct" path would skip node-1.
+
+Fairness and stability: the same machinery as bench/clusterip.py
+(bench/benchlib.py, see clusterip.py's docstring): by default (--cpu-layout
+single) wrk, nginx and the softirqs that carry their packets share the last
+CPU (a veth delivers on the sending CPU, so every namespace hop of a request is
+processed on wrk's CPU and every hop of a reply on nginx's), and both agents
+run on the other CPU(s); the rate is the inverse of the CPU cost of a
+connection. Direct and NodePort runs are interleaved (order alternating each
+round); before each round the bench waits for the machine to be idle, and a
+round in which another process took more than 3% of the bench CPU is redone.
+The client reuses its own TIME_WAIT ports and the whole port range.
+
+Honesty checks. Before measuring, 20 requests per path must all reach web-b,
+which must see the client's address on the direct path and node-1's on the
+NodePort (SNAT). During each run, node-1's datapath counters must show new
+NodePort flows, every one source-NATed, and at least one restored reply per
+request (the replies come back through node-1), and no translation at all on
+the direct path; node-1's IP forwarding counter must show that it forwarded
+the direct packets (it is on that path); node-2 must translate nothing; the
+direct path must see no wrk errors. NodePort flows that node-1 failed to
+translate (the counter nat_fail: the SYN is dropped, the client retries a
+second later) are not hidden: they are counted per run and flagged in the
+report, with node-1's reverse-NAT entries (one per SNAT port in use).
+
+`--quick`: one round of 2 s (a smoke test).
+
+Results: a Markdown table on stdout and in bench/results/nodeport-<time>.md;
+every run's numbers (rates, latency percentiles, CPU use, counters) in
+bench/results/nodeport-<time>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import benchlib
+from benchlib import REPO, CpuMeter, CpuUse, QuietWaiter, Run, Series, log, ratio_cells
+
+from agent.datapath.ebpf.maps import SockLbMaps
+from agent.sandbox.multinode import MultiNodeCluster, NodeHandle
+from agent.sandbox.wrk import WrkResult, parse_wrk, wrk_argv
+
+POD = "web-b"
+POD_IP = "10.244.2.2"  # the first pod on node-2
+POD_CIDR = "10.244.2.0/24"
+POD_PORT = 8080
+NODE1 = "10.0.0.1"
+EXTERNAL = "10.0.0.100"
+NODE_PORT = 30080
+CLUSTER_IP = "10.96.0.10"
+GOAL = 0.9
+PATHS = ("direct", "nodeport")
+TITLES = {"direct": "direct", "nodeport": "NodePort"}
+FRONTEND = f"{NODE1}:{NODE_PORT}/TCP"
+
+SERVICE = {
+    "apiVersion": "v1", "kind": "Service",
+    "metadata": {"name": "bench", "namespace": "default"},
+    "spec": {
+        "type": "NodePort", "clusterIP": CLUSTER_IP, "clusterIPs": [CLUSTER_IP],
+        "ipFamilies": ["IPv4"], "externalTrafficPolicy": "Cluster",
+        "ports": [{"name": "http", "protocol": "TCP", "port": 80, "targetPort": POD_PORT,
+                   "nodePort": NODE_PORT}],
+    },
+}
+ENDPOINTS = {
+    "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+    "metadata": {"name": "bench-1", "namespace": "default",
+                 "labels": {"kubernetes.io/service-name": "bench"}},
+    "addressType": "IPv4",
+    "ports": [{"name": "http", "protocol": "TCP", "port": POD_PORT}],
+    "endpoints": [{"addresses": [POD_IP], "nodeName": "node-2",
+                   "conditions": {"ready": True, "serving": True, "terminating": False},
+                   "targetRef": {"kind": "Pod", "name": POD, "namespace": "default"}}],
+}
+# The benchmark's Service: one TCP port, one endpoint (web-b on node-2), so
+# that both paths are served by the same single nginx.
+BENCH_MANIFEST = json.dumps(SERVICE) + "\n---\n" + json.dumps(ENDPOINTS) + "\n"
+
+
+def snat_port_range() -> int | None:
+    """How many source ports node-1 may SNAT to (per node address and backend),
+    as the datapath defines it; None if it cannot be read."""
+    text = (REPO / "bpf" / "tc_nat.c").read_text()
+    found = re.search(r"#define\s+VEER_SNAT_PORT_RANGE\s+(\d+)", text)
+    return int(found[1]) if found else None
+
+
+def netns_stats(pid: int) -> tuple[int, int]:
+    """(IP packets forwarded, packets received on eth0) in the network namespace
+    of process `pid`."""
+    with open(f"/proc/{pid}/net/snmp") as f:
+        ip = [line.split() for line in f if line.startswith("Ip:")]
+    forwarded = int(ip[1][ip[0].index("ForwDatagrams")])
+    with open(f"/proc/{pid}/net/dev") as f:
+        for line in f:
+            name, _, values = line.partition(":")
+            if name.strip() == "eth0":
+                return forwarded, int(values.split()[1])
+    raise RuntimeError(f"no eth0 in the network namespace of process {pid}")
+
+
+# ---- the bench -------------------------------------------------------------------------
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, cluster: MultiNodeCluster) -> None:
+        self.args = args
+        self.cluster = cluster
+        self.node1, self.node2 = cluster.nodes
+        self.wrk_prefix: list[str] = []
+        self.maps: list[SockLbMaps] = []
+        self.meter: CpuMeter | None = None
+        self.wait_quiet: QuietWaiter | None = None
+        self.agent_start_s = 0.0
+
+    def close(self) -> None:
+        for maps in self.maps:
+            maps.close()
+        self.maps = []
+
+    @staticmethod
+    def pid(node: NodeHandle) -> int:
+        assert node.agent is not None
+        return node.agent.pid
+
+    # ---- setup --------------------------------------------------------------------
+
+    def setup(self) -> None:
+        cluster, topo, ext = self.cluster, self.cluster.topo, self.cluster.external
+        cluster.write_manifest("bench.yaml", BENCH_MANIFEST)
+        # The client is a load generator: it reuses its own TIME_WAIT ports and
+        # uses the whole port range (the same for both paths; only the client's
+        # own namespace is touched). It ignores ICMP redirects, so that its route
+        # to node-2's pods stays via node-1 (see the docstring).
+        topo.ns(ext, "sysctl", "-qw", "net.ipv4.tcp_tw_reuse=1",
+                "net.ipv4.ip_local_port_range=1024 65535",
+                "net.ipv4.conf.all.accept_redirects=0",
+                "net.ipv4.conf.default.accept_redirects=0",
+                "net.ipv4.conf.eth0.accept_redirects=0")
+        topo.ns(ext, "ip", "route", "add", POD_CIDR, "via", NODE1)
+        server_cpus, client_cpus = benchlib.bench_cpus(self.args.cpu_layout)
+        servers = benchlib.nginx_pids(os.path.join(topo.workdir, f"nginx-{POD}", "nginx.pid"))
+        benchlib.pin_servers(servers, server_cpus)
+        self.wrk_prefix = benchlib.wrk_prefix(client_cpus)
+        t0 = time.monotonic()
+        cluster.start_agents(["--cluster-cidr", "10.244.0.0/16",
+                              *benchlib.resync_args(self.args)])
+        cluster.wait_external(FRONTEND, self.node1, [f"{POD_IP}:{POD_PORT}/TCP"], local=False)
+        self.agent_start_s = time.monotonic() - t0
+        log(f"agents up and the NodePort programmed on node-1 in {self.agent_start_s:.1f} s "
+            "(includes compiling the BPF programs)")
+        agents = [self.pid(self.node1), self.pid(self.node2)]
+        pinned_away = benchlib.place_agents(self.args.cpu_layout, agents)
+        self.maps = [SockLbMaps.open(self.node1.bpffs), SockLbMaps.open(self.node2.bpffs)]
+        self.meter = CpuMeter(server_cpus | client_cpus, servers[1:], agents, pinned_away)
+        self.wait_quiet = QuietWaiter(self.meter, self.args.quiet_timeout,
+                                      self.args.quiet_budget)
+        self.check_paths()
+
+    def check_paths(self) -> None:
+        """Both URLs answer from web-b; it sees the client's address on the direct
+        path and node-1's on the NodePort one (SNAT); the client's route to the
+        pod goes through node-1."""
+        route = self.cluster.topo.ns(self.cluster.external, "ip", "route", "get", POD_IP).stdout
+        if f"via {NODE1} " not in route:
+            raise RuntimeError(f"the client does not reach {POD_IP} via node-1: {route}")
+        for addr, port, seen in ((POD_IP, POD_PORT, EXTERNAL), (NODE1, NODE_PORT, NODE1)):
+            res = self.cluster.probe_from_outside("tcp", addr, str(port), "--count", "20",
+                                                  "--path", "/client", "--timeout", "5")
+            want = {f"{POD}:{POD_PORT} {seen}": 20}
+            if res["answers"] != want or res["errors"] or res["peer_mismatch"]:
+                raise RuntimeError(f"{addr}:{port} does not reach {POD} as expected "
+                                   f"({want}): {res}")
+
+    # ---- measuring ------------------------------------------------------------------
+
+    def url(self, path: str) -> str:
+        if path == "direct":
+            return f"http://{POD_IP}:{POD_PORT}/"
+        return f"http://{NODE1}:{NODE_PORT}/"
+
+    def run_wrk(self, path: str, duration: float) -> WrkResult:
+        """wrk in the external client's namespace, outside every served cgroup."""
+        url = self.url(path)
+        argv = [*self.wrk_prefix, *wrk_argv(url, duration, self.args.threads,
+                                            self.args.connections, close=True)]
+        res = self.cluster.topo.exec(self.cluster.external, argv, timeout=duration + 60,
+                                     in_cgroup=False)
+        if res.returncode != 0:
+            raise RuntimeError(f"wrk failed ({res.returncode}): {res.stderr.strip()}\n"
+                               f"{res.stdout}")
+        return parse_wrk(url, res.stdout)
+
+    def wrk(self, path: str, duration: float) -> tuple[WrkResult, CpuUse, dict[str, Any]]:
+        assert self.meter is not None
+        node1_maps, node2_maps = self.maps
+        node1_pid = self.pid(self.node1)
+        before1, before2 = node1_maps.counters(), node2_maps.counters()
+        fwd0, rx0 = netns_stats(node1_pid)
+        mark = self.meter.start()
+        result = self.run_wrk(path, duration)
+        use = self.meter.stop(mark)
+        fwd1, rx1 = netns_stats(node1_pid)
+        node1 = benchlib.counter_delta(before1, node1_maps.counters())
+        node2 = benchlib.counter_delta(before2, node2_maps.counters())
+        counted: dict[str, Any] = {
+            "node1_counters": {k: v for k, v in node1.items() if v},
+            "node2_counters": {k: v for k, v in node2.items() if v},
+            "node1_forwarded": fwd1 - fwd0,
+            "node1_eth0_rx_packets": rx1 - rx0,
+            "nat_fail": node1.get("nat_fail", 0),
+        }
+        problems = []
+        # Broken invariants, on either path: the run measured something else.
+        bad = {k: v for k, v in node1.items()
+               if k.startswith(("inconsistent", "refused", "dropped", "nat_drop", "nat_denied"))
+               and v}
+        if bad:
+            problems.append(f"node-1 counted {bad}")
+        if any(v for k, v in node2.items() if k.startswith("nat_") or k == "translated"):
+            problems.append(f"node-2 translated something: {counted['node2_counters']}")
+        if path == "direct":
+            benchlib.check_wrk(result)
+            if any(v for k, v in node1.items() if k.startswith("nat_")):
+                problems.append("node-1 translated direct traffic")
+            if fwd1 - fwd0 < result.requests:
+                problems.append(f"node-1 forwarded only {fwd1 - fwd0} packets "
+                                "(the direct path must cross it)")
+        else:
+            # Every new flow is source-NATed (the backend is on node-2), and every
+            # connection's replies came back through node-1 and were restored. (A
+            # new connection from a client port used within the last 3 s may reuse
+            # its predecessor's mapping: nat_new can be a little below requests.)
+            if node1.get("nat_snat", 0) != node1.get("nat_new", 0):
+                problems.append("node-1 set up NodePort flows without SNAT")
+            if node1.get("nat_reply", 0) < result.requests:
+                problems.append("node-1 restored fewer replies than there were connections")
+            # How many SNAT ports node-1 holds now: one reverse-NAT entry each.
+            counted["node1_nat_rev_entries"] = len(node1_maps.nat_rev)
+        if problems:
+            raise RuntimeError(f"{path}: {result.requests} requests, but: "
+                               f"{'; '.join(problems)}; node-1 counted "
+                               f"{counted['node1_counters']}")
+        return result, use, counted
+
+    def measure(self, series: Series) -> None:
+        assert self.meter is not None and self.wait_quiet is not None
+        benchlib.run_rounds(series, self.wrk, self.meter, self.wait_quiet, self.args.rounds,
+                            self.args.duration, self.args.max_redo, note=run_note)
+
+
+def run_note(run: Run) -> str:
+    """What the log line of a run adds: NodePort flows that failed, wrk's errors."""
+    parts = []
+    if run.counted.get("nat_fail"):
+        parts.append(f"nat_fail {run.counted['nat_fail']:,}")
+    if "node1_nat_rev_entries" in run.counted:
+        parts.append(f"node-1 reverse-NAT entries {run.counted['node1_nat_rev_entries']:,}")
+    if run.wrk.error_count:
+        parts.append(f"wrk errors {run.wrk.errors} non-2xx {run.wrk.non_2xx}")
+    return "".join(f", {p}" for p in parts)
+
+
+# ---- reporting -----------------------------------------------------------------
+
+
+def failed_flows(series: Series) -> int:
+    return sum(r.counted.get("nat_fail", 0) for r in series.used() if r.path == "nodeport")
+
+
+def wrk_errors(series: Series, path: str) -> int:
+    return sum(r.wrk.error_count for r in series.used() if r.path == path)
+
+
+def per_connection(series: Series, path: str, key: str) -> float:
+    """Median over used runs of `key` (a node-1 packet counter) per connection."""
+    return statistics.median(float(r.counted[key]) / max(r.wrk.requests, 1)
+                             for r in series.used() if r.path == path)
+
+
+def table(series: Series) -> str:
+    return "\n".join([
+        "| client -> backend | direct conn/s, median (min-max) "
+        "| NodePort conn/s, median (min-max) | NodePort/direct "
+        "| per-round ratio (min-max) | NodePort flows node-1 failed (nat_fail) |",
+        "|---|---:|---:|---:|---:|---:|",
+        f"| {series.label} | {ratio_cells(series)} | {failed_flows(series):,} |",
+    ])
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="smoke test: 1 round of 2 s")
+    benchlib.add_common_args(p, server=POD)
+    args = p.parse_args(argv)
+    benchlib.apply_presets(args, quick={"rounds": 1, "duration": 2},
+                           full={"rounds": 7, "duration": 5})
+    if args.rounds < 1 or args.duration <= 0 or args.max_redo < 0:
+        p.error("--rounds and --duration must be positive, --max-redo not negative")
+    return args
+
+
+def run_bench(args: argparse.Namespace) -> tuple[Series, dict[str, Any]]:
+    """The measurement, in one two-node sandbox; returns the runs and facts
+    about the sandbox."""
+    series = Series(label=f"external {EXTERNAL} -> {POD} {POD_IP} on node-2",
+                    base="direct", test="nodeport")
+    with MultiNodeCluster(nodes=2, pods={POD: 2}) as cluster:
+        topo = cluster.topo
+        log(f"sandbox {topo.prefix}: namespaces {topo.prefix}-*, cgroup {topo.cgroup}, "
+            f"pins {topo.bpffs}-node*")
+        bench = Bench(args, cluster)
+        try:
+            bench.setup()
+            benchlib.settle([bench.pid(n) for n in cluster.nodes])
+            log(f"measuring: direct http://{POD_IP}:{POD_PORT}/ (via node-1) and NodePort "
+                f"http://{NODE1}:{NODE_PORT}/")
+            bench.measure(series)
+            facts = {
+                "agent_start_s": round(bench.agent_start_s, 1),
+                "node1_nat_rev_entries_at_end": len(bench.maps[0].nat_rev),
+                "node1_nat_rev_capacity": bench.maps[0].nat_rev.capacity,
+                "snat_port_range": snat_port_range(),
+            }
+        finally:
+            bench.close()
+    return series, facts
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not benchlib.ready("bench/nodeport.py"):
+        return 2
+
+    started = time.monotonic()
+    log(f"veer NodePort bench: {args.rounds} round(s) x {args.duration:g} s per path, "
+        f"wrk -t{args.threads} -c{args.connections} -H 'Connection: close' from the external "
+        f"client, cpu layout {args.cpu_layout}, {os.cpu_count()} CPU(s)")
+    series, facts = run_bench(args)
+    elapsed = time.monotonic() - started
+
+    md = table(series)
+    ratio = series.ratio()
+    verdict = ratio >= GOAL
+    goal_line = (f"Goal: NodePort >= {GOAL:.2f} x direct: {'met' if verdict else 'NOT met'} "
+                 f"(ratio {ratio:.3f}).")
+    if args.rounds < 5:
+        goal_line += f" (Not a test of the goal: {args.rounds} round(s).)"
+    warnings = []
+    failed = failed_flows(series)
+    if failed or wrk_errors(series, "nodeport"):
+        ports = facts["snat_port_range"]
+        exhausted = bool(ports) and facts["node1_nat_rev_entries_at_end"] >= 0.9 * ports
+        warnings.append(
+            f"WARNING: node-1 failed to translate {failed:,} new NodePort flow(s) during the "
+            f"measured runs (nat_fail: the SYN is dropped, the client retries after 1 s or "
+            f"more) and wrk saw {wrk_errors(series, 'nodeport'):,} error(s) on the NodePort; "
+            f"node-1's reverse-NAT map held {facts['node1_nat_rev_entries_at_end']:,} entries "
+            f"at the end (one per SNAT port in use"
+            f"{f'; {ports:,} SNAT ports per node address and backend' if ports else ''})."
+            f"{' The SNAT ports are (nearly) all in use.' if exhausted else ''} "
+            f"The NodePort rate then reflects those failures, not only the per-connection "
+            f"cost.")
+    redone, kept = series.redone(), series.disturbed_kept()
+    notes = (
+        f"wrk -t{args.threads} -c{args.connections} -H 'Connection: close' from the external "
+        f"client namespace ({EXTERNAL}, in no served cgroup); {args.rounds} round(s) x "
+        f"{args.duration:g} s per path, direct and NodePort interleaved (order alternating); "
+        f"the same single nginx worker ({POD} on node-2) serves both paths. Direct: the client "
+        f"routes {POD_CIDR} via node-1, which forwards to node-2; the replies return straight "
+        f"from node-2 to the client. NodePort (externalTrafficPolicy Cluster): node-1 DNATs to "
+        f"{POD_IP}:{POD_PORT} and SNATs to {NODE1}, so the replies come back through node-1. "
+        f"Packets received on node-1's eth0 per connection (median): direct "
+        f"{per_connection(series, 'direct', 'node1_eth0_rx_packets'):.1f}, NodePort "
+        f"{per_connection(series, 'nodeport', 'node1_eth0_rx_packets'):.1f}. cpu layout "
+        f"{args.cpu_layout}; {os.cpu_count()} CPUs; kernel {platform.release()}. "
+        f"Ratio = median NodePort / median direct; per-round ratio = NodePort / direct within "
+        f"each round. Rounds redone because another process took time on the bench CPU: "
+        f"{redone}; disturbed rounds kept (redo limit reached): {kept}. "
+        f"Total time {elapsed:.0f} s."
+    )
+    body = benchlib.report(md, goal_line, *warnings, notes)
+    benchlib.write_results(
+        args, "nodeport",
+        f"# veer: new connections per second from outside, direct vs NodePort\n\n{body}\n",
+        {
+            "elapsed_s": round(elapsed, 1),
+            "goal": GOAL,
+            "goal_met": verdict,
+            "nodeport_flows_failed": failed,
+            **facts,
+            "series": series.to_json(),
+        },
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    benchlib.main_guard(main)
