@@ -65,14 +65,24 @@ struct veer_pkt {
 	__u32 l4_off;
 	__u32 csum_off;
 	__u16 udp;
-	__u16 syn; /* a TCP SYN without ACK: the first packet of a connection */
+	__u8 syn; /* a TCP SYN without ACK: the first packet of a connection */
+	__u8 fin; /* a TCP FIN or RST: the connection is ending */
 };
 
 #define VEER_TCP_FLAGS_OFF 13
+#define VEER_TCP_FIN 0x01
 #define VEER_TCP_SYN 0x02
+#define VEER_TCP_RST 0x04
 #define VEER_TCP_ACK 0x10
 #define VEER_SYN_REUSE_NS 3000000000ULL /* a SYN retransmit comes within 1-3 s */
 #define VEER_UDP_IDLE_NS 180000000000ULL /* conntrack's udp_timeout_stream */
+/* A TCP entry that saw a FIN or RST is marked closing (the top bit of
+ * last_seen_ns, which bpf_ktime_get_ns() never reaches) and is dead once it
+ * has been quiet this long after that: its ports, SNAT port included, are
+ * free again. Without this, finished connections would hold their SNAT
+ * ports until the LRU map filled up, and new flows would fail long before. */
+#define VEER_NAT_CLOSING (1ULL << 63)
+#define VEER_TCP_CLOSED_NS 10000000000ULL
 /* veer_new_flow's answer "refuse this packet" (not a TC_ACT_* value). */
 #define VEER_TC_REJECT (-100)
 /* Programs veer_tc_ingress tail-calls, by index in veer_tc_tail. */
@@ -100,6 +110,7 @@ static __always_inline int veer_parse_l4(struct veer_pkt *p, void *l4, void *end
 		if ((void *)(flags + 1) > end)
 			return -1;
 		p->syn = (*flags & (VEER_TCP_SYN | VEER_TCP_ACK)) == VEER_TCP_SYN;
+		p->fin = (*flags & (VEER_TCP_FIN | VEER_TCP_RST)) != 0;
 	}
 	return 0;
 }
@@ -239,8 +250,21 @@ static __always_inline void veer_report_tc(struct __sk_buff *skb, __u32 reason,
 static __always_inline int veer_nat_stale(const struct veer_tuple *t,
 					  const struct veer_nat_value *nat)
 {
-	return t->proto == VEER_IPPROTO_UDP &&
-	       bpf_ktime_get_ns() - nat->last_seen_ns > VEER_UDP_IDLE_NS;
+	__u64 seen = nat->last_seen_ns & ~VEER_NAT_CLOSING;
+	__u64 idle = bpf_ktime_get_ns() - seen;
+
+	if (t->proto == VEER_IPPROTO_UDP)
+		return idle > VEER_UDP_IDLE_NS;
+	return (nat->last_seen_ns & VEER_NAT_CLOSING) && idle > VEER_TCP_CLOSED_NS;
+}
+
+/* Note a packet of a NAT entry's flow: refresh its time, and mark it closing
+ * when the packet is a FIN or RST (the mark stays). */
+static __always_inline void veer_nat_seen(struct veer_nat_value *nat, const struct veer_pkt *p)
+{
+	__u64 closing = (nat->last_seen_ns & VEER_NAT_CLOSING) | (p->fin ? VEER_NAT_CLOSING : 0);
+
+	nat->last_seen_ns = bpf_ktime_get_ns() | closing;
 }
 
 /* The reverse entry a packet's flow would have if we had translated it. A new
@@ -266,7 +290,7 @@ static __always_inline int veer_apply(struct __sk_buff *skb, const struct veer_p
 {
 	struct bpf_fib_lookup fib;
 
-	to->last_seen_ns = bpf_ktime_get_ns();
+	veer_nat_seen(to, p);
 	veer_rewrite(skb, p, to);
 	if (veer_route(skb, p->t.family, to->saddr, to->daddr, &fib) < 0) {
 		veer_count(VEER_CNT_NAT_FAIL);
@@ -465,6 +489,7 @@ static __always_inline int veer_new_flow(struct __sk_buff *skb, const struct vee
 	struct veer_backend_key backend_key = {};
 	struct veer_backend_value *backend;
 	struct veer_flow_scratch *w;
+	struct veer_nat_value *held;
 	struct bpf_fib_lookup fib;
 	struct veer_node_value *node;
 	struct veer_ext_affinity_key affinity_key = {};
@@ -616,6 +641,13 @@ static __always_inline int veer_new_flow(struct __sk_buff *skb, const struct vee
 				stored = 1;
 				break;
 			}
+			/* Taken: by a connection that has ended? Then it is free. */
+			held = veer_nat_rev.lookup(&w->reply);
+			if (held && veer_nat_stale(&w->reply, held) &&
+			    veer_nat_rev.update(&w->reply, &w->rev) == 0) {
+				stored = 1;
+				break;
+			}
 		}
 		if (!stored) {
 			veer_count(VEER_CNT_NAT_FAIL);
@@ -666,10 +698,12 @@ int veer_tc_ingress(struct __sk_buff *skb)
 	/* A SYN starts a new connection even if an old one used the same ports:
 	 * choose afresh (the new entry replaces the stale one), as conntrack
 	 * does for a connection in TIME_WAIT, unless the entry is only a moment
-	 * old, i.e. this is a retransmitted SYN of the same connection. */
+	 * old and not closing, i.e. this is a retransmitted SYN of the same
+	 * connection. */
 	nat = veer_nat_fwd.lookup(&p.t);
 	if (nat && !veer_nat_stale(&p.t, nat) &&
-	    (!p.syn || bpf_ktime_get_ns() - nat->last_seen_ns < VEER_SYN_REUSE_NS))
+	    (!p.syn || (!(nat->last_seen_ns & VEER_NAT_CLOSING) &&
+			bpf_ktime_get_ns() - nat->last_seen_ns < VEER_SYN_REUSE_NS)))
 		return veer_apply(skb, &p, nat);
 	verdict = veer_new_flow(skb, &p);
 	if (verdict == VEER_TC_REJECT) {
@@ -707,7 +741,7 @@ int veer_tc_egress(struct __sk_buff *skb)
 		return TC_ACT_OK;
 	}
 	veer_count(VEER_CNT_NAT_REPLY);
-	nat->last_seen_ns = bpf_ktime_get_ns();
+	veer_nat_seen(nat, &p);
 	veer_rewrite(skb, &p, nat);
 	return TC_ACT_OK;
 }

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from agent.datapath.ebpf.maps import SockLbMaps
 from agent.sandbox.multinode import MultiNodeCluster
 from tests.datapath.conftest import require_datapath
 
@@ -367,3 +368,25 @@ def test_new_direct_connection_reusing_the_ports_of_a_translated_one(
     assert res.returncode == 0, res.stderr
     via_nodeport, direct = res.stdout.split()
     assert via_nodeport == direct and via_nodeport in ("web-a:8080", "web-b:8080"), res.stdout
+
+
+def test_finished_connections_release_their_snat_ports(cluster: MultiNodeCluster) -> None:
+    """Each SNATed connection holds a port of node-1 in veer_nat_rev. When it
+    ends (FIN/RST seen), its entries are marked closing, so the port is free
+    for a new flow 10 s later instead of being held until the map fills."""
+    cluster.write_manifest("web.yaml", web("Cluster", {"10.244.2.2": "node-2"}))
+    cluster.wait_external("10.0.0.1:30080/TCP", cluster.nodes[0], ["10.244.2.2:8080/TCP"],
+                          False)
+    result = cluster.probe_from_outside("tcp", "10.0.0.1", "30080", "--count", "20",
+                                        "--timeout", "5")
+    assert result["answers"] == {"web-c:8080": 20}, result
+    maps = SockLbMaps.open(cluster.nodes[0].bpffs)
+    try:
+        held = [v for k, v in maps.nat_rev.items()
+                if bytes(k.daddr[:4]) == bytes([10, 0, 0, 1]) and k.proto == 6]
+    finally:
+        maps.close()
+    assert len(held) >= 20
+    closing = 1 << 63
+    open_ = [v for v in held if not v.last_seen_ns & closing]
+    assert not open_, f"{len(open_)} of {len(held)} SNAT entries of finished connections"
