@@ -53,7 +53,7 @@
 #define VEER_UDP_CSUM_OFF 6
 #define VEER_SNAT_PORT_MIN 32768
 #define VEER_SNAT_PORT_RANGE 28232 /* 32768..60999, Linux's default ephemeral range */
-#define VEER_SNAT_TRIES 8
+#define VEER_SNAT_TRIES 16
 
 /* BCC 0.26 declares bpf_redirect_neigh with three parameters; the kernel's
  * helper takes four (ifindex, params, plen, flags). */
@@ -80,7 +80,11 @@ struct veer_pkt {
  * last_seen_ns, which bpf_ktime_get_ns() never reaches) and is dead once it
  * has been quiet this long after that: its ports, SNAT port included, are
  * free again. Without this, finished connections would hold their SNAT
- * ports until the LRU map filled up, and new flows would fail long before. */
+ * ports until the LRU map filled up, and new flows would fail long before.
+ * Ten seconds lets the last ACKs and retransmissions through. A port taken
+ * over for another client while the backend still holds the old connection
+ * in TIME_WAIT may meet a challenge ACK and cost that client a SYN
+ * retransmission; SNAT prefers the client's own port to make that rare. */
 #define VEER_NAT_CLOSING (1ULL << 63)
 #define VEER_TCP_CLOSED_NS 10000000000ULL
 /* veer_new_flow's answer "refuse this packet" (not a TC_ACT_* value). */
@@ -256,6 +260,13 @@ static __always_inline int veer_nat_stale(const struct veer_tuple *t,
 	if (t->proto == VEER_IPPROTO_UDP)
 		return idle > VEER_UDP_IDLE_NS;
 	return (nat->last_seen_ns & VEER_NAT_CLOSING) && idle > VEER_TCP_CLOSED_NS;
+}
+
+static __always_inline int veer_same_addr(const __u8 *a, const __u8 *b)
+{
+	const __u32 *x = (const __u32 *)a, *y = (const __u32 *)b;
+
+	return x[0] == y[0] && x[1] == y[1] && x[2] == y[2] && x[3] == y[3];
 }
 
 /* Note a packet of a NAT entry's flow: refresh its time, and mark it closing
@@ -635,15 +646,27 @@ static __always_inline int veer_new_flow(struct __sk_buff *skb, const struct vee
 		hash = bpf_get_prandom_u32();
 #pragma unroll
 		for (i = 0; i < VEER_SNAT_TRIES; i++) {
-			w->fwd.sport = bpf_htons(VEER_SNAT_PORT_MIN + (hash + i * 7919) % VEER_SNAT_PORT_RANGE);
+			/* First the client's own port, as conntrack's NAT does: the
+			 * client reuses it only when its TCP allows, so the backend's
+			 * TIME_WAIT socket of that port accepts the new SYN. Then
+			 * random ports. */
+			if (i == 0 && bpf_ntohs(p->t.sport) >= 1024)
+				w->fwd.sport = p->t.sport;
+			else
+				w->fwd.sport = bpf_htons(VEER_SNAT_PORT_MIN +
+							 (hash + i * 7919) % VEER_SNAT_PORT_RANGE);
 			w->reply.dport = w->fwd.sport;
 			if (veer_nat_rev.insert(&w->reply, &w->rev) == 0) {
 				stored = 1;
 				break;
 			}
-			/* Taken: by a connection that has ended? Then it is free. */
+			/* Taken: by a connection that has ended, or by this very
+			 * client port's previous connection (the client reuses its
+			 * port only when its TCP allows it)? Then it is free. */
 			held = veer_nat_rev.lookup(&w->reply);
-			if (held && veer_nat_stale(&w->reply, held) &&
+			if (held && (veer_nat_stale(&w->reply, held) ||
+				     (held->dport == p->t.sport &&
+				      veer_same_addr(held->daddr, p->t.saddr))) &&
 			    veer_nat_rev.update(&w->reply, &w->rev) == 0) {
 				stored = 1;
 				break;
