@@ -43,16 +43,33 @@ log = logging.getLogger("veer.agent")
 RETRY_AFTER_FAILURE = 1.0
 
 
-def choose_mode(config: AgentConfig) -> tuple[str, str]:
-    """(mode, why). The TPROXY datapath is not built yet, so only eBPF is offered."""
+def choose_mode(config: AgentConfig, hidden_features: tuple[str, ...] = ()) -> tuple[str, str]:
+    """(mode, why), from the mode asked for and a probe of the kernel.
+
+    eBPF mode needs every program type, map type and helper listed in
+    agent/datapath/ebpf/probe.py; the TPROXY fallback is not built yet, so a
+    kernel that lacks one is refused at start, naming what it lacks.
+    """
     if config.mode == "tproxy":
         raise ConfigError(
             "--mode tproxy is not available yet in this version of veer; "
             "use --mode ebpf (or auto) on a kernel with cgroup socket hooks"
         )
+    from agent.datapath.ebpf.probe import probe
+
+    features = probe(hidden_features)
+    if not features.ebpf_ready:
+        missing = ", ".join(features.missing)
+        if config.mode == "ebpf":
+            raise ConfigError(f"--mode ebpf: this kernel lacks {missing}")
+        raise ConfigError(
+            f"--mode auto: this kernel lacks {missing}, which eBPF mode needs, and the "
+            "TPROXY fallback is not available yet in this version of veer"
+        )
+    checked = len(features.found)
     if config.mode == "ebpf":
-        return "ebpf", "requested with --mode ebpf"
-    return "ebpf", "auto: eBPF is the only datapath in this version (the kernel is probed at load)"
+        return "ebpf", f"requested with --mode ebpf; the kernel has all {checked} features it needs"
+    return "ebpf", f"auto: the kernel has all {checked} features eBPF mode needs"
 
 
 def open_ebpf_datapath(config: AgentConfig) -> Datapath:

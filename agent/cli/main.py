@@ -71,6 +71,9 @@ def _agent_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--cluster-cidr", metavar="CIDR,...", default="",
                    help="the cluster's pod ranges, as for kube-proxy: a pod on another node "
                    "reaching an externalTrafficPolicy: Local NodePort/LB is served cluster-wide")
+    p.add_argument("--hide-kernel-feature", action="append", default=[], metavar="NAME",
+                   help="pretend the kernel lacks this feature (e.g. helper:sched_cls:"
+                   "bpf_redirect_neigh), to test --mode auto's choice; repeatable")
     p.add_argument("--nodeport-addresses", metavar="CIDR,...", default="",
                    help="NodePorts answer only on the node's addresses inside these ranges "
                    "(default: all of the node's addresses, from its Node object)")
@@ -134,7 +137,7 @@ def run_agent(args: argparse.Namespace) -> int:
         cleanup_on_uninstall=(args.kubernetes if args.cleanup_on_uninstall is None
                               else args.cleanup_on_uninstall),
     )
-    mode, why = choose_mode(config)
+    mode, why = choose_mode(config, tuple(args.hide_kernel_feature))
     log.info("datapath mode %s (%s)", mode, why)
     serve = ServeOptions(
         api_socket=args.api_socket,

@@ -113,3 +113,23 @@ def test_restart_prunes_what_was_deleted_while_the_agent_was_down(
     assert refused["errors"] == {"ECONNREFUSED": 3}, refused
     still = cluster.probe("tcp", "10.96.0.10", "80", "--count", "30")
     assert still["errors"] == {} and set(still["answers"]) <= WEB
+
+
+def test_auto_mode_probes_the_kernel(cluster: SandboxCluster) -> None:
+    """--mode auto starts eBPF mode on a kernel with every feature (the
+    sandbox agent did), and refuses at start, naming the feature, when the
+    probe is told to hide one."""
+    assert "auto: the kernel has all" in cluster.agent_output()
+    hidden = "helper:sched_cls:bpf_redirect_neigh"
+    res = subprocess.run(
+        cluster.agent_argv(["--hide-kernel-feature", hidden]),
+        capture_output=True, text=True, timeout=60,
+    )
+    assert res.returncode == 2 and hidden in res.stderr and "--mode auto" in res.stderr, (
+        res.stderr)
+    forced = subprocess.run(
+        cluster.agent_argv(["--mode", "ebpf", "--hide-kernel-feature", "program:sched_cls"]),
+        capture_output=True, text=True, timeout=60,
+    )
+    assert forced.returncode == 2 and "--mode ebpf: this kernel lacks program:sched_cls" in (
+        forced.stderr), forced.stderr
