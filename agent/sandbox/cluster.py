@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.sandbox.servers import start_nginx, start_udp_echo, wait_listening, wait_udp
-from agent.sandbox.topology import Topology
+from agent.sandbox.topology import Topology, stop_process
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "sandbox"
 NODE_NAME = "node-1"
@@ -124,13 +124,7 @@ class SandboxCluster:
     def stop_agent(self, sig: int = signal.SIGTERM) -> None:
         if self.agent is None:
             return
-        if self.agent.poll() is None:
-            self.agent.send_signal(sig)
-            try:
-                self.agent.wait(15)
-            except subprocess.TimeoutExpired:
-                self.agent.kill()
-                self.agent.wait(5)
+        stop_process(self.agent, sig)
         self.topo.forget(self.agent)
         self.agent = None
 

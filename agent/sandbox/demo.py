@@ -7,7 +7,6 @@ Every figure in the report is measured during the run it is printed in.
 from __future__ import annotations
 
 import os
-import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -16,6 +15,7 @@ from typing import Any
 from agent.datapath.ebpf.maps import SockLbMaps
 from agent.errors import EnvironmentProblem
 from agent.sandbox.cluster import EXAMPLES, SandboxCluster
+from agent.sandbox.topology import wait_for_interrupt
 
 FLOWS: Sequence[tuple[str, tuple[str, ...]]] = (
     ("default/web:http       10.96.0.10:80/TCP", ("tcp", "10.96.0.10", "80")),
@@ -110,13 +110,4 @@ def _keep_running(cluster: SandboxCluster) -> None:
     print(f"  agent log: {cluster.agent_log}; status: {cluster.status_file}")
     print("  ask the agent (docs/debugging.md): veer status | services | explain ... "
           f"--socket {cluster.api_socket}")
-    stop = False
-
-    def on_signal(_signum: int, _frame: object) -> None:
-        nonlocal stop
-        stop = True
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-    while not stop:
-        time.sleep(0.5)
+    wait_for_interrupt()

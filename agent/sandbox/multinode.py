@@ -29,7 +29,7 @@ from functools import partial
 from typing import Any
 
 from agent.sandbox.servers import start_nginx, start_udp_echo, wait_listening, wait_udp
-from agent.sandbox.topology import Topology, run
+from agent.sandbox.topology import Topology, run, stop_process
 
 LAN_PREFIX = "10.0.0"
 LAN6_PREFIX = "fd00:10::"
@@ -172,13 +172,7 @@ class MultiNodeCluster:
     def stop_agent(self, node: NodeHandle, sig: int = signal.SIGTERM) -> None:
         if node.agent is None:
             return
-        if node.agent.poll() is None:
-            node.agent.send_signal(sig)
-            try:
-                node.agent.wait(15)
-            except subprocess.TimeoutExpired:
-                node.agent.kill()
-                node.agent.wait(5)
+        stop_process(node.agent, sig)
         self.topo.forget(node.agent)
         node.agent = None
 

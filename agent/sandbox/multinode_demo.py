@@ -6,11 +6,10 @@ client address it saw. Every figure is measured in the run that prints it."""
 from __future__ import annotations
 
 import json
-import signal
-import time
 from collections import Counter
 
 from agent.sandbox.multinode import MultiNodeCluster
+from agent.sandbox.topology import wait_for_interrupt
 
 NODE_PORT = 30080
 
@@ -69,15 +68,6 @@ def run_multinode_demo(nodes: int, requests: int, keep: bool) -> int:
             print()
         if keep:
             print("the sandbox keeps running until Ctrl-C; manifests:", cluster.manifests)
-            stop = False
-
-            def on_signal(_signum: int, _frame: object) -> None:
-                nonlocal stop
-                stop = True
-
-            signal.signal(signal.SIGINT, on_signal)
-            signal.signal(signal.SIGTERM, on_signal)
-            while not stop:
-                time.sleep(0.5)
+            wait_for_interrupt()
     print("sandbox removed: namespaces, cgroups, pins and processes are gone.")
     return 0

@@ -49,6 +49,32 @@ def run(argv: Sequence[str], check: bool = True, **kwargs: Any) -> subprocess.Co
     return res
 
 
+def stop_process(proc: subprocess.Popen[Any], sig: int = signal.SIGTERM,
+                 grace: float = 15.0) -> None:
+    """Send `sig` to a process we started, wait `grace` seconds, then kill it."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+def wait_for_interrupt() -> None:
+    """Block until SIGINT or SIGTERM (the sandboxes' --keep)."""
+    stop = False
+
+    def on_signal(_signum: int, _frame: object) -> None:
+        nonlocal stop
+        stop = True
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    while not stop:
+        time.sleep(0.5)
+
+
 def _ignore(_result: object) -> None:
     """Discard a result, for cleanup callbacks that must return None."""
 
