@@ -23,7 +23,6 @@
 
 #define VEER_ECONNREFUSED 111
 #define VEER_EHOSTUNREACH 113
-#define VEER_NSEC_PER_SEC 1000000000ULL
 
 /* A destination as a socket hook sees it, normalized: an IPv4-mapped IPv6
  * address (::ffff:a.b.c.d on a dual-stack socket) is treated as IPv4. */
@@ -92,19 +91,7 @@ static __always_inline int veer_miss(void *ctx, __u8 hook, const struct veer_flo
 static __always_inline __u32 veer_affinity_lookup(struct veer_affinity_key *key,
 						  __u32 timeout_seconds)
 {
-	struct veer_affinity_value *entry = veer_affinity.lookup(key);
-	struct veer_affinity_match_key match = {};
-
-	if (!entry)
-		return 0;
-	if (bpf_ktime_get_ns() - entry->last_used_ns > timeout_seconds * VEER_NSEC_PER_SEC)
-		return 0;
-	match.backend_id = entry->backend_id;
-	match.service_id = key->service_id;
-	if (!veer_affinity_match.lookup(&match))
-		return 0;
-	veer_count(VEER_CNT_AFFINITY_HIT);
-	return entry->backend_id;
+	return veer_affinity_backend(veer_affinity.lookup(key), key->service_id, timeout_seconds);
 }
 
 /* Choose a backend for `flow` and remember, for this socket, which Service

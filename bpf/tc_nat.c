@@ -338,19 +338,8 @@ static __always_inline int veer_from_pod(const struct veer_tuple *t)
 static __always_inline __u32 veer_ext_affinity_lookup(struct veer_ext_affinity_key *key,
 						      __u32 timeout_seconds)
 {
-	struct veer_affinity_value *entry = veer_ext_affinity.lookup(key);
-	struct veer_affinity_match_key match = {};
-
-	if (!entry)
-		return 0;
-	if (bpf_ktime_get_ns() - entry->last_used_ns > timeout_seconds * 1000000000ULL)
-		return 0;
-	match.backend_id = entry->backend_id;
-	match.service_id = key->service_id;
-	if (!veer_affinity_match.lookup(&match))
-		return 0;
-	veer_count(VEER_CNT_AFFINITY_HIT);
-	return entry->backend_id;
+	return veer_affinity_backend(veer_ext_affinity.lookup(key), key->service_id,
+				     timeout_seconds);
 }
 
 /* A new flow could not be set up (no route, no SNAT address or port, a NAT

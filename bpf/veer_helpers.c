@@ -95,3 +95,25 @@ static __always_inline void veer_report(void *ctx, __u8 hook, __u32 reason, __u8
 	veer_events.ringbuf_submit(ev, veer_is_translation(reason) ? VEER_RB_NO_WAKEUP : 0);
 	veer_count(VEER_CNT_EVENTS_SENT);
 }
+
+/* The backend an affinity entry names, or 0: an entry counts while it is
+ * younger than the frontend's timeout and its backend still serves the
+ * frontend (veer_affinity_match); the caller refreshes it on use. Shared by
+ * the socket path (keyed by netns cookie) and the per-packet path (keyed by
+ * client address). */
+static __always_inline __u32 veer_affinity_backend(const struct veer_affinity_value *entry,
+						   __u32 service_id, __u32 timeout_seconds)
+{
+	struct veer_affinity_match_key match = {};
+
+	if (!entry)
+		return 0;
+	if (bpf_ktime_get_ns() - entry->last_used_ns > timeout_seconds * 1000000000ULL)
+		return 0;
+	match.backend_id = entry->backend_id;
+	match.service_id = service_id;
+	if (!veer_affinity_match.lookup(&match))
+		return 0;
+	veer_count(VEER_CNT_AFFINITY_HIT);
+	return entry->backend_id;
+}

@@ -57,6 +57,7 @@ from agent.datapath.ebpf.structs import (
     family_of,
     port_be,
     port_host,
+    service_key,
 )
 from agent.datapath.interface import Datapath, DatapathState, MapUsage, ProgrammedFrontend
 from agent.errors import DatapathError
@@ -144,17 +145,6 @@ def _programmed(
         external_drop_when_empty=bool(ext_entry.flags & SVC_F_DROP_EMPTY),
         external_local=bool(ext_entry.flags & SVC_F_EXT_LOCAL),
         external_sources=tuple(sorted(ext_entry.sources, key=_cidr_sort_key)),
-    )
-
-
-def _service_key(fe: L4Addr, slot: int = 0, scope: int = SCOPE_SOCKET) -> ServiceKey:
-    return ServiceKey(
-        addr=addr_bytes(fe.address),
-        port=port_be(fe.port),
-        proto=IPPROTO[fe.protocol],
-        family=family_of(fe.address),
-        slot=slot,
-        scope=scope,
     )
 
 
@@ -428,11 +418,11 @@ class EbpfDatapath(Datapath):
             for pos, ident in enumerate(new_slots):
                 if pos >= len(old_slots) or old_slots[pos] != ident:
                     self.maps.services.put(
-                        _service_key(key, pos + 1, scope),
+                        service_key(key, pos + 1, scope),
                         ServiceValue(backend_id=ident, service_id=service_id),
                     )
             self.maps.services.put(
-                _service_key(key, 0, scope),
+                service_key(key, 0, scope),
                 ServiceValue(count=len(new_slots), flags=spec.flags, service_id=service_id,
                              affinity_timeout=spec.affinity_timeout),
             )
@@ -444,7 +434,7 @@ class EbpfDatapath(Datapath):
         self._frontend_of_id[service_id] = key
         self._note_removed(frontend.key, service_id, set(old_slots) - set(new_slots))
         for pos in range(len(new_slots), len(old_slots)):
-            self.maps.services.delete(_service_key(key, pos + 1, scope))
+            self.maps.services.delete(service_key(key, pos + 1, scope))
         # A removed backend stops being an affinity target only after no slot
         # of either scope can hand it out any more.
         for ident in old_pairs - new.affinity_backends - still_needed:
@@ -467,12 +457,12 @@ class EbpfDatapath(Datapath):
 
     def _delete_scope(self, key: L4Addr, scope: int) -> bool:
         entry = self._frontends.get((key, scope))
-        existed = self.maps.services.delete(_service_key(key, 0, scope))
+        existed = self.maps.services.delete(service_key(key, 0, scope))
         if entry is None:
             return existed
         self._note_removed(key, entry.service_id, {i for i in entry.slots if i})
         for pos in range(len(entry.slots)):
-            self.maps.services.delete(_service_key(key, pos + 1, scope))
+            self.maps.services.delete(service_key(key, pos + 1, scope))
         other = self._frontends.get((key, SCOPE_EXTERNAL if scope == SCOPE_SOCKET
                                      else SCOPE_SOCKET))
         still_needed = other.affinity_backends if other else set()

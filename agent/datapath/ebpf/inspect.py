@@ -16,10 +16,8 @@ from agent.compute.types import L4Addr
 from agent.datapath.ebpf.maps import SockLbMaps
 from agent.datapath.ebpf.structs import (
     CIDR_KEY_PREFIX_BITS,
-    IPPROTO,
     PROTOCOL_OF,
     SCOPE_EXTERNAL,
-    SCOPE_SOCKET,
     SVC_F_AFFINITY,
     SVC_F_DROP_EMPTY,
     SVC_F_EXT_LOCAL,
@@ -27,14 +25,13 @@ from agent.datapath.ebpf.structs import (
     AffinityMatchKey,
     BackendKey,
     CidrKey,
-    ServiceKey,
     ServiceValue,
     VipKey,
     addr_bytes,
     addr_from,
     family_of,
-    port_be,
     port_host,
+    service_key,
 )
 from agent.datapath.inspect import (
     ActualState,
@@ -47,18 +44,6 @@ from agent.datapath.inspect import (
 from agent.model.objects import IPAddress, IPNetwork
 
 FrontendId = tuple[bytes, int, int, int, int]  # addr, port (be), proto, family, scope
-
-
-def _service_key(key: L4Addr, slot: int) -> ServiceKey:
-    """A socket-scope key, as sock_lb.c builds it (scope 0)."""
-    return ServiceKey(
-        addr=addr_bytes(key.address),
-        port=port_be(key.port),
-        proto=IPPROTO[key.protocol],
-        family=family_of(key.address),
-        slot=slot,
-        scope=SCOPE_SOCKET,
-    )
 
 
 def _entry(value: ServiceValue) -> FrontendEntry:
@@ -90,11 +75,11 @@ class MapsReader(DatapathReader):
     # ---- point lookups ---------------------------------------------------
 
     def frontend(self, key: L4Addr) -> FrontendEntry | None:
-        value = self.maps.services.get(_service_key(key, 0))
+        value = self.maps.services.get(service_key(key, 0))
         return _entry(value) if value is not None else None
 
     def slot(self, key: L4Addr, slot: int) -> int | None:
-        value = self.maps.services.get(_service_key(key, slot))
+        value = self.maps.services.get(service_key(key, slot))
         return value.backend_id if value else None
 
     def affinity(self, client: int, service_id: int) -> tuple[int, float] | None:

@@ -14,8 +14,12 @@ from __future__ import annotations
 import ctypes
 import ipaddress
 import socket
+from typing import TYPE_CHECKING
 
 from agent.model.objects import IPAddress, IPNetwork, Protocol
+
+if TYPE_CHECKING:
+    from agent.compute.types import L4Addr
 
 FAMILY_IPV4 = 4
 FAMILY_IPV6 = 6
@@ -336,3 +340,15 @@ def port_be(port: int) -> int:
 
 def port_host(port: int) -> int:
     return socket.ntohs(port)
+
+
+def service_key(frontend: L4Addr, slot: int = 0, scope: int = SCOPE_SOCKET) -> ServiceKey:
+    """The veer_services key of one slot of a frontend, as the programs build it."""
+    return ServiceKey(
+        addr=addr_bytes(frontend.address),
+        port=port_be(frontend.port),
+        proto=IPPROTO[frontend.protocol],
+        family=family_of(frontend.address),
+        slot=slot,
+        scope=scope,
+    )
