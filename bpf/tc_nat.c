@@ -271,11 +271,28 @@ static __always_inline int veer_same_addr(const __u8 *a, const __u8 *b)
 
 /* Note a packet of a NAT entry's flow: refresh its time, and mark it closing
  * when the packet is a FIN or RST (the mark stays). */
-static __always_inline void veer_nat_seen(struct veer_nat_value *nat, const struct veer_pkt *p)
+static __always_inline void veer_nat_seen(struct veer_nat_value *nat, const struct veer_pkt *p,
+					  int reply)
 {
 	__u64 closing = (nat->last_seen_ns & VEER_NAT_CLOSING) | (p->fin ? VEER_NAT_CLOSING : 0);
+	struct veer_nat_value *other;
+	struct veer_tuple key = {};
 
 	nat->last_seen_ns = bpf_ktime_get_ns() | closing;
+	if (!p->fin)
+		return;
+	/* A FIN or RST in one direction ends both: mark the other direction's
+	 * entry too, keyed by this entry's rewritten tuple reversed (a client's
+	 * RST never passes the reply path, yet it frees the SNAT port). */
+	__builtin_memcpy(key.saddr, nat->daddr, 16);
+	__builtin_memcpy(key.daddr, nat->saddr, 16);
+	key.sport = nat->dport;
+	key.dport = nat->sport;
+	key.proto = p->t.proto;
+	key.family = p->t.family;
+	other = reply ? veer_nat_fwd.lookup(&key) : veer_nat_rev.lookup(&key);
+	if (other)
+		other->last_seen_ns |= VEER_NAT_CLOSING;
 }
 
 /* The reverse entry a packet's flow would have if we had translated it. A new
@@ -297,11 +314,11 @@ static __always_inline void veer_forget_reverse(const struct veer_pkt *p)
 
 /* Translate a packet of a known flow and send it on its way. */
 static __always_inline int veer_apply(struct __sk_buff *skb, const struct veer_pkt *p,
-				      struct veer_nat_value *to)
+				      struct veer_nat_value *to, int reply)
 {
 	struct bpf_fib_lookup fib;
 
-	veer_nat_seen(to, p);
+	veer_nat_seen(to, p, reply);
 	veer_rewrite(skb, p, to);
 	if (veer_route(skb, p->t.family, to->saddr, to->daddr, &fib) < 0) {
 		veer_count(VEER_CNT_NAT_FAIL);
@@ -705,7 +722,7 @@ int veer_tc_ingress(struct __sk_buff *skb)
 	}
 	if (nat) {
 		veer_count(VEER_CNT_NAT_REPLY);
-		return veer_apply(skb, &p, nat);
+		return veer_apply(skb, &p, nat, 1);
 	}
 	/* A SYN starts a new connection even if an old one used the same ports:
 	 * choose afresh (the new entry replaces the stale one), as conntrack
@@ -716,7 +733,7 @@ int veer_tc_ingress(struct __sk_buff *skb)
 	if (nat && !veer_nat_stale(&p.t, nat) &&
 	    (!p.syn || (!(nat->last_seen_ns & VEER_NAT_CLOSING) &&
 			bpf_ktime_get_ns() - nat->last_seen_ns < VEER_SYN_REUSE_NS)))
-		return veer_apply(skb, &p, nat);
+		return veer_apply(skb, &p, nat, 0);
 	verdict = veer_new_flow(skb, &p);
 	if (verdict == VEER_TC_REJECT) {
 		/* Building the ICMP answer does not fit in this program's 512-byte
@@ -753,7 +770,7 @@ int veer_tc_egress(struct __sk_buff *skb)
 		return TC_ACT_OK;
 	}
 	veer_count(VEER_CNT_NAT_REPLY);
-	veer_nat_seen(nat, &p);
+	veer_nat_seen(nat, &p, 1);
 	veer_rewrite(skb, &p, nat);
 	return TC_ACT_OK;
 }
