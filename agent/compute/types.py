@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from agent.model.objects import IPAddress, IPNetwork, Protocol
+from agent.model.objects import AccessAction, Algorithm, IPAddress, IPNetwork, Protocol
 
 
 def addr_sort_key(address: IPAddress) -> tuple[int, int]:
@@ -77,6 +77,32 @@ class ServicePortName:
 
 
 @dataclass(frozen=True)
+class AccessRuleSpec:
+    """One access rule of a frontend: its position in the policy (for counters
+    and events), its action, and its source ranges."""
+
+    index: int
+    action: AccessAction
+    sources: tuple[IPNetwork, ...]
+
+
+@dataclass(frozen=True)
+class AccessSpec:
+    """A TrafficPolicy's access rules as a frontend carries them: the first rule
+    whose sources contain the client decides; none matching, `default_action`."""
+
+    default_action: AccessAction
+    rules: tuple[AccessRuleSpec, ...]
+
+    def verdict(self, client: IPAddress) -> tuple[AccessAction, int | None]:
+        """(action, index of the deciding rule or None for the default)."""
+        for rule in self.rules:
+            if any(client.version == s.version and client in s for s in rule.sources):
+                return rule.action, rule.index
+        return self.default_action, None
+
+
+@dataclass(frozen=True)
 class Frontend:
     """One Service port on one address, with the backends it spreads over.
 
@@ -105,6 +131,18 @@ class Frontend:
     affinity_timeout: int = 0
     # loadBalancerSourceRanges (LoadBalancer frontends only); empty = everyone.
     source_ranges: tuple[IPNetwork, ...] = ()
+    # ---- what a TrafficPolicy adds (agent/compute/policy.py) ----
+    # "namespace/name" of the TrafficPolicy in force, "" for none.
+    policy: str = ""
+    algorithm: Algorithm = Algorithm.RANDOM
+    # Relative weights parallel to `backends` / `external_backends` (a split
+    # gives each backend its Service's weight divided among its endpoints).
+    # Empty: all backends weigh the same.
+    weights: tuple[int, ...] = ()
+    external_weights: tuple[int, ...] = ()
+    access: AccessSpec | None = None
+    # Slots of the Maglev lookup table (a prime), with Algorithm.MAGLEV only.
+    maglev_size: int = 0
 
 
 @dataclass(frozen=True)
@@ -143,6 +181,11 @@ class DesiredState:
     node_addresses: tuple[IPAddress, ...] = ()
     # The cluster's pod ranges (--cluster-cidr): what is "from a pod".
     cluster_cidrs: frozenset[IPNetwork] = frozenset()
+    # TrafficPolicies in force ("namespace/name"), each with the features it
+    # uses (POLICY_FEATURES), so a datapath can say whether it serves them all.
+    policies: Mapping[str, frozenset[str]] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
 
 
 @dataclass(frozen=True)
@@ -174,3 +217,6 @@ class ComputeConfig:
     nodeport_addresses: frozenset[IPNetwork] = frozenset()
     # kube-proxy's --cluster-cidr: sources in these ranges are pods.
     cluster_cidrs: frozenset[IPNetwork] = frozenset()
+    # Slots of a Maglev lookup table (a prime; fixed, so that removing one of
+    # N backends moves only ~1/N of the flows).
+    maglev_table_size: int = 1021
