@@ -199,6 +199,8 @@ class Agent:
                 if fe.kind.external and k not in self.reconciler.failed_frontends
             },
             "problems": [str(p) for p in desired.problems],
+            # TrafficPolicies in force, with the features each uses.
+            "policies": {name: sorted(f) for name, f in desired.policies.items()},
             "manifest_problems": list(self.source.last_report.problems),
             "counters": dict(self.datapath.counters()),
         }

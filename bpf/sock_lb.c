@@ -94,9 +94,67 @@ static __always_inline __u32 veer_affinity_lookup(struct veer_affinity_key *key,
 	return veer_affinity_backend(veer_affinity.lookup(key), key->service_id, timeout_seconds);
 }
 
+/* Apply a frontend's access rules to the calling socket's network namespace.
+ * Returns VEER_PASS when allowed, else VEER_REFUSE (reported). A namespace
+ * whose address the agent has not recorded yet is refused: failing closed
+ * beats letting a denied client through, and the event makes the agent look
+ * at namespaces again at once. */
+static __always_inline int veer_sock_access(void *ctx, __u8 hook, const struct veer_flow *flow,
+					    __u32 service_id, __u16 flags)
+{
+	__u64 netns = bpf_get_netns_cookie(ctx);
+	struct veer_node_value *addrs = veer_netns_addrs.lookup(&netns);
+	const __u8 *client;
+	__u32 first;
+	__u16 rule = VEER_RULE_DEFAULT;
+
+	if (addrs) {
+		client = flow->family == VEER_FAMILY_IPV4 ? addrs->addr4 : addrs->addr6;
+		__builtin_memcpy(&first, client, 4);
+		if (first != 0 || flow->family == VEER_FAMILY_IPV6) {
+			if (veer_access_allowed(service_id, flags, flow->family, client, &rule))
+				return VEER_PASS;
+			veer_count(VEER_CNT_ACCESS_DENIED);
+			veer_report_rule(ctx, hook, VEER_CNT_ACCESS_DENIED,
+					 flow->mapped ? VEER_EV_F_MAPPED : 0, service_id,
+					 flow->family, flow->proto, client, 0, flow->addr, flow->port,
+					 NULL, 0, rule);
+			return VEER_REFUSE;
+		}
+	}
+	veer_count(VEER_CNT_ACCESS_UNKNOWN);
+	veer_report_sock(ctx, hook, VEER_CNT_ACCESS_UNKNOWN, flow, service_id, NULL, 0);
+	return VEER_REFUSE;
+}
+
+/* The Maglev hash of a socket's flow: the client's address (its namespace's,
+ * or the namespace cookie when unknown) and its bound port; an unbound socket
+ * has no port yet, so its cookie stands in and each socket is its own flow. */
+static __always_inline __u32 veer_sock_hash(void *ctx, struct bpf_sock_addr *sa,
+					    const struct veer_flow *flow)
+{
+	__u64 netns = bpf_get_netns_cookie(ctx);
+	struct veer_node_value *addrs = veer_netns_addrs.lookup(&netns);
+	__u8 client[16] = {};
+	__be16 port = 0;
+	struct bpf_sock *sk = sa->sk;
+
+	if (addrs)
+		__builtin_memcpy(client, flow->family == VEER_FAMILY_IPV4 ? addrs->addr4 : addrs->addr6,
+				 16);
+	else
+		__builtin_memcpy(client, &netns, 8);
+	if (sk)
+		port = bpf_htons((__u16)sk->src_port);
+	if (!port)
+		port = (__be16)veer_socket_cookie(ctx);
+	return veer_flow_hash(client, port, flow->proto);
+}
+
 /* Choose a backend for `flow` and remember, for this socket, which Service
  * address the backend stands for. On VEER_TRANSLATE, *out holds the backend. */
-static __always_inline int veer_forward(void *ctx, __u8 hook, const struct veer_flow *flow,
+static __always_inline int veer_forward(struct bpf_sock_addr *ctx, __u8 hook,
+					const struct veer_flow *flow,
 					struct veer_backend_value *out)
 {
 	struct veer_service_key key = {};
@@ -124,6 +182,12 @@ static __always_inline int veer_forward(void *ctx, __u8 hook, const struct veer_
 	flags = frontend->flags;
 	service_id = frontend->service_id;
 	affinity_timeout = frontend->affinity_timeout;
+	if (flags & VEER_SVC_F_ACCESS) {
+		int denied = veer_sock_access(ctx, hook, flow, service_id, flags);
+
+		if (denied != VEER_PASS)
+			return denied;
+	}
 	if (count == 0) {
 		if (flags & VEER_SVC_F_DROP_EMPTY) {
 			veer_count(VEER_CNT_DROPPED_NO_LOCAL);
@@ -144,8 +208,11 @@ static __always_inline int veer_forward(void *ctx, __u8 hook, const struct veer_
 			report_flags |= VEER_EV_F_AFFINITY;
 	}
 	if (!backend_key.backend_id) {
-		key.slot = (bpf_get_prandom_u32() % count) + 1;
-		slot = veer_services.lookup(&key);
+		__u32 hash = 0;
+
+		if ((flags & VEER_SVC_ALG_MASK) == (VEER_ALG_MAGLEV << VEER_SVC_ALG_SHIFT))
+			hash = veer_sock_hash(ctx, ctx, flow);
+		slot = veer_pick(&key, count, flags, service_id, hash);
 		if (!slot) {
 			veer_count(VEER_CNT_INCONSISTENT);
 			veer_report_sock(ctx, hook, VEER_CNT_INCONSISTENT, flow, service_id, NULL, 0);
@@ -166,6 +233,9 @@ static __always_inline int veer_forward(void *ctx, __u8 hook, const struct veer_
 		veer_report_sock(ctx, hook, VEER_CNT_INCONSISTENT, flow, service_id, NULL, 0);
 		return VEER_REFUSE;
 	}
+	if ((flags & VEER_SVC_ALG_MASK) == (VEER_ALG_LEAST_CONN << VEER_SVC_ALG_SHIFT) &&
+	    (hook == VEER_HOOK_CONNECT4 || hook == VEER_HOOK_CONNECT6))
+		veer_lc_hold(ctx, backend_key.backend_id);
 	__builtin_memcpy(out, backend, sizeof(*out));
 
 	rev_key.cookie = veer_socket_cookie(ctx);
@@ -377,4 +447,20 @@ int veer_recvmsg6(struct bpf_sock_addr *ctx)
 int veer_getpeername6(struct bpf_sock_addr *ctx)
 {
 	return veer_untranslate6(ctx);
+}
+
+/* ---- Socket release -------------------------------------------------------- */
+
+/* A socket is going away: give back the connection LeastConnections counted
+ * for it. */
+int veer_sock_release(struct bpf_sock *ctx)
+{
+	__u64 cookie = veer_socket_cookie(ctx);
+	struct veer_lc_sock_value *held = veer_lc_socks.lookup(&cookie);
+
+	if (held) {
+		veer_conns_add(held->backend_id, -1);
+		veer_lc_socks.delete(&cookie);
+	}
+	return 1;
 }

@@ -498,6 +498,23 @@ struct veer_flow_scratch {
 
 BPF_PERCPU_ARRAY(veer_flow_scratch, struct veer_flow_scratch, 1);
 
+/* A TrafficPolicy's access rules on a new flow from outside: a denied
+ * client's packet is dropped (reported with the deciding rule). */
+static __always_inline int veer_tc_access(struct __sk_buff *skb, const struct veer_pkt *p,
+					  const struct veer_service_value *frontend)
+{
+	__u16 rule;
+
+	if (veer_access_allowed(frontend->service_id, frontend->flags, p->t.family, p->t.saddr,
+				&rule))
+		return 1;
+	veer_count(VEER_CNT_NAT_ACCESS_DENIED);
+	veer_report_rule(skb, VEER_HOOK_TC_INGRESS, VEER_CNT_NAT_ACCESS_DENIED, 0,
+			 frontend->service_id, p->t.family, p->t.proto, p->t.saddr, p->t.sport,
+			 p->t.daddr, p->t.dport, NULL, 0, rule);
+	return 0;
+}
+
 /* The first packet of a flow to an external frontend. */
 static __always_inline int veer_new_flow(struct __sk_buff *skb, const struct veer_pkt *p)
 {
@@ -533,6 +550,8 @@ static __always_inline int veer_new_flow(struct __sk_buff *skb, const struct vee
 		veer_report_tc(skb, VEER_CNT_NAT_DENIED_SOURCE, p, frontend->service_id, NULL, 0, 0);
 		return TC_ACT_SHOT;
 	}
+	if ((frontend->flags & VEER_SVC_F_ACCESS) && !veer_tc_access(skb, p, frontend))
+		return TC_ACT_SHOT;
 	if ((frontend->flags & VEER_SVC_F_EXT_LOCAL) && veer_from_pod(&p->t)) {
 		/* A pod elsewhere in the cluster: serve it from every endpoint,
 		 * source-NATed like kube-proxy's short-circuit. */
@@ -571,8 +590,8 @@ static __always_inline int veer_new_flow(struct __sk_buff *skb, const struct vee
 			report_flags |= VEER_EV_F_AFFINITY;
 	}
 	if (!backend_key.backend_id) {
-		key.slot = (bpf_get_prandom_u32() % count) + 1;
-		slot = veer_services.lookup(&key);
+		slot = veer_pick(&key, count, frontend->flags, frontend->service_id,
+				 veer_flow_hash(p->t.saddr, p->t.sport, p->t.proto));
 		if (!slot) {
 			veer_count(VEER_CNT_INCONSISTENT);
 			veer_report_tc(skb, VEER_CNT_INCONSISTENT, p, frontend->service_id, NULL, 0,

@@ -96,6 +96,32 @@ BPF_TABLE_PINNED("lru_hash", struct veer_ext_affinity_key, struct veer_affinity_
 BPF_TABLE_PINNED("lpm_trie", struct veer_cidr_key, struct veer_cidr_value,
 		 veer_cluster_cidrs, 64, VEER_PIN_DIR "/veer_cluster_cidrs", BPF_F_NO_PREALLOC);
 
+/* Access rules of frontends with VEER_SVC_F_ACCESS (see veer_access_value). */
+BPF_TABLE_PINNED("lpm_trie", struct veer_source_key, struct veer_access_value, veer_access,
+		 16384, VEER_PIN_DIR "/veer_access", BPF_F_NO_PREALLOC);
+
+/* Hits per access rule, per CPU. */
+BPF_TABLE_PINNED("percpu_hash", struct veer_rule_key, __u64, veer_access_hits,
+		 16384, VEER_PIN_DIR "/veer_access_hits");
+
+/* Client network namespace (cookie) -> its addresses (addr4/addr6 as in
+ * veer_node_value), written by the agent, which watches the namespaces of
+ * the processes in its cgroup: a socket hook runs before the source address
+ * is chosen, and this is how access rules learn who is calling. */
+BPF_TABLE_PINNED("hash", __u64, struct veer_node_value, veer_netns_addrs,
+		 16384, VEER_PIN_DIR "/veer_netns_addrs");
+
+/* RoundRobin cursors, indexed by service id. */
+BPF_TABLE_PINNED("array", __u32, __u32, veer_rr_cursor, VEER_SERVICES_MAX + 1,
+		 VEER_PIN_DIR "/veer_rr_cursor");
+
+/* LeastConnections: open connections per backend id, and the backend each
+ * counted socket holds (released by veer_sock_release). */
+BPF_TABLE_PINNED("array", __u32, struct veer_conns_value, veer_backend_conns,
+		 VEER_BACKENDS_MAX + 1, VEER_PIN_DIR "/veer_backend_conns");
+BPF_TABLE_PINNED("hash", __u64, struct veer_lc_sock_value, veer_lc_socks,
+		 VEER_REVNAT_MAX, VEER_PIN_DIR "/veer_lc_socks");
+
 /* This node's addresses (one entry, key 0), written by the agent. */
 BPF_TABLE_PINNED("array", __u32, struct veer_node_value, veer_node, 1,
 		 VEER_PIN_DIR "/veer_node");

@@ -61,10 +61,32 @@ struct veer_service_key {
 /* loadBalancerSourceRanges (external scope): only clients inside the
  * frontend's ranges in veer_lb_sources may start a flow. */
 #define VEER_SVC_F_SOURCE_RANGES (1 << 3)
+/* The slots form a lookup table (a TrafficPolicy's weights or Maglev): a
+ * backend may fill several slots and positions matter. */
+#define VEER_SVC_F_TABLE (1 << 4)
+/* A TrafficPolicy's access rules (veer_access) decide who may connect. */
+#define VEER_SVC_F_ACCESS (1 << 5)
+/* ... and a client no rule matches is denied (defaultAction: Deny). */
+#define VEER_SVC_F_ACCESS_DENY (1 << 6)
+
+/* The load-balancing algorithm (bits 8-9 of the flags, slot 0):
+ *   RANDOM  a random slot;
+ *   ROUND_ROBIN  the frontend's cursor in veer_rr_cursor, advanced atomically;
+ *   MAGLEV  the slot the flow's hash names (veer_flow_hash), in a Maglev table;
+ *   LEAST_CONN  the backend with the fewest open connections from this node
+ *           (veer_backend_conns) relative to its weight, which backend slots
+ *           hold in `count`. */
+#define VEER_SVC_ALG_SHIFT 8
+#define VEER_SVC_ALG_MASK (3 << VEER_SVC_ALG_SHIFT)
+#define VEER_ALG_RANDOM 0
+#define VEER_ALG_ROUND_ROBIN 1
+#define VEER_ALG_MAGLEV 2
+#define VEER_ALG_LEAST_CONN 3
 
 struct veer_service_value {
 	__u32 backend_id;       /* slot > 0: the backend in this slot; 0 in slot 0 */
-	__u16 count;            /* slot 0: number of backend slots in use */
+	__u16 count;            /* slot 0: number of backend slots in use;
+				 * slot > 0 of a LEAST_CONN frontend: the backend's weight */
 	__u16 flags;            /* slot 0: VEER_SVC_F_* */
 	__u32 service_id;       /* stable id of the frontend, kept across restarts */
 	__u32 affinity_timeout; /* slot 0: seconds, with VEER_SVC_F_AFFINITY */
@@ -168,6 +190,40 @@ struct veer_source_key {
 	__u8 addr[16];
 };
 
+/* A frontend's access rules (an LPM trie keyed like veer_lb_sources). The
+ * agent compiles the first-match rule list into one entry per source range:
+ * the value is the first rule whose ranges contain the whole range, which is
+ * then the first rule matching any address the range is the longest match
+ * for (ranges containing one address are nested). No match: the default. */
+struct veer_access_value {
+	__u32 rule;   /* the rule's position in the policy */
+	__u32 action; /* VEER_ACCESS_ALLOW or VEER_ACCESS_DENY */
+};
+
+#define VEER_ACCESS_ALLOW 0
+#define VEER_ACCESS_DENY 1
+#define VEER_RULE_DEFAULT 0xffff /* veer_event.rule / veer_rule_key.rule: the default */
+
+/* Per-rule hit counters (per CPU): rule VEER_RULE_DEFAULT counts the default. */
+struct veer_rule_key {
+	__u32 service_id;
+	__u32 rule;
+};
+
+/* Open connections from this node per backend (LeastConnections): an array
+ * indexed by backend id, changed with atomic adds only. */
+struct veer_conns_value {
+	__u32 open;
+	__u32 pad;
+};
+
+/* The backend a LeastConnections socket counts against, by socket cookie,
+ * so that its release gives the connection back. */
+struct veer_lc_sock_value {
+	__u32 backend_id;
+	__u32 pad;
+};
+
 /* ClientIP affinity on the per-packet path, keyed by the client's address
  * (the socket path keys by network namespace instead). */
 struct veer_ext_affinity_key {
@@ -226,6 +282,9 @@ enum veer_counter {
 	VEER_CNT_EVENTS_SENT,         /* flow events written to veer_events */
 	VEER_CNT_EVENTS_LOST,         /* flow events lost: veer_events was full */
 	VEER_CNT_NAT_REJECT,          /* TC: no endpoint anywhere: ICMP port unreachable sent */
+	VEER_CNT_ACCESS_DENIED,       /* a TrafficPolicy access rule refused a connect/sendmsg */
+	VEER_CNT_NAT_ACCESS_DENIED,   /* TC: a TrafficPolicy access rule dropped a new flow */
+	VEER_CNT_ACCESS_UNKNOWN,      /* access rules, but the client's netns has no known address */
 	VEER_CNT_MAX,
 };
 
@@ -256,7 +315,8 @@ struct veer_event {
 	__u64 time_ns;    /* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
 	__u64 cookie;     /* socket hooks: the socket's cookie; TC: 0 */
 	__u64 netns;      /* socket hooks: the caller's network namespace cookie; TC: 0 */
-	__u8 saddr[16];   /* TC: the client; socket hooks: zero (no source is bound yet) */
+	__u8 saddr[16];   /* TC: the client; socket hooks: the client netns's address
+			   * when access rules looked it up, else zero */
 	__u8 daddr[16];   /* the address dialled: the Service (or node) address */
 	__u8 baddr[16];   /* the backend, when one was chosen */
 	__be16 sport;     /* TC only */
@@ -270,7 +330,8 @@ struct veer_event {
 	__u8 hook;        /* VEER_HOOK_* */
 	__u8 flags;       /* VEER_EV_F_* */
 	char comm[16];    /* socket hooks: the calling task's name */
-	__u8 pad[4];
+	__u16 rule;       /* access verdicts: the deciding rule, VEER_RULE_DEFAULT for the default */
+	__u8 pad[2];
 };
 
 /* Runtime switches the agent writes (an array of one, key 0). */

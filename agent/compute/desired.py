@@ -23,7 +23,18 @@ from dataclasses import dataclass
 from types import MappingProxyType
 
 from agent.compute.endpoints import Categorized, categorize, endpoint_views
+from agent.compute.policy import (
+    Weighted,
+    access_of,
+    affinity_of,
+    features_of,
+    merge_split,
+    policies_in_force,
+    policy_name,
+    split_port,
+)
 from agent.compute.types import (
+    AccessSpec,
     ComputeConfig,
     DesiredState,
     EmptyVerdict,
@@ -36,13 +47,14 @@ from agent.compute.types import (
     ServiceProblem,
 )
 from agent.model.objects import (
+    Algorithm,
     IPAddress,
     IPFamily,
     IPNetwork,
     Service,
     ServicePort,
     ServiceType,
-    SessionAffinity,
+    TrafficPolicy,
     TrafficPolicyKind,
 )
 from agent.model.snapshot import ClusterSnapshot
@@ -125,6 +137,74 @@ class _Builder:
         if vip:
             self.vips.add(frontend.key.address)
 
+    def problem(self, svc: Service, reason: str, message: str) -> None:
+        found = ServiceProblem(svc.meta.namespace, svc.meta.name, reason, message)
+        if found not in self.problems:
+            self.problems.append(found)
+
+
+@dataclass(frozen=True)
+class _PolicyFields:
+    """What a TrafficPolicy sets on every frontend of its target."""
+
+    name: str = ""
+    algorithm: Algorithm = Algorithm.RANDOM
+    access: AccessSpec | None = None
+    maglev_size: int = 0
+
+    @staticmethod
+    def of(policy: TrafficPolicy | None, config: ComputeConfig) -> _PolicyFields:
+        if policy is None:
+            return _PolicyFields()
+        return _PolicyFields(
+            name=policy_name(policy),
+            algorithm=policy.algorithm,
+            access=access_of(policy),
+            maglev_size=config.maglev_table_size if policy.algorithm is Algorithm.MAGLEV else 0,
+        )
+
+
+@dataclass(frozen=True)
+class _Sets:
+    """One Service port's backend sets in one family, weighted when split."""
+
+    cluster: Weighted
+    local: Weighted
+    has_any: bool
+
+
+def _port_sets(
+    snapshot: ClusterSnapshot,
+    svc: Service,
+    port: ServicePort,
+    family: IPFamily,
+    node: NodeIdentity,
+    uses: tuple[bool, bool],
+    policy: TrafficPolicy | None,
+    out: _Builder,
+) -> _Sets:
+    """The endpoints of `port`, or with a split, of the split's Services."""
+    if policy is None or not policy.split:
+        cat: Categorized = categorize(endpoint_views(snapshot, svc, port, family), node, *uses)
+        return _Sets(Weighted(cat.cluster), Weighted(cat.local), cat.has_any)
+    cluster_parts: list[tuple[int, tuple[L4Addr, ...]]] = []
+    local_parts: list[tuple[int, tuple[L4Addr, ...]]] = []
+    has_any = False
+    namespace = svc.meta.namespace
+    for entry in policy.split:
+        other = snapshot.services.get((namespace, entry.service))
+        other_port = split_port(port, other) if other is not None else None
+        if other is None or other_port is None:
+            out.problem(svc, "SplitPortMissing",
+                        f"split Service {entry.service} has no port matching "
+                        f"{port.name or port.port}/{port.protocol.value}; it gets no traffic")
+            continue
+        cat = categorize(endpoint_views(snapshot, other, other_port, family), node, *uses)
+        cluster_parts.append((entry.weight, cat.cluster))
+        local_parts.append((entry.weight, cat.local))
+        has_any = has_any or (entry.weight > 0 and cat.has_any)
+    return _Sets(merge_split(cluster_parts), merge_split(local_parts), has_any)
+
 
 @dataclass(frozen=True)
 class _PortContext:
@@ -132,10 +212,11 @@ class _PortContext:
 
     ref: ServicePortName
     port: ServicePort
-    cat: Categorized
-    external_backends: tuple[L4Addr, ...]
+    sets: _Sets
+    external: Weighted
     external_local: bool
     affinity: int
+    policy: _PolicyFields
 
 
 def _external_frontend(
@@ -155,13 +236,19 @@ def _external_frontend(
         key=L4Addr(address, number, ctx.port.protocol),
         service=ctx.ref,
         kind=kind,
-        backends=ctx.cat.cluster,
-        on_empty=_verdict(ctx.cat.has_any),
-        external_backends=ctx.external_backends,
-        external_on_empty=_verdict(ctx.cat.has_any),
+        backends=ctx.sets.cluster.backends,
+        weights=ctx.sets.cluster.weights,
+        on_empty=_verdict(ctx.sets.has_any),
+        external_backends=ctx.external.backends,
+        external_weights=ctx.external.weights,
+        external_on_empty=_verdict(ctx.sets.has_any),
         external_local=ctx.external_local,
         affinity_timeout=ctx.affinity,
         source_ranges=ranges,
+        policy=ctx.policy.name,
+        algorithm=ctx.policy.algorithm,
+        access=ctx.policy.access,
+        maglev_size=ctx.policy.maglev_size,
     )
 
 
@@ -171,11 +258,11 @@ def _service_frontends(
     svc: Service,
     node: NodeIdentity,
     config: ComputeConfig,
+    policy: TrafficPolicy | None,
 ) -> None:
     namespace, name = svc.meta.namespace, svc.meta.name
-    affinity = (
-        svc.session_affinity_timeout if svc.session_affinity == SessionAffinity.CLIENT_IP else 0
-    )
+    affinity = affinity_of(svc, policy)
+    fields = _PolicyFields.of(policy, config)
     internal_local = svc.internal_traffic_policy == TrafficPolicyKind.LOCAL
     families = sorted({IPFamily.of(ip) for ip in svc.cluster_ips})
     node_addresses = nodeport_addresses(node, config)
@@ -193,28 +280,32 @@ def _service_frontends(
         ref = ServicePortName(namespace, name, port.name)
 
         for family in families:
-            cat: Categorized = categorize(
-                endpoint_views(snapshot, svc, port, family), node, uses_cluster, uses_local
-            )
-            local_endpoint_total += len(cat.local) if external_local else 0
-            internal = cat.local if internal_local else cat.cluster
+            sets = _port_sets(snapshot, svc, port, family, node,
+                              (uses_cluster, uses_local), policy, out)
+            local_endpoint_total += len(sets.local.backends) if external_local else 0
+            internal = sets.local if internal_local else sets.cluster
             for cluster_ip in (ip for ip in svc.cluster_ips if IPFamily.of(ip) == family):
                 out.add(
                     Frontend(
                         key=L4Addr(cluster_ip, port.port, port.protocol),
                         service=ref,
                         kind=FrontendKind.CLUSTER_IP,
-                        backends=internal,
-                        on_empty=_verdict(cat.has_any),
+                        backends=internal.backends,
+                        weights=internal.weights,
+                        on_empty=_verdict(sets.has_any),
                         affinity_timeout=affinity,
+                        policy=fields.name,
+                        algorithm=fields.algorithm,
+                        access=fields.access,
+                        maglev_size=fields.maglev_size,
                     ),
                     vip=True,
                 )
             if not external:
                 continue
             ctx = _PortContext(
-                ref, port, cat, cat.local if external_local else cat.cluster,
-                external_local, affinity,
+                ref, port, sets, sets.local if external_local else sets.cluster,
+                external_local, affinity, fields,
             )
             node_port = node_port_of(svc, port)
             if node_port:
@@ -253,6 +344,7 @@ def compute_desired(
 ) -> DesiredState:
     """The datapath state this node should hold for `snapshot`."""
     out = _Builder()
+    governing = policies_in_force(snapshot)
     for (namespace, name), svc in sorted(snapshot.services.items()):
         if not is_proxied(svc, config):
             continue
@@ -269,7 +361,7 @@ def compute_desired(
                     "those ports are not programmed",
                 )
             )
-        _service_frontends(out, snapshot, svc, node, config)
+        _service_frontends(out, snapshot, svc, node, config, governing.get((namespace, name)))
 
     return DesiredState(
         frontends=MappingProxyType(dict(sorted(out.frontends.items()))),
@@ -279,4 +371,9 @@ def compute_desired(
         health_checks=tuple(sorted(out.health_checks, key=lambda h: (h.port, h.namespace))),
         node_addresses=node.addresses,
         cluster_cidrs=config.cluster_cidrs,
+        policies=MappingProxyType({
+            policy_name(p): features_of(p)
+            for p in sorted({policy_name(p): p for p in governing.values()}.values(),
+                            key=policy_name)
+        }),
     )

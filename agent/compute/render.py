@@ -18,14 +18,32 @@ port and protocol); problems keep compute's order, which is itself stable
 
 from __future__ import annotations
 
-from agent.compute.types import DesiredState, EmptyVerdict, Frontend, L4Addr, addr_sort_key
+from agent.compute.types import (
+    AccessSpec,
+    DesiredState,
+    EmptyVerdict,
+    Frontend,
+    L4Addr,
+    addr_sort_key,
+)
 from agent.model.objects import IPNetwork
 
 NO_BACKENDS = "(none: refuse)"
 
 
-def _backends(backends: tuple[L4Addr, ...], on_empty: EmptyVerdict) -> str:
+def _backends(
+    backends: tuple[L4Addr, ...], on_empty: EmptyVerdict, weights: tuple[int, ...] = ()
+) -> str:
+    if weights:
+        return " ".join(f"{b}*{w}" for b, w in zip(backends, weights, strict=True))
     return " ".join(str(b) for b in backends) or f"(none: {on_empty.value})"
+
+
+def _access(access: AccessSpec) -> str:
+    rules = ",".join(
+        f"{r.action.value}:" + "+".join(str(s) for s in r.sources) for r in access.rules
+    )
+    return f"  access {rules + ',' if rules else ''}default:{access.default_action.value}"
 
 
 def render_frontend(frontend: Frontend) -> str:
@@ -33,18 +51,25 @@ def render_frontend(frontend: Frontend) -> str:
     `  external[(Local)] -> backends`, `  affinity Ns`, `  sources CIDR,...`."""
     line = (
         f"{frontend.key}  {frontend.kind.value}  {frontend.service}  -> "
-        f"{_backends(frontend.backends, frontend.on_empty)}"
+        f"{_backends(frontend.backends, frontend.on_empty, frontend.weights)}"
     )
     if frontend.kind.external:
         policy = "(Local)" if frontend.external_local else ""
         line += (
             f"  external{policy} -> "
-            f"{_backends(frontend.external_backends, frontend.external_on_empty)}"
+            + _backends(frontend.external_backends, frontend.external_on_empty,
+                        frontend.external_weights)
         )
     if frontend.affinity_timeout:
         line += f"  affinity {frontend.affinity_timeout}s"
     if frontend.source_ranges:
         line += "  sources " + ",".join(str(r) for r in frontend.source_ranges)
+    if frontend.policy:
+        line += f"  policy {frontend.policy} {frontend.algorithm.value}"
+        if frontend.maglev_size:
+            line += f"/{frontend.maglev_size}"
+    if frontend.access is not None:
+        line += _access(frontend.access)
     return line
 
 
@@ -60,6 +85,10 @@ def render_desired(state: DesiredState) -> str:
     lines.extend(f"vip {vip}" for vip in sorted(state.vips, key=addr_sort_key))
     lines.extend(f"cidr {cidr}" for cidr in sorted(state.service_cidrs, key=_cidr_sort_key))
     lines.extend(f"problem {problem}" for problem in state.problems)
+    lines.extend(
+        f"policy {name} " + ",".join(sorted(features))
+        for name, features in sorted(state.policies.items())
+    )
     lines.extend(
         f"healthcheck {h.port} {h.namespace}/{h.name} local-endpoints={h.local_endpoints}"
         for h in state.health_checks

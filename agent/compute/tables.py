@@ -28,7 +28,7 @@ import math
 from collections.abc import Sequence
 from functools import reduce
 
-from agent.model.objects import Algorithm
+from agent.model.objects import Algorithm, IPNetwork
 
 # Slots of a weighted Random/RoundRobin table: weights are honoured to 0.1%.
 TABLE_SLOTS = 1000
@@ -173,3 +173,45 @@ def flow_words(client: bytes, port_be: int, proto: int) -> list[int]:
     assert len(client) == 16
     words = [int.from_bytes(client[i:i + 4], "little") for i in range(0, 16, 4)]
     return [*words, port_be & 0xFFFF, proto]
+
+
+def backend_name(address_packed: bytes, port: int) -> bytes:
+    """A backend's identity for Maglev's permutations: its address (16 bytes,
+    IPv4 in the first 4) and port (network order)."""
+    return address_packed.ljust(16, b"\0") + port.to_bytes(2, "big")
+
+
+def slot_weights(weights: Sequence[int]) -> tuple[int, ...]:
+    """Weights as LeastConnections slots hold them (1..MAX_SLOT_WEIGHT), in
+    proportion; () when all are equal."""
+    if not weights:
+        return ()
+    top = max(weights)
+    if top <= MAX_SLOT_WEIGHT:
+        return tuple(weights)
+    return tuple(max(1, w * MAX_SLOT_WEIGHT // top) for w in weights)
+
+
+def compile_access(
+    rules: Sequence[tuple[int, bool, Sequence[IPNetwork]]],
+) -> dict[IPNetwork, tuple[int, bool]]:
+    """First-match rules -> longest-prefix-match entries.
+
+    `rules` are (index, allow, source ranges) in policy order. Each range
+    becomes one entry whose verdict is that of the first rule with a range
+    containing it. For any address, the ranges containing it are nested, and
+    the longest of them (what an LPM lookup finds) is contained in every
+    other; so the first rule containing the longest is the first rule
+    containing the address: first match, by longest-prefix lookup.
+    """
+    entries: dict[IPNetwork, tuple[int, bool]] = {}
+    for _, _, ranges in rules:
+        for cidr in ranges:
+            if cidr in entries:
+                continue
+            for index, allow, others in rules:
+                if any(o.version == cidr.version and cidr.subnet_of(o)  # type: ignore[arg-type]
+                       for o in others):
+                    entries[cidr] = (index, allow)
+                    break
+    return entries

@@ -88,10 +88,20 @@ REASONS: Mapping[str, Reason] = MappingProxyType({r.name: r for r in (
            "unreachable, as kube-proxy's REJECT does"),
     Reason("nat_denied_source", DENY, "",
            "client outside the Service's loadBalancerSourceRanges: packet dropped"),
+    Reason("access_denied", DENY, "ECONNREFUSED",
+           "the Service's TrafficPolicy access rules deny this client: refused at once"),
+    Reason("access_unknown", DENY, "ECONNREFUSED",
+           "the Service has access rules and the client's network namespace has no "
+           "address known to the agent yet: refused at once (the agent looks again)"),
+    Reason("nat_access_denied", DENY, "",
+           "the Service's TrafficPolicy access rules deny this client outside the node: "
+           "packet dropped"),
     Reason("nat_fail", DROP, "",
            "the flow could not be set up (no route, no source port for SNAT, or a "
            "NAT map is full): packet dropped"),
 )})
+# Verdicts taken by access rules: their events name the deciding rule.
+ACCESS_REASONS = frozenset({"access_denied", "nat_access_denied"})
 UNKNOWN_REASON = Reason("unknown", DROP, "", "a verdict this agent does not know")
 
 # The per-packet hook. A socket-hook reason reported there (inconsistent)
@@ -126,6 +136,10 @@ class FlowEvent:
     pid: int = 0  # socket hooks: the calling process
     comm: str = ""  # socket hooks: its name
     flags: tuple[str, ...] = ()  # affinity, snat, short_circuit, ipv4_mapped
+    # Access verdicts: the deciding rule's position in the policy, or
+    # access_default when no rule matched and the default decided.
+    rule: int | None = None
+    access_default: bool = False
     # Filled by the hub from the agent's view (ServiceNames):
     service_port: str = ""  # namespace/name:port, or namespace/name for an unexposed port
     namespace: str = ""

@@ -18,8 +18,29 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from agent.compute.tables import backend_name, compile_access, slot_table, slot_weights
 from agent.compute.types import EmptyVerdict, Frontend, L4Addr
-from agent.model.objects import IPAddress, IPNetwork
+from agent.model.objects import AccessAction, Algorithm, IPAddress, IPNetwork
+
+# One compiled access entry: (source range, deciding rule, allow).
+AccessEntry = tuple[IPNetwork, int, bool]
+
+
+def _table(frontend: Frontend, backends: tuple[L4Addr, ...],
+           weights: tuple[int, ...]) -> tuple[L4Addr, ...]:
+    """The slot table the datapath must hold, or () when the backends
+    themselves are the slots (agent/compute/tables.py)."""
+    if frontend.algorithm is not Algorithm.MAGLEV and not weights:
+        return ()
+    names = [backend_name(b.address.packed, b.port) for b in backends]
+    table = slot_table(frontend.algorithm, names, weights, frontend.maglev_size)
+    return tuple(backends[i] for i in table) if table is not None else ()
+
+
+def _lc_weights(frontend: Frontend, weights: tuple[int, ...]) -> tuple[int, ...]:
+    if frontend.algorithm is not Algorithm.LEAST_CONNECTIONS:
+        return ()
+    return slot_weights(weights)
 
 if TYPE_CHECKING:
     from agent.datapath.flows import FlowEvent
@@ -40,10 +61,31 @@ class ProgrammedFrontend:
     external_drop_when_empty: bool = False
     external_local: bool = False
     external_sources: tuple[IPNetwork, ...] = ()
+    # What a TrafficPolicy adds. `table`: the slots when they form a table
+    # (weights, Maglev), in order; `weights`: LeastConnections weights
+    # parallel to `backends`; `access`: the compiled rules, sorted, with the
+    # default ("" without access rules).
+    algorithm: str = Algorithm.RANDOM.value
+    table: tuple[L4Addr, ...] = ()
+    weights: tuple[int, ...] = ()
+    external_table: tuple[L4Addr, ...] = ()
+    external_weights: tuple[int, ...] = ()
+    access: tuple[AccessEntry, ...] = ()
+    access_default: str = ""
 
     @staticmethod
     def of(frontend: Frontend) -> ProgrammedFrontend:
         external = frontend.kind.external
+        access: tuple[AccessEntry, ...] = ()
+        if frontend.access is not None:
+            compiled = compile_access([
+                (r.index, r.action is AccessAction.ALLOW, r.sources)
+                for r in frontend.access.rules
+            ])
+            access = tuple(sorted(
+                ((cidr, rule, allow) for cidr, (rule, allow) in compiled.items()),
+                key=lambda e: (e[0].version, int(e[0].network_address), e[0].prefixlen),
+            ))
         return ProgrammedFrontend(
             backends=frontend.backends,
             drop_when_empty=frontend.on_empty is EmptyVerdict.DROP,
@@ -57,6 +99,15 @@ class ProgrammedFrontend:
                 frontend.source_ranges,
                 key=lambda c: (c.version, int(c.network_address), c.prefixlen),
             )) if external else (),
+            algorithm=frontend.algorithm.value,
+            table=_table(frontend, frontend.backends, frontend.weights),
+            weights=_lc_weights(frontend, frontend.weights),
+            external_table=_table(frontend, frontend.external_backends,
+                                  frontend.external_weights) if external else (),
+            external_weights=_lc_weights(frontend, frontend.external_weights)
+            if external else (),
+            access=access,
+            access_default=frontend.access.default_action.value if frontend.access else "",
         )
 
 

@@ -109,7 +109,8 @@ class MultiNodeCluster:
             per_node[index] = per_node.get(index, 1) + 1
             ip = f"10.244.{index}.{per_node[index]}"
             ip6 = f"fd00:10:244:{index}::{per_node[index]}"
-            pod = topo.add_pod(name, ip, ip6, node_ns=self.nodes[index - 1].netns)
+            pod = topo.add_pod(name, ip, ip6, node_ns=self.nodes[index - 1].netns,
+                               cgroup=self.nodes[index - 1].cgroup)
             self.pod_ips[name] = ip
             self.pod_ips6[name] = ip6
             self.nodes[index - 1].pods.append(name)

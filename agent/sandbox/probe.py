@@ -77,9 +77,15 @@ def _peer_matches(peer: Any, addr: str, port: int) -> bool:
     return bool(host == addr and peer[1] == port)
 
 
-def tcp_once(addr: str, port: int, timeout: float, path: str = "/") -> tuple[str, bool]:
+def tcp_once(addr: str, port: int, timeout: float, path: str = "/",
+             source_port: int = 0) -> tuple[str, bool]:
     with socket.socket(_family(addr), socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
+        if source_port:
+            # A fixed source port makes a fixed flow (Maglev hashes it); the
+            # server closes first, so this side keeps no TIME_WAIT.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("", source_port))
         sock.connect((addr, port))
         peer_ok = _peer_matches(sock.getpeername(), addr, port)
         sock.sendall(REQUEST.replace(b"{path}", path.encode()))
@@ -92,6 +98,7 @@ def run_tcp(args: argparse.Namespace) -> dict[str, Any]:
     mismatch = 0
     latencies: list[float] = []
     failed_after: list[float] = []
+    sequence: list[str] = []  # the answers in order (connection n -> its backend)
     if args.persistent:
         return run_tcp_persistent(args)
     deadline = time.monotonic() + args.duration if args.duration else None
@@ -101,7 +108,9 @@ def run_tcp(args: argparse.Namespace) -> dict[str, Any]:
         n += 1
         start = time.perf_counter()
         try:
-            body, peer_ok = tcp_once(args.addr, args.port, args.timeout, args.path)
+            source_port = args.source_port + n - 1 if args.source_port else 0
+            body, peer_ok = tcp_once(args.addr, args.port, args.timeout, args.path,
+                                     source_port)
         except OSError as err:
             errors[_errname(err)] += 1
             failed_after.append((time.perf_counter() - start) * 1e6)
@@ -110,6 +119,7 @@ def run_tcp(args: argparse.Namespace) -> dict[str, Any]:
             continue
         latencies.append((time.perf_counter() - start) * 1e6)
         answers[body] += 1
+        sequence.append(body)
         mismatch += not peer_ok
         if args.interval:
             time.sleep(args.interval)
@@ -120,6 +130,7 @@ def run_tcp(args: argparse.Namespace) -> dict[str, Any]:
         "peer_mismatch": mismatch,
         "latency_us": _percentiles(latencies),
         "error_latency_us": _percentiles(failed_after),
+        "sequence": sequence,
     }
 
 
@@ -235,6 +246,8 @@ def main() -> None:
     parser.add_argument("--interval", type=float, default=0.0)
     parser.add_argument("--timeout", type=float, default=2.0)
     parser.add_argument("--connect", action="store_true", help="UDP: use connect()")
+    parser.add_argument("--source-port", type=int, default=0,
+                        help="TCP: bind connection n (from 1) to source port SOURCE_PORT+n-1")
     parser.add_argument("--path", default="/",
                         help="TCP: the HTTP path (/client also returns the address nginx saw)")
     args = parser.parse_args()

@@ -238,7 +238,12 @@ class Topology:
         self.ns(netns, "ip", "addr", "add", cidr, "dev", device)
         self.ns(netns, "ip", "link", "set", device, "up")
 
-    def add_pod(self, name: str, ipv4: str = "", ipv6: str = "", node_ns: str = "") -> Pod:
+    def add_pod(self, name: str, ipv4: str = "", ipv6: str = "", node_ns: str = "",
+                cgroup: str = "") -> Pod:
+        """A pod: a namespace with its addresses, a veth to its node, and a
+        process that holds it, as kubelet's pause container does (in
+        `cgroup`, default the topology's), so that the agent sees the pod's
+        namespace before any of its clients runs."""
         netns = self._netns(name)
         node = node_ns or self.node_ns
         self._veth_count += 1
@@ -261,6 +266,16 @@ class Topology:
             self.ns(node, "ip", "-6", "route", "add", f"{ipv6}/128", "dev", host)
         pod = Pod(name, netns, ipv4, ipv6, host)
         self.pods[name] = pod
+        procs = os.path.join(cgroup or self.cgroup, "cgroup.procs")
+
+        def join() -> None:
+            with open(procs, "w") as f:
+                f.write(str(os.getpid()))
+
+        self._procs.append(subprocess.Popen(
+            ["ip", "netns", "exec", netns, "sleep", "infinity"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=join,
+        ))
         return pod
 
     # ---- processes -------------------------------------------------------

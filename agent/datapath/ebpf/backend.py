@@ -25,19 +25,30 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from agent.compute.types import EmptyVerdict, Frontend, L4Addr
+from agent.datapath.ebpf.clients import ClientNamespaces
 from agent.datapath.ebpf.maps import SockLbMaps
 from agent.datapath.ebpf.programs import SockLbPrograms
 from agent.datapath.ebpf.structs import (
+    ACCESS_ALLOW,
+    ACCESS_DENY,
+    ALGORITHM_CODES,
+    ALGORITHM_OF_CODE,
     CIDR_KEY_PREFIX_BITS,
     IPPROTO,
     PROTOCOL_OF,
     SCOPE_EXTERNAL,
     SCOPE_SOCKET,
     SOURCE_KEY_PREFIX_BITS,
+    SVC_ALG_MASK,
+    SVC_ALG_SHIFT,
+    SVC_F_ACCESS,
+    SVC_F_ACCESS_DENY,
     SVC_F_AFFINITY,
     SVC_F_DROP_EMPTY,
     SVC_F_EXT_LOCAL,
     SVC_F_SOURCE_RANGES,
+    SVC_F_TABLE,
+    AccessValue,
     AffinityMatchKey,
     AffinityMatchValue,
     BackendKey,
@@ -59,7 +70,13 @@ from agent.datapath.ebpf.structs import (
     port_host,
     service_key,
 )
-from agent.datapath.interface import Datapath, DatapathState, MapUsage, ProgrammedFrontend
+from agent.datapath.interface import (
+    AccessEntry,
+    Datapath,
+    DatapathState,
+    MapUsage,
+    ProgrammedFrontend,
+)
 from agent.errors import DatapathError
 from agent.model.objects import IPAddress, IPNetwork, Protocol
 
@@ -82,6 +99,7 @@ class _FrontendEntry:
     flags: int = 0
     affinity_timeout: int = 0
     sources: frozenset[IPNetwork] = frozenset()  # loadBalancerSourceRanges (external)
+    weights: list[int] | None = None  # per slot, LeastConnections only
 
     @property
     def affinity_backends(self) -> set[int]:
@@ -97,19 +115,36 @@ class _ScopeSpec:
     flags: int
     affinity_timeout: int
     sources: frozenset[IPNetwork] = frozenset()
+    table: tuple[L4Addr, ...] = ()  # the exact slots, when they form a table
+    weights: tuple[int, ...] = ()  # LeastConnections weights, parallel to backends
 
 
-def _scopes_of(frontend: Frontend) -> dict[int, _ScopeSpec]:
+def _policy_flags(frontend: Frontend, programmed: ProgrammedFrontend) -> int:
+    flags = ALGORITHM_CODES[frontend.algorithm.value] << SVC_ALG_SHIFT
+    if programmed.access_default:
+        flags |= SVC_F_ACCESS
+        if programmed.access_default == "Deny":
+            flags |= SVC_F_ACCESS_DENY
+    return flags
+
+
+def _scopes_of(frontend: Frontend, programmed: ProgrammedFrontend) -> dict[int, _ScopeSpec]:
     """The scopes a frontend occupies: the socket scope always; the external
     scope (read by TC) for NodePort/ExternalIP/LoadBalancer frontends."""
-    socket_flags = SVC_F_AFFINITY if frontend.affinity_timeout else 0
+    policy_flags = _policy_flags(frontend, programmed)
+    socket_flags = policy_flags | (SVC_F_AFFINITY if frontend.affinity_timeout else 0)
     if frontend.on_empty is EmptyVerdict.DROP:
         socket_flags |= SVC_F_DROP_EMPTY
+    if programmed.table:
+        socket_flags |= SVC_F_TABLE
     scopes = {
-        SCOPE_SOCKET: _ScopeSpec(frontend.backends, socket_flags, frontend.affinity_timeout)
+        SCOPE_SOCKET: _ScopeSpec(frontend.backends, socket_flags, frontend.affinity_timeout,
+                                 table=programmed.table, weights=programmed.weights)
     }
     if frontend.kind.external:
-        flags = SVC_F_EXT_LOCAL if frontend.external_local else 0
+        flags = policy_flags | (SVC_F_EXT_LOCAL if frontend.external_local else 0)
+        if programmed.external_table:
+            flags |= SVC_F_TABLE
         if frontend.external_on_empty is EmptyVerdict.DROP:
             flags |= SVC_F_DROP_EMPTY
         if frontend.affinity_timeout:
@@ -119,32 +154,46 @@ def _scopes_of(frontend: Frontend) -> dict[int, _ScopeSpec]:
         scopes[SCOPE_EXTERNAL] = _ScopeSpec(
             frontend.external_backends, flags, frontend.affinity_timeout,
             frozenset(frontend.source_ranges),
+            table=programmed.external_table, weights=programmed.external_weights,
         )
     return scopes
 
 
+@dataclass(frozen=True)
+class _Found:
+    """One scope of a frontend as dump() read it."""
+
+    entry: _FrontendEntry
+    backends: tuple[L4Addr, ...]  # sorted, once each
+    table: tuple[L4Addr, ...]  # the slots in order, when they form a table
+    weights: tuple[int, ...]  # LeastConnections weights parallel to `backends`
+
+
 def _programmed(
-    socket: tuple[_FrontendEntry, tuple[L4Addr, ...]],
-    external: tuple[_FrontendEntry, tuple[L4Addr, ...]] | None,
+    socket: _Found, external: _Found | None, access: tuple[AccessEntry, ...]
 ) -> ProgrammedFrontend:
-    entry, backends = socket
-    out = ProgrammedFrontend(
-        backends=backends,
-        drop_when_empty=bool(entry.flags & SVC_F_DROP_EMPTY),
-        affinity_timeout=entry.affinity_timeout if entry.flags & SVC_F_AFFINITY else 0,
-    )
-    if external is None:
-        return out
-    ext_entry, ext_backends = external
+    entry = socket.entry
+    flags = entry.flags
+    access_default = ""
+    if flags & SVC_F_ACCESS:
+        access_default = "Deny" if flags & SVC_F_ACCESS_DENY else "Allow"
+    ext = external.entry if external is not None else None
     return ProgrammedFrontend(
-        backends=out.backends,
-        drop_when_empty=out.drop_when_empty,
-        affinity_timeout=out.affinity_timeout,
-        external=True,
-        external_backends=ext_backends,
-        external_drop_when_empty=bool(ext_entry.flags & SVC_F_DROP_EMPTY),
-        external_local=bool(ext_entry.flags & SVC_F_EXT_LOCAL),
-        external_sources=tuple(sorted(ext_entry.sources, key=_cidr_sort_key)),
+        backends=socket.backends,
+        drop_when_empty=bool(flags & SVC_F_DROP_EMPTY),
+        affinity_timeout=entry.affinity_timeout if flags & SVC_F_AFFINITY else 0,
+        external=external is not None,
+        external_backends=external.backends if external else (),
+        external_drop_when_empty=bool(ext.flags & SVC_F_DROP_EMPTY) if ext else False,
+        external_local=bool(ext.flags & SVC_F_EXT_LOCAL) if ext else False,
+        external_sources=tuple(sorted(ext.sources, key=_cidr_sort_key)) if ext else (),
+        algorithm=ALGORITHM_OF_CODE.get((flags & SVC_ALG_MASK) >> SVC_ALG_SHIFT, "?"),
+        table=socket.table,
+        weights=socket.weights,
+        external_table=external.table if external else (),
+        external_weights=external.weights if external else (),
+        access=access if access_default else (),
+        access_default=access_default,
     )
 
 
@@ -211,6 +260,13 @@ class EbpfDatapath(Datapath):
         # consumer's thread: only ever replaced or changed one key at a time.
         self._frontend_of_id: dict[int, L4Addr] = {}
         self._events: EventConsumer | None = None
+        # service id -> the access entries veer_access holds for it
+        self._access: dict[int, frozenset[AccessEntry]] = {}
+        # Client namespaces' addresses, for access rules and Maglev on the
+        # socket path: watched only once some frontend needs them.
+        self._clients: ClientNamespaces | None = None
+        if programs is not None and programs.cgroup:
+            self._clients = ClientNamespaces(maps.netns_addrs, programs.cgroup)
 
     # ---- reading back ----------------------------------------------------
 
@@ -225,7 +281,7 @@ class EbpfDatapath(Datapath):
                 backends[bkey.backend_id] = be
 
         masters: dict[FrontendId, tuple[L4Addr, ServiceValue]] = {}
-        slot_values: dict[FrontendId, dict[int, int]] = {}
+        slot_values: dict[FrontendId, dict[int, tuple[int, int]]] = {}
         for key, value in self.maps.services.items():
             fid = (bytes(key.addr), key.port, key.proto, key.family, key.scope)
             if key.slot == 0:
@@ -233,39 +289,64 @@ class EbpfDatapath(Datapath):
                 if fe is not None:
                     masters[fid] = (fe, value)
             else:
-                slot_values.setdefault(fid, {})[key.slot] = value.backend_id
+                slot_values.setdefault(fid, {})[key.slot] = (value.backend_id, value.count)
 
         self._frontends.clear()
         self._service_alloc.reset()
         self._backend_refs.clear()
-        found: dict[Scoped, tuple[_FrontendEntry, tuple[L4Addr, ...]]] = {}
+        found: dict[Scoped, _Found] = {}
         for fid, (fe, master) in masters.items():
             slots_of = slot_values.get(fid, {})
-            slots = [slots_of.get(i, 0) for i in range(1, master.count + 1)]
+            pairs = [slots_of.get(i, (0, 0)) for i in range(1, master.count + 1)]
+            slots = [ident for ident, _ in pairs]
+            lc = (master.flags & SVC_ALG_MASK) >> SVC_ALG_SHIFT == ALGORITHM_CODES[
+                "LeastConnections"]
             self._service_alloc.take(master.service_id)
             entry = _FrontendEntry(
-                master.service_id, slots, master.flags, master.affinity_timeout
+                master.service_id, slots, master.flags, master.affinity_timeout,
+                weights=[w for _, w in pairs] if lc else None,
             )
             self._frontends[(fe, fid[4])] = entry
             self._backend_refs.update(i for i in slots if i)
-            present = tuple(sorted(backends[i] for i in slots if i in backends))
-            found[(fe, fid[4])] = (entry, present)
-            if len(present) != len(slots):
+            complete = all(i in backends for i in slots)
+            present = tuple(sorted({backends[i] for i in slots if i in backends}))
+            weight_of = {backends[i]: w for i, w in pairs if i in backends}
+            weights = tuple(weight_of[b] for b in present) if lc else ()
+            found[(fe, fid[4])] = _Found(
+                entry, present,
+                tuple(backends[i] for i in slots if i in backends)
+                if master.flags & SVC_F_TABLE else (),
+                weights if any(w != weights[0] for w in weights) else (),
+            )
+            if not complete:
                 log.warning("frontend %s has missing slots or backends; it will be rewritten", fe)
         self._frontend_of_id = {e.service_id: fe for (fe, _), e in self._frontends.items()}
         sources: dict[int, set[IPNetwork]] = {}
         for skey in self.maps.lb_sources.list_keys():
             sources.setdefault(skey.service_id, set()).add(_source_from(skey))
-        for (_, scope), (entry, _) in found.items():
+        for (_, scope), got in found.items():
             if scope == SCOPE_EXTERNAL:
-                entry.sources = frozenset(sources.pop(entry.service_id, set()))
+                got.entry.sources = frozenset(sources.pop(got.entry.service_id, set()))
         for sid, leftover in sources.items():  # ranges of frontends that are gone
             for cidr in leftover:
                 self.maps.lb_sources.delete(_source_key(sid, cidr))
+        access: dict[int, set[AccessEntry]] = {}
+        for akey, avalue in self.maps.access.items():
+            access.setdefault(akey.service_id, set()).add(
+                (_source_from(akey), int(avalue.rule), avalue.action == ACCESS_ALLOW))
+        live_ids = {e.service_id for e in self._frontends.values()}
+        for sid, entries in access.items():
+            if sid not in live_ids:  # rules of frontends that are gone
+                for cidr, _, _ in entries:
+                    self.maps.access.delete(_source_key(sid, cidr))
+        self._access = {sid: frozenset(e) for sid, e in access.items() if sid in live_ids}
         state = DatapathState()
         for (fe, scope), socket in found.items():
             if scope == SCOPE_SOCKET:
-                state.frontends[fe] = _programmed(socket, found.get((fe, SCOPE_EXTERNAL)))
+                state.frontends[fe] = _programmed(
+                    socket, found.get((fe, SCOPE_EXTERNAL)),
+                    _sorted_access(self._access.get(socket.entry.service_id, frozenset())),
+                )
         for (fe, scope) in found:
             if scope == SCOPE_EXTERNAL and fe not in state.frontends:
                 # An external scope without a socket scope: no desired frontend
@@ -357,14 +438,25 @@ class EbpfDatapath(Datapath):
 
     def upsert_frontend(self, frontend: Frontend) -> bool:
         key = frontend.key
-        scopes = _scopes_of(frontend)
+        programmed = ProgrammedFrontend.of(frontend)
+        scopes = _scopes_of(frontend, programmed)
+        if programmed.access_default or programmed.algorithm == "Maglev":
+            self._watch_clients()
         existing = self._frontends.get((key, SCOPE_SOCKET)) or self._frontends.get(
             (key, SCOPE_EXTERNAL)
         )
         fresh_id = existing is None
         service_id = existing.service_id if existing else self._service_alloc.take()
         changed = False
+        old_access = self._access.get(service_id, frozenset())
+        new_access = frozenset(programmed.access)
         try:
+            # Rules before the flag that makes the programs read them.
+            for cidr, rule, allow in new_access - old_access:
+                self.maps.access.put(_source_key(service_id, cidr), AccessValue(
+                    rule=rule, action=ACCESS_ALLOW if allow else ACCESS_DENY))
+                changed = True
+            self._access[service_id] = old_access | new_access
             # The external scope first: TC never sees a frontend whose socket
             # scope is newer than its external one matters less than the
             # reverse, but either order keeps each scope whole.
@@ -378,6 +470,13 @@ class EbpfDatapath(Datapath):
             if scope not in scopes and (key, scope) in self._frontends:
                 self._delete_scope(key, scope)
                 changed = True
+        # Replaced entries were overwritten in place; ranges no rule names any
+        # more go once no flag can send a program to them.
+        gone = {cidr for cidr, _, _ in old_access} - {cidr for cidr, _, _ in new_access}
+        for cidr in gone:
+            self.maps.access.delete(_source_key(service_id, cidr))
+            changed = True
+        self._access[service_id] = new_access
         return changed
 
     def _upsert_scope(
@@ -387,11 +486,22 @@ class EbpfDatapath(Datapath):
         entry = self._frontends.get((key, scope))
         wanted = [self._acquire_backend(be) for be in spec.backends]
         old_slots = entry.slots if entry else []
-        new_slots = self._layout(old_slots, wanted)
+        if spec.table:
+            # A table's positions are its meaning (Maglev) or its weights:
+            # written exactly as computed.
+            new_slots = [self._backend_ids[be] for be in spec.table]
+        else:
+            new_slots = self._layout(old_slots, wanted)
+        new_weights: list[int] | None = None
+        if (spec.flags & SVC_ALG_MASK) >> SVC_ALG_SHIFT == ALGORITHM_CODES["LeastConnections"]:
+            weight_of = dict(zip(wanted, spec.weights or [1] * len(wanted), strict=True))
+            new_weights = [weight_of[i] for i in new_slots]
+        old_weights = entry.weights if entry else None
         old_sources = entry.sources if entry else frozenset()
         if (
             entry is not None
             and new_slots == old_slots
+            and new_weights == old_weights
             and (entry.flags, entry.affinity_timeout) == (spec.flags, spec.affinity_timeout)
             and old_sources == spec.sources
         ):
@@ -399,7 +509,7 @@ class EbpfDatapath(Datapath):
             return False
 
         new = _FrontendEntry(service_id, new_slots, spec.flags, spec.affinity_timeout,
-                             spec.sources)
+                             spec.sources, new_weights)
         old_pairs = entry.affinity_backends if entry else set()
         other = self._frontends.get((key, SCOPE_EXTERNAL if scope == SCOPE_SOCKET
                                      else SCOPE_SOCKET))
@@ -416,10 +526,12 @@ class EbpfDatapath(Datapath):
                     AffinityMatchKey(ident, service_id), AffinityMatchValue()
                 )
             for pos, ident in enumerate(new_slots):
-                if pos >= len(old_slots) or old_slots[pos] != ident:
+                weight = new_weights[pos] if new_weights else 0
+                before = old_weights[pos] if old_weights and pos < len(old_weights) else 0
+                if pos >= len(old_slots) or old_slots[pos] != ident or weight != before:
                     self.maps.services.put(
                         service_key(key, pos + 1, scope),
-                        ServiceValue(backend_id=ident, service_id=service_id),
+                        ServiceValue(backend_id=ident, service_id=service_id, count=weight),
                     )
             self.maps.services.put(
                 service_key(key, 0, scope),
@@ -445,6 +557,19 @@ class EbpfDatapath(Datapath):
         self._backend_refs.subtract(i for i in old_slots if i)
         self._release_unreferenced(set(old_slots) | set(wanted))
         return True
+
+    def _watch_clients(self) -> None:
+        """Record the client namespaces before the first frontend that reads
+        them is written, then keep them current."""
+        clients = self._clients
+        if clients is None or clients.wanted:
+            return
+        clients.wanted = True
+        try:
+            clients.refresh()
+        except OSError as err:
+            raise DatapathError(f"reading client network namespaces: {err}") from err
+        clients.start()
 
     def _note_removed(self, key: L4Addr, service_id: int, idents: set[int]) -> None:
         """Remember UDP backends that left a frontend, for finish_pass()."""
@@ -485,6 +610,8 @@ class EbpfDatapath(Datapath):
         for scope in (SCOPE_SOCKET, SCOPE_EXTERNAL):
             existed |= self._delete_scope(key, scope)
         if entry is not None:
+            for cidr, _, _ in self._access.pop(entry.service_id, frozenset()):
+                self.maps.access.delete(_source_key(entry.service_id, cidr))
             self._service_alloc.release(entry.service_id)
             self._frontend_of_id.pop(entry.service_id, None)
         return existed
@@ -609,7 +736,14 @@ class EbpfDatapath(Datapath):
     def start_flow_events(self, sink: Callable[[list[FlowEvent]], None]) -> bool:
         if self.programs is None or self._events is not None:
             return False
-        consumer = self.programs.event_consumer(sink)
+        clients = self._clients
+
+        def deliver(batch: list[FlowEvent]) -> None:
+            if clients is not None and any(e.reason == "access_unknown" for e in batch):
+                clients.wake()
+            sink(batch)
+
+        consumer = self.programs.event_consumer(deliver)
         consumer.start()
         self._events = consumer
         return True
@@ -622,6 +756,8 @@ class EbpfDatapath(Datapath):
         return self._frontend_of_id.get(service_id)
 
     def close(self) -> None:
+        if self._clients is not None:
+            self._clients.stop()
         if self._events is not None:
             self._events.stop()
             self._events = None
@@ -667,3 +803,7 @@ def _source_from(key: SourceKey) -> IPNetwork:
 
 def _cidr_sort_key(cidr: IPNetwork) -> tuple[int, int, int]:
     return (cidr.version, int(cidr.network_address), cidr.prefixlen)
+
+
+def _sorted_access(entries: frozenset[AccessEntry]) -> tuple[AccessEntry, ...]:
+    return tuple(sorted(entries, key=lambda e: _cidr_sort_key(e[0])))

@@ -34,11 +34,12 @@ from agent.datapath.ebpf.structs import (
     HOOK_NAMES,
     HOOK_TC_INGRESS,
     PROTOCOL_OF,
+    RULE_DEFAULT,
     Event,
     addr_from,
     port_host,
 )
-from agent.datapath.flows import FlowEvent
+from agent.datapath.flows import ACCESS_REASONS, FlowEvent
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,7 @@ def decode(raw: bytes, wall_offset: float) -> FlowEvent:
         backend = L4Addr(addr_from(ev.baddr, ev.family), port_host(ev.bport),
                          protocol) if protocol is not None else None
     tc = ev.hook == HOOK_TC_INGRESS
+    access = reason in ACCESS_REASONS
     return FlowEvent(
         time=ev.time_ns / 1e9 + wall_offset,
         reason=reason,
@@ -81,7 +83,9 @@ def decode(raw: bytes, wall_offset: float) -> FlowEvent:
         protocol=protocol.value if protocol is not None else str(ev.proto),
         destination=addr_from(ev.daddr, ev.family),
         port=port_host(ev.dport),
-        source=addr_from(ev.saddr, ev.family) if tc else None,
+        # Socket hooks know the client's address only when access rules
+        # looked it up (from its network namespace).
+        source=addr_from(ev.saddr, ev.family) if tc or any(ev.saddr) else None,
         source_port=port_host(ev.sport) if tc else 0,
         backend=backend,
         service_id=int(ev.service_id),
@@ -90,6 +94,8 @@ def decode(raw: bytes, wall_offset: float) -> FlowEvent:
         pid=int(ev.pid),
         comm=ev.comm.decode(errors="replace"),
         flags=tuple(name for bit, name in FLAG_NAMES if ev.flags & bit),
+        rule=(None if ev.rule == RULE_DEFAULT else int(ev.rule)) if access else None,
+        access_default=access and ev.rule == RULE_DEFAULT,
     )
 
 

@@ -15,6 +15,7 @@ from typing import Generic, TypeVar
 from agent.datapath.ebpf import syscall
 from agent.datapath.ebpf.structs import (
     COUNTER_NAMES,
+    AccessValue,
     AffinityKey,
     AffinityMatchKey,
     AffinityMatchValue,
@@ -23,10 +24,13 @@ from agent.datapath.ebpf.structs import (
     BackendValue,
     CidrKey,
     CidrValue,
+    ConnsValue,
+    CookieKey,
     ExtAffinityKey,
     IndexKey,
     NatValue,
     NodeValue,
+    RuleKey,
     ServiceKey,
     ServiceValue,
     SockRevnatKey,
@@ -37,6 +41,13 @@ from agent.datapath.ebpf.structs import (
     VipValue,
 )
 from agent.errors import DatapathError
+
+
+class _U64(ctypes.Structure):
+    """One CPU's share of a per-CPU __u64 value."""
+
+    _fields_ = [("value", ctypes.c_uint64)]
+
 
 K = TypeVar("K", bound=ctypes.Structure)
 V = TypeVar("V", bound=ctypes.Structure)
@@ -129,6 +140,10 @@ class SockLbMaps:
     lb_sources: PinnedMap[SourceKey, CidrValue]
     ext_affinity: PinnedMap[ExtAffinityKey, AffinityValue]
     cluster_cidrs: PinnedMap[CidrKey, CidrValue]
+    access: PinnedMap[SourceKey, AccessValue]
+    netns_addrs: PinnedMap[CookieKey, NodeValue]
+    backend_conns: PinnedMap[IndexKey, ConnsValue]
+    access_hits: PinnedMap[RuleKey, _U64]  # per-CPU: read with access_hit_counts()
     counters_fd: int
 
     @staticmethod
@@ -152,6 +167,10 @@ class SockLbMaps:
             lb_sources=PinnedMap(path("veer_lb_sources"), SourceKey, CidrValue),
             ext_affinity=PinnedMap(path("veer_ext_affinity"), ExtAffinityKey, AffinityValue),
             cluster_cidrs=PinnedMap(path("veer_cluster_cidrs"), CidrKey, CidrValue),
+            access=PinnedMap(path("veer_access"), SourceKey, AccessValue),
+            netns_addrs=PinnedMap(path("veer_netns_addrs"), CookieKey, NodeValue),
+            backend_conns=PinnedMap(path("veer_backend_conns"), IndexKey, ConnsValue),
+            access_hits=PinnedMap(path("veer_access_hits"), RuleKey, _U64),
             counters_fd=syscall.obj_get(path("veer_counters")),
         )
 
@@ -168,10 +187,21 @@ class SockLbMaps:
                 out[name] = 0
         return out
 
+    def access_hit_counts(self) -> dict[tuple[int, int], int]:
+        """(service id, rule) -> hits, summed over CPUs (rule 0xffff: the default)."""
+        ncpu = _possible_cpus()
+        out = {}
+        for key in self.access_hits.list_keys():
+            values = (ctypes.c_uint64 * ncpu)()
+            if syscall.map_lookup(self.access_hits.fd, key, values):
+                out[(int(key.service_id), int(key.rule))] = int(sum(values))
+        return out
+
     def close(self) -> None:
         for m in (self.services, self.backends, self.vips, self.service_cidrs, self.sock_revnat,
                   self.affinity, self.affinity_match, self.nat_fwd, self.nat_rev, self.node,
-                  self.lb_sources, self.ext_affinity, self.cluster_cidrs):
+                  self.lb_sources, self.ext_affinity, self.cluster_cidrs, self.access,
+                  self.netns_addrs, self.backend_conns, self.access_hits):
             m.close()
         os.close(self.counters_fd)
 

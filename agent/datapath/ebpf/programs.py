@@ -46,6 +46,9 @@ CGROUP_UDP4_RECVMSG = 19
 CGROUP_UDP6_RECVMSG = 20
 CGROUP_INET4_GETPEERNAME = 29
 CGROUP_INET6_GETPEERNAME = 30
+CGROUP_INET_SOCK_RELEASE = 34
+
+BPF_PROG_TYPE_CGROUP_SOCK = 9
 
 BPF_PROG_TYPE_CGROUP_SOCK_ADDR = 18
 BPF_PROG_TYPE_SCHED_CLS = 3
@@ -57,6 +60,7 @@ class Hook:
     function: str  # the C function in bpf/sock_lb.c
     attach_type: int
     pin: str  # file name under the bpffs directory
+    prog_type: int = BPF_PROG_TYPE_CGROUP_SOCK_ADDR
 
     @property
     def hook(self) -> str:
@@ -72,6 +76,8 @@ SOCK_HOOKS: tuple[Hook, ...] = (
     Hook("veer_sendmsg6", CGROUP_UDP6_SENDMSG, "prog_sendmsg6"),
     Hook("veer_recvmsg6", CGROUP_UDP6_RECVMSG, "prog_recvmsg6"),
     Hook("veer_getpeername6", CGROUP_INET6_GETPEERNAME, "prog_getpeername6"),
+    Hook("veer_sock_release", CGROUP_INET_SOCK_RELEASE, "prog_sock_release",
+         BPF_PROG_TYPE_CGROUP_SOCK),
 )
 
 # Map name -> pin file name (BCC pins under the names given in veer_maps.h).
@@ -90,6 +96,12 @@ MAP_NAMES = (
     "veer_ext_affinity",
     "veer_cluster_cidrs",
     "veer_counters",
+    "veer_access",
+    "veer_access_hits",
+    "veer_netns_addrs",
+    "veer_rr_cursor",
+    "veer_backend_conns",
+    "veer_lc_socks",
 )
 
 
@@ -159,7 +171,7 @@ class SockLbPrograms:
             for hook in SOCK_HOOKS:
                 self._fns[hook.pin] = self._bpf.load_func(
                     hook.function.encode(),
-                    BPF_PROG_TYPE_CGROUP_SOCK_ADDR,
+                    hook.prog_type,
                     attach_type=hook.attach_type,
                 )
         except Exception as err:  # BCC raises bare Exception for compile/load errors

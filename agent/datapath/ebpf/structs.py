@@ -64,6 +64,19 @@ SVC_F_AFFINITY = 1 << 0
 SVC_F_DROP_EMPTY = 1 << 1
 SVC_F_EXT_LOCAL = 1 << 2
 SVC_F_SOURCE_RANGES = 1 << 3
+SVC_F_TABLE = 1 << 4
+SVC_F_ACCESS = 1 << 5
+SVC_F_ACCESS_DENY = 1 << 6
+SVC_ALG_SHIFT = 8
+SVC_ALG_MASK = 3 << SVC_ALG_SHIFT
+# VEER_ALG_*, by the TrafficPolicy's name for them.
+ALGORITHM_CODES: dict[str, int] = {
+    "Random": 0,
+    "RoundRobin": 1,
+    "Maglev": 2,
+    "LeastConnections": 3,
+}
+ALGORITHM_OF_CODE: dict[int, str] = {v: k for k, v in ALGORITHM_CODES.items()}
 
 
 class BackendKey(ctypes.Structure):
@@ -206,6 +219,31 @@ class NatValue(ctypes.Structure):
     ]
 
 
+class AccessValue(ctypes.Structure):
+    C_NAME = "veer_access_value"
+    _fields_ = [("rule", ctypes.c_uint32), ("action", ctypes.c_uint32)]
+
+
+ACCESS_ALLOW = 0
+ACCESS_DENY = 1
+RULE_DEFAULT = 0xFFFF
+
+
+class RuleKey(ctypes.Structure):
+    C_NAME = "veer_rule_key"
+    _fields_ = [("service_id", ctypes.c_uint32), ("rule", ctypes.c_uint32)]
+
+
+class ConnsValue(ctypes.Structure):
+    C_NAME = "veer_conns_value"
+    _fields_ = [("open", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
+
+
+class LcSockValue(ctypes.Structure):
+    C_NAME = "veer_lc_sock_value"
+    _fields_ = [("backend_id", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
+
+
 class NodeValue(ctypes.Structure):
     C_NAME = "veer_node_value"
     _fields_ = [("addr4", Addr16), ("addr6", Addr16)]
@@ -233,7 +271,8 @@ class Event(ctypes.Structure):
         ("hook", ctypes.c_uint8),
         ("flags", ctypes.c_uint8),
         ("comm", ctypes.c_char * 16),
-        ("pad", ctypes.c_uint8 * 4),
+        ("rule", ctypes.c_uint16),  # access verdicts: the deciding rule (RULE_DEFAULT)
+        ("pad", ctypes.c_uint8 * 2),
     ]
 
 
@@ -259,6 +298,12 @@ class ConfigValue(ctypes.Structure):
 
     C_NAME = "veer_config"
     _fields_ = [("trace_translations", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
+
+
+class CookieKey(ctypes.Structure):
+    """The __u64 key of veer_netns_addrs and veer_lc_socks (a cookie)."""
+
+    _fields_ = [("cookie", ctypes.c_uint64)]
 
 
 class IndexKey(ctypes.Structure):
@@ -289,6 +334,10 @@ MIRRORS: tuple[type[ctypes.Structure], ...] = (
     ExtAffinityKey,
     Event,
     ConfigValue,
+    AccessValue,
+    RuleKey,
+    ConnsValue,
+    LcSockValue,
 )
 
 # enum veer_counter, in order.
@@ -311,6 +360,9 @@ COUNTER_NAMES: tuple[str, ...] = (
     "events_sent",
     "events_lost",
     "nat_reject",
+    "access_denied",
+    "nat_access_denied",
+    "access_unknown",
 )
 
 # LPM trie keys carry family + padding (32 bits) before the address.
