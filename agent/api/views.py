@@ -391,4 +391,6 @@ def flow_message(pb: Any, e: flows.FlowEvent, lost_before: int = 0) -> Any:
         netns_cookie=e.netns,
         flags=list(e.flags),
         lost_before=lost_before,
+        access_rule=(f"access.rules[{e.rule}]" if e.rule is not None
+                     else "access.defaultAction" if e.access_default else ""),
     )

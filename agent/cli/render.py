@@ -375,6 +375,8 @@ def flow_reason(e: dict[str, Any]) -> str:
     where = ", ".join(x for x in (e["errno"], e["hook"]) if x)
     text = str(e["reason_text"] or e["reason"])
     extra = "; ".join(FLOW_FLAGS.get(f, f) for f in e["flags"])
+    if e.get("access_rule"):
+        extra = "; ".join(x for x in (f"decided by {e['access_rule']}", extra) if x)
     return text + (f" ({where})" if where else "") + (f"; {extra}" if extra else "")
 
 

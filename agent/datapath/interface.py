@@ -132,6 +132,9 @@ class Datapath(ABC):
 
     #: a short name for logs and status ("ebpf", "fake", ...)
     name: str = "datapath"
+    #: the TrafficPolicy features this datapath acts on (agent/compute/policy.py
+    #: FEATURE_*); a policy using any other is reported as not programmed here
+    policy_features: frozenset[str] = frozenset()
 
     @abstractmethod
     def dump(self) -> DatapathState:

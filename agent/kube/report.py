@@ -15,8 +15,11 @@ The operator aggregates the trafficPolicies entries into each policy's
 Programmed condition ("n/m"). A policy is listed when it is accepted and its
 Services exist in this node's view (agent/operator/conditions.py decides, as
 the operator does). The datapath does not act on TrafficPolicies yet, so
-every listed policy says programmed: false, reason NotImplemented: the report
-says what the node does, not what it was asked to do.
+each listed policy says whether this node's last reconcile pass put it in
+force (programmed: true), and if not why: a feature this node's datapath
+does not implement (reason Unsupported, naming it), a failed pass
+(SyncFailed), or no pass since the policy appeared (Pending). The report says
+what the node does, not what it was asked to do.
 
 The report is written once the source has delivered its first complete view:
 the object is created if missing (owned by the Node, so it goes when the Node
@@ -30,8 +33,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -43,8 +46,8 @@ from agent.operator.conditions import PolicyInput, ServiceInfo, evaluate
 
 log = logging.getLogger(__name__)
 
-NOT_IMPLEMENTED = "NotImplemented"
-NOT_IMPLEMENTED_MESSAGE = "this version of the veer datapath does not act on TrafficPolicies yet"
+PENDING = "Pending"
+PENDING_MESSAGE = "no reconcile pass has programmed this generation yet"
 HEARTBEAT_SECONDS = 60
 
 
@@ -56,6 +59,8 @@ class AgentFacts:
     ready: bool = False
     reason: str = "WaitingForInitialList"
     message: str = "no reconcile pass has run yet"
+    # "namespace/name" -> (programmed, reason, message), per policy in force
+    policies: Mapping[str, tuple[bool, str, str]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -72,7 +77,9 @@ def _now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def policy_entries(snapshot: ClusterSnapshot, mode: str) -> list[dict[str, Any]]:
+def policy_entries(snapshot: ClusterSnapshot, mode: str,
+                   programmed: Mapping[str, tuple[bool, str, str]] | None = None,
+                   ) -> list[dict[str, Any]]:
     """The trafficPolicies of a report (pure): every policy in force here."""
     policies = {(p.meta.namespace, p.meta.name): p for p in snapshot.traffic_policies.values()}
     inputs = [PolicyInput.of(p) for p in policies.values()]
@@ -84,12 +91,14 @@ def policy_entries(snapshot: ClusterSnapshot, mode: str) -> list[dict[str, Any]]
         entry: dict[str, Any] = {"namespace": p.namespace, "name": p.name}
         if policies[p.key].meta.uid:
             entry["uid"] = policies[p.key].meta.uid
+        done, reason, message = (programmed or {}).get(
+            f"{p.namespace}/{p.name}", (False, PENDING, PENDING_MESSAGE))
         entry.update({
             "generation": p.generation,
             "mode": mode.upper(),
-            "programmed": False,
-            "reason": NOT_IMPLEMENTED,
-            "message": NOT_IMPLEMENTED_MESSAGE,
+            "programmed": done,
+            "reason": reason,
+            "message": message[:1024],
         })
         out.append(entry)
     return out
@@ -123,7 +132,7 @@ def node_status(
         "modeReason": identity.mode_reason[:1024],
         "heartbeatSeconds": HEARTBEAT_SECONDS,
         "services": facts.services,
-        "trafficPolicies": policy_entries(snapshot, identity.mode),
+        "trafficPolicies": policy_entries(snapshot, identity.mode, facts.policies),
         "conditions": [{
             "type": "Ready",
             "status": ready_status,
@@ -222,9 +231,10 @@ class NodeReporter:
         self._last_write = self._clock()
         if content != self._written:
             log.info("VeerNode %s: Ready=%s, %d Service frontends, %d TrafficPolicies in force "
-                     "(programmed: none, %s)", self.node_name,
+                     "(%d programmed)", self.node_name,
                      content["conditions"][0]["status"], content["services"],
-                     len(content["trafficPolicies"]), NOT_IMPLEMENTED)
+                     len(content["trafficPolicies"]),
+                     sum(1 for p in content["trafficPolicies"] if p["programmed"]))
         self._written = content
         return True
 

@@ -14,10 +14,11 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from agent.compute.types import DesiredState, L4Addr
 from agent.kube.client import Api
 from agent.kube.report import AgentFacts, Identity, NodeReporter
 from agent.kube.source import KubeSource
@@ -38,11 +39,38 @@ def agent_facts(agent: Agent) -> AgentFacts:
     if result is None:
         return AgentFacts()
     failed = agent.reconciler.failed_frontends
-    services = len([k for k in agent.last_desired.frontends if k not in failed])
+    desired = agent.last_desired
+    services = len([k for k in desired.frontends if k not in failed])
+    policies = policy_facts(desired, failed, agent.datapath.policy_features,
+                            agent.datapath.name)
     if not result.ok:
-        return AgentFacts(services, False, "SyncFailed", "; ".join(result.errors[:5]))
+        return AgentFacts(services, False, "SyncFailed", "; ".join(result.errors[:5]),
+                          policies)
     return AgentFacts(services, True, "Synced",
-                      f"the cluster state is programmed ({services} Service frontends)")
+                      f"the cluster state is programmed ({services} Service frontends)",
+                      policies)
+
+
+def policy_facts(desired: DesiredState, failed: Collection[L4Addr],
+                 supported: frozenset[str], mode: str) -> dict[str, tuple[bool, str, str]]:
+    """Whether each TrafficPolicy in force is programmed on this node, and why not."""
+    out: dict[str, tuple[bool, str, str]] = {}
+    for name, features in desired.policies.items():
+        missing = sorted(features - supported)
+        frontends = [k for k, fe in desired.frontends.items() if fe.policy == name]
+        broken = [k for k in frontends if k in failed]
+        if missing:
+            out[name] = (False, "Unsupported",
+                         f"the {mode} datapath of this node does not implement "
+                         f"{', '.join(missing)} yet")
+        elif broken:
+            out[name] = (False, "SyncFailed",
+                         f"{len(broken)} of its {len(frontends)} frontends failed to program "
+                         f"(first: {broken[0]})")
+        else:
+            out[name] = (True, "Programmed",
+                         f"in force on {len(frontends)} frontends of this node")
+    return out
 
 
 @dataclass(frozen=True)

@@ -97,7 +97,7 @@ def test_status(live: SandboxCluster) -> None:
     assert data["mode"] == "ebpf" and data["datapath"] == "ebpf"
     assert data["node_name"] == "node-1"
     assert {p["hook"] for p in data["programs"]} == {h.hook for h in SOCK_HOOKS}
-    assert len(data["programs"]) == 8 and all(p["id"] > 0 for p in data["programs"])
+    assert len(data["programs"]) == len(SOCK_HOOKS) and all(p["id"] > 0 for p in data["programs"])
     assert data["source"]["synced"] is True
     assert data["sync"]["last_errors"] == [] and data["sync"]["passes"] >= 1
     assert {m["name"]: m["entries"] > 0 for m in data["maps"]}["veer_services"]
@@ -278,7 +278,7 @@ def test_metrics_scrape(live: SandboxCluster) -> None:
     assert first["veer_map_capacity"][(("map", "veer_services"),)] >= \
         first["veer_map_entries"][(("map", "veer_services"),)]
     assert first["veer_datapath_mode"][(("mode", "ebpf"),)] == 1
-    assert first["veer_programs_attached"][()] == 8
+    assert first["veer_programs_attached"][()] == len(SOCK_HOOKS)
     assert first["veer_services_skipped"][(("reason", "UnsupportedProtocol"),)] == 1
     assert first["veer_sync_errors_total"][()] == 0
 

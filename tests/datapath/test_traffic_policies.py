@@ -266,3 +266,21 @@ def test_access_rules_refuse_denied_pods_at_once_and_count(live: SandboxCluster)
     for (_, rule), n in hits.items():
         by_rule[rule] += n
     assert by_rule[0] >= 20 and by_rule[1] >= 20, hits
+
+    # `veer observe` shows the denials: who, what, and which rule decided.
+    def observe(*args: str) -> str:
+        res = subprocess.run([sys.executable, "-m", "agent.cli.main", "observe", *args,
+                              "--socket", live.api_socket],
+                             capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0, res.stderr
+        return res.stdout
+
+    events = [e for e in json.loads(observe("--verdict", "deny", "-o", "json"))["events"]
+              if e["reason"] == "access_denied"]
+    assert len(events) >= 20, events
+    assert {(e["source"], e["access_rule"], e["service_port"], e["errno"])
+            for e in events} == {(CLIENT_IP, "access.rules[0]", "default/acl:http",
+                                  "ECONNREFUSED")}
+    table = observe("--verdict", "deny")
+    line = next(x for x in table.splitlines() if "default/acl:http" in x)
+    assert CLIENT_IP in line and "decided by access.rules[0]" in line, table

@@ -1,6 +1,6 @@
 """The agent's VeerNode report (agent/kube/report.py) against a fake API
-server: what it lists (accepted policies whose Services exist here, honestly
-NotImplemented), that it fits the CRD, that it is created when missing and
+server: what it lists (accepted policies whose Services exist here, each
+programmed or not as the agent's last pass left it), that it fits the CRD, that it is created when missing and
 patched only when its content changes or a heartbeat is due; and the
 uninstall decision (agent/kube/uninstall.py) on every path, and the watch of
 the agent's DaemonSet that feeds it.
@@ -43,19 +43,25 @@ def cluster(*extra: dict[str, Any]) -> list[dict[str, Any]]:
     return [own, service("web", port("http", 80), ns="demo"), *extra]
 
 
-def test_the_report_lists_policies_in_force_and_says_they_are_not_programmed() -> None:
+def test_the_report_lists_policies_in_force_as_the_last_pass_left_them() -> None:
     snap = ClusterSnapshot.of(models(*cluster(
         policy("older", "web", second=1),
         policy("newer", "web", second=2),  # conflicted: not in force
         policy("missing", "nothing"),  # its Service is not here
     )))
-    status = node_status(snap, NODE, IDENTITY, AgentFacts(3, True, "Synced", "ok"),
-                         now="2026-01-01T00:01:00Z")
+    facts = AgentFacts(3, True, "Synced", "ok",
+                       {"demo/older": (True, "Programmed", "in force on 2 frontends")})
+    status = node_status(snap, NODE, IDENTITY, facts, now="2026-01-01T00:01:00Z")
     assert status["trafficPolicies"] == [{
         "namespace": "demo", "name": "older", "uid": "u-older", "generation": 4,
-        "mode": "EBPF", "programmed": False, "reason": "NotImplemented",
-        "message": "this version of the veer datapath does not act on TrafficPolicies yet",
+        "mode": "EBPF", "programmed": True, "reason": "Programmed",
+        "message": "in force on 2 frontends",
     }]
+    # Before a pass has programmed it, a policy is Pending, not programmed.
+    pending = node_status(snap, NODE, IDENTITY, AgentFacts(3, True, "Synced", "ok"),
+                          now="2026-01-01T00:01:00Z")
+    assert [(p["programmed"], p["reason"]) for p in pending["trafficPolicies"]] == [
+        (False, "Pending")]
     assert status["nodeUID"] == "node-uid-1"
     assert status["podName"] == "veer-agent-x7k2p"
     assert (status["mode"], status["services"]) == ("EBPF", 3)

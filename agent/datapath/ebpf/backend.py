@@ -24,6 +24,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from agent.compute.policy import (
+    FEATURE_ACCESS,
+    FEATURE_AFFINITY,
+    FEATURE_ALGORITHM,
+    FEATURE_SPLIT,
+)
 from agent.compute.types import EmptyVerdict, Frontend, L4Addr
 from agent.datapath.ebpf.clients import ClientNamespaces
 from agent.datapath.ebpf.maps import SockLbMaps
@@ -243,6 +249,9 @@ class _IdAllocator:
 
 class EbpfDatapath(Datapath):
     name = "ebpf"
+    policy_features = frozenset({
+        FEATURE_ALGORITHM, FEATURE_AFFINITY, FEATURE_SPLIT, FEATURE_ACCESS,
+    })
 
     def __init__(self, maps: SockLbMaps, programs: SockLbPrograms | None = None) -> None:
         self.maps = maps
