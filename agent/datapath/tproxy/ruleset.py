@@ -1,0 +1,393 @@
+"""The nftables side of TPROXY mode, rendered as libnftables JSON commands.
+
+Pure functions of a Frontend and the proxy's listener ports: no I/O, so the
+rules can be read and tested without root.
+
+    table inet veer
+      prerouting (filter hook, priority mangle)
+        1. mark & MARK_PROXY                 accept   the proxy's own packets
+        2. tcp/udp, socket transparent 1     mark MARK_LOCAL, accept
+                                                      replies to the proxy's upstream
+                                                      sockets (and a client's later
+                                                      packets to its proxied socket)
+        3. iif lo, ct direction reply        accept   the proxy's answers to host clients
+        4. ip daddr . l4proto . dport  vmap @fe4  ->  jump svc_<addr>_<port>_<proto>
+           ip6 daddr . l4proto . dport vmap @fe6
+        5. not from lo: daddr @vips*  -> refused (RST / ICMP port unreachable)
+                        daddr @cidrs* -> refused
+           (from lo, the kernel itself refuses: those addresses are local routes)
+
+      svc_A_P_proto (one per frontend; the map points at it)
+        [NodePort/ExternalIP/LB] iifname @ext_devices  goto svc_..._out
+        [access rules]  deny -> refused at once; allow -> goto svc_..._in
+        iif lo -> tproxy to the NODE listener; else -> tproxy to the POD listener
+        (no backend: refused, or EHOSTUNREACH where kube-proxy drops)
+      svc_..._out (from the node's devices: externalTrafficPolicy)
+        [loadBalancerSourceRanges] saddr not in them -> drop
+        [access rules]  deny -> drop; allow -> goto svc_..._outok
+        [Local policy] saddr @cluster* -> tproxy to the SHORTCUT listener
+        tproxy to the OUTSIDE listener (no backend: ICMP port unreachable, or drop)
+
+Every tproxy rule also sets MARK_LOCAL, which routing rule 9337 turns into
+local delivery (agent/datapath/tproxy/routing.py). A tproxy rule that finds
+no listener (the proxy is not running) does not match; the next rule refuses.
+
+Each refusal, drop and denial counts into a named counter whose name is the
+eBPF datapath's counter for the same verdict, so metrics read alike.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from agent.compute.types import EmptyVerdict, Frontend, L4Addr
+from agent.datapath.tproxy.layout import (
+    LOOPBACK,
+    MARK_LOCAL,
+    MARK_PROXY,
+    NFT_FAMILY,
+    NFT_TABLE,
+    Role,
+)
+from agent.datapath.tproxy.nft import Command
+from agent.model.objects import AccessAction, IPNetwork, Protocol
+
+Expr = dict[str, Any]
+Rule = list[Expr]
+# (address family 4/6, protocol, role) -> the proxy's listener port for it.
+Ports = Mapping[tuple[int, Protocol, Role], int]
+
+COUNTERS = (
+    "refused_no_backend",  # a frontend without backends, from this node
+    "refused_unknown_port",  # a Service address, a port it does not expose
+    "refused_no_service",  # inside a Service CIDR, no Service there
+    "dropped_no_local",  # Local policy, no local endpoint: EHOSTUNREACH from this node
+    "nat_reject",  # from outside, no endpoint anywhere: ICMP port unreachable
+    "nat_drop",  # from outside, Local policy without local endpoint: dropped
+    "nat_denied_source",  # from outside, not in loadBalancerSourceRanges: dropped
+    "access_denied",  # a TrafficPolicy access rule refused a client of this node
+    "nat_access_denied",  # ... dropped a client from outside
+    "proxy_missing",  # a tproxy rule found no listener: the proxy is not running
+)
+
+_TABLE = {"family": NFT_FAMILY, "table": NFT_TABLE}
+_L4 = {"meta": {"key": "l4proto"}}
+_IIFNAME = {"meta": {"key": "iifname"}}
+_MARK = {"meta": {"key": "mark"}}
+_PROTO = {Protocol.TCP: "tcp", Protocol.UDP: "udp"}
+
+
+def _ipf(family: int) -> str:
+    return "ip" if family == 4 else "ip6"
+
+
+def _match(left: Any, right: Any, op: str = "==") -> Expr:
+    return {"match": {"op": op, "left": left, "right": right}}
+
+
+def _payload(protocol: str, field: str) -> Expr:
+    return {"payload": {"protocol": protocol, "field": field}}
+
+
+def _counter(name: str) -> Expr:
+    return {"counter": name}
+
+
+def _set_of(cidrs: Iterable[IPNetwork]) -> Expr:
+    """An anonymous set of ranges. Overlapping ranges are merged first: an
+    interval set refuses overlaps."""
+    elements: list[Any] = []
+    by_family: dict[int, list[IPNetwork]] = {}
+    for cidr in cidrs:
+        by_family.setdefault(cidr.version, []).append(cidr)
+    for nets in by_family.values():
+        for net in ipaddress.collapse_addresses(nets):  # type: ignore[type-var]
+            if net.prefixlen == net.max_prefixlen:
+                elements.append(str(net.network_address))
+            else:
+                elements.append({"prefix": {"addr": str(net.network_address),
+                                            "len": net.prefixlen}})
+    return {"set": elements}
+
+
+def set_elements(cidrs: Iterable[IPNetwork]) -> list[Any]:
+    """Elements for a named interval set, merged as an interval set needs."""
+    return list(_set_of(cidrs)["set"])
+
+
+def chain_name(key: L4Addr, suffix: str = "") -> str:
+    """A frontend's chain, named after it so `nft list table inet veer` reads
+    as the Services it serves (svc_10.96.0.10_80_tcp, svc_fd00:96::20_53_udp)."""
+    return f"svc_{key.address}_{key.port}_{key.protocol.value.lower()}{suffix}"
+
+
+def map_name(family: int) -> str:
+    return f"fe{family}"
+
+
+def element_key(key: L4Addr) -> Expr:
+    return {"concat": [str(key.address), _PROTO[key.protocol], key.port]}
+
+
+# ---- verdicts ----------------------------------------------------------------
+
+
+def _refuse(protocol: Protocol, counter: str) -> Rule:
+    """Refused at once: a TCP reset for TCP (the client's connect() fails with
+    ECONNREFUSED), ICMP port unreachable for UDP."""
+    if protocol is Protocol.TCP:
+        return [_match(_L4, "tcp"), _counter(counter), {"reject": {"type": "tcp reset"}}]
+    return [_counter(counter), {"reject": {"type": "icmpx", "expr": "port-unreachable"}}]
+
+
+def _unreachable(counter: str) -> Rule:
+    """ICMP host unreachable: a TCP client's connect() fails with EHOSTUNREACH
+    at once (the eBPF path's answer where kube-proxy drops)."""
+    return [_counter(counter), {"reject": {"type": "icmpx", "expr": "host-unreachable"}}]
+
+
+def _icmp_refuse(counter: str) -> Rule:
+    """What kube-proxy's REJECT sends outside clients: ICMP port unreachable."""
+    return [_counter(counter), {"reject": {"type": "icmpx", "expr": "port-unreachable"}}]
+
+
+def _drop(counter: str) -> Rule:
+    return [_counter(counter), {"drop": None}]
+
+
+def _tproxy(key: L4Addr, ports: Ports, role: Role, *conditions: Expr) -> Rule:
+    family = key.address.version
+    return [
+        *conditions,
+        _match(_L4, _PROTO[key.protocol]),
+        {"tproxy": {"family": _ipf(family), "addr": LOOPBACK[family],
+                    "port": ports[(family, key.protocol, role)]}},
+        {"mangle": {"key": _MARK, "value": {"|": [_MARK, MARK_LOCAL]}}},
+        {"accept": None},
+    ]
+
+
+# ---- one frontend ------------------------------------------------------------
+
+
+def _access_rules(frontend: Frontend, allow_chain: str, deny: Rule) -> tuple[list[Rule], bool]:
+    """First-match access rules of the frontend's family, then its default:
+    (rules, whether the chain needs the `allow_chain` continuation). No rules
+    at all when nobody can be denied."""
+    access = frontend.access
+    if access is None:
+        return [], False
+    family = frontend.key.address.version
+    rules: list[Rule] = []
+    ordered = [(r.action, [s for s in r.sources if s.version == family]) for r in access.rules]
+    ordered = [(action, sources) for action, sources in ordered if sources]
+    denies = any(a is AccessAction.DENY for a, _ in ordered)
+    if not denies and access.default_action is AccessAction.ALLOW:
+        return [], False
+    saddr = _payload(_ipf(family), "saddr")
+    for action, sources in ordered:
+        condition = _match(saddr, _set_of(sources))
+        if action is AccessAction.ALLOW:
+            rules.append([condition, {"goto": {"target": allow_chain}}])
+        else:
+            rules.append([condition, *deny])
+    if access.default_action is AccessAction.ALLOW:
+        rules.append([{"goto": {"target": allow_chain}}])
+    else:
+        rules.append(list(deny))
+    return rules, True
+
+
+def _inside_go(frontend: Frontend, ports: Ports) -> list[Rule]:
+    """Connections that start on this node: every frontend's socket scope."""
+    key = frontend.key
+    if not frontend.backends:
+        if frontend.on_empty is EmptyVerdict.DROP:
+            return [_unreachable("dropped_no_local")]
+        return [_refuse(key.protocol, "refused_no_backend")]
+    return [
+        _tproxy(key, ports, Role.NODE, _match(_IIFNAME, "lo")),
+        _tproxy(key, ports, Role.POD),
+        _refuse(key.protocol, "proxy_missing"),
+    ]
+
+
+def _outside_go(frontend: Frontend, ports: Ports) -> list[Rule]:
+    """Connections from outside the node: externalTrafficPolicy's backends,
+    and kube-proxy's short-circuit for pods of other nodes under Local."""
+    key = frontend.key
+    rules: list[Rule] = []
+    if frontend.external_local and frontend.backends:
+        cluster = f"@cluster{key.address.version}"
+        rules.append(_tproxy(key, ports, Role.SHORTCUT,
+                             _match(_payload(_ipf(key.address.version), "saddr"), cluster)))
+    if not frontend.external_backends:
+        if frontend.external_on_empty is EmptyVerdict.DROP:
+            rules.append(_drop("nat_drop"))
+        else:
+            rules.append(_icmp_refuse("nat_reject"))
+        return rules
+    rules.append(_tproxy(key, ports, Role.OUTSIDE))
+    rules.append(_icmp_refuse("proxy_missing"))
+    return rules
+
+
+def render_frontend(frontend: Frontend, ports: Ports) -> dict[str, list[Rule]]:
+    """The chains of one frontend, entry chain first: name -> rules."""
+    key = frontend.key
+    entry = chain_name(key)
+    chains: dict[str, list[Rule]] = {entry: []}
+    if frontend.kind.external:
+        out = chain_name(key, "_out")
+        chains[entry].append([_match(_IIFNAME, "@ext_devices"), {"goto": {"target": out}}])
+        out_rules: list[Rule] = []
+        if frontend.source_ranges:
+            out_rules.append([
+                _match(_payload(_ipf(key.address.version), "saddr"),
+                       _set_of(frontend.source_ranges), "!="),
+                *_drop("nat_denied_source"),
+            ])
+        out_ok = chain_name(key, "_outok")
+        access, split = _access_rules(frontend, out_ok, _drop("nat_access_denied"))
+        out_rules.extend(access)
+        if split:
+            chains[out] = out_rules
+            chains[out_ok] = _outside_go(frontend, ports)
+        else:
+            chains[out] = out_rules + _outside_go(frontend, ports)
+    inside_ok = chain_name(key, "_in")
+    access, split = _access_rules(frontend, inside_ok,
+                                  _refuse(key.protocol, "access_denied"))
+    chains[entry].extend(access)
+    if split:
+        chains[inside_ok] = _inside_go(frontend, ports)
+    else:
+        chains[entry].extend(_inside_go(frontend, ports))
+    return chains
+
+
+def upsert_commands(key: L4Addr, chains: Mapping[str, Sequence[Rule]],
+                    old_chains: Iterable[str]) -> list[Command]:
+    """Write a frontend's chains and its map element. Within one transaction
+    (which the caller makes of these), a chain's old rules and new rules are
+    never both visible, and chains no longer needed go after the rules that
+    pointed at them."""
+    cmds: list[Command] = []
+    for name in chains:
+        cmds.append({"add": {"chain": {**_TABLE, "name": name}}})
+        cmds.append({"flush": {"chain": {**_TABLE, "name": name}}})
+    # Continuation chains first: a rule may only jump to a chain that exists,
+    # and the entry chain (first) is the one packets reach.
+    for name, rules in reversed(list(chains.items())):
+        for rule in rules:
+            cmds.append({"add": {"rule": {**_TABLE, "chain": name, "expr": rule}}})
+    for name in old_chains:
+        if name not in chains:
+            cmds.append({"flush": {"chain": {**_TABLE, "name": name}}})
+    for name in old_chains:
+        if name not in chains:
+            cmds.append({"delete": {"chain": {**_TABLE, "name": name}}})
+    cmds.append({"add": {"element": {
+        **_TABLE, "name": map_name(key.address.version),
+        "elem": [[element_key(key), {"jump": {"target": chain_name(key)}}]],
+    }}})
+    return cmds
+
+
+def delete_commands(key: L4Addr, chains: Iterable[str]) -> list[Command]:
+    """Remove a frontend: its map element first, then its chains."""
+    cmds: list[Command] = [{"delete": {"element": {
+        **_TABLE, "name": map_name(key.address.version), "elem": [element_key(key)],
+    }}}]
+    names = list(chains)
+    cmds += [{"flush": {"chain": {**_TABLE, "name": n}}} for n in names]
+    cmds += [{"delete": {"chain": {**_TABLE, "name": n}}} for n in names]
+    return cmds
+
+
+# ---- the table -----------------------------------------------------------------
+
+
+def _named_set(name: str, kind: str, interval: bool = False) -> Command:
+    spec: dict[str, Any] = {**_TABLE, "name": name, "type": kind}
+    if interval:
+        spec["flags"] = ["interval"]
+    return {"add": {"set": spec}}
+
+
+def _dispatch(family: int) -> Rule:
+    return [{"vmap": {
+        "key": {"concat": [_payload(_ipf(family), "daddr"), _L4, _payload("th", "dport")]},
+        "data": f"@{map_name(family)}",
+    }}]
+
+
+def _refuse_addresses(family: int, named: str, counter: str) -> list[Rule]:
+    """Not from lo (where the kernel answers for these local routes itself)."""
+    daddr = _match(_payload(_ipf(family), "daddr"), f"@{named}")
+    not_lo = _match(_IIFNAME, "lo", "!=")
+    return [
+        [not_lo, daddr, *_refuse(Protocol.TCP, counter)],
+        [not_lo, daddr, _match(_L4, "udp"), *_refuse(Protocol.UDP, counter)],
+    ]
+
+
+def skeleton() -> list[Command]:
+    """Replace table inet veer with an empty one: sets, maps, counters and the
+    prerouting chain, in one transaction (adding first makes the delete safe
+    when the table does not exist yet)."""
+    table = {"family": NFT_FAMILY, "name": NFT_TABLE}
+    cmds: list[Command] = [
+        {"add": {"table": table}},
+        {"delete": {"table": table}},
+        {"add": {"table": table}},
+        _named_set("ext_devices", "ifname"),
+        _named_set("vips4", "ipv4_addr"),
+        _named_set("vips6", "ipv6_addr"),
+        _named_set("cidrs4", "ipv4_addr", interval=True),
+        _named_set("cidrs6", "ipv6_addr", interval=True),
+        _named_set("cluster4", "ipv4_addr", interval=True),
+        _named_set("cluster6", "ipv6_addr", interval=True),
+    ]
+    for family, addr in ((4, "ipv4_addr"), (6, "ipv6_addr")):
+        cmds.append({"add": {"map": {**_TABLE, "name": map_name(family),
+                                     "type": [addr, "inet_proto", "inet_service"],
+                                     "map": "verdict"}}})
+    for name in COUNTERS:
+        cmds.append({"add": {"counter": {**_TABLE, "name": name}}})
+    cmds.append({"add": {"chain": {**_TABLE, "name": "prerouting", "type": "filter",
+                                   "hook": "prerouting", "prio": -150, "policy": "accept"}}})
+    rules: list[Rule] = [
+        [_match({"&": [_MARK, MARK_PROXY]}, MARK_PROXY), {"accept": None}],
+        [_match(_L4, {"set": ["tcp", "udp"]}),
+         _match({"socket": {"key": "transparent"}}, 1),
+         {"mangle": {"key": _MARK, "value": {"|": [_MARK, MARK_LOCAL]}}},
+         {"accept": None}],
+        [_match(_IIFNAME, "lo"), _match({"ct": {"key": "direction"}}, "reply"),
+         {"accept": None}],
+        _dispatch(4),
+        _dispatch(6),
+    ]
+    for family in (4, 6):
+        rules += _refuse_addresses(family, f"vips{family}", "refused_unknown_port")
+        rules += _refuse_addresses(family, f"cidrs{family}", "refused_no_service")
+    for rule in rules:
+        cmds.append({"add": {"rule": {**_TABLE, "chain": "prerouting", "expr": rule}}})
+    return cmds
+
+
+def element_commands(verb: str, set_name: str, elements: Sequence[Any]) -> list[Command]:
+    """Add or delete elements of one of the table's named sets."""
+    if not elements:
+        return []
+    return [{verb: {"element": {**_TABLE, "name": set_name, "elem": list(elements)}}}]
+
+
+def list_command(kind: str, name: str) -> Command:
+    return {"list": {kind: {**_TABLE, "name": name}}}
+
+
+def table_ref() -> dict[str, str]:
+    return {"family": NFT_FAMILY, "name": NFT_TABLE}

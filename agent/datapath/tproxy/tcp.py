@@ -1,0 +1,303 @@
+"""TCP: accept what nftables hands over, connect to the chosen backend, and
+move bytes between the two sockets with splice(2) through a pipe per
+direction, so no byte is ever copied into Python.
+
+One connection, two directions (client -> upstream, upstream -> client). A
+direction reads from its source socket into its pipe and writes the pipe
+into its destination socket. While its pipe holds bytes the destination did
+not take (its send buffer is full), the direction stops reading and waits for
+the destination to become writable: back-pressure, as a kernel path would
+have. When a source reaches end of file and its pipe is empty, the
+destination is shut down for writing (half-close travels through); when both
+directions are done, the connection is closed. A reset or an error on either
+side resets the other (SO_LINGER 0).
+
+What cannot be as on the eBPF path: the client's handshake completes with the
+proxy before the backend is reached, so a backend that refuses shows up as a
+reset after connect() succeeded, not as ECONNREFUSED.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import select
+import socket
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from agent.datapath.tproxy import sockets
+from agent.datapath.tproxy.layout import Role
+
+if TYPE_CHECKING:
+    from agent.compute.types import L4Addr
+    from agent.datapath.tproxy.engine import Engine
+
+log = logging.getLogger(__name__)
+
+EPOLLIN = select.EPOLLIN
+EPOLLOUT = select.EPOLLOUT
+EPOLLRDHUP = select.EPOLLRDHUP
+_SPLICE = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+# Bytes a pipe holds; also the most one splice() moves. Large enough that a
+# bulk transfer needs few system calls per megabyte.
+PIPE_SIZE = 1 << 18
+_RESET = (errno.ECONNRESET, errno.EPIPE, errno.ETIMEDOUT, errno.EHOSTUNREACH,
+          errno.ENETUNREACH, errno.ECONNABORTED, errno.ECONNREFUSED)
+
+
+class PipePool:
+    """Pipes are reused: making one costs two system calls, resizing a third."""
+
+    def __init__(self, keep: int = 256) -> None:
+        self._free: list[tuple[int, int]] = []
+        self._keep = keep
+
+    def get(self) -> tuple[int, int]:
+        if self._free:
+            return self._free.pop()
+        r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        # The default 64 KiB works too, only with more system calls.
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(w, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
+        return r, w
+
+    def put(self, pipe: tuple[int, int], empty: bool) -> None:
+        if empty and len(self._free) < self._keep:
+            self._free.append(pipe)
+        else:
+            os.close(pipe[0])
+            os.close(pipe[1])
+
+    def close(self) -> None:
+        for r, w in self._free:
+            os.close(r)
+            os.close(w)
+        self._free.clear()
+
+
+class _Direction:
+    __slots__ = ("done", "dst", "eof", "pending", "pipe", "src")
+
+    def __init__(self, src: int, dst: int, pipe: tuple[int, int]) -> None:
+        self.src = src
+        self.dst = dst
+        self.pipe = pipe
+        self.pending = 0  # bytes in the pipe, not yet written to dst
+        self.eof = False  # src reached end of file
+        self.done = False  # dst was shut down for writing
+
+
+class Connection:
+    __slots__ = (
+        "backend",
+        "cfd",
+        "client",
+        "down",
+        "engine",
+        "masks",
+        "state",
+        "ufd",
+        "up",
+        "upstream",
+    )
+
+    CONNECTING, OPEN, CLOSED = 0, 1, 2
+
+    def __init__(self, engine: Engine, client: socket.socket, upstream: socket.socket,
+                 backend: L4Addr) -> None:
+        self.engine = engine
+        self.client = client
+        self.upstream = upstream
+        self.backend = backend
+        self.cfd = client.fileno()
+        self.ufd = upstream.fileno()
+        self.state = Connection.CONNECTING
+        pipes = engine.pipes
+        self.up = _Direction(self.cfd, self.ufd, pipes.get())
+        self.down = _Direction(self.ufd, self.cfd, pipes.get())
+        self.masks = {self.cfd: 0, self.ufd: EPOLLOUT}
+        engine.counts.add(backend)
+        engine.open_connections += 1
+        engine.loop.register(self.ufd, EPOLLOUT, self._on_upstream)
+
+    # ---- events --------------------------------------------------------------
+
+    def _on_upstream(self, events: int) -> None:
+        if self.state == Connection.CONNECTING:
+            err = self.upstream.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if err:
+                self.engine.count("upstream_failed")
+                log.debug("proxy: %s: connect failed: %s", self.backend, os.strerror(err))
+                self.abort()
+                return
+            self.state = Connection.OPEN
+            self._update()
+            return
+        self._on_event(self.ufd, self.up, self.down, events)
+
+    def _on_client(self, events: int) -> None:
+        self._on_event(self.cfd, self.down, self.up, events)
+
+    def _on_event(self, fd: int, writing: _Direction, reading: _Direction, events: int) -> None:
+        """`fd` is the destination of `writing` and the source of `reading`."""
+        if events & EPOLLOUT and writing.pending and not self._flush(writing):
+            return
+        if (events & ~EPOLLOUT and not reading.eof and not reading.pending
+                and not self._pump(reading)):
+            return
+        self._update()
+
+    # ---- moving bytes --------------------------------------------------------
+
+    def _pump(self, d: _Direction) -> bool:
+        """Read once from d.src into the pipe, then write what we can. False
+        if the connection was aborted."""
+        try:
+            n = os.splice(d.src, d.pipe[1], PIPE_SIZE, flags=_SPLICE)
+        except BlockingIOError:
+            return True
+        except OSError as err:
+            if err.errno not in _RESET:
+                log.debug("proxy: splice from %s: %s", self.backend, err)
+            self.abort()
+            return False
+        if n == 0:
+            d.eof = True
+        else:
+            d.pending += n
+        return self._flush(d)
+
+    def _flush(self, d: _Direction) -> bool:
+        while d.pending:
+            try:
+                n = os.splice(d.pipe[0], d.dst, d.pending, flags=_SPLICE)
+            except BlockingIOError:
+                return True
+            except OSError as err:
+                if err.errno not in _RESET:
+                    log.debug("proxy: splice to %s: %s", self.backend, err)
+                self.abort()
+                return False
+            d.pending -= n
+        if d.eof and not d.done:
+            d.done = True
+            # A peer that is gone already is noticed by the other direction.
+            with contextlib.suppress(OSError):
+                (self.upstream if d.dst == self.ufd else self.client).shutdown(socket.SHUT_WR)
+        return True
+
+    def _update(self) -> None:
+        """Re-arm both sockets for what each direction waits for; close when
+        both directions are done."""
+        up, down = self.up, self.down
+        if up.done and down.done:
+            self.close()
+            return
+        self._want(self.cfd, (EPOLLIN if not up.eof and not up.pending else 0)
+                   | (EPOLLOUT if down.pending else 0), self._on_client)
+        self._want(self.ufd, (EPOLLIN if not down.eof and not down.pending else 0)
+                   | (EPOLLOUT if up.pending else 0), self._on_upstream)
+
+    def _want(self, fd: int, events: int, handler: Callable[[int], None]) -> None:
+        """Watch `fd` for `events`. A socket we wait for nothing from leaves
+        the epoll set: hang-ups and errors are reported whatever the mask, and
+        one that is half-closed both ways would wake the loop again and again
+        while the other socket drains."""
+        current = self.masks[fd]
+        if events == current:
+            return
+        loop = self.engine.loop
+        if not events:
+            loop.unregister(fd)
+        elif current:
+            loop.modify(fd, events)
+        else:
+            loop.register(fd, events, handler)
+        self.masks[fd] = events
+
+    # ---- ending --------------------------------------------------------------
+
+    def _release(self) -> None:
+        self.state = Connection.CLOSED
+        engine = self.engine
+        engine.loop.unregister(self.cfd)
+        engine.loop.unregister(self.ufd)
+        engine.pipes.put(self.up.pipe, self.up.pending == 0)
+        engine.pipes.put(self.down.pipe, self.down.pending == 0)
+        engine.counts.remove(self.backend)
+        engine.open_connections -= 1
+
+    def close(self) -> None:
+        if self.state == Connection.CLOSED:
+            return
+        self._release()
+        self.client.close()
+        self.upstream.close()
+
+    def abort(self) -> None:
+        """Reset both sides."""
+        if self.state == Connection.CLOSED:
+            return
+        self._release()
+        sockets.abort(self.client)
+        sockets.abort(self.upstream)
+
+
+def accept_all(engine: Engine, listener: socket.socket, role: Role) -> Callable[[int], None]:
+    """The handler of one listener: accept every waiting connection and start it."""
+    family = 4 if listener.family == socket.AF_INET else 6
+
+    def on_ready(_events: int) -> None:
+        for _ in range(64):
+            try:
+                client, peer = listener.accept()
+            except BlockingIOError:
+                return
+            except OSError as err:
+                if err.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.warning("proxy: cannot accept: %s", err)
+                    return
+                continue
+            start(engine, client, peer, role, family)
+
+    return on_ready
+
+
+def start(engine: Engine, client: socket.socket, peer: tuple[str, int], role: Role,
+          family: int) -> None:
+    """Pick a backend for a connection nftables handed over and connect to it."""
+    client.setblocking(False)
+    dst = client.getsockname()
+    key = (dst[0], dst[1])
+    route = engine.route(socket.SOCK_STREAM, role, key, peer[0], peer[1])
+    if route is None:
+        sockets.abort(client)
+        return
+    backend, target, transparent = route
+    try:
+        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        bind_to = (peer[0], peer[1]) if transparent else None
+        upstream = sockets.upstream(family, socket.SOCK_STREAM, bind_to)
+        err = upstream.connect_ex(target)
+        if err == errno.EADDRNOTAVAIL and bind_to is not None:
+            # The client's port towards this backend is still in use (a recent
+            # connection's TIME_WAIT): let the kernel choose another port.
+            upstream.close()
+            upstream = sockets.upstream(family, socket.SOCK_STREAM, bind_to, keep_port=False)
+            err = upstream.connect_ex(target)
+    except OSError as exc:
+        log.debug("proxy: cannot open a connection to %s: %s", backend, exc)
+        engine.count("upstream_failed")
+        sockets.abort(client)
+        return
+    if err not in (0, errno.EINPROGRESS):
+        engine.count("upstream_failed")
+        log.debug("proxy: connect to %s failed: %s", backend, os.strerror(err))
+        upstream.close()
+        sockets.abort(client)
+        return
+    Connection(engine, client, upstream, backend)
