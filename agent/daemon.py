@@ -47,14 +47,12 @@ def choose_mode(config: AgentConfig, hidden_features: tuple[str, ...] = ()) -> t
     """(mode, why), from the mode asked for and a probe of the kernel.
 
     eBPF mode needs every program type, map type and helper listed in
-    agent/datapath/ebpf/probe.py; the TPROXY fallback is not built yet, so a
-    kernel that lacks one is refused at start, naming what it lacks.
+    agent/datapath/ebpf/probe.py. `auto` falls back to TPROXY mode (nftables
+    tproxy and a proxy in the agent, agent/datapath/tproxy/) on a kernel that
+    lacks one, naming it; `ebpf` on such a kernel fails at start.
     """
     if config.mode == "tproxy":
-        raise ConfigError(
-            "--mode tproxy is not available yet in this version of veer; "
-            "use --mode ebpf (or auto) on a kernel with cgroup socket hooks"
-        )
+        return "tproxy", "requested with --mode tproxy"
     from agent.datapath.ebpf.probe import probe
 
     features = probe(hidden_features)
@@ -62,14 +60,21 @@ def choose_mode(config: AgentConfig, hidden_features: tuple[str, ...] = ()) -> t
         missing = ", ".join(features.missing)
         if config.mode == "ebpf":
             raise ConfigError(f"--mode ebpf: this kernel lacks {missing}")
-        raise ConfigError(
-            f"--mode auto: this kernel lacks {missing}, which eBPF mode needs, and the "
-            "TPROXY fallback is not available yet in this version of veer"
-        )
+        return "tproxy", (f"auto: this kernel lacks {missing}, which eBPF mode needs; "
+                          "using the TPROXY fallback (nftables tproxy and a proxy in the agent)")
     checked = len(features.found)
     if config.mode == "ebpf":
         return "ebpf", f"requested with --mode ebpf; the kernel has all {checked} features it needs"
     return "ebpf", f"auto: the kernel has all {checked} features eBPF mode needs"
+
+
+def open_datapath(config: AgentConfig, mode: str) -> Datapath:
+    """The datapath of the chosen mode."""
+    if mode == "tproxy":
+        from agent.datapath.tproxy.backend import TproxyDatapath
+
+        return TproxyDatapath(devices=config.devices)
+    return open_ebpf_datapath(config)
 
 
 def open_ebpf_datapath(config: AgentConfig) -> Datapath:
@@ -178,6 +183,8 @@ class Agent:
             "version": __version__,
             "node": self.config.node_name,
             "datapath": self.datapath.name,
+            "mode": self.mode[0],
+            "mode_reason": self.mode[1],
             "time": time.time(),
             "full": result.full,
             "ok": result.ok,

@@ -8,8 +8,9 @@
 #                     kernels without their own headers get Debian's linked there
 #   filesystems       bpffs at /sys/fs/bpf and /run/veer/bpf, cgroup2 at /run/veer/cgroup
 #                     (`ip netns exec` remounts /sys, so tests use the /run/veer ones)
-#   virtualenv        .venv from Debian's python3, reaching Debian's `bcc` package
-#                     (and nothing else of dist-packages), with veer installed editable
+#   virtualenv        .venv from Debian's python3, reaching Debian's `bcc` and
+#                     `nftables` packages (and nothing else of dist-packages), with
+#                     veer installed editable
 #   gRPC code         agent/api/gen/ from agent/api/veer.proto (scripts/gen-proto.sh)
 set -euo pipefail
 
@@ -26,7 +27,7 @@ die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
 
 PACKAGES=(
   python3 python3-venv python3-bpfcc libbpfcc bpfcc-tools clang llvm bpftool
-  linux-headers-amd64 nftables iproute2 nginx-light haproxy wrk iperf3 sockperf
+  linux-headers-amd64 nftables python3-nftables iproute2 nginx-light haproxy wrk iperf3 sockperf
   conntrack tcpdump gcc libc6-dev linux-libc-dev procps
 )
 missing=()
@@ -74,6 +75,8 @@ fi
 site="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 mkdir -p "$VENV/bcc-link"
 ln -sfn /usr/lib/python3/dist-packages/bcc "$VENV/bcc-link/bcc"
+# libnftables' JSON binding, for TPROXY mode (agent/datapath/tproxy/nft.py).
+ln -sfn /usr/lib/python3/dist-packages/nftables "$VENV/bcc-link/nftables"
 echo "$VENV/bcc-link" > "$site/veer-bcc.pth"
 
 stamp="$VENV/.veer-installed"
@@ -86,5 +89,5 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "$want" > "$stamp"
 fi
 PYTHON="$VENV/bin/python" "$ROOT/scripts/gen-proto.sh" || die "generating the gRPC code from agent/api/veer.proto failed"
-"$VENV/bin/python" -c "import bcc, agent" || die "the virtualenv cannot import bcc and veer"
+"$VENV/bin/python" -c "import bcc, nftables, agent" || die "the virtualenv cannot import bcc, nftables and veer"
 say "ready (virtualenv: $VENV)"

@@ -104,10 +104,12 @@ def _cleanup(cgroup: str | None, bpffs: str) -> list[str]:
     """What `veer agent --cleanup` does; one line per thing removed."""
     from agent.datapath.ebpf.env import cgroup2_root
     from agent.datapath.ebpf.programs import cleanup
+    from agent.datapath.tproxy.cleanup import cleanup as cleanup_tproxy
 
     cgroup = cgroup or cgroup2_root()
-    lines = list(cleanup(cgroup, bpffs))
-    return [*lines, f"cleanup of {cgroup} and {bpffs} done"]
+    lines = [*cleanup(cgroup, bpffs), *cleanup_tproxy()]
+    return [*lines, f"cleanup of {cgroup}, {bpffs} and this namespace's nftables and "
+            "routing done"]
 
 
 def run_agent(args: argparse.Namespace) -> int:
@@ -116,7 +118,7 @@ def run_agent(args: argparse.Namespace) -> int:
             log.info("%s", line)
         return 0
 
-    from agent.daemon import Agent, choose_mode, open_ebpf_datapath
+    from agent.daemon import Agent, choose_mode, open_datapath
     from agent.serve import ServeOptions
 
     config = AgentConfig(
@@ -170,7 +172,7 @@ def run_agent(args: argparse.Namespace) -> int:
             runtimes.append(KubeRuntime(api, store, config.node_name, identity, uninstall))
             return runtimes[-1]
 
-    agent = Agent(config, open_ebpf_datapath(config), status_file=args.status_file,
+    agent = Agent(config, open_datapath(config, mode), status_file=args.status_file,
                   mode=(mode, why), serve=serve, source=source)
     for runtime in runtimes:
         runtime.attach(agent)
