@@ -33,6 +33,9 @@ class AgentConfig:
     kubeconfig: str | None = None  # None: the in-cluster ServiceAccount
     # On SIGTERM, clean up if the chart's DaemonSet is being deleted (agent/kube/uninstall.py).
     cleanup_on_uninstall: bool = False
+    # The uid the node-local proxy of TrafficPolicy redirects runs as: its own
+    # connections are balanced, never redirected. None: no redirects.
+    proxy_uid: int | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

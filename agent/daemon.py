@@ -90,7 +90,7 @@ def open_ebpf_datapath(config: AgentConfig) -> Datapath:
     programs = SockLbPrograms(config.bpffs)
     programs.load()
     programs.attach(cgroup)
-    return EbpfDatapath(SockLbMaps.open(config.bpffs), programs)
+    return EbpfDatapath(SockLbMaps.open(config.bpffs), programs, config.proxy_uid)
 
 
 class Agent:

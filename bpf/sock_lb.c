@@ -151,6 +151,54 @@ static __always_inline __u32 veer_sock_hash(void *ctx, struct bpf_sock_addr *sa,
 	return veer_flow_hash(client, port, flow->proto);
 }
 
+/* Whether the caller is the node-local proxy (never redirected). */
+static __always_inline int veer_caller_is_proxy(void)
+{
+	__u32 zero = 0;
+	struct veer_proxy_value *proxy = veer_proxy.lookup(&zero);
+
+	return proxy && proxy->set && (__u32)bpf_get_current_uid_gid() == proxy->uid;
+}
+
+/* Send a connect() to the frontend's node-local proxy instead, remembering
+ * the original destination by socket cookie (sockops files it under the
+ * client's port once it has one; the proxy's getsockopt(SO_ORIGINAL_DST)
+ * finds it there) and, for getpeername(), that the proxy stands for the
+ * Service address. Returns VEER_TRANSLATE with *out = the proxy, or
+ * VEER_PASS when the frontend has no proxy entry (then it is balanced as
+ * usual). */
+static __always_inline int veer_redirect(void *ctx, __u8 hook, const struct veer_flow *flow,
+					 __u32 service_id, struct veer_backend_value *out)
+{
+	struct veer_backend_value *proxy = veer_redirects.lookup(&service_id);
+	struct veer_orig_value orig = {};
+	struct veer_sock_revnat_key rev_key = {};
+	struct veer_sock_revnat_value rev_val = {};
+	__u64 cookie;
+
+	if (!proxy || proxy->family != flow->family)
+		return VEER_PASS;
+	cookie = veer_socket_cookie(ctx);
+	__builtin_memcpy(orig.addr, flow->addr, 16);
+	orig.port = flow->port;
+	orig.family = flow->family;
+	veer_redirect_socks.update(&cookie, &orig);
+	__builtin_memcpy(out, proxy, sizeof(*out));
+
+	rev_key.cookie = cookie;
+	__builtin_memcpy(rev_key.addr, proxy->addr, 16);
+	rev_key.port = proxy->port;
+	rev_key.family = proxy->family;
+	__builtin_memcpy(rev_val.addr, flow->addr, 16);
+	rev_val.port = flow->port;
+	rev_val.service_id = service_id;
+	veer_sock_revnat.update(&rev_key, &rev_val);
+
+	veer_count(VEER_CNT_REDIRECTED);
+	veer_report_sock(ctx, hook, VEER_CNT_TRANSLATED, flow, service_id, out, VEER_EV_F_REDIRECT);
+	return VEER_TRANSLATE;
+}
+
 /* Choose a backend for `flow` and remember, for this socket, which Service
  * address the backend stands for. On VEER_TRANSLATE, *out holds the backend. */
 static __always_inline int veer_forward(struct bpf_sock_addr *ctx, __u8 hook,
@@ -188,6 +236,10 @@ static __always_inline int veer_forward(struct bpf_sock_addr *ctx, __u8 hook,
 		if (denied != VEER_PASS)
 			return denied;
 	}
+	if ((flags & VEER_SVC_F_REDIRECT) &&
+	    (hook == VEER_HOOK_CONNECT4 || hook == VEER_HOOK_CONNECT6) &&
+	    !veer_caller_is_proxy() && veer_redirect(ctx, hook, flow, service_id, out) != VEER_PASS)
+		return VEER_TRANSLATE;
 	if (count == 0) {
 		if (flags & VEER_SVC_F_DROP_EMPTY) {
 			veer_count(VEER_CNT_DROPPED_NO_LOCAL);
@@ -462,5 +514,137 @@ int veer_sock_release(struct bpf_sock *ctx)
 		veer_conns_add(held->backend_id, -1);
 		veer_lc_socks.delete(&cookie);
 	}
+	return 1;
+}
+
+/* ---- Redirect: the original destination for the proxy ----------------------- */
+
+#define VEER_SOCK_OPS_TCP_CONNECT_CB 3 /* BPF_SOCK_OPS_TCP_CONNECT_CB */
+
+/* A TCP connect() is about to send its SYN: the local port is known now. If
+ * the socket was redirected, file its original destination under its own
+ * end (address, port), where the proxy's accepted socket will look for it. */
+int veer_sockops(struct bpf_sock_ops *skops)
+{
+	__u64 cookie;
+	struct veer_orig_value *orig;
+	struct veer_orig_key key = {};
+	__u32 w0, w1, w2, w3;
+
+	if (skops->op != VEER_SOCK_OPS_TCP_CONNECT_CB)
+		return 1;
+	cookie = veer_socket_cookie(skops);
+	orig = veer_redirect_socks.lookup(&cookie);
+	if (!orig)
+		return 1;
+	if (skops->family == 2 /* AF_INET */) {
+		w0 = skops->local_ip4;
+		__builtin_memcpy(key.addr, &w0, 4);
+		key.family = VEER_FAMILY_IPV4;
+	} else {
+		w0 = skops->local_ip6[0];
+		w1 = skops->local_ip6[1];
+		w2 = skops->local_ip6[2];
+		w3 = skops->local_ip6[3];
+		if (w0 == 0 && w1 == 0 && w2 == bpf_htonl(0x0000ffff)) {
+			__builtin_memcpy(key.addr, &w3, 4);
+			key.family = VEER_FAMILY_IPV4;
+		} else {
+			__builtin_memcpy(key.addr, &w0, 4);
+			__builtin_memcpy(key.addr + 4, &w1, 4);
+			__builtin_memcpy(key.addr + 8, &w2, 4);
+			__builtin_memcpy(key.addr + 12, &w3, 4);
+			key.family = VEER_FAMILY_IPV6;
+		}
+	}
+	key.port = bpf_htons((__u16)skops->local_port);
+	veer_orig_dst.update(&key, orig);
+	veer_redirect_socks.delete(&cookie);
+	return 1;
+}
+
+#define VEER_SOL_IP 0
+#define VEER_SOL_IPV6 41
+#define VEER_SO_ORIGINAL_DST 80 /* also IP6T_SO_ORIGINAL_DST */
+
+struct veer_sockaddr_in {
+	__u16 family;
+	__be16 port;
+	__u8 addr[4];
+	__u8 zero[8];
+};
+
+struct veer_sockaddr_in6 {
+	__u16 family;
+	__be16 port;
+	__u32 flowinfo;
+	__u8 addr[16];
+	__u32 scope_id;
+};
+
+/* getsockopt(SO_ORIGINAL_DST) on a connection the proxy accepted: answer with
+ * the destination the client dialled before veer redirected it, as
+ * conntrack would for an iptables REDIRECT, so proxies that use the option
+ * work unchanged. Every other getsockopt passes untouched. */
+int veer_getsockopt(struct bpf_sockopt *ctx)
+{
+	struct bpf_sock *sk = ctx->sk;
+	struct veer_orig_key key = {};
+	struct veer_orig_value *orig;
+	__u32 w0, w1, w2, w3;
+
+	if (ctx->optname != VEER_SO_ORIGINAL_DST ||
+	    (ctx->level != VEER_SOL_IP && ctx->level != VEER_SOL_IPV6) || !sk)
+		return 1;
+	if (sk->family == 2 /* AF_INET */) {
+		w0 = sk->dst_ip4;
+		__builtin_memcpy(key.addr, &w0, 4);
+		key.family = VEER_FAMILY_IPV4;
+	} else {
+		w0 = sk->dst_ip6[0];
+		w1 = sk->dst_ip6[1];
+		w2 = sk->dst_ip6[2];
+		w3 = sk->dst_ip6[3];
+		if (w0 == 0 && w1 == 0 && w2 == bpf_htonl(0x0000ffff)) {
+			__builtin_memcpy(key.addr, &w3, 4);
+			key.family = VEER_FAMILY_IPV4;
+		} else {
+			__builtin_memcpy(key.addr, &w0, 4);
+			__builtin_memcpy(key.addr + 4, &w1, 4);
+			__builtin_memcpy(key.addr + 8, &w2, 4);
+			__builtin_memcpy(key.addr + 12, &w3, 4);
+			key.family = VEER_FAMILY_IPV6;
+		}
+	}
+	key.port = (__be16)sk->dst_port;
+	orig = veer_orig_dst.lookup(&key);
+	if (!orig)
+		return 1;
+	if (ctx->level == VEER_SOL_IP && orig->family == VEER_FAMILY_IPV4) {
+		struct veer_sockaddr_in *sin = ctx->optval;
+
+		if ((void *)(sin + 1) > ctx->optval_end)
+			return 1;
+		sin->family = 2;
+		sin->port = orig->port;
+		__builtin_memcpy(sin->addr, orig->addr, 4);
+		__builtin_memset(sin->zero, 0, 8);
+		ctx->optlen = sizeof(*sin);
+	} else if (ctx->level == VEER_SOL_IPV6 && orig->family == VEER_FAMILY_IPV6) {
+		struct veer_sockaddr_in6 *sin6 = ctx->optval;
+
+		if ((void *)(sin6 + 1) > ctx->optval_end)
+			return 1;
+		sin6->family = 10;
+		sin6->port = orig->port;
+		sin6->flowinfo = 0;
+		__builtin_memcpy(sin6->addr, orig->addr, 16);
+		sin6->scope_id = 0;
+		ctx->optlen = sizeof(*sin6);
+	} else {
+		return 1;
+	}
+	ctx->retval = 0;
+	veer_count(VEER_CNT_ORIG_DST);
 	return 1;
 }

@@ -122,6 +122,18 @@ BPF_TABLE_PINNED("array", __u32, struct veer_conns_value, veer_backend_conns,
 BPF_TABLE_PINNED("hash", __u64, struct veer_lc_sock_value, veer_lc_socks,
 		 VEER_REVNAT_MAX, VEER_PIN_DIR "/veer_lc_socks");
 
+/* Redirect: frontend service id -> the node-local proxy (a backend value),
+ * the proxy's uid, and the original destinations: by socket cookie from
+ * connect() until sockops sees the client's port, then by client end. */
+BPF_TABLE_PINNED("hash", __u32, struct veer_backend_value, veer_redirects,
+		 16384, VEER_PIN_DIR "/veer_redirects");
+BPF_TABLE_PINNED("array", __u32, struct veer_proxy_value, veer_proxy, 1,
+		 VEER_PIN_DIR "/veer_proxy");
+BPF_TABLE_PINNED("lru_hash", __u64, struct veer_orig_value, veer_redirect_socks,
+		 VEER_REVNAT_MAX, VEER_PIN_DIR "/veer_redirect_socks");
+BPF_TABLE_PINNED("lru_hash", struct veer_orig_key, struct veer_orig_value, veer_orig_dst,
+		 VEER_REVNAT_MAX, VEER_PIN_DIR "/veer_orig_dst");
+
 /* This node's addresses (one entry, key 0), written by the agent. */
 BPF_TABLE_PINNED("array", __u32, struct veer_node_value, veer_node, 1,
 		 VEER_PIN_DIR "/veer_node");

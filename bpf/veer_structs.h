@@ -68,6 +68,10 @@ struct veer_service_key {
 #define VEER_SVC_F_ACCESS (1 << 5)
 /* ... and a client no rule matches is denied (defaultAction: Deny). */
 #define VEER_SVC_F_ACCESS_DENY (1 << 6)
+/* A TrafficPolicy's redirect (socket scope, TCP): connections go to the
+ * node-local proxy in veer_redirects instead, except the proxy's own (see
+ * struct veer_proxy_value). */
+#define VEER_SVC_F_REDIRECT (1 << 7)
 
 /* The load-balancing algorithm (bits 8-9 of the flags, slot 0):
  *   RANDOM  a random slot;
@@ -224,6 +228,32 @@ struct veer_lc_sock_value {
 	__u32 pad;
 };
 
+/* Who the node-local proxy is (an array of one, key 0): connections made by
+ * processes running as `uid` are never redirected, so the proxy can reach the
+ * Service it stands in front of without looping back to itself. */
+struct veer_proxy_value {
+	__u32 uid;
+	__u32 set; /* 0: no proxy uid configured (no frontend is redirected) */
+};
+
+/* The original destination of a redirected connection, keyed by the
+ * client's end (its address and port as the proxy sees them), for the
+ * proxy's getsockopt(SO_ORIGINAL_DST). Also the value of the per-socket map
+ * that carries it from connect() to the moment the port is known. */
+struct veer_orig_key {
+	__u8 addr[16];
+	__be16 port;
+	__u8 family;
+	__u8 pad[5];
+};
+
+struct veer_orig_value {
+	__u8 addr[16];
+	__be16 port;
+	__u8 family;
+	__u8 pad[5];
+};
+
 /* ClientIP affinity on the per-packet path, keyed by the client's address
  * (the socket path keys by network namespace instead). */
 struct veer_ext_affinity_key {
@@ -285,6 +315,8 @@ enum veer_counter {
 	VEER_CNT_ACCESS_DENIED,       /* a TrafficPolicy access rule refused a connect/sendmsg */
 	VEER_CNT_NAT_ACCESS_DENIED,   /* TC: a TrafficPolicy access rule dropped a new flow */
 	VEER_CNT_ACCESS_UNKNOWN,      /* access rules, but the client's netns has no known address */
+	VEER_CNT_REDIRECTED,          /* a connect() sent to the node-local proxy (TrafficPolicy redirect) */
+	VEER_CNT_ORIG_DST,            /* a proxy's SO_ORIGINAL_DST answered */
 	VEER_CNT_MAX,
 };
 
@@ -310,6 +342,7 @@ enum veer_counter {
 #define VEER_EV_F_SNAT (1 << 1)          /* TC: source-NATed to the node */
 #define VEER_EV_F_SHORT_CIRCUIT (1 << 2) /* TC: pod client of a Local frontend */
 #define VEER_EV_F_MAPPED (1 << 3)        /* an IPv4-mapped address on an IPv6 socket */
+#define VEER_EV_F_REDIRECT (1 << 4)      /* sent to the node-local proxy (redirect) */
 
 struct veer_event {
 	__u64 time_ns;    /* bpf_ktime_get_ns(): CLOCK_MONOTONIC */

@@ -95,6 +95,10 @@ def _agent_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--healthz-bind-address", metavar="IP:PORT", default=DEFAULT_HEALTHZ,
                    help=f"serve /healthz here (default {DEFAULT_HEALTHZ}, kube-proxy's; "
                    "'' turns it off)")
+    p.add_argument("--proxy-uid", type=int, default=None, metavar="UID",
+                   help="the uid the node-local proxy of TrafficPolicy redirects runs as: "
+                   "its own connections are balanced, never redirected back to it "
+                   "(default: none, and redirects are not done)")
     p.add_argument("--cleanup", action="store_true",
                    help="remove every program, pin and rule veer made, then exit")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -138,6 +142,7 @@ def run_agent(args: argparse.Namespace) -> int:
         kubeconfig=args.kubeconfig,
         cleanup_on_uninstall=(args.kubernetes if args.cleanup_on_uninstall is None
                               else args.cleanup_on_uninstall),
+        proxy_uid=args.proxy_uid,
     )
     mode, why = choose_mode(config, tuple(args.hide_kernel_feature))
     log.info("datapath mode %s (%s)", mode, why)

@@ -347,6 +347,7 @@ FLOW_FLAGS = {
     "snat": "source-NATed to the node",
     "short_circuit": "pod client of a Local Service, served cluster-wide",
     "ipv4_mapped": "IPv4-mapped address on an IPv6 socket",
+    "redirect": "sent to the node-local proxy (TrafficPolicy redirect)",
 }
 
 

@@ -31,6 +31,7 @@ from agent.compute.policy import (
     merge_split,
     policies_in_force,
     policy_name,
+    redirect_target,
     split_port,
 )
 from agent.compute.types import (
@@ -217,6 +218,7 @@ class _PortContext:
     external_local: bool
     affinity: int
     policy: _PolicyFields
+    redirect: L4Addr | None
 
 
 def _external_frontend(
@@ -249,6 +251,7 @@ def _external_frontend(
         algorithm=ctx.policy.algorithm,
         access=ctx.policy.access,
         maglev_size=ctx.policy.maglev_size,
+        redirect=ctx.redirect,
     )
 
 
@@ -280,6 +283,12 @@ def _service_frontends(
         ref = ServicePortName(namespace, name, port.name)
 
         for family in families:
+            proxy_at = next((a for a in node.addresses if IPFamily.of(a) == family), None)
+            redirect = redirect_target(policy, port.protocol, proxy_at)
+            if policy is not None and policy.redirect is not None and proxy_at is None:
+                out.problem(svc, "RedirectWithoutNodeAddress",
+                            f"this node has no {family.value} address for the redirect "
+                            "proxy; connections are balanced as usual")
             sets = _port_sets(snapshot, svc, port, family, node,
                               (uses_cluster, uses_local), policy, out)
             local_endpoint_total += len(sets.local.backends) if external_local else 0
@@ -298,6 +307,7 @@ def _service_frontends(
                         algorithm=fields.algorithm,
                         access=fields.access,
                         maglev_size=fields.maglev_size,
+                        redirect=redirect,
                     ),
                     vip=True,
                 )
@@ -305,7 +315,7 @@ def _service_frontends(
                 continue
             ctx = _PortContext(
                 ref, port, sets, sets.local if external_local else sets.cluster,
-                external_local, affinity, fields,
+                external_local, affinity, fields, redirect,
             )
             node_port = node_port_of(svc, port)
             if node_port:

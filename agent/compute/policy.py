@@ -26,7 +26,15 @@ from functools import reduce
 
 from agent.compute.tables import normalized
 from agent.compute.types import AccessRuleSpec, AccessSpec, L4Addr
-from agent.model.objects import Service, ServicePort, SessionAffinity, TrafficPolicy
+from agent.model.objects import (
+    IPAddress,
+    Protocol,
+    RedirectMode,
+    Service,
+    ServicePort,
+    SessionAffinity,
+    TrafficPolicy,
+)
 from agent.model.snapshot import ClusterSnapshot
 from agent.operator.conditions import PolicyInput, ServiceInfo, evaluate
 
@@ -36,6 +44,7 @@ FEATURE_AFFINITY = "loadBalancing.sessionAffinity"
 FEATURE_SPLIT = "split"
 FEATURE_ACCESS = "access"
 FEATURE_REDIRECT = "redirect"
+FEATURE_REDIRECT_TPROXY = "redirect.mode=TPROXY"
 FEATURE_SOCKMAP = "acceleration.sockmap"
 
 # Per-endpoint weights are a Service's weight times this scale divided by its
@@ -68,7 +77,8 @@ def features_of(policy: TrafficPolicy) -> frozenset[str]:
     if policy.access is not None:
         out.add(FEATURE_ACCESS)
     if policy.redirect is not None:
-        out.add(FEATURE_REDIRECT)
+        out.add(FEATURE_REDIRECT_TPROXY if policy.redirect.mode is RedirectMode.TPROXY
+                else FEATURE_REDIRECT)
     if policy.sockmap:
         out.add(FEATURE_SOCKMAP)
     return frozenset(out)
@@ -145,3 +155,16 @@ def split_services(
         (entry.weight, services.get((namespace, entry.service)), entry.service)
         for entry in policy.split
     ]
+
+
+def redirect_target(policy: TrafficPolicy | None, protocol: Protocol,
+                    node_address: IPAddress | None) -> L4Addr | None:
+    """Where a frontend's connections are redirected: the node-local proxy on
+    this node's address of the frontend's family. TCP only (the proxy learns
+    the destination per connection); TPROXY-mode redirects are not done by
+    the socket path."""
+    if policy is None or policy.redirect is None or node_address is None:
+        return None
+    if protocol is not Protocol.TCP or policy.redirect.mode is RedirectMode.TPROXY:
+        return None
+    return L4Addr(node_address, policy.redirect.port, protocol)

@@ -70,6 +70,8 @@ def render_frontend(frontend: Frontend) -> str:
             line += f"/{frontend.maglev_size}"
     if frontend.access is not None:
         line += _access(frontend.access)
+    if frontend.redirect is not None:
+        line += f"  redirect {frontend.redirect}"
     return line
 
 

@@ -143,6 +143,10 @@ class Frontend:
     access: AccessSpec | None = None
     # Slots of the Maglev lookup table (a prime), with Algorithm.MAGLEV only.
     maglev_size: int = 0
+    # A TrafficPolicy's redirect: connections made on this node go to this
+    # node-local proxy instead (TCP, socket path), which learns the original
+    # destination with SO_ORIGINAL_DST.
+    redirect: L4Addr | None = None
 
 
 @dataclass(frozen=True)

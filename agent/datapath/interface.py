@@ -72,6 +72,7 @@ class ProgrammedFrontend:
     external_weights: tuple[int, ...] = ()
     access: tuple[AccessEntry, ...] = ()
     access_default: str = ""
+    redirect: L4Addr | None = None  # the node-local proxy (socket path, TCP)
 
     @staticmethod
     def of(frontend: Frontend) -> ProgrammedFrontend:
@@ -108,6 +109,7 @@ class ProgrammedFrontend:
             if external else (),
             access=access,
             access_default=frontend.access.default_action.value if frontend.access else "",
+            redirect=frontend.redirect,
         )
 
 

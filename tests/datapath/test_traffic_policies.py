@@ -37,11 +37,14 @@ from .conftest import require_datapath
 CLIENT_IP = "10.244.1.100"
 
 
+PROXY_UID = 65534  # nobody: HAProxy drops to it; nothing else here runs as it
+
+
 @pytest.fixture(scope="module")
 def live() -> Iterator[SandboxCluster]:
     require_datapath()
     with SandboxCluster() as cluster:
-        cluster.start_agent()
+        cluster.start_agent(extra=["--proxy-uid", str(PROXY_UID)])
         yield cluster
 
 
@@ -284,3 +287,89 @@ def test_access_rules_refuse_denied_pods_at_once_and_count(live: SandboxCluster)
     table = observe("--verdict", "deny")
     line = next(x for x in table.splitlines() if "default/acl:http" in x)
     assert CLIENT_IP in line and "decided by access.rules[0]" in line, table
+
+
+# ---- redirect to a node-local proxy ---------------------------------------------
+
+HAPROXY_CFG = """\
+global
+    user nobody
+    group nogroup
+    maxconn 256
+defaults
+    mode http
+    timeout connect 3s
+    timeout client 10s
+    timeout server 10s
+frontend redirected
+    bind {bind}
+    http-response set-header X-Veer-Client %[src]
+    http-response set-header X-Veer-Dst %[dst]:%[dst_port]
+    default_backend original
+backend original
+    # 0.0.0.0:0: connect to the client's original destination, which HAProxy
+    # learns with getsockopt(SO_ORIGINAL_DST) (answered by veer).
+    server original 0.0.0.0:0
+"""
+
+FETCH = """\
+import json, socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
+peer = s.getpeername()
+s.sendall(b"GET / HTTP/1.1\\r\\nHost: veer\\r\\nConnection: close\\r\\n\\r\\n")
+data = b""
+while True:
+    chunk = s.recv(65536)
+    if not chunk:
+        break
+    data += chunk
+head, _, body = data.partition(b"\\r\\n\\r\\n")
+headers = {k.lower(): v for k, v in (line.split(": ", 1)
+                                     for line in head.decode().split("\\r\\n")[1:])}
+print(json.dumps({"peer": list(peer), "headers": headers,
+                  "body": body.decode().strip().splitlines()[0]}))
+"""
+
+
+def test_redirect_sends_connections_to_the_node_proxy_with_client_and_destination(
+        live: SandboxCluster) -> None:
+    node_ip = "10.0.0.1"  # node-1's InternalIP (examples/sandbox/node.yaml)
+    vip, port = "10.96.1.7", 15001
+    pods = ["web-a", "web-b"]
+    topo = live.topo
+    # The node's address, where its proxy listens (the single-node sandbox
+    # does not otherwise give the node namespace an address of its own).
+    topo.ns(topo.node_ns, "ip", "addr", "add", f"{node_ip}/32", "dev", "lo")
+    cfg = f"{topo.workdir}/haproxy.cfg"
+    with open(cfg, "w") as f:
+        f.write(HAPROXY_CFG.format(bind=f"{node_ip}:{port}"))
+    topo.spawn(topo.node_ns, ["haproxy", "-db", "-f", cfg])  # in the served cgroup
+    deadline = time.monotonic() + 20
+    while "15001" not in topo.ns(topo.node_ns, "ss", "-ltn").stdout:
+        assert time.monotonic() < deadline, "haproxy did not start"
+        time.sleep(0.1)
+
+    program(live, "redirect.yaml",
+            [*service("redir", vip, pods),
+             policy("redir", "redir", redirect={"port": port, "mode": "EBPF"})], vip, pods)
+    wait_policy(live, vip, "default/redir")
+    seen = Counter()
+    for _ in range(10):
+        res = topo.exec(live.client, [sys.executable, "-c", FETCH, vip, "80"])
+        assert res.returncode == 0, res.stderr
+        got = json.loads(res.stdout)
+        # HAProxy saw the pod's own address and the Service it dialled ...
+        assert got["headers"].get("x-veer-client") == CLIENT_IP, got
+        assert got["headers"].get("x-veer-dst") == f"{vip}:80", got
+        # ... the client still believes it talks to the Service ...
+        assert got["peer"] == [vip, 80], got
+        # ... and HAProxy's own connection to the Service reached a backend
+        # (it was balanced, not redirected back to HAProxy: no loop).
+        seen[backend_of(got["body"])] += 1
+    assert set(seen) <= {"web-a", "web-b"} and sum(seen.values()) == 10, seen
+    maps = SockLbMaps.open(topo.bpffs)
+    try:
+        counts = maps.counters()
+    finally:
+        maps.close()
+    assert counts["redirected"] >= 10 and counts["orig_dst"] >= 10, counts

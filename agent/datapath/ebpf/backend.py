@@ -18,6 +18,7 @@ leaves the frontend entry as it was, pointing at complete slots.
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import logging
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -28,6 +29,7 @@ from agent.compute.policy import (
     FEATURE_ACCESS,
     FEATURE_AFFINITY,
     FEATURE_ALGORITHM,
+    FEATURE_REDIRECT,
     FEATURE_SPLIT,
 )
 from agent.compute.types import EmptyVerdict, Frontend, L4Addr
@@ -52,6 +54,7 @@ from agent.datapath.ebpf.structs import (
     SVC_F_AFFINITY,
     SVC_F_DROP_EMPTY,
     SVC_F_EXT_LOCAL,
+    SVC_F_REDIRECT,
     SVC_F_SOURCE_RANGES,
     SVC_F_TABLE,
     AccessValue,
@@ -63,6 +66,7 @@ from agent.datapath.ebpf.structs import (
     CidrValue,
     IndexKey,
     NodeValue,
+    ProxyValue,
     ServiceKey,
     ServiceValue,
     SourceKey,
@@ -139,6 +143,8 @@ def _scopes_of(frontend: Frontend, programmed: ProgrammedFrontend) -> dict[int, 
     scope (read by TC) for NodePort/ExternalIP/LoadBalancer frontends."""
     policy_flags = _policy_flags(frontend, programmed)
     socket_flags = policy_flags | (SVC_F_AFFINITY if frontend.affinity_timeout else 0)
+    if programmed.redirect is not None:
+        socket_flags |= SVC_F_REDIRECT
     if frontend.on_empty is EmptyVerdict.DROP:
         socket_flags |= SVC_F_DROP_EMPTY
     if programmed.table:
@@ -176,7 +182,8 @@ class _Found:
 
 
 def _programmed(
-    socket: _Found, external: _Found | None, access: tuple[AccessEntry, ...]
+    socket: _Found, external: _Found | None, access: tuple[AccessEntry, ...],
+    redirect: L4Addr | None = None,
 ) -> ProgrammedFrontend:
     entry = socket.entry
     flags = entry.flags
@@ -200,6 +207,7 @@ def _programmed(
         external_weights=external.weights if external else (),
         access=access if access_default else (),
         access_default=access_default,
+        redirect=redirect if flags & SVC_F_REDIRECT else None,
     )
 
 
@@ -249,12 +257,22 @@ class _IdAllocator:
 
 class EbpfDatapath(Datapath):
     name = "ebpf"
-    policy_features = frozenset({
-        FEATURE_ALGORITHM, FEATURE_AFFINITY, FEATURE_SPLIT, FEATURE_ACCESS,
-    })
 
-    def __init__(self, maps: SockLbMaps, programs: SockLbPrograms | None = None) -> None:
+    def __init__(self, maps: SockLbMaps, programs: SockLbPrograms | None = None,
+                 proxy_uid: int | None = None) -> None:
         self.maps = maps
+        # Redirect needs to know the proxy (its own connections are balanced,
+        # never redirected back to it); without --proxy-uid it is not done.
+        self.proxy_uid = proxy_uid
+        features = {FEATURE_ALGORITHM, FEATURE_AFFINITY, FEATURE_SPLIT, FEATURE_ACCESS}
+        if proxy_uid is not None:
+            features.add(FEATURE_REDIRECT)
+        self.policy_features = frozenset(features)
+        wanted = ProxyValue(uid=proxy_uid or 0, set=int(proxy_uid is not None))
+        current = maps.proxy.get(IndexKey(0))
+        if current is None or bytes(current) != bytes(wanted):
+            maps.proxy.put(IndexKey(0), wanted)
+        self._redirects: dict[int, L4Addr] = {}  # service id -> proxy in veer_redirects
         self.programs = programs
         self.devices: list[str] = []
         self._removed_udp: set[tuple[int, L4Addr]] = set()
@@ -349,12 +367,20 @@ class EbpfDatapath(Datapath):
                 for cidr, _, _ in entries:
                     self.maps.access.delete(_source_key(sid, cidr))
         self._access = {sid: frozenset(e) for sid, e in access.items() if sid in live_ids}
+        self._redirects = {}
+        for rkey, rvalue in self.maps.redirects.items():
+            proxy = _l4(rvalue.addr, rvalue.port, rvalue.proto, rvalue.family)
+            if rkey.index in live_ids and proxy is not None:
+                self._redirects[rkey.index] = proxy
+            else:
+                self.maps.redirects.delete(rkey)
         state = DatapathState()
         for (fe, scope), socket in found.items():
             if scope == SCOPE_SOCKET:
                 state.frontends[fe] = _programmed(
                     socket, found.get((fe, SCOPE_EXTERNAL)),
                     _sorted_access(self._access.get(socket.entry.service_id, frozenset())),
+                    self._redirects.get(socket.entry.service_id),
                 )
         for (fe, scope) in found:
             if scope == SCOPE_EXTERNAL and fe not in state.frontends:
@@ -448,6 +474,8 @@ class EbpfDatapath(Datapath):
     def upsert_frontend(self, frontend: Frontend) -> bool:
         key = frontend.key
         programmed = ProgrammedFrontend.of(frontend)
+        if programmed.redirect is not None and self.proxy_uid is None:
+            programmed = dataclasses.replace(programmed, redirect=None)
         scopes = _scopes_of(frontend, programmed)
         if programmed.access_default or programmed.algorithm == "Maglev":
             self._watch_clients()
@@ -466,6 +494,12 @@ class EbpfDatapath(Datapath):
                     rule=rule, action=ACCESS_ALLOW if allow else ACCESS_DENY))
                 changed = True
             self._access[service_id] = old_access | new_access
+            # The proxy before the flag that sends connections to it.
+            proxy = programmed.redirect
+            if proxy is not None and self._redirects.get(service_id) != proxy:
+                self.maps.redirects.put(IndexKey(service_id), _backend_value(proxy))
+                self._redirects[service_id] = proxy
+                changed = True
             # The external scope first: TC never sees a frontend whose socket
             # scope is newer than its external one matters less than the
             # reverse, but either order keeps each scope whole.
@@ -486,6 +520,9 @@ class EbpfDatapath(Datapath):
             self.maps.access.delete(_source_key(service_id, cidr))
             changed = True
         self._access[service_id] = new_access
+        if programmed.redirect is None and self._redirects.pop(service_id, None) is not None:
+            self.maps.redirects.delete(IndexKey(service_id))
+            changed = True
         return changed
 
     def _upsert_scope(
@@ -621,6 +658,8 @@ class EbpfDatapath(Datapath):
         if entry is not None:
             for cidr, _, _ in self._access.pop(entry.service_id, frozenset()):
                 self.maps.access.delete(_source_key(entry.service_id, cidr))
+            if self._redirects.pop(entry.service_id, None) is not None:
+                self.maps.redirects.delete(IndexKey(entry.service_id))
             self._service_alloc.release(entry.service_id)
             self._frontend_of_id.pop(entry.service_id, None)
         return existed

@@ -29,6 +29,7 @@ from agent.datapath.ebpf.structs import (
     COUNTER_NAMES,
     EV_F_AFFINITY,
     EV_F_MAPPED,
+    EV_F_REDIRECT,
     EV_F_SHORT_CIRCUIT,
     EV_F_SNAT,
     HOOK_NAMES,
@@ -50,6 +51,7 @@ FLAG_NAMES = (
     (EV_F_SNAT, "snat"),
     (EV_F_SHORT_CIRCUIT, "short_circuit"),
     (EV_F_MAPPED, "ipv4_mapped"),
+    (EV_F_REDIRECT, "redirect"),
 )
 
 Sink = Callable[[list[FlowEvent]], None]

@@ -30,6 +30,7 @@ from agent.datapath.ebpf.structs import (
     IndexKey,
     NatValue,
     NodeValue,
+    ProxyValue,
     RuleKey,
     ServiceKey,
     ServiceValue,
@@ -144,6 +145,8 @@ class SockLbMaps:
     netns_addrs: PinnedMap[CookieKey, NodeValue]
     backend_conns: PinnedMap[IndexKey, ConnsValue]
     access_hits: PinnedMap[RuleKey, _U64]  # per-CPU: read with access_hit_counts()
+    redirects: PinnedMap[IndexKey, BackendValue]
+    proxy: PinnedMap[IndexKey, ProxyValue]
     counters_fd: int
 
     @staticmethod
@@ -171,6 +174,8 @@ class SockLbMaps:
             netns_addrs=PinnedMap(path("veer_netns_addrs"), CookieKey, NodeValue),
             backend_conns=PinnedMap(path("veer_backend_conns"), IndexKey, ConnsValue),
             access_hits=PinnedMap(path("veer_access_hits"), RuleKey, _U64),
+            redirects=PinnedMap(path("veer_redirects"), IndexKey, BackendValue),
+            proxy=PinnedMap(path("veer_proxy"), IndexKey, ProxyValue),
             counters_fd=syscall.obj_get(path("veer_counters")),
         )
 
@@ -201,7 +206,8 @@ class SockLbMaps:
         for m in (self.services, self.backends, self.vips, self.service_cidrs, self.sock_revnat,
                   self.affinity, self.affinity_match, self.nat_fwd, self.nat_rev, self.node,
                   self.lb_sources, self.ext_affinity, self.cluster_cidrs, self.access,
-                  self.netns_addrs, self.backend_conns, self.access_hits):
+                  self.netns_addrs, self.backend_conns, self.access_hits, self.redirects,
+                  self.proxy):
             m.close()
         os.close(self.counters_fd)
 

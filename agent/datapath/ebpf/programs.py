@@ -47,8 +47,12 @@ CGROUP_UDP6_RECVMSG = 20
 CGROUP_INET4_GETPEERNAME = 29
 CGROUP_INET6_GETPEERNAME = 30
 CGROUP_INET_SOCK_RELEASE = 34
+CGROUP_SOCK_OPS = 3
+CGROUP_GETSOCKOPT = 21
 
 BPF_PROG_TYPE_CGROUP_SOCK = 9
+BPF_PROG_TYPE_SOCK_OPS = 13
+BPF_PROG_TYPE_CGROUP_SOCKOPT = 25
 
 BPF_PROG_TYPE_CGROUP_SOCK_ADDR = 18
 BPF_PROG_TYPE_SCHED_CLS = 3
@@ -78,6 +82,9 @@ SOCK_HOOKS: tuple[Hook, ...] = (
     Hook("veer_getpeername6", CGROUP_INET6_GETPEERNAME, "prog_getpeername6"),
     Hook("veer_sock_release", CGROUP_INET_SOCK_RELEASE, "prog_sock_release",
          BPF_PROG_TYPE_CGROUP_SOCK),
+    Hook("veer_sockops", CGROUP_SOCK_OPS, "prog_sockops", BPF_PROG_TYPE_SOCK_OPS),
+    Hook("veer_getsockopt", CGROUP_GETSOCKOPT, "prog_getsockopt",
+         BPF_PROG_TYPE_CGROUP_SOCKOPT),
 )
 
 # Map name -> pin file name (BCC pins under the names given in veer_maps.h).
@@ -102,6 +109,10 @@ MAP_NAMES = (
     "veer_rr_cursor",
     "veer_backend_conns",
     "veer_lc_socks",
+    "veer_redirects",
+    "veer_proxy",
+    "veer_redirect_socks",
+    "veer_orig_dst",
 )
 
 

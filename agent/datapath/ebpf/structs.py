@@ -67,6 +67,7 @@ SVC_F_SOURCE_RANGES = 1 << 3
 SVC_F_TABLE = 1 << 4
 SVC_F_ACCESS = 1 << 5
 SVC_F_ACCESS_DENY = 1 << 6
+SVC_F_REDIRECT = 1 << 7
 SVC_ALG_SHIFT = 8
 SVC_ALG_MASK = 3 << SVC_ALG_SHIFT
 # VEER_ALG_*, by the TrafficPolicy's name for them.
@@ -244,6 +245,23 @@ class LcSockValue(ctypes.Structure):
     _fields_ = [("backend_id", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
 
 
+class ProxyValue(ctypes.Structure):
+    C_NAME = "veer_proxy_value"
+    _fields_ = [("uid", ctypes.c_uint32), ("set", ctypes.c_uint32)]
+
+
+class OrigKey(ctypes.Structure):
+    C_NAME = "veer_orig_key"
+    _fields_ = [("addr", Addr16), ("port", ctypes.c_uint16), ("family", ctypes.c_uint8),
+                ("pad", ctypes.c_uint8 * 5)]
+
+
+class OrigValue(ctypes.Structure):
+    C_NAME = "veer_orig_value"
+    _fields_ = [("addr", Addr16), ("port", ctypes.c_uint16), ("family", ctypes.c_uint8),
+                ("pad", ctypes.c_uint8 * 5)]
+
+
 class NodeValue(ctypes.Structure):
     C_NAME = "veer_node_value"
     _fields_ = [("addr4", Addr16), ("addr6", Addr16)]
@@ -291,6 +309,7 @@ EV_F_AFFINITY = 1 << 0
 EV_F_SNAT = 1 << 1
 EV_F_SHORT_CIRCUIT = 1 << 2
 EV_F_MAPPED = 1 << 3
+EV_F_REDIRECT = 1 << 4
 
 
 class ConfigValue(ctypes.Structure):
@@ -338,6 +357,9 @@ MIRRORS: tuple[type[ctypes.Structure], ...] = (
     RuleKey,
     ConnsValue,
     LcSockValue,
+    ProxyValue,
+    OrigKey,
+    OrigValue,
 )
 
 # enum veer_counter, in order.
@@ -363,6 +385,8 @@ COUNTER_NAMES: tuple[str, ...] = (
     "access_denied",
     "nat_access_denied",
     "access_unknown",
+    "redirected",
+    "orig_dst",
 )
 
 # LPM trie keys carry family + padding (32 bits) before the address.

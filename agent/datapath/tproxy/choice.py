@@ -9,7 +9,7 @@ from the same compute output and the same tables as the eBPF programs'.
   `flow_hash(flow_words(client address, client port as the kernel holds it,
   protocol)) % table size`, so a client's flow lands where the kernel's would.
   LeastConnections: the backend with the fewest open proxied connections per
-  unit of weight, scanning at most 32 backends from a random one (so ties
+  unit of weight, scanning at most 16 backends from a random one (so ties
   spread), as veer_least_conn does.
 - ClientIP affinity: a live entry (younger than the timeout since its last
   use) of this client's address wins while its backend still serves the
@@ -29,18 +29,12 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from agent.compute.tables import flow_hash, flow_words, slot_table
+from agent.compute.tables import backend_name, flow_hash, flow_words, slot_table
 from agent.compute.types import L4Addr
 from agent.model.objects import Algorithm, Protocol
 
-LC_SCAN = 32  # the kernel's VEER_LC_SCAN
+LC_SCAN = 16  # the kernel's VEER_LC_SCAN
 _IPPROTO = {Protocol.TCP: 6, Protocol.UDP: 17}
-
-
-def backend_name(backend: L4Addr) -> bytes:
-    """A backend's identity for Maglev: address (16 bytes, IPv4 in the first
-    4) and port in network order, as the eBPF datapath names it."""
-    return backend.address.packed.ljust(16, b"\0") + backend.port.to_bytes(2, "big")
 
 
 def client_bytes(address: str) -> bytes:
@@ -100,7 +94,7 @@ class Chooser:
         self.counts = counts
         self.state = state or ChooserState()
         weights = tuple(weights) if len(weights) == len(self.backends) else ()
-        names = [backend_name(b) for b in self.backends]
+        names = [backend_name(b.address.packed, b.port) for b in self.backends]
         table = slot_table(algorithm, names, weights, maglev_size) if self.backends else None
         self.slots: tuple[L4Addr, ...] = (
             tuple(self.backends[i] for i in table) if table is not None else self.backends
