@@ -390,3 +390,34 @@ def test_finished_connections_release_their_snat_ports(cluster: MultiNodeCluster
     closing = 1 << 63
     open_ = [v for v in held if not v.last_seen_ns & closing]
     assert not open_, f"{len(open_)} of {len(held)} SNAT entries of finished connections"
+
+
+def test_access_rules_drop_denied_outside_clients(cluster: MultiNodeCluster) -> None:
+    """A TrafficPolicy's access rules on the per-packet path: the denied
+    outside client's packets are dropped (its connect times out; a refusal
+    would say the Service is there); a pod of node-2, allowed, is served
+    through node-1's NodePort; the drops are counted per rule."""
+    rules = {"defaultAction": "Allow",
+             "rules": [{"action": "Deny", "sources": [f"{EXT}/32"]}]}
+    tp = {"apiVersion": "veer.dev/v1alpha1", "kind": "TrafficPolicy",
+          "metadata": {"name": "web-acl", "namespace": "default",
+                       "creationTimestamp": "2026-01-01T00:00:00Z"},
+          "spec": {"targetRefs": [{"name": "web"}], "access": rules}}
+    cluster.write_manifest("web.yaml", web("Cluster", ALL) + "---\n" + json.dumps(tp) + "\n")
+    node = cluster.nodes[0]
+    cluster.wait_status(node, lambda s: "default/web-acl" in s.get("policies", {}),
+                        "web-acl in force on node-1")
+    denied = cluster.probe_from_outside("tcp", "10.0.0.1", "30080", "--count", "3",
+                                        "--timeout", "1")
+    assert denied["answers"] == {} and denied["errors"] == {"TIMEOUT": 3}, denied
+    allowed = cluster.probe_from_pod("cli-2", "tcp", "10.0.0.1", "30080", "--count", "10")
+    assert allowed["errors"] == {} and sum(allowed["answers"].values()) == 10, allowed
+    maps = SockLbMaps.open(node.bpffs)
+    try:
+        dropped = maps.counters()["nat_access_denied"]
+        hits = maps.access_hit_counts()
+    finally:
+        maps.close()
+    assert dropped >= 3, dropped
+    assert sum(n for (_, rule), n in hits.items() if rule == 0) >= 3, hits
+    cluster.write_manifest("web.yaml", web("Cluster", ALL))
