@@ -20,6 +20,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from types import FrameType
 
 from agent import __version__
@@ -43,8 +44,19 @@ log = logging.getLogger("veer.agent")
 RETRY_AFTER_FAILURE = 1.0
 
 
-def choose_mode(config: AgentConfig, hidden_features: tuple[str, ...] = ()) -> tuple[str, str]:
-    """(mode, why), from the mode asked for and a probe of the kernel.
+@dataclass(frozen=True)
+class ModeChoice:
+    """The datapath mode, why, and what the kernel probe found (empty when no
+    probe ran: --mode tproxy needs none)."""
+
+    mode: str
+    why: str
+    found: tuple[str, ...] = ()
+    missing: tuple[str, ...] = ()
+
+
+def choose_mode(config: AgentConfig, hidden_features: tuple[str, ...] = ()) -> ModeChoice:
+    """The mode, from the mode asked for and a probe of the kernel.
 
     eBPF mode needs every program type, map type and helper listed in
     agent/datapath/ebpf/probe.py. `auto` falls back to TPROXY mode (nftables
@@ -52,20 +64,24 @@ def choose_mode(config: AgentConfig, hidden_features: tuple[str, ...] = ()) -> t
     lacks one, naming it; `ebpf` on such a kernel fails at start.
     """
     if config.mode == "tproxy":
-        return "tproxy", "requested with --mode tproxy"
+        return ModeChoice("tproxy", "requested with --mode tproxy")
     from agent.datapath.ebpf.probe import probe
 
     features = probe(hidden_features)
+    found, lacking = features.found, features.missing
     if not features.ebpf_ready:
         missing = ", ".join(features.missing)
         if config.mode == "ebpf":
             raise ConfigError(f"--mode ebpf: this kernel lacks {missing}")
-        return "tproxy", (f"auto: this kernel lacks {missing}, which eBPF mode needs; "
-                          "using the TPROXY fallback (nftables tproxy and a proxy in the agent)")
+        return ModeChoice(
+            "tproxy", f"auto: this kernel lacks {missing}, which eBPF mode needs; using the "
+            "TPROXY fallback (nftables tproxy and a proxy in the agent)", found, lacking)
     checked = len(features.found)
     if config.mode == "ebpf":
-        return "ebpf", f"requested with --mode ebpf; the kernel has all {checked} features it needs"
-    return "ebpf", f"auto: the kernel has all {checked} features eBPF mode needs"
+        return ModeChoice("ebpf", f"requested with --mode ebpf; the kernel has all {checked} "
+                          "features it needs", found, lacking)
+    return ModeChoice("ebpf", f"auto: the kernel has all {checked} features eBPF mode needs",
+                      found, lacking)
 
 
 def open_datapath(config: AgentConfig, mode: str) -> Datapath:
@@ -102,6 +118,7 @@ class Agent:
         mode: tuple[str, str] | None = None,
         serve: ServeOptions | None = None,
         source: Callable[[Store], Source] | None = None,
+        kernel_features: tuple[tuple[str, ...], tuple[str, ...]] = ((), ()),
     ):
         self.config = config
         self.datapath = datapath
@@ -133,6 +150,8 @@ class Agent:
         self._stopped = threading.Event()
         # What `veer status` and the metrics report, and where they are served.
         self.mode = mode or (datapath.name, "")  # (mode, why it was chosen)
+        # (found, missing): what the kernel probe said, for `veer status`.
+        self.kernel_features = kernel_features
         self.telemetry = Telemetry()
         # Flow events from the kernel, for `veer observe` and the flow metrics.
         self.flows = FlowHub(ServiceNames(lambda: self.last_desired, datapath.frontend_of),

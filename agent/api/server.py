@@ -149,6 +149,8 @@ class _Servicer:
             frontends=len(desired.frontends),
             frontends_failed=len([k for k in failed if k in desired.frontends]),
             start_time=agent.telemetry.snapshot().start_time,
+            features_found=list(agent.kernel_features[0]),
+            features_missing=list(agent.kernel_features[1]),
             source=pb.SourceStatus(
                 kind=agent.source.kind,
                 location=agent.source.location,

@@ -144,7 +144,8 @@ def run_agent(args: argparse.Namespace) -> int:
                               else args.cleanup_on_uninstall),
         proxy_uid=args.proxy_uid,
     )
-    mode, why = choose_mode(config, tuple(args.hide_kernel_feature))
+    choice = choose_mode(config, tuple(args.hide_kernel_feature))
+    mode, why = choice.mode, choice.why
     log.info("datapath mode %s (%s)", mode, why)
     serve = ServeOptions(
         api_socket=args.api_socket,
@@ -178,7 +179,8 @@ def run_agent(args: argparse.Namespace) -> int:
             return runtimes[-1]
 
     agent = Agent(config, open_datapath(config, mode), status_file=args.status_file,
-                  mode=(mode, why), serve=serve, source=source)
+                  mode=(mode, why), serve=serve, source=source,
+                  kernel_features=(choice.found, choice.missing))
     for runtime in runtimes:
         runtime.attach(agent)
     agent.run_forever()

@@ -113,6 +113,10 @@ def render_status(s: dict[str, Any], now: float) -> str:
         ("mode", f"{s['mode']} ({s['mode_reason']})" if s["mode_reason"] else s["mode"]),
         ("datapath", f"{s['datapath']}, kernel {s['kernel']}"),
     ]
+    found, missing = s.get("features_found") or [], s.get("features_missing") or []
+    if found or missing:
+        pairs.append(("kernel features", f"{len(found)} found, "
+                      + (f"missing: {', '.join(missing)}" if missing else "none missing")))
     if s["cgroup"]:
         pairs.append(("cgroup", s["cgroup"]))
     pairs += [

@@ -102,10 +102,15 @@ def test_status(live: SandboxCluster) -> None:
     assert data["sync"]["last_errors"] == [] and data["sync"]["passes"] >= 1
     assert {m["name"]: m["entries"] > 0 for m in data["maps"]}["veer_services"]
     assert [p["name"] for p in data["skipped"]] == ["signalling"]
+    # The kernel probe's verdict, feature by feature (this kernel has them all).
+    assert "program:cgroup_sock_addr" in data["features_found"]
+    assert "helper:sched_cls:bpf_redirect_neigh" in data["features_found"]
+    assert data.get("features_missing", []) == []
 
     text = veer(live, "status").stdout
     assert "mode:" in text and "ebpf" in text
-    assert "PROGRAMS (8 programs attached)" in text
+    assert f"kernel features:  {len(data['features_found'])} found, none missing" in text
+    assert f"PROGRAMS ({len(SOCK_HOOKS)} programs attached)" in text
     assert "connect4" in text and "getpeername6" in text
     assert "default/signalling  UnsupportedProtocol" in text
 

@@ -1,9 +1,9 @@
 """The agent's VeerNode report (agent/kube/report.py) against a fake API
 server: what it lists (accepted policies whose Services exist here, each
-programmed or not as the agent's last pass left it), that it fits the CRD, that it is created when missing and
-patched only when its content changes or a heartbeat is due; and the
-uninstall decision (agent/kube/uninstall.py) on every path, and the watch of
-the agent's DaemonSet that feeds it.
+programmed or not as the agent's last pass left it), that it fits the CRD,
+that it is created when missing and patched only when its content changes
+or a heartbeat is due; and the uninstall decision (agent/kube/uninstall.py)
+on every path, and the watch of the agent's DaemonSet that feeds it.
 """
 
 from __future__ import annotations
