@@ -14,15 +14,20 @@ mirrors sock_lb.c exactly:
                              otherwise                                  -> pass
       count == 0             VEER_SVC_F_DROP_EMPTY set                  -> EHOSTUNREACH
                              otherwise                                  -> refuse (no backends)
+      VEER_SVC_F_ACCESS      the TrafficPolicy's rules deny the client  -> refuse (access_denied)
+                             (evaluated when the request names the client's address)
+      VEER_SVC_F_REDIRECT    not the proxy's own connection             -> the node-local proxy
       VEER_SVC_F_AFFINITY    a live entry for the client's netns        -> that backend
                              (known when the request names the client's netns cookie)
-      slot = 1 + random % count: veer_services[..., slot] missing       -> refuse (inconsistent)
+      slot by the algorithm (veer_pick): Random, RoundRobin, Maglev (flow hash), LeastConnections
+                             veer_services[..., slot] missing           -> refuse (inconsistent)
       veer_backends[id] missing or of another family                    -> refuse (inconsistent)
                                                                         -> translate
 
 When a change to sock_lb.c changes this order, this module changes with it.
-The source address plays no part: the programs run at connect()/sendmsg(),
-before a source is chosen.
+The source address the request names plays a part only where the programs
+learn one from the client's network namespace: access rules (and Maglev's
+hash, whose port is not known before connect()).
 """
 
 from __future__ import annotations
@@ -79,6 +84,22 @@ def _program(destination: IPAddress, protocol: str) -> str:
     return f"veer_connect{family}"
 
 
+_ALGORITHM_STEP = {
+    "Random": "slot = 1 + random % count",
+    "RoundRobin": "slot = 1 + (the frontend's cursor, advanced per connection) % count",
+    "Maglev": "slot = 1 + hash(client address, client port, protocol) % count "
+              "(Maglev: a flow always gets the same slot)",
+    "LeastConnections": "the slot whose backend has the fewest open connections from this "
+                        "node per unit of weight (veer_backend_conns), among up to 16 slots",
+}
+_ALGORITHM_SUMMARY = {
+    "Random": "chosen at random",
+    "RoundRobin": "in turn (RoundRobin)",
+    "Maglev": "by the flow's hash (Maglev)",
+    "LeastConnections": "the least loaded from this node (LeastConnections)",
+}
+
+
 def _longest_prefix(address: IPAddress, cidrs: set[IPNetwork]) -> IPNetwork | None:
     matching = [c for c in cidrs if c.version == address.version and address in c]
     return max(matching, key=lambda c: c.prefixlen, default=None)
@@ -91,6 +112,7 @@ def explain(
     protocol: str,
     desired: Mapping[L4Addr, Frontend],
     client_netns_cookie: int = 0,
+    source: IPAddress | None = None,
 ) -> Explanation:
     """What a connect()/sendmsg() to destination:port/protocol would meet; for
     a frontend with ClientIP affinity and a known client (network namespace
@@ -131,6 +153,29 @@ def explain(
         f"veer_services[{key} slot 0]: frontend{owner}, service id {entry.service_id}, "
         f"{entry.count} backend slot(s)"
     )
+    if entry.access:
+        spec = want.access if want is not None else None
+        if source is None or spec is None:
+            steps.append(
+                "TrafficPolicy access rules: the client's address (from its network "
+                "namespace) decides; name the client (--from) to see the verdict")
+        else:
+            action, rule = spec.verdict(source)
+            decided = f"access.rules[{rule}]" if rule is not None else "access.defaultAction"
+            steps.append(f"TrafficPolicy access rules ({want.policy if want else '?'}): "
+                         f"{source} -> {action.value} by {decided}")
+            if action.value == "Deny":
+                out.verdict, out.reason = REFUSE, "access_denied"
+                out.counter, out.errno = "access_denied", "ECONNREFUSED"
+                out.summary = (f"{dialled}{owner}: the TrafficPolicy {want.policy if want else ''}"
+                               f" denies {source} ({decided}): refused at once with "
+                               "ECONNREFUSED")
+                return out
+    if entry.redirect:
+        proxy = want.redirect if want is not None else None
+        steps.append(f"redirect: connections go to the node-local proxy "
+                     f"{proxy or '(see veer_redirects)'}, except the proxy's own "
+                     "(its uid, --proxy-uid), which are balanced as below")
     if entry.count == 0:
         if entry.drop_when_empty:
             steps.append("count 0 with VEER_SVC_F_DROP_EMPTY -> fail with EHOSTUNREACH")
@@ -155,6 +200,7 @@ def explain(
             "the others get a random slot, as below"
         )
     broken: list[str] = []
+    seen: dict[int, Candidate] = {}  # backend id -> candidate (a table repeats backends)
     for slot in range(1, entry.count + 1):
         backend_id = reader.slot(key, slot)
         if backend_id is None:
@@ -164,10 +210,17 @@ def explain(
         if backend is None or backend.address.version != destination.version:
             broken.append(f"slot {slot}: backend {backend_id} missing or of another family")
             continue
-        out.candidates.append(Candidate(slot, backend_id, backend, 1.0 / entry.count))
+        held = seen.get(backend_id)
+        seen[backend_id] = Candidate(held.slot if held else slot, backend_id, backend,
+                                     (held.probability if held else 0.0) + 1.0 / entry.count)
+    out.candidates = sorted(seen.values(), key=lambda c: c.slot)
+    listed = ", ".join(
+        f"slot {c.slot} -> backend {c.backend_id} {c.backend}"
+        + (f" ({c.probability:.1%} of the slots)" if len(seen) != entry.count else "")
+        for c in out.candidates)
     steps.append(
-        f"slot = 1 + random % {entry.count}: "
-        + ", ".join(f"slot {c.slot} -> backend {c.backend_id} {c.backend}" for c in out.candidates)
+        f"{_ALGORITHM_STEP.get(entry.algorithm, 'slot by ' + entry.algorithm)} "
+        f"(of {entry.count}): " + listed
         + ("" if not broken else ("; " if out.candidates else "") + "; ".join(broken))
     )
     if broken:
@@ -203,10 +256,15 @@ def explain(
             + " -> a random slot, which becomes the client's entry"
         )
     chosen = ", ".join(str(c.backend) for c in out.candidates)
+    how = _ALGORITHM_SUMMARY.get(entry.algorithm, f"chosen by {entry.algorithm}")
     out.summary = (
         f"{dialled}{owner} is translated at connect() to one of {len(out.candidates)} "
-        f"backend(s), chosen at random: {chosen}"
+        f"backend(s), {how}: {chosen}"
     )
+    if entry.redirect:
+        out.summary = (f"{dialled}{owner} is redirected at connect() to the node-local proxy "
+                       f"{want.redirect if want else ''}; the proxy's own connections go to "
+                       f"one of {len(out.candidates)} backend(s), {how}: {chosen}")
     if broken:
         out.summary += (
             f"; but {len(broken)} of {entry.count} slot(s) are broken, and a connection that "

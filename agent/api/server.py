@@ -231,6 +231,7 @@ class _Servicer:
         result = explain(
             self.reader, destination, request.port, request.protocol or "TCP",
             self._desired().frontends, request.client_netns_cookie,
+            ipaddress.ip_address(request.source) if request.source else None,
         )
         return views.explain_message(self.pb, result)
 

@@ -36,6 +36,9 @@ class FrontendEntry:
     service_id: int
     drop_when_empty: bool = False  # count 0 fails with EHOSTUNREACH, not ECONNREFUSED
     affinity_timeout: int = 0  # ClientIP affinity, seconds; 0: none
+    algorithm: str = "Random"  # a TrafficPolicy's loadBalancing.algorithm
+    access: bool = False  # a TrafficPolicy's access rules apply
+    redirect: bool = False  # connections go to the node-local proxy
 
 
 @dataclass(frozen=True)
@@ -60,8 +63,9 @@ class FrontendView:
 
     @property
     def backends(self) -> tuple[L4Addr, ...]:
-        """The backends the slots reach, sorted (as DesiredState lists them)."""
-        return tuple(sorted(s.backend for s in self.slots if s.backend is not None))
+        """The backends the slots reach, sorted and once each (as DesiredState
+        lists them; a weighted or Maglev table repeats them)."""
+        return tuple(sorted({s.backend for s in self.slots if s.backend is not None}))
 
     @property
     def complete(self) -> bool:

@@ -65,7 +65,7 @@ def start_udp_echo(topo: Topology, pod: Pod, ports: Sequence[int]) -> subprocess
     return topo.spawn(pod.netns, argv)
 
 
-def wait_listening(topo: Topology, pod: Pod, port: int, timeout: float = 10.0) -> None:
+def wait_listening(topo: Topology, pod: Pod, port: int, timeout: float = 60.0) -> None:
     """Wait until a TCP port accepts connections inside the pod."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -76,7 +76,9 @@ def wait_listening(topo: Topology, pod: Pod, port: int, timeout: float = 10.0) -
     raise TimeoutError(f"nothing listens on {pod.name}:{port}")
 
 
-def wait_udp(topo: Topology, pod: Pod, port: int, timeout: float = 10.0) -> None:
+def wait_udp(topo: Topology, pod: Pod, port: int, timeout: float = 60.0) -> None:
+    """Wait until a UDP port is bound inside the pod (generous: a loaded
+    machine may take long to start a Python process; ready returns at once)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         res = topo.exec(pod.netns, ["ss", "-Hlun", f"sport = :{port}"], in_cgroup=False)

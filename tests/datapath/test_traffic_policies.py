@@ -373,3 +373,35 @@ def test_redirect_sends_connections_to_the_node_proxy_with_client_and_destinatio
     finally:
         maps.close()
     assert counts["redirected"] >= 10 and counts["orig_dst"] >= 10, counts
+
+
+def test_explain_names_the_algorithm_and_the_access_verdict(live: SandboxCluster) -> None:
+    """`veer explain` on live maps: the Maglev frontend's choice is described
+    as Maglev's, and for the ACL frontend a denied source is refused naming
+    the rule while an allowed one is translated."""
+    def explain(*args: str) -> dict[str, Any]:
+        res = subprocess.run([sys.executable, "-m", "agent.cli.main", "explain", *args,
+                              "-o", "json", "--socket", live.api_socket],
+                             capture_output=True, text=True, timeout=60)
+        assert res.returncode == 0, res.stderr
+        return dict(json.loads(res.stdout))
+
+    vip = "10.96.1.8"
+    pods = ["web-a", "web-b", "web-c"]
+    program(live, "explain.yaml",
+            [*service("ex", vip, pods),
+             policy("ex", "ex", loadBalancing={"algorithm": "Maglev"},
+                    access={"defaultAction": "Allow",
+                            "rules": [{"action": "Deny", "sources": [f"{CLIENT_IP}/32"]}]})],
+            vip, pods)
+    wait_policy(live, vip, "default/ex")
+    denied = explain("--src", CLIENT_IP, "--dst", vip, "--port", "80")
+    assert (denied["verdict"], denied["reason"]) == ("VERDICT_REFUSE", "access_denied"), denied
+    assert "access.rules[0]" in denied["summary"], denied
+    allowed = explain("--src", "10.244.1.5", "--dst", vip, "--port", "80")
+    assert allowed["verdict"] == "VERDICT_TRANSLATE", allowed
+    assert "Maglev" in allowed["summary"], allowed
+    # Each backend fills about a third of the 1,021-slot table.
+    assert {c["address"] for c in allowed["candidates"]} == {
+        POD_IPS[p] for p in pods}, allowed
+    assert all(0.25 < c["probability"] < 0.42 for c in allowed["candidates"]), allowed

@@ -15,12 +15,17 @@ import time
 from agent.compute.types import L4Addr
 from agent.datapath.ebpf.maps import SockLbMaps
 from agent.datapath.ebpf.structs import (
+    ALGORITHM_OF_CODE,
     CIDR_KEY_PREFIX_BITS,
     PROTOCOL_OF,
     SCOPE_EXTERNAL,
+    SVC_ALG_MASK,
+    SVC_ALG_SHIFT,
+    SVC_F_ACCESS,
     SVC_F_AFFINITY,
     SVC_F_DROP_EMPTY,
     SVC_F_EXT_LOCAL,
+    SVC_F_REDIRECT,
     AffinityKey,
     AffinityMatchKey,
     BackendKey,
@@ -54,6 +59,9 @@ def _entry(value: ServiceValue) -> FrontendEntry:
         service_id=value.service_id,
         drop_when_empty=bool(value.flags & SVC_F_DROP_EMPTY),
         affinity_timeout=value.affinity_timeout if affinity else 0,
+        algorithm=ALGORITHM_OF_CODE.get((value.flags & SVC_ALG_MASK) >> SVC_ALG_SHIFT, "?"),
+        access=bool(value.flags & SVC_F_ACCESS),
+        redirect=bool(value.flags & SVC_F_REDIRECT),
     )
 
 
