@@ -9,15 +9,18 @@ Two rules and two tables, all listed in layout.py:
   addressed to the client, and only this mark keeps them on this node, for
   the proxy's socket, instead of forwarding them to the client.
 - `lookup 8338` (no selector, before `main`), table 8338 `local <addr> dev
-  lo` for every Service address (ClusterIP, externalIP, LB IP) and every
-  `--service-cidr`: the node treats them as its own. A process of the node
-  can then connect to a ClusterIP even when no route covers it (the output
-  route lookup happens at connect(), before any nftables rule could mark the
-  packet), its packets loop through `lo` into prerouting, where nftables
-  hands them to the proxy; and a port no Service exposes there is refused by
-  the kernel itself. Lookups of other addresses find nothing in 8338 and go
-  on to `main`. (A rule per address would do the same, but rules are
-  searched one by one; a table is a trie.)
+  lo src 127.0.0.1` (::1) for every Service address (ClusterIP, externalIP,
+  LB IP) and every `--service-cidr`: the node delivers them locally. A
+  process of the node can then connect to a ClusterIP even when no route
+  covers it (the output route lookup happens at connect(), before any
+  nftables rule could mark the packet); its packets loop through `lo` into
+  prerouting, where nftables hands them to the proxy or refuses them. The
+  classic alternative, marking the node's own packets in an output chain so
+  that they are rerouted to `lo`, needs a route to exist at connect() (on a
+  node without a default route it fails with ENETUNREACH) and conntrack.
+  Lookups of other addresses find nothing in 8338 and go on to `main`. (A
+  rule per address would do the same, but rules are searched one by one; a
+  table is a trie.)
 
 `classify()` tells where a backend is (layout.Locality) from a route lookup.
 """
@@ -35,6 +38,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from agent.datapath.tproxy.layout import (
+    LOOPBACK,
     MARK_LOCAL,
     ROUTE_TABLE_DIVERT,
     ROUTE_TABLE_SERVICES,
@@ -116,10 +120,13 @@ class Routing:
                 raise DatapathError(f"adding routing rule {pref}: {err}") from err
 
     def _route(self, op: str, dst: str, table: int, fam: socket.AddressFamily,
-               missing_ok: bool = False) -> bool:
-        """A `local DST dev lo` route in `table`; True if it changed anything."""
+               missing_ok: bool = False, prefsrc: str | None = None) -> bool:
+        """A `local DST dev lo [src PREFSRC]` route in `table`; True if it
+        changed anything."""
         kwargs: dict[str, Any] = {"dst": dst, "type": "local", "table": table,
                                   "oif": self._lo, "family": fam}
+        if prefsrc is not None:
+            kwargs["prefsrc"] = prefsrc
         if fam == socket.AF_INET:
             kwargs["scope"] = "host"  # IPv4 refuses a local route of another scope
         try:
@@ -135,8 +142,14 @@ class Routing:
     # ---- Service addresses -----------------------------------------------------
 
     def add_service_route(self, dst: IPAddress | IPNetwork) -> bool:
+        """`local DST dev lo src 127.0.0.1` (::1): the loopback address as the
+        source, because the kernel refuses to send from an address no device
+        holds (a connect() from the node would fail with ENETUNREACH, its
+        reset could not leave). The proxy sees the node's clients as the
+        loopback address and connects to backends from the node's own."""
         net = ip_network(dst)
-        return self._route("add", str(net), ROUTE_TABLE_SERVICES, _family(net.version))
+        return self._route("add", str(net), ROUTE_TABLE_SERVICES, _family(net.version),
+                           prefsrc=LOOPBACK[net.version])
 
     def delete_service_route(self, dst: IPAddress | IPNetwork) -> bool:
         net = ip_network(dst)

@@ -10,12 +10,11 @@ rules can be read and tested without root.
                                                       replies to the proxy's upstream
                                                       sockets (and a client's later
                                                       packets to its proxied socket)
-        3. iif lo, ct direction reply        accept   the proxy's answers to host clients
-        4. ip daddr . l4proto . dport  vmap @fe4  ->  jump svc_<addr>_<port>_<proto>
+        3. ip daddr . l4proto . dport  vmap @fe4  ->  jump svc_<addr>_<port>_<proto>
            ip6 daddr . l4proto . dport vmap @fe6
-        5. not from lo: daddr @vips*  -> refused (RST / ICMP port unreachable)
-                        daddr @cidrs* -> refused
-           (from lo, the kernel itself refuses: those addresses are local routes)
+        4. daddr @vips*  -> refused (RST / ICMP port unreachable): a port no
+                            Service exposes on a Service address
+           daddr @cidrs* -> refused: a Service CIDR address without a Service
 
       svc_A_P_proto (one per frontend; the map points at it)
         [NodePort/ExternalIP/LB] iifname @ext_devices  goto svc_..._out
@@ -325,12 +324,13 @@ def _dispatch(family: int) -> Rule:
 
 
 def _refuse_addresses(family: int, named: str, counter: str) -> list[Rule]:
-    """Not from lo (where the kernel answers for these local routes itself)."""
+    """Refuse what is addressed to the set's addresses. Clients of the node
+    itself send from the loopback address (routing.py), so answers to them
+    are never addressed to a Service address and never refused here."""
     daddr = _match(_payload(_ipf(family), "daddr"), f"@{named}")
-    not_lo = _match(_IIFNAME, "lo", "!=")
     return [
-        [not_lo, daddr, *_refuse(Protocol.TCP, counter)],
-        [not_lo, daddr, _match(_L4, "udp"), *_refuse(Protocol.UDP, counter)],
+        [daddr, *_refuse(Protocol.TCP, counter)],
+        [daddr, _match(_L4, "udp"), *_refuse(Protocol.UDP, counter)],
     ]
 
 
@@ -364,8 +364,6 @@ def skeleton() -> list[Command]:
         [_match(_L4, {"set": ["tcp", "udp"]}),
          _match({"socket": {"key": "transparent"}}, 1),
          {"mangle": {"key": _MARK, "value": {"|": [_MARK, MARK_LOCAL]}}},
-         {"accept": None}],
-        [_match(_IIFNAME, "lo"), _match({"ct": {"key": "direction"}}, "reply"),
          {"accept": None}],
         _dispatch(4),
         _dispatch(6),
