@@ -288,9 +288,9 @@ def render_explain(e: dict[str, Any], destination: str, source: str = "") -> str
     out += "checks, in the program's order:\n"
     out += "".join(f"  {i}. {step}\n" for i, step in enumerate(e["steps"], start=1))
     if e["candidates"]:
-        out += "\ncandidates (one is chosen at random for each connection):\n"
+        out += "\ncandidates (the share of the slots each holds; how one is picked: above):\n"
         out += table(
-            ["SLOT", "BACKEND-ID", "BACKEND", "CHANCE"],
+            ["SLOT", "BACKEND-ID", "BACKEND", "SHARE"],
             [[c["slot"], c["backend_id"], host_port(c["address"], c["port"]),
               f"{100 * c['probability']:.1f}%"] for c in e["candidates"]],
             "  ",
@@ -304,7 +304,8 @@ def render_explain(e: dict[str, Any], destination: str, source: str = "") -> str
         out += "\n" + fields(tail)
     if source:
         out += ("\nnote: the socket programs decide before a source address is chosen; "
-                "the source does not change this answer.\n")
+                "the source matters only to TrafficPolicy access rules, which know the "
+                "client by its network namespace's address.\n")
     return out
 
 
@@ -369,8 +370,10 @@ def render_flow_header() -> str:
 def flow_client(e: dict[str, Any]) -> str:
     """Who connected: the client's address (per-packet path) or, for the socket
     hooks, which run before a source address exists, the calling process."""
-    if e["source"]:
+    if e["source"] and e["source_port"]:
         return host_port(e["source"], e["source_port"])
+    if e["source"]:  # a socket hook that learnt the address from the client's namespace
+        return e["source"] + (f" {e['comm'] or '?'}[{e['pid']}]" if e["pid"] else "")
     if e["pid"]:
         return f"{e['comm'] or '?'}[{e['pid']}]"
     return "-"

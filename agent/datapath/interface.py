@@ -194,6 +194,11 @@ class Datapath(ABC):
         """Event counters kept by the datapath (translations, refusals, ...)."""
         return {}
 
+    def access_hits(self) -> Mapping[tuple[int, int], int]:
+        """TrafficPolicy access rule hits by (frontend service id, rule number;
+        0xffff: the default action). Default: none kept."""
+        return {}
+
     def start_flow_events(self, sink: Callable[[list[FlowEvent]], None]) -> bool:
         """Deliver the kernel's flow events, in batches, to `sink` from a thread
         of the datapath's own until close(). False if this backend has none."""

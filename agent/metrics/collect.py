@@ -20,15 +20,20 @@ the agent (cheap: counters, map sizes, the last desired state; no compute);
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from agent import __version__
+from agent.compute.types import DesiredState, L4Addr
 from agent.datapath.flows import FlowStats
 from agent.datapath.interface import MapUsage
 from agent.metrics.exposition import MetricFamily
 from agent.telemetry import Histogram, TelemetrySnapshot
+
+# The kernel's rule number for "no rule matched: the default action decided"
+# (VEER_RULE_DEFAULT in bpf/veer_structs.h).
+RULE_DEFAULT = 0xFFFF
 
 if TYPE_CHECKING:
     from agent.daemon import Agent
@@ -49,6 +54,9 @@ class MetricsInput:
     version: str = __version__
     flows: FlowStats | None = None  # the flow hub's aggregates (flow events)
     modes: Sequence[str] = ("ebpf", "tproxy")
+    # (policy, rule) -> hits of TrafficPolicy access rules; rule is
+    # "rules[N]" or "defaultAction".
+    access_hits: Mapping[tuple[str, str], int] = field(default_factory=dict)
 
 
 def _histogram(name: str, help_text: str, h: Histogram) -> MetricFamily:
@@ -117,8 +125,31 @@ def families(m: MetricsInput) -> list[MetricFamily]:
         MetricFamily("veer_source_synced", "gauge",
                      "1 once the source has delivered a complete view").add(int(m.source_synced)),
     ]
+    hits = MetricFamily("veer_access_rule_hits_total", "counter",
+                        "Connections (socket path) and new flows (per-packet path) decided "
+                        "by each TrafficPolicy access rule, or by its default action")
+    for (policy, rule), n in sorted(m.access_hits.items()):
+        hits.add(n, {"policy": policy, "rule": rule})
+    out.append(hits)
     if m.flows is not None:
         out += flow_families(m.flows, m.counters.get("events_lost", 0))
+    return out
+
+
+def access_hits_by_policy(
+    hits: Mapping[tuple[int, int], int],
+    frontend_of: Callable[[int], L4Addr | None],
+    desired: DesiredState,
+) -> dict[tuple[str, str], int]:
+    """The kernel's (service id, rule) hit counts summed per (policy, rule)."""
+    out: dict[tuple[str, str], int] = {}
+    for (service_id, rule), n in hits.items():
+        key = frontend_of(service_id)
+        frontend = desired.frontends.get(key) if key is not None else None
+        if frontend is None or not frontend.policy:
+            continue
+        label = "defaultAction" if rule == RULE_DEFAULT else f"rules[{rule}]"
+        out[(frontend.policy, label)] = out.get((frontend.policy, label), 0) + n
     return out
 
 
@@ -189,4 +220,6 @@ class Gatherer:
             frontends_failed=len([k for k in failed if k in desired.frontends]),
             source_synced=agent.store.synced,
             flows=agent.flows.stats(),
+            access_hits=access_hits_by_policy(agent.datapath.access_hits(),
+                                              agent.datapath.frontend_of, desired),
         )

@@ -122,8 +122,12 @@ def test_families_carry_kube_proxy_and_veer_names() -> None:
         counters={"translated": 5, "refused_no_backend": 1},
         programs_attached=8, skipped={"UnsupportedProtocol": 1}, manifest_problems=0,
         frontends=3, frontends_failed=0, source_synced=True,
+        access_hits={("demo/acl", "rules[0]"): 4, ("demo/acl", "defaultAction"): 2},
     )))
     got = exposition.parse(text)
+    assert got["veer_access_rule_hits_total"] == {
+        (("policy", "demo/acl"), ("rule", "rules[0]")): 4,
+        (("policy", "demo/acl"), ("rule", "defaultAction")): 2}
     assert got["kubeproxy_sync_proxy_rules_duration_seconds_count"][()] == 1
     assert got["kubeproxy_sync_full_proxy_rules_duration_seconds_count"][()] == 1
     assert got["kubeproxy_sync_partial_proxy_rules_duration_seconds_count"][()] == 0
@@ -160,3 +164,24 @@ def test_bad_bind_address(value: str) -> None:
 
     with pytest.raises(ConfigError, match="--x"):
         parse_bind_address(value, "--x")
+
+
+def test_access_hits_are_summed_per_policy_and_rule() -> None:
+    import ipaddress
+
+    from agent.compute.types import DesiredState, Frontend, FrontendKind, L4Addr, ServicePortName
+    from agent.metrics.collect import access_hits_by_policy
+    from agent.model.objects import Protocol
+
+    def fe(ip: str) -> Frontend:
+        return Frontend(L4Addr(ipaddress.ip_address(ip), 80, Protocol.TCP),
+                        ServicePortName("demo", "acl", "http"), FrontendKind.CLUSTER_IP, (),
+                        policy="demo/acl")
+
+    a, b = fe("10.96.0.1"), fe("10.96.0.2")
+    desired = DesiredState(frontends={a.key: a, b.key: b})
+    ids = {1: a.key, 2: b.key}
+    got = access_hits_by_policy({(1, 0): 3, (2, 0): 2, (2, 0xFFFF): 5, (9, 0): 7},
+                                ids.get, desired)
+    # Both frontends of the policy add up; an id no frontend holds is ignored.
+    assert got == {("demo/acl", "rules[0]"): 5, ("demo/acl", "defaultAction"): 5}

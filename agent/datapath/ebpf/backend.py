@@ -772,6 +772,9 @@ class EbpfDatapath(Datapath):
     def counters(self) -> Mapping[str, int]:
         return self.maps.counters()
 
+    def access_hits(self) -> Mapping[tuple[int, int], int]:
+        return self.maps.access_hit_counts()
+
     def service_id(self, key: L4Addr) -> int | None:
         entry = self._frontends.get((key, SCOPE_SOCKET))
         return entry.service_id if entry else None
