@@ -421,3 +421,51 @@ def test_access_rules_drop_denied_outside_clients(cluster: MultiNodeCluster) -> 
     assert dropped >= 3, dropped
     assert sum(n for (_, rule), n in hits.items() if rule == 0) >= 3, hits
     cluster.write_manifest("web.yaml", web("Cluster", ALL))
+
+
+def _policy(name: str, **spec: object) -> str:
+    return json.dumps({"apiVersion": "veer.dev/v1alpha1", "kind": "TrafficPolicy",
+                       "metadata": {"name": name, "namespace": "default",
+                                    "creationTimestamp": "2026-01-01T00:00:00Z"},
+                       "spec": {"targetRefs": [{"name": "web"}], **spec}}) + "\n"
+
+
+def test_algorithms_on_the_per_packet_path(cluster: MultiNodeCluster) -> None:
+    """RoundRobin and Maglev choose for flows from outside too (the TC
+    program shares the socket path's veer_pick): one outside client's
+    connections, one at a time, cycle through the three endpoints; with
+    Maglev, each (client address, source port) lands where the table and hash
+    of agent/compute/tables.py say, again and again."""
+    from agent.compute.tables import backend_name, flow_hash, flow_words, maglev_table
+
+    node = cluster.nodes[0]
+    cluster.write_manifest("web.yaml", web("Cluster", ALL) + "---\n" + _policy(
+        "web-rr", loadBalancing={"algorithm": "RoundRobin"}))
+    cluster.wait_status(node, lambda s: "default/web-rr" in s.get("policies", {}),
+                        "web-rr in force on node-1")
+    rr = cluster.probe_from_outside("tcp", "10.0.0.1", "30080", "--count", "30",
+                                    "--timeout", "5")
+    seq = [a.split(":")[0] for a in rr["sequence"]]
+    assert rr["errors"] == {} and sorted(set(seq)) == ["web-a", "web-b", "web-c"], rr
+    assert all(seq[i] == seq[i % 3] for i in range(30)), seq
+
+    cluster.write_manifest("web.yaml", web("Cluster", ALL) + "---\n" + _policy(
+        "web-maglev", loadBalancing={"algorithm": "Maglev"}))
+    cluster.wait_status(node, lambda s: "default/web-maglev" in s.get("policies", {}),
+                        "web-maglev in force on node-1")
+    first = cluster.probe_from_outside("tcp", "10.0.0.1", "30080", "--count", "60",
+                                       "--source-port", "41000", "--timeout", "5")
+    again = cluster.probe_from_outside("tcp", "10.0.0.1", "30080", "--count", "60",
+                                       "--source-port", "41000", "--timeout", "5")
+    got = [a.split(":")[0] for a in first["sequence"]]
+    assert first["errors"] == {} and got == [a.split(":")[0] for a in again["sequence"]]
+    pods = {"10.244.1.2": "web-a", "10.244.1.3": "web-b", "10.244.2.2": "web-c"}
+    ordered = sorted(pods, key=lambda ip: tuple(map(int, ip.split("."))))
+    table = maglev_table([backend_name(bytes(map(int, ip.split("."))), 8080)
+                          for ip in ordered], [], 1021)
+    client = bytes(map(int, EXT.split("."))).ljust(16, b"\0")
+    want = [pods[ordered[table[flow_hash(flow_words(
+        client, int.from_bytes(p.to_bytes(2, "big"), "little"), 6)) % 1021]]]
+        for p in range(41000, 41060)]
+    assert got == want
+    cluster.write_manifest("web.yaml", web("Cluster", ALL))
