@@ -1,5 +1,5 @@
 # Developer shortcuts; each target calls the scripts the README documents.
-.PHONY: sandbox test unit lint bench bench-clusterip bench-nodeport setup clean
+.PHONY: sandbox test unit lint bench bench-clusterip bench-nodeport bench-sockmap setup clean
 
 setup:
 	./scripts/setup.sh
@@ -24,6 +24,9 @@ bench-clusterip: setup
 
 bench-nodeport: setup
 	.venv/bin/python bench/nodeport.py
+
+bench-sockmap: setup
+	.venv/bin/python bench/sockmap.py
 
 clean:
 	rm -rf .venv .mypy_cache .ruff_cache build *.egg-info

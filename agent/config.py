@@ -36,6 +36,8 @@ class AgentConfig:
     # The uid the node-local proxy of TrafficPolicy redirects runs as: its own
     # connections are balanced, never redirected. None: no redirects.
     proxy_uid: int | None = None
+    # --sockmap: sockmap acceleration for every Service (where the kernel allows).
+    sockmap: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

@@ -53,6 +53,8 @@ class ModeChoice:
     why: str
     found: tuple[str, ...] = ()
     missing: tuple[str, ...] = ()
+    # sockmap acceleration: (usable on this kernel, why)
+    sockmap: tuple[bool, str] = (False, "not probed")
 
 
 def choose_mode(config: AgentConfig, hidden_features: tuple[str, ...] = ()) -> ModeChoice:
@@ -65,35 +67,39 @@ def choose_mode(config: AgentConfig, hidden_features: tuple[str, ...] = ()) -> M
     """
     if config.mode == "tproxy":
         return ModeChoice("tproxy", "requested with --mode tproxy")
-    from agent.datapath.ebpf.probe import probe
+    from agent.datapath.ebpf.probe import probe, sockmap_verdict
 
     features = probe(hidden_features)
     found, lacking = features.found, features.missing
+    accel = sockmap_verdict(features, os.uname().release)
     if not features.ebpf_ready:
         missing = ", ".join(features.missing)
         if config.mode == "ebpf":
             raise ConfigError(f"--mode ebpf: this kernel lacks {missing}")
         return ModeChoice(
             "tproxy", f"auto: this kernel lacks {missing}, which eBPF mode needs; using the "
-            "TPROXY fallback (nftables tproxy and a proxy in the agent)", found, lacking)
+            "TPROXY fallback (nftables tproxy and a proxy in the agent)", found, lacking,
+            (False, "TPROXY mode"))
     checked = len(features.found)
     if config.mode == "ebpf":
         return ModeChoice("ebpf", f"requested with --mode ebpf; the kernel has all {checked} "
-                          "features it needs", found, lacking)
+                          "features it needs", found, lacking, accel)
     return ModeChoice("ebpf", f"auto: the kernel has all {checked} features eBPF mode needs",
-                      found, lacking)
+                      found, lacking, accel)
 
 
-def open_datapath(config: AgentConfig, mode: str) -> Datapath:
+def open_datapath(config: AgentConfig, mode: str,
+                  sockmap: tuple[bool, str] = (False, "not probed")) -> Datapath:
     """The datapath of the chosen mode."""
     if mode == "tproxy":
         from agent.datapath.tproxy.backend import TproxyDatapath
 
         return TproxyDatapath(devices=config.devices)
-    return open_ebpf_datapath(config)
+    return open_ebpf_datapath(config, sockmap)
 
 
-def open_ebpf_datapath(config: AgentConfig) -> Datapath:
+def open_ebpf_datapath(config: AgentConfig,
+                       sockmap: tuple[bool, str] = (False, "not probed")) -> Datapath:
     # Imported here: only the datapath package may load BCC.
     from agent.datapath.ebpf.backend import EbpfDatapath
     from agent.datapath.ebpf.env import cgroup2_root, check_bpffs, check_root
@@ -103,10 +109,12 @@ def open_ebpf_datapath(config: AgentConfig) -> Datapath:
     check_root()
     check_bpffs(config.bpffs)
     cgroup = config.cgroup or cgroup2_root()
-    programs = SockLbPrograms(config.bpffs)
+    # sockmap acceleration is compiled in wherever the probe allows it, so a
+    # policy can ask for it without a restart.
+    programs = SockLbPrograms(config.bpffs, sockmap=sockmap[0])
     programs.load()
     programs.attach(cgroup)
-    return EbpfDatapath(SockLbMaps.open(config.bpffs), programs, config.proxy_uid)
+    return EbpfDatapath(SockLbMaps.open(config.bpffs), programs, config.proxy_uid, sockmap)
 
 
 class Agent:
@@ -134,6 +142,7 @@ class Agent:
         # Called after every reconcile pass (with its result), from the runner's thread.
         self.sync_listeners: list[Callable[[SyncResult], None]] = []
         self.compute_config = ComputeConfig(
+            sockmap=config.sockmap,
             service_proxy_name=config.service_proxy_name,
             service_cidrs=config.service_cidrs,
             nodeport_addresses=config.nodeport_addresses,

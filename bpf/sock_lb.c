@@ -130,7 +130,7 @@ static __always_inline int veer_sock_access(void *ctx, __u8 hook, const struct v
 /* The Maglev hash of a socket's flow: the client's address (its namespace's,
  * or the namespace cookie when unknown) and its bound port; an unbound socket
  * has no port yet, so its cookie stands in and each socket is its own flow. */
-static __always_inline __u32 veer_sock_hash(void *ctx, struct bpf_sock_addr *sa,
+static __always_inline __u32 veer_sock_flow_hash(void *ctx, struct bpf_sock_addr *sa,
 					    const struct veer_flow *flow)
 {
 	__u64 netns = bpf_get_netns_cookie(ctx);
@@ -263,7 +263,7 @@ static __always_inline int veer_forward(struct bpf_sock_addr *ctx, __u8 hook,
 		__u32 hash = 0;
 
 		if ((flags & VEER_SVC_ALG_MASK) == (VEER_ALG_MAGLEV << VEER_SVC_ALG_SHIFT))
-			hash = veer_sock_hash(ctx, ctx, flow);
+			hash = veer_sock_flow_hash(ctx, ctx, flow);
 		slot = veer_pick(&key, count, flags, service_id, hash);
 		if (!slot) {
 			veer_count(VEER_CNT_INCONSISTENT);
@@ -288,6 +288,9 @@ static __always_inline int veer_forward(struct bpf_sock_addr *ctx, __u8 hook,
 	if ((flags & VEER_SVC_ALG_MASK) == (VEER_ALG_LEAST_CONN << VEER_SVC_ALG_SHIFT) &&
 	    (hook == VEER_HOOK_CONNECT4 || hook == VEER_HOOK_CONNECT6))
 		veer_lc_hold(ctx, backend_key.backend_id);
+	if ((flags & VEER_SVC_F_SOCKMAP) && flow->proto == VEER_IPPROTO_TCP &&
+	    (hook == VEER_HOOK_CONNECT4 || hook == VEER_HOOK_CONNECT6))
+		veer_accel_mark(ctx);
 	__builtin_memcpy(out, backend, sizeof(*out));
 
 	rev_key.cookie = veer_socket_cookie(ctx);
@@ -520,10 +523,13 @@ int veer_sock_release(struct bpf_sock *ctx)
 /* ---- Redirect: the original destination for the proxy ----------------------- */
 
 #define VEER_SOCK_OPS_TCP_CONNECT_CB 3 /* BPF_SOCK_OPS_TCP_CONNECT_CB */
+#define VEER_SOCK_OPS_ACTIVE_ESTABLISHED_CB 4
+#define VEER_SOCK_OPS_PASSIVE_ESTABLISHED_CB 5
 
 /* A TCP connect() is about to send its SYN: the local port is known now. If
  * the socket was redirected, file its original destination under its own
- * end (address, port), where the proxy's accepted socket will look for it. */
+ * end (address, port), where the proxy's accepted socket will look for it.
+ * Established connections are offered to sockmap acceleration (sockmap.c). */
 int veer_sockops(struct bpf_sock_ops *skops)
 {
 	__u64 cookie;
@@ -531,6 +537,11 @@ int veer_sockops(struct bpf_sock_ops *skops)
 	struct veer_orig_key key = {};
 	__u32 w0, w1, w2, w3;
 
+	if (skops->op == VEER_SOCK_OPS_ACTIVE_ESTABLISHED_CB ||
+	    skops->op == VEER_SOCK_OPS_PASSIVE_ESTABLISHED_CB) {
+		veer_accel_established(skops, skops->op == VEER_SOCK_OPS_ACTIVE_ESTABLISHED_CB);
+		return 1;
+	}
 	if (skops->op != VEER_SOCK_OPS_TCP_CONNECT_CB)
 		return 1;
 	cookie = veer_socket_cookie(skops);

@@ -72,6 +72,10 @@ struct veer_service_key {
  * node-local proxy in veer_redirects instead, except the proxy's own (see
  * struct veer_proxy_value). */
 #define VEER_SVC_F_REDIRECT (1 << 7)
+/* sockmap acceleration (socket scope, TCP): once both ends of a connection
+ * are on this node, their data is spliced socket to socket (bpf/sockmap.c).
+ * Set only where the agent's start-up probe passed. */
+#define VEER_SVC_F_SOCKMAP (1 << 10)
 
 /* The load-balancing algorithm (bits 8-9 of the flags, slot 0):
  *   RANDOM  a random slot;
@@ -254,6 +258,18 @@ struct veer_orig_value {
 	__u8 pad[5];
 };
 
+/* One end of a TCP connection, as sockops and sk_msg see it (sockmap
+ * acceleration): `local` is the socket's own address. The peer's key is the
+ * same with local and remote swapped. IPv4-mapped addresses are IPv4. */
+struct veer_sock_key {
+	__u8 local[16];
+	__u8 remote[16];
+	__be16 lport;
+	__be16 rport;
+	__u8 family;
+	__u8 pad[3];
+};
+
 /* ClientIP affinity on the per-packet path, keyed by the client's address
  * (the socket path keys by network namespace instead). */
 struct veer_ext_affinity_key {
@@ -317,6 +333,9 @@ enum veer_counter {
 	VEER_CNT_ACCESS_UNKNOWN,      /* access rules, but the client's netns has no known address */
 	VEER_CNT_REDIRECTED,          /* a connect() sent to the node-local proxy (TrafficPolicy redirect) */
 	VEER_CNT_ORIG_DST,            /* a proxy's SO_ORIGINAL_DST answered */
+	VEER_CNT_ACCEL_SOCKETS,       /* sockmap: a socket joined the splice map */
+	VEER_CNT_ACCEL_SPLICED,       /* sockmap: a direction of a connection is spliced */
+	VEER_CNT_ACCEL_TCP,           /* sockmap: a direction stays on TCP (peer not local yet) */
 	VEER_CNT_MAX,
 };
 

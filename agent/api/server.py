@@ -98,6 +98,11 @@ def _rpc(method: Callable[[_Servicer, Any, Any], Any]) -> Callable[[_Servicer, A
     return call
 
 
+def _sockmap_status(datapath: Any) -> str:
+    usable, why = getattr(datapath, "sockmap", (False, "not offered by this datapath"))
+    return f"usable ({why})" if usable else f"off: {why}"
+
+
 class _Servicer:
     """veer.v1.Agent; method names are the RPC names."""
 
@@ -151,6 +156,7 @@ class _Servicer:
             start_time=agent.telemetry.snapshot().start_time,
             features_found=list(agent.kernel_features[0]),
             features_missing=list(agent.kernel_features[1]),
+            sockmap=_sockmap_status(agent.datapath),
             source=pb.SourceStatus(
                 kind=agent.source.kind,
                 location=agent.source.location,

@@ -99,6 +99,10 @@ def _agent_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
                    help="the uid the node-local proxy of TrafficPolicy redirects runs as: "
                    "its own connections are balanced, never redirected back to it "
                    "(default: none, and redirects are not done)")
+    p.add_argument("--sockmap", action="store_true",
+                   help="sockmap acceleration for every Service: same-node TCP connections "
+                   "are spliced socket to socket where the start-up probe allows it (a "
+                   "TrafficPolicy's acceleration.sockmap asks for it per Service)")
     p.add_argument("--cleanup", action="store_true",
                    help="remove every program, pin and rule veer made, then exit")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -143,6 +147,7 @@ def run_agent(args: argparse.Namespace) -> int:
         cleanup_on_uninstall=(args.kubernetes if args.cleanup_on_uninstall is None
                               else args.cleanup_on_uninstall),
         proxy_uid=args.proxy_uid,
+        sockmap=args.sockmap,
     )
     choice = choose_mode(config, tuple(args.hide_kernel_feature))
     mode, why = choice.mode, choice.why
@@ -178,7 +183,10 @@ def run_agent(args: argparse.Namespace) -> int:
             runtimes.append(KubeRuntime(api, store, config.node_name, identity, uninstall))
             return runtimes[-1]
 
-    agent = Agent(config, open_datapath(config, mode), status_file=args.status_file,
+    log.info("sockmap acceleration %s (%s)", "usable" if choice.sockmap[0] else "off",
+             choice.sockmap[1])
+    agent = Agent(config, open_datapath(config, mode, choice.sockmap),
+                  status_file=args.status_file,
                   mode=(mode, why), serve=serve, source=source,
                   kernel_features=(choice.found, choice.missing))
     for runtime in runtimes:

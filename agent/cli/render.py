@@ -117,6 +117,8 @@ def render_status(s: dict[str, Any], now: float) -> str:
     if found or missing:
         pairs.append(("kernel features", f"{len(found)} found, "
                       + (f"missing: {', '.join(missing)}" if missing else "none missing")))
+    if s.get("sockmap"):
+        pairs.append(("sockmap", s["sockmap"]))
     if s["cgroup"]:
         pairs.append(("cgroup", s["cgroup"]))
     pairs += [
@@ -373,7 +375,7 @@ def flow_client(e: dict[str, Any]) -> str:
     if e["source"] and e["source_port"]:
         return host_port(e["source"], e["source_port"])
     if e["source"]:  # a socket hook that learnt the address from the client's namespace
-        return e["source"] + (f" {e['comm'] or '?'}[{e['pid']}]" if e["pid"] else "")
+        return str(e["source"]) + (f" {e['comm'] or '?'}[{e['pid']}]" if e["pid"] else "")
     if e["pid"]:
         return f"{e['comm'] or '?'}[{e['pid']}]"
     return "-"

@@ -152,16 +152,18 @@ class _PolicyFields:
     algorithm: Algorithm = Algorithm.RANDOM
     access: AccessSpec | None = None
     maglev_size: int = 0
+    sockmap: bool = False
 
     @staticmethod
     def of(policy: TrafficPolicy | None, config: ComputeConfig) -> _PolicyFields:
         if policy is None:
-            return _PolicyFields()
+            return _PolicyFields(sockmap=config.sockmap)
         return _PolicyFields(
             name=policy_name(policy),
             algorithm=policy.algorithm,
             access=access_of(policy),
             maglev_size=config.maglev_table_size if policy.algorithm is Algorithm.MAGLEV else 0,
+            sockmap=policy.sockmap or config.sockmap,
         )
 
 
@@ -252,6 +254,7 @@ def _external_frontend(
         access=ctx.policy.access,
         maglev_size=ctx.policy.maglev_size,
         redirect=ctx.redirect,
+        sockmap=ctx.policy.sockmap,
     )
 
 
@@ -308,6 +311,7 @@ def _service_frontends(
                         access=fields.access,
                         maglev_size=fields.maglev_size,
                         redirect=redirect,
+                        sockmap=fields.sockmap,
                     ),
                     vip=True,
                 )

@@ -147,6 +147,10 @@ class Frontend:
     # node-local proxy instead (TCP, socket path), which learns the original
     # destination with SO_ORIGINAL_DST.
     redirect: L4Addr | None = None
+    # sockmap acceleration asked for (a policy's acceleration.sockmap, or the
+    # agent's --sockmap): same-node TCP connections are spliced where the
+    # kernel allows it, and take the normal path elsewhere.
+    sockmap: bool = False
 
 
 @dataclass(frozen=True)
@@ -224,3 +228,5 @@ class ComputeConfig:
     # Slots of a Maglev lookup table (a prime; fixed, so that removing one of
     # N backends moves only ~1/N of the flows).
     maglev_table_size: int = 1021
+    # --sockmap: ask for sockmap acceleration on every Service.
+    sockmap: bool = False

@@ -73,6 +73,7 @@ class ProgrammedFrontend:
     access: tuple[AccessEntry, ...] = ()
     access_default: str = ""
     redirect: L4Addr | None = None  # the node-local proxy (socket path, TCP)
+    sockmap: bool = False  # same-node connections are spliced (sockmap acceleration)
 
     @staticmethod
     def of(frontend: Frontend) -> ProgrammedFrontend:
@@ -110,6 +111,7 @@ class ProgrammedFrontend:
             access=access,
             access_default=frontend.access.default_action.value if frontend.access else "",
             redirect=frontend.redirect,
+            sockmap=frontend.sockmap and frontend.key.protocol.value == "TCP",
         )
 
 
@@ -185,6 +187,13 @@ class Datapath(ABC):
         best batched (clearing flows of removed backends). Returns notes for
         the log. Default: nothing to do."""
         return []
+
+    def programmed_of(self, frontend: Frontend) -> ProgrammedFrontend:
+        """What this datapath holds for `frontend` once programmed: the
+        reconciler compares it with dump(). A datapath that serves a feature
+        without programming it (an acceleration that is off here, a redirect
+        without its proxy) leaves that feature out. Default: everything."""
+        return ProgrammedFrontend.of(frontend)
 
     def usage(self) -> list[MapUsage]:
         """Fill levels of the backend's tables, for status and metrics."""

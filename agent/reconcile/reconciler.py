@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from functools import partial
 
 from agent.compute.types import DesiredState, L4Addr, ServiceProblem
-from agent.datapath.interface import Datapath, DatapathState, ProgrammedFrontend
+from agent.datapath.interface import Datapath, DatapathState
 from agent.errors import DatapathError
 
 log = logging.getLogger(__name__)
@@ -123,7 +123,7 @@ class Reconciler:
                 applied.service_cidrs.add(cidr)
 
         for key, frontend in desired.frontends.items():
-            programmed = ProgrammedFrontend.of(frontend)
+            programmed = self._datapath.programmed_of(frontend)
             if applied.frontends.get(key) == programmed:
                 continue
             what = f"frontend {key} of {frontend.service}"

@@ -243,7 +243,9 @@ def destination(index: int, case: Case) -> tuple[str, int]:
 
 
 # The agents' options per mode: eBPF is what auto picks on this kernel.
-MODES = {"ebpf": [], "tproxy": ["--mode", "tproxy"]}
+# ebpf-sockmap: the whole suite again with sockmap acceleration asked for on
+# every Service (same-node TCP connections spliced), as issue #5 requires.
+MODES = {"ebpf": [], "ebpf-sockmap": ["--sockmap"], "tproxy": ["--mode", "tproxy"]}
 
 # Cases where TPROXY mode differs from eBPF mode, and why.
 TPROXY_DIFFERENCES: dict[str, str] = {}

@@ -405,3 +405,94 @@ def test_explain_names_the_algorithm_and_the_access_verdict(live: SandboxCluster
     assert {c["address"] for c in allowed["candidates"]} == {
         POD_IPS[p] for p in pods}, allowed
     assert all(0.25 < c["probability"] < 0.42 for c in allowed["candidates"]), allowed
+
+
+# ---- sockmap acceleration ------------------------------------------------------
+
+ECHO_SERVER = """\\
+import socket, sys, threading
+srv = socket.socket()
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("0.0.0.0", int(sys.argv[1])))
+srv.listen(64)
+def serve(c):
+    with c:
+        while True:
+            data = c.recv(65536)
+            if not data:
+                return
+            c.sendall(data)
+while True:
+    conn, _ = srv.accept()
+    threading.Thread(target=serve, args=(conn,), daemon=True).start()
+"""
+
+ECHO_CLIENT = """\\
+import hashlib, json, socket, sys, threading
+sizes = [int(x) for x in sys.argv[3].split(",")]
+out = []
+for size in sizes:
+    s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+    # Everything at once, right after connect(): the moment a splice could
+    # reorder bytes if a direction were split between TCP and the splice.
+    payload = b"".join(i.to_bytes(4, "big") * (size // 4 or 1) for i in range(400))
+    got = bytearray()
+    def read():
+        while True:
+            chunk = s.recv(1 << 20)
+            if not chunk:
+                return
+            got.extend(chunk)
+    reader = threading.Thread(target=read)
+    reader.start()
+    for i in range(0, len(payload), size):
+        s.sendall(payload[i:i + size])
+    s.shutdown(socket.SHUT_WR)
+    reader.join(30)
+    s.close()
+    out.append({"size": size, "sent": len(payload), "equal": bytes(got) == payload})
+print(json.dumps(out))
+"""
+
+
+def test_sockmap_splices_same_node_connections_without_losing_or_reordering_a_byte(
+        live: SandboxCluster) -> None:
+    vip, port = "10.96.1.9", 7000
+    status = subprocess.run([sys.executable, "-m", "agent.cli.main", "status", "-o", "json",
+                             "--socket", live.api_socket], capture_output=True, text=True)
+    sockmap = json.loads(status.stdout)["sockmap"]
+    if not sockmap.startswith("usable"):
+        pytest.skip(f"sockmap acceleration is off on this kernel: {sockmap}")
+    topo = live.topo
+    topo.spawn(topo.pods["web-a"].netns, [sys.executable, "-c", ECHO_SERVER, str(port)])
+    deadline = time.monotonic() + 30
+    while str(port) not in topo.ns(topo.pods["web-a"].netns, "ss", "-ltn").stdout:
+        assert time.monotonic() < deadline, "echo server did not start"
+        time.sleep(0.1)
+    docs = service("splice", vip, ["web-a"])
+    docs[0]["spec"]["ports"] = [{"name": "echo", "protocol": "TCP", "port": port,
+                                 "targetPort": port}]
+    docs[1]["ports"] = [{"name": "echo", "protocol": "TCP", "port": port}]
+    docs.append(policy("splice", "splice", acceleration={"sockmap": True}))
+    write(live, "sockmap.yaml", docs)
+    live.wait_frontend(f"{vip}:{port}/TCP", [f"{POD_IPS['web-a']}:{port}/TCP"])
+    wait_policy(live, vip, "default/splice")
+
+    def counters() -> dict[str, int]:
+        maps = SockLbMaps.open(topo.bpffs)
+        try:
+            return maps.counters()
+        finally:
+            maps.close()
+
+    before = counters()
+    res = topo.exec(live.client, [sys.executable, "-c", ECHO_CLIENT, vip, str(port),
+                                  "64,4096,65536"], timeout=120)
+    assert res.returncode == 0, res.stderr
+    results = json.loads(res.stdout)
+    assert [r["equal"] for r in results] == [True, True, True], results
+    after = counters()
+    # Both ends of each of the three connections joined the splice, and the
+    # data went through it (not only through TCP).
+    assert after["accel_sockets"] - before["accel_sockets"] >= 6, (before, after)
+    assert after["accel_spliced"] - before["accel_spliced"] >= 3, (before, after)

@@ -30,6 +30,7 @@ from agent.compute.policy import (
     FEATURE_AFFINITY,
     FEATURE_ALGORITHM,
     FEATURE_REDIRECT,
+    FEATURE_SOCKMAP,
     FEATURE_SPLIT,
 )
 from agent.compute.types import EmptyVerdict, Frontend, L4Addr
@@ -55,6 +56,7 @@ from agent.datapath.ebpf.structs import (
     SVC_F_DROP_EMPTY,
     SVC_F_EXT_LOCAL,
     SVC_F_REDIRECT,
+    SVC_F_SOCKMAP,
     SVC_F_SOURCE_RANGES,
     SVC_F_TABLE,
     AccessValue,
@@ -145,6 +147,8 @@ def _scopes_of(frontend: Frontend, programmed: ProgrammedFrontend) -> dict[int, 
     socket_flags = policy_flags | (SVC_F_AFFINITY if frontend.affinity_timeout else 0)
     if programmed.redirect is not None:
         socket_flags |= SVC_F_REDIRECT
+    if programmed.sockmap:
+        socket_flags |= SVC_F_SOCKMAP
     if frontend.on_empty is EmptyVerdict.DROP:
         socket_flags |= SVC_F_DROP_EMPTY
     if programmed.table:
@@ -208,6 +212,7 @@ def _programmed(
         access=access if access_default else (),
         access_default=access_default,
         redirect=redirect if flags & SVC_F_REDIRECT else None,
+        sockmap=bool(flags & SVC_F_SOCKMAP),
     )
 
 
@@ -259,12 +264,22 @@ class EbpfDatapath(Datapath):
     name = "ebpf"
 
     def __init__(self, maps: SockLbMaps, programs: SockLbPrograms | None = None,
-                 proxy_uid: int | None = None) -> None:
+                 proxy_uid: int | None = None,
+                 sockmap: tuple[bool, str] = (False, "not probed")) -> None:
         self.maps = maps
+        # sockmap acceleration: (usable here, why). Frontends that ask for it
+        # are spliced only when usable; otherwise they take the normal path
+        # and `veer status` says why.
+        usable, why = sockmap
+        if usable and programs is not None and not programs.sockmap:
+            usable, why = False, programs.sockmap_error or "not compiled in"
+        self.sockmap = (usable, why)
         # Redirect needs to know the proxy (its own connections are balanced,
         # never redirected back to it); without --proxy-uid it is not done.
         self.proxy_uid = proxy_uid
-        features = {FEATURE_ALGORITHM, FEATURE_AFFINITY, FEATURE_SPLIT, FEATURE_ACCESS}
+        # sockmap is always served: spliced where usable, else the normal path.
+        features = {FEATURE_ALGORITHM, FEATURE_AFFINITY, FEATURE_SPLIT, FEATURE_ACCESS,
+                    FEATURE_SOCKMAP}
         if proxy_uid is not None:
             features.add(FEATURE_REDIRECT)
         self.policy_features = frozenset(features)
@@ -473,9 +488,7 @@ class EbpfDatapath(Datapath):
 
     def upsert_frontend(self, frontend: Frontend) -> bool:
         key = frontend.key
-        programmed = ProgrammedFrontend.of(frontend)
-        if programmed.redirect is not None and self.proxy_uid is None:
-            programmed = dataclasses.replace(programmed, redirect=None)
+        programmed = self.programmed_of(frontend)
         scopes = _scopes_of(frontend, programmed)
         if programmed.access_default or programmed.algorithm == "Maglev":
             self._watch_clients()
@@ -603,6 +616,16 @@ class EbpfDatapath(Datapath):
         self._backend_refs.subtract(i for i in old_slots if i)
         self._release_unreferenced(set(old_slots) | set(wanted))
         return True
+
+    def programmed_of(self, frontend: Frontend) -> ProgrammedFrontend:
+        """Without --proxy-uid there is no redirect, and without a usable
+        sockmap no splicing: those frontends take the normal path."""
+        programmed = ProgrammedFrontend.of(frontend)
+        if programmed.redirect is not None and self.proxy_uid is None:
+            programmed = dataclasses.replace(programmed, redirect=None)
+        if programmed.sockmap and not self.sockmap[0]:
+            programmed = dataclasses.replace(programmed, sockmap=False)
+        return programmed
 
     def _watch_clients(self) -> None:
         """Record the client namespaces before the first frontend that reads

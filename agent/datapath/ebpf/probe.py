@@ -20,14 +20,29 @@ from agent.errors import EnvironmentProblem
 
 # Feature names as `veer status` and the flags spell them: "program:TYPE",
 # "map:TYPE", "helper:PROGTYPE:NAME".
-PROGRAM_TYPES = ("cgroup_sock_addr", "sched_cls")
+PROGRAM_TYPES = ("cgroup_sock_addr", "sched_cls", "cgroup_sock", "sock_ops", "cgroup_sockopt")
 MAP_TYPES = ("hash", "array", "percpu_array", "lru_hash", "lpm_trie", "prog_array", "ringbuf")
 HELPERS = {
     "cgroup_sock_addr": ("bpf_set_retval", "bpf_get_socket_cookie", "bpf_get_netns_cookie",
                          "bpf_ktime_get_ns", "bpf_get_prandom_u32", "bpf_ringbuf_reserve"),
     "sched_cls": ("bpf_fib_lookup", "bpf_redirect_neigh", "bpf_skb_change_tail",
                   "bpf_csum_diff", "bpf_tail_call", "bpf_ringbuf_reserve"),
+    "cgroup_sock": ("bpf_get_socket_cookie",),
+    "sock_ops": ("bpf_get_socket_cookie",),
 }
+
+# What sockmap acceleration needs on top (it is optional: without it, every
+# connection takes the normal path).
+SOCKMAP_NEEDS = ("program:sk_msg", "map:sockhash", "helper:sk_msg:bpf_msg_redirect_hash",
+                 "helper:sock_ops:bpf_sock_hash_update")
+
+# Kernel series on which veer's sockmap acceleration has been verified: the
+# whole scenario suite runs with it on (tests/datapath/test_scenarios.py,
+# mode ebpf-sockmap), besides its own tests. Sockmap's history is one of
+# data-loss and ordering fixes (other projects removed their acceleration
+# over them), so a kernel not listed here gets no acceleration however good
+# its feature probe looks; add a series once the suite has passed on it.
+SOCKMAP_SOUND_SERIES = ((6, 18),)
 
 
 def needed() -> list[str]:
@@ -42,6 +57,7 @@ def needed() -> list[str]:
 class KernelFeatures:
     found: tuple[str, ...]
     missing: tuple[str, ...]
+    sockmap_missing: tuple[str, ...] = ()
 
     @property
     def ebpf_ready(self) -> bool:
@@ -55,28 +71,51 @@ def evaluate(report: dict[str, object], hidden: Iterable[str] = ()) -> KernelFea
     helpers = report.get("helpers", {})
     assert isinstance(programs, dict) and isinstance(maps, dict) and isinstance(helpers, dict)
     hide = set(hidden)
-    found: list[str] = []
-    missing: list[str] = []
-    for name in needed():
+
+    def have(name: str) -> bool:
         kind, _, rest = name.partition(":")
+        if name in hide:
+            return False
         if kind == "program":
-            have = bool(programs.get(f"have_{rest}_prog_type"))
-        elif kind == "map":
-            have = bool(maps.get(f"have_{rest}_map_type"))
-        else:
-            prog, _, helper = rest.partition(":")
-            have = helper in helpers.get(f"{prog}_available_helpers", [])
-        (found if have and name not in hide else missing).append(name)
-    return KernelFeatures(tuple(found), tuple(missing))
+            return bool(programs.get(f"have_{rest}_prog_type"))
+        if kind == "map":
+            return bool(maps.get(f"have_{rest}_map_type"))
+        prog, _, helper = rest.partition(":")
+        return helper in helpers.get(f"{prog}_available_helpers", [])
+
+    found = tuple(n for n in needed() if have(n))
+    missing = tuple(n for n in needed() if not have(n))
+    return KernelFeatures(found, missing, tuple(n for n in SOCKMAP_NEEDS if not have(n)))
+
+
+def kernel_series(release: str) -> tuple[int, int]:
+    """(major, minor) of a kernel release string such as 6.18.44-foo."""
+    parts = release.split(".")
+    try:
+        return int(parts[0]), int("".join(c for c in parts[1] if c.isdigit()) or 0)
+    except (IndexError, ValueError):
+        return (0, 0)
+
+
+def sockmap_verdict(features: KernelFeatures, release: str) -> tuple[bool, str]:
+    """Whether sockmap acceleration may be used on this kernel, and why (not)."""
+    if features.sockmap_missing:
+        return False, f"this kernel lacks {', '.join(features.sockmap_missing)}"
+    series = kernel_series(release)
+    if series not in SOCKMAP_SOUND_SERIES:
+        listed = ", ".join(f"{a}.{b}" for a, b in SOCKMAP_SOUND_SERIES)
+        return False, (f"kernel {release} is not on veer's list of kernel series where "
+                       f"sockmap acceleration was verified ({listed})")
+    return True, f"kernel {release}: features present, series verified"
 
 
 def probe(hidden: Iterable[str] = ()) -> KernelFeatures:
     """Probe this kernel (needs root and bpftool)."""
-    unknown = set(hidden) - set(needed())
+    unknown = set(hidden) - set(needed()) - set(SOCKMAP_NEEDS)
     if unknown:
         raise EnvironmentProblem(
             f"--hide-kernel-feature: unknown feature(s) {', '.join(sorted(unknown))}; "
-            f"known: {', '.join(needed())}"
+            f"known: {', '.join([*needed(), *SOCKMAP_NEEDS])}"
         )
     try:
         res = subprocess.run(["bpftool", "feature", "probe", "kernel", "-j"],

@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 BPF_SRC_DIR = Path(__file__).resolve().parents[3] / "bpf"
 # Parts of the one BPF object, concatenated in this order (BCC rewrites map
 # calls only in the text it is given, never in included files).
-SOURCES = ("veer_helpers.c", "sock_lb.c", "tc_nat.c")
+SOURCES = ("veer_helpers.c", "sockmap.c", "sock_lb.c", "tc_nat.c")
 
 # enum bpf_attach_type values (uapi/linux/bpf.h).
 CGROUP_INET4_CONNECT = 10
@@ -53,6 +53,8 @@ CGROUP_GETSOCKOPT = 21
 BPF_PROG_TYPE_CGROUP_SOCK = 9
 BPF_PROG_TYPE_SOCK_OPS = 13
 BPF_PROG_TYPE_CGROUP_SOCKOPT = 25
+BPF_PROG_TYPE_SK_MSG = 16
+SK_MSG_VERDICT = 7  # enum bpf_attach_type: BPF_SK_MSG_VERDICT
 
 BPF_PROG_TYPE_CGROUP_SOCK_ADDR = 18
 BPF_PROG_TYPE_SCHED_CLS = 3
@@ -155,9 +157,15 @@ def open_dir(path: str) -> Iterator[int]:
 class SockLbPrograms:
     """The compiled socket-LB object: its programs and pinned maps."""
 
-    def __init__(self, bpffs_dir: str, map_sizes: dict[str, int] | None = None) -> None:
+    def __init__(self, bpffs_dir: str, map_sizes: dict[str, int] | None = None,
+                 sockmap: bool = False) -> None:
         self.bpffs_dir = bpffs_dir
         self.map_sizes = map_sizes or {}
+        # Compile and attach sockmap acceleration (bpf/sockmap.c): only where
+        # the start-up probe passed. `sockmap_error` says why it is off after
+        # all when attaching it failed.
+        self.sockmap = sockmap
+        self.sockmap_error = ""
         self._bpf: Any = None
         self._fns: dict[str, Any] = {}
         self._tc_fns: dict[str, Any] = {}
@@ -173,6 +181,7 @@ class SockLbPrograms:
             f"-I{BPF_SRC_DIR}",
             f'-DVEER_PIN_DIR="{self.bpffs_dir}"',
             *(f"-DVEER_{name.upper()}_MAX={size}" for name, size in self.map_sizes.items()),
+            *(["-DVEER_SOCKMAP"] if self.sockmap else []),
         ]
         try:
             text = "\n".join(
@@ -187,6 +196,24 @@ class SockLbPrograms:
                 )
         except Exception as err:  # BCC raises bare Exception for compile/load errors
             raise DatapathError(f"loading veer's BPF programs failed: {err}") from err
+        if self.sockmap:
+            self._attach_sk_msg()
+
+    def _attach_sk_msg(self) -> None:
+        """The sk_msg program goes on the sockhash itself (not on a cgroup)."""
+        try:
+            fn = self._bpf.load_func(b"veer_sk_msg", BPF_PROG_TYPE_SK_MSG)
+            # BCC's Python has no table class for a sockhash: ask libbcc.
+            from bcc.libbcc import lib
+
+            map_fd = lib.bpf_table_fd(self._bpf.module, b"veer_sock_hash")
+            if map_fd < 0:
+                raise DatapathError("the veer_sock_hash map was not created")
+            syscall.prog_attach(int(fn.fd), int(map_fd), SK_MSG_VERDICT)
+        except Exception as err:  # BCC's bare Exception, or DatapathError
+            self.sockmap = False
+            self.sockmap_error = f"attaching the sk_msg program failed: {err}"
+            log.warning("sockmap acceleration off: %s", self.sockmap_error)
 
     def _retire_short_counters(self) -> None:
         """Unpin a veer_counters left by a version with fewer counters.

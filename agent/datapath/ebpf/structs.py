@@ -68,6 +68,7 @@ SVC_F_TABLE = 1 << 4
 SVC_F_ACCESS = 1 << 5
 SVC_F_ACCESS_DENY = 1 << 6
 SVC_F_REDIRECT = 1 << 7
+SVC_F_SOCKMAP = 1 << 10
 SVC_ALG_SHIFT = 8
 SVC_ALG_MASK = 3 << SVC_ALG_SHIFT
 # VEER_ALG_*, by the TrafficPolicy's name for them.
@@ -262,6 +263,13 @@ class OrigValue(ctypes.Structure):
                 ("pad", ctypes.c_uint8 * 5)]
 
 
+class SockKey(ctypes.Structure):
+    C_NAME = "veer_sock_key"
+    _fields_ = [("local", Addr16), ("remote", Addr16), ("lport", ctypes.c_uint16),
+                ("rport", ctypes.c_uint16), ("family", ctypes.c_uint8),
+                ("pad", ctypes.c_uint8 * 3)]
+
+
 class NodeValue(ctypes.Structure):
     C_NAME = "veer_node_value"
     _fields_ = [("addr4", Addr16), ("addr6", Addr16)]
@@ -360,6 +368,7 @@ MIRRORS: tuple[type[ctypes.Structure], ...] = (
     ProxyValue,
     OrigKey,
     OrigValue,
+    SockKey,
 )
 
 # enum veer_counter, in order.
@@ -387,6 +396,9 @@ COUNTER_NAMES: tuple[str, ...] = (
     "access_unknown",
     "redirected",
     "orig_dst",
+    "accel_sockets",
+    "accel_spliced",
+    "accel_tcp",
 )
 
 # LPM trie keys carry family + padding (32 bits) before the address.
