@@ -34,6 +34,12 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from agent.compute.policy import (
+    FEATURE_ACCESS,
+    FEATURE_AFFINITY,
+    FEATURE_ALGORITHM,
+    FEATURE_SPLIT,
+)
 from agent.compute.types import Frontend, L4Addr
 from agent.datapath.interface import Datapath, DatapathState, MapUsage, ProgrammedFrontend
 from agent.datapath.tproxy import ruleset
@@ -80,6 +86,10 @@ def ipv6_usable() -> bool:
 
 class TproxyDatapath(Datapath):
     name = "tproxy"
+    # The proxy picks backends as the eBPF programs do; nftables holds the
+    # access rules. Redirects to a node-local proxy are not done in this mode.
+    policy_features = frozenset({FEATURE_ALGORITHM, FEATURE_AFFINITY, FEATURE_SPLIT,
+                                 FEATURE_ACCESS})
 
     def __init__(self, devices: tuple[str, ...] = ()) -> None:
         if os.geteuid() != 0:
@@ -96,6 +106,8 @@ class TproxyDatapath(Datapath):
         self._explicit_devices = tuple(devices)
         self._devices: tuple[str, ...] = ()
         self._node_addresses: tuple[IPAddress, ...] = ()
+        self._resolved_for: tuple[IPAddress, ...] | None = None
+        self._resolved: tuple[str, ...] = ()
         self._cluster: frozenset[IPNetwork] = frozenset()
         try:
             self.engine.start()
@@ -222,15 +234,25 @@ class TproxyDatapath(Datapath):
 
     def set_node_addresses(self, addresses: tuple[IPAddress, ...]) -> bool:
         """The node's devices (where "outside" is) follow from its addresses,
-        unless --devices named them."""
+        unless --devices named them. Called at the start of every pass, so the
+        devices are known before the first frontend is written."""
         self._node_addresses = addresses
-        return self._set_devices(self._explicit_devices
-                                 or tuple(self._routing.devices_with(addresses)))
+        return self._set_devices(self._resolve(self._explicit_devices, addresses))
 
     def serve_devices(self, devices: list[str], node_addresses: tuple[IPAddress, ...]) -> None:
-        chosen = tuple(devices) if devices else tuple(self._routing.devices_with(node_addresses))
-        if self._set_devices(chosen):
+        if self._set_devices(self._resolve(tuple(devices), node_addresses)):
             self.finish_pass()
+
+    def _resolve(self, devices: tuple[str, ...],
+                 addresses: tuple[IPAddress, ...]) -> tuple[str, ...]:
+        """`devices` if given, else those holding the node's addresses (looked
+        up again only when the addresses change, as the eBPF path does)."""
+        if devices:
+            return devices
+        if addresses != self._resolved_for:
+            self._resolved = tuple(self._routing.devices_with(addresses))
+            self._resolved_for = addresses
+        return self._resolved
 
     def _set_devices(self, devices: tuple[str, ...]) -> bool:
         if devices == self._devices:

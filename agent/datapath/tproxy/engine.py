@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 Target = tuple[str, int]
 _KIND = {Protocol.TCP: socket.SOCK_STREAM, Protocol.UDP: socket.SOCK_DGRAM}
 _PROTO_OF_KIND = {socket.SOCK_STREAM: Protocol.TCP, socket.SOCK_DGRAM: Protocol.UDP}
-SWEEP_INTERVAL = 5.0
+SWEEP_INTERVAL = 2.0
 
 
 class Engine:
@@ -59,6 +59,7 @@ class Engine:
         self.pipes = tcp.PipePool()
         self.counts = OpenCounts()
         self.flows: dict[udp.FlowKey, udp.Flow] = {}
+        self.flows_of: dict[Target, set[udp.Flow]] = {}  # by frontend
         self.udp_binds: set[tuple[str, int, L4Addr]] = set()
         self.open_connections = 0
         # (protocol, external scope?) -> frontend (address, port) -> chooser
@@ -151,18 +152,18 @@ class Engine:
             self._close_flows_to_gone(target)
 
     def _close_flows_to_gone(self, target: Target) -> None:
-        def close_flows() -> None:
-            serving = {c.members for ext in (False, True)
-                       if (c := self.tables[(Protocol.UDP, ext)].get(target)) is not None}
-            allowed = frozenset().union(*serving) if serving else frozenset()
-            gone = [f for f in self.flows.values()
-                    if f.frontend == target and f.backend not in allowed]
-            for flow in gone:
-                flow.close()
-            if gone:
-                self.count("udp_flows_cleared", len(gone))
+        """UDP flows of `target` whose backend left their scope move to a live
+        backend (or end, if none is left); the proxy's thread does it."""
 
-        self.loop.call_soon_threadsafe(close_flows)
+        def move_flows() -> None:
+            for flow in list(self.flows_of.get(target, ())):
+                chooser = self.tables[(Protocol.UDP, flow.role.external)].get(target)
+                if chooser is None or not chooser.members:
+                    flow.close()
+                elif flow.backend not in chooser.members:
+                    flow.move()
+
+        self.loop.call_soon_threadsafe(move_flows)
 
     # ---- the choice (the proxy's thread) ---------------------------------------
 

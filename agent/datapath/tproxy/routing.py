@@ -237,7 +237,7 @@ def remove_all() -> list[str]:
                     try:
                         ipr.route("del", family=fam, table=table, dst_len=msg["dst_len"],
                                   dst=msg.get_attr("RTA_DST"), type=msg["type"],
-                                  oif=msg.get_attr("RTA_OIF"))
+                                  scope=msg["scope"], oif=msg.get_attr("RTA_OIF"))
                         count += 1
                     except NetlinkError as err:
                         if err.code not in (errno.ENOENT, errno.ESRCH):

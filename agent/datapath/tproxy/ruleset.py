@@ -6,7 +6,8 @@ rules can be read and tested without root.
     table inet veer
       prerouting (filter hook, priority mangle)
         1. mark & MARK_PROXY                 accept   the proxy's own packets
-        2. tcp/udp, socket transparent 1     mark MARK_LOCAL, accept
+        2. tcp (not a SYN) / udp, socket transparent 1
+                                             mark MARK_LOCAL, accept
                                                       replies to the proxy's upstream
                                                       sockets (and a client's later
                                                       packets to its proxied socket)
@@ -361,7 +362,17 @@ def skeleton() -> list[Command]:
                                    "hook": "prerouting", "prio": -150, "policy": "accept"}}})
     rules: list[Rule] = [
         [_match({"&": [_MARK, MARK_PROXY]}, MARK_PROXY), {"accept": None}],
-        [_match(_L4, {"set": ["tcp", "udp"]}),
+        # A TCP SYN is left to the frontend's tproxy rule even when a socket
+        # matches: that is a TIME_WAIT socket of an earlier connection with the
+        # same ports, and only tproxy hands the SYN on to the listener (a
+        # locally delivered SYN would meet the TIME_WAIT socket, find no
+        # listener on the Service address, and stall for a retransmit).
+        [_match(_L4, "tcp"),
+         _match({"&": [_payload("tcp", "flags"), ["syn", "ack"]]}, "syn", "!="),
+         _match({"socket": {"key": "transparent"}}, 1),
+         {"mangle": {"key": _MARK, "value": {"|": [_MARK, MARK_LOCAL]}}},
+         {"accept": None}],
+        [_match(_L4, "udp"),
          _match({"socket": {"key": "transparent"}}, 1),
          {"mangle": {"key": _MARK, "value": {"|": [_MARK, MARK_LOCAL]}}},
          {"accept": None}],

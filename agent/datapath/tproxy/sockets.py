@@ -62,10 +62,11 @@ def upstream(family: int, kind: socket.SocketKind, client: tuple[str, int] | Non
              keep_port: bool = True) -> socket.socket:
     """A socket towards a backend, marked so nothing of veer's intercepts it.
 
-    With `client`, it is bound (transparently) to the client's address, and to
-    its port too when `keep_port` and that is free, so the backend sees the
-    client as a direct connection would show it. Without, the kernel picks
-    this node's address (the proxy source-NATs)."""
+    With `client`, it is bound (transparently) to the client's address, and
+    to its port too when `keep_port` and that port is free; otherwise (TCP)
+    the port is chosen at connect(), for the whole 4-tuple, so ports on a
+    client's address never run out. Without `client`, the kernel picks this
+    node's address (the proxy source-NATs)."""
     sock = socket.socket(_AF[family], kind)
     try:
         sock.setblocking(False)
@@ -76,7 +77,7 @@ def upstream(family: int, kind: socket.SocketKind, client: tuple[str, int] | Non
             set_transparent(sock, family)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             bound = False
-            if keep_port:
+            if keep_port and client[1]:
                 try:
                     sock.bind(client)
                     bound = True
@@ -85,8 +86,6 @@ def upstream(family: int, kind: socket.SocketKind, client: tuple[str, int] | Non
                         raise
             if not bound:
                 if kind == socket.SOCK_STREAM:
-                    # The port is chosen at connect(), for the 4-tuple: no
-                    # exhaustion of ports on the client's address.
                     sock.setsockopt(SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
                 sock.bind((client[0], 0))
     except OSError:

@@ -280,15 +280,13 @@ def start(engine: Engine, client: socket.socket, peer: tuple[str, int], role: Ro
     backend, target, transparent = route
     try:
         client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        bind_to = (peer[0], peer[1]) if transparent else None
-        upstream = sockets.upstream(family, socket.SOCK_STREAM, bind_to)
+        # From the client's address, but on a port the kernel picks: the
+        # client's own port would make this socket's TIME_WAIT (after a client
+        # that closes first) collide with the client's next direct connection
+        # to the same backend from that port.
+        bind_to = (peer[0], 0) if transparent else None
+        upstream = sockets.upstream(family, socket.SOCK_STREAM, bind_to, keep_port=False)
         err = upstream.connect_ex(target)
-        if err == errno.EADDRNOTAVAIL and bind_to is not None:
-            # The client's port towards this backend is still in use (a recent
-            # connection's TIME_WAIT): let the kernel choose another port.
-            upstream.close()
-            upstream = sockets.upstream(family, socket.SOCK_STREAM, bind_to, keep_port=False)
-            err = upstream.connect_ex(target)
     except OSError as exc:
         log.debug("proxy: cannot open a connection to %s: %s", backend, exc)
         engine.count("upstream_failed")

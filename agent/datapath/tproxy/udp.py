@@ -11,10 +11,13 @@ then gets two sockets of its own:
   the client's next datagrams straight to this socket, its most specific
   match, without the listener.
 
-A flow idle for UDP_IDLE_TIMEOUT is closed, and so is a flow whose backend
-left its frontend (the reconciler says so): its next datagram reaches the
-listener again and picks a live backend, where kube-proxy's conntrack entry
-would keep sending into the void until it expired.
+A flow idle for UDP_IDLE_TIMEOUT is closed. A flow whose backend left its
+frontend moves at once to a backend the frontend still has (the reconciler
+says so), where kube-proxy's conntrack entry would keep sending into the
+void until it expired: its next datagram goes to the new backend, and for
+DRAIN_TIME the old upstream socket still relays late replies, so the switch
+loses nothing that was already on its way. A flow whose frontend has no
+backend left is closed.
 """
 
 from __future__ import annotations
@@ -36,37 +39,98 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_DATAGRAM = 65535
+DRAIN_TIME = 2.0
 _CMSG_SPACE = socket.CMSG_SPACE(28)  # a sockaddr_in6 (the larger origdst)
 FlowKey = tuple[str, int, str, int]  # client address, port, Service address, port
+Bind = tuple[str, int, "L4Addr"]  # an upstream's client address and port, and its backend
 _GONE = (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EPIPE)
 
 
-class Flow:
-    __slots__ = ("backend", "dfd", "downstream", "engine", "frontend", "key", "last",
-                 "ufd", "upstream", "upstream_bind")
+class _Upstream:
+    """One socket towards one backend."""
 
-    def __init__(self, engine: Engine, key: FlowKey, frontend: tuple[str, int],
-                 backend: L4Addr, upstream: socket.socket, downstream: socket.socket,
-                 upstream_bind: tuple[str, int, L4Addr] | None) -> None:
+    __slots__ = ("backend", "bind", "fd", "sock")
+
+    def __init__(self, sock: socket.socket, backend: L4Addr, bind: Bind | None) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.backend = backend
+        self.bind = bind
+
+
+def _open_upstream(engine: Engine, key: FlowKey, role: Role, family: int) -> _Upstream | None:
+    """Choose a backend for the flow and connect a socket to it; None if the
+    frontend has none or the socket cannot be made."""
+    route = engine.route(socket.SOCK_DGRAM, role, (key[2], key[3]), key[0], key[1])
+    if route is None:
+        return None
+    backend, target, transparent = route
+    client: tuple[str, int] | None = None
+    bind: Bind | None = None
+    keep = False
+    if transparent:
+        client = (key[0], key[1])
+        # Two flows of one client port (to two Services, or one moving) that
+        # chose the same backend must not share a 4-tuple: the second one
+        # gets another port.
+        bind = (key[0], key[1], backend)
+        keep = bind not in engine.udp_binds
+        if not keep:
+            bind = None
+    try:
+        sock = sockets.upstream(family, socket.SOCK_DGRAM, client, keep_port=keep)
+        try:
+            sock.connect(target)
+        except OSError:
+            sock.close()
+            raise
+    except OSError as err:
+        log.debug("proxy: cannot open UDP flow %s -> %s: %s", key, backend, err)
+        engine.count("upstream_failed")
+        return None
+    if bind is not None:
+        engine.udp_binds.add(bind)
+    engine.counts.add(backend)
+    return _Upstream(sock, backend, bind)
+
+
+def _close_upstream(engine: Engine, up: _Upstream) -> None:
+    engine.loop.unregister(up.fd)
+    up.sock.close()
+    if up.bind is not None:
+        engine.udp_binds.discard(up.bind)
+    engine.counts.remove(up.backend)
+
+
+class Flow:
+    __slots__ = ("dfd", "downstream", "draining", "engine", "family", "frontend", "key",
+                 "last", "role", "up")
+
+    def __init__(self, engine: Engine, key: FlowKey, role: Role, family: int,
+                 up: _Upstream, downstream: socket.socket) -> None:
         self.engine = engine
         self.key = key
-        self.frontend = frontend
-        self.backend = backend
-        self.upstream = upstream
+        self.role = role
+        self.family = family
+        self.frontend = (key[2], key[3])
+        self.up = up
         self.downstream = downstream
-        self.upstream_bind = upstream_bind
-        self.ufd = upstream.fileno()
         self.dfd = downstream.fileno()
+        self.draining: list[tuple[_Upstream, float]] = []
         self.last = engine.now
-        engine.counts.add(backend)
         engine.flows[key] = self
-        engine.loop.register(self.ufd, select.EPOLLIN, self._from_backend)
+        engine.flows_of.setdefault(self.frontend, set()).add(self)
+        engine.loop.register(up.fd, select.EPOLLIN, self._replies(up))
         engine.loop.register(self.dfd, select.EPOLLIN, self._from_client)
+
+    @property
+    def backend(self) -> L4Addr:
+        return self.up.backend
 
     def to_backend(self, data: bytes) -> None:
         self.last = self.engine.now
         try:
-            self.upstream.send(data)
+            self.up.sock.send(data)
         except BlockingIOError:
             self.engine.count("udp_dropped")  # the socket's buffer is full: as a NIC would
         except OSError as err:
@@ -82,24 +146,48 @@ class Flow:
                 self._failed(err)
                 return
             self.to_backend(data)
+            if self.engine.flows.get(self.key) is not self:
+                return
 
-    def _from_backend(self, _events: int) -> None:
-        for _ in range(64):
-            try:
-                data = self.upstream.recv(MAX_DATAGRAM)
-            except BlockingIOError:
-                return
-            except OSError as err:
-                self._failed(err)
-                return
-            self.last = self.engine.now
-            try:
-                self.downstream.send(data)
-            except BlockingIOError:
-                self.engine.count("udp_dropped")
-            except OSError as err:
-                self._failed(err)
-                return
+    def _replies(self, up: _Upstream) -> Callable[[int], None]:
+        """The handler of an upstream socket: relay what its backend sends."""
+
+        def on_ready(_events: int) -> None:
+            for _ in range(64):
+                try:
+                    data = up.sock.recv(MAX_DATAGRAM)
+                except BlockingIOError:
+                    return
+                except OSError as err:
+                    if up is self.up:
+                        self._failed(err)
+                    return
+                self.last = self.engine.now
+                try:
+                    self.downstream.send(data)
+                except BlockingIOError:
+                    self.engine.count("udp_dropped")
+                except OSError as err:
+                    self._failed(err)
+                    return
+
+        return on_ready
+
+    def move(self) -> None:
+        """The backend left: continue with one the frontend still has."""
+        up = _open_upstream(self.engine, self.key, self.role, self.family)
+        if up is None:
+            self.close()
+            return
+        old, self.up = self.up, up
+        self.draining.append((old, self.engine.now + DRAIN_TIME))
+        self.engine.loop.register(up.fd, select.EPOLLIN, self._replies(up))
+        self.engine.count("udp_flows_moved")
+
+    def expire_draining(self, now: float) -> None:
+        while self.draining and self.draining[0][1] <= now:
+            old, _ = self.draining.pop(0)
+            _close_upstream(self.engine, old)
 
     def _failed(self, err: OSError) -> None:
         """The backend (or the client) answered with an ICMP error: end the
@@ -114,13 +202,17 @@ class Flow:
         if engine.flows.get(self.key) is not self:
             return
         del engine.flows[self.key]
-        if self.upstream_bind is not None:
-            engine.udp_binds.discard(self.upstream_bind)
-        engine.loop.unregister(self.ufd)
+        siblings = engine.flows_of.get(self.frontend)
+        if siblings is not None:
+            siblings.discard(self)
+            if not siblings:
+                del engine.flows_of[self.frontend]
+        for old, _ in self.draining:
+            _close_upstream(engine, old)
+        self.draining.clear()
+        _close_upstream(engine, self.up)
         engine.loop.unregister(self.dfd)
-        self.upstream.close()
         self.downstream.close()
-        engine.counts.remove(self.backend)
 
 
 def receive_all(engine: Engine, listener: socket.socket, role: Role) -> Callable[[int], None]:
@@ -150,42 +242,23 @@ def receive_all(engine: Engine, listener: socket.socket, role: Role) -> Callable
 
 
 def start(engine: Engine, key: FlowKey, role: Role, family: int) -> Flow | None:
-    client = (key[0], key[1])
-    frontend = (key[2], key[3])
-    route = engine.route(socket.SOCK_DGRAM, role, frontend, key[0], key[1])
-    if route is None:
+    up = _open_upstream(engine, key, role, family)
+    if up is None:
         return None
-    backend, target, transparent = route
-    bind = None
-    upstream_bind: tuple[str, int, L4Addr] | None = None
-    if transparent:
-        # Two flows of one client port (to two Services) that chose the same
-        # backend must not share a 4-tuple: the second gets another port.
-        upstream_bind = (key[0], key[1], backend)
-        keep = upstream_bind not in engine.udp_binds
-        bind = client
-        if not keep:
-            upstream_bind = None
     try:
-        upstream = sockets.upstream(family, socket.SOCK_DGRAM, bind,
-                                    keep_port=upstream_bind is not None)
-        try:
-            upstream.connect(target)
-            downstream = sockets.downstream(family, frontend, client)
-        except OSError:
-            upstream.close()
-            raise
+        downstream = sockets.downstream(family, (key[2], key[3]), (key[0], key[1]))
     except OSError as err:
-        log.debug("proxy: cannot open UDP flow %s -> %s: %s", key, backend, err)
+        log.debug("proxy: cannot answer UDP flow %s: %s", key, err)
         engine.count("upstream_failed")
+        _close_upstream(engine, up)
         return None
-    if upstream_bind is not None:
-        engine.udp_binds.add(upstream_bind)
-    return Flow(engine, key, frontend, backend, upstream, downstream, upstream_bind)
+    return Flow(engine, key, role, family, up, downstream)
 
 
 def sweep(engine: Engine, now: float) -> None:
-    """Close flows idle for longer than the timeout."""
-    idle = [f for f in engine.flows.values() if now - f.last >= UDP_IDLE_TIMEOUT]
-    for flow in idle:
-        flow.close()
+    """Close flows idle for longer than the timeout; end drained upstreams."""
+    for flow in list(engine.flows.values()):
+        if now - flow.last >= UDP_IDLE_TIMEOUT:
+            flow.close()
+        elif flow.draining:
+            flow.expire_draining(now)
