@@ -105,8 +105,14 @@ def frontend_message(
         programmed_backends=view.count if view else 0,
         on_empty=fe.on_empty.value,
         affinity_timeout_seconds=fe.affinity_timeout,
+        policy=fe.policy,
+        algorithm=fe.algorithm.value,
+        policy_features=_policy_features(fe),
     )
     in_use = set(fe.backends)
+    total = sum(fe.weights)
+    share = {b: 100.0 * w / total for b, w in zip(fe.backends, fe.weights, strict=True)} \
+        if total else {}
     programmed = set(view.backends) if view else set()
     listed: set[L4Addr] = set()
     port = None
@@ -123,15 +129,27 @@ def frontend_message(
                 address=str(ep.backend.address), port=ep.backend.port,
                 ready=ep.ready, serving=ep.serving, terminating=ep.terminating,
                 in_use=ep.backend in in_use, programmed=ep.backend in programmed,
-                node_name=ep.node_name,
+                node_name=ep.node_name, weight_percent=share.get(ep.backend, 0.0),
             ))
     # Backends the maps (or the desired state) hold that no EndpointSlice lists.
     for be in sorted((in_use | programmed) - listed):
         msg.backends.append(pb.Backend(
             address=str(be.address), port=be.port,
             in_use=be in in_use, programmed=be in programmed,
+            weight_percent=share.get(be, 0.0),
         ))
     return msg
+
+
+def _policy_features(fe: Frontend) -> list[str]:
+    out = []
+    if fe.access is not None:
+        out.append("access")
+    if fe.redirect is not None:
+        out.append(f"redirect {fe.redirect}")
+    if fe.sockmap:
+        out.append("sockmap")
+    return out
 
 
 def service_messages(

@@ -240,6 +240,9 @@ def render_service(svc: dict[str, Any]) -> str:
                 f"port {fe['port_name'] or '-'}  {_frontend_state(fe)} ({where})\n")
         if fe["affinity_timeout_seconds"]:
             out += f"  session affinity: ClientIP, {fe['affinity_timeout_seconds']}s\n"
+        if fe.get("policy"):
+            extra = "".join(f", {f}" for f in fe.get("policy_features") or [])
+            out += f"  TrafficPolicy {fe['policy']}: {fe['algorithm']}{extra}\n"
         if not any(b["in_use"] for b in fe["backends"]):
             out += f"  {_empty_sentence(fe)}\n"
         if fe["backends"]:
@@ -247,6 +250,8 @@ def render_service(svc: dict[str, Any]) -> str:
             for b in fe["backends"]:
                 use = ("in use" if b["in_use"] else "unused") + (
                     ", programmed" if b["programmed"] else "")
+                if b.get("weight_percent"):
+                    use += f", {b['weight_percent']:.1f}% of connections"
                 rows.append([host_port(b["address"], b["port"]), _yes(b["ready"]),
                              _yes(b["serving"]), _yes(b["terminating"]),
                              b["node_name"] or "-", use])

@@ -226,6 +226,15 @@ def test_split_sends_traffic_in_proportion_and_weight_zero_drains(
     # 10% canary (sd 0.95%), stable's 90% even over its two pods.
     assert 50 <= got["web-c"] <= 150, got
     assert 350 <= got["web-a"] <= 550 and 350 <= got["web-b"] <= 550, got
+    # `veer service` names the policy and each backend's share.
+    res = subprocess.run([sys.executable, "-m", "agent.cli.main", "service", "default/stable",
+                          "-o", "json", "--socket", live.api_socket],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    (fe,) = [f for f in json.loads(res.stdout)["frontends"] if f["address"] == vip]
+    assert (fe["policy"], fe["algorithm"]) == ("default/split", "Random"), fe
+    assert {b["address"]: round(b["weight_percent"]) for b in fe["backends"]} == {
+        POD_IPS["web-a"]: 45, POD_IPS["web-b"]: 45, POD_IPS["web-c"]: 10}, fe
 
     # A connection held to the canary survives the drain (new connections only).
     held = live.spawn_probe("tcp", vip, "80", "--persistent", "40", "--interval", "0.05")
