@@ -192,6 +192,15 @@ def wrk_prefix(cpus: set[int]) -> list[str]:
     return ["taskset", "-c", ",".join(map(str, sorted(cpus)))] if cpus else []
 
 
+def place_threads(pid: int, cpus: set[int]) -> None:
+    """Every thread of `pid` onto `cpus` (threads have their own affinity; a
+    process that exits meanwhile is skipped)."""
+    with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(ProcessLookupError, FileNotFoundError):
+                os.sched_setaffinity(int(tid), cpus)
+
+
 def place_agents(layout: str, agent_pids: Sequence[int]) -> bool:
     """In the single layout, keep the agents (every thread) off the bench CPU.
     Returns whether they were moved."""
@@ -200,10 +209,15 @@ def place_agents(layout: str, agent_pids: Sequence[int]) -> bool:
         return False
     others = set(os.sched_getaffinity(0)) - server
     for pid in agent_pids:
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            with contextlib.suppress(ProcessLookupError, FileNotFoundError):
-                os.sched_setaffinity(int(tid), others)
+        place_threads(pid, others)
     return True
+
+
+def unplace(pids: Sequence[int]) -> None:
+    """Let `pids` run on every CPU again."""
+    everything = set(range(os.cpu_count() or 1))
+    for pid in pids:
+        place_threads(pid, everything)
 
 
 # ---- an idle machine -------------------------------------------------------------------
@@ -265,17 +279,19 @@ class Run:
     path: str
     round: int
     attempt: int
-    wrk: WrkResult
+    wrk: WrkResult  # the new-connection run (wrk with Connection: close)
     cpu: CpuUse
     counted: dict[str, Any]  # what the datapath counted during the run (bench-specific)
     disturbed: bool = False  # another process took > 3% of the bench CPU(s) during it
     used: bool = True
+    extra: dict[str, float] = field(default_factory=dict)  # other figures of the same run
 
     def to_json(self) -> dict[str, Any]:
         return {
             "load": self.label, "path": self.path, "round": self.round,
             "attempt": self.attempt, "used": self.used, "disturbed": self.disturbed,
             **self.counted,
+            **self.extra,
             "cpu_s": self.cpu.to_json(),
             **self.wrk.to_json(),
         }
@@ -283,12 +299,20 @@ class Run:
 
 @dataclass
 class Series:
-    """Interleaved runs of a baseline path and a path under test."""
+    """Interleaved runs of several paths; the first is the baseline."""
 
     label: str
-    base: str  # e.g. "direct"
-    test: str  # e.g. "clusterip"
+    paths: tuple[str, ...]  # e.g. ("direct", "clusterip")
     runs: list[Run] = field(default_factory=list)
+
+    @property
+    def base(self) -> str:
+        return self.paths[0]
+
+    @property
+    def test(self) -> str:
+        """The path under test, in a two-path series."""
+        return self.paths[1]
 
     def used(self) -> list[Run]:
         return [r for r in self.runs if r.used]
@@ -296,15 +320,26 @@ class Series:
     def rates(self, path: str) -> list[float]:
         return [r.wrk.rate for r in self.used() if r.path == path]
 
-    def ratio(self) -> float:
-        return statistics.median(self.rates(self.test)) / statistics.median(self.rates(self.base))
+    def values(self, path: str, key: str) -> list[float]:
+        """`key` of each used run of `path`: "rate" (conn/s) or one of `extra`."""
+        return [r.wrk.rate if key == "rate" else r.extra[key]
+                for r in self.used() if r.path == path and (key == "rate" or key in r.extra)]
 
-    def paired_ratios(self) -> list[float]:
+    def ratio(self, path: str = "", key: str = "rate") -> float:
+        """Median of `path` (default: the tested one) over the baseline's median."""
+        return (statistics.median(self.values(path or self.test, key))
+                / statistics.median(self.values(self.base, key)))
+
+    def paired_ratios(self, path: str = "", key: str = "rate") -> list[float]:
+        """`path` / baseline within each round."""
+        path = path or self.test
         by_round: dict[int, dict[str, float]] = {}
         for r in self.used():
-            by_round.setdefault(r.round, {})[r.path] = r.wrk.rate
-        return [v[self.test] / v[self.base] for _, v in sorted(by_round.items())
-                if self.base in v and self.test in v]
+            if key == "rate" or key in r.extra:
+                by_round.setdefault(r.round, {})[r.path] = (
+                    r.wrk.rate if key == "rate" else r.extra[key])
+        return [v[path] / v[self.base] for _, v in sorted(by_round.items())
+                if self.base in v and path in v and v[self.base]]
 
     def redone(self) -> int:
         return len({(r.round, r.attempt) for r in self.runs if not r.used})
@@ -313,54 +348,72 @@ class Series:
         """Rounds kept although disturbed (the redo limit was reached)."""
         return len({r.round for r in self.used() if r.disturbed})
 
-    def summary(self, path: str) -> dict[str, float]:
-        rates = self.rates(path)
-        return {"median": statistics.median(rates), "min": min(rates), "max": max(rates)}
+    def summary(self, path: str, key: str = "rate") -> dict[str, float]:
+        values = self.values(path, key)
+        return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "label": self.label,
-            "ratio": self.ratio(),
-            "paired_ratios": self.paired_ratios(),
-            "rounds_redone": self.redone(),
-            "disturbed_rounds_kept": self.disturbed_kept(),
-            self.base: self.summary(self.base),
-            self.test: self.summary(self.test),
-            "runs": [r.to_json() for r in self.runs],
-        }
+        out: dict[str, Any] = {"label": self.label, "paths": list(self.paths)}
+        if len(self.paths) == 2:
+            out["ratio"] = self.ratio()
+            out["paired_ratios"] = self.paired_ratios()
+        out["rounds_redone"] = self.redone()
+        out["disturbed_rounds_kept"] = self.disturbed_kept()
+        for path in self.paths:
+            out[path] = self.summary(path)
+        out["runs"] = [r.to_json() for r in self.runs]
+        return out
 
 
-# One wrk run of a path for a duration: wrk's result, the CPU use, what the
-# datapath counted.
+# One run of a path for a duration: wrk's result, the CPU use, what the
+# datapath counted, and (optionally) other figures measured in the same run.
 Measure = Callable[[str, float], tuple[WrkResult, CpuUse, dict[str, Any]]]
+
+
+def order_of(paths: Sequence[str], rnd: int) -> tuple[str, ...]:
+    """The order of the paths in round `rnd`: rotated by one each round, so
+    that each path takes each place in turn (two paths alternate)."""
+    k = rnd % len(paths)
+    return (*paths[k:], *paths[:k])
+
+
+def default_line(run: Run) -> str:
+    return f"{run.wrk.rate:10,.0f} conn/s"
 
 
 def run_rounds(series: Series, measure: Measure, meter: CpuMeter, wait_quiet: Callable[[], None],
                rounds: int, duration: float, max_redo: int,
-               note: Callable[[Run], str] = lambda run: "") -> None:
+               note: Callable[[Run], str] = lambda run: "",
+               line: Callable[[Run], str] = default_line,
+               warmup: float = 1.0,
+               disturbed: Callable[[Run], bool] = lambda run: False) -> None:
     """A warm-up run of each path (not recorded), then `rounds` rounds of one
-    run per path, the order alternating each round so that drift hits both
+    run per path, the order rotating each round so that drift hits every path
     alike. A round in which another process took more than 3% of the bench
-    CPUs is redone (both paths), up to `max_redo` times; redone runs are kept,
-    marked unused. `note` adds to each run's log line."""
-    slack = 0.03 * duration * len(meter.cpus) + 0.05  # + a few ticks of accounting slack
-    for path in (series.base, series.test):
-        measure(path, 1)
+    CPUs (or in which `disturbed` says a run was) is redone (every path), up
+    to `max_redo` times; redone runs are kept, marked unused. `measure` may
+    put other figures in the counted dict under "extra" (moved to Run.extra);
+    `note` adds to each run's log line."""
+    for path in series.paths:
+        measure(path, warmup)
     for rnd in range(rounds):
-        order = (series.base, series.test) if rnd % 2 == 0 else (series.test, series.base)
+        order = order_of(series.paths, rnd)
         for attempt in range(max_redo + 1):
             wait_quiet()
             runs = []
             for path in order:
                 result, use, counted = measure(path, duration)
-                runs.append(Run(series.label, path, rnd, attempt, result, use, counted,
-                                disturbed=use.foreign > slack))
+                extra = counted.pop("extra", {})
+                slack = 0.03 * use.elapsed * len(meter.cpus) + 0.05  # + a few ticks
+                run = Run(series.label, path, rnd, attempt, result, use, counted, extra=extra)
+                run.disturbed = use.foreign > slack or disturbed(run)
+                runs.append(run)
             redo = any(r.disturbed for r in runs) and attempt < max_redo
             for run in runs:
                 run.used = not redo
                 series.runs.append(run)
-                log(f"  [{series.label}] round {rnd + 1}/{rounds} {run.path:9s} "
-                    f"{run.wrk.rate:10,.0f} conn/s  (agent {run.cpu.agent:.2f} s, "
+                log(f"  [{series.label}] round {rnd + 1}/{rounds} {run.path:14s} "
+                    f"{line(run)}  (agent {run.cpu.agent:.2f} s, "
                     f"others {run.cpu.foreign:.2f} s CPU on the bench CPU"
                     f"{note(run)}{', REDO' if redo else ''})")
             if not redo:
@@ -474,7 +527,7 @@ def report(table: str, *paragraphs: str) -> str:
 
 
 def write_results(args: argparse.Namespace, name: str, markdown: str,
-                  data: dict[str, Any]) -> None:
+                  data: dict[str, Any]) -> tuple[Path, Path]:
     """bench/results/<name>-<time>[-quick].md and .json; `data` gets the
     arguments, the machine and the source state added."""
     args.out.mkdir(parents=True, exist_ok=True)
@@ -492,6 +545,7 @@ def write_results(args: argparse.Namespace, name: str, markdown: str,
     }, indent=1) + "\n")
     shown = md_path.relative_to(REPO) if md_path.is_relative_to(REPO) else md_path
     print(f"results: {shown} and {json_path.name}")
+    return md_path, json_path
 
 
 def main_guard(main: Callable[[], int]) -> None:

@@ -190,7 +190,7 @@ class LoadResult(Series):
 
 
 def load_result(label: str, services: int, programming: str) -> LoadResult:
-    return LoadResult(label=label, base="direct", test="clusterip", services=services,
+    return LoadResult(label=label, paths=("direct", "clusterip"), services=services,
                       programming=programming)
 
 

@@ -345,7 +345,7 @@ def run_bench(args: argparse.Namespace) -> tuple[Series, dict[str, Any]]:
     """The measurement, in one two-node sandbox; returns the runs and facts
     about the sandbox."""
     series = Series(label=f"external {EXTERNAL} -> {POD} {POD_IP} on node-2",
-                    base="direct", test="nodeport")
+                    paths=("direct", "nodeport"))
     with MultiNodeCluster(nodes=2, pods={POD: 2}) as cluster:
         topo = cluster.topo
         log(f"sandbox {topo.prefix}: namespaces {topo.prefix}-*, cgroup {topo.cgroup}, "

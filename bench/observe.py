@@ -40,39 +40,35 @@ left after the last redo stop the bench (not with --quick).
 `--quick`: one round of 2 s, no waiting, no redo (a smoke test; its numbers
 are not judged).
 Results: a Markdown table on stdout and in bench/results/observe-<time>.md,
-every run's numbers in bench/results/observe-<time>.json.
+every run's numbers in bench/results/observe-<time>.json. The CPU accounting,
+the idle waits, the rounds and their redo, and the results files are
+bench/benchlib.py's, shared with the other benches.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+import benchlib
+from benchlib import REPO, CpuMeter, CpuUse, QuietWaiter, Run, Series, fmt_rate, log
 
-from agent.cli.client import Client  # noqa: E402
-from agent.sandbox.cluster import EXAMPLES, WEB_PODS, SandboxCluster  # noqa: E402
-from agent.sandbox.wrk import WrkResult, run_wrk  # noqa: E402
+from agent.cli.client import Client
+from agent.sandbox.cluster import EXAMPLES, WEB_PODS, SandboxCluster
+from agent.sandbox.wrk import WrkResult, run_wrk
 
-RESULTS = REPO / "bench" / "results"
 POD = WEB_PODS[0]  # web-a, 10.244.1.2
 BENCH_VIP = "10.96.1.1"
 URL = f"http://{BENCH_VIP}:80/"
 MODES = ("off", "on")
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 BENCH_MANIFEST = f"""\
 apiVersion: v1
@@ -96,86 +92,15 @@ endpoints:
 """
 
 
-def log(msg: str) -> None:
-    print(msg, flush=True)
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process and its threads; 0 if it is gone."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rpartition(")")[2].split()
-    except (FileNotFoundError, ProcessLookupError):
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def cpu_busy(cpus: set[int]) -> float:
-    """Busy seconds of `cpus` since boot (everything but idle and iowait)."""
-    busy = 0
-    with open("/proc/stat") as f:
-        for line in f:
-            if line.startswith("cpu") and line[3].isdigit():
-                name, *rest = line.split()
-                if int(name[3:]) in cpus:
-                    values = [int(v) for v in rest]
-                    busy += sum(values) - values[3] - values[4]
-    return busy / CLK_TCK
-
-
-def children_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
-
-
-def find_kthread(name: str) -> int | None:
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/comm") as f:
-                    if f.read().strip() == name:
-                        return int(entry)
-            except OSError:
-                continue
-    return None
-
-
-def pin(pid: int, cpus: set[int]) -> None:
-    """Pin every thread of `pid` (threads have their own affinity)."""
-    for task in os.listdir(f"/proc/{pid}/task"):
-        os.sched_setaffinity(int(task), cpus)
-
-
-@dataclass
-class Run:
-    mode: str
-    round: int
-    wrk: WrkResult
-    translated: int
-    events_sent: int
-    events_lost: int
-    agent_cpu_s: float
-    follower_cpu_s: float
-    foreign_cpu_s: float  # time on the bench CPU that was not wrk's, nginx's or its softirqs'
-    attempt: int = 0
-    used: bool = True
-    disturbed: bool = False  # others took the bench CPU, or wrk saw errors
-
-    def to_json(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["wrk"] = self.wrk.to_json()
-        return out
-
-
 class Bench:
     def __init__(self, args: argparse.Namespace, cluster: SandboxCluster) -> None:
         self.args = args
         self.cluster = cluster
         self.bench_cpus: set[int] = set()
         self.other_cpus: set[int] = set()
+        self.prefix: list[str] = []
         self.follower: subprocess.Popen[bytes] | None = None
-        self.runs: list[Run] = []
-        self.ours: list[int] = []  # nginx and the bench CPU's ksoftirqd
+        self.meter: CpuMeter | None = None
 
     @property
     def agent_pid(self) -> int:
@@ -191,31 +116,20 @@ class Bench:
                   "net.ipv4.ip_local_port_range=1024 65535")
         c.start_agent()
         c.wait_frontend(f"{BENCH_VIP}:80/TCP", [f"{POD.ipv4}:8080/TCP"])
-        cpus = sorted(os.sched_getaffinity(0))
-        if len(cpus) > 1:
-            self.bench_cpus, self.other_cpus = {cpus[-1]}, set(cpus[:-1])
-            pin(self.agent_pid, self.other_cpus)
+        self.bench_cpus, _ = benchlib.bench_cpus("single")
+        self.other_cpus = set(os.sched_getaffinity(0)) - self.bench_cpus
+        servers = benchlib.nginx_pids(Path(c.topo.workdir, f"nginx-{POD.name}", "nginx.pid"))
+        benchlib.pin_servers(servers, self.bench_cpus)
+        pinned_away = benchlib.place_agents("single", [self.agent_pid])
+        if pinned_away:
             os.sched_setaffinity(0, self.other_cpus)
-        pid_file = Path(c.topo.workdir, f"nginx-{POD.name}", "nginx.pid")
-        master = int(pid_file.read_text().split()[0])
-        self.ours = [master]
-        for task in os.listdir(f"/proc/{master}/task"):
-            with open(f"/proc/{master}/task/{task}/children") as f:
-                self.ours += [int(child) for child in f.read().split()]
-        for pid in self.ours if self.bench_cpus else ():
-            pin(pid, self.bench_cpus)
-        for cpu in self.bench_cpus:
-            ksoftirqd = find_kthread(f"ksoftirqd/{cpu}")
-            if ksoftirqd is not None:
-                self.ours.append(ksoftirqd)
-        self.wrk(1.0)  # warm up: nginx, the maps, the client's ports
+        self.prefix = benchlib.wrk_prefix(self.bench_cpus)
+        self.meter = CpuMeter(self.bench_cpus, servers[1:], [self.agent_pid], pinned_away)
 
     def wrk(self, duration: float) -> WrkResult:
-        prefix = ["taskset", "-c", ",".join(map(str, self.bench_cpus))] if self.bench_cpus \
-            else []
         return run_wrk(self.cluster.topo, self.cluster.client, URL, duration,
                        threads=self.args.threads, connections=self.args.connections,
-                       prefix=prefix)
+                       prefix=self.prefix)
 
     def counters(self) -> dict[str, int]:
         with Client(self.cluster.api_socket) as client:
@@ -230,7 +144,7 @@ class Bench:
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=REPO,
         )
         if self.other_cpus:
-            pin(self.follower.pid, self.other_cpus)
+            benchlib.place_threads(self.follower.pid, self.other_cpus)
         assert self.follower.stderr is not None
         started = self.follower.stderr.readline().decode()
         if "translations are traced" not in started:
@@ -258,226 +172,138 @@ class Bench:
 
     # ---- one run -----------------------------------------------------------------
 
-    def wait_quiet(self) -> None:
-        """Wait (up to --quiet-timeout) until the bench CPU idles for a second."""
-        cpus = self.bench_cpus or set(os.sched_getaffinity(0))
-        deadline = time.monotonic() + self.args.quiet_timeout
-        while time.monotonic() < deadline:
-            before = cpu_busy(cpus)
-            time.sleep(1.0)
-            if cpu_busy(cpus) - before < 0.1 * len(cpus):
-                return
-        if self.args.quiet_timeout:
-            log("  the bench CPU did not become idle; measuring anyway")
-
-    def ours_cpu(self) -> float:
-        return children_cpu() + sum(cpu_seconds(p) for p in self.ours)
-
-    def run(self, mode: str, rnd: int, attempt: int) -> Run:
+    def measure(self, mode: str, duration: float) -> tuple[WrkResult, CpuUse, dict[str, Any]]:
+        assert self.meter is not None
         if mode == "on":
             self.follow()
-        cpus = self.bench_cpus or set(os.sched_getaffinity(0))
         try:
             before = self.counters()
-            agent0 = cpu_seconds(self.agent_pid)
-            follower0 = cpu_seconds(self.follower.pid) if self.follower else 0.0
-            busy0, ours0 = cpu_busy(cpus), self.ours_cpu()
-            result = self.wrk(self.args.duration)
-            busy1, ours1 = cpu_busy(cpus), self.ours_cpu()
+            follower0 = benchlib.proc_cpu_seconds(self.follower.pid) if self.follower else 0.0
+            mark = self.meter.start()
+            result = self.wrk(duration)
+            use = self.meter.stop(mark)
             time.sleep(0.3)  # let the agent drain the ring buffer
-            agent1 = cpu_seconds(self.agent_pid)
-            follower1 = cpu_seconds(self.follower.pid) if self.follower else 0.0
+            follower1 = benchlib.proc_cpu_seconds(self.follower.pid) if self.follower else 0.0
             after = self.counters()
         finally:
             self.unfollow()
-        delta = {k: after[k] - before.get(k, 0) for k in after}
-        foreign = max(0.0, (busy1 - busy0) - (ours1 - ours0))
-        run = Run(mode, rnd, result, delta["translated"], delta["events_sent"],
-                  delta["events_lost"], round(agent1 - agent0, 2),
-                  round(follower1 - follower0, 2), round(foreign, 2), attempt)
-        self.check(run)
-        return run
+        delta = benchlib.counter_delta(before, after)
+        counted = {"mode": mode, "translated": delta["translated"],
+                   "events_sent": delta["events_sent"], "events_lost": delta["events_lost"],
+                   "follower_cpu_s": round(follower1 - follower0, 2)}
+        check(result, counted)
+        return result, use, counted
 
-    @staticmethod
-    def check(run: Run) -> None:
-        """The checks that hold however busy the machine is (wrk's errors are
-        judged per round, in measure())."""
-        if run.translated < run.wrk.requests:
-            raise RuntimeError(f"{run.translated} translations for {run.wrk.requests} requests")
-        if run.mode == "off" and run.events_sent:
-            raise RuntimeError(f"{run.events_sent} events reported with translation events off")
-        if run.mode == "on" and run.events_sent + run.events_lost < run.translated:
-            raise RuntimeError(f"{run.translated} translations but only {run.events_sent} "
-                               f"events reported and {run.events_lost} lost")
 
-    def measure(self) -> None:
-        slack = 0.03 * self.args.duration
-        for rnd in range(self.args.rounds):
-            order = MODES if rnd % 2 == 0 else MODES[::-1]
-            for attempt in range(self.args.max_redo + 1):
-                self.wait_quiet()
-                runs = [self.run(mode, rnd, attempt) for mode in order]
-                # A busy machine shows as others' time on the bench CPU, or
-                # as wrk's timeouts when it starves the server.
-                disturbed = any(r.foreign_cpu_s > slack or r.wrk.error_count for r in runs)
-                redo = disturbed and attempt < self.args.max_redo
-                errors = [r for r in runs if r.wrk.error_count]
-                if errors and not redo and not self.args.quick:
-                    raise RuntimeError(f"wrk saw errors in round {rnd + 1} after "
-                                       f"{attempt} redo(s): {errors[0].wrk.errors}")
-                for run in runs:
-                    run.used = not redo
-                    run.disturbed = disturbed
-                    self.runs.append(run)
-                    log(f"  round {rnd + 1}/{self.args.rounds} events {run.mode:3s} "
-                        f"{run.wrk.rate:10,.0f} conn/s  (events {run.events_sent:,} sent, "
-                        f"{run.events_lost:,} lost; agent {run.agent_cpu_s:.2f} s, "
-                        f"follower {run.follower_cpu_s:.2f} s, others "
-                        f"{run.foreign_cpu_s:.2f} s on the bench CPU"
-                        f"{f', wrk errors {run.wrk.errors}' if run.wrk.error_count else ''}"
-                        f"{', REDO' if redo else ''})")
-                if not redo:
-                    break
+def check(result: WrkResult, counted: dict[str, Any]) -> None:
+    """The checks that hold however busy the machine is (wrk's errors make a
+    round disturbed instead, see disturbed())."""
+    translated, sent, lost = counted["translated"], counted["events_sent"], counted["events_lost"]
+    if translated < result.requests:
+        raise RuntimeError(f"{translated} translations for {result.requests} requests")
+    if counted["mode"] == "off" and sent:
+        raise RuntimeError(f"{sent} events reported with translation events off")
+    if counted["mode"] == "on" and sent + lost < translated:
+        raise RuntimeError(f"{translated} translations but only {sent} events reported "
+                           f"and {lost} lost")
+
+
+def disturbed(run: Run) -> bool:
+    """wrk's timeouts mean the server starved: another job took the machine."""
+    return run.wrk.error_count > 0
+
+
+def note(run: Run) -> str:
+    c = run.counted
+    errors = f", wrk errors {run.wrk.errors}" if run.wrk.error_count else ""
+    return (f", events {c['events_sent']:,} sent, {c['events_lost']:,} lost, follower "
+            f"{c['follower_cpu_s']:.2f} s{errors}")
 
 
 # ---- reporting ------------------------------------------------------------------------
 
 
-def rates(runs: Sequence[Run], mode: str) -> list[float]:
-    return [r.wrk.rate for r in runs if r.mode == mode]
-
-
-def fmt_rate(values: Sequence[float]) -> str:
-    return f"{statistics.median(values):,.0f} ({min(values):,.0f}-{max(values):,.0f})"
-
-
-def paired(runs: Sequence[Run]) -> list[float]:
-    by_round: dict[int, dict[str, float]] = {}
-    for r in runs:
-        if not r.used:
-            continue
-        by_round.setdefault(r.round, {})[r.mode] = r.wrk.rate
-    return [v["on"] / v["off"] for _, v in sorted(by_round.items())]
-
-
-def table(all_runs: Sequence[Run]) -> tuple[str, float]:
-    runs = [r for r in all_runs if r.used]
-    ratio = statistics.median(rates(runs, "on")) / statistics.median(rates(runs, "off"))
-    pairs = paired(runs)
+def table(series: Series) -> tuple[str, float]:
+    runs = series.used()
+    ratio = series.ratio()
+    pairs = series.paired_ratios()
     lines = [
         "| translation events | conn/s, median (min-max) | events sent / lost "
         "| agent CPU s per s | follower CPU s per s |",
         "|---|---:|---:|---:|---:|",
     ]
     for mode in MODES:
-        mine = [r for r in runs if r.mode == mode]
+        mine = [r for r in runs if r.path == mode]
         secs = sum(r.wrk.seconds for r in mine)
         label = "off (no follower)" if mode == "off" else "on (1 follower)"
         lines.append(
-            f"| {label} | {fmt_rate(rates(runs, mode))} "
-            f"| {sum(r.events_sent for r in mine):,} / {sum(r.events_lost for r in mine):,} "
-            f"| {sum(r.agent_cpu_s for r in mine) / secs:.2f} "
-            f"| {sum(r.follower_cpu_s for r in mine) / secs:.2f} |"
+            f"| {label} | {fmt_rate(series.rates(mode))} "
+            f"| {sum(r.counted['events_sent'] for r in mine):,} / "
+            f"{sum(r.counted['events_lost'] for r in mine):,} "
+            f"| {sum(r.cpu.agent for r in mine) / secs:.2f} "
+            f"| {sum(r.counted['follower_cpu_s'] for r in mine) / secs:.2f} |"
         )
-    redone = len({(r.round, r.attempt) for r in all_runs if not r.used})
-    kept = len({r.round for r in runs if r.disturbed})
     lines.append("")
     lines.append(f"on/off: **{ratio:.3f}** (per-round {min(pairs):.3f}-{max(pairs):.3f}); "
-                 f"rounds redone because another process took the bench CPU: {redone}; "
-                 f"disturbed rounds kept (redo limit reached): {kept}")
+                 f"rounds redone because another process took the bench CPU: "
+                 f"{series.redone()}; disturbed rounds kept (redo limit reached): "
+                 f"{series.disturbed_kept()}")
     return "\n".join(lines), ratio
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="smoke test: 1 round of 2 s")
-    p.add_argument("--rounds", type=int, default=None, help="rounds (default 7)")
-    p.add_argument("--duration", type=int, default=None,
-                   help="whole seconds per wrk run (default 5)")
-    p.add_argument("--threads", type=int, default=2, help="wrk threads (default 2)")
-    p.add_argument("--connections", type=int, default=32, help="wrk connections (default 32)")
-    p.add_argument("--max-redo", type=int, default=None,
-                   help="redo a round up to this many times when another process took time "
-                   "on the bench CPU (default 3)")
-    p.add_argument("--quiet-timeout", type=float, default=None,
-                   help="before each round, wait up to this long for the bench CPU to idle "
-                   "(default 60 s)")
-    p.add_argument("--out", type=Path, default=RESULTS, help="where to write results")
+    benchlib.add_common_args(p, server=POD.name)
     args = p.parse_args(argv)
-    rounds, duration, redo, quiet = (1, 2, 0, 0.0) if args.quick else (7, 5, 3, 60.0)
-    args.rounds = args.rounds or rounds
-    args.duration = args.duration or duration
-    args.max_redo = redo if args.max_redo is None else args.max_redo
-    args.quiet_timeout = quiet if args.quiet_timeout is None else args.quiet_timeout
+    benchlib.apply_presets(args, quick={"rounds": 1, "duration": 2},
+                           full={"rounds": 7, "duration": 5})
     if args.rounds < 1 or args.duration < 1:
         p.error("--rounds and --duration must be positive")
     return args
 
 
-def source_state() -> dict[str, Any]:
-    def git(*argv: str) -> str:
-        res = subprocess.run(["git", "-C", str(REPO), *argv], capture_output=True, text=True)
-        return res.stdout.strip() if res.returncode == 0 else ""
-
-    return {"commit": git("rev-parse", "HEAD"),
-            "uncommitted": git("status", "--porcelain", "--", "agent", "bpf").splitlines()}
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    if os.geteuid() != 0:
-        print("bench/observe.py must run as root (network namespaces, eBPF)", file=sys.stderr)
+    if not benchlib.ready("bench/observe.py"):
         return 2
-
-    def on_term(signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt(f"signal {signum}")
-
-    import signal
-
-    signal.signal(signal.SIGTERM, on_term)  # a CI timeout unwinds: every cleanup runs
     started = time.monotonic()
     log(f"veer flow events bench: {args.rounds} round(s) x {args.duration} s per mode, "
         f"wrk -t{args.threads} -c{args.connections} -H 'Connection: close', "
         f"{os.cpu_count()} CPU(s)")
+    series = Series(label="flow events", paths=MODES)
     with SandboxCluster(manifests=None, pods=(POD,)) as cluster:
         log(f"sandbox {cluster.topo.prefix}: namespaces {cluster.topo.prefix}-*, "
             f"cgroup {cluster.topo.cgroup}, pins {cluster.topo.bpffs}")
         bench = Bench(args, cluster)
         try:
             bench.setup()
-            bench.measure()
+            assert bench.meter is not None
+            waiter = QuietWaiter(bench.meter, args.quiet_timeout, args.quiet_budget)
+            benchlib.run_rounds(series, bench.measure, bench.meter, waiter, args.rounds,
+                                args.duration, args.max_redo, note=note, disturbed=disturbed)
         finally:
             bench.unfollow()
-    md, ratio = table(bench.runs)
+    errors = [r for r in series.used() if r.wrk.error_count]
+    if errors and not args.quick:
+        raise RuntimeError(f"wrk saw errors in round {errors[0].round + 1} after the last "
+                           f"redo: {errors[0].wrk.errors}")
+    md, ratio = table(series)
     notes = (f"wrk -t{args.threads} -c{args.connections} -H 'Connection: close' from the "
              f"client pod to a ClusterIP with one nginx endpoint; {args.rounds} round(s) x "
              f"{args.duration} s per mode, order alternating; wrk and nginx on CPU "
              f"{sorted(bench.bench_cpus) or 'any'}, the agent and the follower on "
              f"{sorted(bench.other_cpus) or 'any'}; kernel {platform.release()}. "
              f"Total time {time.monotonic() - started:.0f} s.")
-    print()
-    print(md)
-    print()
-    print(notes)
-
-    args.out.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S") + ("-quick" if args.quick else "")
-    md_path, json_path = args.out / f"observe-{stamp}.md", args.out / f"observe-{stamp}.json"
-    md_path.write_text(f"# veer: the cost of flow events (new connections per second)\n\n"
-                       f"{md}\n\n{notes}\n")
-    json_path.write_text(json.dumps({
-        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-        "kernel": platform.release(), "cpus": os.cpu_count(), "source": source_state(),
-        "ratio": ratio, "paired_ratios": paired(bench.runs),
-        "runs": [r.to_json() for r in bench.runs],
-    }, indent=1) + "\n")
-    print(f"results: {md_path} and {json_path.name}")
+    body = benchlib.report(md, notes)
+    benchlib.write_results(
+        args, "observe", f"# veer: the cost of flow events (new connections per second)\n\n"
+                         f"{body}\n",
+        {"ratio": ratio, "paired_ratios": series.paired_ratios(),
+         "median_rates": {m: statistics.median(series.rates(m)) for m in MODES},
+         "runs": [{**r.to_json(), "mode": r.path} for r in series.runs]})
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:
-        print("interrupted; everything was cleaned up", file=sys.stderr)
-        sys.exit(130)
+    benchlib.main_guard(main)
