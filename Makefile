@@ -1,5 +1,5 @@
 # Developer shortcuts; each target calls the scripts the README documents.
-.PHONY: sandbox test unit lint bench bench-clusterip bench-nodeport bench-sockmap setup clean
+.PHONY: sandbox test unit lint bench bench-clusterip bench-nodeport bench-sockmap bench-redirect setup clean
 
 setup:
 	./scripts/setup.sh
@@ -17,7 +17,17 @@ lint: setup
 	.venv/bin/ruff check .
 	.venv/bin/mypy
 
-bench: bench-clusterip bench-nodeport
+# veer side by side with kube-proxy (iptables, nftables) and the direct path:
+# bench/results/compare-<time>.md, .json and .png. Needs the Kubernetes
+# binaries (scripts/build-k8s.sh: cached, tens of minutes the first time).
+bench: setup k8s
+	.venv/bin/python bench/compare.py
+
+bench-quick: setup k8s
+	.venv/bin/python bench/compare.py --quick
+
+k8s:
+	./scripts/build-k8s.sh
 
 bench-clusterip: setup
 	.venv/bin/python bench/clusterip.py
@@ -27,6 +37,9 @@ bench-nodeport: setup
 
 bench-sockmap: setup
 	.venv/bin/python bench/sockmap.py
+
+bench-redirect: setup
+	.venv/bin/python bench/redirect.py
 
 clean:
 	rm -rf .venv .mypy_cache .ruff_cache build *.egg-info

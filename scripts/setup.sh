@@ -28,7 +28,7 @@ die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
 PACKAGES=(
   python3 python3-venv python3-bpfcc libbpfcc bpfcc-tools clang llvm bpftool
   linux-headers-amd64 nftables python3-nftables iproute2 nginx-light haproxy wrk iperf3 sockperf
-  conntrack tcpdump gcc libc6-dev linux-libc-dev procps
+  conntrack tcpdump gcc libc6-dev linux-libc-dev procps iptables python3-matplotlib
 )
 missing=()
 for pkg in "${PACKAGES[@]}"; do

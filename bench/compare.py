@@ -1,0 +1,297 @@
+#!/usr/bin/env python3
+"""veer side by side with the real kube-proxy (iptables and nftables modes)
+and with the limit (reaching the pod directly), in one run on one machine.
+
+    .venv/bin/python bench/compare.py [--quick]          (make bench)
+
+One real control plane (etcd, kube-apiserver, kube-controller-manager, as
+the e2e tests run them) feeds every proxy the same Services and
+EndpointSlices; each proxy runs as a process in its own node namespace with
+a client pod behind it, and every path ends at the same nginx on a backend
+node (bench/versus/cluster.py draws the topology). The run:
+
+1. starts every proxy and measures the datapath with only the bench Service
+   (datapath.py: new connections per second, latency p50/p99, single-stream
+   throughput, for each path, interleaved round by round);
+2. for each N (default 1,000 then 10,000): with the other proxies stopped,
+   starts veer, kube-proxy nftables and kube-proxy iptables afresh one at a
+   time and measures its control plane (programming.py: N Services created,
+   time until all answer, one more Service, programming latency from its own
+   metric, CPU and memory); then starts every proxy with the N in place and
+   measures the datapath again.
+
+The TPROXY column is veer's --mode tproxy; if it cannot run here, or cannot
+program a load in time, its column says "not available" with the reason.
+
+Results: bench/results/compare-<time>.md (the tables and the goals'
+verdicts), .json (every run) and -datapath.png / -controlplane.png (drawn
+by Debian's python3 with python3-matplotlib, from the JSON). `--quick`
+(one round, 1 s per tool, N = 50) is the smoke test the test suite runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import benchlib
+from benchlib import REPO, log
+from versus import report
+from versus.apiload import ApiWriter, Port, ServiceSpec
+from versus.cluster import BACKEND_NODE, HTTP_PORT, IPERF_PORT, WEB_IP, BenchCluster
+from versus.datapath import BENCH_VIP, NODE_PORTS, PATHS, Datapath, PathDef
+from versus.programming import LOAD_NAMESPACE, CpResult, load_batch, measure, start_alone
+from versus.proxies import Proxy, all_proxies, wait_answering
+
+GOAL_SERVICES = 10_000
+BENCH_SERVICE = ServiceSpec(
+    "bench", BENCH_VIP,
+    (Port("http", 80, HTTP_PORT, NODE_PORTS["http"]),
+     Port("iperf", IPERF_PORT, IPERF_PORT, NODE_PORTS["iperf"])),
+    (WEB_IP,), BACKEND_NODE, node_port=True)
+BENCH_TARGETS = [(BENCH_VIP, 80)]
+CP_ORDER = ("veer", "kube-proxy-nftables", "kube-proxy-iptables")
+PLOTTER = "/usr/bin/python3"
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    p.add_argument("--quick", action="store_true",
+                   help="smoke test: N = 50, one round, 1 s per tool")
+    benchlib.add_common_args(p, server="web")
+    p.add_argument("--loads", default=None,
+                   help="comma-separated N for the control plane and the loaded datapath "
+                        "(default 1000,10000)")
+    p.add_argument("--one-more", type=int, default=3,
+                   help="times one more Service is created and timed per proxy and N")
+    p.add_argument("--aux-share", type=float, default=0.5,
+                   help="latency and throughput runs last this share of --duration "
+                        "(at least 1 s; default 0.5)")
+    p.add_argument("--paths", default="",
+                   help="comma-separated subset of the datapath paths (default: all)")
+    p.add_argument("--program-timeout", type=float, default=900.0,
+                   help="how long a proxy may take to program a load (default 900 s)")
+    args = p.parse_args(argv)
+    benchlib.apply_presets(
+        args, quick={"rounds": 1, "duration": 1, "loads": "50"},
+        full={"rounds": 5, "duration": 2, "loads": f"1000,{GOAL_SERVICES}"})
+    if args.quick:
+        args.one_more = 1
+    else:  # the whole run must fit in 30 minutes on 2 CPUs: bounded waits
+        args.quiet_timeout = min(args.quiet_timeout, 30.0)
+        args.quiet_budget = min(args.quiet_budget, 240.0)
+    args.load_counts = [int(n) for n in args.loads.split(",") if n.strip()]
+    known = {p.key for p in PATHS}
+    args.path_keys = [k for k in args.paths.split(",") if k] or [p.key for p in PATHS]
+    if set(args.path_keys) - known or "direct" not in args.path_keys:
+        p.error(f"--paths: choose among {', '.join(sorted(known))}, direct included")
+    if args.rounds < 1 or args.duration < 1 or any(n < 2 for n in args.load_counts):
+        p.error("--rounds and --duration must be positive, each load at least 2")
+    return args
+
+
+class Run:
+    """The whole bench, phase by phase; keeps what each phase found."""
+
+    def __init__(self, args: argparse.Namespace, cluster: BenchCluster) -> None:
+        self.args = args
+        self.cluster = cluster
+        cp = cluster.control_plane
+        self.writer = ApiWriter(cp.url, str(cp.ca_file), cp.tokens["admin"])
+        self.proxies = all_proxies(cluster)
+        self.loads: list[report.Load] = []
+        self.cps: list[CpResult] = []
+        self.events: list[str] = []
+
+    def setup(self) -> None:
+        cp = self.cluster.control_plane
+        cp.create_namespace("bench")
+        cp.create_namespace(LOAD_NAMESPACE)
+        self.writer.create([BENCH_SERVICE], "bench")
+
+    # ---- proxies ------------------------------------------------------------------
+
+    def start_all(self, loaded: set[str]) -> dict[str, str]:
+        """Start every proxy that is not running; wait until each answers the
+        bench Service and holds the `loaded` addresses. Returns the proxies
+        that could not (key -> why); they are stopped."""
+        failed: dict[str, str] = {}
+        for proxy in self.proxies.values():
+            if not proxy.running:
+                proxy.start()
+        for proxy in self.proxies.values():
+            try:
+                took = wait_answering(self.cluster, proxy, BENCH_TARGETS, timeout=180)
+                if loaded:
+                    start = time.monotonic()
+                    got = self.wait_loaded(proxy, loaded)
+                    if got != len(loaded):
+                        raise TimeoutError(f"it programmed {got:,} of {len(loaded):,} Services "
+                                           f"in {self.args.program_timeout:.0f} s")
+                    took += time.monotonic() - start
+                log(f"  {proxy.key}: serving ({took:.1f} s); {proxy.describe_rules()}")
+            except (RuntimeError, TimeoutError) as err:
+                reason = str(err).splitlines()[0][:300]
+                if proxy.key != "veer-tproxy":
+                    raise
+                tail = proxy.log_tail(1500).strip().splitlines()
+                failed[proxy.key] = reason
+                log(f"  {proxy.key}: NOT available: {reason}")
+                for line in tail[-5:]:
+                    log(f"    | {line}")
+                proxy.stop()
+        return failed
+
+    def wait_loaded(self, proxy: Proxy, loaded: set[str]) -> int:
+        deadline = time.monotonic() + self.args.program_timeout
+        while True:
+            proxy.check_alive()
+            got = proxy.programmed(loaded)
+            if got == len(loaded) or time.monotonic() > deadline:
+                return got
+            time.sleep(2.0)
+
+    def stop_all(self) -> None:
+        for proxy in self.proxies.values():
+            proxy.stop()
+
+    # ---- phases ---------------------------------------------------------------------
+
+    def datapath(self, services: int, unavailable: dict[str, str]) -> None:
+        args = self.args
+        keys = [k for k in args.path_keys
+                if not (k == "veer-tproxy" and "veer-tproxy" in unavailable)]
+        paths: list[PathDef] = [p for p in PATHS if p.key in keys]
+        why = {p.key: unavailable["veer-tproxy"] for p in PATHS
+               if p.proxy == "veer-tproxy" and "veer-tproxy" in unavailable}
+        load = report.Load(services, None, why)
+        log(f"datapath with {load.label} Services loaded: {len(paths)} paths x "
+            f"{args.rounds} round(s)")
+        load.series = Datapath(args, self.cluster, self.proxies, paths).run(load.label)
+        self.loads.append(load)
+
+    def controlplane(self, count: int, rotate: int) -> None:
+        order = CP_ORDER[rotate % 3:] + CP_ORDER[:rotate % 3]
+        specs = load_batch(count)
+        for i, key in enumerate(order):
+            proxy = self.proxies[key]
+            log(f"control plane, N = {count:,}: {proxy.key} alone")
+            took = start_alone(self.cluster, proxy, BENCH_TARGETS, timeout=180)
+            log(f"  {proxy.key}: started and serving in {took:.1f} s")
+            self.cps.append(measure(self.cluster, self.writer, proxy, count, self.args.one_more,
+                                    self.args.program_timeout, seed=count + i))
+            proxy.stop()
+            if i < len(order) - 1:
+                self.remove(specs)
+
+    def remove(self, specs: list[ServiceSpec]) -> None:
+        start = time.monotonic()
+        self.writer.delete(specs, LOAD_NAMESPACE)
+        self.writer.wait_gone(LOAD_NAMESPACE)
+        log(f"  removed {len(specs):,} Services in {time.monotonic() - start:.1f} s")
+
+    def run(self) -> None:
+        self.setup()
+        log("starting every proxy")
+        unavailable = self.start_all(set())
+        self.datapath(0, unavailable)
+        for index, count in enumerate(self.args.load_counts):
+            self.stop_all()
+            self.controlplane(count, index)
+            log(f"starting every proxy with {count:,} Services in place")
+            specs = load_batch(count)
+            unavailable = self.start_all({s.cluster_ip for s in specs})
+            # The last Service answering through each proxy, not only its state.
+            for proxy in self.proxies.values():
+                if proxy.running:
+                    wait_answering(self.cluster, proxy, specs[-1].frontends(), timeout=120)
+            self.datapath(count, unavailable)
+            if index < len(self.args.load_counts) - 1:
+                self.stop_all()
+                self.remove(specs)
+        self.stop_all()
+
+
+def draw(json_path: Path) -> list[Path]:
+    """The PNG plots, drawn by Debian's python3 (python3-matplotlib); the
+    virtualenv does not carry matplotlib."""
+    script = Path(__file__).resolve().parent / "versus" / "plots.py"
+    if not os.access(PLOTTER, os.X_OK):
+        log(f"no plots: {PLOTTER} is missing")
+        return []
+    res = subprocess.run([PLOTTER, str(script), str(json_path)], capture_output=True, text=True)
+    if res.returncode != 0:
+        log(f"no plots: {res.stderr.strip()[-500:]}")
+        return []
+    return [Path(line) for line in res.stdout.split()]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not benchlib.ready("bench/compare.py"):
+        return 2
+    started = time.monotonic()
+    command = "make bench" if not argv and not sys.argv[1:] else \
+        f"bench/compare.py {' '.join(argv if argv is not None else sys.argv[1:])}"
+    log(f"veer side by side: {args.rounds} round(s) x {args.duration} s per path, loads "
+        f"{', '.join(f'{n:,}' for n in args.load_counts)}, {os.cpu_count()} CPU(s)")
+    log_dir = Path(tempfile.mkdtemp(prefix="bn-compare-"))
+    try:
+        with BenchCluster(log_dir) as cluster:
+            log(f"sandbox {cluster.topo.prefix}: namespaces {cluster.topo.prefix}-*, "
+                f"control plane {cluster.control_plane.dir}, logs {log_dir}")
+            bench = Run(args, cluster)
+            bench.run()
+    finally:
+        if not os.environ.get("VEER_BENCH_KEEP"):
+            shutil.rmtree(log_dir, ignore_errors=True)
+    elapsed = time.monotonic() - started
+
+    loads, cps = bench.loads, bench.cps
+    redone = sum(ld.series.redone() for ld in loads if ld.series)
+    kept = sum(ld.series.disturbed_kept() for ld in loads if ld.series)
+    sections = [f"Command: `{command}`. {args.rounds} round(s) per load; in each, every path "
+                f"in turn (order rotating): wrk -t{args.threads} -c{args.connections} "
+                f"'Connection: close' for {args.duration} s (new conn/s), wrk -t1 -c1 "
+                f"keep-alive (latency) and iperf3 (one stream) for "
+                f"{max(1, round(args.duration * args.aux_share))} s each. Cells: median "
+                f"(min-max) over rounds, then **ratio to direct** (medians). Tools, nginx and "
+                f"softirqs on the last CPU, the proxies and the control plane on the other "
+                f"(veer TPROXY's agent joins the bench CPU during its runs: it proxies in "
+                f"user space). Rounds redone because another process took the bench CPU: "
+                f"{redone}; disturbed rounds kept: {kept}. {os.cpu_count()} CPUs, kernel "
+                f"{platform.release()}, Kubernetes {kube_version()}. Total time "
+                f"{elapsed / 60:.1f} min."]
+    for load in loads:
+        sections.append(f"### Datapath, {load.label} Services loaded\n\n"
+                        f"{report.datapath_table(load)}")
+    sections.append("### Control plane (each proxy alone, started afresh)\n\n"
+                    + report.cp_table(cps))
+    sections.append("### Goals\n\n" + "\n".join(report.goals(loads, cps, GOAL_SERVICES)))
+    body = benchlib.report(*sections)
+    _, json_path = benchlib.write_results(
+        args, "compare", f"# veer side by side with kube-proxy\n\n{body}\n",
+        {"elapsed_s": round(elapsed, 1), "command": command, "kubernetes": kube_version(),
+         **report.to_json(loads, cps)})
+    for png in draw(json_path):
+        shown = png.relative_to(REPO) if png.is_relative_to(REPO) else png
+        log(f"plot: {shown}")
+    log(f"total time {elapsed / 60:.1f} min")
+    return 0
+
+
+def kube_version() -> str:
+    from tests.e2e.controlplane import kubernetes_version
+    return kubernetes_version()
+
+
+if __name__ == "__main__":
+    benchlib.main_guard(main)

@@ -1,0 +1,198 @@
+"""Services and EndpointSlices written straight to the API server, fast.
+
+The bench creates the EndpointSlices itself (Services have no selector, so
+the EndpointSlice controller leaves them alone): 10,000 Services with 10
+endpoints each would otherwise need Pods and the controller's client rate
+limits would set the pace, not the proxies. Each slice carries the
+`endpoints.kubernetes.io/last-change-trigger-time` annotation the controller
+would write (the time the bench sent it), so that both proxies' network
+programming latency metric sees every change.
+
+Objects go through a few keep-alive HTTPS connections in parallel threads
+(kubectl, one request per process or object, is far slower); the admin
+token is used, since what is measured is the proxies, not the writer.
+"""
+
+from __future__ import annotations
+
+import http.client
+import ipaddress
+import json
+import queue
+import ssl
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+TRIGGER = "endpoints.kubernetes.io/last-change-trigger-time"
+SERVICES = "/api/v1/namespaces/{ns}/services"
+SLICES = "/apis/discovery.k8s.io/v1/namespaces/{ns}/endpointslices"
+
+
+@dataclass(frozen=True)
+class Port:
+    name: str
+    port: int
+    target: int
+    node_port: int = 0
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    name: str
+    cluster_ip: str
+    ports: tuple[Port, ...]
+    endpoints: tuple[str, ...]
+    node: str  # the endpoints' nodeName
+    node_port: bool = False
+
+    def service(self, namespace: str) -> dict[str, Any]:
+        ports = []
+        for p in self.ports:
+            port: dict[str, Any] = {"name": p.name, "protocol": "TCP", "port": p.port,
+                                    "targetPort": p.target}
+            if self.node_port and p.node_port:
+                port["nodePort"] = p.node_port
+            ports.append(port)
+        spec: dict[str, Any] = {
+            "type": "NodePort" if self.node_port else "ClusterIP",
+            "clusterIP": self.cluster_ip, "clusterIPs": [self.cluster_ip],
+            "ipFamilies": ["IPv4"], "ports": ports,
+        }
+        if self.node_port:
+            spec["externalTrafficPolicy"] = "Cluster"
+        return {"apiVersion": "v1", "kind": "Service",
+                "metadata": {"name": self.name, "namespace": namespace}, "spec": spec}
+
+    def slice(self, namespace: str) -> dict[str, Any]:
+        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        return {
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": f"{self.name}-1", "namespace": namespace,
+                         "labels": {"kubernetes.io/service-name": self.name,
+                                    "endpointslice.kubernetes.io/managed-by": "veer-bench"},
+                         "annotations": {TRIGGER: now}},
+            "addressType": "IPv4",
+            "ports": [{"name": p.name, "protocol": "TCP", "port": p.target} for p in self.ports],
+            "endpoints": [{"addresses": [a], "nodeName": self.node,
+                           "conditions": {"ready": True, "serving": True, "terminating": False}}
+                          for a in self.endpoints],
+        }
+
+    def frontends(self) -> list[tuple[str, int]]:
+        return [(self.cluster_ip, p.port) for p in self.ports]
+
+
+def batch(count: int, cidr: str, endpoints: Sequence[str], node: str,
+          prefix: str = "svc") -> list[ServiceSpec]:
+    """`count` one-port Services with fixed ClusterIPs from `cidr` (so that
+    the addresses to probe are known before anything is created)."""
+    hosts = ipaddress.ip_network(cidr).hosts()
+    http = (Port("http", 80, 8080),)
+    return [ServiceSpec(f"{prefix}-{i:05d}", str(next(hosts)), http, tuple(endpoints), node)
+            for i in range(count)]
+
+
+class ApiWriter:
+    """POSTs and DELETEs through `threads` keep-alive connections."""
+
+    def __init__(self, url: str, ca_file: str, token: str, threads: int = 6) -> None:
+        host, _, port = url.removeprefix("https://").rpartition(":")
+        self.host, self.port = host, int(port)
+        self.ctx = ssl.create_default_context(cafile=ca_file)
+        self.headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json",
+                        "Accept": "application/json"}
+        self.threads = threads
+
+    def _conn(self) -> http.client.HTTPSConnection:
+        return http.client.HTTPSConnection(self.host, self.port, context=self.ctx, timeout=60)
+
+    def request(self, conn: http.client.HTTPSConnection, method: str, path: str,
+                body: dict[str, Any] | None = None, ok: Sequence[int] = (200, 201, 202)
+                ) -> dict[str, Any]:
+        data = json.dumps(body).encode() if body is not None else None
+        for attempt in range(5):
+            conn.request(method, path, body=data, headers=self.headers)
+            resp = conn.getresponse()
+            raw = resp.read()
+            if resp.status in ok:
+                return dict(json.loads(raw)) if raw else {}
+            if resp.status in (429, 500, 503, 504) and attempt < 4:
+                time.sleep(0.2 * (attempt + 1))  # the API server asks to slow down
+                continue
+            raise RuntimeError(f"{method} {path}: {resp.status} {raw[:300]!r}")
+        raise AssertionError("unreachable")
+
+    def run(self, jobs: Sequence[tuple[str, str, dict[str, Any] | None]],
+            ok: Sequence[int] = (200, 201, 202)) -> float:
+        """Send every (method, path, body); return the monotonic time at which
+        the last one was answered."""
+        work: queue.Queue[tuple[int, tuple[str, str, dict[str, Any] | None]]] = queue.Queue()
+        for i, job in enumerate(jobs):
+            work.put((i, job))
+        errors: list[BaseException] = []
+        last = [0.0]
+        lock = threading.Lock()
+
+        def worker() -> None:
+            conn = self._conn()
+            try:
+                while not errors:
+                    try:
+                        _, (method, path, body) = work.get_nowait()
+                    except queue.Empty:
+                        return
+                    self.request(conn, method, path, body, ok)
+                    with lock:
+                        last[0] = max(last[0], time.monotonic())
+            except BaseException as err:  # reported by the caller
+                errors.append(err)
+            finally:
+                conn.close()
+
+        workers = [threading.Thread(target=worker, daemon=True)
+                   for _ in range(max(1, min(self.threads, len(jobs))))]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        if errors:
+            raise errors[0]
+        return last[0]
+
+    def create(self, specs: Sequence[ServiceSpec], namespace: str) -> float:
+        """Every Service and its EndpointSlice (in parallel: a slice may exist
+        before its Service, as it can in a cluster); returns when the last
+        object was created."""
+        jobs: list[tuple[str, str, dict[str, Any] | None]] = []
+        for spec in specs:
+            jobs.append(("POST", SERVICES.format(ns=namespace), spec.service(namespace)))
+            jobs.append(("POST", SLICES.format(ns=namespace), spec.slice(namespace)))
+        return self.run(jobs)
+
+    def delete(self, specs: Sequence[ServiceSpec], namespace: str) -> float:
+        jobs: list[tuple[str, str, dict[str, Any] | None]] = []
+        for spec in specs:
+            jobs.append(("DELETE", f"{SERVICES.format(ns=namespace)}/{spec.name}", None))
+            jobs.append(("DELETE", f"{SLICES.format(ns=namespace)}/{spec.name}-1", None))
+        return self.run(jobs, ok=(200, 202, 404))
+
+    def wait_gone(self, namespace: str, timeout: float = 300.0,
+                  alive: Callable[[], None] = lambda: None) -> None:
+        """Until no Service is left in `namespace`."""
+        conn = self._conn()
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                got = self.request(conn, "GET", SERVICES.format(ns=namespace) + "?limit=1")
+                if not got.get("items"):
+                    return
+                alive()
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"Services in {namespace} still there after {timeout} s")
+                time.sleep(0.5)
+        finally:
+            conn.close()
