@@ -130,14 +130,14 @@ static __always_inline int veer_sock_access(void *ctx, __u8 hook, const struct v
 /* The Maglev hash of a socket's flow: the client's address (its namespace's,
  * or the namespace cookie when unknown) and its bound port; an unbound socket
  * has no port yet, so its cookie stands in and each socket is its own flow. */
-static __always_inline __u32 veer_sock_flow_hash(void *ctx, struct bpf_sock_addr *sa,
-					    const struct veer_flow *flow)
+static __always_inline __u32 veer_sock_flow_hash(struct bpf_sock_addr *ctx,
+						 const struct veer_flow *flow)
 {
 	__u64 netns = bpf_get_netns_cookie(ctx);
 	struct veer_node_value *addrs = veer_netns_addrs.lookup(&netns);
 	__u8 client[16] = {};
 	__be16 port = 0;
-	struct bpf_sock *sk = sa->sk;
+	struct bpf_sock *sk = ctx->sk;
 
 	if (addrs)
 		__builtin_memcpy(client, flow->family == VEER_FAMILY_IPV4 ? addrs->addr4 : addrs->addr6,
@@ -263,7 +263,7 @@ static __always_inline int veer_forward(struct bpf_sock_addr *ctx, __u8 hook,
 		__u32 hash = 0;
 
 		if ((flags & VEER_SVC_ALG_MASK) == (VEER_ALG_MAGLEV << VEER_SVC_ALG_SHIFT))
-			hash = veer_sock_flow_hash(ctx, ctx, flow);
+			hash = veer_sock_flow_hash(ctx, flow);
 		slot = veer_pick(&key, count, flags, service_id, hash);
 		if (!slot) {
 			veer_count(VEER_CNT_INCONSISTENT);
