@@ -46,6 +46,11 @@ class Loop:
             with contextlib.suppress(OSError, ValueError):
                 self._epoll.unregister(fd)
 
+    def forget(self, fd: int) -> None:
+        """Drop `fd`'s handler without epoll_ctl: for a socket about to be
+        closed, which leaves the epoll set by itself (one system call less)."""
+        self._handlers.pop(fd, None)
+
     def call_soon_threadsafe(self, fn: Callable[[], None]) -> None:
         self._calls.append(fn)
         try:

@@ -50,6 +50,8 @@ def listener(family: int, kind: socket.SocketKind, backlog: int = 4096) -> socke
             sock.setsockopt(level, opt, 1)
         sock.bind((LOOPBACK[family], 0))
         if kind == socket.SOCK_STREAM:
+            # Accepted sockets inherit it: one system call less per connection.
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.listen(backlog)
         sock.setblocking(False)
     except OSError:
@@ -67,17 +69,17 @@ def upstream(family: int, kind: socket.SocketKind, client: tuple[str, int] | Non
     the port is chosen at connect(), for the whole 4-tuple, so ports on a
     client's address never run out. Without `client`, the kernel picks this
     node's address (the proxy source-NATs)."""
-    sock = socket.socket(_AF[family], kind)
+    sock = socket.socket(_AF[family], kind | socket.SOCK_NONBLOCK)
     try:
-        sock.setblocking(False)
         sock.setsockopt(socket.SOL_SOCKET, SO_MARK, MARK_PROXY)
         if kind == socket.SOCK_STREAM:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if client is not None:
             set_transparent(sock, family)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             bound = False
             if keep_port and client[1]:
+                # Other flows of this client port (to other Services) hold it too.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 try:
                     sock.bind(client)
                     bound = True
@@ -98,9 +100,8 @@ def downstream(family: int, local: tuple[str, int], client: tuple[str, int]) -> 
     """A UDP socket bound to the Service address a client sent to and connected
     to the client: the kernel then delivers that client's next datagrams to it
     (the most specific match), and its replies leave from the Service address."""
-    sock = socket.socket(_AF[family], socket.SOCK_DGRAM)
+    sock = socket.socket(_AF[family], socket.SOCK_DGRAM | socket.SOCK_NONBLOCK)
     try:
-        sock.setblocking(False)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, SO_MARK, MARK_PROXY)
         set_transparent(sock, family)

@@ -5,12 +5,18 @@ direction, so no byte is ever copied into Python.
 One connection, two directions (client -> upstream, upstream -> client). A
 direction reads from its source socket into its pipe and writes the pipe
 into its destination socket. While its pipe holds bytes the destination did
-not take (its send buffer is full), the direction stops reading and waits for
-the destination to become writable: back-pressure, as a kernel path would
-have. When a source reaches end of file and its pipe is empty, the
-destination is shut down for writing (half-close travels through); when both
-directions are done, the connection is closed. A reset or an error on either
-side resets the other (SO_LINGER 0).
+not take (its send buffer is full), the direction stops reading until the
+destination is writable again: back-pressure, as a kernel path would have.
+When a source reaches end of file and its pipe is empty, the destination is
+shut down for writing (half-close travels through); when both directions
+are done, the connection is closed. A reset or an error on either side
+resets the other (SO_LINGER 0).
+
+Both sockets are watched edge-triggered, each registered once: no epoll_ctl
+per state change, and none at the end (closing a socket leaves the epoll
+set by itself). The price of edges is that a direction must read until the
+kernel says EAGAIN, and must read again after a blocked write clears (no new
+edge announces data that was already waiting).
 
 What cannot be as on the eBPF path: the client's handshake completes with the
 proxy before the backend is reached, so a backend that refuses shows up as a
@@ -40,7 +46,7 @@ log = logging.getLogger(__name__)
 
 EPOLLIN = select.EPOLLIN
 EPOLLOUT = select.EPOLLOUT
-EPOLLRDHUP = select.EPOLLRDHUP
+_WATCH = select.EPOLLIN | select.EPOLLOUT | select.EPOLLET
 _SPLICE = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 # Bytes a pipe holds; also the most one splice() moves. Large enough that a
 # bulk transfer needs few system calls per megabyte.
@@ -80,11 +86,12 @@ class PipePool:
 
 
 class _Direction:
-    __slots__ = ("done", "dst", "eof", "pending", "pipe", "src")
+    __slots__ = ("done", "dst", "dst_sock", "eof", "pending", "pipe", "src")
 
-    def __init__(self, src: int, dst: int, pipe: tuple[int, int]) -> None:
+    def __init__(self, src: int, dst_sock: socket.socket, pipe: tuple[int, int]) -> None:
         self.src = src
-        self.dst = dst
+        self.dst_sock = dst_sock
+        self.dst = dst_sock.fileno()
         self.pipe = pipe
         self.pending = 0  # bytes in the pipe, not yet written to dst
         self.eof = False  # src reached end of file
@@ -92,18 +99,8 @@ class _Direction:
 
 
 class Connection:
-    __slots__ = (
-        "backend",
-        "cfd",
-        "client",
-        "down",
-        "engine",
-        "masks",
-        "state",
-        "ufd",
-        "up",
-        "upstream",
-    )
+    __slots__ = ("backend", "cfd", "client", "down", "engine", "state", "ufd", "up",
+                 "upstream")
 
     CONNECTING, OPEN, CLOSED = 0, 1, 2
 
@@ -117,12 +114,13 @@ class Connection:
         self.ufd = upstream.fileno()
         self.state = Connection.CONNECTING
         pipes = engine.pipes
-        self.up = _Direction(self.cfd, self.ufd, pipes.get())
-        self.down = _Direction(self.ufd, self.cfd, pipes.get())
-        self.masks = {self.cfd: 0, self.ufd: EPOLLOUT}
+        self.up = _Direction(self.cfd, upstream, pipes.get())
+        self.down = _Direction(self.ufd, client, pipes.get())
         engine.counts.add(backend)
         engine.open_connections += 1
-        engine.loop.register(self.ufd, EPOLLOUT, self._on_upstream)
+        loop = engine.loop
+        loop.register(self.ufd, _WATCH, self._on_upstream)
+        loop.register(self.cfd, _WATCH, self._on_client)
 
     # ---- events --------------------------------------------------------------
 
@@ -134,98 +132,76 @@ class Connection:
                 log.debug("proxy: %s: connect failed: %s", self.backend, os.strerror(err))
                 self.abort()
                 return
+            if not events & (EPOLLOUT | select.EPOLLERR | select.EPOLLHUP):
+                return  # not connected yet
             self.state = Connection.OPEN
-            self._update()
+            # The client may have written while we connected: its edge is gone.
+            if self._run(self.up) and self._run(self.down):
+                self._maybe_close()
             return
-        self._on_event(self.ufd, self.up, self.down, events)
+        self._on_event(events, self.down, self.up)
 
     def _on_client(self, events: int) -> None:
-        self._on_event(self.cfd, self.down, self.up, events)
+        if self.state == Connection.OPEN:
+            self._on_event(events, self.up, self.down)
 
-    def _on_event(self, fd: int, writing: _Direction, reading: _Direction, events: int) -> None:
-        """`fd` is the destination of `writing` and the source of `reading`."""
-        if events & EPOLLOUT and writing.pending and not self._flush(writing):
+    def _on_event(self, events: int, reading: _Direction, writing: _Direction) -> None:
+        """An event on a socket that `reading` reads from and `writing` writes to."""
+        if events & ~EPOLLOUT and not reading.done and not self._run(reading):
             return
-        if (events & ~EPOLLOUT and not reading.eof and not reading.pending
-                and not self._pump(reading)):
+        # Writable again: only news to a direction that was blocked on it.
+        if events & EPOLLOUT and writing.pending and not self._run(writing):
             return
-        self._update()
+        self._maybe_close()
 
     # ---- moving bytes --------------------------------------------------------
 
-    def _pump(self, d: _Direction) -> bool:
-        """Read once from d.src into the pipe, then write what we can. False
-        if the connection was aborted."""
+    def _run(self, d: _Direction) -> bool:
+        """Move what can be moved in one direction: drain the pipe, then read
+        and write until the source has nothing (EAGAIN), ends, or the
+        destination is full. False if the connection was aborted."""
+        splice = os.splice
+        pr, pw = d.pipe
         try:
-            n = os.splice(d.src, d.pipe[1], PIPE_SIZE, flags=_SPLICE)
-        except BlockingIOError:
-            return True
+            while True:
+                while d.pending:
+                    try:
+                        d.pending -= splice(pr, d.dst, d.pending, flags=_SPLICE)
+                    except BlockingIOError:
+                        return True  # the destination is full: wait for its edge
+                if d.eof:
+                    if not d.done:
+                        d.done = True
+                        # A peer that is gone already is noticed by the other direction.
+                        with contextlib.suppress(OSError):
+                            d.dst_sock.shutdown(socket.SHUT_WR)
+                    return True
+                try:
+                    n = splice(d.src, pw, PIPE_SIZE, flags=_SPLICE)
+                except BlockingIOError:
+                    return True  # nothing more to read: wait for the next edge
+                if n == 0:
+                    d.eof = True
+                else:
+                    d.pending = n
         except OSError as err:
             if err.errno not in _RESET:
-                log.debug("proxy: splice from %s: %s", self.backend, err)
+                log.debug("proxy: splice for %s: %s", self.backend, err)
             self.abort()
             return False
-        if n == 0:
-            d.eof = True
-        else:
-            d.pending += n
-        return self._flush(d)
 
-    def _flush(self, d: _Direction) -> bool:
-        while d.pending:
-            try:
-                n = os.splice(d.pipe[0], d.dst, d.pending, flags=_SPLICE)
-            except BlockingIOError:
-                return True
-            except OSError as err:
-                if err.errno not in _RESET:
-                    log.debug("proxy: splice to %s: %s", self.backend, err)
-                self.abort()
-                return False
-            d.pending -= n
-        if d.eof and not d.done:
-            d.done = True
-            # A peer that is gone already is noticed by the other direction.
-            with contextlib.suppress(OSError):
-                (self.upstream if d.dst == self.ufd else self.client).shutdown(socket.SHUT_WR)
-        return True
-
-    def _update(self) -> None:
-        """Re-arm both sockets for what each direction waits for; close when
-        both directions are done."""
-        up, down = self.up, self.down
-        if up.done and down.done:
+    def _maybe_close(self) -> None:
+        if self.up.done and self.down.done:
             self.close()
-            return
-        self._want(self.cfd, (EPOLLIN if not up.eof and not up.pending else 0)
-                   | (EPOLLOUT if down.pending else 0), self._on_client)
-        self._want(self.ufd, (EPOLLIN if not down.eof and not down.pending else 0)
-                   | (EPOLLOUT if up.pending else 0), self._on_upstream)
-
-    def _want(self, fd: int, events: int, handler: Callable[[int], None]) -> None:
-        """Watch `fd` for `events`. A socket we wait for nothing from leaves
-        the epoll set: hang-ups and errors are reported whatever the mask, and
-        one that is half-closed both ways would wake the loop again and again
-        while the other socket drains."""
-        current = self.masks[fd]
-        if events == current:
-            return
-        loop = self.engine.loop
-        if not events:
-            loop.unregister(fd)
-        elif current:
-            loop.modify(fd, events)
-        else:
-            loop.register(fd, events, handler)
-        self.masks[fd] = events
 
     # ---- ending --------------------------------------------------------------
 
     def _release(self) -> None:
         self.state = Connection.CLOSED
         engine = self.engine
-        engine.loop.unregister(self.cfd)
-        engine.loop.unregister(self.ufd)
+        # Closing the sockets takes them out of the epoll set.
+        engine.loop.forget(self.cfd)
+        engine.loop.forget(self.ufd)
         engine.pipes.put(self.up.pipe, self.up.pending == 0)
         engine.pipes.put(self.down.pipe, self.down.pending == 0)
         engine.counts.remove(self.backend)
@@ -272,20 +248,18 @@ def start(engine: Engine, client: socket.socket, peer: tuple[str, int], role: Ro
     """Pick a backend for a connection nftables handed over and connect to it."""
     client.setblocking(False)
     dst = client.getsockname()
-    key = (dst[0], dst[1])
-    route = engine.route(socket.SOCK_STREAM, role, key, peer[0], peer[1])
+    route = engine.route(socket.SOCK_STREAM, role, (dst[0], dst[1]), peer[0], peer[1])
     if route is None:
         sockets.abort(client)
         return
     backend, target, transparent = route
     try:
-        client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         # From the client's address, but on a port the kernel picks: the
         # client's own port would make this socket's TIME_WAIT (after a client
         # that closes first) collide with the client's next direct connection
         # to the same backend from that port.
-        bind_to = (peer[0], 0) if transparent else None
-        upstream = sockets.upstream(family, socket.SOCK_STREAM, bind_to, keep_port=False)
+        upstream = sockets.upstream(family, socket.SOCK_STREAM,
+                                    (peer[0], 0) if transparent else None, keep_port=False)
         err = upstream.connect_ex(target)
     except OSError as exc:
         log.debug("proxy: cannot open a connection to %s: %s", backend, exc)
