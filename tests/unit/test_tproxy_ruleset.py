@@ -1,0 +1,245 @@
+"""TPROXY mode's nftables rules as rendered (agent/datapath/tproxy/ruleset.py):
+which verdict each kind of frontend gets, in which chain, for whom.
+
+Pure: no nftables here. The datapath tests (tests/datapath/test_tproxy*.py)
+load the same commands into the kernel and send traffic through them.
+
+Conventions: ClusterIP 10.96.0.10:80/TCP, NodePort 10.0.0.1:30080/TCP, pods
+10.244.1.x:8080; listener ports 1000 + a number per (family, protocol, role).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from typing import Any
+
+from agent.compute.types import (
+    AccessRuleSpec,
+    AccessSpec,
+    EmptyVerdict,
+    Frontend,
+    FrontendKind,
+    L4Addr,
+    ServicePortName,
+)
+from agent.datapath.tproxy import ruleset
+from agent.datapath.tproxy.layout import MARK_LOCAL, Role
+from agent.model.objects import AccessAction, Protocol
+
+PORTS = {(f, p, r): 1000 + 100 * f + 10 * i + j
+         for f in (4, 6)
+         for i, p in enumerate((Protocol.TCP, Protocol.UDP))
+         for j, r in enumerate(Role)}
+SVC = ServicePortName("default", "web", "http")
+
+
+def l4(addr: str, port: int, proto: Protocol = Protocol.TCP) -> L4Addr:
+    return L4Addr(ipaddress.ip_address(addr), port, proto)
+
+
+PODS = (l4("10.244.1.2", 8080), l4("10.244.1.3", 8080))
+
+
+def cluster_ip(**kw: Any) -> Frontend:
+    fields: dict[str, Any] = {"key": l4("10.96.0.10", 80), "service": SVC,
+                              "kind": FrontendKind.CLUSTER_IP, "backends": PODS}
+    fields.update(kw)
+    return Frontend(**fields)
+
+
+def node_port(**kw: Any) -> Frontend:
+    fields: dict[str, Any] = {"key": l4("10.0.0.1", 30080), "service": SVC,
+                              "kind": FrontendKind.NODE_PORT, "backends": PODS,
+                              "external_backends": PODS}
+    fields.update(kw)
+    return Frontend(**fields)
+
+
+def text(rule: list[dict[str, Any]]) -> str:
+    return json.dumps(rule, sort_keys=True)
+
+
+def verdict(rule: list[dict[str, Any]]) -> str:
+    """A short name for what a rule does."""
+    last = rule[-1]
+    if "accept" in last:
+        tproxy = next(e["tproxy"] for e in rule if "tproxy" in e)
+        role = next(r for (f, p, r), port in PORTS.items() if port == tproxy["port"])
+        return f"tproxy:{role.value}"
+    if "reject" in last:
+        return f"reject:{last['reject'].get('expr', last['reject']['type'])}"
+    if "drop" in last:
+        return "drop"
+    if "goto" in last:
+        return f"goto:{last['goto']['target']}"
+    raise AssertionError(rule)
+
+
+def verdicts(chain: list[list[dict[str, Any]]]) -> list[str]:
+    return [verdict(r) for r in chain]
+
+
+def counter_of(rule: list[dict[str, Any]]) -> str:
+    return next(e["counter"] for e in rule if "counter" in e)
+
+
+def test_cluster_ip_goes_to_the_node_or_pod_listener() -> None:
+    chains = ruleset.render_frontend(cluster_ip(), PORTS)
+    assert list(chains) == ["svc_10.96.0.10_80_tcp"]
+    rules = chains["svc_10.96.0.10_80_tcp"]
+    assert verdicts(rules) == ["tproxy:node", "tproxy:pod", "reject:tcp reset"]
+    assert '"iifname"' in text(rules[0]) and '"lo"' in text(rules[0])
+    tproxy = next(e["tproxy"] for e in rules[1] if "tproxy" in e)
+    assert tproxy == {"family": "ip", "addr": "127.0.0.1",
+                      "port": PORTS[(4, Protocol.TCP, Role.POD)]}
+    # Marked for local delivery (routing rule 9337).
+    assert str(MARK_LOCAL) in text(rules[1])
+    # No listener (the agent is gone): refused, and counted as such.
+    assert counter_of(rules[2]) == "proxy_missing"
+
+
+def test_ipv6_udp_frontend_uses_the_ipv6_udp_listeners() -> None:
+    fe = cluster_ip(key=l4("fd00:96::20", 53, Protocol.UDP),
+                    backends=(l4("fd00:10:244:1::2", 9053, Protocol.UDP),))
+    rules = ruleset.render_frontend(fe, PORTS)["svc_fd00:96::20_53_udp"]
+    tproxy = next(e["tproxy"] for e in rules[1] if "tproxy" in e)
+    assert tproxy == {"family": "ip6", "addr": "::1",
+                      "port": PORTS[(6, Protocol.UDP, Role.POD)]}
+    assert verdicts(rules)[-1] == "reject:port-unreachable"
+
+
+def test_empty_frontends_refuse_or_answer_unreachable_like_the_ebpf_path() -> None:
+    refuse = ruleset.render_frontend(cluster_ip(backends=()), PORTS)
+    assert verdicts(refuse["svc_10.96.0.10_80_tcp"]) == ["reject:tcp reset"]
+    assert counter_of(refuse["svc_10.96.0.10_80_tcp"][0]) == "refused_no_backend"
+    udp = ruleset.render_frontend(
+        cluster_ip(key=l4("10.96.0.53", 53, Protocol.UDP), backends=()), PORTS)
+    assert verdicts(udp["svc_10.96.0.53_53_udp"]) == ["reject:port-unreachable"]
+    # Where kube-proxy drops (Local policy, endpoints elsewhere), a client of
+    # this node fails at once with EHOSTUNREACH.
+    drop = ruleset.render_frontend(cluster_ip(backends=(), on_empty=EmptyVerdict.DROP), PORTS)
+    rules = drop["svc_10.96.0.10_80_tcp"]
+    assert verdicts(rules) == ["reject:host-unreachable"]
+    assert counter_of(rules[0]) == "dropped_no_local"
+
+
+def test_node_port_splits_outside_traffic_by_device() -> None:
+    chains = ruleset.render_frontend(node_port(), PORTS)
+    entry, out = chains["svc_10.0.0.1_30080_tcp"], chains["svc_10.0.0.1_30080_tcp_out"]
+    assert verdicts(entry) == ["goto:svc_10.0.0.1_30080_tcp_out", "tproxy:node", "tproxy:pod",
+                               "reject:tcp reset"]
+    assert "@ext_devices" in text(entry[0])
+    # From outside: the OUTSIDE listener; no listener: ICMP, as kube-proxy's REJECT.
+    assert verdicts(out) == ["tproxy:outside", "reject:port-unreachable"]
+
+
+def test_node_port_local_policy_short_circuits_cluster_pods() -> None:
+    chains = ruleset.render_frontend(
+        node_port(external_local=True, external_backends=PODS[:1]), PORTS)
+    out = chains["svc_10.0.0.1_30080_tcp_out"]
+    assert verdicts(out) == ["tproxy:shortcut", "tproxy:outside", "reject:port-unreachable"]
+    assert "@cluster4" in text(out[0])
+
+
+def test_outside_clients_without_endpoints_are_refused_or_dropped() -> None:
+    refuse = ruleset.render_frontend(node_port(external_backends=()), PORTS)
+    out = refuse["svc_10.0.0.1_30080_tcp_out"]
+    assert verdicts(out) == ["reject:port-unreachable"] and counter_of(out[0]) == "nat_reject"
+    drop = ruleset.render_frontend(
+        node_port(external_backends=(), external_on_empty=EmptyVerdict.DROP), PORTS)
+    out = drop["svc_10.0.0.1_30080_tcp_out"]
+    assert verdicts(out) == ["drop"] and counter_of(out[0]) == "nat_drop"
+
+
+def test_load_balancer_source_ranges_drop_everyone_else() -> None:
+    fe = node_port(key=l4("10.0.1.10", 80), kind=FrontendKind.LOAD_BALANCER,
+                   source_ranges=(ipaddress.ip_network("10.0.0.100/32"),
+                                  ipaddress.ip_network("192.0.2.0/24")))
+    out = ruleset.render_frontend(fe, PORTS)["svc_10.0.1.10_80_tcp_out"]
+    assert verdicts(out)[0] == "drop" and counter_of(out[0]) == "nat_denied_source"
+    match = out[0][0]["match"]
+    assert match["op"] == "!=" and match["right"] == {"set": [
+        "10.0.0.100", {"prefix": {"addr": "192.0.2.0", "len": 24}}]}
+
+
+def access(default: AccessAction, *rules: tuple[AccessAction, list[str]]) -> AccessSpec:
+    return AccessSpec(default, tuple(
+        AccessRuleSpec(i, action, tuple(ipaddress.ip_network(s) for s in sources))
+        for i, (action, sources) in enumerate(rules)))
+
+
+def test_access_rules_first_match_refuse_inside_and_drop_outside() -> None:
+    spec = access(AccessAction.ALLOW,
+                  (AccessAction.DENY, ["10.244.1.100/32"]),
+                  (AccessAction.ALLOW, ["10.244.0.0/16"]),
+                  (AccessAction.DENY, ["10.0.0.0/8", "fd00::/8"]))
+    chains = ruleset.render_frontend(node_port(access=spec), PORTS)
+    entry = chains["svc_10.0.0.1_30080_tcp"]
+    assert verdicts(entry) == ["goto:svc_10.0.0.1_30080_tcp_out", "reject:tcp reset",
+                               "goto:svc_10.0.0.1_30080_tcp_in", "reject:tcp reset",
+                               "goto:svc_10.0.0.1_30080_tcp_in"]
+    assert counter_of(entry[1]) == "access_denied"
+    # Only this frontend's family: the IPv6 range is left out.
+    assert "fd00::" not in text(entry[3])
+    assert verdicts(chains["svc_10.0.0.1_30080_tcp_in"]) == [
+        "tproxy:node", "tproxy:pod", "reject:tcp reset"]
+    out = chains["svc_10.0.0.1_30080_tcp_out"]
+    assert verdicts(out) == ["drop", "goto:svc_10.0.0.1_30080_tcp_outok", "drop",
+                             "goto:svc_10.0.0.1_30080_tcp_outok"]
+    assert counter_of(out[0]) == "nat_access_denied"
+    assert verdicts(chains["svc_10.0.0.1_30080_tcp_outok"]) == [
+        "tproxy:outside", "reject:port-unreachable"]
+
+
+def test_default_deny_and_rules_that_cannot_deny() -> None:
+    deny = ruleset.render_frontend(cluster_ip(access=access(
+        AccessAction.DENY, (AccessAction.ALLOW, ["10.244.1.5/32"]))), PORTS)
+    assert verdicts(deny["svc_10.96.0.10_80_tcp"]) == [
+        "goto:svc_10.96.0.10_80_tcp_in", "reject:tcp reset"]
+    # Allow rules and an Allow default deny nobody: no access rules at all.
+    allow = ruleset.render_frontend(cluster_ip(access=access(
+        AccessAction.ALLOW, (AccessAction.ALLOW, ["10.244.1.5/32"]))), PORTS)
+    assert list(allow) == ["svc_10.96.0.10_80_tcp"]
+
+
+def test_overlapping_ranges_are_merged_for_interval_sets() -> None:
+    merged = ruleset.set_elements([ipaddress.ip_network(c) for c in
+                                   ("10.0.0.0/8", "10.1.0.0/16", "10.2.3.4/32", "fd00::/8")])
+    assert merged == [{"prefix": {"addr": "10.0.0.0", "len": 8}},
+                      {"prefix": {"addr": "fd00::", "len": 8}}]
+
+
+def test_a_frontend_update_swaps_its_chains_in_one_go() -> None:
+    key = l4("10.96.0.10", 80)
+    chains = ruleset.render_frontend(cluster_ip(), PORTS)
+    old = {"svc_10.96.0.10_80_tcp", "svc_10.96.0.10_80_tcp_in"}
+    cmds = ruleset.upsert_commands(key, chains, old)
+    verbs = [(next(iter(c)), next(iter(c[next(iter(c))]))) for c in cmds]
+    # The entry chain is flushed and refilled; the chain it no longer jumps
+    # to goes only after; the map element (unchanged target) comes last.
+    assert verbs[:2] == [("add", "chain"), ("flush", "chain")]
+    assert verbs[-3:] == [("flush", "chain"), ("delete", "chain"), ("add", "element")]
+    assert cmds[-2]["delete"]["chain"]["name"] == "svc_10.96.0.10_80_tcp_in"
+    element = cmds[-1]["add"]["element"]
+    assert element["name"] == "fe4" and element["elem"] == [[
+        {"concat": ["10.96.0.10", "tcp", 80]}, {"jump": {"target": "svc_10.96.0.10_80_tcp"}}]]
+    gone = ruleset.delete_commands(key, ["svc_10.96.0.10_80_tcp"])
+    assert list(gone[0]) == ["delete"] and "element" in gone[0]["delete"]
+
+
+def test_the_table_refuses_unexposed_ports_and_steers_replies() -> None:
+    cmds = ruleset.skeleton()
+    assert [next(iter(c)) for c in cmds[:3]] == ["add", "delete", "add"]  # replace, atomically
+    counters = {c["add"]["counter"]["name"] for c in cmds if "counter" in c.get("add", {})}
+    assert set(ruleset.COUNTERS) == counters
+    rules = [c["add"]["rule"]["expr"] for c in cmds if "rule" in c.get("add", {})]
+    # The proxy's own packets first, then replies to transparent sockets
+    # (a TCP SYN excluded), then the frontend maps, then the refusals.
+    assert "accept" in rules[0][-1] and str(0x0080_0000) in text(rules[0])
+    assert '"transparent"' in text(rules[1]) and '"syn"' in text(rules[1])
+    assert '"transparent"' in text(rules[2]) and '"udp"' in text(rules[2])
+    assert [r[0]["vmap"]["data"] for r in rules[3:5]] == ["@fe4", "@fe6"]
+    refusals = [counter_of(r) for r in rules[5:]]
+    assert set(refusals) == {"refused_unknown_port", "refused_no_service"}
+    assert len(refusals) == 8  # {vips, cidrs} x {IPv4, IPv6} x {TCP, UDP}
