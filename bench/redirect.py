@@ -41,6 +41,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from benchlib import write_results  # noqa: E402
+
 from agent.sandbox.cluster import SandboxCluster  # noqa: E402
 from tests.datapath.manifests import POD_IPS  # noqa: E402
 
@@ -148,11 +150,7 @@ def main() -> int:
               f"{time.monotonic() - started:.0f} s."]
     text = "\n".join(lines) + "\n"
     print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S") + ("-quick" if args.quick else "")
-    (args.out / f"redirect-{stamp}.md").write_text(text)
-    (args.out / f"redirect-{stamp}.json").write_text(json.dumps(got, indent=1))
-    print(f"results: bench/results/redirect-{stamp}.md")
+    write_results(args, "redirect", text, {"latency_us": got})
     return 0
 
 

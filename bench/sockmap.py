@@ -38,6 +38,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from benchlib import write_results  # noqa: E402
+
 from agent.datapath.ebpf.maps import SockLbMaps  # noqa: E402
 from agent.sandbox.cluster import SandboxCluster  # noqa: E402
 from agent.sandbox.servers import wait_listening  # noqa: E402
@@ -171,12 +173,8 @@ def main() -> int:
               f"same node. Total time {time.monotonic() - started:.0f} s."]
     text = "\n".join(lines) + "\n"
     print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S") + ("-quick" if args.quick else "")
-    (args.out / f"sockmap-{stamp}.md").write_text(text)
-    (args.out / f"sockmap-{stamp}.json").write_text(json.dumps(
-        {"runs": {n: {str(s): v for s, v in r.items()} for n, r in runs.items()}}, indent=1))
-    print(f"results: bench/results/sockmap-{stamp}.md")
+    write_results(args, "sockmap", text,
+                  {"runs": {n: {str(s): v for s, v in r.items()} for n, r in runs.items()}})
     return 0
 
 

@@ -535,7 +535,6 @@ int veer_sockops(struct bpf_sock_ops *skops)
 	__u64 cookie;
 	struct veer_orig_value *orig;
 	struct veer_orig_key key = {};
-	__u32 w0, w1, w2, w3;
 
 	if (skops->op == VEER_SOCK_OPS_ACTIVE_ESTABLISHED_CB ||
 	    skops->op == VEER_SOCK_OPS_PASSIVE_ESTABLISHED_CB) {
@@ -548,26 +547,9 @@ int veer_sockops(struct bpf_sock_ops *skops)
 	orig = veer_redirect_socks.lookup(&cookie);
 	if (!orig)
 		return 1;
-	if (skops->family == 2 /* AF_INET */) {
-		w0 = skops->local_ip4;
-		__builtin_memcpy(key.addr, &w0, 4);
-		key.family = VEER_FAMILY_IPV4;
-	} else {
-		w0 = skops->local_ip6[0];
-		w1 = skops->local_ip6[1];
-		w2 = skops->local_ip6[2];
-		w3 = skops->local_ip6[3];
-		if (w0 == 0 && w1 == 0 && w2 == bpf_htonl(0x0000ffff)) {
-			__builtin_memcpy(key.addr, &w3, 4);
-			key.family = VEER_FAMILY_IPV4;
-		} else {
-			__builtin_memcpy(key.addr, &w0, 4);
-			__builtin_memcpy(key.addr + 4, &w1, 4);
-			__builtin_memcpy(key.addr + 8, &w2, 4);
-			__builtin_memcpy(key.addr + 12, &w3, 4);
-			key.family = VEER_FAMILY_IPV6;
-		}
-	}
+	veer_sock_addr(key.addr, &key.family, skops->family, skops->local_ip4,
+		       skops->local_ip6[0], skops->local_ip6[1], skops->local_ip6[2],
+		       skops->local_ip6[3]);
 	key.port = bpf_htons((__u16)skops->local_port);
 	veer_orig_dst.update(&key, orig);
 	veer_redirect_socks.delete(&cookie);
@@ -602,31 +584,12 @@ int veer_getsockopt(struct bpf_sockopt *ctx)
 	struct bpf_sock *sk = ctx->sk;
 	struct veer_orig_key key = {};
 	struct veer_orig_value *orig;
-	__u32 w0, w1, w2, w3;
 
 	if (ctx->optname != VEER_SO_ORIGINAL_DST ||
 	    (ctx->level != VEER_SOL_IP && ctx->level != VEER_SOL_IPV6) || !sk)
 		return 1;
-	if (sk->family == 2 /* AF_INET */) {
-		w0 = sk->dst_ip4;
-		__builtin_memcpy(key.addr, &w0, 4);
-		key.family = VEER_FAMILY_IPV4;
-	} else {
-		w0 = sk->dst_ip6[0];
-		w1 = sk->dst_ip6[1];
-		w2 = sk->dst_ip6[2];
-		w3 = sk->dst_ip6[3];
-		if (w0 == 0 && w1 == 0 && w2 == bpf_htonl(0x0000ffff)) {
-			__builtin_memcpy(key.addr, &w3, 4);
-			key.family = VEER_FAMILY_IPV4;
-		} else {
-			__builtin_memcpy(key.addr, &w0, 4);
-			__builtin_memcpy(key.addr + 4, &w1, 4);
-			__builtin_memcpy(key.addr + 8, &w2, 4);
-			__builtin_memcpy(key.addr + 12, &w3, 4);
-			key.family = VEER_FAMILY_IPV6;
-		}
-	}
+	veer_sock_addr(key.addr, &key.family, sk->family, sk->dst_ip4, sk->dst_ip6[0],
+		       sk->dst_ip6[1], sk->dst_ip6[2], sk->dst_ip6[3]);
 	key.port = (__be16)sk->dst_port;
 	orig = veer_orig_dst.lookup(&key);
 	if (!orig)

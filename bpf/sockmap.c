@@ -59,25 +59,6 @@ static __always_inline void veer_accel_mark(void *ctx)
 	veer_accel_socks.update(&cookie, &one);
 }
 
-/* Fill `key` from four address words, normalizing IPv4-mapped to IPv4. */
-static __always_inline void veer_sock_addr(__u8 *out, __u8 *family, __u32 family_in,
-					   __u32 ip4, __u32 w0, __u32 w1, __u32 w2, __u32 w3)
-{
-	if (family_in == 2 /* AF_INET */) {
-		__builtin_memcpy(out, &ip4, 4);
-		*family = VEER_FAMILY_IPV4;
-	} else if (w0 == 0 && w1 == 0 && w2 == bpf_htonl(0x0000ffff)) {
-		__builtin_memcpy(out, &w3, 4);
-		*family = VEER_FAMILY_IPV4;
-	} else {
-		__builtin_memcpy(out, &w0, 4);
-		__builtin_memcpy(out + 4, &w1, 4);
-		__builtin_memcpy(out + 8, &w2, 4);
-		__builtin_memcpy(out + 12, &w3, 4);
-		*family = VEER_FAMILY_IPV6;
-	}
-}
-
 /* The remote port fields hold the port in network order, shifted left by
  * 16 bits (the kernel's own conversion); the local port is in host order. */
 static __always_inline void veer_sock_key_of_ops(struct bpf_sock_ops *skops,

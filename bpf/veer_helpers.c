@@ -97,6 +97,27 @@ static __always_inline void veer_report_rule(void *ctx, __u8 hook, __u32 reason,
 	veer_count(VEER_CNT_EVENTS_SENT);
 }
 
+/* An address as a socket's context gives it (ip4, or four ip6 words by
+ * family_in, AF_INET or AF_INET6) into veer's 16-byte form, IPv4-mapped IPv6
+ * normalized to IPv4; *family gets VEER_FAMILY_*. */
+static __always_inline void veer_sock_addr(__u8 *out, __u8 *family, __u32 family_in,
+					   __u32 ip4, __u32 w0, __u32 w1, __u32 w2, __u32 w3)
+{
+	if (family_in == 2 /* AF_INET */) {
+		__builtin_memcpy(out, &ip4, 4);
+		*family = VEER_FAMILY_IPV4;
+	} else if (w0 == 0 && w1 == 0 && w2 == bpf_htonl(0x0000ffff)) {
+		__builtin_memcpy(out, &w3, 4);
+		*family = VEER_FAMILY_IPV4;
+	} else {
+		__builtin_memcpy(out, &w0, 4);
+		__builtin_memcpy(out + 4, &w1, 4);
+		__builtin_memcpy(out + 8, &w2, 4);
+		__builtin_memcpy(out + 12, &w3, 4);
+		*family = VEER_FAMILY_IPV6;
+	}
+}
+
 /* veer_report_rule for verdicts that no access rule took. */
 static __always_inline void veer_report(void *ctx, __u8 hook, __u32 reason, __u8 flags,
 					__u32 service_id, __u8 family, __u8 proto,
