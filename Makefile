@@ -1,5 +1,5 @@
 # Developer shortcuts; each target calls the scripts the README documents.
-.PHONY: sandbox test unit lint bench bench-clusterip bench-nodeport bench-sockmap bench-redirect setup clean
+.PHONY: sandbox test unit lint bench bench-clusterip bench-nodeport bench-sockmap bench-redirect bench-tproxy setup clean
 
 setup:
 	./scripts/setup.sh
@@ -40,6 +40,9 @@ bench-sockmap: setup
 
 bench-redirect: setup
 	.venv/bin/python bench/redirect.py
+
+bench-tproxy: setup
+	.venv/bin/python bench/tproxy.py
 
 clean:
 	rm -rf .venv .mypy_cache .ruff_cache build *.egg-info

@@ -35,7 +35,7 @@ case "$PREFIX" in /*) ;; *) PREFIX="$(pwd)/$PREFIX" ;; esac
 # 1. Run-time Debian packages. BCC compiles against the node's kernel headers,
 # which the DaemonSet mounts from the host (/lib/modules, /usr/src).
 PACKAGES=(python3 python3-venv python3-bpfcc libbpfcc bpftool iproute2 nftables util-linux
-          ca-certificates)
+          ca-certificates python3-nftables)
 missing=()
 for pkg in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" \
@@ -57,6 +57,8 @@ fi
 site="$("$PREFIX/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
 mkdir -p "$PREFIX/bcc-link"
 ln -sfn /usr/lib/python3/dist-packages/bcc "$PREFIX/bcc-link/bcc"
+# libnftables' JSON binding, for TPROXY mode (agent/datapath/tproxy/nft.py).
+ln -sfn /usr/lib/python3/dist-packages/nftables "$PREFIX/bcc-link/nftables"
 echo "$PREFIX/bcc-link" > "$site/veer-bcc.pth"
 
 # 3. veer, from a build copy of the source with the generated gRPC code.
