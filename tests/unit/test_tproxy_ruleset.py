@@ -56,6 +56,13 @@ def node_port(**kw: Any) -> Frontend:
     return Frontend(**fields)
 
 
+def chains_of(fe: Frontend) -> tuple[str, dict[str, list[list[dict[str, Any]]]]]:
+    """The entry chain's name and every chain, renamed base, base_in, ..."""
+    chains = ruleset.render_frontend(fe, PORTS)
+    entry = next(iter(chains))
+    return entry, {name.replace(entry, "base", 1): rules for name, rules in chains.items()}
+
+
 def text(rule: list[dict[str, Any]]) -> str:
     return json.dumps(rule, sort_keys=True)
 
@@ -85,9 +92,9 @@ def counter_of(rule: list[dict[str, Any]]) -> str:
 
 
 def test_cluster_ip_goes_to_the_node_or_pod_listener() -> None:
-    chains = ruleset.render_frontend(cluster_ip(), PORTS)
-    assert list(chains) == ["svc_10.96.0.10_80_tcp"]
-    rules = chains["svc_10.96.0.10_80_tcp"]
+    entry, chains = chains_of(cluster_ip())
+    assert list(chains) == ["base"] and entry.startswith("tcp4_serve_")
+    rules = chains["base"]
     assert verdicts(rules) == ["tproxy:node", "tproxy:pod", "reject:tcp reset"]
     assert '"iifname"' in text(rules[0]) and '"lo"' in text(rules[0])
     tproxy = next(e["tproxy"] for e in rules[1] if "tproxy" in e)
@@ -102,7 +109,7 @@ def test_cluster_ip_goes_to_the_node_or_pod_listener() -> None:
 def test_ipv6_udp_frontend_uses_the_ipv6_udp_listeners() -> None:
     fe = cluster_ip(key=l4("fd00:96::20", 53, Protocol.UDP),
                     backends=(l4("fd00:10:244:1::2", 9053, Protocol.UDP),))
-    rules = ruleset.render_frontend(fe, PORTS)["svc_fd00:96::20_53_udp"]
+    rules = chains_of(fe)[1]["base"]
     tproxy = next(e["tproxy"] for e in rules[1] if "tproxy" in e)
     assert tproxy == {"family": "ip6", "addr": "::1",
                       "port": PORTS[(6, Protocol.UDP, Role.POD)]}
@@ -110,24 +117,22 @@ def test_ipv6_udp_frontend_uses_the_ipv6_udp_listeners() -> None:
 
 
 def test_empty_frontends_refuse_or_answer_unreachable_like_the_ebpf_path() -> None:
-    refuse = ruleset.render_frontend(cluster_ip(backends=()), PORTS)
-    assert verdicts(refuse["svc_10.96.0.10_80_tcp"]) == ["reject:tcp reset"]
-    assert counter_of(refuse["svc_10.96.0.10_80_tcp"][0]) == "refused_no_backend"
-    udp = ruleset.render_frontend(
-        cluster_ip(key=l4("10.96.0.53", 53, Protocol.UDP), backends=()), PORTS)
-    assert verdicts(udp["svc_10.96.0.53_53_udp"]) == ["reject:port-unreachable"]
+    refuse = chains_of(cluster_ip(backends=()))[1]["base"]
+    assert verdicts(refuse) == ["reject:tcp reset"]
+    assert counter_of(refuse[0]) == "refused_no_backend"
+    udp = chains_of(cluster_ip(key=l4("10.96.0.53", 53, Protocol.UDP), backends=()))[1]
+    assert verdicts(udp["base"]) == ["reject:port-unreachable"]
     # Where kube-proxy drops (Local policy, endpoints elsewhere), a client of
     # this node fails at once with EHOSTUNREACH.
-    drop = ruleset.render_frontend(cluster_ip(backends=(), on_empty=EmptyVerdict.DROP), PORTS)
-    rules = drop["svc_10.96.0.10_80_tcp"]
+    rules = chains_of(cluster_ip(backends=(), on_empty=EmptyVerdict.DROP))[1]["base"]
     assert verdicts(rules) == ["reject:host-unreachable"]
     assert counter_of(rules[0]) == "dropped_no_local"
 
 
 def test_node_port_splits_outside_traffic_by_device() -> None:
-    chains = ruleset.render_frontend(node_port(), PORTS)
-    entry, out = chains["svc_10.0.0.1_30080_tcp"], chains["svc_10.0.0.1_30080_tcp_out"]
-    assert verdicts(entry) == ["goto:svc_10.0.0.1_30080_tcp_out", "tproxy:node", "tproxy:pod",
+    name, chains = chains_of(node_port())
+    entry, out = chains["base"], chains["base_out"]
+    assert verdicts(entry) == [f"goto:{name}_out", "tproxy:node", "tproxy:pod",
                                "reject:tcp reset"]
     assert "@ext_devices" in text(entry[0])
     # From outside: the OUTSIDE listener; no listener: ICMP, as kube-proxy's REJECT.
@@ -135,20 +140,16 @@ def test_node_port_splits_outside_traffic_by_device() -> None:
 
 
 def test_node_port_local_policy_short_circuits_cluster_pods() -> None:
-    chains = ruleset.render_frontend(
-        node_port(external_local=True, external_backends=PODS[:1]), PORTS)
-    out = chains["svc_10.0.0.1_30080_tcp_out"]
+    out = chains_of(node_port(external_local=True, external_backends=PODS[:1]))[1]["base_out"]
     assert verdicts(out) == ["tproxy:shortcut", "tproxy:outside", "reject:port-unreachable"]
     assert "@cluster4" in text(out[0])
 
 
 def test_outside_clients_without_endpoints_are_refused_or_dropped() -> None:
-    refuse = ruleset.render_frontend(node_port(external_backends=()), PORTS)
-    out = refuse["svc_10.0.0.1_30080_tcp_out"]
+    out = chains_of(node_port(external_backends=()))[1]["base_out"]
     assert verdicts(out) == ["reject:port-unreachable"] and counter_of(out[0]) == "nat_reject"
-    drop = ruleset.render_frontend(
-        node_port(external_backends=(), external_on_empty=EmptyVerdict.DROP), PORTS)
-    out = drop["svc_10.0.0.1_30080_tcp_out"]
+    out = chains_of(node_port(external_backends=(),
+                              external_on_empty=EmptyVerdict.DROP))[1]["base_out"]
     assert verdicts(out) == ["drop"] and counter_of(out[0]) == "nat_drop"
 
 
@@ -156,7 +157,7 @@ def test_load_balancer_source_ranges_drop_everyone_else() -> None:
     fe = node_port(key=l4("10.0.1.10", 80), kind=FrontendKind.LOAD_BALANCER,
                    source_ranges=(ipaddress.ip_network("10.0.0.100/32"),
                                   ipaddress.ip_network("192.0.2.0/24")))
-    out = ruleset.render_frontend(fe, PORTS)["svc_10.0.1.10_80_tcp_out"]
+    out = chains_of(fe)[1]["base_out"]
     assert verdicts(out)[0] == "drop" and counter_of(out[0]) == "nat_denied_source"
     match = out[0][0]["match"]
     assert match["op"] == "!=" and match["right"] == {"set": [
@@ -174,33 +175,29 @@ def test_access_rules_first_match_refuse_inside_and_drop_outside() -> None:
                   (AccessAction.DENY, ["10.244.1.100/32"]),
                   (AccessAction.ALLOW, ["10.244.0.0/16"]),
                   (AccessAction.DENY, ["10.0.0.0/8", "fd00::/8"]))
-    chains = ruleset.render_frontend(node_port(access=spec), PORTS)
-    entry = chains["svc_10.0.0.1_30080_tcp"]
-    assert verdicts(entry) == ["goto:svc_10.0.0.1_30080_tcp_out", "reject:tcp reset",
-                               "goto:svc_10.0.0.1_30080_tcp_in", "reject:tcp reset",
-                               "goto:svc_10.0.0.1_30080_tcp_in"]
+    name, chains = chains_of(node_port(access=spec))
+    entry = chains["base"]
+    assert verdicts(entry) == [f"goto:{name}_out", "reject:tcp reset", f"goto:{name}_in",
+                               "reject:tcp reset", f"goto:{name}_in"]
     assert counter_of(entry[1]) == "access_denied"
     # Only this frontend's family: the IPv6 range is left out.
     assert "fd00::" not in text(entry[3])
-    assert verdicts(chains["svc_10.0.0.1_30080_tcp_in"]) == [
-        "tproxy:node", "tproxy:pod", "reject:tcp reset"]
-    out = chains["svc_10.0.0.1_30080_tcp_out"]
-    assert verdicts(out) == ["drop", "goto:svc_10.0.0.1_30080_tcp_outok", "drop",
-                             "goto:svc_10.0.0.1_30080_tcp_outok"]
+    assert verdicts(chains["base_in"]) == ["tproxy:node", "tproxy:pod", "reject:tcp reset"]
+    out = chains["base_out"]
+    assert verdicts(out) == ["drop", f"goto:{name}_outok", "drop", f"goto:{name}_outok"]
     assert counter_of(out[0]) == "nat_access_denied"
-    assert verdicts(chains["svc_10.0.0.1_30080_tcp_outok"]) == [
+    assert verdicts(chains["base_outok"]) == [
         "tproxy:outside", "reject:port-unreachable"]
 
 
 def test_default_deny_and_rules_that_cannot_deny() -> None:
-    deny = ruleset.render_frontend(cluster_ip(access=access(
-        AccessAction.DENY, (AccessAction.ALLOW, ["10.244.1.5/32"]))), PORTS)
-    assert verdicts(deny["svc_10.96.0.10_80_tcp"]) == [
-        "goto:svc_10.96.0.10_80_tcp_in", "reject:tcp reset"]
+    name, deny = chains_of(cluster_ip(access=access(
+        AccessAction.DENY, (AccessAction.ALLOW, ["10.244.1.5/32"]))))
+    assert verdicts(deny["base"]) == [f"goto:{name}_in", "reject:tcp reset"]
     # Allow rules and an Allow default deny nobody: no access rules at all.
-    allow = ruleset.render_frontend(cluster_ip(access=access(
-        AccessAction.ALLOW, (AccessAction.ALLOW, ["10.244.1.5/32"]))), PORTS)
-    assert list(allow) == ["svc_10.96.0.10_80_tcp"]
+    allow = chains_of(cluster_ip(access=access(
+        AccessAction.ALLOW, (AccessAction.ALLOW, ["10.244.1.5/32"]))))[1]
+    assert list(allow) == ["base"]
 
 
 def test_overlapping_ranges_are_merged_for_interval_sets() -> None:
@@ -210,22 +207,38 @@ def test_overlapping_ranges_are_merged_for_interval_sets() -> None:
                       {"prefix": {"addr": "fd00::", "len": 8}}]
 
 
-def test_a_frontend_update_swaps_its_chains_in_one_go() -> None:
+def test_frontends_that_render_alike_share_their_chains() -> None:
+    """10,000 ClusterIPs with backends point at one chain: the map's key is
+    the frontend, the chain only says what to do."""
+    one = ruleset.verdicts_of(cluster_ip(), PORTS)
+    other = ruleset.verdicts_of(cluster_ip(key=l4("10.96.7.7", 443),
+                                           backends=(l4("10.244.9.9", 9),)), PORTS)
+    assert one.name == other.name and one.chains == other.chains
+    # What differs in the rules differs in the name.
+    empty = ruleset.verdicts_of(cluster_ip(backends=()), PORTS)
+    assert empty.name.startswith("tcp4_refuse_") and empty.name != one.name
+    ranges = ruleset.verdicts_of(node_port(kind=FrontendKind.LOAD_BALANCER, source_ranges=(
+        ipaddress.ip_network("10.0.0.100/32"),)), PORTS)
+    assert ranges.name.startswith("tcp4_serve_ext-serve_ranges_")
+    assert ruleset.base_of(ranges.name + "_outok") == ranges.name
+
+
+def test_a_frontend_moves_between_chains_in_one_go() -> None:
     key = l4("10.96.0.10", 80)
-    chains = ruleset.render_frontend(cluster_ip(), PORTS)
-    old = {"svc_10.96.0.10_80_tcp", "svc_10.96.0.10_80_tcp_in"}
-    cmds = ruleset.upsert_commands(key, chains, old)
-    verbs = [(next(iter(c)), next(iter(c[next(iter(c))]))) for c in cmds]
-    # The entry chain is flushed and refilled; the chain it no longer jumps
-    # to goes only after; the map element (unchanged target) comes last.
-    assert verbs[:2] == [("add", "chain"), ("flush", "chain")]
-    assert verbs[-3:] == [("flush", "chain"), ("delete", "chain"), ("add", "element")]
-    assert cmds[-2]["delete"]["chain"]["name"] == "svc_10.96.0.10_80_tcp_in"
-    element = cmds[-1]["add"]["element"]
+    moved = ruleset.point_commands(key, "tcp4_serve_x", "tcp4_refuse_y")
+    assert [next(iter(c)) for c in moved] == ["delete", "add"]
+    element = moved[1]["add"]["element"]
     assert element["name"] == "fe4" and element["elem"] == [[
-        {"concat": ["10.96.0.10", "tcp", 80]}, {"jump": {"target": "svc_10.96.0.10_80_tcp"}}]]
-    gone = ruleset.delete_commands(key, ["svc_10.96.0.10_80_tcp"])
-    assert list(gone[0]) == ["delete"] and "element" in gone[0]["delete"]
+        {"concat": ["10.96.0.10", "tcp", 80]}, {"jump": {"target": "tcp4_serve_x"}}]]
+    assert [next(iter(c)) for c in ruleset.point_commands(key, "tcp4_serve_x", None)] == ["add"]
+    verdicts = ruleset.verdicts_of(node_port(), PORTS)
+    created = ruleset.verdicts_commands(verdicts)
+    # Every chain exists before a rule can jump to it.
+    first_rule = next(i for i, c in enumerate(created) if "rule" in c["add"])
+    assert all("chain" in c["add"] for c in created[:first_rule])
+    assert len(created[:first_rule]) == len(verdicts.chains) == 2
+    gone = ruleset.drop_chains_commands(list(verdicts.chains))
+    assert [next(iter(c)) for c in gone] == ["flush", "flush", "delete", "delete"]
 
 
 def test_the_table_refuses_unexposed_ports_and_steers_replies() -> None:

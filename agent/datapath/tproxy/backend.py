@@ -2,8 +2,9 @@
 
 Who holds what:
 - nftables (table inet veer): which Service addresses and ports are
-  intercepted, and every verdict that needs no backend (refusals, drops,
-  source ranges, access rules), taken in the kernel at the first packet;
+  intercepted (a map element per frontend, pointing at shared verdict chains,
+  ruleset.Verdicts), and every verdict that needs no backend (refusals,
+  drops, source ranges, access rules), taken in the kernel at the first packet;
 - the proxy (engine.py): the choice of a backend for each new connection or
   UDP flow, and the bytes;
 - policy routing (routing.py): local delivery of what nftables marked, and
@@ -15,8 +16,10 @@ nftables commands; `finish_pass` (the end of every reconciler pass) applies
 them all in one transaction, so a pass's changes appear at once, and a
 removed frontend leaves the proxy only after nftables stopped sending to it.
 One transaction per frontend would cost a ruleset lookup each: with 10,000
-Services, minutes instead of a second. If the batch fails, each frontend's
-commands are retried alone, so one bad frontend is named and the rest apply.
+Services, minutes instead of a second. If the batch fails, each change is
+retried alone, so the bad ones are named and the rest apply; then what is
+held in memory is read back from the kernel (`_reload`), so the reconciler's
+next (full) pass rewrites exactly what is missing.
 
 State across restarts: the proxy's connections end with the agent (a
 difference from eBPF mode, where the kernel keeps serving). A new agent
@@ -30,6 +33,7 @@ import ipaddress
 import logging
 import os
 import socket
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -44,7 +48,7 @@ from agent.compute.types import Frontend, L4Addr
 from agent.datapath.interface import Datapath, DatapathState, MapUsage, ProgrammedFrontend
 from agent.datapath.tproxy import ruleset
 from agent.datapath.tproxy.engine import Engine
-from agent.datapath.tproxy.layout import LOOPBACK, Locality
+from agent.datapath.tproxy.layout import LOOPBACK, NFT_FAMILY, NFT_TABLE
 from agent.datapath.tproxy.nft import Command, Nft
 from agent.datapath.tproxy.routing import Routing
 from agent.errors import DatapathError, EnvironmentProblem
@@ -53,23 +57,27 @@ from agent.model.objects import IPAddress, IPNetwork, Protocol
 log = logging.getLogger(__name__)
 
 _PROTOCOLS = {"tcp": Protocol.TCP, "udp": Protocol.UDP}
+_TABLE = {"family": NFT_FAMILY, "table": NFT_TABLE}
 
 
 @dataclass
 class _Change:
-    """One queued write: its nftables commands, and how to undo what was
-    already done in memory if the kernel refuses them."""
+    """One queued write: its nftables commands, and what to do once the kernel
+    has them."""
 
     what: str
     commands: list[Command]
-    undo: Callable[[], None] = lambda: None
-    after: Callable[[], None] = lambda: None  # once the kernel has them
+    after: Callable[[], None] = lambda: None
 
 
 @dataclass
 class _Held:
+    """What the kernel holds, as far as this agent wrote it."""
+
     frontends: dict[L4Addr, Frontend] = field(default_factory=dict)
-    chains: dict[L4Addr, set[str]] = field(default_factory=dict)
+    target: dict[L4Addr, str] = field(default_factory=dict)  # map element -> verdicts
+    verdicts: dict[str, list[str]] = field(default_factory=dict)  # verdicts -> its chains
+    refs: Counter[str] = field(default_factory=Counter)  # verdicts -> elements on it
     vips: set[IPAddress] = field(default_factory=set)
     cidrs: set[IPNetwork] = field(default_factory=set)
 
@@ -103,9 +111,10 @@ class TproxyDatapath(Datapath):
         self.engine = Engine(self._families)
         self._held = _Held()
         self._queue: list[_Change] = []
+        self._routes: set[IPNetwork] = set()  # table 8338, as written (emptied at start)
+        self._routes_dirty = False
         self._explicit_devices = tuple(devices)
         self._devices: tuple[str, ...] = ()
-        self._node_addresses: tuple[IPAddress, ...] = ()
         self._resolved_for: tuple[IPAddress, ...] | None = None
         self._resolved: tuple[str, ...] = ()
         self._cluster: frozenset[IPNetwork] = frozenset()
@@ -131,45 +140,38 @@ class TproxyDatapath(Datapath):
         if key.protocol not in (Protocol.TCP, Protocol.UDP):
             raise DatapathError(f"frontend {key}: TPROXY mode serves TCP and UDP only")
         held = self._held
-        old = held.frontends.get(key)
-        if old == frontend:
+        if held.frontends.get(key) == frontend:
             return False
         self._classify([*frontend.backends, *frontend.external_backends])
         # The proxy first: nftables must never hand it a connection it cannot place.
         self.engine.update(frontend)
-        chains = ruleset.render_frontend(frontend, self.engine.ports)
-        old_chains = held.chains.get(key, set())
         held.frontends[key] = frontend
-        held.chains[key] = set(chains)
-
-        def undo() -> None:
-            if old is None:
-                held.frontends.pop(key, None)
-                held.chains.pop(key, None)
-                self.engine.remove(key)
-            else:
-                held.frontends[key] = old
-                held.chains[key] = old_chains
-                self.engine.update(old)
-
-        self._queue.append(_Change(f"frontend {key} ({frontend.service})",
-                                   ruleset.upsert_commands(key, chains, old_chains), undo))
+        verdicts = ruleset.verdicts_of(frontend, self.engine.ports)
+        cmds: list[Command] = []
+        if verdicts.name not in held.verdicts:
+            cmds += ruleset.verdicts_commands(verdicts)
+            held.verdicts[verdicts.name] = list(verdicts.chains)
+        old = held.target.get(key)
+        if old != verdicts.name:
+            cmds += ruleset.point_commands(key, verdicts.name, old)
+            held.target[key] = verdicts.name
+            held.refs[verdicts.name] += 1
+            if old is not None:
+                held.refs[old] -= 1
+        if cmds:
+            self._queue.append(_Change(f"frontend {key} ({frontend.service})", cmds))
         return True
 
     def delete_frontend(self, key: L4Addr) -> bool:
         held = self._held
-        if key not in held.frontends and key not in held.chains:
-            return False
-        old = held.frontends.pop(key, None)
-        chains = held.chains.pop(key, set())
-
-        def undo() -> None:
-            if old is not None:
-                held.frontends[key] = old
-            held.chains[key] = chains
-
-        self._queue.append(_Change(f"removing frontend {key}",
-                                   ruleset.delete_commands(key, chains), undo,
+        old = held.target.pop(key, None)
+        had = held.frontends.pop(key, None) is not None
+        if old is None:
+            if had:
+                self.engine.remove(key)
+            return had
+        held.refs[old] -= 1
+        self._queue.append(_Change(f"removing frontend {key}", ruleset.unpoint_commands(key),
                                    after=lambda: self.engine.remove(key)))
         return True
 
@@ -189,54 +191,49 @@ class TproxyDatapath(Datapath):
     def upsert_vip(self, address: IPAddress) -> bool:
         if address in self._held.vips:
             return False
-        self._routing.add_service_route(address)
         self._held.vips.add(address)
+        self._routes_dirty = True
         self._queue.append(_Change(
             f"Service address {address}",
-            ruleset.element_commands("add", f"vips{address.version}", [str(address)]),
-            lambda: self._held.vips.discard(address)))
+            ruleset.element_commands("add", f"vips{address.version}", [str(address)])))
         return True
 
     def delete_vip(self, address: IPAddress) -> bool:
         if address not in self._held.vips:
             return False
         self._held.vips.discard(address)
-        self._routing.delete_service_route(address)
+        self._routes_dirty = True
         self._queue.append(_Change(
             f"removing Service address {address}",
-            ruleset.element_commands("delete", f"vips{address.version}", [str(address)]),
-            lambda: self._held.vips.add(address)))
+            ruleset.element_commands("delete", f"vips{address.version}", [str(address)])))
         return True
 
     def upsert_service_cidr(self, cidr: IPNetwork) -> bool:
         if cidr in self._held.cidrs:
             return False
-        self._routing.add_service_route(cidr)
         self._held.cidrs.add(cidr)
+        self._routes_dirty = True
         self._queue.append(_Change(
             f"Service CIDR {cidr}",
             ruleset.element_commands("add", f"cidrs{cidr.version}",
-                                     ruleset.set_elements([cidr])),
-            lambda: self._held.cidrs.discard(cidr)))
+                                     ruleset.set_elements([cidr]))))
         return True
 
     def delete_service_cidr(self, cidr: IPNetwork) -> bool:
         if cidr not in self._held.cidrs:
             return False
         self._held.cidrs.discard(cidr)
-        self._routing.delete_service_route(cidr)
+        self._routes_dirty = True
         self._queue.append(_Change(
             f"removing Service CIDR {cidr}",
             ruleset.element_commands("delete", f"cidrs{cidr.version}",
-                                     ruleset.set_elements([cidr])),
-            lambda: self._held.cidrs.add(cidr)))
+                                     ruleset.set_elements([cidr]))))
         return True
 
     def set_node_addresses(self, addresses: tuple[IPAddress, ...]) -> bool:
         """The node's devices (where "outside" is) follow from its addresses,
         unless --devices named them. Called at the start of every pass, so the
         devices are known before the first frontend is written."""
-        self._node_addresses = addresses
         return self._set_devices(self._resolve(self._explicit_devices, addresses))
 
     def serve_devices(self, devices: list[str], node_addresses: tuple[IPAddress, ...]) -> None:
@@ -262,7 +259,7 @@ class TproxyDatapath(Datapath):
         self._devices = devices
         self._queue.append(_Change(
             "the node's devices",
-            [{"flush": {"set": {**_table(), "name": "ext_devices"}}},
+            [{"flush": {"set": {**_TABLE, "name": "ext_devices"}}},
              *ruleset.element_commands("add", "ext_devices", list(devices))]))
         # Which backends lie behind those devices may have changed.
         backends = [L4Addr(ipaddress.ip_address(a), 0, Protocol.TCP)
@@ -278,7 +275,7 @@ class TproxyDatapath(Datapath):
         cmds: list[Command] = []
         for version in (4, 6):
             name = f"cluster{version}"
-            cmds.append({"flush": {"set": {**_table(), "name": name}}})
+            cmds.append({"flush": {"set": {**_TABLE, "name": name}}})
             cmds += ruleset.element_commands(
                 "add", name, ruleset.set_elements(c for c in cidrs if c.version == version))
         self._queue.append(_Change("cluster CIDRs", cmds))
@@ -289,6 +286,16 @@ class TproxyDatapath(Datapath):
     def finish_pass(self) -> list[str]:
         """Apply every queued change: one transaction, or, if the kernel refuses
         it, one per change so that only the bad ones are left out."""
+        self._sync_routes()
+        held = self._held
+        unused = [name for name, n in held.refs.items() if n <= 0]
+        if unused:
+            # Last: after the map elements that pointed at them were moved away.
+            chains = [c for name in unused for c in held.verdicts.pop(name, [])]
+            for name in unused:
+                del held.refs[name]
+            self._queue.append(_Change("removing unused verdict chains",
+                                       ruleset.drop_chains_commands(chains)))
         queue, self._queue = self._queue, []
         if not queue:
             return []
@@ -302,10 +309,10 @@ class TproxyDatapath(Datapath):
                 try:
                     self._nft.run(change.commands, change.what)
                 except DatapathError as err:
-                    change.undo()
                     failed.append(str(err))
                     continue
                 change.after()
+            self._reload()
             if failed:
                 raise DatapathError("; ".join(failed[:5]) + (
                     f" (and {len(failed) - 5} more)" if len(failed) > 5 else "")) from None
@@ -314,6 +321,25 @@ class TproxyDatapath(Datapath):
             change.after()
         return []
 
+    def _sync_routes(self) -> None:
+        """Table 8338: every Service CIDR, and every Service address no CIDR
+        covers (with 10,000 ClusterIPs in one CIDR: one route, not 10,001)."""
+        if not self._routes_dirty:
+            return
+        held = self._held
+        cidrs = list(held.cidrs)
+        wanted: set[IPNetwork] = set(cidrs)
+        for vip in held.vips:
+            if not any(vip.version == c.version and vip in c for c in cidrs):
+                wanted.add(ipaddress.ip_network(vip))
+        for dst in wanted - self._routes:
+            self._routing.add_service_route(dst)
+            self._routes.add(dst)
+        for dst in self._routes - wanted:
+            self._routing.delete_service_route(dst)
+            self._routes.discard(dst)
+        self._routes_dirty = False
+
     # ---- reading back --------------------------------------------------------------
 
     def dump(self) -> DatapathState:
@@ -321,57 +347,66 @@ class TproxyDatapath(Datapath):
         serves them), the Service addresses and CIDRs in its sets. Repairs what
         can be repaired without the reconciler (rules, routes, a lost table)."""
         self.finish_pass()
-        held = self._held
         if not self._nft.query(ruleset.list_command("set", "ext_devices")):
             log.warning("TPROXY: table inet veer is gone; creating it again")
             self._recreate()
         self._routing.setup_rules(self._families)
-        in_maps: set[L4Addr] = set()
-        for version in self._families:
-            for obj in self._nft.query(ruleset.list_command("map", ruleset.map_name(version))):
-                for elem in obj.get("map", {}).get("elem", []):
-                    key = _key_of(elem[0])
-                    if key is not None:
-                        in_maps.add(key)
+        self._reload()
+        held = self._held
         state = DatapathState()
-        for key in in_maps:
+        for key in held.target:
             fe = held.frontends.get(key)
+            # An element this agent did not write: the reconciler removes it.
             state.frontends[key] = ProgrammedFrontend.of(fe) if fe is not None \
-                else ProgrammedFrontend(backends=())  # not ours: the reconciler removes it
-            if fe is None and key not in held.chains:
-                held.chains[key] = self._chains_of(key)
-        for key in [k for k in held.frontends if k not in in_maps]:
-            del held.frontends[key]  # lost: the reconciler will write it again
-            held.chains.pop(key, None)
+                else ProgrammedFrontend(backends=())
         state.vips = self._set_addresses("vips")
         state.service_cidrs = self._set_networks("cidrs")
         held.vips = set(state.vips)
         held.cidrs = set(state.service_cidrs)
-        for version in self._families:
-            routed = self._routing.service_routes(version)
-            for dst in [*state.vips, *state.service_cidrs]:
-                if dst.version == version and ipaddress.ip_network(dst) not in routed:
-                    self._routing.add_service_route(dst)
+        # Routes as the kernel holds them, then what these sets need.
+        self._routes = {r for v in self._families for r in self._routing.service_routes(v)}
+        self._routes_dirty = True
+        self._sync_routes()
         return state
+
+    def _reload(self) -> None:
+        """Make what is held in memory what the kernel holds: the map elements
+        and the chains they point at. A frontend whose element is missing or
+        points elsewhere than written is forgotten (the reconciler writes it
+        again); chains nobody points at are removed at the next pass."""
+        held = self._held
+        kernel: dict[L4Addr, str] = {}
+        for version in self._families:
+            for obj in self._nft.query(ruleset.list_command("map", ruleset.map_name(version))):
+                for elem in obj.get("map", {}).get("elem", []):
+                    key = _key_of(elem[0])
+                    target = elem[1].get("jump", {}).get("target") \
+                        if isinstance(elem[1], dict) else None
+                    if key is not None and target:
+                        kernel[key] = target
+        chains: dict[str, list[str]] = {}
+        for obj in self._nft.query({"list": {"chains": {"family": NFT_FAMILY}}}):
+            chain = obj.get("chain", {})
+            if chain.get("table") == NFT_TABLE and chain.get("name") != "prerouting":
+                chains.setdefault(ruleset.base_of(chain["name"]), []).append(chain["name"])
+        for key in [k for k in held.frontends if kernel.get(k) != held.target.get(k)]:
+            del held.frontends[key]
+        held.target = kernel
+        held.verdicts = chains
+        held.refs = Counter(kernel.values())
+        for name in chains:
+            held.refs.setdefault(name, 0)
 
     def _recreate(self) -> None:
         self._nft.run(ruleset.skeleton(), "creating table inet veer")
         self._held = _Held()
-        for key in list(self.engine.tables):
-            self.engine.tables[key].clear()
+        for table in self.engine.tables.values():
+            table.clear()
         devices, self._devices = self._devices, ()
         self._set_devices(devices)
         cluster, self._cluster = self._cluster, frozenset()
         self.set_cluster_cidrs(cluster)
         self.finish_pass()
-
-    def _chains_of(self, key: L4Addr) -> set[str]:
-        entry = ruleset.chain_name(key)
-        names = {entry + s for s in ("", "_in", "_out", "_outok")}
-        found = self._nft.query({"list": {"chains": {"family": "inet"}}})
-        return {c["chain"]["name"] for c in found
-                if "chain" in c and c["chain"].get("table") == "veer"
-                and c["chain"]["name"] in names}
 
     def _set_addresses(self, prefix: str) -> set[IPAddress]:
         out: set[IPAddress] = set()
@@ -397,10 +432,10 @@ class TproxyDatapath(Datapath):
 
     def counters(self) -> Mapping[str, int]:
         out = dict(self.engine.counters())
-        for obj in self._nft.query({"list": {"counters": {"family": "inet",
-                                                          "table": "veer"}}}):
+        for obj in self._nft.query({"list": {"counters": {"family": NFT_FAMILY,
+                                                          "table": NFT_TABLE}}}):
             counter = obj.get("counter")
-            if counter and counter.get("table") == "veer":
+            if counter and counter.get("table") == NFT_TABLE:
                 out[counter["name"]] = int(counter.get("packets", 0))
         return out
 
@@ -409,10 +444,6 @@ class TproxyDatapath(Datapath):
         eBPF mode leaves its programs: a restarted agent replaces them."""
         self.engine.close()
         self._routing.close()
-
-
-def _table() -> dict[str, str]:
-    return {"family": "inet", "table": "veer"}
 
 
 def _key_of(raw: Any) -> L4Addr | None:
@@ -440,6 +471,3 @@ def _networks_of(elem: Any) -> list[IPNetwork]:
         if "elem" in elem:
             return _networks_of(elem["elem"].get("val"))
     return []
-
-
-__all__ = ["Locality", "TproxyDatapath"]

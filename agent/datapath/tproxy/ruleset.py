@@ -11,20 +11,21 @@ rules can be read and tested without root.
                                                       replies to the proxy's upstream
                                                       sockets (and a client's later
                                                       packets to its proxied socket)
-        3. ip daddr . l4proto . dport  vmap @fe4  ->  jump svc_<addr>_<port>_<proto>
+        3. ip daddr . l4proto . dport  vmap @fe4  ->  jump <verdicts>
            ip6 daddr . l4proto . dport vmap @fe6
         4. daddr @vips*  -> refused (RST / ICMP port unreachable): a port no
                             Service exposes on a Service address
            daddr @cidrs* -> refused: a Service CIDR address without a Service
 
-      svc_A_P_proto (one per frontend; the map points at it)
-        [NodePort/ExternalIP/LB] iifname @ext_devices  goto svc_..._out
-        [access rules]  deny -> refused at once; allow -> goto svc_..._in
+      <verdicts> (the map's elements point at them; shared by every frontend
+                  that renders alike, see Verdicts)
+        [NodePort/ExternalIP/LB] iifname @ext_devices  goto <verdicts>_out
+        [access rules]  deny -> refused at once; allow -> goto <verdicts>_in
         iif lo -> tproxy to the NODE listener; else -> tproxy to the POD listener
         (no backend: refused, or EHOSTUNREACH where kube-proxy drops)
-      svc_..._out (from the node's devices: externalTrafficPolicy)
+      <verdicts>_out (from the node's devices: externalTrafficPolicy)
         [loadBalancerSourceRanges] saddr not in them -> drop
-        [access rules]  deny -> drop; allow -> goto svc_..._outok
+        [access rules]  deny -> drop; allow -> goto <verdicts>_outok
         [Local policy] saddr @cluster* -> tproxy to the SHORTCUT listener
         tproxy to the OUTSIDE listener (no backend: ICMP port unreachable, or drop)
 
@@ -38,8 +39,11 @@ eBPF datapath's counter for the same verdict, so metrics read alike.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
+import json
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from agent.compute.types import EmptyVerdict, Frontend, L4Addr
@@ -115,12 +119,6 @@ def _set_of(cidrs: Iterable[IPNetwork]) -> Expr:
 def set_elements(cidrs: Iterable[IPNetwork]) -> list[Any]:
     """Elements for a named interval set, merged as an interval set needs."""
     return list(_set_of(cidrs)["set"])
-
-
-def chain_name(key: L4Addr, suffix: str = "") -> str:
-    """A frontend's chain, named after it so `nft list table inet veer` reads
-    as the Services it serves (svc_10.96.0.10_80_tcp, svc_fd00:96::20_53_udp)."""
-    return f"svc_{key.address}_{key.port}_{key.protocol.value.lower()}{suffix}"
 
 
 def map_name(family: int) -> str:
@@ -234,13 +232,13 @@ def _outside_go(frontend: Frontend, ports: Ports) -> list[Rule]:
     return rules
 
 
-def render_frontend(frontend: Frontend, ports: Ports) -> dict[str, list[Rule]]:
-    """The chains of one frontend, entry chain first: name -> rules."""
+def _render(frontend: Frontend, ports: Ports, base: str) -> dict[str, list[Rule]]:
+    """A frontend's chains, named `base` (the entry) and `base` + a suffix."""
     key = frontend.key
-    entry = chain_name(key)
+    entry = base
     chains: dict[str, list[Rule]] = {entry: []}
     if frontend.kind.external:
-        out = chain_name(key, "_out")
+        out = base + "_out"
         chains[entry].append([_match(_IIFNAME, "@ext_devices"), {"goto": {"target": out}}])
         out_rules: list[Rule] = []
         if frontend.source_ranges:
@@ -249,7 +247,7 @@ def render_frontend(frontend: Frontend, ports: Ports) -> dict[str, list[Rule]]:
                        _set_of(frontend.source_ranges), "!="),
                 *_drop("nat_denied_source"),
             ])
-        out_ok = chain_name(key, "_outok")
+        out_ok = base + "_outok"
         access, split = _access_rules(frontend, out_ok, _drop("nat_access_denied"))
         out_rules.extend(access)
         if split:
@@ -257,7 +255,7 @@ def render_frontend(frontend: Frontend, ports: Ports) -> dict[str, list[Rule]]:
             chains[out_ok] = _outside_go(frontend, ports)
         else:
             chains[out] = out_rules + _outside_go(frontend, ports)
-    inside_ok = chain_name(key, "_in")
+    inside_ok = base + "_in"
     access, split = _access_rules(frontend, inside_ok,
                                   _refuse(key.protocol, "access_denied"))
     chains[entry].extend(access)
@@ -268,43 +266,95 @@ def render_frontend(frontend: Frontend, ports: Ports) -> dict[str, list[Rule]]:
     return chains
 
 
-def upsert_commands(key: L4Addr, chains: Mapping[str, Sequence[Rule]],
-                    old_chains: Iterable[str]) -> list[Command]:
-    """Write a frontend's chains and its map element. Within one transaction
-    (which the caller makes of these), a chain's old rules and new rules are
-    never both visible, and chains no longer needed go after the rules that
-    pointed at them."""
-    cmds: list[Command] = []
-    for name in chains:
-        cmds.append({"add": {"chain": {**_TABLE, "name": name}}})
-        cmds.append({"flush": {"chain": {**_TABLE, "name": name}}})
-    # Continuation chains first: a rule may only jump to a chain that exists,
-    # and the entry chain (first) is the one packets reach.
-    for name, rules in reversed(list(chains.items())):
+_SELF = "%SELF%"  # the chains' own name while their content is hashed
+
+
+@dataclass(frozen=True)
+class Verdicts:
+    """What nftables does with one frontend's packets: a few chains, shared
+    by every frontend that renders alike. Nothing in them names the frontend
+    (its address is the map's key), so 10,000 ClusterIPs with backends are
+    10,000 map elements pointing at one chain, not 10,000 chains: one
+    transaction writes them in well under a second, and the kernel holds
+    little. The name says what the chains do and ends with a hash of their
+    content (tcp4_serve_3f2a9c1b, tcp4_serve_ext-serve-local_8a7b6c5d)."""
+
+    name: str  # the entry chain; the others are name + "_in", "_out", "_outok"
+    chains: Mapping[str, Sequence[Rule]]  # entry first
+
+
+def _summary(frontend: Frontend) -> str:
+    parts = [f"{_PROTO[frontend.key.protocol]}{frontend.key.address.version}"]
+    if frontend.backends:
+        parts.append("serve")
+    else:
+        parts.append("refuse" if frontend.on_empty is EmptyVerdict.REFUSE else "unreach")
+    if frontend.kind.external:
+        if frontend.external_backends:
+            ext = "ext-serve"
+        else:
+            ext = "ext-refuse" if frontend.external_on_empty is EmptyVerdict.REFUSE \
+                else "ext-drop"
+        parts.append(ext + ("-local" if frontend.external_local else ""))
+        if frontend.source_ranges:
+            parts.append("ranges")
+    if frontend.access is not None:
+        parts.append("access")
+    return "_".join(parts)
+
+
+def verdicts_of(frontend: Frontend, ports: Ports) -> Verdicts:
+    text = json.dumps(_render(frontend, ports, _SELF), sort_keys=True)
+    name = f"{_summary(frontend)}_{hashlib.sha1(text.encode()).hexdigest()[:8]}"
+    return Verdicts(name, json.loads(text.replace(_SELF, name)))
+
+
+def render_frontend(frontend: Frontend, ports: Ports) -> dict[str, list[Rule]]:
+    """A frontend's chains by name, entry chain first (for reading and tests)."""
+    return {name: list(rules) for name, rules in verdicts_of(frontend, ports).chains.items()}
+
+
+def verdicts_commands(verdicts: Verdicts) -> list[Command]:
+    """Create a set of shared chains (new: nothing refers to them yet)."""
+    cmds: list[Command] = [{"add": {"chain": {**_TABLE, "name": n}}} for n in verdicts.chains]
+    for name, rules in verdicts.chains.items():
         for rule in rules:
             cmds.append({"add": {"rule": {**_TABLE, "chain": name, "expr": rule}}})
-    for name in old_chains:
-        if name not in chains:
-            cmds.append({"flush": {"chain": {**_TABLE, "name": name}}})
-    for name in old_chains:
-        if name not in chains:
-            cmds.append({"delete": {"chain": {**_TABLE, "name": name}}})
-    cmds.append({"add": {"element": {
-        **_TABLE, "name": map_name(key.address.version),
-        "elem": [[element_key(key), {"jump": {"target": chain_name(key)}}]],
-    }}})
     return cmds
 
 
-def delete_commands(key: L4Addr, chains: Iterable[str]) -> list[Command]:
-    """Remove a frontend: its map element first, then its chains."""
-    cmds: list[Command] = [{"delete": {"element": {
-        **_TABLE, "name": map_name(key.address.version), "elem": [element_key(key)],
-    }}}]
-    names = list(chains)
-    cmds += [{"flush": {"chain": {**_TABLE, "name": n}}} for n in names]
-    cmds += [{"delete": {"chain": {**_TABLE, "name": n}}} for n in names]
+def drop_chains_commands(names: Iterable[str]) -> list[Command]:
+    """Remove chains no map element refers to any more."""
+    names = list(names)
+    return ([{"flush": {"chain": {**_TABLE, "name": n}}} for n in names]
+            + [{"delete": {"chain": {**_TABLE, "name": n}}} for n in names])
+
+
+def point_commands(key: L4Addr, target: str, old: str | None) -> list[Command]:
+    """Point a frontend's map element at `target` (replacing the one that
+    pointed at `old`: a verdict map element is replaced by delete and add,
+    in the same transaction)."""
+    name = map_name(key.address.version)
+    cmds: list[Command] = []
+    if old is not None:
+        cmds.append({"delete": {"element": {**_TABLE, "name": name,
+                                            "elem": [element_key(key)]}}})
+    cmds.append({"add": {"element": {**_TABLE, "name": name,
+                                     "elem": [[element_key(key), {"jump": {"target": target}}]]}}})
     return cmds
+
+
+def unpoint_commands(key: L4Addr) -> list[Command]:
+    return [{"delete": {"element": {**_TABLE, "name": map_name(key.address.version),
+                                    "elem": [element_key(key)]}}}]
+
+
+def base_of(chain: str) -> str:
+    """The shared chains' name a chain belongs to."""
+    for suffix in ("_outok", "_out", "_in"):
+        if chain.endswith(suffix):
+            return chain[: -len(suffix)]
+    return chain
 
 
 # ---- the table -----------------------------------------------------------------
