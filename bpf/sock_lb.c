@@ -236,6 +236,12 @@ static __always_inline int veer_forward(struct bpf_sock_addr *ctx, __u8 hook,
 		if (denied != VEER_PASS)
 			return denied;
 	}
+	if ((flags & VEER_SVC_F_PASS) && !veer_caller_is_proxy()) {
+		/* Redirect by TPROXY: the packets go out addressed to the Service,
+		 * for the node's nftables to hand to the proxy. */
+		veer_count(VEER_CNT_REDIRECTED);
+		return VEER_PASS;
+	}
 	if ((flags & VEER_SVC_F_REDIRECT) &&
 	    (hook == VEER_HOOK_CONNECT4 || hook == VEER_HOOK_CONNECT6) &&
 	    !veer_caller_is_proxy() && veer_redirect(ctx, hook, flow, service_id, out) != VEER_PASS)

@@ -76,6 +76,10 @@ struct veer_service_key {
  * are on this node, their data is spliced socket to socket (bpf/sockmap.c).
  * Set only where the agent's start-up probe passed. */
 #define VEER_SVC_F_SOCKMAP (1 << 10)
+/* A TrafficPolicy's redirect in TPROXY mode (socket scope, TCP): leave
+ * connect() alone, except the proxy's own; the node's nftables hand the
+ * packets to the proxy's transparent socket (agent/datapath/ebpf/tproxy_redirect.py). */
+#define VEER_SVC_F_PASS (1 << 11)
 
 /* The load-balancing algorithm (bits 8-9 of the flags, slot 0):
  *   RANDOM  a random slot;

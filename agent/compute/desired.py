@@ -33,6 +33,7 @@ from agent.compute.policy import (
     policy_name,
     redirect_target,
     split_port,
+    tproxy_redirect_port,
 )
 from agent.compute.types import (
     AccessSpec,
@@ -221,6 +222,7 @@ class _PortContext:
     affinity: int
     policy: _PolicyFields
     redirect: L4Addr | None
+    redirect_tproxy: int
 
 
 def _external_frontend(
@@ -254,6 +256,7 @@ def _external_frontend(
         access=ctx.policy.access,
         maglev_size=ctx.policy.maglev_size,
         redirect=ctx.redirect,
+        redirect_tproxy=ctx.redirect_tproxy,
         sockmap=ctx.policy.sockmap,
     )
 
@@ -288,7 +291,9 @@ def _service_frontends(
         for family in families:
             proxy_at = next((a for a in node.addresses if IPFamily.of(a) == family), None)
             redirect = redirect_target(policy, port.protocol, proxy_at)
-            if policy is not None and policy.redirect is not None and proxy_at is None:
+            tproxy_port = tproxy_redirect_port(policy, port.protocol)
+            if (policy is not None and policy.redirect is not None and proxy_at is None
+                    and not tproxy_port):
                 out.problem(svc, "RedirectWithoutNodeAddress",
                             f"this node has no {family.value} address for the redirect "
                             "proxy; connections are balanced as usual")
@@ -311,6 +316,7 @@ def _service_frontends(
                         access=fields.access,
                         maglev_size=fields.maglev_size,
                         redirect=redirect,
+                        redirect_tproxy=tproxy_port,
                         sockmap=fields.sockmap,
                     ),
                     vip=True,
@@ -319,7 +325,7 @@ def _service_frontends(
                 continue
             ctx = _PortContext(
                 ref, port, sets, sets.local if external_local else sets.cluster,
-                external_local, affinity, fields, redirect,
+                external_local, affinity, fields, redirect, tproxy_port,
             )
             node_port = node_port_of(svc, port)
             if node_port:

@@ -168,3 +168,10 @@ def redirect_target(policy: TrafficPolicy | None, protocol: Protocol,
     if protocol is not Protocol.TCP or policy.redirect.mode is RedirectMode.TPROXY:
         return None
     return L4Addr(node_address, policy.redirect.port, protocol)
+
+
+def tproxy_redirect_port(policy: TrafficPolicy | None, protocol: Protocol) -> int:
+    """The proxy port of a `redirect` with mode TPROXY, for a TCP frontend; 0 otherwise."""
+    if policy is None or policy.redirect is None or protocol is not Protocol.TCP:
+        return 0
+    return policy.redirect.port if policy.redirect.mode is RedirectMode.TPROXY else 0

@@ -72,6 +72,8 @@ def render_frontend(frontend: Frontend) -> str:
         line += _access(frontend.access)
     if frontend.redirect is not None:
         line += f"  redirect {frontend.redirect}"
+    if frontend.redirect_tproxy:
+        line += f"  redirect-tproxy :{frontend.redirect_tproxy}"
     if frontend.sockmap:
         line += "  sockmap"
     return line

@@ -147,6 +147,10 @@ class Frontend:
     # node-local proxy instead (TCP, socket path), which learns the original
     # destination with SO_ORIGINAL_DST.
     redirect: L4Addr | None = None
+    # A redirect with mode TPROXY: the proxy's transparent listener port on
+    # this node (TCP frontends; 0: none). Connections keep their Service
+    # destination and nftables hands them to the proxy.
+    redirect_tproxy: int = 0
     # sockmap acceleration asked for (a policy's acceleration.sockmap, or the
     # agent's --sockmap): same-node TCP connections are spliced where the
     # kernel allows it, and take the normal path elsewhere.

@@ -74,6 +74,7 @@ class ProgrammedFrontend:
     access_default: str = ""
     redirect: L4Addr | None = None  # the node-local proxy (socket path, TCP)
     sockmap: bool = False  # same-node connections are spliced (sockmap acceleration)
+    redirect_tproxy: int = 0  # connections left to nftables' tproxy to this port
 
     @staticmethod
     def of(frontend: Frontend) -> ProgrammedFrontend:
@@ -112,6 +113,7 @@ class ProgrammedFrontend:
             access_default=frontend.access.default_action.value if frontend.access else "",
             redirect=frontend.redirect,
             sockmap=frontend.sockmap and frontend.key.protocol.value == "TCP",
+            redirect_tproxy=frontend.redirect_tproxy,
         )
 
 

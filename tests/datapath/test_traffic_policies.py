@@ -325,7 +325,8 @@ FETCH = """\
 import json, socket, sys
 s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
 peer = s.getpeername()
-s.sendall(b"GET / HTTP/1.1\\r\\nHost: veer\\r\\nConnection: close\\r\\n\\r\\n")
+path = sys.argv[3] if len(sys.argv) > 3 else "/"
+s.sendall(b"GET " + path.encode() + b" HTTP/1.1\\r\\nHost: veer\\r\\nConnection: close\\r\\n\\r\\n")
 data = b""
 while True:
     chunk = s.recv(65536)
@@ -505,3 +506,62 @@ def test_sockmap_splices_same_node_connections_without_losing_or_reordering_a_by
     # data went through it (not only through TCP).
     assert after["accel_sockets"] - before["accel_sockets"] >= 6, (before, after)
     assert after["accel_spliced"] - before["accel_spliced"] >= 3, (before, after)
+
+
+HAPROXY_TPROXY_CFG = """\
+global
+    maxconn 256
+defaults
+    mode http
+    timeout connect 3s
+    timeout client 10s
+    timeout server 10s
+frontend tproxied
+    # A transparent listener: nftables' tproxy hands it connections addressed
+    # to the Service, whose address it keeps as its own.
+    bind :{port} transparent
+    http-response set-header X-Veer-Client %[src]
+    http-response set-header X-Veer-Dst %[dst]:%[dst_port]
+    default_backend pod
+backend pod
+    # Reach the backend from the client's own address (IP_TRANSPARENT).
+    source 0.0.0.0 usesrc clientip
+    server web-a {backend}:8080
+"""
+
+
+def test_redirect_by_tproxy_keeps_client_and_destination_all_the_way(
+        live: SandboxCluster) -> None:
+    """redirect.mode TPROXY: the pod's connection to the Service is left alone
+    by the socket hooks and handed by nftables' tproxy to HAProxy's
+    transparent listener (outside veer's cgroup, running as root: no
+    exemption needed), which sees the pod's address and the Service as the
+    destination, and reaches nginx from the pod's own address."""
+    vip, port = "10.96.1.10", 15003
+    topo = live.topo
+    cfg = f"{topo.workdir}/haproxy-tproxy.cfg"
+    with open(cfg, "w") as f:
+        f.write(HAPROXY_TPROXY_CFG.format(port=port, backend=POD_IPS["web-a"]))
+    topo.spawn(topo.node_ns, ["haproxy", "-db", "-f", cfg], in_cgroup=False)
+    deadline = time.monotonic() + 20
+    while str(port) not in topo.ns(topo.node_ns, "ss", "-ltn").stdout:
+        assert time.monotonic() < deadline, "haproxy did not start"
+        time.sleep(0.1)
+    program(live, "redirect-tproxy.yaml",
+            [*service("tp", vip, ["web-a", "web-b"]),
+             policy("tp", "tp", redirect={"port": port, "mode": "TPROXY"})],
+            vip, ["web-a", "web-b"])
+    wait_policy(live, vip, "default/tp")
+    chain = topo.ns(topo.node_ns, "nft", "list", "chain", "inet", "veer", "policy_redirect").stdout
+    assert f"ip daddr {vip} tcp dport 80" in chain and f"tproxy ip to :{port}" in chain, chain
+    for _ in range(5):
+        res = topo.exec(live.client, [sys.executable, "-c", FETCH, vip, "80", "/client"])
+        assert res.returncode == 0, res.stderr
+        got = json.loads(res.stdout)
+        assert got["headers"].get("x-veer-client") == CLIENT_IP, got
+        assert got["headers"].get("x-veer-dst") == f"{vip}:80", got
+        assert got["peer"] == [vip, 80], got
+        # nginx answered, and saw the pod's address, not the node's or HAProxy's.
+        assert got["body"] == f"web-a:8080 {CLIENT_IP}", got
+    status = live.status() or {}
+    assert "default/tp" in status.get("policies", {}), status

@@ -30,6 +30,7 @@ from agent.compute.policy import (
     FEATURE_AFFINITY,
     FEATURE_ALGORITHM,
     FEATURE_REDIRECT,
+    FEATURE_REDIRECT_TPROXY,
     FEATURE_SOCKMAP,
     FEATURE_SPLIT,
 )
@@ -55,6 +56,7 @@ from agent.datapath.ebpf.structs import (
     SVC_F_AFFINITY,
     SVC_F_DROP_EMPTY,
     SVC_F_EXT_LOCAL,
+    SVC_F_PASS,
     SVC_F_REDIRECT,
     SVC_F_SOCKMAP,
     SVC_F_SOURCE_RANGES,
@@ -82,6 +84,7 @@ from agent.datapath.ebpf.structs import (
     port_host,
     service_key,
 )
+from agent.datapath.ebpf.tproxy_redirect import TproxyRedirects
 from agent.datapath.interface import (
     AccessEntry,
     Datapath,
@@ -149,6 +152,8 @@ def _scopes_of(frontend: Frontend, programmed: ProgrammedFrontend) -> dict[int, 
         socket_flags |= SVC_F_REDIRECT
     if programmed.sockmap:
         socket_flags |= SVC_F_SOCKMAP
+    if programmed.redirect_tproxy:
+        socket_flags |= SVC_F_PASS
     if frontend.on_empty is EmptyVerdict.DROP:
         socket_flags |= SVC_F_DROP_EMPTY
     if programmed.table:
@@ -213,6 +218,7 @@ def _programmed(
         access_default=access_default,
         redirect=redirect if flags & SVC_F_REDIRECT else None,
         sockmap=bool(flags & SVC_F_SOCKMAP),
+        redirect_tproxy=redirect.port if redirect is not None and flags & SVC_F_PASS else 0,
     )
 
 
@@ -279,7 +285,7 @@ class EbpfDatapath(Datapath):
         self.proxy_uid = proxy_uid
         # sockmap is always served: spliced where usable, else the normal path.
         features = {FEATURE_ALGORITHM, FEATURE_AFFINITY, FEATURE_SPLIT, FEATURE_ACCESS,
-                    FEATURE_SOCKMAP}
+                    FEATURE_SOCKMAP, FEATURE_REDIRECT_TPROXY}
         if proxy_uid is not None:
             features.add(FEATURE_REDIRECT)
         self.policy_features = frozenset(features)
@@ -288,6 +294,10 @@ class EbpfDatapath(Datapath):
         if current is None or bytes(current) != bytes(wanted):
             maps.proxy.put(IndexKey(0), wanted)
         self._redirects: dict[int, L4Addr] = {}  # service id -> proxy in veer_redirects
+        # Frontends redirected by TPROXY (VEER_SVC_F_PASS) -> the proxy's port;
+        # finish_pass() keeps the nftables chain equal to it.
+        self._tproxy_ports: dict[L4Addr, int] = {}
+        self._tproxy = TproxyRedirects()
         self.programs = programs
         self.devices: list[str] = []
         self._removed_udp: set[tuple[int, L4Addr]] = set()
@@ -389,6 +399,12 @@ class EbpfDatapath(Datapath):
                 self._redirects[rkey.index] = proxy
             else:
                 self.maps.redirects.delete(rkey)
+        self._tproxy_ports = {
+            fe: self._redirects[got.entry.service_id].port
+            for (fe, scope), got in found.items()
+            if scope == SCOPE_SOCKET and got.entry.flags & SVC_F_PASS
+            and got.entry.service_id in self._redirects
+        }
         state = DatapathState()
         for (fe, scope), socket in found.items():
             if scope == SCOPE_SOCKET:
@@ -507,8 +523,11 @@ class EbpfDatapath(Datapath):
                     rule=rule, action=ACCESS_ALLOW if allow else ACCESS_DENY))
                 changed = True
             self._access[service_id] = old_access | new_access
-            # The proxy before the flag that sends connections to it.
+            # The proxy before the flag that sends connections to it. For a
+            # TPROXY redirect the entry only records the port (for dump()).
             proxy = programmed.redirect
+            if programmed.redirect_tproxy:
+                proxy = L4Addr(key.address, programmed.redirect_tproxy, key.protocol)
             if proxy is not None and self._redirects.get(service_id) != proxy:
                 self.maps.redirects.put(IndexKey(service_id), _backend_value(proxy))
                 self._redirects[service_id] = proxy
@@ -533,9 +552,14 @@ class EbpfDatapath(Datapath):
             self.maps.access.delete(_source_key(service_id, cidr))
             changed = True
         self._access[service_id] = new_access
-        if programmed.redirect is None and self._redirects.pop(service_id, None) is not None:
+        if (programmed.redirect is None and not programmed.redirect_tproxy
+                and self._redirects.pop(service_id, None) is not None):
             self.maps.redirects.delete(IndexKey(service_id))
             changed = True
+        if programmed.redirect_tproxy:
+            self._tproxy_ports[key] = programmed.redirect_tproxy
+        else:
+            self._tproxy_ports.pop(key, None)
         return changed
 
     def _upsert_scope(
@@ -685,6 +709,7 @@ class EbpfDatapath(Datapath):
                 self.maps.redirects.delete(IndexKey(entry.service_id))
             self._service_alloc.release(entry.service_id)
             self._frontend_of_id.pop(entry.service_id, None)
+        self._tproxy_ports.pop(key, None)
         return existed
 
     def finish_pass(self) -> list[str]:
@@ -697,8 +722,11 @@ class EbpfDatapath(Datapath):
         so the application sees an error and reconnects through the Service.
         TCP flows are left alone: they end by themselves.
         """
+        notes = []
+        if self._tproxy.sync(self._tproxy_ports):
+            notes.append(f"TPROXY redirect chain: {len(self._tproxy_ports)} frontend(s)")
         if not self._removed_udp:
-            return []
+            return notes
         removed, self._removed_udp = self._removed_udp, set()
         targets = {(sid, bytes(addr_bytes(b.address)), port_be(b.port)) for sid, b in removed}
         cleared = 0
@@ -712,7 +740,8 @@ class EbpfDatapath(Datapath):
             self.maps.nat_rev.delete(reply)
             self.maps.nat_fwd.delete(key)
             cleared += 1
-        notes = [f"cleared {cleared} UDP flow(s) to removed backends"] if cleared else []
+        if cleared:
+            notes.append(f"cleared {cleared} UDP flow(s) to removed backends")
         if self.programs is not None and self.programs.cgroup:
             from agent.datapath.ebpf.sockets import destroy_udp_sockets
 
@@ -830,6 +859,7 @@ class EbpfDatapath(Datapath):
         return self._frontend_of_id.get(service_id)
 
     def close(self) -> None:
+        self._tproxy.close()
         if self._clients is not None:
             self._clients.stop()
         if self._events is not None:

@@ -69,6 +69,7 @@ SVC_F_ACCESS = 1 << 5
 SVC_F_ACCESS_DENY = 1 << 6
 SVC_F_REDIRECT = 1 << 7
 SVC_F_SOCKMAP = 1 << 10
+SVC_F_PASS = 1 << 11
 SVC_ALG_SHIFT = 8
 SVC_ALG_MASK = 3 << SVC_ALG_SHIFT
 # VEER_ALG_*, by the TrafficPolicy's name for them.
