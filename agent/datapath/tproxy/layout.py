@@ -41,6 +41,10 @@ LOOPBACK = {4: "127.0.0.1", 6: "::1"}
 # conntrack's nf_conntrack_udp_timeout, so a client sees the same lifetime it
 # would see with kube-proxy.
 UDP_IDLE_TIMEOUT = 30.0
+# ... except a flow whose client sent one datagram only (a DNS query from a
+# fresh port, the common case): each flow holds two sockets of the agent's,
+# and a resolver sending 1,000 queries a second would otherwise hold 60,000.
+UDP_ONESHOT_TIMEOUT = 5.0
 
 
 class Role(enum.Enum):

@@ -30,6 +30,7 @@ class Loop:
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._calls: collections.deque[Callable[[], None]] = collections.deque()
         self._timers: list[tuple[float, float, Callable[[float], None]]] = []
+        self._later: list[tuple[float, Callable[[], None]]] = []
         self._stop = False
         self.register(self._wake, select.EPOLLIN, self._on_wake)
 
@@ -63,6 +64,10 @@ class Loop:
         """Call fn(now) about every `interval` seconds, from the loop."""
         self._timers.append((time.monotonic() + interval, interval, fn))
 
+    def call_later(self, delay: float, fn: Callable[[], None]) -> None:
+        """Call fn() once, about `delay` seconds from now, from the loop."""
+        self._later.append((time.monotonic() + delay, fn))
+
     def _on_wake(self, _events: int) -> None:
         with contextlib.suppress(BlockingIOError):
             os.eventfd_read(self._wake)
@@ -80,7 +85,8 @@ class Loop:
         poll = self._epoll.poll
         while not self._stop:
             now = time.monotonic()
-            due = min((t[0] for t in self._timers), default=now + 1.0)
+            due = min([t[0] for t in self._timers] + [t[0] for t in self._later],
+                      default=now + 1.0)
             try:
                 events = poll(max(0.0, due - now), 256)
             except InterruptedError:
@@ -93,6 +99,15 @@ class Loop:
                     handler(mask)
                 except Exception:  # one broken flow must never stop the proxy
                     log.exception("proxy: handler for fd %d failed", fd)
+            if self._later:
+                now = time.monotonic()
+                ready = [fn for when, fn in self._later if when <= now]
+                self._later = [(when, fn) for when, fn in self._later if when > now]
+                for call in ready:
+                    try:
+                        call()
+                    except Exception:
+                        log.exception("proxy: delayed task failed")
             if self._timers:
                 now = time.monotonic()
                 for i, (when, interval, fn) in enumerate(self._timers):

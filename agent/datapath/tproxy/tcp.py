@@ -227,6 +227,11 @@ def accept_all(engine: Engine, listener: socket.socket, role: Role) -> Callable[
     """The handler of one listener: accept every waiting connection and start it."""
     family = 4 if listener.family == socket.AF_INET else 6
 
+    fd = listener.fileno()
+
+    def resume() -> None:
+        engine.loop.modify(fd, select.EPOLLIN)
+
     def on_ready(_events: int) -> None:
         for _ in range(64):
             try:
@@ -235,7 +240,12 @@ def accept_all(engine: Engine, listener: socket.socket, role: Role) -> Callable[
                 return
             except OSError as err:
                 if err.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    log.warning("proxy: cannot accept: %s", err)
+                    # Out of descriptors or memory: the waiting connections stay
+                    # in the backlog; look again in a moment rather than spin.
+                    engine.count("accept_failed")
+                    log.warning("proxy: cannot accept: %s; pausing for 100 ms", err)
+                    engine.loop.modify(fd, 0)
+                    engine.loop.call_later(0.1, resume)
                     return
                 continue
             start(engine, client, peer, role, family)

@@ -11,7 +11,8 @@ then gets two sockets of its own:
   the client's next datagrams straight to this socket, its most specific
   match, without the listener.
 
-A flow idle for UDP_IDLE_TIMEOUT is closed. A flow whose backend left its
+A flow idle for UDP_IDLE_TIMEOUT is closed (UDP_ONESHOT_TIMEOUT if its client
+sent a single datagram, as a DNS query does). A flow whose backend left its
 frontend moves at once to a backend the frontend still has (the reconciler
 says so), where kube-proxy's conntrack entry would keep sending into the
 void until it expired: its next datagram goes to the new backend, and for
@@ -30,7 +31,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from agent.datapath.tproxy import sockets
-from agent.datapath.tproxy.layout import UDP_IDLE_TIMEOUT, Role
+from agent.datapath.tproxy.layout import UDP_IDLE_TIMEOUT, UDP_ONESHOT_TIMEOUT, Role
 
 if TYPE_CHECKING:
     from agent.compute.types import L4Addr
@@ -104,7 +105,7 @@ def _close_upstream(engine: Engine, up: _Upstream) -> None:
 
 class Flow:
     __slots__ = ("dfd", "downstream", "draining", "engine", "family", "frontend", "key",
-                 "last", "role", "up")
+                 "last", "role", "sent", "up")
 
     def __init__(self, engine: Engine, key: FlowKey, role: Role, family: int,
                  up: _Upstream, downstream: socket.socket) -> None:
@@ -118,6 +119,7 @@ class Flow:
         self.dfd = downstream.fileno()
         self.draining: list[tuple[_Upstream, float]] = []
         self.last = engine.now
+        self.sent = 0  # datagrams from the client
         engine.flows[key] = self
         engine.flows_of.setdefault(self.frontend, set()).add(self)
         engine.loop.register(up.fd, select.EPOLLIN, self._replies(up))
@@ -129,6 +131,7 @@ class Flow:
 
     def to_backend(self, data: bytes) -> None:
         self.last = self.engine.now
+        self.sent += 1
         try:
             self.up.sock.send(data)
         except BlockingIOError:
@@ -256,9 +259,10 @@ def start(engine: Engine, key: FlowKey, role: Role, family: int) -> Flow | None:
 
 
 def sweep(engine: Engine, now: float) -> None:
-    """Close flows idle for longer than the timeout; end drained upstreams."""
+    """Close flows idle for longer than their timeout; end drained upstreams."""
     for flow in list(engine.flows.values()):
-        if now - flow.last >= UDP_IDLE_TIMEOUT:
+        idle = now - flow.last
+        if idle >= UDP_IDLE_TIMEOUT or (flow.sent <= 1 and idle >= UDP_ONESHOT_TIMEOUT):
             flow.close()
         elif flow.draining:
             flow.expire_draining(now)
