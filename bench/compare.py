@@ -48,7 +48,13 @@ from versus import report
 from versus.apiload import ApiWriter, Port, ServiceSpec
 from versus.cluster import BACKEND_NODE, HTTP_PORT, IPERF_PORT, WEB_IP, BenchCluster
 from versus.datapath import BENCH_VIP, NODE_PORTS, PATHS, Datapath, PathDef
-from versus.programming import LOAD_NAMESPACE, CpResult, load_batch, measure, start_alone
+from versus.programming import (
+    LOAD_NAMESPACE,
+    CpResult,
+    load_batch,
+    measure,
+    start_alone,
+)
 from versus.proxies import Proxy, all_proxies, wait_answering
 
 GOAL_SERVICES = 10_000
@@ -105,7 +111,7 @@ class Run:
         self.args = args
         self.cluster = cluster
         cp = cluster.control_plane
-        self.writer = ApiWriter(cp.url, str(cp.ca_file), cp.tokens["admin"])
+        self.writer = ApiWriter(cp.url, str(cp.ca_file), cp.tokens["admin"], threads=16)
         self.proxies = all_proxies(cluster)
         self.loads: list[report.Load] = []
         self.cps: list[CpResult] = []
@@ -129,7 +135,10 @@ class Run:
                 proxy.start()
         for proxy in self.proxies.values():
             try:
-                took = wait_answering(self.cluster, proxy, BENCH_TARGETS, timeout=180)
+                start = time.monotonic()
+                proxy.wait_ready(180)
+                took = time.monotonic() - start
+                took += wait_answering(self.cluster, proxy, BENCH_TARGETS, timeout=180)
                 if loaded:
                     start = time.monotonic()
                     got = self.wait_loaded(proxy, loaded)
@@ -184,8 +193,8 @@ class Run:
         for i, key in enumerate(order):
             proxy = self.proxies[key]
             log(f"control plane, N = {count:,}: {proxy.key} alone")
-            took = start_alone(self.cluster, proxy, BENCH_TARGETS, timeout=180)
-            log(f"  {proxy.key}: started and serving in {took:.1f} s")
+            took = start_alone(self.cluster, proxy, BENCH_TARGETS, 180)
+            log(f"  {proxy.key}: started, synced and serving in {took:.1f} s")
             self.cps.append(measure(self.cluster, self.writer, proxy, count, self.args.one_more,
                                     self.args.program_timeout, seed=count + i))
             proxy.stop()

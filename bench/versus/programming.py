@@ -28,6 +28,7 @@ and CPU time are its own), and then:
 from __future__ import annotations
 
 import math
+import os
 import random
 import re
 import threading
@@ -64,6 +65,7 @@ class CpResult:
     rss_peak_mib: float
     rss_steady_mib: float
     rss_idle_mib: float  # before the N were created
+    others_cpu_s: float  # CPU time of other jobs on the machine meanwhile (disturbance)
     notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
@@ -133,10 +135,11 @@ class RssSampler:
 
 def start_alone(cluster: BenchCluster, proxy: Proxy, bench_targets: list[tuple[str, int]],
                 timeout: float) -> float:
-    """Start `proxy` afresh and wait until the bench Service answers through
-    it and it is idle; returns the start-up time."""
+    """Start `proxy` afresh and wait until it has synced, the bench Service
+    answers through it and it is idle; returns the start-up time."""
     start = time.monotonic()
     proxy.start()
+    proxy.wait_ready(timeout)
     wait_answering(cluster, proxy, bench_targets, timeout)
     took = time.monotonic() - start
     benchlib.settle([proxy.pid], timeout=60)
@@ -166,8 +169,10 @@ def measure(cluster: BenchCluster, writer: ApiWriter, proxy: Proxy, count: int,
     rss_idle = tree_rss_kib(proxy.pid)
     sampler = RssSampler(proxy.pid)
     notes: list[str] = []
+    ours = [*cluster.background_pids(), os.getpid()]
     try:
         cpu0 = cpu_with_children(proxy.pid)
+        busy0 = machine_busy() - sum(cpu_with_children(p) for p in ours)
         t0 = time.monotonic()
         last = writer.create(specs, LOAD_NAMESPACE)
         waiter.go()
@@ -182,6 +187,7 @@ def measure(cluster: BenchCluster, writer: ApiWriter, proxy: Proxy, count: int,
         notes.append(f"only {programmed} of {count} Services in its state after 120 s")
     benchlib.settle([proxy.pid], timeout=120)
     cpu = cpu_with_children(proxy.pid) - cpu0
+    others = machine_busy() - sum(cpu_with_children(p) for p in ours) - busy0 - cpu
     steady = tree_rss_kib(proxy.pid)
     ones = [one_more_time(cluster, writer, proxy, i, timeout) for i in range(one_more)]
     peak = sampler.stop()
@@ -190,9 +196,15 @@ def measure(cluster: BenchCluster, writer: ApiWriter, proxy: Proxy, count: int,
     log(f"  {proxy.key}: one more Service answered after "
         f"{', '.join(f'{t * 1000:.0f} ms' for t in ones)}; programming latency p50 "
         f"{fmt_s(p50)} p99 {fmt_s(p99)} ({n} observations); CPU {cpu:.1f} s; RSS peak "
-        f"{peak / 1024:.0f} MiB, steady {steady / 1024:.0f} MiB; {proxy.describe_rules()}")
+        f"{peak / 1024:.0f} MiB, steady {steady / 1024:.0f} MiB; other jobs {others:.1f} s CPU;"
+        f" {proxy.describe_rules()}")
     return CpResult(proxy.key, count, last - t0, answering, ones, programmed, p50, p99, n,
-                    cpu, peak / 1024, steady / 1024, rss_idle / 1024, notes)
+                    cpu, peak / 1024, steady / 1024, rss_idle / 1024, max(0.0, others), notes)
+
+
+def machine_busy() -> float:
+    """Busy CPU seconds of the whole machine since boot."""
+    return sum(busy for busy, _ in benchlib.cpu_jiffies().values()) / benchlib.CLK_TCK
 
 
 def one_more_time(cluster: BenchCluster, writer: ApiWriter, proxy: Proxy, index: int,

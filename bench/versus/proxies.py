@@ -49,15 +49,33 @@ class Proxy:
     def argv(self) -> list[str]:
         raise NotImplementedError
 
-    def start(self) -> None:
+    def start(self, cpus: set[int] | None = None) -> None:
+        """Start afresh, on `cpus` if given (every thread and child inherits
+        them; a Go program sizes GOMAXPROCS by them)."""
         if self.running:
             raise RuntimeError(f"{self.key} is already running")
         self.starts += 1
+        prefix = ["taskset", "-c", ",".join(map(str, sorted(cpus)))] if cpus else []
+        argv = [*prefix, *self.argv()]
         with open(self.log_path, "ab") as log:
-            log.write(f"==== start {self.starts}: {' '.join(self.argv())}\n".encode())
+            log.write(f"==== start {self.starts}: {' '.join(argv)}\n".encode())
             log.flush()
-            self.proc = self.cluster.spawn(self.node.netns, self.argv(), stdout=log,
+            self.proc = self.cluster.spawn(self.node.netns, argv, stdout=log,
                                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+    def ready(self) -> bool:
+        """Whether it has made its first full sync since it started (a stopped
+        proxy's rules keep serving, so traffic alone cannot tell)."""
+        raise NotImplementedError
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.ready():
+            self.check_alive()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.key} not ready after {timeout:.0f} s; log:\n"
+                                   f"{self.log_tail()}")
+            time.sleep(0.2)
 
     def stop(self) -> None:
         if self.proc is None:
@@ -139,10 +157,10 @@ class VeerProxy(Proxy):
             argv += ["--mode", self.mode]
         return argv
 
-    def start(self) -> None:
+    def start(self, cpus: set[int] | None = None) -> None:
         with contextlib.suppress(FileNotFoundError):
             self.status_file.unlink()
-        super().start()
+        super().start(cpus)
 
     def stop(self) -> None:
         if self._maps is not None:
@@ -155,6 +173,10 @@ class VeerProxy(Proxy):
         run(["ip", "netns", "exec", self.node.netns, sys.executable, "-m", "agent.cli.main",
              "agent", "--cleanup", "--cgroup", self.node.cgroup, "--bpffs", self.bpffs],
             check=False)
+
+    def ready(self) -> bool:
+        status = self.status()
+        return bool(status and status.get("ok"))
 
     def status(self) -> dict[str, Any] | None:
         try:
@@ -210,6 +232,16 @@ class KubeProxy(Proxy):
             "--conntrack-tcp-timeout-close-wait", "0",
             "--metrics-bind-address", METRICS, "--healthz-bind-address", "127.0.0.1:10256",
         ]
+
+    def ready(self) -> bool:
+        try:
+            text = self.metrics()
+        except RuntimeError:
+            return False  # not listening yet
+        # The IPv4 proxier's (the bench is IPv4; the nodes have no IPv6 address).
+        found = re.search(r'^kubeproxy_sync_proxy_rules_last_timestamp_seconds'
+                          r'(?:{ip_family="IPv4"})? (\S+)$', text, re.M)
+        return bool(found and float(found[1]) > 0)
 
     def _rules(self) -> str:
         if self.mode == "nftables":

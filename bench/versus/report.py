@@ -77,8 +77,8 @@ def cp_table(results: Sequence[CpResult]) -> str:
     lines = [
         "| Services (N) | proxy | all N answering after the last created | one more "
         "Service, median (min-max) | programming latency p50 / p99 (own metric) "
-        "| CPU s | memory peak / steady (MiB) |",
-        "|---:|---|---:|---:|---:|---:|---:|",
+        "| CPU s | memory peak / steady (MiB) | other jobs' CPU s meanwhile |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         ones = r.one_more_s
@@ -89,7 +89,7 @@ def cp_table(results: Sequence[CpResult]) -> str:
             f"| {r.services:,} | {TITLES.get(r.proxy, r.proxy)} | {r.all_answering_s:.2f} s"
             f"{note} | {one} | {fmt_s(r.programming_p50_s)} / {fmt_s(r.programming_p99_s)} "
             f"({r.programming_count:,} obs.) | {r.cpu_s:.1f} | {r.rss_peak_mib:.0f} / "
-            f"{r.rss_steady_mib:.0f} |")
+            f"{r.rss_steady_mib:.0f} | {r.others_cpu_s:.0f} |")
     return "\n".join(lines)
 
 
