@@ -25,6 +25,7 @@ from types import FrameType
 
 from agent import __version__
 from agent.compute import ComputeConfig, DesiredState, NodeIdentity, compute_desired
+from agent.compute.desired import ComputeCache
 from agent.compute.node import identity_of
 from agent.config import AgentConfig
 from agent.datapath.flows import FlowHub, ServiceNames
@@ -148,6 +149,9 @@ class Agent:
             nodeport_addresses=config.nodeport_addresses,
             cluster_cidrs=config.cluster_cidrs,
         )
+        # A change to one Service recomputes that Service only (the runner's
+        # thread is the only caller).
+        self._compute_cache = ComputeCache()
         self.reconciler = Reconciler(datapath, self._desired)
         self.runner = BoundedFrequencyRunner(
             "sync",
@@ -181,7 +185,7 @@ class Agent:
 
     def _desired(self) -> DesiredState:
         self.last_desired = compute_desired(
-            self.store.snapshot(), self.node_identity(), self.compute_config
+            self.store.snapshot(), self.node_identity(), self.compute_config, self._compute_cache
         )
         return self.last_desired
 

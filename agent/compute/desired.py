@@ -139,11 +139,6 @@ class _Builder:
         if vip:
             self.vips.add(frontend.key.address)
 
-    def problem(self, svc: Service, reason: str, message: str) -> None:
-        found = ServiceProblem(svc.meta.namespace, svc.meta.name, reason, message)
-        if found not in self.problems:
-            self.problems.append(found)
-
 
 @dataclass(frozen=True)
 class _PolicyFields:
@@ -185,7 +180,7 @@ def _port_sets(
     node: NodeIdentity,
     uses: tuple[bool, bool],
     policy: TrafficPolicy | None,
-    out: _Builder,
+    out: _ServiceOut,
 ) -> _Sets:
     """The endpoints of `port`, or with a split, of the split's Services."""
     if policy is None or not policy.split:
@@ -262,7 +257,7 @@ def _external_frontend(
 
 
 def _service_frontends(
-    out: _Builder,
+    out: _ServiceOut,
     snapshot: ClusterSnapshot,
     svc: Service,
     node: NodeIdentity,
@@ -359,32 +354,141 @@ def _service_frontends(
         )
 
 
+class _ServiceOut:
+    """What one Service contributes, recorded in order so that it can be
+    replayed into a _Builder (which decides conflicts between Services)."""
+
+    def __init__(self) -> None:
+        self.ops: list[tuple[Frontend, bool] | ServiceProblem | HealthCheck] = []
+        self.health_checks = _Appender(self.ops)
+
+    def add(self, frontend: Frontend, vip: bool) -> None:
+        self.ops.append((frontend, vip))
+
+    def problem(self, svc: Service, reason: str, message: str) -> None:
+        found = ServiceProblem(svc.meta.namespace, svc.meta.name, reason, message)
+        if found not in self.ops:
+            self.ops.append(found)
+
+    def replay(self, out: _Builder) -> None:
+        for op in self.ops:
+            if isinstance(op, tuple):
+                out.add(*op)
+            elif isinstance(op, ServiceProblem):
+                out.problems.append(op)
+            else:
+                out.health_checks.append(op)
+
+
+class _Appender:
+    """`out.health_checks.append(...)` for a _ServiceOut."""
+
+    def __init__(self, ops: list[tuple[Frontend, bool] | ServiceProblem | HealthCheck]) -> None:
+        self._ops = ops
+
+    def append(self, check: HealthCheck) -> None:
+        self._ops.append(check)
+
+
+class ComputeCache:
+    """Per-Service results of earlier calls, so that a change to one Service
+    recomputes that Service only.
+
+    An entry is reused while everything the Service's result depends on is
+    the very same object as when it was computed: the Service, its
+    EndpointSlices, the TrafficPolicy governing it, and for a split the
+    other Services and their slices (snapshots share the objects that did
+    not change). A different node identity or config empties the cache. The
+    result is the same as without a cache; only the time differs."""
+
+    def __init__(self) -> None:
+        self._entries: dict[tuple[str, str], tuple[tuple[object, ...], _ServiceOut]] = {}
+        self._context: tuple[NodeIdentity, ComputeConfig] | None = None
+
+    def lookup(self, key: tuple[str, str], deps: tuple[object, ...],
+               context: tuple[NodeIdentity, ComputeConfig]) -> _ServiceOut | None:
+        if context != self._context:
+            self._entries.clear()
+            self._context = context
+            return None
+        held = self._entries.get(key)
+        if held is None or not _same(held[0], deps):
+            return None
+        return held[1]
+
+    def store(self, key: tuple[str, str], deps: tuple[object, ...], result: _ServiceOut) -> None:
+        self._entries[key] = (deps, result)
+
+    def keep_only(self, keys: set[tuple[str, str]]) -> None:
+        for gone in set(self._entries) - keys:
+            del self._entries[gone]
+
+
+def _same(a: object, b: object) -> bool:
+    """Identity, looking into tuples (the hot path of a cached compute: one
+    call per Service per pass)."""
+    if a is b:
+        return True
+    if type(a) is tuple and type(b) is tuple and len(a) == len(b):
+        return all(map(_same, a, b))
+    return False
+
+
+def _deps(snapshot: ClusterSnapshot, svc: Service,
+          policy: TrafficPolicy | None) -> tuple[object, ...]:
+    namespace, name = svc.meta.namespace, svc.meta.name
+    split = tuple(
+        (snapshot.services.get((namespace, e.service)), snapshot.slices_for(namespace, e.service))
+        for e in (policy.split if policy is not None else ())
+    )
+    return (svc, snapshot.slices_for(namespace, name), policy, split)
+
+
+def _one_service(
+    snapshot: ClusterSnapshot, svc: Service, node: NodeIdentity, config: ComputeConfig,
+    policy: TrafficPolicy | None,
+) -> _ServiceOut:
+    out = _ServiceOut()
+    if not is_proxied(svc, config):
+        return out
+    unsupported = sorted({p.protocol.value for p in svc.ports} - {
+        p.value for p in config.protocols
+    })
+    if unsupported:
+        out.ops.append(ServiceProblem(
+            svc.meta.namespace, svc.meta.name, "UnsupportedProtocol",
+            f"protocol {', '.join(unsupported)} is not supported by this datapath; "
+            "those ports are not programmed",
+        ))
+    _service_frontends(out, snapshot, svc, node, config, policy)
+    return out
+
+
 def compute_desired(
-    snapshot: ClusterSnapshot, node: NodeIdentity, config: ComputeConfig
+    snapshot: ClusterSnapshot, node: NodeIdentity, config: ComputeConfig,
+    cache: ComputeCache | None = None,
 ) -> DesiredState:
-    """The datapath state this node should hold for `snapshot`."""
+    """The datapath state this node should hold for `snapshot`. With a
+    `cache`, Services whose inputs did not change since the last call are
+    not recomputed (ComputeCache)."""
     out = _Builder()
     governing = policies_in_force(snapshot)
-    for (namespace, name), svc in sorted(snapshot.services.items()):
-        if not is_proxied(svc, config):
-            continue
-        unsupported = sorted({p.protocol.value for p in svc.ports} - {
-            p.value for p in config.protocols
-        })
-        if unsupported:
-            out.problems.append(
-                ServiceProblem(
-                    namespace,
-                    name,
-                    "UnsupportedProtocol",
-                    f"protocol {', '.join(unsupported)} is not supported by this datapath; "
-                    "those ports are not programmed",
-                )
-            )
-        _service_frontends(out, snapshot, svc, node, config, governing.get((namespace, name)))
+    context = (node, config)
+    for key, svc in sorted(snapshot.services.items()):
+        policy = governing.get(key)
+        deps = _deps(snapshot, svc, policy) if cache is not None else ()
+        result = cache.lookup(key, deps, context) if cache is not None else None
+        if result is None:
+            result = _one_service(snapshot, svc, node, config, policy)
+            if cache is not None:
+                cache.store(key, deps, result)
+        result.replay(out)
+    if cache is not None:
+        cache.keep_only(set(snapshot.services))
 
     return DesiredState(
-        frontends=MappingProxyType(dict(sorted(out.frontends.items()))),
+        frontends=MappingProxyType(dict(sorted(out.frontends.items(),
+                                               key=lambda kv: kv[0].sort_key()))),
         vips=frozenset(out.vips),
         service_cidrs=config.service_cidrs,
         problems=tuple(out.problems),

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
-from agent.compute.types import DesiredState, L4Addr, ServiceProblem
+from agent.compute.types import DesiredState, Frontend, L4Addr, ServiceProblem
 from agent.datapath.interface import Datapath, DatapathState
 from agent.errors import DatapathError
 
@@ -58,6 +58,10 @@ class Reconciler:
         self._reported: set[ServiceProblem] = set()
         self.last_result: SyncResult | None = None
         self.failed_frontends: dict[L4Addr, str] = {}
+        # The Frontend objects the last passes confirmed programmed. compute's
+        # cache hands back the very same object for a Service that did not
+        # change, so an incremental pass skips those without comparing.
+        self._confirmed: dict[L4Addr, Frontend] = {}
 
     def request_full(self) -> None:
         self._need_full = True
@@ -72,6 +76,7 @@ class Reconciler:
             self._report_problems(desired)
             if full:
                 self._applied = self._datapath.dump()
+                self._confirmed = {}
             self._apply(desired, result)
         except DatapathError as err:
             result.errors.append(str(err))
@@ -122,18 +127,26 @@ class Reconciler:
             if attempt(result, f"add CIDR {cidr}", partial(dp.upsert_service_cidr, cidr)):
                 applied.service_cidrs.add(cidr)
 
+        confirmed: dict[L4Addr, Frontend] = {}
         for key, frontend in desired.frontends.items():
+            if self._confirmed.get(key) is frontend and key in applied.frontends:
+                confirmed[key] = frontend
+                continue
             programmed = self._datapath.programmed_of(frontend)
             if applied.frontends.get(key) == programmed:
+                confirmed[key] = frontend
                 continue
             what = f"frontend {key} of {frontend.service}"
             if attempt(result, what, partial(dp.upsert_frontend, frontend)):
                 applied.frontends[key] = programmed
                 self.failed_frontends.pop(key, None)
+                confirmed[key] = frontend
             else:
                 # The datapath keeps the old, consistent version; a full pass retries.
                 applied.frontends.pop(key, None)
                 self.failed_frontends[key] = result.errors[-1]
+
+        self._confirmed = confirmed
 
         for vip in desired.vips - applied.vips:
             if attempt(result, f"add VIP {vip}", partial(dp.upsert_vip, vip)):

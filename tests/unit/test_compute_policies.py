@@ -358,3 +358,56 @@ def test_dual_stack_nodeport_answers_on_both_families() -> None:
     assert [str(b) for b in v6.backends] == ["[fd00:10:244:1::2]:8080/TCP"]
     # NodePorts are not Service VIPs: the node's own address must not refuse other ports.
     assert {str(v) for v in state.vips} == {"10.96.0.1", "fd00:96::1"}
+
+
+def test_the_compute_cache_changes_the_time_not_the_result(monkeypatch: Any) -> None:
+    """With a ComputeCache, compute_desired recomputes only the Services whose
+    inputs (the objects themselves) changed, and returns what a fresh
+    computation returns, conflicts between Services included."""
+    import agent.compute.desired as desired_mod
+    from agent.compute.desired import ComputeCache, compute_desired
+    from agent.compute.render import render_desired
+    from agent.compute.types import ComputeConfig, NodeIdentity
+    from agent.model.parse import parse_object
+    from agent.model.snapshot import ClusterSnapshot
+
+    def svc(name: str, ip: str) -> dict[str, Any]:
+        return {"apiVersion": "v1", "kind": "Service",
+                "metadata": {"name": name, "namespace": "default"},
+                "spec": {"clusterIP": ip, "ports": [{"name": "http", "protocol": "TCP",
+                                                     "port": 80, "targetPort": 8080}]}}
+
+    def eps(name: str, ip: str) -> dict[str, Any]:
+        return {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+                "metadata": {"name": f"{name}-1", "namespace": "default",
+                             "labels": {"kubernetes.io/service-name": name}},
+                "addressType": "IPv4", "ports": [{"name": "http", "protocol": "TCP",
+                                                  "port": 8080}],
+                "endpoints": [{"addresses": [ip], "conditions": {"ready": True}}]}
+
+    objects = {f"s{i}": parse_object(svc(f"s{i}", f"10.96.0.{i + 1}")) for i in range(5)}
+    objects |= {f"e{i}": parse_object(eps(f"s{i}", f"10.244.0.{i + 1}")) for i in range(5)}
+    # s5 claims s0's address: a conflict the first Service by name wins.
+    objects["s5"] = parse_object(svc("s5", "10.96.0.1"))
+    calls: list[str] = []
+    real = desired_mod._one_service
+
+    def counting(snapshot: Any, s: Any, *args: Any) -> Any:
+        calls.append(s.meta.name)
+        return real(snapshot, s, *args)
+
+    monkeypatch.setattr(desired_mod, "_one_service", counting)
+    node, config, cache = NodeIdentity("node-1"), ComputeConfig(), ComputeCache()
+    first = compute_desired(ClusterSnapshot.of(objects.values()), node, config, cache)
+    assert sorted(calls) == ["s0", "s1", "s2", "s3", "s4", "s5"]
+    calls.clear()
+    objects["e3"] = parse_object(eps("s3", "10.244.9.9"))  # one Service's endpoints change
+    snapshot = ClusterSnapshot.of(objects.values())
+    second = compute_desired(snapshot, node, config, cache)
+    assert calls == ["s3"]
+    assert render_desired(second) == render_desired(compute_desired(snapshot, node, config))
+    assert render_desired(second) != render_desired(first)
+    assert "FrontendConflict" in render_desired(second)
+    calls.clear()
+    compute_desired(snapshot, NodeIdentity("node-2"), config, cache)  # another node: all again
+    assert len(calls) == 6
