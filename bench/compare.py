@@ -281,7 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 f"{elapsed / 60:.1f} min."]
     for load in loads:
         sections.append(f"### Datapath, {load.label} Services loaded\n\n"
-                        f"{report.datapath_table(load)}")
+                        f"{report.datapath_table(load)}{report.trouble(load)}")
     sections.append("### Control plane (each proxy alone, started afresh)\n\n"
                     + report.cp_table(cps))
     sections.append("### Goals\n\n" + "\n".join(report.goals(loads, cps, GOAL_SERVICES)))

@@ -93,6 +93,28 @@ def cp_table(results: Sequence[CpResult]) -> str:
     return "\n".join(lines)
 
 
+def trouble(load: Load) -> str:
+    """A line on wrk errors and latency runs whose connection never came up,
+    in the runs kept (after the redo limit), if any."""
+    if load.series is None:
+        return ""
+    found = []
+    for path in load.series.paths:
+        runs = [r for r in load.series.used() if r.path == path]
+        errors = sum(r.counted.get("wrk_errors", 0) for r in runs)
+        lost = sum(r.counted.get("latency_runs_without_answer", 0) for r in runs)
+        if errors or lost:
+            found.append(f"{BY_KEY[path].title}: {errors} wrk error(s), {lost} latency "
+                         f"connection(s) that never came up")
+    redone = {r.path for r in load.series.runs if not r.used and r.disturbed}
+    text = f"\n\nRounds redone: {load.series.redone()}"
+    if redone:
+        text += f" (disturbed: {', '.join(sorted(redone))})"
+    if found:
+        text += f". Left in the kept runs: {'; '.join(found)}"
+    return text + "."
+
+
 # ---- goals ---------------------------------------------------------------------
 
 
