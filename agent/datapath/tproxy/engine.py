@@ -9,8 +9,9 @@ Local policy), which no socket option could say.
 
 Frontends. `update()` (the reconciler's thread) builds a Chooser per scope
 and swaps it into a dict the proxy thread reads; no lock is needed because
-each swap is one dict assignment. Flows of UDP backends that left are closed
-by the proxy thread, which `update()` asks through the loop.
+each swap is one dict assignment. UDP flows whose backend left move to a
+live one (udp.py), done by the proxy thread, which `update()` asks through
+the loop.
 
 Keeping the client's address. A connection keeps it (the upstream socket
 binds it with IP_TRANSPARENT) only where the backend's replies are sure to

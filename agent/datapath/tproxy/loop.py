@@ -31,6 +31,7 @@ class Loop:
         self._calls: collections.deque[Callable[[], None]] = collections.deque()
         self._timers: list[tuple[float, float, Callable[[float], None]]] = []
         self._later: list[tuple[float, Callable[[], None]]] = []
+        self._deferred: collections.deque[Callable[[], None]] = collections.deque()
         self._stop = False
         self.register(self._wake, select.EPOLLIN, self._on_wake)
 
@@ -64,6 +65,11 @@ class Loop:
         """Call fn(now) about every `interval` seconds, from the loop."""
         self._timers.append((time.monotonic() + interval, interval, fn))
 
+    def defer(self, fn: Callable[[], None]) -> None:
+        """Call fn() from the loop after the events at hand (the loop's own
+        thread only): for work cut short so that others get their turn."""
+        self._deferred.append(fn)
+
     def call_later(self, delay: float, fn: Callable[[], None]) -> None:
         """Call fn() once, about `delay` seconds from now, from the loop."""
         self._later.append((time.monotonic() + delay, fn))
@@ -88,7 +94,7 @@ class Loop:
             due = min([t[0] for t in self._timers] + [t[0] for t in self._later],
                       default=now + 1.0)
             try:
-                events = poll(max(0.0, due - now), 256)
+                events = poll(0.0 if self._deferred else max(0.0, due - now), 256)
             except InterruptedError:
                 continue
             for fd, mask in events:
@@ -99,6 +105,11 @@ class Loop:
                     handler(mask)
                 except Exception:  # one broken flow must never stop the proxy
                     log.exception("proxy: handler for fd %d failed", fd)
+            for _ in range(len(self._deferred)):
+                try:
+                    self._deferred.popleft()()
+                except Exception:
+                    log.exception("proxy: deferred task failed")
             if self._later:
                 now = time.monotonic()
                 ready = [fn for when, fn in self._later if when <= now]

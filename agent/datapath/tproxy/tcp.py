@@ -51,6 +51,8 @@ _SPLICE = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 # Bytes a pipe holds; also the most one splice() moves. Large enough that a
 # bulk transfer needs few system calls per megabyte.
 PIPE_SIZE = 1 << 18
+# Pipe-fulls one direction moves before other connections get their turn.
+TURN = 16
 _RESET = (errno.ECONNRESET, errno.EPIPE, errno.ETIMEDOUT, errno.EHOSTUNREACH,
           errno.ENETUNREACH, errno.ECONNABORTED, errno.ECONNREFUSED)
 
@@ -159,9 +161,13 @@ class Connection:
     def _run(self, d: _Direction) -> bool:
         """Move what can be moved in one direction: drain the pipe, then read
         and write until the source has nothing (EAGAIN), ends, or the
-        destination is full. False if the connection was aborted."""
+        destination is full; or, after TURN pipe-fulls, let other connections
+        have their turn and go on right after them (with edge-triggered
+        events, nothing else would say that data is still waiting). False if
+        the connection was aborted."""
         splice = os.splice
         pr, pw = d.pipe
+        turns = TURN
         try:
             while True:
                 while d.pending:
@@ -176,6 +182,10 @@ class Connection:
                         with contextlib.suppress(OSError):
                             d.dst_sock.shutdown(socket.SHUT_WR)
                     return True
+                turns -= 1
+                if not turns:
+                    self.engine.loop.defer(lambda: self._resume(d))
+                    return True
                 try:
                     n = splice(d.src, pw, PIPE_SIZE, flags=_SPLICE)
                 except BlockingIOError:
@@ -189,6 +199,10 @@ class Connection:
                 log.debug("proxy: splice for %s: %s", self.backend, err)
             self.abort()
             return False
+
+    def _resume(self, d: _Direction) -> None:
+        if self.state == Connection.OPEN and not d.done and self._run(d):
+            self._maybe_close()
 
     def _maybe_close(self) -> None:
         if self.up.done and self.down.done:
