@@ -83,8 +83,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         "(at least 1 s; default 0.5)")
     p.add_argument("--paths", default="",
                    help="comma-separated subset of the datapath paths (default: all)")
-    p.add_argument("--program-timeout", type=float, default=900.0,
-                   help="how long a proxy may take to program a load (default 900 s)")
+    p.add_argument("--program-timeout", type=float, default=300.0,
+                   help="how long a proxy may take to program a load (default 300 s)")
     args = p.parse_args(argv)
     benchlib.apply_presets(
         args, quick={"rounds": 1, "duration": 1, "loads": "50"},

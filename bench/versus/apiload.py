@@ -25,11 +25,15 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 
 TRIGGER = "endpoints.kubernetes.io/last-change-trigger-time"
 SERVICES = "/api/v1/namespaces/{ns}/services"
 SLICES = "/apis/discovery.k8s.io/v1/namespaces/{ns}/endpointslices"
+
+Body = dict[str, Any] | Callable[[], dict[str, Any]] | None
+Job = tuple[str, str, Body]  # method, path, body
 
 
 @dataclass(frozen=True)
@@ -126,13 +130,14 @@ class ApiWriter:
             raise RuntimeError(f"{method} {path}: {resp.status} {raw[:300]!r}")
         raise AssertionError("unreachable")
 
-    def run(self, jobs: Sequence[tuple[str, str, dict[str, Any] | None]],
-            ok: Sequence[int] = (200, 201, 202)) -> float:
-        """Send every (method, path, body); return the monotonic time at which
-        the last one was answered."""
-        work: queue.Queue[tuple[int, tuple[str, str, dict[str, Any] | None]]] = queue.Queue()
-        for i, job in enumerate(jobs):
-            work.put((i, job))
+    def run(self, jobs: Sequence[Job], ok: Sequence[int] = (200, 201, 202)) -> float:
+        """Send every (method, path, body); a body may be a function, called
+        just before its request is sent (so that a time it holds is the
+        send time). Returns the monotonic time at which the last request was
+        answered."""
+        work: queue.Queue[Job] = queue.Queue()
+        for job in jobs:
+            work.put(job)
         errors: list[BaseException] = []
         last = [0.0]
         lock = threading.Lock()
@@ -142,10 +147,10 @@ class ApiWriter:
             try:
                 while not errors:
                     try:
-                        _, (method, path, body) = work.get_nowait()
+                        method, path, body = work.get_nowait()
                     except queue.Empty:
                         return
-                    self.request(conn, method, path, body, ok)
+                    self.request(conn, method, path, body() if callable(body) else body, ok)
                     with lock:
                         last[0] = max(last[0], time.monotonic())
             except BaseException as err:  # reported by the caller
@@ -167,14 +172,15 @@ class ApiWriter:
         """Every Service and its EndpointSlice (in parallel: a slice may exist
         before its Service, as it can in a cluster); returns when the last
         object was created."""
-        jobs: list[tuple[str, str, dict[str, Any] | None]] = []
+        jobs: list[Job] = []
         for spec in specs:
             jobs.append(("POST", SERVICES.format(ns=namespace), spec.service(namespace)))
-            jobs.append(("POST", SLICES.format(ns=namespace), spec.slice(namespace)))
+            # The trigger-time annotation: when the slice is sent, not queued.
+            jobs.append(("POST", SLICES.format(ns=namespace), partial(spec.slice, namespace)))
         return self.run(jobs)
 
     def delete(self, specs: Sequence[ServiceSpec], namespace: str) -> float:
-        jobs: list[tuple[str, str, dict[str, Any] | None]] = []
+        jobs: list[Job] = []
         for spec in specs:
             jobs.append(("DELETE", f"{SERVICES.format(ns=namespace)}/{spec.name}", None))
             jobs.append(("DELETE", f"{SLICES.format(ns=namespace)}/{spec.name}-1", None))
