@@ -14,9 +14,11 @@
  *      the device the packet came in on (another node) and the policy is
  *      Cluster, SNAT to the node's address so the reply comes back here;
  *      record both directions in the NAT maps.
- * Translated packets are forwarded with a FIB lookup and bpf_redirect_neigh:
- * the stack would drop a packet whose source is now one of its own addresses
- * ("martian"), and the redirect also skips a second routing pass.
+ * Translated packets are forwarded with a FIB lookup and a redirect (with the
+ * MAC addresses the lookup returned, or bpf_redirect_neigh given the next hop
+ * when the neighbour is not resolved yet): the stack would drop a packet whose
+ * source is now one of its own addresses ("martian"), and the redirect also
+ * skips a second routing pass.
  *
  * Egress: replies of local backends to external clients leave through the
  * device un-SNATed; their source is restored to the frontend here.
@@ -157,66 +159,61 @@ static __always_inline int veer_parse(struct __sk_buff *skb, struct veer_pkt *p)
 	return -1;
 }
 
-/* Replace a 16-byte IPv6 address at `off`, fixing the L4 checksum (IPv6
- * has no header checksum). */
-static __always_inline void veer_pkt_store6(struct __sk_buff *skb, const struct veer_pkt *p,
-					__u32 off, const __u8 *old, const __u8 *new)
+static __always_inline int veer_same_addr(const __u8 *a, const __u8 *b)
 {
-	__be32 from[4], to[4];
-	__s64 diff;
+	const __u32 *x = (const __u32 *)a, *y = (const __u32 *)b;
 
-	__builtin_memcpy(from, old, 16);
-	__builtin_memcpy(to, new, 16);
-	if (from[0] == to[0] && from[1] == to[1] && from[2] == to[2] && from[3] == to[3])
-		return;
-	diff = bpf_csum_diff(from, 16, to, 16, 0);
-	bpf_l4_csum_replace(skb, p->csum_off, 0, diff,
-			    BPF_F_PSEUDO_HDR | (p->udp ? BPF_F_MARK_MANGLED_0 : 0));
-	bpf_skb_store_bytes(skb, off, to, 16, 0);
+	return x[0] == y[0] && x[1] == y[1] && x[2] == y[2] && x[3] == y[3];
 }
 
-/* Replace an IPv4 address at `off`, fixing the IP and L4 checksums. */
-static __always_inline void veer_pkt_store4(struct __sk_buff *skb, const struct veer_pkt *p,
-					__u32 off, const __u8 *old, const __u8 *new)
-{
-	__u64 l4 = BPF_F_PSEUDO_HDR | (p->udp ? BPF_F_MARK_MANGLED_0 : 0);
-	__be32 from, to;
-
-	__builtin_memcpy(&from, old, 4);
-	__builtin_memcpy(&to, new, 4);
-	if (from == to)
-		return;
-	bpf_l4_csum_replace(skb, p->csum_off, from, to, l4 | 4);
-	bpf_l3_csum_replace(skb, VEER_IP_CSUM_OFF, from, to, 4);
-	bpf_skb_store_bytes(skb, off, &to, 4, 0);
-}
-
-/* Rewrite the packet's addresses and ports from p->t to `to`, fixing the
- * checksums. A UDP checksum of 0 (none, IPv4 only) stays 0 (MANGLED_0). */
+/* Rewrite the packet's addresses and ports from p->t to `to`, with as few
+ * helper calls as the change needs: one checksum difference over both
+ * addresses, applied to the IPv4 header checksum and, as a pseudo-header
+ * change, to the L4 checksum; the two ports as one 32-bit word (not a
+ * pseudo-header change: the L4 checksum of a CHECKSUM_PARTIAL packet is
+ * finished later over the ports as written); one store for the addresses and
+ * one for the ports. A UDP checksum of 0 (none, IPv4 only) stays 0
+ * (MANGLED_0). */
 static __always_inline void veer_rewrite(struct __sk_buff *skb, const struct veer_pkt *p,
 					 const struct veer_nat_value *to)
 {
-	__u64 l4 = p->udp ? BPF_F_MARK_MANGLED_0 : 0;
-	__be16 sport = to->sport, dport = to->dport;
+	__u64 mangled = p->udp ? BPF_F_MARK_MANGLED_0 : 0;
+	__be32 from[8], next[8];
+	__u32 from_ports, to_ports;
+	__s64 diff;
 
 	if (p->t.family == VEER_FAMILY_IPV4) {
-		veer_pkt_store4(skb, p, VEER_IP_SRC_OFF, p->t.saddr, to->saddr);
-		veer_pkt_store4(skb, p, VEER_IP_DST_OFF, p->t.daddr, to->daddr);
-	} else {
-		veer_pkt_store6(skb, p, VEER_IP6_SRC_OFF, p->t.saddr, to->saddr);
-		veer_pkt_store6(skb, p, VEER_IP6_DST_OFF, p->t.daddr, to->daddr);
+		__builtin_memcpy(&from[0], p->t.saddr, 4);
+		__builtin_memcpy(&from[1], p->t.daddr, 4);
+		__builtin_memcpy(&next[0], to->saddr, 4);
+		__builtin_memcpy(&next[1], to->daddr, 4);
+		if (from[0] != next[0] || from[1] != next[1]) {
+			diff = bpf_csum_diff(from, 8, next, 8, 0);
+			bpf_l3_csum_replace(skb, VEER_IP_CSUM_OFF, 0, diff, 0);
+			bpf_l4_csum_replace(skb, p->csum_off, 0, diff, BPF_F_PSEUDO_HDR | mangled);
+			bpf_skb_store_bytes(skb, VEER_IP_SRC_OFF, next, 8, 0);
+		}
+	} else if (!veer_same_addr(p->t.saddr, to->saddr) ||
+		   !veer_same_addr(p->t.daddr, to->daddr)) {
+		__builtin_memcpy(from, p->t.saddr, 16);
+		__builtin_memcpy(&from[4], p->t.daddr, 16);
+		__builtin_memcpy(next, to->saddr, 16);
+		__builtin_memcpy(&next[4], to->daddr, 16);
+		diff = bpf_csum_diff(from, 32, next, 32, 0);
+		bpf_l4_csum_replace(skb, p->csum_off, 0, diff, BPF_F_PSEUDO_HDR | mangled);
+		bpf_skb_store_bytes(skb, VEER_IP6_SRC_OFF, next, 32, 0);
 	}
-	if (p->t.sport != sport) {
-		bpf_l4_csum_replace(skb, p->csum_off, p->t.sport, sport, l4 | 2);
-		bpf_skb_store_bytes(skb, p->l4_off, &sport, 2, 0);
-	}
-	if (p->t.dport != dport) {
-		bpf_l4_csum_replace(skb, p->csum_off, p->t.dport, dport, l4 | 2);
-		bpf_skb_store_bytes(skb, p->l4_off + 2, &dport, 2, 0);
+	from_ports = (__u32)p->t.sport | ((__u32)p->t.dport << 16);
+	to_ports = (__u32)to->sport | ((__u32)to->dport << 16);
+	if (from_ports != to_ports) {
+		bpf_l4_csum_replace(skb, p->csum_off, from_ports, to_ports, mangled | 4);
+		bpf_skb_store_bytes(skb, p->l4_off, &to_ports, 4, 0);
 	}
 }
 
-/* Where a packet from `saddr` to `daddr` leaves this node: 0 on success. */
+/* Where a packet from `saddr` to `daddr` leaves this node: the FIB lookup's
+ * answer, BPF_FIB_LKUP_RET_SUCCESS or _NO_NEIGH, with `fib` filled; -1 when
+ * it cannot be forwarded (a local address, no route, ...). */
 static __always_inline int veer_route(struct __sk_buff *skb, __u8 family, const __u8 *saddr,
 				      const __u8 *daddr, struct bpf_fib_lookup *fib)
 {
@@ -235,8 +232,41 @@ static __always_inline int veer_route(struct __sk_buff *skb, __u8 family, const 
 	}
 	rc = bpf_fib_lookup(skb, fib, sizeof(*fib), 0);
 	if (rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH)
-		return 0;
+		return rc;
 	return -1;
+}
+
+/* bpf_redirect_neigh's parameters (struct bpf_redir_neigh): the next hop. */
+struct veer_redir_neigh {
+	__u32 nh_family;
+	__u8 nh[16];
+};
+
+/* Send a translated packet out where veer_route() found, without a second
+ * route lookup: when the lookup knew the neighbour (SUCCESS), write the MAC
+ * addresses it returned and redirect; otherwise hand bpf_redirect_neigh the
+ * next hop it found (without one, that helper looks the route up again). */
+static __always_inline int veer_send(struct __sk_buff *skb, int route,
+					const struct bpf_fib_lookup *fib)
+{
+	struct veer_redir_neigh nh = {};
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+
+	if (route == BPF_FIB_LKUP_RET_SUCCESS) {
+		if ((void *)(eth + 1) > end)
+			return TC_ACT_SHOT;
+		__builtin_memcpy(eth->h_dest, fib->dmac, ETH_ALEN);
+		__builtin_memcpy(eth->h_source, fib->smac, ETH_ALEN);
+		return bpf_redirect(fib->ifindex, 0);
+	}
+	nh.nh_family = fib->family;
+	if (fib->family == VEER_AF_INET)
+		__builtin_memcpy(nh.nh, &fib->ipv4_dst, 4);
+	else
+		__builtin_memcpy(nh.nh, fib->ipv6_dst, 16);
+	return veer_redirect_neigh(fib->ifindex, &nh, sizeof(nh), 0);
 }
 
 /* Report a verdict on the packet `p` (see veer_report). */
@@ -252,33 +282,26 @@ static __always_inline void veer_report_tc(struct __sk_buff *skb, __u32 reason,
  * longer than conntrack's UDP timeout is dead (its ports may be reused by an
  * unrelated flow). TCP entries end when a new SYN reuses their ports. */
 static __always_inline int veer_nat_stale(const struct veer_tuple *t,
-					  const struct veer_nat_value *nat)
+					  const struct veer_nat_value *nat, __u64 now)
 {
 	__u64 seen = nat->last_seen_ns & ~VEER_NAT_CLOSING;
-	__u64 idle = bpf_ktime_get_ns() - seen;
+	__u64 idle = now - seen;
 
 	if (t->proto == VEER_IPPROTO_UDP)
 		return idle > VEER_UDP_IDLE_NS;
 	return (nat->last_seen_ns & VEER_NAT_CLOSING) && idle > VEER_TCP_CLOSED_NS;
 }
 
-static __always_inline int veer_same_addr(const __u8 *a, const __u8 *b)
-{
-	const __u32 *x = (const __u32 *)a, *y = (const __u32 *)b;
-
-	return x[0] == y[0] && x[1] == y[1] && x[2] == y[2] && x[3] == y[3];
-}
-
-/* Note a packet of a NAT entry's flow: refresh its time, and mark it closing
- * when the packet is a FIN or RST (the mark stays). */
+/* Note a packet of a NAT entry's flow at time `now`: refresh its time, and
+ * mark it closing when the packet is a FIN or RST (the mark stays). */
 static __always_inline void veer_nat_seen(struct veer_nat_value *nat, const struct veer_pkt *p,
-					  int reply)
+					  int reply, __u64 now)
 {
 	__u64 closing = (nat->last_seen_ns & VEER_NAT_CLOSING) | (p->fin ? VEER_NAT_CLOSING : 0);
 	struct veer_nat_value *other;
 	struct veer_tuple key = {};
 
-	nat->last_seen_ns = bpf_ktime_get_ns() | closing;
+	nat->last_seen_ns = now | closing;
 	if (!p->fin)
 		return;
 	/* A FIN or RST in one direction ends both: mark the other direction's
@@ -309,23 +332,28 @@ static __always_inline void veer_forget_reverse(const struct veer_pkt *p)
 	reply.dport = p->t.sport;
 	reply.proto = p->t.proto;
 	reply.family = p->t.family;
-	veer_nat_rev.delete(&reply);
+	/* Deleting takes the bucket's lock even when there is nothing to delete;
+	 * looking first does not, and there is rarely anything. */
+	if (veer_nat_rev.lookup(&reply))
+		veer_nat_rev.delete(&reply);
 }
 
-/* Translate a packet of a known flow and send it on its way. */
+/* Translate a packet of a known flow, seen at `now`, and send it on its way. */
 static __always_inline int veer_apply(struct __sk_buff *skb, const struct veer_pkt *p,
-				      struct veer_nat_value *to, int reply)
+				      struct veer_nat_value *to, int reply, __u64 now)
 {
 	struct bpf_fib_lookup fib;
+	int route;
 
-	veer_nat_seen(to, p, reply);
+	veer_nat_seen(to, p, reply, now);
 	veer_rewrite(skb, p, to);
-	if (veer_route(skb, p->t.family, to->saddr, to->daddr, &fib) < 0) {
+	route = veer_route(skb, p->t.family, to->saddr, to->daddr, &fib);
+	if (route < 0) {
 		veer_count(VEER_CNT_NAT_FAIL);
 		veer_report_tc(skb, VEER_CNT_NAT_FAIL, p, to->service_id, to->daddr, to->dport, 0);
 		return TC_ACT_SHOT;
 	}
-	return veer_redirect_neigh(fib.ifindex, NULL, 0, 0);
+	return veer_send(skb, route, &fib);
 }
 
 /* Whether the client may use a frontend with loadBalancerSourceRanges. */
@@ -530,7 +558,7 @@ static __always_inline int veer_new_flow(struct __sk_buff *skb, const struct vee
 	__u32 zero = 0, hash, i, snat[4];
 	__u16 count;
 	__u8 report_flags = 0;
-	int stored = 0, short_circuit = 0;
+	int stored = 0, short_circuit = 0, route;
 
 	__builtin_memcpy(key.addr, p->t.daddr, 16);
 	key.port = p->t.dport;
@@ -642,7 +670,8 @@ static __always_inline int veer_new_flow(struct __sk_buff *skb, const struct vee
 	w->reply.proto = p->t.proto;
 	w->reply.family = p->t.family;
 
-	if (veer_route(skb, p->t.family, w->fwd.saddr, w->fwd.daddr, &fib) < 0) {
+	route = veer_route(skb, p->t.family, w->fwd.saddr, w->fwd.daddr, &fib);
+	if (route < 0) {
 		veer_count(VEER_CNT_NAT_FAIL);
 		veer_nat_failed(skb, p, frontend->service_id, backend, report_flags);
 		return TC_ACT_SHOT;
@@ -689,7 +718,7 @@ static __always_inline int veer_new_flow(struct __sk_buff *skb, const struct vee
 			 * client port's previous connection (the client reuses its
 			 * port only when its TCP allows it)? Then it is free. */
 			held = veer_nat_rev.lookup(&w->reply);
-			if (held && (veer_nat_stale(&w->reply, held) ||
+			if (held && (veer_nat_stale(&w->reply, held, w->fwd.last_seen_ns) ||
 				     (held->dport == p->t.sport &&
 				      veer_same_addr(held->daddr, p->t.saddr))) &&
 			    veer_nat_rev.update(&w->reply, &w->rev) == 0) {
@@ -723,7 +752,7 @@ static __always_inline int veer_new_flow(struct __sk_buff *skb, const struct vee
 	veer_report_tc(skb, VEER_CNT_NAT_NEW, p, frontend->service_id, backend->addr,
 		       backend->port, report_flags);
 	veer_rewrite(skb, p, &w->fwd);
-	return veer_redirect_neigh(fib.ifindex, NULL, 0, 0);
+	return veer_send(skb, route, &fib);
 }
 
 int veer_tc_ingress(struct __sk_buff *skb)
@@ -731,17 +760,18 @@ int veer_tc_ingress(struct __sk_buff *skb)
 	struct veer_pkt p;
 	int verdict;
 	struct veer_nat_value *nat;
+	__u64 now = 0;
 
 	if (veer_parse(skb, &p) < 0)
 		return TC_ACT_OK;
 	nat = veer_nat_rev.lookup(&p.t);
-	if (nat && veer_nat_stale(&p.t, nat)) {
-		veer_nat_rev.delete(&p.t);
-		nat = NULL;
-	}
 	if (nat) {
-		veer_count(VEER_CNT_NAT_REPLY);
-		return veer_apply(skb, &p, nat, 1);
+		now = bpf_ktime_get_ns();
+		if (!veer_nat_stale(&p.t, nat, now)) {
+			veer_count(VEER_CNT_NAT_REPLY);
+			return veer_apply(skb, &p, nat, 1, now);
+		}
+		veer_nat_rev.delete(&p.t);
 	}
 	/* A SYN starts a new connection even if an old one used the same ports:
 	 * choose afresh (the new entry replaces the stale one), as conntrack
@@ -749,10 +779,14 @@ int veer_tc_ingress(struct __sk_buff *skb)
 	 * old and not closing, i.e. this is a retransmitted SYN of the same
 	 * connection. */
 	nat = veer_nat_fwd.lookup(&p.t);
-	if (nat && !veer_nat_stale(&p.t, nat) &&
-	    (!p.syn || (!(nat->last_seen_ns & VEER_NAT_CLOSING) &&
-			bpf_ktime_get_ns() - nat->last_seen_ns < VEER_SYN_REUSE_NS)))
-		return veer_apply(skb, &p, nat, 0);
+	if (nat) {
+		if (!now)
+			now = bpf_ktime_get_ns();
+		if (!veer_nat_stale(&p.t, nat, now) &&
+		    (!p.syn || (!(nat->last_seen_ns & VEER_NAT_CLOSING) &&
+				now - nat->last_seen_ns < VEER_SYN_REUSE_NS)))
+			return veer_apply(skb, &p, nat, 0, now);
+	}
 	verdict = veer_new_flow(skb, &p);
 	if (verdict == VEER_TC_REJECT) {
 		/* Building the ICMP answer does not fit in this program's 512-byte
@@ -778,18 +812,20 @@ int veer_tc_egress(struct __sk_buff *skb)
 {
 	struct veer_pkt p;
 	struct veer_nat_value *nat;
+	__u64 now;
 
 	if (veer_parse(skb, &p) < 0)
 		return TC_ACT_OK;
 	nat = veer_nat_rev.lookup(&p.t);
 	if (!nat)
 		return TC_ACT_OK;
-	if (veer_nat_stale(&p.t, nat)) {
+	now = bpf_ktime_get_ns();
+	if (veer_nat_stale(&p.t, nat, now)) {
 		veer_nat_rev.delete(&p.t);
 		return TC_ACT_OK;
 	}
 	veer_count(VEER_CNT_NAT_REPLY);
-	veer_nat_seen(nat, &p, 1);
+	veer_nat_seen(nat, &p, 1, now);
 	veer_rewrite(skb, &p, nat);
 	return TC_ACT_OK;
 }
