@@ -543,6 +543,59 @@ static __always_inline int veer_tc_access(struct __sk_buff *skb, const struct ve
 	return 0;
 }
 
+/* Source-NAT a new flow to this node's address: pick its source port and
+ * reserve it by inserting the reply tuple w->reply into veer_nat_rev (a few
+ * tries). Fills w->fwd's source and w->reply's destination; -1 when there is
+ * no node address of the family or every port tried is taken. */
+static __always_inline int veer_snat(const struct veer_pkt *p, struct veer_flow_scratch *w)
+{
+	struct veer_node_value *node;
+	struct veer_nat_value *held;
+	__u32 zero = 0, hash, i, snat[4];
+
+	node = veer_node.lookup(&zero);
+	if (!node)
+		return -1;
+	if (p->t.family == VEER_FAMILY_IPV4)
+		__builtin_memcpy(snat, node->addr4, 16);
+	else
+		__builtin_memcpy(snat, node->addr6, 16);
+	if (!(snat[0] | snat[1] | snat[2] | snat[3]))
+		return -1; /* no node address of this family */
+	__builtin_memcpy(w->fwd.saddr, snat, 16);
+	__builtin_memcpy(w->reply.daddr, snat, 16);
+	hash = bpf_get_prandom_u32();
+#pragma unroll
+	for (i = 0; i < VEER_SNAT_TRIES; i++) {
+		/* First the client's own port, as conntrack's NAT does: the client
+		 * reuses it only when its TCP allows, so the backend's TIME_WAIT
+		 * socket of that port accepts the new SYN. Then random ports. */
+		if (i == 0 && bpf_ntohs(p->t.sport) >= 1024)
+			w->fwd.sport = p->t.sport;
+		else
+			w->fwd.sport = bpf_htons(VEER_SNAT_PORT_MIN +
+						 (hash + i * 7919) % VEER_SNAT_PORT_RANGE);
+		w->reply.dport = w->fwd.sport;
+		/* Look before inserting: the client's own port is usually still
+		 * held by its previous connection, and a failed insert into an LRU
+		 * map costs as much as a successful one. */
+		held = veer_nat_rev.lookup(&w->reply);
+		if (!held) {
+			if (veer_nat_rev.insert(&w->reply, &w->rev) == 0)
+				return 0;
+			held = veer_nat_rev.lookup(&w->reply); /* taken meanwhile */
+		}
+		/* Taken: by a connection that has ended, or by this very client
+		 * port's previous connection (the client reuses its port only when
+		 * its TCP allows it)? Then it is free. */
+		if (held && (veer_nat_stale(&w->reply, held, w->fwd.last_seen_ns) ||
+			     (held->dport == p->t.sport && veer_same_addr(held->daddr, p->t.saddr))) &&
+		    veer_nat_rev.update(&w->reply, &w->rev) == 0)
+			return 0;
+	}
+	return -1;
+}
+
 /* The first packet of a flow to an external frontend. */
 static __always_inline int veer_new_flow(struct __sk_buff *skb, const struct veer_pkt *p)
 {
@@ -551,11 +604,9 @@ static __always_inline int veer_new_flow(struct __sk_buff *skb, const struct vee
 	struct veer_backend_key backend_key = {};
 	struct veer_backend_value *backend;
 	struct veer_flow_scratch *w;
-	struct veer_nat_value *held;
 	struct bpf_fib_lookup fib;
-	struct veer_node_value *node;
 	struct veer_ext_affinity_key affinity_key = {};
-	__u32 zero = 0, hash, i, snat[4];
+	__u32 zero = 0;
 	__u16 count;
 	__u8 report_flags = 0;
 	int stored = 0, short_circuit = 0, route;
@@ -680,57 +731,12 @@ static __always_inline int veer_new_flow(struct __sk_buff *skb, const struct vee
 	    (short_circuit || !(frontend->flags & VEER_SVC_F_EXT_LOCAL))) {
 		/* The backend is behind the device the packet came in on: another
 		 * node. Its reply must come back through us, so SNAT. */
-		node = veer_node.lookup(&zero);
-		if (!node) {
+		if (veer_snat(p, w) < 0) {
 			veer_count(VEER_CNT_NAT_FAIL);
 			veer_nat_failed(skb, p, frontend->service_id, backend, report_flags);
 			return TC_ACT_SHOT;
 		}
-		if (p->t.family == VEER_FAMILY_IPV4)
-			__builtin_memcpy(snat, node->addr4, 16);
-		else
-			__builtin_memcpy(snat, node->addr6, 16);
-		if (!(snat[0] | snat[1] | snat[2] | snat[3])) {
-			veer_count(VEER_CNT_NAT_FAIL); /* no node address of this family */
-			veer_nat_failed(skb, p, frontend->service_id, backend, report_flags);
-			return TC_ACT_SHOT;
-		}
-		__builtin_memcpy(w->fwd.saddr, snat, 16);
-		__builtin_memcpy(w->reply.daddr, snat, 16);
-		hash = bpf_get_prandom_u32();
-#pragma unroll
-		for (i = 0; i < VEER_SNAT_TRIES; i++) {
-			/* First the client's own port, as conntrack's NAT does: the
-			 * client reuses it only when its TCP allows, so the backend's
-			 * TIME_WAIT socket of that port accepts the new SYN. Then
-			 * random ports. */
-			if (i == 0 && bpf_ntohs(p->t.sport) >= 1024)
-				w->fwd.sport = p->t.sport;
-			else
-				w->fwd.sport = bpf_htons(VEER_SNAT_PORT_MIN +
-							 (hash + i * 7919) % VEER_SNAT_PORT_RANGE);
-			w->reply.dport = w->fwd.sport;
-			if (veer_nat_rev.insert(&w->reply, &w->rev) == 0) {
-				stored = 1;
-				break;
-			}
-			/* Taken: by a connection that has ended, or by this very
-			 * client port's previous connection (the client reuses its
-			 * port only when its TCP allows it)? Then it is free. */
-			held = veer_nat_rev.lookup(&w->reply);
-			if (held && (veer_nat_stale(&w->reply, held, w->fwd.last_seen_ns) ||
-				     (held->dport == p->t.sport &&
-				      veer_same_addr(held->daddr, p->t.saddr))) &&
-			    veer_nat_rev.update(&w->reply, &w->rev) == 0) {
-				stored = 1;
-				break;
-			}
-		}
-		if (!stored) {
-			veer_count(VEER_CNT_NAT_FAIL);
-			veer_nat_failed(skb, p, frontend->service_id, backend, report_flags);
-			return TC_ACT_SHOT;
-		}
+		stored = 1;
 		veer_count(VEER_CNT_NAT_SNAT);
 	} else {
 		__builtin_memcpy(w->reply.daddr, p->t.saddr, 16);
@@ -814,6 +820,12 @@ int veer_tc_egress(struct __sk_buff *skb)
 	struct veer_nat_value *nat;
 	__u64 now;
 
+	/* Only replies of local backends are restored here, and they come from
+	 * a pod's device or the node itself. A packet that came in through this
+	 * very device is passing through (veer's own translations leave this
+	 * way, already translated): nothing to look up. */
+	if (skb->ingress_ifindex == skb->ifindex)
+		return TC_ACT_OK;
 	if (veer_parse(skb, &p) < 0)
 		return TC_ACT_OK;
 	nat = veer_nat_rev.lookup(&p.t);
