@@ -111,7 +111,8 @@ def open_ebpf_datapath(config: AgentConfig,
     cgroup = config.cgroup or cgroup2_root()
     # sockmap acceleration is compiled in wherever the probe allows it, so a
     # policy can ask for it without a restart.
-    programs = SockLbPrograms(config.bpffs, sockmap=sockmap[0])
+    programs = SockLbPrograms(config.bpffs, sockmap=sockmap[0],
+                              nodeport_mode=config.nodeport_mode)
     programs.load()
     programs.attach(cgroup)
     return EbpfDatapath(SockLbMaps.open(config.bpffs), programs, config.proxy_uid, sockmap)
@@ -213,6 +214,7 @@ class Agent:
             "datapath": self.datapath.name,
             "mode": self.mode[0],
             "mode_reason": self.mode[1],
+            "nodeport_mode": self.config.nodeport_mode,
             "time": time.time(),
             "full": result.full,
             "ok": result.ok,

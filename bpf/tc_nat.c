@@ -64,6 +64,9 @@ static long (*veer_redirect_neigh)(__u32 ifindex, void *params, int plen, __u64 
 
 struct veer_pkt {
 	struct veer_tuple t;
+	__u32 iif; /* the device it came in on (skb->ingress_ifindex, read once: clang
+		    * may keep a context field's address for a second read, which the
+		    * verifier refuses) */
 	__u32 l4_off;
 	__u32 csum_off;
 	__u16 udp;
@@ -89,12 +92,63 @@ struct veer_pkt {
  * retransmission; SNAT prefers the client's own port to make that rare. */
 #define VEER_NAT_CLOSING (1ULL << 63)
 #define VEER_TCP_CLOSED_NS 10000000000ULL
+/* A forward entry of a flow sent on by DSR (the next bit down): its SYNs (and
+ * every UDP datagram) carry the frontend to the backend's node. */
+#define VEER_NAT_DSR (1ULL << 62)
+#define VEER_NAT_FLAGS (VEER_NAT_CLOSING | VEER_NAT_DSR)
 /* veer_new_flow's answer "refuse this packet" (not a TC_ACT_* value). */
 #define VEER_TC_REJECT (-100)
 /* Programs veer_tc_ingress tail-calls, by index in veer_tc_tail. */
 #define VEER_TAIL_REJECT 0
+#define VEER_TAIL_DSR 1
 
-BPF_PROG_ARRAY(veer_tc_tail, 1);
+BPF_PROG_ARRAY(veer_tc_tail, 2);
+
+/* NodePort mode, chosen when the agent compiles the programs
+ * (--nodeport-mode): 0 SNAT (the default), 1 DSR. */
+#ifndef VEER_NODEPORT_DSR
+#define VEER_NODEPORT_DSR 0
+#endif
+
+/* ---- DSR: what the ingress node tells the backend's node -------------------
+ *
+ * In DSR mode a flow from outside whose backend is on another node is not
+ * source-NATed: the ingress node only DNATs, and the backend's node sends the
+ * replies straight to the client, from the frontend's address and port. To
+ * do that it must learn the frontend, which the DNATed packet no longer
+ * names: the ingress node adds it to the flow's first packet, every SYN and
+ * every UDP datagram that has room for it, and the backend's node records
+ * the reply tuple (backend -> client) -> (frontend -> client) in veer_nat_rev,
+ * removes what was added, and lets the packet go on to the pod. veer_tc_egress
+ * then restores the replies there as it does for local backends.
+ *
+ * IPv4: an IP option right after the 20-byte header. Type 158 (copied, class
+ * 0, number 30: RFC 4727's experimental option), length 8: the frontend's
+ * address, then its port. */
+#define VEER_DSR_OPT4_TYPE 158
+struct veer_dsr_opt4 {
+	__u8 type;
+	__u8 len;
+	__u8 addr[4];
+	__be16 port;
+};
+
+/* IPv6: a Destination Options header right after the fixed header, holding
+ * one option of type 0x1e (RFC 4727's experimental type; its top bits 00 tell
+ * a node that does not know it to skip it) with the frontend's address and
+ * port, and a PadN to the 8-byte multiple the header needs. */
+#define VEER_DSR_OPT6_TYPE 0x1e
+#define VEER_IPPROTO_DSTOPTS 60
+struct veer_dsr_opt6 {
+	__u8 nexthdr;  /* the L4 protocol that follows */
+	__u8 hdrlen;   /* in 8-byte units, not counting the first 8: 2 */
+	__u8 type;
+	__u8 len;      /* 18 */
+	__u8 addr[16];
+	__be16 port;
+	__u8 pad_type; /* PadN */
+	__u8 pad_len;  /* 0 */
+};
 
 /* The ports and TCP flags that follow an IP header at `l4`. */
 static __always_inline int veer_parse_l4(struct veer_pkt *p, void *l4, void *end, __u8 proto)
@@ -121,8 +175,14 @@ static __always_inline int veer_parse_l4(struct veer_pkt *p, void *l4, void *end
 	return 0;
 }
 
+/* veer_parse's answer for an IPv4 header with 8 bytes of options or an IPv6
+ * destination options header: perhaps a DSR flow's first packet (see
+ * veer_tc_dsr); not translated otherwise. */
+#define VEER_PARSE_OPTIONS 1
+
 /* Parse a TCP/UDP packet over IPv4 (no options, not a fragment) or IPv6 (no
- * extension headers). Anything else is not ours: -1. */
+ * extension headers): 0. Anything else is not ours: -1, or
+ * VEER_PARSE_OPTIONS. */
 static __always_inline int veer_parse(struct __sk_buff *skb, struct veer_pkt *p)
 {
 	void *data = (void *)(long)skb->data;
@@ -132,11 +192,14 @@ static __always_inline int veer_parse(struct __sk_buff *skb, struct veer_pkt *p)
 	if ((void *)(eth + 1) > end)
 		return -1;
 	__builtin_memset(p, 0, sizeof(*p));
+	p->iif = skb->ingress_ifindex;
 	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
 		struct iphdr *ip = (void *)(eth + 1);
 
-		if ((void *)(ip + 1) > end || ip->ihl != 5)
+		if ((void *)(ip + 1) > end)
 			return -1;
+		if (ip->ihl != 5)
+			return ip->ihl == 7 ? VEER_PARSE_OPTIONS : -1;
 		if (ip->frag_off & bpf_htons(0x3fff))
 			return -1;
 		__builtin_memcpy(p->t.saddr, &ip->saddr, 4);
@@ -154,6 +217,8 @@ static __always_inline int veer_parse(struct __sk_buff *skb, struct veer_pkt *p)
 		__builtin_memcpy(p->t.daddr, &ip6->daddr, 16);
 		p->t.family = VEER_FAMILY_IPV6;
 		p->l4_off = ETH_HLEN + sizeof(struct ipv6hdr);
+		if (ip6->nexthdr == VEER_IPPROTO_DSTOPTS)
+			return VEER_PARSE_OPTIONS;
 		return veer_parse_l4(p, ip6 + 1, end, ip6->nexthdr);
 	}
 	return -1;
@@ -211,16 +276,25 @@ static __always_inline void veer_rewrite(struct __sk_buff *skb, const struct vee
 	}
 }
 
-/* Where a packet from `saddr` to `daddr` leaves this node: the FIB lookup's
- * answer, BPF_FIB_LKUP_RET_SUCCESS or _NO_NEIGH, with `fib` filled; -1 when
- * it cannot be forwarded (a local address, no route, ...). */
-static __always_inline int veer_route(struct __sk_buff *skb, __u8 family, const __u8 *saddr,
-				      const __u8 *daddr, struct bpf_fib_lookup *fib)
+/* veer_route's answer when the packet would not fit the route's MTU with the
+ * bytes the caller means to add. */
+#define VEER_ROUTE_TOO_BIG (-2)
+
+/* Where a packet from `saddr` to `daddr` that came in through device `iif`
+ * leaves this node: the FIB lookup's answer, BPF_FIB_LKUP_RET_SUCCESS or
+ * _NO_NEIGH, with `fib` filled; -1 when it cannot be forwarded (a local
+ * address, no route, ...). `grow`: bytes the caller will add to the packet;
+ * VEER_ROUTE_TOO_BIG when it would then exceed the route's MTU. */
+static __always_inline int veer_route(struct __sk_buff *skb, __u32 iif, __u8 family,
+				      const __u8 *saddr, const __u8 *daddr,
+				      struct bpf_fib_lookup *fib, __u32 grow)
 {
 	int rc;
 
 	__builtin_memset(fib, 0, sizeof(*fib));
-	fib->ifindex = skb->ingress_ifindex;
+	fib->ifindex = iif;
+	if (grow)
+		fib->tot_len = skb->len - ETH_HLEN + grow;
 	if (family == VEER_FAMILY_IPV4) {
 		fib->family = VEER_AF_INET;
 		__builtin_memcpy(&fib->ipv4_src, saddr, 4);
@@ -233,6 +307,8 @@ static __always_inline int veer_route(struct __sk_buff *skb, __u8 family, const 
 	rc = bpf_fib_lookup(skb, fib, sizeof(*fib), 0);
 	if (rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH)
 		return rc;
+	if (grow && rc == BPF_FIB_LKUP_RET_FRAG_NEEDED)
+		return VEER_ROUTE_TOO_BIG;
 	return -1;
 }
 
@@ -284,7 +360,7 @@ static __always_inline void veer_report_tc(struct __sk_buff *skb, __u32 reason,
 static __always_inline int veer_nat_stale(const struct veer_tuple *t,
 					  const struct veer_nat_value *nat, __u64 now)
 {
-	__u64 seen = nat->last_seen_ns & ~VEER_NAT_CLOSING;
+	__u64 seen = nat->last_seen_ns & ~VEER_NAT_FLAGS;
 	__u64 idle = now - seen;
 
 	if (t->proto == VEER_IPPROTO_UDP)
@@ -293,15 +369,15 @@ static __always_inline int veer_nat_stale(const struct veer_tuple *t,
 }
 
 /* Note a packet of a NAT entry's flow at time `now`: refresh its time, and
- * mark it closing when the packet is a FIN or RST (the mark stays). */
+ * mark it closing when the packet is a FIN or RST (the marks stay). */
 static __always_inline void veer_nat_seen(struct veer_nat_value *nat, const struct veer_pkt *p,
 					  int reply, __u64 now)
 {
-	__u64 closing = (nat->last_seen_ns & VEER_NAT_CLOSING) | (p->fin ? VEER_NAT_CLOSING : 0);
+	__u64 flags = (nat->last_seen_ns & VEER_NAT_FLAGS) | (p->fin ? VEER_NAT_CLOSING : 0);
 	struct veer_nat_value *other;
 	struct veer_tuple key = {};
 
-	nat->last_seen_ns = now | closing;
+	nat->last_seen_ns = now | flags;
 	if (!p->fin)
 		return;
 	/* A FIN or RST in one direction ends both: mark the other direction's
@@ -338,24 +414,6 @@ static __always_inline void veer_forget_reverse(const struct veer_pkt *p)
 		veer_nat_rev.delete(&reply);
 }
 
-/* Translate a packet of a known flow, seen at `now`, and send it on its way. */
-static __always_inline int veer_apply(struct __sk_buff *skb, const struct veer_pkt *p,
-				      struct veer_nat_value *to, int reply, __u64 now)
-{
-	struct bpf_fib_lookup fib;
-	int route;
-
-	veer_nat_seen(to, p, reply, now);
-	veer_rewrite(skb, p, to);
-	route = veer_route(skb, p->t.family, to->saddr, to->daddr, &fib);
-	if (route < 0) {
-		veer_count(VEER_CNT_NAT_FAIL);
-		veer_report_tc(skb, VEER_CNT_NAT_FAIL, p, to->service_id, to->daddr, to->dport, 0);
-		return TC_ACT_SHOT;
-	}
-	return veer_send(skb, route, &fib);
-}
-
 /* Whether the client may use a frontend with loadBalancerSourceRanges. */
 static __always_inline int veer_source_allowed(__u32 service_id, const struct veer_tuple *t)
 {
@@ -377,6 +435,132 @@ static __always_inline int veer_from_pod(const struct veer_tuple *t)
 	key.family = t->family;
 	__builtin_memcpy(key.addr, t->saddr, 16);
 	return veer_cluster_cidrs.lookup(&key) != NULL;
+}
+
+/* Bytes a DSR carrier adds to a packet of family `family`. */
+static __always_inline __u32 veer_dsr_len(__u8 family)
+{
+	return family == VEER_FAMILY_IPV4 ? sizeof(struct veer_dsr_opt4)
+					  : sizeof(struct veer_dsr_opt6);
+}
+
+/* The IPv4 header checksum `check` after its header's words changed by
+ * `diff` (a bpf_csum_diff result). */
+static __always_inline __be16 veer_csum_update(__be16 check, __s64 diff)
+{
+	__u64 sum = (__u64)(__u16)~check + (__u32)diff;
+
+	sum = (sum & 0xffffffff) + (sum >> 32);
+	sum = (sum & 0xffff) + (sum >> 16);
+	sum = (sum & 0xffff) + (sum >> 16);
+	return (__be16)~sum;
+}
+
+/* Add the DSR carrier naming the frontend p->t.daddr:p->t.dport (the packet
+ * as it arrived) to a packet already DNATed (see veer_dsr_opt4/6). Headers
+ * are written with BPF_F_RECOMPUTE_CSUM so that a CHECKSUM_COMPLETE sum stays
+ * right; the L4 checksum does not change (its pseudo-header counts the L4
+ * length only). 0, or -1 when the packet could not grow. */
+static __always_inline int veer_dsr_push(struct __sk_buff *skb, const struct veer_pkt *p)
+{
+	if (p->t.family == VEER_FAMILY_IPV4) {
+		struct {
+			__be32 w0; /* version+ihl, tos, tot_len */
+			struct veer_dsr_opt4 opt;
+		} next;
+		__be32 w0;
+		__be16 check;
+		__s64 diff;
+
+		if (bpf_skb_load_bytes(skb, ETH_HLEN, &w0, 4) < 0 ||
+		    bpf_skb_load_bytes(skb, VEER_IP_CSUM_OFF, &check, 2) < 0)
+			return -1;
+		next.w0 = w0;
+		((__u8 *)&next.w0)[0] = 0x47; /* version 4, 7 words of header */
+		((__be16 *)&next.w0)[1] =
+			bpf_htons(bpf_ntohs(((__be16 *)&w0)[1]) + sizeof(struct veer_dsr_opt4));
+		next.opt.type = VEER_DSR_OPT4_TYPE;
+		next.opt.len = sizeof(struct veer_dsr_opt4);
+		__builtin_memcpy(next.opt.addr, p->t.daddr, 4);
+		next.opt.port = p->t.dport;
+		diff = bpf_csum_diff(&w0, 4, (__be32 *)&next, sizeof(next), 0);
+		check = veer_csum_update(check, diff);
+		if (bpf_skb_adjust_room(skb, sizeof(struct veer_dsr_opt4), BPF_ADJ_ROOM_NET, 0))
+			return -1;
+		bpf_skb_store_bytes(skb, ETH_HLEN, &next.w0, 4, BPF_F_RECOMPUTE_CSUM);
+		bpf_skb_store_bytes(skb, VEER_IP_CSUM_OFF, &check, 2, BPF_F_RECOMPUTE_CSUM);
+		bpf_skb_store_bytes(skb, ETH_HLEN + sizeof(struct iphdr), &next.opt,
+				    sizeof(next.opt), BPF_F_RECOMPUTE_CSUM);
+		return 0;
+	} else {
+		struct veer_dsr_opt6 opt = {};
+		__u8 hdr[4]; /* payload_len, nexthdr, hop_limit */
+		__u16 len;
+
+		if (bpf_skb_load_bytes(skb, ETH_HLEN + 4, hdr, 4) < 0)
+			return -1;
+		opt.nexthdr = hdr[2];
+		opt.hdrlen = sizeof(opt) / 8 - 1;
+		opt.type = VEER_DSR_OPT6_TYPE;
+		opt.len = 18;
+		__builtin_memcpy(opt.addr, p->t.daddr, 16);
+		opt.port = p->t.dport;
+		opt.pad_type = 1; /* PadN of no data: the 2 bytes left */
+		len = ((__u16)hdr[0] << 8 | hdr[1]) + sizeof(opt);
+		hdr[0] = len >> 8;
+		hdr[1] = len & 0xff;
+		hdr[2] = VEER_IPPROTO_DSTOPTS;
+		if (bpf_skb_adjust_room(skb, sizeof(opt), BPF_ADJ_ROOM_NET, 0))
+			return -1;
+		bpf_skb_store_bytes(skb, ETH_HLEN + 4, hdr, 4, BPF_F_RECOMPUTE_CSUM);
+		bpf_skb_store_bytes(skb, ETH_HLEN + sizeof(struct ipv6hdr), &opt, sizeof(opt),
+				    BPF_F_RECOMPUTE_CSUM);
+		return 0;
+	}
+}
+
+/* Whether a new flow to a backend on another node (behind the device it came
+ * in on) may go there by DSR. Not when the client is a pod of the cluster,
+ * nor when it is the backend's node itself (the next hop towards the
+ * backend): the backend's replies to those never leave its node by that
+ * node's device, where they would be restored. */
+static __always_inline int veer_dsr_allowed(const struct veer_pkt *p,
+					    const struct bpf_fib_lookup *fib)
+{
+	if (veer_from_pod(&p->t))
+		return 0;
+	if (p->t.family == VEER_FAMILY_IPV4)
+		return __builtin_memcmp(p->t.saddr, &fib->ipv4_dst, 4) != 0;
+	return !veer_same_addr(p->t.saddr, (const __u8 *)fib->ipv6_dst);
+}
+
+/* Translate a packet of a known flow, seen at `now`, and send it on its way.
+ * A flow sent by DSR carries its frontend again on every SYN (a retransmitted
+ * one may be the first to arrive) and every UDP datagram (so that the
+ * backend's node keeps its entry while the client talks), when there is room
+ * under the MTU; otherwise the backend's node has it from an earlier packet. */
+static __always_inline int veer_apply(struct __sk_buff *skb, const struct veer_pkt *p,
+				      struct veer_nat_value *to, int reply, __u64 now)
+{
+	struct bpf_fib_lookup fib;
+	__u32 carry = 0;
+	int route;
+
+	veer_nat_seen(to, p, reply, now);
+	veer_rewrite(skb, p, to);
+	if ((to->last_seen_ns & VEER_NAT_DSR) && (p->syn || p->udp))
+		carry = veer_dsr_len(p->t.family);
+	route = veer_route(skb, p->iif, p->t.family, to->saddr, to->daddr, &fib, carry);
+	if (route == VEER_ROUTE_TOO_BIG) {
+		carry = 0;
+		route = veer_route(skb, p->iif, p->t.family, to->saddr, to->daddr, &fib, 0);
+	}
+	if (route < 0 || (carry && veer_dsr_push(skb, p) < 0)) {
+		veer_count(VEER_CNT_NAT_FAIL);
+		veer_report_tc(skb, VEER_CNT_NAT_FAIL, p, to->service_id, to->daddr, to->dport, 0);
+		return TC_ACT_SHOT;
+	}
+	return veer_send(skb, route, &fib);
 }
 
 /* The backend a client's live per-packet affinity entry names, or 0. */
@@ -609,7 +793,9 @@ static __always_inline int veer_new_flow(struct __sk_buff *skb, const struct vee
 	__u32 zero = 0;
 	__u16 count;
 	__u8 report_flags = 0;
-	int stored = 0, short_circuit = 0, route;
+	int stored = 0, short_circuit = 0, route, dsr = 0;
+	__u32 carry = VEER_NODEPORT_DSR ? veer_dsr_len(p->t.family) : 0;
+	__u32 iif = p->iif;
 
 	__builtin_memcpy(key.addr, p->t.daddr, 16);
 	key.port = p->t.dport;
@@ -721,23 +907,33 @@ static __always_inline int veer_new_flow(struct __sk_buff *skb, const struct vee
 	w->reply.proto = p->t.proto;
 	w->reply.family = p->t.family;
 
-	route = veer_route(skb, p->t.family, w->fwd.saddr, w->fwd.daddr, &fib);
+	/* In DSR mode, ask too whether the packet has room for the frontend. */
+	route = veer_route(skb, iif, p->t.family, w->fwd.saddr, w->fwd.daddr, &fib, carry);
+	if (route == VEER_ROUTE_TOO_BIG) {
+		carry = 0;
+		route = veer_route(skb, iif, p->t.family, w->fwd.saddr, w->fwd.daddr, &fib, 0);
+	}
 	if (route < 0) {
 		veer_count(VEER_CNT_NAT_FAIL);
 		veer_nat_failed(skb, p, frontend->service_id, backend, report_flags);
 		return TC_ACT_SHOT;
 	}
-	if (fib.ifindex == skb->ingress_ifindex &&
-	    (short_circuit || !(frontend->flags & VEER_SVC_F_EXT_LOCAL))) {
+	if (fib.ifindex == iif && (short_circuit || !(frontend->flags & VEER_SVC_F_EXT_LOCAL))) {
 		/* The backend is behind the device the packet came in on: another
-		 * node. Its reply must come back through us, so SNAT. */
-		if (veer_snat(p, w) < 0) {
+		 * node. Either it answers the client itself (DSR: it learns the
+		 * frontend from this packet), or its reply must come back through
+		 * us, so SNAT. */
+		if (carry && !short_circuit && veer_dsr_allowed(p, &fib)) {
+			w->fwd.last_seen_ns |= VEER_NAT_DSR;
+			dsr = 1;
+		} else if (veer_snat(p, w) < 0) {
 			veer_count(VEER_CNT_NAT_FAIL);
 			veer_nat_failed(skb, p, frontend->service_id, backend, report_flags);
 			return TC_ACT_SHOT;
+		} else {
+			stored = 1;
+			veer_count(VEER_CNT_NAT_SNAT);
 		}
-		stored = 1;
-		veer_count(VEER_CNT_NAT_SNAT);
 	} else {
 		__builtin_memcpy(w->reply.daddr, p->t.saddr, 16);
 		w->reply.dport = p->t.sport;
@@ -755,9 +951,18 @@ static __always_inline int veer_new_flow(struct __sk_buff *skb, const struct vee
 	veer_count(VEER_CNT_NAT_NEW);
 	if (stored)
 		report_flags |= VEER_EV_F_SNAT;
+	if (dsr) {
+		report_flags |= VEER_EV_F_DSR;
+		veer_count(VEER_CNT_NAT_DSR);
+	}
 	veer_report_tc(skb, VEER_CNT_NAT_NEW, p, frontend->service_id, backend->addr,
 		       backend->port, report_flags);
 	veer_rewrite(skb, p, &w->fwd);
+	if (dsr && veer_dsr_push(skb, p) < 0) {
+		veer_count(VEER_CNT_NAT_FAIL);
+		veer_nat_failed(skb, p, frontend->service_id, backend, report_flags);
+		return TC_ACT_SHOT;
+	}
 	return veer_send(skb, route, &fib);
 }
 
@@ -768,8 +973,13 @@ int veer_tc_ingress(struct __sk_buff *skb)
 	struct veer_nat_value *nat;
 	__u64 now = 0;
 
-	if (veer_parse(skb, &p) < 0)
+	verdict = veer_parse(skb, &p);
+	if (verdict) {
+		/* Perhaps a DSR flow's first packet: a program of its own. */
+		if (VEER_NODEPORT_DSR && verdict == VEER_PARSE_OPTIONS)
+			veer_tc_tail.call(skb, VEER_TAIL_DSR);
 		return TC_ACT_OK;
+	}
 	nat = veer_nat_rev.lookup(&p.t);
 	if (nat) {
 		now = bpf_ktime_get_ns();
@@ -790,7 +1000,7 @@ int veer_tc_ingress(struct __sk_buff *skb)
 			now = bpf_ktime_get_ns();
 		if (!veer_nat_stale(&p.t, nat, now) &&
 		    (!p.syn || (!(nat->last_seen_ns & VEER_NAT_CLOSING) &&
-				now - nat->last_seen_ns < VEER_SYN_REUSE_NS)))
+				now - (nat->last_seen_ns & ~VEER_NAT_FLAGS) < VEER_SYN_REUSE_NS)))
 			return veer_apply(skb, &p, nat, 0, now);
 	}
 	verdict = veer_new_flow(skb, &p);
@@ -809,9 +1019,182 @@ int veer_tc_reject(struct __sk_buff *skb)
 {
 	struct veer_pkt p;
 
-	if (veer_parse(skb, &p) < 0)
+	if (veer_parse(skb, &p) != 0)
 		return TC_ACT_SHOT;
 	return veer_reject(skb, &p);
+}
+
+/* A DSR flow's packet as it reaches the backend's node: the packet (client ->
+ * backend) and the frontend its carrier names. */
+struct veer_dsr_pkt {
+	struct veer_pkt p;
+	__u8 frontend[16];
+	__be16 frontend_port;
+	__u16 carrier; /* bytes of the carrier: sizeof(struct veer_dsr_opt4/6) */
+	__u8 l4_proto;
+};
+
+/* Parse a packet that carries veer's DSR option (IPv4) or destination
+ * options header (IPv6), exactly as veer_dsr_push() writes them. -1 for any
+ * other header with options: not ours. */
+static __always_inline int veer_parse_dsr(struct __sk_buff *skb, struct veer_dsr_pkt *d)
+{
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+
+	if ((void *)(eth + 1) > end)
+		return -1;
+	__builtin_memset(d, 0, sizeof(*d));
+	d->p.iif = skb->ingress_ifindex;
+	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
+		struct iphdr *ip = (void *)(eth + 1);
+		struct veer_dsr_opt4 *opt = (void *)(ip + 1);
+
+		if ((void *)(opt + 1) > end || ip->ihl != 7)
+			return -1;
+		if (ip->frag_off & bpf_htons(0x3fff))
+			return -1;
+		if (opt->type != VEER_DSR_OPT4_TYPE || opt->len != sizeof(*opt))
+			return -1;
+		__builtin_memcpy(d->frontend, opt->addr, 4);
+		d->frontend_port = opt->port;
+		d->carrier = sizeof(*opt);
+		__builtin_memcpy(d->p.t.saddr, &ip->saddr, 4);
+		__builtin_memcpy(d->p.t.daddr, &ip->daddr, 4);
+		d->p.t.family = VEER_FAMILY_IPV4;
+		d->p.l4_off = ETH_HLEN + sizeof(*ip) + sizeof(*opt);
+		d->l4_proto = ip->protocol;
+		return veer_parse_l4(&d->p, opt + 1, end, ip->protocol);
+	}
+	if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr *ip6 = (void *)(eth + 1);
+		struct veer_dsr_opt6 *opt = (void *)(ip6 + 1);
+
+		if ((void *)(opt + 1) > end || ip6->nexthdr != VEER_IPPROTO_DSTOPTS)
+			return -1;
+		if (opt->hdrlen != sizeof(*opt) / 8 - 1 || opt->type != VEER_DSR_OPT6_TYPE ||
+		    opt->len != 18 || opt->pad_type != 1 || opt->pad_len != 0)
+			return -1;
+		__builtin_memcpy(d->frontend, opt->addr, 16);
+		d->frontend_port = opt->port;
+		d->carrier = sizeof(*opt);
+		__builtin_memcpy(d->p.t.saddr, &ip6->saddr, 16);
+		__builtin_memcpy(d->p.t.daddr, &ip6->daddr, 16);
+		d->p.t.family = VEER_FAMILY_IPV6;
+		d->p.l4_off = ETH_HLEN + sizeof(*ip6) + sizeof(*opt);
+		d->l4_proto = opt->nexthdr;
+		return veer_parse_l4(&d->p, opt + 1, end, opt->nexthdr);
+	}
+	return -1;
+}
+
+/* Remove the DSR carrier veer_parse_dsr() found, leaving the packet as the
+ * client sent it but for its destination (the backend). 0, or -1. */
+static __always_inline int veer_dsr_pop(struct __sk_buff *skb, const struct veer_dsr_pkt *d)
+{
+	if (d->p.t.family == VEER_FAMILY_IPV4) {
+		struct {
+			__be32 w0; /* version+ihl, tos, tot_len */
+			struct veer_dsr_opt4 opt;
+		} old;
+		__be32 w0;
+		__be16 check;
+		__s64 diff;
+
+		if (bpf_skb_load_bytes(skb, ETH_HLEN, &old.w0, 4) < 0 ||
+		    bpf_skb_load_bytes(skb, ETH_HLEN + sizeof(struct iphdr), &old.opt,
+				       sizeof(old.opt)) < 0 ||
+		    bpf_skb_load_bytes(skb, VEER_IP_CSUM_OFF, &check, 2) < 0)
+			return -1;
+		w0 = old.w0;
+		((__u8 *)&w0)[0] = 0x45; /* version 4, 5 words of header */
+		((__be16 *)&w0)[1] =
+			bpf_htons(bpf_ntohs(((__be16 *)&old.w0)[1]) - sizeof(struct veer_dsr_opt4));
+		diff = bpf_csum_diff((__be32 *)&old, sizeof(old), &w0, 4, 0);
+		check = veer_csum_update(check, diff);
+		if (bpf_skb_adjust_room(skb, -(__s32)sizeof(struct veer_dsr_opt4),
+					BPF_ADJ_ROOM_NET, 0))
+			return -1;
+		bpf_skb_store_bytes(skb, ETH_HLEN, &w0, 4, BPF_F_RECOMPUTE_CSUM);
+		bpf_skb_store_bytes(skb, VEER_IP_CSUM_OFF, &check, 2, BPF_F_RECOMPUTE_CSUM);
+		return 0;
+	} else {
+		__u8 hdr[3]; /* payload_len, nexthdr */
+		__u16 len;
+
+		if (bpf_skb_load_bytes(skb, ETH_HLEN + 4, hdr, 2) < 0)
+			return -1;
+		len = ((__u16)hdr[0] << 8 | hdr[1]) - sizeof(struct veer_dsr_opt6);
+		hdr[0] = len >> 8;
+		hdr[1] = len & 0xff;
+		hdr[2] = d->l4_proto;
+		if (bpf_skb_adjust_room(skb, -(__s32)sizeof(struct veer_dsr_opt6),
+					BPF_ADJ_ROOM_NET, 0))
+			return -1;
+		bpf_skb_store_bytes(skb, ETH_HLEN + 4, hdr, 3, BPF_F_RECOMPUTE_CSUM);
+		return 0;
+	}
+}
+
+/* Tail-called by veer_tc_ingress (DSR mode) for a packet with IPv4 options or
+ * an IPv6 destination options header (VEER_TAIL_DSR). When it carries veer's
+ * DSR option, this node holds the flow's backend: record where its replies
+ * must appear to come from, (backend -> client) -> (frontend -> client), for
+ * veer_tc_egress, remove the option and let the packet go on to the pod.
+ *
+ * The replies must leave by this device, where veer_tc_egress restores them:
+ * a client that this node reaches another way (itself, one of its pods: the
+ * ingress node avoids those) cannot be served by DSR; its packet is dropped
+ * and counted (nat_fail). */
+int veer_tc_dsr(struct __sk_buff *skb)
+{
+	struct veer_dsr_pkt d;
+	struct veer_tuple reply = {};
+	struct veer_nat_value rev = {}, *held;
+	struct bpf_fib_lookup fib;
+	__u64 now;
+
+	if (veer_parse_dsr(skb, &d) < 0)
+		return TC_ACT_OK;
+	if (veer_route(skb, d.p.iif, d.p.t.family, d.p.t.daddr, d.p.t.saddr, &fib, 0) < 0 ||
+	    fib.ifindex != d.p.iif) {
+		veer_count(VEER_CNT_NAT_FAIL);
+		veer_report_tc(skb, VEER_CNT_NAT_FAIL, &d.p, 0, d.p.t.daddr, d.p.t.dport,
+			       VEER_EV_F_DSR);
+		return TC_ACT_SHOT;
+	}
+	now = bpf_ktime_get_ns();
+	__builtin_memcpy(reply.saddr, d.p.t.daddr, 16);
+	__builtin_memcpy(reply.daddr, d.p.t.saddr, 16);
+	reply.sport = d.p.t.dport;
+	reply.dport = d.p.t.sport;
+	reply.proto = d.p.t.proto;
+	reply.family = d.p.t.family;
+	held = veer_nat_rev.lookup(&reply);
+	if (held && !(held->last_seen_ns & VEER_NAT_CLOSING) &&
+	    held->sport == d.frontend_port && veer_same_addr(held->saddr, d.frontend)) {
+		/* The flow's entry already: a retransmitted SYN, a later datagram. */
+		held->last_seen_ns = now | (held->last_seen_ns & VEER_NAT_FLAGS);
+	} else {
+		__builtin_memcpy(rev.saddr, d.frontend, 16);
+		rev.sport = d.frontend_port;
+		__builtin_memcpy(rev.daddr, d.p.t.saddr, 16);
+		rev.dport = d.p.t.sport;
+		rev.last_seen_ns = now;
+		if (veer_nat_rev.update(&reply, &rev) != 0) {
+			veer_count(VEER_CNT_NAT_FAIL);
+			veer_report_tc(skb, VEER_CNT_NAT_FAIL, &d.p, 0, d.p.t.daddr, d.p.t.dport,
+				       VEER_EV_F_DSR);
+			return TC_ACT_SHOT;
+		}
+		veer_count(VEER_CNT_NAT_DSR_IN);
+	}
+	if (veer_dsr_pop(skb, &d) < 0) {
+		veer_count(VEER_CNT_NAT_FAIL);
+		return TC_ACT_SHOT;
+	}
+	return TC_ACT_OK;
 }
 
 int veer_tc_egress(struct __sk_buff *skb)
@@ -826,7 +1209,7 @@ int veer_tc_egress(struct __sk_buff *skb)
 	 * way, already translated): nothing to look up. */
 	if (skb->ingress_ifindex == skb->ifindex)
 		return TC_ACT_OK;
-	if (veer_parse(skb, &p) < 0)
+	if (veer_parse(skb, &p) != 0)
 		return TC_ACT_OK;
 	nat = veer_nat_rev.lookup(&p.t);
 	if (!nat)
