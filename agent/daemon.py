@@ -112,7 +112,7 @@ def open_ebpf_datapath(config: AgentConfig,
     # sockmap acceleration is compiled in wherever the probe allows it, so a
     # policy can ask for it without a restart.
     programs = SockLbPrograms(config.bpffs, sockmap=sockmap[0],
-                              nodeport_mode=config.nodeport_mode)
+                              dsr=config.nodeport_mode == "dsr")
     programs.load()
     programs.attach(cgroup)
     return EbpfDatapath(SockLbMaps.open(config.bpffs), programs, config.proxy_uid, sockmap)

@@ -60,7 +60,6 @@ BPF_PROG_TYPE_CGROUP_SOCK_ADDR = 18
 BPF_PROG_TYPE_SCHED_CLS = 3
 # veer_tc_ingress's tail calls: index in veer_tc_tail (VEER_TAIL_* in bpf/tc_nat.c) -> program.
 TAIL_CALLS = ((0, "veer_tc_reject"), (1, "veer_tc_dsr"))
-NODEPORT_MODES = ("snat", "dsr")
 
 
 @dataclass(frozen=True)
@@ -159,13 +158,11 @@ def open_dir(path: str) -> Iterator[int]:
 class SockLbPrograms:
     """The compiled socket-LB object: its programs and pinned maps.
 
-    `nodeport_mode` (--nodeport-mode) is compiled in: "snat" (the default) or
-    "dsr" (bpf/tc_nat.c, VEER_NODEPORT_DSR)."""
+    `dsr` (--nodeport-mode dsr) is compiled in: bpf/tc_nat.c's
+    VEER_NODEPORT_DSR."""
 
     def __init__(self, bpffs_dir: str, map_sizes: dict[str, int] | None = None,
-                 sockmap: bool = False, nodeport_mode: str = "snat") -> None:
-        if nodeport_mode not in NODEPORT_MODES:
-            raise DatapathError(f"unknown NodePort mode {nodeport_mode!r}")
+                 sockmap: bool = False, dsr: bool = False) -> None:
         self.bpffs_dir = bpffs_dir
         self.map_sizes = map_sizes or {}
         # Compile and attach sockmap acceleration (bpf/sockmap.c): only where
@@ -173,7 +170,7 @@ class SockLbPrograms:
         # all when attaching it failed.
         self.sockmap = sockmap
         self.sockmap_error = ""
-        self.nodeport_mode = nodeport_mode
+        self.dsr = dsr
         self._bpf: Any = None
         self._fns: dict[str, Any] = {}
         self._tc_fns: dict[str, Any] = {}
@@ -190,7 +187,7 @@ class SockLbPrograms:
             f'-DVEER_PIN_DIR="{self.bpffs_dir}"',
             *(f"-DVEER_{name.upper()}_MAX={size}" for name, size in self.map_sizes.items()),
             *(["-DVEER_SOCKMAP"] if self.sockmap else []),
-            f"-DVEER_NODEPORT_DSR={int(self.nodeport_mode == 'dsr')}",
+            f"-DVEER_NODEPORT_DSR={int(self.dsr)}",
         ]
         try:
             text = "\n".join(
