@@ -51,6 +51,9 @@ class AgentConfig:
         if self.nodeport_mode not in NODEPORT_MODES:
             raise ConfigError(f"--nodeport-mode must be one of {', '.join(NODEPORT_MODES)}, "
                               f"not {self.nodeport_mode!r}")
+        if self.nodeport_mode == "dsr" and self.mode == "tproxy":
+            raise ConfigError("--nodeport-mode dsr is done by the eBPF datapath's "
+                              "per-packet programs, not by --mode tproxy")
         if self.nodeport_mode == "dsr" and not self.cluster_cidrs:
             raise ConfigError("--nodeport-mode dsr needs --cluster-cidr: a pod's connection "
                               "must not go by DSR (its replies would not pass a device veer "

@@ -76,6 +76,11 @@ def choose_mode(config: AgentConfig, hidden_features: tuple[str, ...] = ()) -> M
         missing = ", ".join(features.missing)
         if config.mode == "ebpf":
             raise ConfigError(f"--mode ebpf: this kernel lacks {missing}")
+        if config.nodeport_mode == "dsr":
+            # The other nodes send this one DSR flows: falling back to TPROXY
+            # would leave their replies unrestored.
+            raise ConfigError(f"--nodeport-mode dsr needs eBPF mode: this kernel lacks "
+                              f"{missing}")
         return ModeChoice(
             "tproxy", f"auto: this kernel lacks {missing}, which eBPF mode needs; using the "
             "TPROXY fallback (nftables tproxy and a proxy in the agent)", found, lacking,

@@ -48,6 +48,9 @@ def test_modes(mode: str) -> None:
         # veer serves, so they are source-NATed instead.
         pytest.param({"node_name": "n", "nodeport_mode": "dsr"}, "--cluster-cidr",
                      id="dsr-without-cluster-cidr"),
+        pytest.param({"node_name": "n", "nodeport_mode": "dsr", "mode": "tproxy",
+                      "cluster_cidrs": frozenset({ip_network("10.244.0.0/16")})},
+                     "--mode tproxy", id="dsr-is-ebpf-only"),
     ],
 )
 def test_invalid_config(kwargs: dict[str, Any], message: str) -> None:
