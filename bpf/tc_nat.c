@@ -48,9 +48,7 @@
 #define VEER_AF_INET6 10
 #define VEER_IP_CSUM_OFF (ETH_HLEN + offsetof(struct iphdr, check))
 #define VEER_IP_SRC_OFF (ETH_HLEN + offsetof(struct iphdr, saddr))
-#define VEER_IP_DST_OFF (ETH_HLEN + offsetof(struct iphdr, daddr))
 #define VEER_IP6_SRC_OFF (ETH_HLEN + offsetof(struct ipv6hdr, saddr))
-#define VEER_IP6_DST_OFF (ETH_HLEN + offsetof(struct ipv6hdr, daddr))
 #define VEER_TCP_CSUM_OFF 16
 #define VEER_UDP_CSUM_OFF 6
 #define VEER_SNAT_PORT_MIN 32768
