@@ -12,8 +12,11 @@
  *   3. the first packet to an external frontend: choose a backend from the
  *      frontend's external scope, DNAT to it, and if the backend lies behind
  *      the device the packet came in on (another node) and the policy is
- *      Cluster, SNAT to the node's address so the reply comes back here;
- *      record both directions in the NAT maps.
+ *      Cluster, SNAT to the node's address so the reply comes back here
+ *      (in DSR mode: send it on un-SNATed, telling that node the frontend,
+ *      see "DSR" below); record both directions in the NAT maps;
+ *   4. (DSR mode) a DSR flow's packet from another node for a local backend:
+ *      veer_tc_dsr, tail-called.
  * Translated packets are forwarded with a FIB lookup and a redirect (with the
  * MAC addresses the lookup returned, or bpf_redirect_neigh given the next hop
  * when the neighbour is not resolved yet): the stack would drop a packet whose
@@ -21,7 +24,8 @@
  * skips a second routing pass.
  *
  * Egress: replies of local backends to external clients leave through the
- * device un-SNATed; their source is restored to the frontend here.
+ * device un-SNATed; their source is restored to the frontend here (the
+ * frontend of this node, or, for a DSR flow, of the node that sent it).
  *
  * Also: loadBalancerSourceRanges (clients outside are dropped), ClientIP
  * affinity keyed by the client's address, and pods of the cluster
@@ -32,8 +36,8 @@
  * (veer_helpers.c): drops, denials and failures always, new flows while the
  * agent asks.
  *
- * Not yet: IPv4 options, IPv6 extension headers and fragments (passed
- * untouched), ICMP errors for translated flows. A frontend without any
+ * Not yet: IPv4 options, IPv6 extension headers (but veer's own DSR carrier)
+ * and fragments (passed untouched), ICMP errors for translated flows. A frontend without any
  * endpoint answers ICMP port unreachable, as kube-proxy's REJECT does; one
  * that is empty only here under a Local policy drops.
  */
