@@ -10,6 +10,7 @@ from agent.model.objects import IPNetwork
 
 DEFAULT_BPFFS = "/sys/fs/bpf/veer"
 MODES = ("auto", "ebpf", "tproxy")
+NODEPORT_MODES = ("snat", "dsr")
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,11 @@ class AgentConfig:
     cluster_cidrs: frozenset[IPNetwork] = field(default_factory=frozenset)
     # Devices that get the per-packet programs; empty: those holding the node's addresses.
     devices: tuple[str, ...] = ()
+    # How a flow from outside reaches a backend on another node: source-NATed to
+    # this node ("snat"), or sent on with its frontend so that the backend's node
+    # answers the client itself ("dsr", direct server return). Every node must
+    # run the same mode.
+    nodeport_mode: str = "snat"
     service_proxy_name: str | None = None
     min_sync_interval: float = 0.0
     max_sync_interval: float = 60.0
@@ -42,6 +48,16 @@ class AgentConfig:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ConfigError(f"--mode must be one of {', '.join(MODES)}, not {self.mode!r}")
+        if self.nodeport_mode not in NODEPORT_MODES:
+            raise ConfigError(f"--nodeport-mode must be one of {', '.join(NODEPORT_MODES)}, "
+                              f"not {self.nodeport_mode!r}")
+        if self.nodeport_mode == "dsr" and self.mode == "tproxy":
+            raise ConfigError("--nodeport-mode dsr is done by the eBPF datapath's "
+                              "per-packet programs, not by --mode tproxy")
+        if self.nodeport_mode == "dsr" and not self.cluster_cidrs:
+            raise ConfigError("--nodeport-mode dsr needs --cluster-cidr: a pod's connection "
+                              "must not go by DSR (its replies would not pass a device veer "
+                              "serves), and the pod ranges say which clients are pods")
         if not self.node_name:
             raise ConfigError("--node-name is required")
         if self.max_sync_interval <= 0 or self.min_sync_interval < 0:

@@ -77,6 +77,11 @@ def choose_mode(config: AgentConfig, hidden_features: tuple[str, ...] = ()) -> M
         missing = ", ".join(features.missing)
         if config.mode == "ebpf":
             raise ConfigError(f"--mode ebpf: this kernel lacks {missing}")
+        if config.nodeport_mode == "dsr":
+            # The other nodes send this one DSR flows: falling back to TPROXY
+            # would leave their replies unrestored.
+            raise ConfigError(f"--nodeport-mode dsr needs eBPF mode: this kernel lacks "
+                              f"{missing}")
         return ModeChoice(
             "tproxy", f"auto: this kernel lacks {missing}, which eBPF mode needs; using the "
             "TPROXY fallback (nftables tproxy and a proxy in the agent)", found, lacking,
@@ -112,7 +117,8 @@ def open_ebpf_datapath(config: AgentConfig,
     cgroup = config.cgroup or cgroup2_root()
     # sockmap acceleration is compiled in wherever the probe allows it, so a
     # policy can ask for it without a restart.
-    programs = SockLbPrograms(config.bpffs, sockmap=sockmap[0])
+    programs = SockLbPrograms(config.bpffs, sockmap=sockmap[0],
+                              dsr=config.nodeport_mode == "dsr")
     programs.load()
     programs.attach(cgroup)
     return EbpfDatapath(SockLbMaps.open(config.bpffs), programs, config.proxy_uid, sockmap)
@@ -217,6 +223,7 @@ class Agent:
             "datapath": self.datapath.name,
             "mode": self.mode[0],
             "mode_reason": self.mode[1],
+            "nodeport_mode": self.config.nodeport_mode,
             "time": time.time(),
             "full": result.full,
             "ok": result.ok,

@@ -447,6 +447,13 @@ def ratio_cells(series: Series) -> str:
             f"| **{series.ratio():.3f}** | {min(paired):.3f}-{max(paired):.3f}")
 
 
+def path_cells(series: Series, path: str) -> str:
+    """`rate | **ratio to base** | per-round min-max` of one path under test."""
+    paired = series.paired_ratios(path)
+    return (f"{fmt_rate(series.rates(path))} | **{series.ratio(path):.3f}** "
+            f"| {min(paired):.3f}-{max(paired):.3f}")
+
+
 def add_common_args(p: argparse.ArgumentParser, server: str) -> None:
     """The options every bench takes; `server` names the nginx for the help text."""
     p.add_argument("--rounds", type=int, default=None, help="rounds (default 7)")

@@ -12,14 +12,20 @@
  *   3. the first packet to an external frontend: choose a backend from the
  *      frontend's external scope, DNAT to it, and if the backend lies behind
  *      the device the packet came in on (another node) and the policy is
- *      Cluster, SNAT to the node's address so the reply comes back here;
- *      record both directions in the NAT maps.
- * Translated packets are forwarded with a FIB lookup and bpf_redirect_neigh:
- * the stack would drop a packet whose source is now one of its own addresses
- * ("martian"), and the redirect also skips a second routing pass.
+ *      Cluster, SNAT to the node's address so the reply comes back here
+ *      (in DSR mode: send it on un-SNATed, telling that node the frontend,
+ *      see "DSR" below); record both directions in the NAT maps;
+ *   4. (DSR mode) a DSR flow's packet from another node for a local backend:
+ *      veer_tc_dsr, tail-called.
+ * Translated packets are forwarded with a FIB lookup and a redirect (with the
+ * MAC addresses the lookup returned, or bpf_redirect_neigh given the next hop
+ * when the neighbour is not resolved yet): the stack would drop a packet whose
+ * source is now one of its own addresses ("martian"), and the redirect also
+ * skips a second routing pass.
  *
  * Egress: replies of local backends to external clients leave through the
- * device un-SNATed; their source is restored to the frontend here.
+ * device un-SNATed; their source is restored to the frontend here (the
+ * frontend of this node, or, for a DSR flow, of the node that sent it).
  *
  * Also: loadBalancerSourceRanges (clients outside are dropped), ClientIP
  * affinity keyed by the client's address, and pods of the cluster
@@ -30,8 +36,8 @@
  * (veer_helpers.c): drops, denials and failures always, new flows while the
  * agent asks.
  *
- * Not yet: IPv4 options, IPv6 extension headers and fragments (passed
- * untouched), ICMP errors for translated flows. A frontend without any
+ * Not yet: IPv4 options, IPv6 extension headers (but veer's own DSR carrier)
+ * and fragments (passed untouched), ICMP errors for translated flows. A frontend without any
  * endpoint answers ICMP port unreachable, as kube-proxy's REJECT does; one
  * that is empty only here under a Local policy drops.
  */
@@ -46,9 +52,7 @@
 #define VEER_AF_INET6 10
 #define VEER_IP_CSUM_OFF (ETH_HLEN + offsetof(struct iphdr, check))
 #define VEER_IP_SRC_OFF (ETH_HLEN + offsetof(struct iphdr, saddr))
-#define VEER_IP_DST_OFF (ETH_HLEN + offsetof(struct iphdr, daddr))
 #define VEER_IP6_SRC_OFF (ETH_HLEN + offsetof(struct ipv6hdr, saddr))
-#define VEER_IP6_DST_OFF (ETH_HLEN + offsetof(struct ipv6hdr, daddr))
 #define VEER_TCP_CSUM_OFF 16
 #define VEER_UDP_CSUM_OFF 6
 #define VEER_SNAT_PORT_MIN 32768
@@ -62,6 +66,9 @@ static long (*veer_redirect_neigh)(__u32 ifindex, void *params, int plen, __u64 
 
 struct veer_pkt {
 	struct veer_tuple t;
+	__u32 iif; /* the device it came in on (skb->ingress_ifindex, read once: clang
+		    * may keep a context field's address for a second read, which the
+		    * verifier refuses) */
 	__u32 l4_off;
 	__u32 csum_off;
 	__u16 udp;
@@ -87,12 +94,63 @@ struct veer_pkt {
  * retransmission; SNAT prefers the client's own port to make that rare. */
 #define VEER_NAT_CLOSING (1ULL << 63)
 #define VEER_TCP_CLOSED_NS 10000000000ULL
+/* A forward entry of a flow sent on by DSR (the next bit down): its SYNs (and
+ * every UDP datagram) carry the frontend to the backend's node. */
+#define VEER_NAT_DSR (1ULL << 62)
+#define VEER_NAT_FLAGS (VEER_NAT_CLOSING | VEER_NAT_DSR)
 /* veer_new_flow's answer "refuse this packet" (not a TC_ACT_* value). */
 #define VEER_TC_REJECT (-100)
 /* Programs veer_tc_ingress tail-calls, by index in veer_tc_tail. */
 #define VEER_TAIL_REJECT 0
+#define VEER_TAIL_DSR 1
 
-BPF_PROG_ARRAY(veer_tc_tail, 1);
+BPF_PROG_ARRAY(veer_tc_tail, 2);
+
+/* NodePort mode, chosen when the agent compiles the programs
+ * (--nodeport-mode): 0 SNAT (the default), 1 DSR. */
+#ifndef VEER_NODEPORT_DSR
+#define VEER_NODEPORT_DSR 0
+#endif
+
+/* ---- DSR: what the ingress node tells the backend's node -------------------
+ *
+ * In DSR mode a flow from outside whose backend is on another node is not
+ * source-NATed: the ingress node only DNATs, and the backend's node sends the
+ * replies straight to the client, from the frontend's address and port. To
+ * do that it must learn the frontend, which the DNATed packet no longer
+ * names: the ingress node adds it to the flow's first packet, every SYN and
+ * every UDP datagram that has room for it, and the backend's node records
+ * the reply tuple (backend -> client) -> (frontend -> client) in veer_nat_rev,
+ * removes what was added, and lets the packet go on to the pod. veer_tc_egress
+ * then restores the replies there as it does for local backends.
+ *
+ * IPv4: an IP option right after the 20-byte header. Type 158 (copied, class
+ * 0, number 30: RFC 4727's experimental option), length 8: the frontend's
+ * address, then its port. */
+#define VEER_DSR_OPT4_TYPE 158
+struct veer_dsr_opt4 {
+	__u8 type;
+	__u8 len;
+	__u8 addr[4];
+	__be16 port;
+};
+
+/* IPv6: a Destination Options header right after the fixed header, holding
+ * one option of type 0x1e (RFC 4727's experimental type; its top bits 00 tell
+ * a node that does not know it to skip it) with the frontend's address and
+ * port, and a PadN to the 8-byte multiple the header needs. */
+#define VEER_DSR_OPT6_TYPE 0x1e
+#define VEER_IPPROTO_DSTOPTS 60
+struct veer_dsr_opt6 {
+	__u8 nexthdr;  /* the L4 protocol that follows */
+	__u8 hdrlen;   /* in 8-byte units, not counting the first 8: 2 */
+	__u8 type;
+	__u8 len;      /* 18 */
+	__u8 addr[16];
+	__be16 port;
+	__u8 pad_type; /* PadN */
+	__u8 pad_len;  /* 0 */
+};
 
 /* The ports and TCP flags that follow an IP header at `l4`. */
 static __always_inline int veer_parse_l4(struct veer_pkt *p, void *l4, void *end, __u8 proto)
@@ -119,8 +177,14 @@ static __always_inline int veer_parse_l4(struct veer_pkt *p, void *l4, void *end
 	return 0;
 }
 
+/* veer_parse's answer for an IPv4 header with 8 bytes of options or an IPv6
+ * destination options header: perhaps a DSR flow's first packet (see
+ * veer_tc_dsr); not translated otherwise. */
+#define VEER_PARSE_OPTIONS 1
+
 /* Parse a TCP/UDP packet over IPv4 (no options, not a fragment) or IPv6 (no
- * extension headers). Anything else is not ours: -1. */
+ * extension headers): 0. Anything else is not ours: -1, or
+ * VEER_PARSE_OPTIONS. */
 static __always_inline int veer_parse(struct __sk_buff *skb, struct veer_pkt *p)
 {
 	void *data = (void *)(long)skb->data;
@@ -130,11 +194,14 @@ static __always_inline int veer_parse(struct __sk_buff *skb, struct veer_pkt *p)
 	if ((void *)(eth + 1) > end)
 		return -1;
 	__builtin_memset(p, 0, sizeof(*p));
+	p->iif = skb->ingress_ifindex;
 	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
 		struct iphdr *ip = (void *)(eth + 1);
 
-		if ((void *)(ip + 1) > end || ip->ihl != 5)
+		if ((void *)(ip + 1) > end)
 			return -1;
+		if (ip->ihl != 5)
+			return ip->ihl == 7 ? VEER_PARSE_OPTIONS : -1;
 		if (ip->frag_off & bpf_htons(0x3fff))
 			return -1;
 		__builtin_memcpy(p->t.saddr, &ip->saddr, 4);
@@ -152,78 +219,84 @@ static __always_inline int veer_parse(struct __sk_buff *skb, struct veer_pkt *p)
 		__builtin_memcpy(p->t.daddr, &ip6->daddr, 16);
 		p->t.family = VEER_FAMILY_IPV6;
 		p->l4_off = ETH_HLEN + sizeof(struct ipv6hdr);
+		if (ip6->nexthdr == VEER_IPPROTO_DSTOPTS)
+			return VEER_PARSE_OPTIONS;
 		return veer_parse_l4(p, ip6 + 1, end, ip6->nexthdr);
 	}
 	return -1;
 }
 
-/* Replace a 16-byte IPv6 address at `off`, fixing the L4 checksum (IPv6
- * has no header checksum). */
-static __always_inline void veer_pkt_store6(struct __sk_buff *skb, const struct veer_pkt *p,
-					__u32 off, const __u8 *old, const __u8 *new)
+static __always_inline int veer_same_addr(const __u8 *a, const __u8 *b)
 {
-	__be32 from[4], to[4];
-	__s64 diff;
+	const __u32 *x = (const __u32 *)a, *y = (const __u32 *)b;
 
-	__builtin_memcpy(from, old, 16);
-	__builtin_memcpy(to, new, 16);
-	if (from[0] == to[0] && from[1] == to[1] && from[2] == to[2] && from[3] == to[3])
-		return;
-	diff = bpf_csum_diff(from, 16, to, 16, 0);
-	bpf_l4_csum_replace(skb, p->csum_off, 0, diff,
-			    BPF_F_PSEUDO_HDR | (p->udp ? BPF_F_MARK_MANGLED_0 : 0));
-	bpf_skb_store_bytes(skb, off, to, 16, 0);
+	return x[0] == y[0] && x[1] == y[1] && x[2] == y[2] && x[3] == y[3];
 }
 
-/* Replace an IPv4 address at `off`, fixing the IP and L4 checksums. */
-static __always_inline void veer_pkt_store4(struct __sk_buff *skb, const struct veer_pkt *p,
-					__u32 off, const __u8 *old, const __u8 *new)
-{
-	__u64 l4 = BPF_F_PSEUDO_HDR | (p->udp ? BPF_F_MARK_MANGLED_0 : 0);
-	__be32 from, to;
-
-	__builtin_memcpy(&from, old, 4);
-	__builtin_memcpy(&to, new, 4);
-	if (from == to)
-		return;
-	bpf_l4_csum_replace(skb, p->csum_off, from, to, l4 | 4);
-	bpf_l3_csum_replace(skb, VEER_IP_CSUM_OFF, from, to, 4);
-	bpf_skb_store_bytes(skb, off, &to, 4, 0);
-}
-
-/* Rewrite the packet's addresses and ports from p->t to `to`, fixing the
- * checksums. A UDP checksum of 0 (none, IPv4 only) stays 0 (MANGLED_0). */
+/* Rewrite the packet's addresses and ports from p->t to `to`, with as few
+ * helper calls as the change needs: one checksum difference over both
+ * addresses, applied to the IPv4 header checksum and, as a pseudo-header
+ * change, to the L4 checksum; the two ports as one 32-bit word (not a
+ * pseudo-header change: the L4 checksum of a CHECKSUM_PARTIAL packet is
+ * finished later over the ports as written); one store for the addresses and
+ * one for the ports. A UDP checksum of 0 (none, IPv4 only) stays 0
+ * (MANGLED_0). */
 static __always_inline void veer_rewrite(struct __sk_buff *skb, const struct veer_pkt *p,
 					 const struct veer_nat_value *to)
 {
-	__u64 l4 = p->udp ? BPF_F_MARK_MANGLED_0 : 0;
-	__be16 sport = to->sport, dport = to->dport;
+	__u64 mangled = p->udp ? BPF_F_MARK_MANGLED_0 : 0;
+	__be32 from[8], next[8];
+	__u32 from_ports, to_ports;
+	__s64 diff;
 
 	if (p->t.family == VEER_FAMILY_IPV4) {
-		veer_pkt_store4(skb, p, VEER_IP_SRC_OFF, p->t.saddr, to->saddr);
-		veer_pkt_store4(skb, p, VEER_IP_DST_OFF, p->t.daddr, to->daddr);
-	} else {
-		veer_pkt_store6(skb, p, VEER_IP6_SRC_OFF, p->t.saddr, to->saddr);
-		veer_pkt_store6(skb, p, VEER_IP6_DST_OFF, p->t.daddr, to->daddr);
+		__builtin_memcpy(&from[0], p->t.saddr, 4);
+		__builtin_memcpy(&from[1], p->t.daddr, 4);
+		__builtin_memcpy(&next[0], to->saddr, 4);
+		__builtin_memcpy(&next[1], to->daddr, 4);
+		if (from[0] != next[0] || from[1] != next[1]) {
+			diff = bpf_csum_diff(from, 8, next, 8, 0);
+			bpf_l3_csum_replace(skb, VEER_IP_CSUM_OFF, 0, diff, 0);
+			bpf_l4_csum_replace(skb, p->csum_off, 0, diff, BPF_F_PSEUDO_HDR | mangled);
+			bpf_skb_store_bytes(skb, VEER_IP_SRC_OFF, next, 8, 0);
+		}
+	} else if (!veer_same_addr(p->t.saddr, to->saddr) ||
+		   !veer_same_addr(p->t.daddr, to->daddr)) {
+		__builtin_memcpy(from, p->t.saddr, 16);
+		__builtin_memcpy(&from[4], p->t.daddr, 16);
+		__builtin_memcpy(next, to->saddr, 16);
+		__builtin_memcpy(&next[4], to->daddr, 16);
+		diff = bpf_csum_diff(from, 32, next, 32, 0);
+		bpf_l4_csum_replace(skb, p->csum_off, 0, diff, BPF_F_PSEUDO_HDR | mangled);
+		bpf_skb_store_bytes(skb, VEER_IP6_SRC_OFF, next, 32, 0);
 	}
-	if (p->t.sport != sport) {
-		bpf_l4_csum_replace(skb, p->csum_off, p->t.sport, sport, l4 | 2);
-		bpf_skb_store_bytes(skb, p->l4_off, &sport, 2, 0);
-	}
-	if (p->t.dport != dport) {
-		bpf_l4_csum_replace(skb, p->csum_off, p->t.dport, dport, l4 | 2);
-		bpf_skb_store_bytes(skb, p->l4_off + 2, &dport, 2, 0);
+	from_ports = (__u32)p->t.sport | ((__u32)p->t.dport << 16);
+	to_ports = (__u32)to->sport | ((__u32)to->dport << 16);
+	if (from_ports != to_ports) {
+		bpf_l4_csum_replace(skb, p->csum_off, from_ports, to_ports, mangled | 4);
+		bpf_skb_store_bytes(skb, p->l4_off, &to_ports, 4, 0);
 	}
 }
 
-/* Where a packet from `saddr` to `daddr` leaves this node: 0 on success. */
-static __always_inline int veer_route(struct __sk_buff *skb, __u8 family, const __u8 *saddr,
-				      const __u8 *daddr, struct bpf_fib_lookup *fib)
+/* veer_route's answer when the packet would not fit the route's MTU with the
+ * bytes the caller means to add. */
+#define VEER_ROUTE_TOO_BIG (-2)
+
+/* Where a packet from `saddr` to `daddr` that came in through device `iif`
+ * leaves this node: the FIB lookup's answer, BPF_FIB_LKUP_RET_SUCCESS or
+ * _NO_NEIGH, with `fib` filled; -1 when it cannot be forwarded (a local
+ * address, no route, ...). `grow`: bytes the caller will add to the packet;
+ * VEER_ROUTE_TOO_BIG when it would then exceed the route's MTU. */
+static __always_inline int veer_route(struct __sk_buff *skb, __u32 iif, __u8 family,
+				      const __u8 *saddr, const __u8 *daddr,
+				      struct bpf_fib_lookup *fib, __u32 grow)
 {
 	int rc;
 
 	__builtin_memset(fib, 0, sizeof(*fib));
-	fib->ifindex = skb->ingress_ifindex;
+	fib->ifindex = iif;
+	if (grow)
+		fib->tot_len = skb->len - ETH_HLEN + grow;
 	if (family == VEER_FAMILY_IPV4) {
 		fib->family = VEER_AF_INET;
 		__builtin_memcpy(&fib->ipv4_src, saddr, 4);
@@ -235,8 +308,43 @@ static __always_inline int veer_route(struct __sk_buff *skb, __u8 family, const 
 	}
 	rc = bpf_fib_lookup(skb, fib, sizeof(*fib), 0);
 	if (rc == BPF_FIB_LKUP_RET_SUCCESS || rc == BPF_FIB_LKUP_RET_NO_NEIGH)
-		return 0;
+		return rc;
+	if (grow && rc == BPF_FIB_LKUP_RET_FRAG_NEEDED)
+		return VEER_ROUTE_TOO_BIG;
 	return -1;
+}
+
+/* bpf_redirect_neigh's parameters (struct bpf_redir_neigh): the next hop. */
+struct veer_redir_neigh {
+	__u32 nh_family;
+	__u8 nh[16];
+};
+
+/* Send a translated packet out where veer_route() found, without a second
+ * route lookup: when the lookup knew the neighbour (SUCCESS), write the MAC
+ * addresses it returned and redirect; otherwise hand bpf_redirect_neigh the
+ * next hop it found (without one, that helper looks the route up again). */
+static __always_inline int veer_send(struct __sk_buff *skb, int route,
+					const struct bpf_fib_lookup *fib)
+{
+	struct veer_redir_neigh nh = {};
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+
+	if (route == BPF_FIB_LKUP_RET_SUCCESS) {
+		if ((void *)(eth + 1) > end)
+			return TC_ACT_SHOT;
+		__builtin_memcpy(eth->h_dest, fib->dmac, ETH_ALEN);
+		__builtin_memcpy(eth->h_source, fib->smac, ETH_ALEN);
+		return bpf_redirect(fib->ifindex, 0);
+	}
+	nh.nh_family = fib->family;
+	if (fib->family == VEER_AF_INET)
+		__builtin_memcpy(nh.nh, &fib->ipv4_dst, 4);
+	else
+		__builtin_memcpy(nh.nh, fib->ipv6_dst, 16);
+	return veer_redirect_neigh(fib->ifindex, &nh, sizeof(nh), 0);
 }
 
 /* Report a verdict on the packet `p` (see veer_report). */
@@ -252,33 +360,26 @@ static __always_inline void veer_report_tc(struct __sk_buff *skb, __u32 reason,
  * longer than conntrack's UDP timeout is dead (its ports may be reused by an
  * unrelated flow). TCP entries end when a new SYN reuses their ports. */
 static __always_inline int veer_nat_stale(const struct veer_tuple *t,
-					  const struct veer_nat_value *nat)
+					  const struct veer_nat_value *nat, __u64 now)
 {
-	__u64 seen = nat->last_seen_ns & ~VEER_NAT_CLOSING;
-	__u64 idle = bpf_ktime_get_ns() - seen;
+	__u64 seen = nat->last_seen_ns & ~VEER_NAT_FLAGS;
+	__u64 idle = now - seen;
 
 	if (t->proto == VEER_IPPROTO_UDP)
 		return idle > VEER_UDP_IDLE_NS;
 	return (nat->last_seen_ns & VEER_NAT_CLOSING) && idle > VEER_TCP_CLOSED_NS;
 }
 
-static __always_inline int veer_same_addr(const __u8 *a, const __u8 *b)
-{
-	const __u32 *x = (const __u32 *)a, *y = (const __u32 *)b;
-
-	return x[0] == y[0] && x[1] == y[1] && x[2] == y[2] && x[3] == y[3];
-}
-
-/* Note a packet of a NAT entry's flow: refresh its time, and mark it closing
- * when the packet is a FIN or RST (the mark stays). */
+/* Note a packet of a NAT entry's flow at time `now`: refresh its time, and
+ * mark it closing when the packet is a FIN or RST (the marks stay). */
 static __always_inline void veer_nat_seen(struct veer_nat_value *nat, const struct veer_pkt *p,
-					  int reply)
+					  int reply, __u64 now)
 {
-	__u64 closing = (nat->last_seen_ns & VEER_NAT_CLOSING) | (p->fin ? VEER_NAT_CLOSING : 0);
+	__u64 flags = (nat->last_seen_ns & VEER_NAT_FLAGS) | (p->fin ? VEER_NAT_CLOSING : 0);
 	struct veer_nat_value *other;
 	struct veer_tuple key = {};
 
-	nat->last_seen_ns = bpf_ktime_get_ns() | closing;
+	nat->last_seen_ns = now | flags;
 	if (!p->fin)
 		return;
 	/* A FIN or RST in one direction ends both: mark the other direction's
@@ -309,23 +410,10 @@ static __always_inline void veer_forget_reverse(const struct veer_pkt *p)
 	reply.dport = p->t.sport;
 	reply.proto = p->t.proto;
 	reply.family = p->t.family;
-	veer_nat_rev.delete(&reply);
-}
-
-/* Translate a packet of a known flow and send it on its way. */
-static __always_inline int veer_apply(struct __sk_buff *skb, const struct veer_pkt *p,
-				      struct veer_nat_value *to, int reply)
-{
-	struct bpf_fib_lookup fib;
-
-	veer_nat_seen(to, p, reply);
-	veer_rewrite(skb, p, to);
-	if (veer_route(skb, p->t.family, to->saddr, to->daddr, &fib) < 0) {
-		veer_count(VEER_CNT_NAT_FAIL);
-		veer_report_tc(skb, VEER_CNT_NAT_FAIL, p, to->service_id, to->daddr, to->dport, 0);
-		return TC_ACT_SHOT;
-	}
-	return veer_redirect_neigh(fib.ifindex, NULL, 0, 0);
+	/* Deleting takes the bucket's lock even when there is nothing to delete;
+	 * looking first does not, and there is rarely anything. */
+	if (veer_nat_rev.lookup(&reply))
+		veer_nat_rev.delete(&reply);
 }
 
 /* Whether the client may use a frontend with loadBalancerSourceRanges. */
@@ -349,6 +437,132 @@ static __always_inline int veer_from_pod(const struct veer_tuple *t)
 	key.family = t->family;
 	__builtin_memcpy(key.addr, t->saddr, 16);
 	return veer_cluster_cidrs.lookup(&key) != NULL;
+}
+
+/* Bytes a DSR carrier adds to a packet of family `family`. */
+static __always_inline __u32 veer_dsr_len(__u8 family)
+{
+	return family == VEER_FAMILY_IPV4 ? sizeof(struct veer_dsr_opt4)
+					  : sizeof(struct veer_dsr_opt6);
+}
+
+/* The IPv4 header checksum `check` after its header's words changed by
+ * `diff` (a bpf_csum_diff result). */
+static __always_inline __be16 veer_csum_update(__be16 check, __s64 diff)
+{
+	__u64 sum = (__u64)(__u16)~check + (__u32)diff;
+
+	sum = (sum & 0xffffffff) + (sum >> 32);
+	sum = (sum & 0xffff) + (sum >> 16);
+	sum = (sum & 0xffff) + (sum >> 16);
+	return (__be16)~sum;
+}
+
+/* Add the DSR carrier naming the frontend p->t.daddr:p->t.dport (the packet
+ * as it arrived) to a packet already DNATed (see veer_dsr_opt4/6). Headers
+ * are written with BPF_F_RECOMPUTE_CSUM so that a CHECKSUM_COMPLETE sum stays
+ * right; the L4 checksum does not change (its pseudo-header counts the L4
+ * length only). 0, or -1 when the packet could not grow. */
+static __always_inline int veer_dsr_push(struct __sk_buff *skb, const struct veer_pkt *p)
+{
+	if (p->t.family == VEER_FAMILY_IPV4) {
+		struct {
+			__be32 w0; /* version+ihl, tos, tot_len */
+			struct veer_dsr_opt4 opt;
+		} next;
+		__be32 w0;
+		__be16 check;
+		__s64 diff;
+
+		if (bpf_skb_load_bytes(skb, ETH_HLEN, &w0, 4) < 0 ||
+		    bpf_skb_load_bytes(skb, VEER_IP_CSUM_OFF, &check, 2) < 0)
+			return -1;
+		next.w0 = w0;
+		((__u8 *)&next.w0)[0] = 0x47; /* version 4, 7 words of header */
+		((__be16 *)&next.w0)[1] =
+			bpf_htons(bpf_ntohs(((__be16 *)&w0)[1]) + sizeof(struct veer_dsr_opt4));
+		next.opt.type = VEER_DSR_OPT4_TYPE;
+		next.opt.len = sizeof(struct veer_dsr_opt4);
+		__builtin_memcpy(next.opt.addr, p->t.daddr, 4);
+		next.opt.port = p->t.dport;
+		diff = bpf_csum_diff(&w0, 4, (__be32 *)&next, sizeof(next), 0);
+		check = veer_csum_update(check, diff);
+		if (bpf_skb_adjust_room(skb, sizeof(struct veer_dsr_opt4), BPF_ADJ_ROOM_NET, 0))
+			return -1;
+		bpf_skb_store_bytes(skb, ETH_HLEN, &next.w0, 4, BPF_F_RECOMPUTE_CSUM);
+		bpf_skb_store_bytes(skb, VEER_IP_CSUM_OFF, &check, 2, BPF_F_RECOMPUTE_CSUM);
+		bpf_skb_store_bytes(skb, ETH_HLEN + sizeof(struct iphdr), &next.opt,
+				    sizeof(next.opt), BPF_F_RECOMPUTE_CSUM);
+		return 0;
+	} else {
+		struct veer_dsr_opt6 opt = {};
+		__u8 hdr[4]; /* payload_len, nexthdr, hop_limit */
+		__u16 len;
+
+		if (bpf_skb_load_bytes(skb, ETH_HLEN + 4, hdr, 4) < 0)
+			return -1;
+		opt.nexthdr = hdr[2];
+		opt.hdrlen = sizeof(opt) / 8 - 1;
+		opt.type = VEER_DSR_OPT6_TYPE;
+		opt.len = 18;
+		__builtin_memcpy(opt.addr, p->t.daddr, 16);
+		opt.port = p->t.dport;
+		opt.pad_type = 1; /* PadN of no data: the 2 bytes left */
+		len = ((__u16)hdr[0] << 8 | hdr[1]) + sizeof(opt);
+		hdr[0] = len >> 8;
+		hdr[1] = len & 0xff;
+		hdr[2] = VEER_IPPROTO_DSTOPTS;
+		if (bpf_skb_adjust_room(skb, sizeof(opt), BPF_ADJ_ROOM_NET, 0))
+			return -1;
+		bpf_skb_store_bytes(skb, ETH_HLEN + 4, hdr, 4, BPF_F_RECOMPUTE_CSUM);
+		bpf_skb_store_bytes(skb, ETH_HLEN + sizeof(struct ipv6hdr), &opt, sizeof(opt),
+				    BPF_F_RECOMPUTE_CSUM);
+		return 0;
+	}
+}
+
+/* Whether a new flow to a backend on another node (behind the device it came
+ * in on) may go there by DSR. Not when the client is a pod of the cluster,
+ * nor when it is the backend's node itself (the next hop towards the
+ * backend): the backend's replies to those never leave its node by that
+ * node's device, where they would be restored. */
+static __always_inline int veer_dsr_allowed(const struct veer_pkt *p,
+					    const struct bpf_fib_lookup *fib)
+{
+	if (veer_from_pod(&p->t))
+		return 0;
+	if (p->t.family == VEER_FAMILY_IPV4)
+		return __builtin_memcmp(p->t.saddr, &fib->ipv4_dst, 4) != 0;
+	return !veer_same_addr(p->t.saddr, (const __u8 *)fib->ipv6_dst);
+}
+
+/* Translate a packet of a known flow, seen at `now`, and send it on its way.
+ * A flow sent by DSR carries its frontend again on every SYN (a retransmitted
+ * one may be the first to arrive) and every UDP datagram (so that the
+ * backend's node keeps its entry while the client talks), when there is room
+ * under the MTU; otherwise the backend's node has it from an earlier packet. */
+static __always_inline int veer_apply(struct __sk_buff *skb, const struct veer_pkt *p,
+				      struct veer_nat_value *to, int reply, __u64 now)
+{
+	struct bpf_fib_lookup fib;
+	__u32 carry = 0;
+	int route;
+
+	veer_nat_seen(to, p, reply, now);
+	veer_rewrite(skb, p, to);
+	if ((to->last_seen_ns & VEER_NAT_DSR) && (p->syn || p->udp))
+		carry = veer_dsr_len(p->t.family);
+	route = veer_route(skb, p->iif, p->t.family, to->saddr, to->daddr, &fib, carry);
+	if (route == VEER_ROUTE_TOO_BIG) {
+		carry = 0;
+		route = veer_route(skb, p->iif, p->t.family, to->saddr, to->daddr, &fib, 0);
+	}
+	if (route < 0 || (carry && veer_dsr_push(skb, p) < 0)) {
+		veer_count(VEER_CNT_NAT_FAIL);
+		veer_report_tc(skb, VEER_CNT_NAT_FAIL, p, to->service_id, to->daddr, to->dport, 0);
+		return TC_ACT_SHOT;
+	}
+	return veer_send(skb, route, &fib);
 }
 
 /* The backend a client's live per-packet affinity entry names, or 0. */
@@ -515,6 +729,59 @@ static __always_inline int veer_tc_access(struct __sk_buff *skb, const struct ve
 	return 0;
 }
 
+/* Source-NAT a new flow to this node's address: pick its source port and
+ * reserve it by inserting the reply tuple w->reply into veer_nat_rev (a few
+ * tries). Fills w->fwd's source and w->reply's destination; -1 when there is
+ * no node address of the family or every port tried is taken. */
+static __always_inline int veer_snat(const struct veer_pkt *p, struct veer_flow_scratch *w)
+{
+	struct veer_node_value *node;
+	struct veer_nat_value *held;
+	__u32 zero = 0, hash, i, snat[4];
+
+	node = veer_node.lookup(&zero);
+	if (!node)
+		return -1;
+	if (p->t.family == VEER_FAMILY_IPV4)
+		__builtin_memcpy(snat, node->addr4, 16);
+	else
+		__builtin_memcpy(snat, node->addr6, 16);
+	if (!(snat[0] | snat[1] | snat[2] | snat[3]))
+		return -1; /* no node address of this family */
+	__builtin_memcpy(w->fwd.saddr, snat, 16);
+	__builtin_memcpy(w->reply.daddr, snat, 16);
+	hash = bpf_get_prandom_u32();
+#pragma unroll
+	for (i = 0; i < VEER_SNAT_TRIES; i++) {
+		/* First the client's own port, as conntrack's NAT does: the client
+		 * reuses it only when its TCP allows, so the backend's TIME_WAIT
+		 * socket of that port accepts the new SYN. Then random ports. */
+		if (i == 0 && bpf_ntohs(p->t.sport) >= 1024)
+			w->fwd.sport = p->t.sport;
+		else
+			w->fwd.sport = bpf_htons(VEER_SNAT_PORT_MIN +
+						 (hash + i * 7919) % VEER_SNAT_PORT_RANGE);
+		w->reply.dport = w->fwd.sport;
+		/* Look before inserting: the client's own port is usually still
+		 * held by its previous connection, and a failed insert into an LRU
+		 * map costs as much as a successful one. */
+		held = veer_nat_rev.lookup(&w->reply);
+		if (!held) {
+			if (veer_nat_rev.insert(&w->reply, &w->rev) == 0)
+				return 0;
+			held = veer_nat_rev.lookup(&w->reply); /* taken meanwhile */
+		}
+		/* Taken: by a connection that has ended, or by this very client
+		 * port's previous connection (the client reuses its port only when
+		 * its TCP allows it)? Then it is free. */
+		if (held && (veer_nat_stale(&w->reply, held, w->fwd.last_seen_ns) ||
+			     (held->dport == p->t.sport && veer_same_addr(held->daddr, p->t.saddr))) &&
+		    veer_nat_rev.update(&w->reply, &w->rev) == 0)
+			return 0;
+	}
+	return -1;
+}
+
 /* The first packet of a flow to an external frontend. */
 static __always_inline int veer_new_flow(struct __sk_buff *skb, const struct veer_pkt *p)
 {
@@ -523,14 +790,14 @@ static __always_inline int veer_new_flow(struct __sk_buff *skb, const struct vee
 	struct veer_backend_key backend_key = {};
 	struct veer_backend_value *backend;
 	struct veer_flow_scratch *w;
-	struct veer_nat_value *held;
 	struct bpf_fib_lookup fib;
-	struct veer_node_value *node;
 	struct veer_ext_affinity_key affinity_key = {};
-	__u32 zero = 0, hash, i, snat[4];
+	__u32 zero = 0;
 	__u16 count;
 	__u8 report_flags = 0;
-	int stored = 0, short_circuit = 0;
+	int stored = 0, short_circuit = 0, route, dsr = 0;
+	__u32 carry = VEER_NODEPORT_DSR ? veer_dsr_len(p->t.family) : 0;
+	__u32 iif = p->iif;
 
 	__builtin_memcpy(key.addr, p->t.daddr, 16);
 	key.port = p->t.dport;
@@ -642,67 +909,33 @@ static __always_inline int veer_new_flow(struct __sk_buff *skb, const struct vee
 	w->reply.proto = p->t.proto;
 	w->reply.family = p->t.family;
 
-	if (veer_route(skb, p->t.family, w->fwd.saddr, w->fwd.daddr, &fib) < 0) {
+	/* In DSR mode, ask too whether the packet has room for the frontend. */
+	route = veer_route(skb, iif, p->t.family, w->fwd.saddr, w->fwd.daddr, &fib, carry);
+	if (route == VEER_ROUTE_TOO_BIG) {
+		carry = 0;
+		route = veer_route(skb, iif, p->t.family, w->fwd.saddr, w->fwd.daddr, &fib, 0);
+	}
+	if (route < 0) {
 		veer_count(VEER_CNT_NAT_FAIL);
 		veer_nat_failed(skb, p, frontend->service_id, backend, report_flags);
 		return TC_ACT_SHOT;
 	}
-	if (fib.ifindex == skb->ingress_ifindex &&
-	    (short_circuit || !(frontend->flags & VEER_SVC_F_EXT_LOCAL))) {
+	if (fib.ifindex == iif && (short_circuit || !(frontend->flags & VEER_SVC_F_EXT_LOCAL))) {
 		/* The backend is behind the device the packet came in on: another
-		 * node. Its reply must come back through us, so SNAT. */
-		node = veer_node.lookup(&zero);
-		if (!node) {
+		 * node. Either it answers the client itself (DSR: it learns the
+		 * frontend from this packet), or its reply must come back through
+		 * us, so SNAT. */
+		if (carry && !short_circuit && veer_dsr_allowed(p, &fib)) {
+			w->fwd.last_seen_ns |= VEER_NAT_DSR;
+			dsr = 1;
+		} else if (veer_snat(p, w) < 0) {
 			veer_count(VEER_CNT_NAT_FAIL);
 			veer_nat_failed(skb, p, frontend->service_id, backend, report_flags);
 			return TC_ACT_SHOT;
+		} else {
+			stored = 1;
+			veer_count(VEER_CNT_NAT_SNAT);
 		}
-		if (p->t.family == VEER_FAMILY_IPV4)
-			__builtin_memcpy(snat, node->addr4, 16);
-		else
-			__builtin_memcpy(snat, node->addr6, 16);
-		if (!(snat[0] | snat[1] | snat[2] | snat[3])) {
-			veer_count(VEER_CNT_NAT_FAIL); /* no node address of this family */
-			veer_nat_failed(skb, p, frontend->service_id, backend, report_flags);
-			return TC_ACT_SHOT;
-		}
-		__builtin_memcpy(w->fwd.saddr, snat, 16);
-		__builtin_memcpy(w->reply.daddr, snat, 16);
-		hash = bpf_get_prandom_u32();
-#pragma unroll
-		for (i = 0; i < VEER_SNAT_TRIES; i++) {
-			/* First the client's own port, as conntrack's NAT does: the
-			 * client reuses it only when its TCP allows, so the backend's
-			 * TIME_WAIT socket of that port accepts the new SYN. Then
-			 * random ports. */
-			if (i == 0 && bpf_ntohs(p->t.sport) >= 1024)
-				w->fwd.sport = p->t.sport;
-			else
-				w->fwd.sport = bpf_htons(VEER_SNAT_PORT_MIN +
-							 (hash + i * 7919) % VEER_SNAT_PORT_RANGE);
-			w->reply.dport = w->fwd.sport;
-			if (veer_nat_rev.insert(&w->reply, &w->rev) == 0) {
-				stored = 1;
-				break;
-			}
-			/* Taken: by a connection that has ended, or by this very
-			 * client port's previous connection (the client reuses its
-			 * port only when its TCP allows it)? Then it is free. */
-			held = veer_nat_rev.lookup(&w->reply);
-			if (held && (veer_nat_stale(&w->reply, held) ||
-				     (held->dport == p->t.sport &&
-				      veer_same_addr(held->daddr, p->t.saddr))) &&
-			    veer_nat_rev.update(&w->reply, &w->rev) == 0) {
-				stored = 1;
-				break;
-			}
-		}
-		if (!stored) {
-			veer_count(VEER_CNT_NAT_FAIL);
-			veer_nat_failed(skb, p, frontend->service_id, backend, report_flags);
-			return TC_ACT_SHOT;
-		}
-		veer_count(VEER_CNT_NAT_SNAT);
 	} else {
 		__builtin_memcpy(w->reply.daddr, p->t.saddr, 16);
 		w->reply.dport = p->t.sport;
@@ -720,10 +953,19 @@ static __always_inline int veer_new_flow(struct __sk_buff *skb, const struct vee
 	veer_count(VEER_CNT_NAT_NEW);
 	if (stored)
 		report_flags |= VEER_EV_F_SNAT;
+	if (dsr) {
+		report_flags |= VEER_EV_F_DSR;
+		veer_count(VEER_CNT_NAT_DSR);
+	}
 	veer_report_tc(skb, VEER_CNT_NAT_NEW, p, frontend->service_id, backend->addr,
 		       backend->port, report_flags);
 	veer_rewrite(skb, p, &w->fwd);
-	return veer_redirect_neigh(fib.ifindex, NULL, 0, 0);
+	if (dsr && veer_dsr_push(skb, p) < 0) {
+		veer_count(VEER_CNT_NAT_FAIL);
+		veer_nat_failed(skb, p, frontend->service_id, backend, report_flags);
+		return TC_ACT_SHOT;
+	}
+	return veer_send(skb, route, &fib);
 }
 
 int veer_tc_ingress(struct __sk_buff *skb)
@@ -731,17 +973,23 @@ int veer_tc_ingress(struct __sk_buff *skb)
 	struct veer_pkt p;
 	int verdict;
 	struct veer_nat_value *nat;
+	__u64 now = 0;
 
-	if (veer_parse(skb, &p) < 0)
+	verdict = veer_parse(skb, &p);
+	if (verdict) {
+		/* Perhaps a DSR flow's first packet: a program of its own. */
+		if (VEER_NODEPORT_DSR && verdict == VEER_PARSE_OPTIONS)
+			veer_tc_tail.call(skb, VEER_TAIL_DSR);
 		return TC_ACT_OK;
-	nat = veer_nat_rev.lookup(&p.t);
-	if (nat && veer_nat_stale(&p.t, nat)) {
-		veer_nat_rev.delete(&p.t);
-		nat = NULL;
 	}
+	nat = veer_nat_rev.lookup(&p.t);
 	if (nat) {
-		veer_count(VEER_CNT_NAT_REPLY);
-		return veer_apply(skb, &p, nat, 1);
+		now = bpf_ktime_get_ns();
+		if (!veer_nat_stale(&p.t, nat, now)) {
+			veer_count(VEER_CNT_NAT_REPLY);
+			return veer_apply(skb, &p, nat, 1, now);
+		}
+		veer_nat_rev.delete(&p.t);
 	}
 	/* A SYN starts a new connection even if an old one used the same ports:
 	 * choose afresh (the new entry replaces the stale one), as conntrack
@@ -749,10 +997,14 @@ int veer_tc_ingress(struct __sk_buff *skb)
 	 * old and not closing, i.e. this is a retransmitted SYN of the same
 	 * connection. */
 	nat = veer_nat_fwd.lookup(&p.t);
-	if (nat && !veer_nat_stale(&p.t, nat) &&
-	    (!p.syn || (!(nat->last_seen_ns & VEER_NAT_CLOSING) &&
-			bpf_ktime_get_ns() - nat->last_seen_ns < VEER_SYN_REUSE_NS)))
-		return veer_apply(skb, &p, nat, 0);
+	if (nat) {
+		if (!now)
+			now = bpf_ktime_get_ns();
+		if (!veer_nat_stale(&p.t, nat, now) &&
+		    (!p.syn || (!(nat->last_seen_ns & VEER_NAT_CLOSING) &&
+				now - (nat->last_seen_ns & ~VEER_NAT_FLAGS) < VEER_SYN_REUSE_NS)))
+			return veer_apply(skb, &p, nat, 0, now);
+	}
 	verdict = veer_new_flow(skb, &p);
 	if (verdict == VEER_TC_REJECT) {
 		/* Building the ICMP answer does not fit in this program's 512-byte
@@ -769,27 +1021,208 @@ int veer_tc_reject(struct __sk_buff *skb)
 {
 	struct veer_pkt p;
 
-	if (veer_parse(skb, &p) < 0)
+	if (veer_parse(skb, &p) != 0)
 		return TC_ACT_SHOT;
 	return veer_reject(skb, &p);
+}
+
+/* A DSR flow's packet as it reaches the backend's node: the packet (client ->
+ * backend) and the frontend its carrier names. */
+struct veer_dsr_pkt {
+	struct veer_pkt p;
+	__u8 frontend[16];
+	__be16 frontend_port;
+	__u16 carrier; /* bytes of the carrier: sizeof(struct veer_dsr_opt4/6) */
+	__u8 l4_proto;
+};
+
+/* Parse a packet that carries veer's DSR option (IPv4) or destination
+ * options header (IPv6), exactly as veer_dsr_push() writes them. -1 for any
+ * other header with options: not ours. */
+static __always_inline int veer_parse_dsr(struct __sk_buff *skb, struct veer_dsr_pkt *d)
+{
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+
+	if ((void *)(eth + 1) > end)
+		return -1;
+	__builtin_memset(d, 0, sizeof(*d));
+	d->p.iif = skb->ingress_ifindex;
+	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
+		struct iphdr *ip = (void *)(eth + 1);
+		struct veer_dsr_opt4 *opt = (void *)(ip + 1);
+
+		if ((void *)(opt + 1) > end || ip->ihl != 7)
+			return -1;
+		if (ip->frag_off & bpf_htons(0x3fff))
+			return -1;
+		if (opt->type != VEER_DSR_OPT4_TYPE || opt->len != sizeof(*opt))
+			return -1;
+		__builtin_memcpy(d->frontend, opt->addr, 4);
+		d->frontend_port = opt->port;
+		d->carrier = sizeof(*opt);
+		__builtin_memcpy(d->p.t.saddr, &ip->saddr, 4);
+		__builtin_memcpy(d->p.t.daddr, &ip->daddr, 4);
+		d->p.t.family = VEER_FAMILY_IPV4;
+		d->p.l4_off = ETH_HLEN + sizeof(*ip) + sizeof(*opt);
+		d->l4_proto = ip->protocol;
+		return veer_parse_l4(&d->p, opt + 1, end, ip->protocol);
+	}
+	if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr *ip6 = (void *)(eth + 1);
+		struct veer_dsr_opt6 *opt = (void *)(ip6 + 1);
+
+		if ((void *)(opt + 1) > end || ip6->nexthdr != VEER_IPPROTO_DSTOPTS)
+			return -1;
+		if (opt->hdrlen != sizeof(*opt) / 8 - 1 || opt->type != VEER_DSR_OPT6_TYPE ||
+		    opt->len != 18 || opt->pad_type != 1 || opt->pad_len != 0)
+			return -1;
+		__builtin_memcpy(d->frontend, opt->addr, 16);
+		d->frontend_port = opt->port;
+		d->carrier = sizeof(*opt);
+		__builtin_memcpy(d->p.t.saddr, &ip6->saddr, 16);
+		__builtin_memcpy(d->p.t.daddr, &ip6->daddr, 16);
+		d->p.t.family = VEER_FAMILY_IPV6;
+		d->p.l4_off = ETH_HLEN + sizeof(*ip6) + sizeof(*opt);
+		d->l4_proto = opt->nexthdr;
+		return veer_parse_l4(&d->p, opt + 1, end, opt->nexthdr);
+	}
+	return -1;
+}
+
+/* Remove the DSR carrier veer_parse_dsr() found, leaving the packet as the
+ * client sent it but for its destination (the backend). 0, or -1. */
+static __always_inline int veer_dsr_pop(struct __sk_buff *skb, const struct veer_dsr_pkt *d)
+{
+	if (d->p.t.family == VEER_FAMILY_IPV4) {
+		struct {
+			__be32 w0; /* version+ihl, tos, tot_len */
+			struct veer_dsr_opt4 opt;
+		} old;
+		__be32 w0;
+		__be16 check;
+		__s64 diff;
+
+		if (bpf_skb_load_bytes(skb, ETH_HLEN, &old.w0, 4) < 0 ||
+		    bpf_skb_load_bytes(skb, ETH_HLEN + sizeof(struct iphdr), &old.opt,
+				       sizeof(old.opt)) < 0 ||
+		    bpf_skb_load_bytes(skb, VEER_IP_CSUM_OFF, &check, 2) < 0)
+			return -1;
+		w0 = old.w0;
+		((__u8 *)&w0)[0] = 0x45; /* version 4, 5 words of header */
+		((__be16 *)&w0)[1] =
+			bpf_htons(bpf_ntohs(((__be16 *)&old.w0)[1]) - sizeof(struct veer_dsr_opt4));
+		diff = bpf_csum_diff((__be32 *)&old, sizeof(old), &w0, 4, 0);
+		check = veer_csum_update(check, diff);
+		if (bpf_skb_adjust_room(skb, -(__s32)sizeof(struct veer_dsr_opt4),
+					BPF_ADJ_ROOM_NET, 0))
+			return -1;
+		bpf_skb_store_bytes(skb, ETH_HLEN, &w0, 4, BPF_F_RECOMPUTE_CSUM);
+		bpf_skb_store_bytes(skb, VEER_IP_CSUM_OFF, &check, 2, BPF_F_RECOMPUTE_CSUM);
+		return 0;
+	} else {
+		__u8 hdr[3]; /* payload_len, nexthdr */
+		__u16 len;
+
+		if (bpf_skb_load_bytes(skb, ETH_HLEN + 4, hdr, 2) < 0)
+			return -1;
+		len = ((__u16)hdr[0] << 8 | hdr[1]) - sizeof(struct veer_dsr_opt6);
+		hdr[0] = len >> 8;
+		hdr[1] = len & 0xff;
+		hdr[2] = d->l4_proto;
+		if (bpf_skb_adjust_room(skb, -(__s32)sizeof(struct veer_dsr_opt6),
+					BPF_ADJ_ROOM_NET, 0))
+			return -1;
+		bpf_skb_store_bytes(skb, ETH_HLEN + 4, hdr, 3, BPF_F_RECOMPUTE_CSUM);
+		return 0;
+	}
+}
+
+/* Tail-called by veer_tc_ingress (DSR mode) for a packet with IPv4 options or
+ * an IPv6 destination options header (VEER_TAIL_DSR). When it carries veer's
+ * DSR option, this node holds the flow's backend: record where its replies
+ * must appear to come from, (backend -> client) -> (frontend -> client), for
+ * veer_tc_egress, remove the option and let the packet go on to the pod.
+ *
+ * The replies must leave by this device, where veer_tc_egress restores them:
+ * a client that this node reaches another way (itself, one of its pods: the
+ * ingress node avoids those) cannot be served by DSR; its packet is dropped
+ * and counted (nat_fail). */
+int veer_tc_dsr(struct __sk_buff *skb)
+{
+	struct veer_dsr_pkt d;
+	struct veer_tuple reply = {};
+	struct veer_nat_value rev = {}, *held;
+	struct bpf_fib_lookup fib;
+	__u64 now;
+
+	if (veer_parse_dsr(skb, &d) < 0)
+		return TC_ACT_OK;
+	if (veer_route(skb, d.p.iif, d.p.t.family, d.p.t.daddr, d.p.t.saddr, &fib, 0) < 0 ||
+	    fib.ifindex != d.p.iif) {
+		veer_count(VEER_CNT_NAT_FAIL);
+		veer_report_tc(skb, VEER_CNT_NAT_FAIL, &d.p, 0, d.p.t.daddr, d.p.t.dport,
+			       VEER_EV_F_DSR);
+		return TC_ACT_SHOT;
+	}
+	now = bpf_ktime_get_ns();
+	__builtin_memcpy(reply.saddr, d.p.t.daddr, 16);
+	__builtin_memcpy(reply.daddr, d.p.t.saddr, 16);
+	reply.sport = d.p.t.dport;
+	reply.dport = d.p.t.sport;
+	reply.proto = d.p.t.proto;
+	reply.family = d.p.t.family;
+	held = veer_nat_rev.lookup(&reply);
+	if (held && !(held->last_seen_ns & VEER_NAT_CLOSING) &&
+	    held->sport == d.frontend_port && veer_same_addr(held->saddr, d.frontend)) {
+		/* The flow's entry already: a retransmitted SYN, a later datagram. */
+		held->last_seen_ns = now | (held->last_seen_ns & VEER_NAT_FLAGS);
+	} else {
+		__builtin_memcpy(rev.saddr, d.frontend, 16);
+		rev.sport = d.frontend_port;
+		__builtin_memcpy(rev.daddr, d.p.t.saddr, 16);
+		rev.dport = d.p.t.sport;
+		rev.last_seen_ns = now;
+		if (veer_nat_rev.update(&reply, &rev) != 0) {
+			veer_count(VEER_CNT_NAT_FAIL);
+			veer_report_tc(skb, VEER_CNT_NAT_FAIL, &d.p, 0, d.p.t.daddr, d.p.t.dport,
+				       VEER_EV_F_DSR);
+			return TC_ACT_SHOT;
+		}
+		veer_count(VEER_CNT_NAT_DSR_IN);
+	}
+	if (veer_dsr_pop(skb, &d) < 0) {
+		veer_count(VEER_CNT_NAT_FAIL);
+		return TC_ACT_SHOT;
+	}
+	return TC_ACT_OK;
 }
 
 int veer_tc_egress(struct __sk_buff *skb)
 {
 	struct veer_pkt p;
 	struct veer_nat_value *nat;
+	__u64 now;
 
-	if (veer_parse(skb, &p) < 0)
+	/* Only replies of local backends are restored here, and they come from
+	 * a pod's device or the node itself. A packet that came in through this
+	 * very device is passing through (veer's own translations leave this
+	 * way, already translated): nothing to look up. */
+	if (skb->ingress_ifindex == skb->ifindex)
+		return TC_ACT_OK;
+	if (veer_parse(skb, &p) != 0)
 		return TC_ACT_OK;
 	nat = veer_nat_rev.lookup(&p.t);
 	if (!nat)
 		return TC_ACT_OK;
-	if (veer_nat_stale(&p.t, nat)) {
+	now = bpf_ktime_get_ns();
+	if (veer_nat_stale(&p.t, nat, now)) {
 		veer_nat_rev.delete(&p.t);
 		return TC_ACT_OK;
 	}
 	veer_count(VEER_CNT_NAT_REPLY);
-	veer_nat_seen(nat, &p, 1);
+	veer_nat_seen(nat, &p, 1, now);
 	veer_rewrite(skb, &p, nat);
 	return TC_ACT_OK;
 }

@@ -301,8 +301,8 @@ struct veer_nat_value {
 	__u8 daddr[16];
 	__be16 sport;
 	__be16 dport;
-	__u32 service_id;
-	__u64 last_seen_ns;
+	__u32 service_id;   /* 0 in entries a DSR flow's backend node made */
+	__u64 last_seen_ns; /* bpf_ktime_get_ns(); the top two bits are flags (tc_nat.c) */
 };
 
 /* This node's own addresses (key 0), for SNAT. */
@@ -340,6 +340,8 @@ enum veer_counter {
 	VEER_CNT_ACCEL_SOCKETS,       /* sockmap: a socket joined the splice map */
 	VEER_CNT_ACCEL_SPLICED,       /* sockmap: a direction of a connection is spliced */
 	VEER_CNT_ACCEL_TCP,           /* sockmap: a direction stays on TCP (peer not local yet) */
+	VEER_CNT_NAT_DSR,             /* TC: a new external flow sent to its backend's node by DSR */
+	VEER_CNT_NAT_DSR_IN,          /* TC: a DSR flow arrived for a local backend: replies to restore */
 	VEER_CNT_MAX,
 };
 
@@ -366,6 +368,7 @@ enum veer_counter {
 #define VEER_EV_F_SHORT_CIRCUIT (1 << 2) /* TC: pod client of a Local frontend */
 #define VEER_EV_F_MAPPED (1 << 3)        /* an IPv4-mapped address on an IPv6 socket */
 #define VEER_EV_F_REDIRECT (1 << 4)      /* sent to the node-local proxy (redirect) */
+#define VEER_EV_F_DSR (1 << 5)           /* TC: sent on by DSR (--nodeport-mode dsr) */
 
 struct veer_event {
 	__u64 time_ns;    /* bpf_ktime_get_ns(): CLOCK_MONOTONIC */

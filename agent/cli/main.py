@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 
 from agent import __version__
 from agent.cli.commands import COMMANDS, add_debug_commands, run_debug_command
-from agent.config import DEFAULT_BPFFS, AgentConfig, parse_cidrs
+from agent.config import DEFAULT_BPFFS, NODEPORT_MODES, AgentConfig, parse_cidrs
 from agent.defaults import DEFAULT_HEALTHZ, DEFAULT_METRICS, DEFAULT_SOCKET
 from agent.errors import ConfigError, VeerError
 from agent.operator.main import add_parser as add_operator_parser
@@ -71,6 +71,12 @@ def _agent_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--cluster-cidr", metavar="CIDR,...", default="",
                    help="the cluster's pod ranges, as for kube-proxy: a pod on another node "
                    "reaching an externalTrafficPolicy: Local NodePort/LB is served cluster-wide")
+    p.add_argument("--nodeport-mode", choices=NODEPORT_MODES, default="snat",
+                   help="a flow from outside to a backend on another node is source-NATed "
+                   "to this node, so that the replies come back through it (snat, the "
+                   "default), or sent on without SNAT, the backend's node answering the "
+                   "client itself from the frontend's address (dsr, direct server return; "
+                   "every node must run it, and it needs --cluster-cidr)")
     p.add_argument("--hide-kernel-feature", action="append", default=[], metavar="NAME",
                    help="pretend the kernel lacks this feature (e.g. helper:sched_cls:"
                    "bpf_redirect_neigh), to test --mode auto's choice; repeatable")
@@ -139,6 +145,7 @@ def run_agent(args: argparse.Namespace) -> int:
         nodeport_addresses=parse_cidrs(args.nodeport_addresses, "--nodeport-addresses"),
         devices=tuple(d.strip() for d in args.devices.split(",") if d.strip()),
         cluster_cidrs=parse_cidrs(args.cluster_cidr, "--cluster-cidr"),
+        nodeport_mode=args.nodeport_mode,
         service_proxy_name=args.service_proxy_name,
         min_sync_interval=args.min_sync_interval,
         max_sync_interval=args.max_sync_interval,

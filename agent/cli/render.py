@@ -360,6 +360,7 @@ FLOW_FLAGS = {
     "short_circuit": "pod client of a Local Service, served cluster-wide",
     "ipv4_mapped": "IPv4-mapped address on an IPv6 socket",
     "redirect": "sent to the node-local proxy (TrafficPolicy redirect)",
+    "dsr": "sent to the backend's node by DSR: it answers the client itself",
 }
 
 

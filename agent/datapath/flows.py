@@ -97,8 +97,9 @@ REASONS: Mapping[str, Reason] = MappingProxyType({r.name: r for r in (
            "the Service's TrafficPolicy access rules deny this client outside the node: "
            "packet dropped"),
     Reason("nat_fail", DROP, "",
-           "the flow could not be set up (no route, no source port for SNAT, or a "
-           "NAT map is full): packet dropped"),
+           "the flow could not be set up (no route, no source port for SNAT, a NAT "
+           "map is full, or a DSR flow whose replies would not leave by the device it "
+           "came in on): packet dropped"),
 )})
 # Verdicts taken by access rules: their events name the deciding rule.
 ACCESS_REASONS = frozenset({"access_denied", "nat_access_denied"})
@@ -135,7 +136,7 @@ class FlowEvent:
     netns: int = 0  # socket hooks: the caller's network namespace cookie
     pid: int = 0  # socket hooks: the calling process
     comm: str = ""  # socket hooks: its name
-    flags: tuple[str, ...] = ()  # affinity, snat, short_circuit, ipv4_mapped
+    flags: tuple[str, ...] = ()  # affinity, snat, short_circuit, ipv4_mapped, redirect, dsr
     # Access verdicts: the deciding rule's position in the policy, or
     # access_default when no rule matched and the default decided.
     rule: int | None = None

@@ -3,7 +3,7 @@
     python -m agent.sandbox.probe tcp ADDR PORT --count N        one request per connection
     python -m agent.sandbox.probe tcp ADDR PORT --duration S     as many as fit in S seconds
     python -m agent.sandbox.probe tcp ADDR PORT --persistent N   N requests on one connection
-    python -m agent.sandbox.probe udp ADDR PORT --count N [--connect]
+    python -m agent.sandbox.probe udp ADDR PORT --count N [--connect] [--size BYTES]
     python -m agent.sandbox.probe udp ADDR PORT --persistent N [--connect]   one socket
 
 It prints one JSON object: which backend answered how often ("answers"),
@@ -203,7 +203,7 @@ def run_udp(args: argparse.Namespace) -> dict[str, Any]:
     for i in range(args.count):
         with socket.socket(_family(args.addr), socket.SOCK_DGRAM) as sock:
             sock.settimeout(args.timeout)
-            payload = f"ping-{i}".encode()
+            payload = f"ping-{i}".encode().ljust(args.size, b".")
             start = time.perf_counter()
             try:
                 if args.connect:
@@ -248,6 +248,8 @@ def main() -> None:
     parser.add_argument("--connect", action="store_true", help="UDP: use connect()")
     parser.add_argument("--source-port", type=int, default=0,
                         help="TCP: bind connection n (from 1) to source port SOURCE_PORT+n-1")
+    parser.add_argument("--size", type=int, default=0,
+                        help="UDP (--count): pad each datagram's payload to this many bytes")
     parser.add_argument("--path", default="/",
                         help="TCP: the HTTP path (/client also returns the address nginx saw)")
     args = parser.parse_args()

@@ -1,9 +1,9 @@
 """Smoke tests of the benchmarks, so that they cannot rot:
 - `bench/clusterip.py --quick` runs end to end (sandbox, agent, 100 extra
   Services, wrk on both paths) and prints a ClusterIP/direct ratio per load;
-- `bench/nodeport.py --quick` runs end to end (two nodes, two agents, wrk from
-  the external client, direct and through a NodePort) and prints a
-  NodePort/direct ratio.
+- `bench/nodeport.py --quick` runs end to end (three nodes, three agents, wrk
+  from the external client, direct and through a NodePort in each mode) and
+  prints a NodePort/direct ratio for the default mode (SNAT) and for DSR.
 Each writes its results and leaves nothing behind. Timings are not pass/fail:
 no threshold on the numbers."""
 
@@ -29,8 +29,10 @@ pytestmark = pytest.mark.root
 
 # | 1 (bench only) | 12,095 (12,095-12,095) | 12,127 (...) | **1.003** | ... |
 ROW = re.compile(r"^\| (?P<label>[\d,]+ \([^)]*\)) \|.*\| \*\*(?P<ratio>\d+\.\d+)\*\* \|", re.M)
-# | external 10.0.0.100 -> web-b 10.244.2.2 on node-2 | 8,870 (...) | 3,812 (...) | **0.430** | ...
-NODEPORT_ROW = re.compile(r"^\| external [^|]* \|.*\| \*\*(?P<ratio>\d+\.\d+)\*\* \|", re.M)
+# | NodePort via node-1, default mode (SNAT) | 7,857 (...) | **0.855** | 0.800-0.874 | 10.0 | 0 |
+NODEPORT_ROW = re.compile(
+    r"^\| NodePort via (?P<node>node-\d), (?P<mode>[^|]*) \|[^|]*\| \*\*(?P<ratio>\d+\.\d+)\*\* \|",
+    re.M)
 
 
 def run_quick(bench: Path, out: Path) -> subprocess.CompletedProcess[str]:
@@ -81,13 +83,15 @@ def test_nodeport_bench_quick_prints_a_ratio(tmp_path: Path) -> None:
     res = run_quick(NODEPORT_BENCH, tmp_path)
     output = res.stdout + res.stderr
 
-    ratios = [float(m["ratio"]) for m in NODEPORT_ROW.finditer(res.stdout)]
-    assert len(ratios) == 1, output
-    assert "NodePort/direct" in res.stdout, output
+    rows = {m["mode"]: float(m["ratio"]) for m in NODEPORT_ROW.finditer(res.stdout)}
+    assert set(rows) == {"default mode (SNAT)", "--nodeport-mode dsr"}, output
+    assert "ratio to direct" in res.stdout, output
 
     [raw] = tmp_path.glob("nodeport-*-quick.json")
     data = json.loads(raw.read_text())
-    assert data["series"]["ratio"] == pytest.approx(ratios[0], abs=0.001)
-    assert {run["path"] for run in data["series"]["runs"]} == {"direct", "nodeport"}
+    ratios = data["ratios"]
+    assert ratios["nodeport"] == pytest.approx(rows["default mode (SNAT)"], abs=0.001)
+    assert ratios["dsr"] == pytest.approx(rows["--nodeport-mode dsr"], abs=0.001)
+    assert {run["path"] for run in data["series"]["runs"]} == {"direct", "nodeport", "dsr"}
     assert list(tmp_path.glob("nodeport-*-quick.md"))
     assert_nothing_left(res.stdout)

@@ -110,8 +110,8 @@ def test_restart_prunes_what_was_deleted_while_the_agent_was_down(
 def test_auto_mode_probes_the_kernel(cluster: SandboxCluster) -> None:
     """--mode auto starts eBPF mode on a kernel with every feature (the
     sandbox agent did); --mode ebpf refuses at start, naming the feature,
-    when the probe is told to hide one. (auto then falls back to TPROXY mode:
-    test_tproxy.py.)"""
+    when the probe is told to hide one (auto then falls back to TPROXY mode:
+    test_tproxy.py; not with --nodeport-mode dsr)."""
     assert "auto: the kernel has all" in cluster.agent_output()
     forced = subprocess.run(
         cluster.agent_argv(["--mode", "ebpf", "--hide-kernel-feature", "program:sched_cls"]),
@@ -119,3 +119,12 @@ def test_auto_mode_probes_the_kernel(cluster: SandboxCluster) -> None:
     )
     assert forced.returncode == 2 and "--mode ebpf: this kernel lacks program:sched_cls" in (
         forced.stderr), forced.stderr
+    # DSR is done by the eBPF programs, and the other nodes count on it: no
+    # fallback to TPROXY mode.
+    dsr = subprocess.run(
+        cluster.agent_argv(["--nodeport-mode", "dsr", "--cluster-cidr", "10.244.0.0/16",
+                            "--hide-kernel-feature", "program:sched_cls"]),
+        capture_output=True, text=True, timeout=60,
+    )
+    assert dsr.returncode == 2 and "--nodeport-mode dsr needs eBPF mode: this kernel lacks " \
+        "program:sched_cls" in dsr.stderr, dsr.stderr

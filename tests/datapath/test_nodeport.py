@@ -20,8 +20,9 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
@@ -469,3 +470,209 @@ def test_algorithms_on_the_per_packet_path(cluster: MultiNodeCluster) -> None:
         for p in range(41000, 41060)]
     assert got == want
     cluster.write_manifest("web.yaml", web("Cluster", ALL))
+
+
+# ---- DSR (--nodeport-mode dsr) ------------------------------------------------------
+#
+# Three nodes, every agent in DSR mode: node-1 10.0.0.1 / fd00:10::1 with
+# web-a; node-2 10.0.0.2 / fd00:10::2 with web-c and the client pod cli-2;
+# node-3 10.0.0.3 / fd00:10::3 with web-d. Service dsr: TCP 80 -> 8080 on
+# nodePort 30100, UDP 53 -> 9053 on 30101, over both families. The clients
+# dial node-1's NodePort. A flow to a backend on another node is only DNATed
+# by node-1; the backend's node answers the client itself from the frontend's
+# address. So the pod sees the client's address, the client sees the replies
+# come from the address it dialled (TCP connects at all only then; the UDP
+# probe compares each reply's source), and node-1 restores no reply.
+
+DSR_PODS = {"web-a": 1, "web-c": 2, "cli-2": 2, "web-d": 3}
+DSR_IP = {
+    4: {"web-a": "10.244.1.2", "web-c": "10.244.2.2", "cli-2": "10.244.2.3",
+        "web-d": "10.244.3.2"},
+    6: {"web-a": "fd00:10:244:1::2", "web-c": "fd00:10:244:2::2", "cli-2": "fd00:10:244:2::3",
+        "web-d": "fd00:10:244:3::2"},
+}
+DSR_NODE_OF = {"web-a": "node-1", "web-c": "node-2", "web-d": "node-3"}
+NODE_IP = {4: ["10.0.0.1", "10.0.0.2", "10.0.0.3"], 6: ["fd00:10::1", "fd00:10::2", "fd00:10::3"]}
+CLIENT = {4: EXT, 6: EXT6}
+DSR_PORTS = {"tcp": 30100, "udp": 30101}
+
+
+def dsr_service(pods: list[str]) -> str:
+    """Dual-stack Service dsr (TCP and UDP NodePorts) whose endpoints are `pods`."""
+    svc = {
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "dsr", "namespace": "default"},
+        "spec": {
+            "type": "NodePort", "clusterIP": "10.96.0.70",
+            "clusterIPs": ["10.96.0.70", "fd00:96::70"], "ipFamilies": ["IPv4", "IPv6"],
+            "ipFamilyPolicy": "RequireDualStack", "externalTrafficPolicy": "Cluster",
+            "ports": [{"name": "http", "protocol": "TCP", "port": 80, "targetPort": 8080,
+                       "nodePort": DSR_PORTS["tcp"]},
+                      {"name": "dns", "protocol": "UDP", "port": 53, "targetPort": 9053,
+                       "nodePort": DSR_PORTS["udp"]}],
+        },
+    }
+    docs: list[dict[str, object]] = [svc]
+    for family in (4, 6):
+        docs.append({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": f"dsr-ipv{family}", "namespace": "default",
+                         "labels": {"kubernetes.io/service-name": "dsr"}},
+            "addressType": f"IPv{family}",
+            "ports": [{"name": "http", "protocol": "TCP", "port": 8080},
+                      {"name": "dns", "protocol": "UDP", "port": 9053}],
+            "endpoints": [{"addresses": [DSR_IP[family][p]], "nodeName": DSR_NODE_OF[p]}
+                          for p in pods],
+        })
+    return "\n---\n".join(json.dumps(d) for d in docs) + "\n"
+
+
+@pytest.fixture(scope="module")
+def dsr_cluster() -> Iterator[MultiNodeCluster]:
+    require_datapath()
+    with MultiNodeCluster(nodes=3, pods=DSR_PODS) as c:
+        c.start_agents(["--cluster-cidr", "10.244.0.0/16,fd00:10:244::/48",
+                        "--nodeport-mode", "dsr"])
+        for node in c.nodes:
+            c.wait_status(node, lambda s: s.get("nodeport_mode") == "dsr", "DSR mode")
+        yield c
+
+
+def program(cluster: MultiNodeCluster, pods: list[str]) -> None:
+    """Service dsr with `pods` as endpoints, programmed on node-1 for both families."""
+    cluster.write_manifest("dsr.yaml", dsr_service(pods))
+    for family in (4, 6):
+        for proto, port in DSR_PORTS.items():
+            suffix = "/TCP" if proto == "tcp" else "/UDP"
+            addr = NODE_IP[family][0]
+            frontend = f"{addr}:{port}{suffix}" if family == 4 else f"[{addr}]:{port}{suffix}"
+            target = 8080 if proto == "tcp" else 9053
+            want = sorted(f"{DSR_IP[family][p]}:{target}{suffix}" if family == 4
+                          else f"[{DSR_IP[family][p]}]:{target}{suffix}" for p in pods)
+            cluster.wait_external(frontend, cluster.nodes[0], want, False)
+
+
+def counted(cluster: MultiNodeCluster, run: Callable[[], dict[str, Any]]
+            ) -> tuple[dict[str, Any], list[dict[str, int]]]:
+    """`run`'s result and what each node's datapath counted meanwhile."""
+    maps = [SockLbMaps.open(n.bpffs) for n in cluster.nodes]
+    try:
+        before = [m.counters() for m in maps]
+        result = run()
+        after = [m.counters() for m in maps]
+    finally:
+        for m in maps:
+            m.close()
+    return result, [{k: a[k] - b.get(k, 0) for k in a} for a, b in zip(after, before,
+                                                                          strict=True)]
+
+
+def pod_of(answer: str) -> str:
+    """The pod in a probe answer ("web-c:8080 10.0.0.100", or "web-c" for UDP)."""
+    return answer.split(" ")[0].split(":")[0]
+
+
+@pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])
+@pytest.mark.parametrize("proto", ["tcp", "udp"])
+def test_dsr_backend_nodes_answer_the_client_themselves(
+    dsr_cluster: MultiNodeCluster, proto: str, family: int,
+) -> None:
+    """Backends on node-2 and node-3 only: every flow goes by DSR, each pod
+    sees the client's address, and no reply passes node-1."""
+    program(dsr_cluster, ["web-c", "web-d"])
+    args = [proto, NODE_IP[family][0], str(DSR_PORTS[proto]), "--count", str(N),
+            "--timeout", "5"]
+    if proto == "tcp":
+        args += ["--path", "/client"]
+    result, (node1, node2, node3) = counted(
+        dsr_cluster, lambda: dsr_cluster.probe_from_outside(*args))
+    assert result["errors"] == {} and result["peer_mismatch"] == 0, result
+    by_pod = {pod_of(a): n for a, n in result["answers"].items()}
+    assert set(by_pod) == {"web-c", "web-d"}, result
+    if proto == "tcp":
+        assert set(result["answers"]) == {f"web-c:8080 {CLIENT[family]}",
+                                          f"web-d:8080 {CLIENT[family]}"}, result
+    # node-1: every new flow sent by DSR (each TCP connection is one; a UDP
+    # socket may get the source port of a live flow of an earlier test, and
+    # belong to it); nothing source-NATed, no reply restored there.
+    assert node1["nat_new"] > 0 and node1["nat_dsr"] == node1["nat_new"], node1
+    if proto == "tcp":
+        assert node1["nat_new"] == N, node1
+    assert node1["nat_snat"] == 0 and node1["nat_reply"] == 0, node1
+    # The backends' nodes took the flows in and restored every reply.
+    for node, pod in ((node2, "web-c"), (node3, "web-d")):
+        assert node["nat_dsr_in"] > 0 and node["nat_reply"] >= by_pod[pod], (pod, node)
+        if proto == "tcp":
+            assert node["nat_dsr_in"] == by_pod[pod], (pod, node)
+        assert node["nat_fail"] == 0, node
+
+
+@pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])
+def test_dsr_local_backend_is_served_as_before(dsr_cluster: MultiNodeCluster,
+                                               family: int) -> None:
+    """A backend on node-1 itself needs no DSR: node-1 DNATs and restores its
+    replies on the way out, as in the default mode."""
+    program(dsr_cluster, ["web-a", "web-c"])
+    result, (node1, node2, _) = counted(dsr_cluster, lambda: dsr_cluster.probe_from_outside(
+        "tcp", NODE_IP[family][0], str(DSR_PORTS["tcp"]), "--count", str(N), "--path",
+        "/client", "--timeout", "5"))
+    assert result["errors"] == {} and result["peer_mismatch"] == 0, result
+    assert set(result["answers"]) == {f"web-a:8080 {CLIENT[family]}",
+                                      f"web-c:8080 {CLIENT[family]}"}, result
+    remote = result["answers"][f"web-c:8080 {CLIENT[family]}"]
+    assert node1["nat_new"] == N and node1["nat_dsr"] == remote, node1
+    assert node1["nat_snat"] == 0 and node1["nat_reply"] > 0, node1
+    assert node2["nat_dsr_in"] == remote, node2
+
+
+@pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])
+def test_dsr_is_not_for_pods_nor_for_the_backends_own_node(dsr_cluster: MultiNodeCluster,
+                                                          family: int) -> None:
+    """The replies of a backend to a client on its own node (the node itself, or
+    a pod there) never leave that node by its LAN device, where DSR replies are
+    restored: such flows are source-NATed to node-1. Pods are source-NATed
+    wherever they are; another node is served by DSR."""
+    program(dsr_cluster, ["web-c", "web-d"])
+    node1, node2, _ = NODE_IP[family]
+    args = ("tcp", node1, str(DSR_PORTS["tcp"]), "--count", str(N), "--path", "/client",
+            "--timeout", "5")
+    from_node2 = dsr_cluster.probe_from_node(2, *args)
+    assert from_node2["errors"] == {} and from_node2["peer_mismatch"] == 0, from_node2
+    # web-c is on node-2, the client: SNAT. web-d (node-3) answers node-2 directly.
+    assert set(from_node2["answers"]) == {f"web-c:8080 {node1}", f"web-d:8080 {node2}"}, \
+        from_node2
+    from_pod = dsr_cluster.probe_from_pod("cli-2", *args)
+    assert from_pod["errors"] == {} and from_pod["peer_mismatch"] == 0, from_pod
+    assert set(from_pod["answers"]) == {f"web-c:8080 {node1}", f"web-d:8080 {node1}"}, from_pod
+
+
+# The largest UDP payload whose datagram fits the LAN's 1500-byte MTU as it is
+# but not with the DSR option added (8 bytes over IPv4, 24 over IPv6), while the
+# echo (6 bytes longer: "web-c ") still fits.
+NO_ROOM = {4: 1500 - 20 - 8 - 7, 6: 1500 - 40 - 8 - 23}
+
+
+@pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])
+def test_dsr_udp_flow_without_room_for_the_frontend_is_source_natted(
+    dsr_cluster: MultiNodeCluster, family: int,
+) -> None:
+    """A UDP flow whose first datagram has no room for the DSR option under the
+    MTU cannot tell the backend's node its frontend: it is source-NATed, and
+    works, as in the default mode. Smaller datagrams go by DSR."""
+    program(dsr_cluster, ["web-c"])
+    node1 = NODE_IP[family][0]
+    big, (n1, n2, _) = counted(dsr_cluster, lambda: dsr_cluster.probe_from_outside(
+        "udp", node1, str(DSR_PORTS["udp"]), "--count", "10", "--size", str(NO_ROOM[family]),
+        "--timeout", "5"))
+    assert big["answers"] == {"web-c": 10} and big["errors"] == {}, big
+    assert big["peer_mismatch"] == 0, big
+    # (A socket may get the source port of a live flow of an earlier test, and
+    # belong to it: new flows can be fewer than datagrams.)
+    assert n1["nat_new"] > 0 and n1["nat_snat"] == n1["nat_new"] and n1["nat_dsr"] == 0, n1
+    assert n1["nat_reply"] >= n1["nat_snat"] and n2["nat_dsr_in"] == 0, (n1, n2)
+    small, (n1, n2, _) = counted(dsr_cluster, lambda: dsr_cluster.probe_from_outside(
+        "udp", node1, str(DSR_PORTS["udp"]), "--count", "10", "--size",
+        str(NO_ROOM[family] - 16), "--timeout", "5"))
+    assert small["answers"] == {"web-c": 10} and small["peer_mismatch"] == 0, small
+    assert n1["nat_new"] > 0 and n1["nat_dsr"] == n1["nat_new"] and n1["nat_snat"] == 0, n1
+    assert n2["nat_dsr_in"] > 0, n2

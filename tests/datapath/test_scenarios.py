@@ -30,6 +30,12 @@ The suite runs once per datapath mode: eBPF (the agents' default on this
 kernel) and TPROXY (--mode tproxy). Where TPROXY mode cannot behave as eBPF
 mode does, the case is listed in TPROXY_DIFFERENCES with the reason (the
 README lists them too) and must fail there (xfail, strict).
+
+It runs once more in eBPF mode with --nodeport-mode dsr ("ebpf-dsr"): a flow
+from outside to a backend on another node is not source-NATed, and that
+node answers the client itself, so the pod sees the client's address. A case
+whose outcome differs there gives it as `dsr` (an IPv6 twin maps it too);
+pods and the backend's own node are still source-NATed.
 """
 
 from __future__ import annotations
@@ -72,6 +78,7 @@ class Case:
         "web-a": READY, "web-b": READY, "web-c": READY})
     hints: dict[str, list[str]] = field(default_factory=dict)  # pod -> zones
     family: int = 4
+    dsr: frozenset[str] | str | None = None  # the outcome under --nodeport-mode dsr, if other
 
 
 def seen(pods: str, who: str) -> frozenset[str]:
@@ -122,9 +129,11 @@ CASES = [
          hints={"web-a": ["zone-a"], "web-b": ["zone-a"]}),
     # ---- NodePort and externalTrafficPolicy --------------------------------------
     Case("nodeport Cluster from outside via node-1", "ext", "nodeport-1",
-         seen("web-a web-b", EXT4) | seen("web-c", NODE4[1]), spec=NODEPORT),
+         seen("web-a web-b", EXT4) | seen("web-c", NODE4[1]), spec=NODEPORT,
+         dsr=seen("web-a web-b web-c", EXT4)),
     Case("nodeport Cluster from outside via node-2", "ext", "nodeport-2",
-         seen("web-a web-b", NODE4[2]) | seen("web-c", EXT4), spec=NODEPORT),
+         seen("web-a web-b", NODE4[2]) | seen("web-c", EXT4), spec=NODEPORT,
+         dsr=seen("web-a web-b web-c", EXT4)),
     Case("nodeport Local from outside via node-1 keeps the client address", "ext",
          "nodeport-1", seen("web-a web-b", EXT4), spec=NODEPORT | LOCAL),
     Case("nodeport Local from outside via node-2", "ext", "nodeport-2",
@@ -132,7 +141,8 @@ CASES = [
     Case("nodeport Local over IPv6 from outside via node-1", "ext", "nodeport-1",
          seen("web-a web-b", EXT6), spec=NODEPORT | LOCAL, family=6),
     Case("nodeport Cluster over IPv6 from outside via node-2", "ext", "nodeport-2",
-         seen("web-a web-b", NODE6[2]) | seen("web-c", EXT6), spec=NODEPORT, family=6),
+         seen("web-a web-b", NODE6[2]) | seen("web-c", EXT6), spec=NODEPORT, family=6,
+         dsr=seen("web-a web-b web-c", EXT6)),
     Case("nodeport Local, no endpoint on node-1: dropped from outside", "ext", "nodeport-1",
          DROPPED, spec=NODEPORT | LOCAL, endpoints={"web-c": READY}),
     Case("nodeport Local from a pod on the node: every endpoint (short-circuit)", "cli-1",
@@ -147,7 +157,7 @@ CASES = [
     # ---- externalIPs and LoadBalancer ----------------------------------------------
     Case("externalIP from outside", "ext", "externalip",
          seen("web-a web-b", EXT4) | seen("web-c", NODE4[1]),
-         spec={"externalIPs": [EXTERNAL_IP[4]]}),
+         spec={"externalIPs": [EXTERNAL_IP[4]]}, dsr=seen("web-a web-b web-c", EXT4)),
     Case("externalIP from a pod", "cli-2", "externalip",
          seen("web-a web-b web-c", IP4["cli-2"]), spec={"externalIPs": [EXTERNAL_IP[4]]}),
     Case("LB IP Local from outside", "ext", "lb", seen("web-a web-b", EXT4),
@@ -155,13 +165,23 @@ CASES = [
     Case("LB source ranges let the client in", "ext", "lb",
          seen("web-a web-b", EXT4) | seen("web-c", NODE4[1]),
          spec={"type": "LoadBalancer",
-               "loadBalancerSourceRanges": [f"{EXT4}/32", f"{EXT6}/128"]}),
+               "loadBalancerSourceRanges": [f"{EXT4}/32", f"{EXT6}/128"]},
+         dsr=seen("web-a web-b web-c", EXT4)),
     Case("LB source ranges keep the client out", "ext", "lb", DROPPED,
          spec={"type": "LoadBalancer",
                "loadBalancerSourceRanges": ["10.0.0.99/32", "fd00:10::99/128"]}),
     Case("LB over IPv6 from outside", "ext", "lb",
          seen("web-a web-b", EXT6) | seen("web-c", NODE6[1]),
-         spec={"type": "LoadBalancer"}, family=6),
+         spec={"type": "LoadBalancer"}, family=6, dsr=seen("web-a web-b web-c", EXT6)),
+    # With --nodeport-mode dsr too: a pod is source-NATed; so is a node's own
+    # connection to a backend on it (node-1's pods' replies to node-1 itself
+    # would never leave node-1 by its LAN device).
+    Case("nodeport Cluster from a pod on another node: its node's pods see node-1", "cli-2",
+         "nodeport-1", seen("web-a web-b", IP4["cli-2"]) | seen("web-c", NODE4[1]),
+         spec=NODEPORT),
+    Case("nodeport Cluster from node-1 itself via node-2: node-1's pods see node-2", "node-1",
+         "nodeport-2", seen("web-a web-b", NODE4[2]) | seen("web-c", NODE4[1]),
+         spec=NODEPORT),
 ]
 
 
@@ -174,14 +194,16 @@ def ipv6_twin(case: Case) -> Case | None:
     client on node-1 itself picks its own source address either way)."""
     if case.family == 6 or case.dst == "badport":
         return None
-    expect: frozenset[str] | str = case.expect
-    if not isinstance(expect, str):
-        expect = frozenset(
-            f"{pod}@{TO_V6[addr]}" if addr else pod
-            for pod, _, addr in (e.partition("@") for e in expect)
-        )
-    return Case(f"{case.name} (IPv6)", case.client, case.dst, expect, case.spec,
-                case.endpoints, case.hints, family=6)
+
+    def v6(expect: frozenset[str] | str) -> frozenset[str] | str:
+        if isinstance(expect, str):
+            return expect
+        return frozenset(f"{pod}@{TO_V6[addr]}" if addr else pod
+                         for pod, _, addr in (e.partition("@") for e in expect))
+
+    return Case(f"{case.name} (IPv6)", case.client, case.dst, v6(case.expect), case.spec,
+                case.endpoints, case.hints, family=6,
+                dsr=None if case.dsr is None else v6(case.dsr))
 
 
 ALL_CASES = [c for c in CASES] + [t for t in map(ipv6_twin, CASES) if t is not None]
@@ -245,7 +267,8 @@ def destination(index: int, case: Case) -> tuple[str, int]:
 # The agents' options per mode: eBPF is what auto picks on this kernel.
 # ebpf-sockmap: the whole suite again with sockmap acceleration asked for on
 # every Service (same-node TCP connections spliced), as issue #5 requires.
-MODES = {"ebpf": [], "ebpf-sockmap": ["--sockmap"], "tproxy": ["--mode", "tproxy"]}
+MODES = {"ebpf": [], "ebpf-sockmap": ["--sockmap"], "tproxy": ["--mode", "tproxy"],
+         "ebpf-dsr": ["--nodeport-mode", "dsr"]}
 
 # Cases where TPROXY mode differs from eBPF mode, and why.
 TPROXY_DIFFERENCES: dict[str, str] = {}
@@ -296,17 +319,19 @@ def run_client(cluster: MultiNodeCluster, case: Case, addr: str, port: int,
 def test_scenario(cluster: MultiNodeCluster, index_case: tuple[int, Case],
                   request: pytest.FixtureRequest) -> None:
     index, case = index_case
-    if request.node.callspec.params["cluster"] == "tproxy" and case.name in TPROXY_DIFFERENCES:
+    mode = request.node.callspec.params["cluster"]
+    if mode == "tproxy" and case.name in TPROXY_DIFFERENCES:
         request.applymarker(pytest.mark.xfail(strict=True,
                                               reason=TPROXY_DIFFERENCES[case.name]))
+    expect = case.dsr if mode == "ebpf-dsr" and case.dsr is not None else case.expect
     cluster.write_manifest("svc.yaml", manifest(index, case))
     wait_programmed(cluster, index, case)
     addr, port = destination(index, case)
-    if isinstance(case.expect, str):
+    if isinstance(expect, str):
         result = run_client(cluster, case, addr, port, 3)
         assert result["answers"] == {}, (case.name, result)
         want = {REFUSED: "ECONNREFUSED", UNREACHABLE: "EHOSTUNREACH", DROPPED: "TIMEOUT"}
-        assert result["errors"] == {want[case.expect]: 3}, (case.name, result)
+        assert result["errors"] == {want[expect]: 3}, (case.name, result)
         return
     result = run_client(cluster, case, addr, port, 120)
     assert result["errors"] == {} and result["peer_mismatch"] == 0, (case.name, result)
@@ -314,9 +339,9 @@ def test_scenario(cluster: MultiNodeCluster, index_case: tuple[int, Case],
     for answer in result["answers"]:
         pod_port, _, address = answer.partition(" ")
         got.add((pod_port.split(":")[0], address))
-    want_pods = {e.split("@")[0] for e in case.expect}
+    want_pods = {e.split("@")[0] for e in expect}
     assert {pod for pod, _ in got} == want_pods, (case.name, result)
-    for entry in case.expect:
+    for entry in expect:
         pod, _, address = entry.partition("@")
         if address:
             assert {a for p, a in got if p == pod} == {address}, (case.name, pod, result)

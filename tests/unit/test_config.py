@@ -17,7 +17,14 @@ def test_defaults() -> None:
     assert config.bpffs == DEFAULT_BPFFS
     assert config.service_cidrs == frozenset()
     assert config.service_proxy_name is None
+    assert config.nodeport_mode == "snat"
     assert 0 <= config.min_sync_interval <= config.max_sync_interval
+
+
+def test_dsr_mode_with_the_pod_ranges() -> None:
+    pods = frozenset({ip_network("10.244.0.0/16")})
+    config = AgentConfig(node_name="n", nodeport_mode="dsr", cluster_cidrs=pods)
+    assert config.nodeport_mode == "dsr"
 
 
 @pytest.mark.parametrize("mode", ["auto", "ebpf", "tproxy"])
@@ -35,6 +42,15 @@ def test_modes(mode: str) -> None:
         pytest.param({"node_name": "n", "min_sync_interval": -1}, "interval", id="min-negative"),
         pytest.param({"node_name": "n", "min_sync_interval": 5, "max_sync_interval": 1},
                      "--min-sync-interval", id="min-above-max"),
+        pytest.param({"node_name": "n", "nodeport_mode": "masquerade"}, "--nodeport-mode",
+                     id="bad-nodeport-mode"),
+        # DSR must know which clients are pods: their replies never pass a device
+        # veer serves, so they are source-NATed instead.
+        pytest.param({"node_name": "n", "nodeport_mode": "dsr"}, "--cluster-cidr",
+                     id="dsr-without-cluster-cidr"),
+        pytest.param({"node_name": "n", "nodeport_mode": "dsr", "mode": "tproxy",
+                      "cluster_cidrs": frozenset({ip_network("10.244.0.0/16")})},
+                     "--mode tproxy", id="dsr-is-ebpf-only"),
     ],
 )
 def test_invalid_config(kwargs: dict[str, Any], message: str) -> None:

@@ -28,6 +28,7 @@ from agent.compute.types import L4Addr
 from agent.datapath.ebpf.structs import (
     COUNTER_NAMES,
     EV_F_AFFINITY,
+    EV_F_DSR,
     EV_F_MAPPED,
     EV_F_REDIRECT,
     EV_F_SHORT_CIRCUIT,
@@ -52,6 +53,7 @@ FLAG_NAMES = (
     (EV_F_SHORT_CIRCUIT, "short_circuit"),
     (EV_F_MAPPED, "ipv4_mapped"),
     (EV_F_REDIRECT, "redirect"),
+    (EV_F_DSR, "dsr"),
 )
 
 Sink = Callable[[list[FlowEvent]], None]

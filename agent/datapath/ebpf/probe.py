@@ -26,7 +26,8 @@ HELPERS = {
     "cgroup_sock_addr": ("bpf_set_retval", "bpf_get_socket_cookie", "bpf_get_netns_cookie",
                          "bpf_ktime_get_ns", "bpf_get_prandom_u32", "bpf_ringbuf_reserve"),
     "sched_cls": ("bpf_fib_lookup", "bpf_redirect_neigh", "bpf_skb_change_tail",
-                  "bpf_csum_diff", "bpf_tail_call", "bpf_ringbuf_reserve"),
+                  "bpf_csum_diff", "bpf_tail_call", "bpf_ringbuf_reserve",
+                  "bpf_skb_adjust_room"),
     "cgroup_sock": ("bpf_get_socket_cookie",),
     "sock_ops": ("bpf_get_socket_cookie",),
 }

@@ -58,7 +58,8 @@ SK_MSG_VERDICT = 7  # enum bpf_attach_type: BPF_SK_MSG_VERDICT
 
 BPF_PROG_TYPE_CGROUP_SOCK_ADDR = 18
 BPF_PROG_TYPE_SCHED_CLS = 3
-TAIL_REJECT = 0  # VEER_TAIL_REJECT in bpf/tc_nat.c
+# veer_tc_ingress's tail calls: index in veer_tc_tail (VEER_TAIL_* in bpf/tc_nat.c) -> program.
+TAIL_CALLS = ((0, "veer_tc_reject"), (1, "veer_tc_dsr"))
 
 
 @dataclass(frozen=True)
@@ -155,10 +156,13 @@ def open_dir(path: str) -> Iterator[int]:
 
 
 class SockLbPrograms:
-    """The compiled socket-LB object: its programs and pinned maps."""
+    """The compiled socket-LB object: its programs and pinned maps.
+
+    `dsr` (--nodeport-mode dsr) is compiled in: bpf/tc_nat.c's
+    VEER_NODEPORT_DSR."""
 
     def __init__(self, bpffs_dir: str, map_sizes: dict[str, int] | None = None,
-                 sockmap: bool = False) -> None:
+                 sockmap: bool = False, dsr: bool = False) -> None:
         self.bpffs_dir = bpffs_dir
         self.map_sizes = map_sizes or {}
         # Compile and attach sockmap acceleration (bpf/sockmap.c): only where
@@ -166,6 +170,7 @@ class SockLbPrograms:
         # all when attaching it failed.
         self.sockmap = sockmap
         self.sockmap_error = ""
+        self.dsr = dsr
         self._bpf: Any = None
         self._fns: dict[str, Any] = {}
         self._tc_fns: dict[str, Any] = {}
@@ -182,6 +187,7 @@ class SockLbPrograms:
             f'-DVEER_PIN_DIR="{self.bpffs_dir}"',
             *(f"-DVEER_{name.upper()}_MAX={size}" for name, size in self.map_sizes.items()),
             *(["-DVEER_SOCKMAP"] if self.sockmap else []),
+            f"-DVEER_NODEPORT_DSR={int(self.dsr)}",
         ]
         try:
             text = "\n".join(
@@ -273,14 +279,15 @@ class SockLbPrograms:
         """Fill veer_tc_tail: the programs veer_tc_ingress tail-calls."""
         import ctypes
 
-        if "veer_tc_reject" in self._tc_fns:
-            return
-        try:
-            fn = self._bpf.load_func(b"veer_tc_reject", BPF_PROG_TYPE_SCHED_CLS)
-            self._bpf["veer_tc_tail"][ctypes.c_int(TAIL_REJECT)] = ctypes.c_int(int(fn.fd))
-        except Exception as err:  # BCC raises bare Exception
-            raise DatapathError(f"loading veer_tc_reject failed: {err}") from err
-        self._tc_fns["veer_tc_reject"] = fn
+        for index, name in TAIL_CALLS:
+            if name in self._tc_fns:
+                continue
+            try:
+                fn = self._bpf.load_func(name.encode(), BPF_PROG_TYPE_SCHED_CLS)
+                self._bpf["veer_tc_tail"][ctypes.c_int(index)] = ctypes.c_int(int(fn.fd))
+            except Exception as err:  # BCC raises bare Exception
+                raise DatapathError(f"loading {name} failed: {err}") from err
+            self._tc_fns[name] = fn
 
     def map_path(self, name: str) -> str:
         return os.path.join(self.bpffs_dir, name)

@@ -319,6 +319,7 @@ EV_F_SNAT = 1 << 1
 EV_F_SHORT_CIRCUIT = 1 << 2
 EV_F_MAPPED = 1 << 3
 EV_F_REDIRECT = 1 << 4
+EV_F_DSR = 1 << 5
 
 
 class ConfigValue(ctypes.Structure):
@@ -400,6 +401,8 @@ COUNTER_NAMES: tuple[str, ...] = (
     "accel_sockets",
     "accel_spliced",
     "accel_tcp",
+    "nat_dsr",
+    "nat_dsr_in",
 )
 
 # LPM trie keys carry family + padding (32 bits) before the address.
