@@ -245,6 +245,58 @@ def test_bulk_transfer_arrives_whole_and_half_close_travels(cluster: SandboxClus
     assert ok == "True" and int(received) == size + len(b"TRAILER"), res.stdout
 
 
+PEER_SERVER = """
+import socket, sys
+srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("0.0.0.0", int(sys.argv[1]))); srv.listen(16)
+print("ready", flush=True)
+while True:
+    conn, peer = srv.accept()
+    conn.sendall(f"{peer[0]} {peer[1]}\\n".encode())
+    while conn.recv(4096):  # the client closes first: its side ends in TIME_WAIT
+        pass
+    conn.close()
+"""
+
+PORT_REUSE_CLIENT = """
+import socket, sys
+vip, port, pod = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+s = socket.create_connection((vip, port), timeout=5)
+seen_ip, seen_port = s.makefile().readline().split()
+s.shutdown(socket.SHUT_WR)
+while s.recv(4096):
+    pass
+s.close()
+# The proxy's upstream socket (seen_ip:seen_port -> pod) is now in TIME_WAIT.
+d = socket.socket(); d.settimeout(3)
+d.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+d.bind((seen_ip, int(seen_port)))
+d.connect((pod, port))
+print(seen_ip, seen_port, d.makefile().readline().strip())
+"""
+
+
+def test_an_upstream_time_wait_never_catches_a_direct_connection(cluster: SandboxCluster) -> None:
+    """The proxy's upstream socket carries the client's address; when the
+    client closed first, that socket ends in TIME_WAIT. A later connection of
+    the same client straight to the backend, from the same port, must not be
+    caught by it (nftables steers only to the proxy's live sockets)."""
+    web_a = cluster.topo.pods["web-a"]
+    server = cluster.topo.spawn(web_a.netns, [sys.executable, "-c", PEER_SERVER, "9200"],
+                                stdout=subprocess.PIPE)
+    assert server.stdout is not None and server.stdout.readline().strip() == b"ready"
+    cluster.write_manifest("peer.yaml", service_with_endpoints(
+        "peer", "10.96.0.46", ["web-a"], port=9200, target=9200))
+    cluster.wait_frontend("10.96.0.46:9200/TCP", backends(["web-a"], 9200))
+    res = cluster.topo.exec(cluster.client, [sys.executable, "-c", PORT_REUSE_CLIENT,
+                                             "10.96.0.46", "9200", web_a.ipv4], timeout=60)
+    assert res.returncode == 0, res.stderr
+    seen_ip, seen_port, *direct = res.stdout.split()
+    assert seen_ip == "10.244.1.100"  # the client's address, kept
+    # The direct connection, from the same port, reached the backend.
+    assert direct == ["10.244.1.100", seen_port], res.stdout
+
+
 def test_a_backend_that_refuses_resets_the_client(cluster: SandboxCluster) -> None:
     """Known difference: the client's handshake completes with the proxy, so a
     backend that refuses shows up as a reset after connect() succeeded (eBPF
@@ -287,9 +339,14 @@ def routing(cluster: SandboxCluster) -> str:
     return "".join(in_node(cluster, "ip", *family, "rule").stdout for family in ([], ["-6"]))
 
 
+def early_demux(cluster: SandboxCluster) -> str:
+    return in_node(cluster, "sysctl", "-n", "net.ipv4.tcp_early_demux").stdout.strip()
+
+
 def test_cleanup_removes_table_rules_and_routes(cluster: SandboxCluster) -> None:
     assert "inet veer" in nft_tables(cluster)
     assert "lookup 8337" in routing(cluster) and "lookup 8338" in routing(cluster)
+    assert early_demux(cluster) == "0"
     cluster.stop_agent()
     # Stopping leaves the datapath in place, as in eBPF mode.
     assert "inet veer" in nft_tables(cluster)
@@ -300,6 +357,7 @@ def test_cleanup_removes_table_rules_and_routes(cluster: SandboxCluster) -> None
     assert "removed nftables table inet veer" in res.stderr, res.stderr
     assert "inet veer" not in nft_tables(cluster)
     assert "8337" not in routing(cluster) and "8338" not in routing(cluster)
+    assert early_demux(cluster) == "1"
     for table in ("8337", "8338"):
         assert in_node(cluster, "ip", "route", "show", "table", table).stdout == ""
     again = in_node(cluster, *argv)  # idempotent

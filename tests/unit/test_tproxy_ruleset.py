@@ -247,12 +247,11 @@ def test_the_table_refuses_unexposed_ports_and_steers_replies() -> None:
     counters = {c["add"]["counter"]["name"] for c in cmds if "counter" in c.get("add", {})}
     assert set(ruleset.COUNTERS) == counters
     rules = [c["add"]["rule"]["expr"] for c in cmds if "rule" in c.get("add", {})]
-    # The proxy's own packets first, then replies to transparent sockets
-    # (a TCP SYN excluded), then the frontend maps, then the refusals.
+    # The proxy's own packets first, then packets for the proxy's sockets
+    # (known by their mark), then the frontend maps, then the refusals.
     assert "accept" in rules[0][-1] and str(0x0080_0000) in text(rules[0])
-    assert '"transparent"' in text(rules[1]) and '"syn"' in text(rules[1])
-    assert '"transparent"' in text(rules[2]) and '"udp"' in text(rules[2])
-    assert [r[0]["vmap"]["data"] for r in rules[3:5]] == ["@fe4", "@fe6"]
-    refusals = [counter_of(r) for r in rules[5:]]
+    assert '"socket": {"key": "mark"}' in text(rules[1]) and str(MARK_LOCAL) in text(rules[1])
+    assert [r[0]["vmap"]["data"] for r in rules[2:4]] == ["@fe4", "@fe6"]
+    refusals = [counter_of(r) for r in rules[4:]]
     assert set(refusals) == {"refused_unknown_port", "refused_no_service"}
     assert len(refusals) == 8  # {vips, cidrs} x {IPv4, IPv6} x {TCP, UDP}

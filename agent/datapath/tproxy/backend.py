@@ -46,7 +46,7 @@ from agent.compute.policy import (
 )
 from agent.compute.types import Frontend, L4Addr
 from agent.datapath.interface import Datapath, DatapathState, MapUsage, ProgrammedFrontend
-from agent.datapath.tproxy import ruleset
+from agent.datapath.tproxy import routing, ruleset
 from agent.datapath.tproxy.engine import Engine
 from agent.datapath.tproxy.layout import LOOPBACK, NFT_FAMILY, NFT_TABLE
 from agent.datapath.tproxy.nft import Command, Nft
@@ -121,6 +121,10 @@ class TproxyDatapath(Datapath):
         try:
             self.engine.start()
             self._routing.setup(self._families)
+            if routing.early_demux_off():
+                log.info("TPROXY: TCP early demux turned off in this network namespace "
+                         "(net.ipv4.tcp_early_demux=0): a TIME_WAIT socket of the proxy "
+                         "must never catch a client's direct connection")
             self._nft.run(ruleset.skeleton(), "creating table inet veer")
         except BaseException:
             self.close()

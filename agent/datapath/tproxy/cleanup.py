@@ -1,5 +1,7 @@
 """`veer agent --cleanup` for TPROXY mode: everything layout.py lists, and
-nothing else. Idempotent; acts on the network namespace it runs in."""
+nothing else: the table, the rules and routes, and TCP early demux back to
+the kernel's default if TPROXY mode ran here. Idempotent; acts on the
+network namespace it runs in."""
 
 from __future__ import annotations
 
@@ -22,5 +24,8 @@ def cleanup() -> list[str]:
         nft.run([{"delete": {"table": {"family": NFT_FAMILY, "name": NFT_TABLE}}}],
                 "removing table inet veer")
         removed.append(f"removed nftables table {NFT_FAMILY} {NFT_TABLE}")
+        # TPROXY mode ran here and turned it off (routing.early_demux_off).
+        routing.early_demux_on()
+        removed.append("turned TCP early demux back on (net.ipv4.tcp_early_demux=1)")
     removed.extend(routing.remove_all())
     return removed

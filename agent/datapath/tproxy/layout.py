@@ -9,14 +9,17 @@ the agent, `veer agent --cleanup` and the tests agree on what is veer's:
                table 8337: `local default dev lo` (IPv4 and IPv6)
                table 8338: `local <Service address or CIDR> dev lo`
     sockets    the proxy's listeners on 127.0.0.1 and ::1, kernel-chosen ports
+    sysctl     net.ipv4.tcp_early_demux=0 (routing.early_demux_off says why)
 
 Marks (bits no other common node agent uses: kube-proxy takes 0x4000 and
 0x8000, Cilium 0x0f00 and 0x0200 area, Calico the top 16 bits by default):
 - MARK_LOCAL: "deliver this packet to a local socket". Set on packets that
   nftables hands to the proxy and on replies that backends send to the
   proxy's transparent upstream sockets; rule 9337 routes them to `lo`.
-- MARK_PROXY: set (SO_MARK) on every packet the proxy itself sends, so that
-  nothing of veer's intercepts the proxy's own upstream connections.
+- MARK_PROXY: the mark (SO_MARK) of every socket of the proxy's. Packets
+  they send carry it, so nothing of veer's intercepts the proxy's own
+  upstream connections; and nftables' `socket mark` recognises packets for
+  them (replies from backends, addressed to the client), live sockets only.
 """
 
 from __future__ import annotations

@@ -209,6 +209,39 @@ class Routing:
         return out
 
 
+EARLY_DEMUX = "/proc/sys/net/ipv4/tcp_early_demux"
+
+
+def early_demux_off() -> bool:
+    """Turn TCP early demux off in this network namespace; True if it was on.
+
+    Early demux looks a received segment's socket up before routing. The
+    proxy's upstream sockets carry their clients' addresses, so one of them
+    left in TIME_WAIT matches a later connection of that client straight to
+    the same backend from the same port: demux attaches the TIME_WAIT socket
+    to the backend's answer, which then cannot be forwarded to the client
+    (the kernel drops a forwarded packet that has a socket) and the client's
+    connect() hangs. Without early demux the answer is routed as any other."""
+    try:
+        with open(EARLY_DEMUX) as f:
+            was_on = f.read().strip() != "0"
+        if was_on:
+            with open(EARLY_DEMUX, "w") as f:
+                f.write("0")
+    except OSError as err:
+        raise DatapathError(f"cannot turn TCP early demux off ({EARLY_DEMUX}): {err}") from err
+    return was_on
+
+
+def early_demux_on() -> None:
+    """Back to the kernel's default (what --cleanup does after TPROXY mode)."""
+    try:
+        with open(EARLY_DEMUX, "w") as f:
+            f.write("1")
+    except OSError as err:
+        raise DatapathError(f"cannot turn TCP early demux on ({EARLY_DEMUX}): {err}") from err
+
+
 def _describe(rule: Any) -> str:
     return (f"table {rule.get_attr('FRA_TABLE')}, fwmark {rule.get_attr('FRA_FWMARK')}")
 

@@ -6,8 +6,7 @@ rules can be read and tested without root.
     table inet veer
       prerouting (filter hook, priority mangle)
         1. mark & MARK_PROXY                 accept   the proxy's own packets
-        2. tcp (not a SYN) / udp, socket transparent 1
-                                             mark MARK_LOCAL, accept
+        2. tcp/udp, socket mark & MARK_PROXY  mark MARK_LOCAL, accept
                                                       replies to the proxy's upstream
                                                       sockets (and a client's later
                                                       packets to its proxied socket)
@@ -412,18 +411,16 @@ def skeleton() -> list[Command]:
                                    "hook": "prerouting", "prio": -150, "policy": "accept"}}})
     rules: list[Rule] = [
         [_match({"&": [_MARK, MARK_PROXY]}, MARK_PROXY), {"accept": None}],
-        # A TCP SYN is left to the frontend's tproxy rule even when a socket
-        # matches: that is a TIME_WAIT socket of an earlier connection with the
-        # same ports, and only tproxy hands the SYN on to the listener (a
-        # locally delivered SYN would meet the TIME_WAIT socket, find no
-        # listener on the Service address, and stall for a retransmit).
-        [_match(_L4, "tcp"),
-         _match({"&": [_payload("tcp", "flags"), ["syn", "ack"]]}, "syn", "!="),
-         _match({"socket": {"key": "transparent"}}, 1),
-         {"mangle": {"key": _MARK, "value": {"|": [_MARK, MARK_LOCAL]}}},
-         {"accept": None}],
-        [_match(_L4, "udp"),
-         _match({"socket": {"key": "transparent"}}, 1),
+        # Packets for one of the proxy's own sockets (it marks them all):
+        # replies to its upstream connections, which are addressed to the
+        # client, and a client's later packets. Only live sockets match (the
+        # socket mark of a TIME_WAIT or request socket does not), so a SYN
+        # that meets an old TIME_WAIT socket of the same ports goes on to
+        # tproxy, which hands it to the listener, and a client's later direct
+        # connection to a backend is never caught by an upstream socket's
+        # TIME_WAIT of the same ports.
+        [_match(_L4, {"set": ["tcp", "udp"]}),
+         _match({"&": [{"socket": {"key": "mark"}}, MARK_PROXY]}, MARK_PROXY),
          {"mangle": {"key": _MARK, "value": {"|": [_MARK, MARK_LOCAL]}}},
          {"accept": None}],
         _dispatch(4),

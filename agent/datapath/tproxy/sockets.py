@@ -43,6 +43,8 @@ def listener(family: int, kind: socket.SocketKind, backlog: int = 4096) -> socke
     sock = socket.socket(_AF[family], kind)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # Accepted sockets inherit the mark: nftables knows them by it.
+        sock.setsockopt(socket.SOL_SOCKET, SO_MARK, MARK_PROXY)
         set_transparent(sock, family)
         if kind == socket.SOCK_DGRAM:
             level, opt = (SOL_IP, IP_RECVORIGDSTADDR) if family == 4 else \
