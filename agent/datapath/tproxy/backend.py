@@ -121,10 +121,7 @@ class TproxyDatapath(Datapath):
         try:
             self.engine.start()
             self._routing.setup(self._families)
-            if routing.early_demux_off():
-                log.info("TPROXY: TCP early demux turned off in this network namespace "
-                         "(net.ipv4.tcp_early_demux=0): a TIME_WAIT socket of the proxy "
-                         "must never catch a client's direct connection")
+            self._early_demux()
             self._nft.run(ruleset.skeleton(), "creating table inet veer")
         except BaseException:
             self.close()
@@ -134,6 +131,20 @@ class TproxyDatapath(Datapath):
                            for (f, proto, role), p in sorted(
                                self.engine.ports.items(),
                                key=lambda kv: (kv[0][0], kv[0][1].value, kv[0][2].value))))
+
+    @staticmethod
+    def _early_demux() -> None:
+        try:
+            if routing.early_demux_off():
+                log.info("TPROXY: TCP early demux turned off in this network namespace "
+                         "(net.ipv4.tcp_early_demux=0): a TIME_WAIT socket of the proxy "
+                         "must never catch a client's direct connection")
+        except DatapathError as err:
+            # A container without write access to /proc/sys: everything works
+            # but the rare case early_demux_off() describes.
+            log.warning("TPROXY: %s; a client that connects through a Service and then "
+                        "straight to the same backend from the same port may hang for up "
+                        "to a minute (set net.ipv4.tcp_early_demux=0 on the node)", err)
 
     # ---- frontends ---------------------------------------------------------------
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from agent.datapath.tproxy import routing
 from agent.datapath.tproxy.layout import NFT_FAMILY, NFT_TABLE
 from agent.datapath.tproxy.nft import Nft
-from agent.errors import EnvironmentProblem
+from agent.errors import DatapathError, EnvironmentProblem
 
 
 def cleanup() -> list[str]:
@@ -25,7 +25,10 @@ def cleanup() -> list[str]:
                 "removing table inet veer")
         removed.append(f"removed nftables table {NFT_FAMILY} {NFT_TABLE}")
         # TPROXY mode ran here and turned it off (routing.early_demux_off).
-        routing.early_demux_on()
-        removed.append("turned TCP early demux back on (net.ipv4.tcp_early_demux=1)")
+        try:
+            routing.early_demux_on()
+            removed.append("turned TCP early demux back on (net.ipv4.tcp_early_demux=1)")
+        except DatapathError as err:
+            removed.append(f"left TCP early demux as it is: {err}")
     removed.extend(routing.remove_all())
     return removed
