@@ -19,6 +19,7 @@ import argparse
 import errno
 import json
 import socket
+import struct
 import time
 from collections import Counter
 from typing import Any
@@ -82,9 +83,11 @@ def tcp_once(addr: str, port: int, timeout: float, path: str = "/",
     with socket.socket(_family(addr), socket.SOCK_STREAM) as sock:
         sock.settimeout(timeout)
         if source_port:
-            # A fixed source port makes a fixed flow (Maglev hashes it); the
-            # server closes first, so this side keeps no TIME_WAIT.
+            # A fixed source port makes a fixed flow (Maglev hashes it). The
+            # next run reuses the port at once: close with a reset (linger 0)
+            # so that no TIME_WAIT holds it, whoever closed first.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             sock.bind(("", source_port))
         sock.connect((addr, port))
         peer_ok = _peer_matches(sock.getpeername(), addr, port)

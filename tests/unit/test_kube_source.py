@@ -222,8 +222,10 @@ def test_a_forbidden_kind_keeps_the_agent_unsynced(
     api: FakeApi, caplog: pytest.LogCaptureFixture
 ) -> None:
     store = Store()
+    # Retries 0.5 s apart: the check between the second and the third try
+    # must not race the third (a loaded machine once lost a 10-50 ms race).
     source = KubeSource(api, store, NODE, kinds=(SERVICES, NODES),
-                        backoff=lambda: Backoff(0.01, 0.05))
+                        backoff=lambda: Backoff(0.5, 0.5))
     denied = KubeApiError("GET /api/v1/nodes", 403, 'nodes is forbidden: User "x" cannot list')
     api.fail("LIST", NODES.path(), denied, denied)
     with caplog.at_level(logging.ERROR):
