@@ -136,7 +136,9 @@ class Run:
         for proxy in self.proxies.values():
             try:
                 start = time.monotonic()
-                proxy.wait_ready(180)
+                # With a load in place a fresh kube-proxy's first sync (every rule
+                # at once) takes minutes on a busy 2-CPU machine.
+                proxy.wait_ready(self.args.program_timeout if loaded else 180)
                 took = time.monotonic() - start
                 took += wait_answering(self.cluster, proxy, BENCH_TARGETS, timeout=180)
                 if loaded:
@@ -253,12 +255,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     log(f"veer side by side: {args.rounds} round(s) x {args.duration} s per path, loads "
         f"{', '.join(f'{n:,}' for n in args.load_counts)}, {os.cpu_count()} CPU(s)")
     log_dir = Path(tempfile.mkdtemp(prefix="bn-compare-"))
+    aborted = ""
     try:
         with BenchCluster(log_dir) as cluster:
             log(f"sandbox {cluster.topo.prefix}: namespaces {cluster.topo.prefix}-*, "
                 f"control plane {cluster.control_plane.dir}, logs {log_dir}")
             bench = Run(args, cluster)
-            bench.run()
+            try:
+                bench.run()
+            except (RuntimeError, TimeoutError, OSError) as err:
+                # What was measured before stays measured: the report says
+                # where and why the run stopped.
+                aborted = f"{type(err).__name__}: {str(err).splitlines()[0][:400]}"
+                log(f"the run stopped: {aborted}")
     finally:
         if not os.environ.get("VEER_BENCH_KEEP"):
             shutil.rmtree(log_dir, ignore_errors=True)
@@ -285,16 +294,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     sections.append("### Control plane (each proxy alone, started afresh)\n\n"
                     + report.cp_table(cps))
     sections.append("### Goals\n\n" + "\n".join(report.goals(loads, cps, GOAL_SERVICES)))
+    if aborted:
+        sections.append(f"**The run stopped before its end** ({aborted}); the figures above "
+                        f"are those measured until then.")
     body = benchlib.report(*sections)
     _, json_path = benchlib.write_results(
         args, "compare", f"# veer side by side with kube-proxy\n\n{body}\n",
         {"elapsed_s": round(elapsed, 1), "command": command, "kubernetes": kube_version(),
+         "aborted": aborted,
          **report.to_json(loads, cps)})
     for png in draw(json_path):
         shown = png.relative_to(REPO) if png.is_relative_to(REPO) else png
         log(f"plot: {shown}")
     log(f"total time {elapsed / 60:.1f} min")
-    return 0
+    return 1 if aborted else 0
 
 
 def kube_version() -> str:

@@ -125,7 +125,9 @@ def _better(key: str, ours: float, theirs: float) -> bool:
 
 def goals(loads: Sequence[Load], cps: Sequence[CpResult], goal_services: int) -> list[str]:
     """One line per goal with the figures that decide it."""
-    out = []
+    out: list[str] = []
+    if not loads:
+        return ["- no datapath figures: the run stopped before measuring any"]
     biggest = max(loads, key=lambda ld: ld.services)
     full = biggest.services >= goal_services
     caveat = "" if full else f" (NOT a test of the goal: {biggest.services:,} Services, not " \
