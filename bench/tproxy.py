@@ -163,9 +163,18 @@ class Bench:
                    else f"http://{HTTP_VIP}:{HTTP_PORT}/")
             before = self.proxied()
             mark = self.meter.start()
-            result = run_wrk(self.cluster.topo, self.cluster.client, url, duration,
-                             threads=self.args.threads, connections=self.args.connections,
-                             close=close, prefix=self.prefix)
+            try:
+                result = run_wrk(self.cluster.topo, self.cluster.client, url, duration,
+                                 threads=self.args.threads, connections=self.args.connections,
+                                 close=close, prefix=self.prefix)
+            except subprocess.TimeoutExpired:
+                # Seen once on this shared machine under a load of 7: wrk did
+                # not end a minute after its 5 s. A failed run, to be redone.
+                use = self.meter.stop(mark)
+                log(f"  wrk to {url} did not finish; the run counts as failed")
+                failed = WrkResult(url=url, rate=0.0, requests=1, seconds=duration,
+                                   errors={"hung": 1})
+                return failed, use, {"proxied": self.proxied() - before, "wrk_errors": 1}
             use = self.meter.stop(mark)
             if result.requests == 0:
                 raise RuntimeError(f"wrk made no requests to {url}")
