@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import resource
+import select
 import socket
 import threading
 import time
@@ -96,7 +97,7 @@ class Engine:
                         self.ports[(family, protocol, role)] = sock.getsockname()[1]
                         handler = (tcp.accept_all if protocol is Protocol.TCP
                                    else udp.receive_all)(self, sock, role)
-                        self.loop.register(sock.fileno(), _READ, handler)
+                        self.loop.register(sock.fileno(), select.EPOLLIN, handler)
         except OSError as err:
             self._close_listeners()
             raise DatapathError(f"the proxy cannot open its listeners: {err}") from err
@@ -177,12 +178,13 @@ class Engine:
         protocol = _PROTO_OF_KIND[kind]
         chooser = self.tables[(protocol, role.external)].get(target)
         if chooser is None:
-            self.count("refused_no_frontend")
+            # nftables still sent it while the frontend was being removed.
+            self.count("proxy_no_frontend")
             return None
         hits = chooser.affinity_hits
         backend = chooser.pick(client, client_port)
         if backend is None:
-            self.count("refused_no_backend")
+            self.count("proxy_no_backend")  # (nftables refuses; a race with an update)
             return None
         if chooser.affinity_hits != hits:
             self.count("affinity_hit")
@@ -191,8 +193,7 @@ class Engine:
         if role is Role.NODE:
             transparent = False
         elif role is Role.POD:
-            transparent = where is Locality.HERE or where is Locality.REMOTE
-            transparent = transparent and address != client
+            transparent = where in (Locality.HERE, Locality.REMOTE) and address != client
         else:
             transparent = where is Locality.HERE
         self.count("translated")
@@ -211,9 +212,6 @@ class Engine:
         out["open_connections"] = self.open_connections
         out["udp_flows"] = len(self.flows)
         return out
-
-
-_READ = 1  # select.EPOLLIN
 
 
 def _raise_open_files_limit() -> None:
