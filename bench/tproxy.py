@@ -122,7 +122,8 @@ class Bench:
         iperf = c.topo.spawn(c.topo.pods[POD.name].netns,
                              [*benchlib.wrk_prefix(server_cpus), "iperf3", "-s", "-p",
                               str(IPERF_PORT)])
-        benchlib.pin_servers(servers, server_cpus)
+        if server_cpus:  # (--cpu-layout shared: left to the scheduler)
+            benchlib.pin_servers(servers, server_cpus)
         c.start_agent(["--mode", "tproxy", *benchlib.resync_args(self.args)], wait=False)
         c.wait_status(lambda s: s["ok"] and f"{IPERF_VIP}:{IPERF_PORT}/TCP" in s["frontends"]
                       and f"{HTTP_VIP}:{HTTP_PORT}/TCP" in s["frontends"],
