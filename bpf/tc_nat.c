@@ -382,6 +382,10 @@ static __always_inline void veer_nat_seen(struct veer_nat_value *nat, const stru
 	nat->last_seen_ns = now | flags;
 	if (!p->fin)
 		return;
+	/* The flow is ending: the forward key is this packet's tuple (a
+	 * client's packet) or the reply's reversed (built below). */
+	if (!reply)
+		veer_lc_flow_release(&p->t);
 	/* A FIN or RST in one direction ends both: mark the other direction's
 	 * entry too, keyed by this entry's rewritten tuple reversed (a client's
 	 * RST never passes the reply path, yet it frees the SNAT port). */
@@ -391,7 +395,12 @@ static __always_inline void veer_nat_seen(struct veer_nat_value *nat, const stru
 	key.dport = nat->sport;
 	key.proto = p->t.proto;
 	key.family = p->t.family;
-	other = reply ? veer_nat_fwd.lookup(&key) : veer_nat_rev.lookup(&key);
+	if (reply) {
+		other = veer_nat_fwd.lookup(&key);
+		veer_lc_flow_release(&key);
+	} else {
+		other = veer_nat_rev.lookup(&key);
+	}
 	if (other)
 		other->last_seen_ns |= VEER_NAT_CLOSING;
 }
@@ -951,6 +960,15 @@ static __always_inline int veer_new_flow(struct __sk_buff *skb, const struct vee
 		return TC_ACT_SHOT;
 	}
 	veer_count(VEER_CNT_NAT_NEW);
+	/* LeastConnections counts the flows it places (until their FIN or RST,
+	 * or the agent's sweep); a new flow of another algorithm that reuses a
+	 * counted flow's tuple ends that one's count. A FIN or RST that finds
+	 * no entry (its flow's entry was evicted) ends at once: not counted. */
+	if ((frontend->flags & VEER_SVC_ALG_MASK) == (VEER_ALG_LEAST_CONN << VEER_SVC_ALG_SHIFT) &&
+	    !p->fin)
+		veer_lc_flow_hold(&p->t, backend_key.backend_id);
+	else
+		veer_lc_flow_release(&p->t);
 	if (stored)
 		report_flags |= VEER_EV_F_SNAT;
 	if (dsr) {

@@ -240,7 +240,8 @@ static __always_inline struct veer_service_value *veer_least_conn(struct veer_se
 {
 	struct veer_service_value *slot;
 	struct veer_conns_value *conns;
-	__u32 start = bpf_get_prandom_u32(), i, id, weight;
+	struct veer_conns_swept_value *swept;
+	__u32 start = bpf_get_prandom_u32(), i, id, weight, open;
 	__u64 score, best_score = ~0ULL;
 	__u16 best_slot = 0;
 
@@ -255,8 +256,11 @@ static __always_inline struct veer_service_value *veer_least_conn(struct veer_se
 				id = slot->backend_id;
 				weight = slot->count | (slot->count == 0); /* 0 means 1 */
 				conns = veer_backend_conns.lookup(&id);
-				score = conns ? conns->open : 0;
-				score = (score << 32) / weight;
+				swept = veer_backend_conns_swept.lookup(&id);
+				open = conns ? conns->open : 0;
+				if (swept)
+					open = open > swept->swept ? open - swept->swept : 0;
+				score = ((__u64)open << 32) / weight;
 				if (score < best_score) {
 					best_score = score;
 					best_slot = key->slot;
@@ -322,5 +326,35 @@ static __always_inline void veer_lc_hold(void *ctx, __u32 backend_id)
 	if (held)
 		veer_conns_add(held->backend_id, -1);
 	if (veer_lc_socks.update(&cookie, &fresh) == 0)
+		veer_conns_add(backend_id, 1);
+}
+
+/* Give back the count a per-packet flow holds, if it holds one. Whoever
+ * deletes the entry gives the count back: a FIN seen on two CPUs at once, or
+ * the agent's sweep racing a late FIN, still gives it back exactly once. */
+static __always_inline void veer_lc_flow_release(const struct veer_tuple *t)
+{
+	struct veer_lc_sock_value *held = veer_lc_flows.lookup((struct veer_tuple *)t);
+	__u32 backend_id;
+	int gone;
+
+	if (!held)
+		return;
+	backend_id = held->backend_id;
+	gone = veer_lc_flows.delete((struct veer_tuple *)t);
+	if (gone == 0)
+		veer_conns_add(backend_id, -1);
+}
+
+/* Count a new per-packet flow (client tuple `t`) against `backend_id`; a flow
+ * reusing the tuple of a counted one gives that one back first. */
+static __always_inline void veer_lc_flow_hold(const struct veer_tuple *t, __u32 backend_id)
+{
+	struct veer_lc_sock_value fresh = { .backend_id = backend_id };
+	int stored;
+
+	veer_lc_flow_release(t);
+	stored = veer_lc_flows.update((struct veer_tuple *)t, &fresh);
+	if (stored == 0)
 		veer_conns_add(backend_id, 1);
 }

@@ -115,12 +115,21 @@ BPF_TABLE_PINNED("hash", __u64, struct veer_node_value, veer_netns_addrs,
 BPF_TABLE_PINNED("array", __u32, __u32, veer_rr_cursor, VEER_SERVICES_MAX + 1,
 		 VEER_PIN_DIR "/veer_rr_cursor");
 
-/* LeastConnections: open connections per backend id, and the backend each
- * counted socket holds (released by veer_sock_release). */
+/* LeastConnections: connections opened per backend id and not given back
+ * (sockets of this node and per-packet flows it translates), and the backend
+ * each counted socket holds (released by veer_sock_release). */
 BPF_TABLE_PINNED("array", __u32, struct veer_conns_value, veer_backend_conns,
 		 VEER_BACKENDS_MAX + 1, VEER_PIN_DIR "/veer_backend_conns");
 BPF_TABLE_PINNED("hash", __u64, struct veer_lc_sock_value, veer_lc_socks,
 		 VEER_REVNAT_MAX, VEER_PIN_DIR "/veer_lc_socks");
+/* Per-packet flows counted the same way, keyed by the client's tuple as it
+ * arrives (the forward NAT key). A plain hash, not an LRU: an entry evicted
+ * silently would be a count never given back; when it is full a new flow is
+ * simply not counted. */
+BPF_TABLE_PINNED("hash", struct veer_tuple, struct veer_lc_sock_value, veer_lc_flows,
+		 VEER_REVNAT_MAX, VEER_PIN_DIR "/veer_lc_flows");
+BPF_TABLE_PINNED("array", __u32, struct veer_conns_swept_value, veer_backend_conns_swept,
+		 VEER_BACKENDS_MAX + 1, VEER_PIN_DIR "/veer_backend_conns_swept");
 
 /* Redirect: frontend service id -> the node-local proxy (a backend value),
  * the proxy's uid, and the original destinations: by socket cookie from

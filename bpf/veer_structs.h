@@ -229,8 +229,21 @@ struct veer_conns_value {
 	__u32 pad;
 };
 
+/* Connections counted in veer_backend_conns that the agent found ended
+ * without the kernel seeing their end (a per-packet flow whose NAT entry
+ * expired before any FIN or RST passed): an array indexed by backend id,
+ * written only by the agent, so a backend's open count is open - swept. A
+ * userspace write cannot be atomic with the kernel's adds to `open`, which is
+ * why the agent never writes veer_backend_conns itself. */
+struct veer_conns_swept_value {
+	__u32 swept;
+	__u32 pad;
+};
+
 /* The backend a LeastConnections socket counts against, by socket cookie,
- * so that its release gives the connection back. */
+ * so that its release gives the connection back.
+ * Also by flow tuple for per-packet flows (veer_lc_flows), given back when a
+ * FIN or RST passes or by the agent's sweep. */
 struct veer_lc_sock_value {
 	__u32 backend_id;
 	__u32 pad;

@@ -89,8 +89,9 @@ _ALGORITHM_STEP = {
     "RoundRobin": "slot = 1 + (the frontend's cursor, advanced per connection) % count",
     "Maglev": "slot = 1 + hash(client address, client port, protocol) % count "
               "(Maglev: a flow always gets the same slot)",
-    "LeastConnections": "the slot whose backend has the fewest open connections from this "
-                        "node per unit of weight (veer_backend_conns), among up to 16 slots",
+    "LeastConnections": "the slot whose backend has the fewest open connections through this "
+                        "node (its sockets and the flows it translates) per unit of weight "
+                        "(veer_backend_conns), among up to 16 slots",
 }
 _ALGORITHM_SUMMARY = {
     "Random": "chosen at random",

@@ -472,6 +472,75 @@ def test_algorithms_on_the_per_packet_path(cluster: MultiNodeCluster) -> None:
     cluster.write_manifest("web.yaml", web("Cluster", ALL))
 
 
+def test_least_connections_counts_flows_from_outside(cluster: MultiNodeCluster) -> None:
+    """LeastConnections on the per-packet path: node-1 counts each flow it
+    places from outside until the flow's FIN or RST passes, so an outside
+    client's held connections fill the backends evenly and a freed backend
+    takes the next ones. A flow that ends unseen (its NAT entry evicted) is
+    given back by the agent's sweep; in the end nothing stays counted."""
+    from agent.datapath.ebpf.lc_sweep import LeastConnSweeper, open_connections
+
+    node = cluster.nodes[0]
+    cluster.write_manifest("web.yaml", web("Cluster", ALL) + "---\n" + _policy(
+        "web-lc", loadBalancing={"algorithm": "LeastConnections"}))
+    cluster.wait_status(node, lambda s: "default/web-lc" in s.get("policies", {}),
+                        "web-lc in force on node-1")
+    holder = subprocess.Popen(
+        ["ip", "netns", "exec", cluster.external, sys.executable, "-m",
+         "agent.sandbox.holder"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    cluster.topo._procs.append(holder)
+
+    def say(line: str) -> dict[str, Any]:
+        assert holder.stdin is not None and holder.stdout is not None
+        holder.stdin.write(line + "\n")
+        holder.stdin.flush()
+        return dict(json.loads(holder.stdout.readline()))
+
+    def counted() -> int:
+        maps = SockLbMaps.open(node.bpffs)
+        try:
+            return sum(open_connections(maps).values())
+        finally:
+            maps.close()
+
+    try:
+        first = [say("open 10.0.0.1 30080")["backend"] for _ in range(6)]
+        assert sorted(b.split(":")[0] for b in first) == [
+            "web-a", "web-a", "web-b", "web-b", "web-c", "web-c"], first
+        assert counted() == 6
+        # Free web-c (on the other node, SNATed): both of the next go there
+        # (random: 1/9; round robin: never both).
+        assert say("close web-c:8080")["closed"] == 2
+        deadline = time.monotonic() + 5
+        while counted() != 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert counted() == 4
+        nxt = [say("open 10.0.0.1 30080")["backend"].split(":")[0] for _ in range(2)]
+        assert nxt == ["web-c", "web-c"], nxt
+
+        # Two flows' NAT entries vanish (as when the LRU evicts them): the
+        # kernel will never see their end; the sweep gives them back.
+        maps = SockLbMaps.open(node.bpffs)
+        try:
+            ours = [k for k, _ in maps.lc_flows.items()][:2]
+            for key in ours:
+                maps.nat_fwd.delete(key)
+            LeastConnSweeper(maps, interval=0).sweep()
+            assert sum(open_connections(maps).values()) == 4
+        finally:
+            maps.close()
+    finally:
+        assert holder.stdin is not None
+        holder.stdin.close()  # the holder closes its connections and exits
+        holder.wait(timeout=10)
+    deadline = time.monotonic() + 5
+    while counted() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert counted() == 0
+    cluster.write_manifest("web.yaml", web("Cluster", ALL))
+
+
 # ---- DSR (--nodeport-mode dsr) ------------------------------------------------------
 #
 # Three nodes, every agent in DSR mode: node-1 10.0.0.1 / fd00:10::1 with

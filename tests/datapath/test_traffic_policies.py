@@ -28,6 +28,7 @@ from typing import Any
 import pytest
 
 from agent.compute.tables import backend_name, flow_hash, flow_words, maglev_table
+from agent.datapath.ebpf.lc_sweep import open_connections
 from agent.datapath.ebpf.maps import SockLbMaps
 from agent.sandbox.cluster import SandboxCluster
 from tests.datapath.manifests import POD_IPS
@@ -202,7 +203,7 @@ def test_least_connections_fills_the_emptiest_backend(live: SandboxCluster) -> N
     # backends once the holder is gone.
     maps = SockLbMaps.open(live.topo.bpffs)
     try:
-        open_now = sum(v.open for _, v in maps.backend_conns.items())
+        open_now = sum(open_connections(maps).values())
     finally:
         maps.close()
     assert open_now == 0

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.datapath.ebpf import structs
 from agent.datapath.ebpf.structs import COUNTER_NAMES, MIRRORS
 
 BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
@@ -153,3 +154,14 @@ def test_counter_names_match_the_enum(c_layout: Layout) -> None:
     assert [n.removeprefix("VEER_CNT_").lower() for n in _c_counter_names()] == list(
         COUNTER_NAMES
     )
+
+
+@pytest.mark.parametrize("name", ["NAT_CLOSING", "NAT_DSR", "UDP_IDLE_NS", "TCP_CLOSED_NS"])
+def test_nat_aging_constants_match_tc_nat(name: str) -> None:
+    """The agent's sweep ages NAT entries as the TC program does."""
+    source = (BPF_DIR / "tc_nat.c").read_text()
+    m = re.search(rf"#define\s+VEER_{name}\s+(\(1ULL << \d+\)|\d+ULL)", source)
+    assert m, f"VEER_{name} not defined in tc_nat.c"
+    text = m[1]
+    value = 1 << int(text.split("<<")[1].rstrip(") ")) if "<<" in text else int(text[:-3])
+    assert getattr(structs, name) == value

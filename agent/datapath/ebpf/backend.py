@@ -36,6 +36,7 @@ from agent.compute.policy import (
 )
 from agent.compute.types import EmptyVerdict, Frontend, L4Addr
 from agent.datapath.ebpf.clients import ClientNamespaces
+from agent.datapath.ebpf.lc_sweep import LeastConnSweeper, open_connections
 from agent.datapath.ebpf.maps import SockLbMaps
 from agent.datapath.ebpf.programs import SockLbPrograms
 from agent.datapath.ebpf.structs import (
@@ -298,6 +299,7 @@ class EbpfDatapath(Datapath):
         # finish_pass() keeps the nftables chain equal to it.
         self._tproxy_ports: dict[L4Addr, int] = {}
         self._tproxy = TproxyRedirects()
+        self._lc_sweeper = LeastConnSweeper(maps)
         self.programs = programs
         self.devices: list[str] = []
         self._removed_udp: set[tuple[int, L4Addr]] = set()
@@ -725,6 +727,10 @@ class EbpfDatapath(Datapath):
         notes = []
         if self._tproxy.sync(self._tproxy_ports):
             notes.append(f"TPROXY redirect chain: {len(self._tproxy_ports)} frontend(s)")
+        if self._lc_sweeper.due():
+            swept = self._lc_sweeper.sweep()
+            if swept:
+                notes.append(f"LeastConnections: gave back {swept} flow(s) that ended unseen")
         if not self._removed_udp:
             return notes
         removed, self._removed_udp = self._removed_udp, set()
@@ -823,6 +829,10 @@ class EbpfDatapath(Datapath):
 
     def counters(self) -> Mapping[str, int]:
         return self.maps.counters()
+
+    def open_connections(self) -> dict[int, int]:
+        """Backend id -> open connections as LeastConnections counts them."""
+        return open_connections(self.maps)
 
     def access_hits(self) -> Mapping[tuple[int, int], int]:
         return self.maps.access_hit_counts()

@@ -24,10 +24,12 @@ from agent.datapath.ebpf.structs import (
     BackendValue,
     CidrKey,
     CidrValue,
+    ConnsSweptValue,
     ConnsValue,
     CookieKey,
     ExtAffinityKey,
     IndexKey,
+    LcSockValue,
     NatValue,
     NodeValue,
     ProxyValue,
@@ -144,6 +146,8 @@ class SockLbMaps:
     access: PinnedMap[SourceKey, AccessValue]
     netns_addrs: PinnedMap[CookieKey, NodeValue]
     backend_conns: PinnedMap[IndexKey, ConnsValue]
+    backend_conns_swept: PinnedMap[IndexKey, ConnsSweptValue]
+    lc_flows: PinnedMap[Tuple, LcSockValue]
     access_hits: PinnedMap[RuleKey, _U64]  # per-CPU: read with access_hit_counts()
     redirects: PinnedMap[IndexKey, BackendValue]
     proxy: PinnedMap[IndexKey, ProxyValue]
@@ -173,6 +177,10 @@ class SockLbMaps:
             access=PinnedMap(path("veer_access"), SourceKey, AccessValue),
             netns_addrs=PinnedMap(path("veer_netns_addrs"), CookieKey, NodeValue),
             backend_conns=PinnedMap(path("veer_backend_conns"), IndexKey, ConnsValue),
+            backend_conns_swept=PinnedMap(
+                path("veer_backend_conns_swept"), IndexKey, ConnsSweptValue
+            ),
+            lc_flows=PinnedMap(path("veer_lc_flows"), Tuple, LcSockValue),
             access_hits=PinnedMap(path("veer_access_hits"), RuleKey, _U64),
             redirects=PinnedMap(path("veer_redirects"), IndexKey, BackendValue),
             proxy=PinnedMap(path("veer_proxy"), IndexKey, ProxyValue),
@@ -206,8 +214,8 @@ class SockLbMaps:
         for m in (self.services, self.backends, self.vips, self.service_cidrs, self.sock_revnat,
                   self.affinity, self.affinity_match, self.nat_fwd, self.nat_rev, self.node,
                   self.lb_sources, self.ext_affinity, self.cluster_cidrs, self.access,
-                  self.netns_addrs, self.backend_conns, self.access_hits, self.redirects,
-                  self.proxy):
+                  self.netns_addrs, self.backend_conns, self.backend_conns_swept,
+                  self.lc_flows, self.access_hits, self.redirects, self.proxy):
             m.close()
         os.close(self.counters_fd)
 

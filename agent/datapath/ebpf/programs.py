@@ -112,6 +112,8 @@ MAP_NAMES = (
     "veer_rr_cursor",
     "veer_backend_conns",
     "veer_lc_socks",
+    "veer_lc_flows",
+    "veer_backend_conns_swept",
     "veer_redirects",
     "veer_proxy",
     "veer_redirect_socks",

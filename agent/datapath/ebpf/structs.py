@@ -242,6 +242,11 @@ class ConnsValue(ctypes.Structure):
     _fields_ = [("open", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
 
 
+class ConnsSweptValue(ctypes.Structure):
+    C_NAME = "veer_conns_swept_value"
+    _fields_ = [("swept", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
+
+
 class LcSockValue(ctypes.Structure):
     C_NAME = "veer_lc_sock_value"
     _fields_ = [("backend_id", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
@@ -366,12 +371,22 @@ MIRRORS: tuple[type[ctypes.Structure], ...] = (
     AccessValue,
     RuleKey,
     ConnsValue,
+    ConnsSweptValue,
     LcSockValue,
     ProxyValue,
     OrigKey,
     OrigValue,
     SockKey,
 )
+
+# How tc_nat.c stamps and ages its NAT entries (veer_nat_value.last_seen_ns):
+# the top bits are flags, the rest bpf_ktime_get_ns(); checked against the C
+# by tests/unit/test_struct_layout.py.
+NAT_CLOSING = 1 << 63
+NAT_DSR = 1 << 62
+NAT_FLAGS = NAT_CLOSING | NAT_DSR
+UDP_IDLE_NS = 180_000_000_000
+TCP_CLOSED_NS = 10_000_000_000
 
 # enum veer_counter, in order.
 COUNTER_NAMES: tuple[str, ...] = (

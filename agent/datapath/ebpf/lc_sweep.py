@@ -1,0 +1,86 @@
+"""Give back LeastConnections counts of per-packet flows that ended unseen.
+
+The TC program counts each flow it places for a LeastConnections frontend
+(veer_lc_flows, veer_backend_conns) and gives the count back when a FIN or RST
+passes. A flow can end without one passing it: its client vanished, or its
+NAT entry was evicted. Such a flow would weigh on its backend for ever, so the
+agent looks, now and then, for counted flows whose forward NAT entry is gone
+or expired, deletes them and adds them to veer_backend_conns_swept.
+
+Invariants: the agent never writes veer_backend_conns (its writes could not be
+atomic with the kernel's adds); a count is given back by whoever deletes the
+flow's veer_lc_flows entry, the kernel or this sweep, so exactly once.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+from agent.datapath.ebpf.maps import SockLbMaps
+from agent.datapath.ebpf.structs import (
+    NAT_CLOSING,
+    NAT_FLAGS,
+    TCP_CLOSED_NS,
+    UDP_IDLE_NS,
+    ConnsSweptValue,
+    IndexKey,
+    NatValue,
+)
+
+# How often the sweep may run, in seconds: flows that ended unseen are rare,
+# and a sweep reads every counted flow.
+SWEEP_INTERVAL = 10.0
+
+
+def _ended(proto: int, nat: NatValue | None, now_ns: int) -> bool:
+    """Whether a counted flow is over, judged by its forward NAT entry as the
+    TC program judges it (veer_nat_stale), or by its absence."""
+    if nat is None:
+        return True
+    stamp = int(nat.last_seen_ns)
+    idle = now_ns - (stamp & ~NAT_FLAGS)
+    if proto == 17:  # UDP: no end but silence
+        return idle > UDP_IDLE_NS
+    return bool(stamp & NAT_CLOSING) and idle > TCP_CLOSED_NS
+
+
+class LeastConnSweeper:
+    def __init__(self, maps: SockLbMaps, interval: float = SWEEP_INTERVAL) -> None:
+        self.maps = maps
+        self.interval = interval
+        self._last = 0.0
+
+    def due(self) -> bool:
+        return time.monotonic() - self._last >= self.interval
+
+    def sweep(self) -> int:
+        """Give back the counts of ended flows; how many were given back."""
+        self._last = time.monotonic()
+        # bpf_ktime_get_ns() is CLOCK_MONOTONIC.
+        now_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
+        gone: Counter[int] = Counter()
+        for key, held in self.maps.lc_flows.items():
+            if not _ended(int(key.proto), self.maps.nat_fwd.get(key), now_ns):
+                continue
+            if self.maps.lc_flows.delete(key):  # else the kernel gave it back
+                gone[int(held.backend_id)] += 1
+        for backend_id, n in gone.items():
+            current = self.maps.backend_conns_swept.get(IndexKey(backend_id))
+            swept = (int(current.swept) if current is not None else 0) + n
+            self.maps.backend_conns_swept.put(
+                IndexKey(backend_id), ConnsSweptValue(swept=swept & 0xFFFFFFFF)
+            )
+        return sum(gone.values())
+
+
+def open_connections(maps: SockLbMaps) -> dict[int, int]:
+    """Backend id -> connections LeastConnections counts as open (as the
+    kernel scores them: opened and not given back, minus swept)."""
+    swept = {int(k.index): int(v.swept) for k, v in maps.backend_conns_swept.items()}
+    out = {}
+    for key, value in maps.backend_conns.items():
+        n = int(value.open) - swept.get(int(key.index), 0)
+        if n > 0:
+            out[int(key.index)] = n
+    return out
