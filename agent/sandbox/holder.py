@@ -9,13 +9,20 @@ stdin, one per line, answering each with one JSON line on stdout:
     close BACKEND      close every held connection that BACKEND answered:
                        {"closed": 2}
     quit               close everything and exit
+
+`Holder` is the test side: it starts this program in a namespace and speaks
+the commands.
 """
 
 from __future__ import annotations
 
 import json
 import socket
+import subprocess
 import sys
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any
 
 from agent.sandbox.probe import KEEPALIVE_REQUEST, _errname, _family, _read_http
 
@@ -56,6 +63,46 @@ def main() -> None:
         print(json.dumps(reply), flush=True)
     for _, sock in held:
         sock.close()
+
+
+class Holder:
+    """This program, running in network namespace `netns` (in a cgroup when
+    `preexec` joins one); a context manager that makes it close everything
+    and exit at the end."""
+
+    def __init__(self, netns: str, preexec: Callable[[], None] | None = None) -> None:
+        self.proc = subprocess.Popen(
+            ["ip", "netns", "exec", netns, sys.executable, "-m", "agent.sandbox.holder"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, preexec_fn=preexec)
+
+    def say(self, line: str) -> dict[str, Any]:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+        return dict(json.loads(self.proc.stdout.readline()))
+
+    def open(self, address: str, port: int) -> str:
+        """Open one held connection; the backend that answered it."""
+        reply = self.say(f"open {address} {port}")
+        assert "backend" in reply, reply
+        return str(reply["backend"])
+
+    def close(self, backend: str) -> int:
+        """Close the held connections `backend` answered; how many."""
+        return int(self.say(f"close {backend}")["closed"])
+
+    def __enter__(self) -> Holder:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()  # the holder closes its connections and exits
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
 
 
 if __name__ == "__main__":

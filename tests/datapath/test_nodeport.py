@@ -27,6 +27,7 @@ from typing import Any
 import pytest
 
 from agent.datapath.ebpf.maps import SockLbMaps
+from agent.sandbox.holder import Holder
 from agent.sandbox.multinode import MultiNodeCluster
 from tests.datapath.conftest import require_datapath
 
@@ -485,18 +486,6 @@ def test_least_connections_counts_flows_from_outside(cluster: MultiNodeCluster) 
         "web-lc", loadBalancing={"algorithm": "LeastConnections"}))
     cluster.wait_status(node, lambda s: "default/web-lc" in s.get("policies", {}),
                         "web-lc in force on node-1")
-    holder = subprocess.Popen(
-        ["ip", "netns", "exec", cluster.external, sys.executable, "-m",
-         "agent.sandbox.holder"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    cluster.topo._procs.append(holder)
-
-    def say(line: str) -> dict[str, Any]:
-        assert holder.stdin is not None and holder.stdout is not None
-        holder.stdin.write(line + "\n")
-        holder.stdin.flush()
-        return dict(json.loads(holder.stdout.readline()))
-
     def counted() -> int:
         maps = SockLbMaps.open(node.bpffs)
         try:
@@ -504,19 +493,19 @@ def test_least_connections_counts_flows_from_outside(cluster: MultiNodeCluster) 
         finally:
             maps.close()
 
-    try:
-        first = [say("open 10.0.0.1 30080")["backend"] for _ in range(6)]
+    with Holder(cluster.external) as holder:
+        first = [holder.open("10.0.0.1", 30080) for _ in range(6)]
         assert sorted(b.split(":")[0] for b in first) == [
             "web-a", "web-a", "web-b", "web-b", "web-c", "web-c"], first
         assert counted() == 6
         # Free web-c (on the other node, SNATed): both of the next go there
         # (random: 1/9; round robin: never both).
-        assert say("close web-c:8080")["closed"] == 2
+        assert holder.close("web-c:8080") == 2
         deadline = time.monotonic() + 5
         while counted() != 4 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert counted() == 4
-        nxt = [say("open 10.0.0.1 30080")["backend"].split(":")[0] for _ in range(2)]
+        nxt = [holder.open("10.0.0.1", 30080).split(":")[0] for _ in range(2)]
         assert nxt == ["web-c", "web-c"], nxt
 
         # Two flows' NAT entries vanish (as when the LRU evicts them): the
@@ -530,10 +519,6 @@ def test_least_connections_counts_flows_from_outside(cluster: MultiNodeCluster) 
             assert sum(open_connections(maps).values()) == 4
         finally:
             maps.close()
-    finally:
-        assert holder.stdin is not None
-        holder.stdin.close()  # the holder closes its connections and exits
-        holder.wait(timeout=10)
     deadline = time.monotonic() + 5
     while counted() and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -12,18 +12,15 @@ Addresses: Services here use 10.96.1.x; pods as in conftest.py.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
-from typing import Any
 
 import pytest
 
 from agent.datapath.tproxy.backend import TproxyDatapath
 from agent.sandbox.cluster import SandboxCluster
+from agent.sandbox.holder import Holder
 from tests.datapath.conftest import require_datapath
 from tests.datapath.test_traffic_policies import (  # noqa: F401 - collected again, in TPROXY mode
     CLIENT_IP,
@@ -68,34 +65,17 @@ def test_least_connections_fills_the_emptiest_backend(live: SandboxCluster) -> N
                                      loadBalancing={"algorithm": "LeastConnections"})],
             vip, pods)
     wait_policy(live, vip, "default/lc")
-    holder = subprocess.Popen(
-        ["ip", "netns", "exec", live.client, sys.executable, "-m", "agent.sandbox.holder"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-        preexec_fn=live.topo._join_cgroup,
-    )
-    live.topo._procs.append(holder)
-    assert holder.stdin is not None and holder.stdout is not None
-
-    def say(line: str) -> dict[str, Any]:
-        assert holder.stdin is not None and holder.stdout is not None
-        holder.stdin.write(line + "\n")
-        holder.stdin.flush()
-        return dict(json.loads(holder.stdout.readline()))
-
-    try:
+    with Holder(live.client, live.topo._join_cgroup) as holder:
         # Six held connections: two per backend, whatever the order.
-        first = [say(f"open {vip} 80")["backend"] for _ in range(6)]
+        first = [holder.open(vip, 80) for _ in range(6)]
         assert Counter(backend_of(b) for b in first) == Counter(
             {"web-a": 2, "web-b": 2, "web-c": 2}), first
         # Free one backend's two: the next two connections both go there.
         freed = next(b for b in first if b.startswith("web-b"))
-        assert say(f"close {freed}") == {"closed": 2}
+        assert holder.close(freed) == 2
         time.sleep(0.2)  # the proxy sees both ends close
-        nxt = [backend_of(say(f"open {vip} 80")["backend"]) for _ in range(2)]
+        nxt = [backend_of(holder.open(vip, 80)) for _ in range(2)]
         assert nxt == ["web-b", "web-b"], nxt
-    finally:
-        holder.stdin.close()  # the holder closes its connections and exits
-        holder.wait(timeout=10)
     time.sleep(0.2)
     # Every proxied connection was given back.
     assert fresh_counters(live)["open_connections"] == 0

@@ -31,6 +31,7 @@ from agent.compute.tables import backend_name, flow_hash, flow_words, maglev_tab
 from agent.datapath.ebpf.lc_sweep import open_connections
 from agent.datapath.ebpf.maps import SockLbMaps
 from agent.sandbox.cluster import SandboxCluster
+from agent.sandbox.holder import Holder
 from tests.datapath.manifests import POD_IPS
 
 from .conftest import require_datapath
@@ -170,35 +171,18 @@ def test_least_connections_fills_the_emptiest_backend(live: SandboxCluster) -> N
                                      loadBalancing={"algorithm": "LeastConnections"})],
             vip, pods)
     wait_policy(live, vip, "default/lc")
-    holder = subprocess.Popen(
-        ["ip", "netns", "exec", live.client, sys.executable, "-m", "agent.sandbox.holder"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-        preexec_fn=live.topo._join_cgroup,
-    )
-    live.topo._procs.append(holder)
-    assert holder.stdin is not None and holder.stdout is not None
-
-    def say(line: str) -> dict[str, Any]:
-        assert holder.stdin is not None and holder.stdout is not None
-        holder.stdin.write(line + "\n")
-        holder.stdin.flush()
-        return dict(json.loads(holder.stdout.readline()))
-
-    try:
+    with Holder(live.client, live.topo._join_cgroup) as holder:
         # Six held connections: two per backend, whatever the order.
-        first = [say(f"open {vip} 80")["backend"] for _ in range(6)]
+        first = [holder.open(vip, 80) for _ in range(6)]
         assert Counter(backend_of(b) for b in first) == Counter(
             {"web-a": 2, "web-b": 2, "web-c": 2}), first
         # Free one backend's two: the next two connections both go there
         # (random: 1/9; round robin: never both).
         freed = next(b for b in first if b.startswith("web-b"))
-        assert say(f"close {freed}") == {"closed": 2}
+        assert holder.close(freed) == 2
         time.sleep(0.2)  # the socket release program runs as the sockets go
-        nxt = [backend_of(say(f"open {vip} 80")["backend"]) for _ in range(2)]
+        nxt = [backend_of(holder.open(vip, 80)) for _ in range(2)]
         assert nxt == ["web-b", "web-b"], nxt
-    finally:
-        holder.stdin.close()  # the holder closes its connections and exits
-        holder.wait(timeout=10)
     # Closed connections were given back: nothing counted for this Service's
     # backends once the holder is gone.
     maps = SockLbMaps.open(live.topo.bpffs)
