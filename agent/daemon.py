@@ -13,7 +13,6 @@ agent and leave the datapath in place; the kernel keeps serving with it.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -38,6 +37,7 @@ from agent.reconcile.runner import BoundedFrequencyRunner
 from agent.serve import ServeOptions, Servers
 from agent.sources import Source
 from agent.sources.manifests import ManifestSource
+from agent.status import StatusFile
 from agent.telemetry import Telemetry
 
 log = logging.getLogger("veer.agent")
@@ -138,6 +138,7 @@ class Agent:
         self.config = config
         self.datapath = datapath
         self.status_file = status_file
+        self._status = StatusFile(status_file) if status_file else None
         self.store = Store()
         self.source: Source
         if source is not None:
@@ -175,7 +176,7 @@ class Agent:
         # Flow events from the kernel, for `veer observe` and the flow metrics.
         self.flows = FlowHub(ServiceNames(lambda: self.last_desired, datapath.frontend_of),
                              trace=datapath.trace_translations)
-        self.store.subscribe(lambda: self.telemetry.note_change(self.store.snapshot()))
+        self.store.subscribe_changes(self.telemetry.note_changes)
         # After telemetry: a change is noted before the pass it wakes reads it
         # (the network programming latency counts it in that pass).
         self.store.subscribe(self.runner.run)
@@ -214,10 +215,10 @@ class Agent:
         self._write_status(result)
 
     def _write_status(self, result: SyncResult) -> None:
-        if not self.status_file:
+        if self._status is None:
             return
         desired = self.last_desired
-        status = {
+        self._status.write({
             "version": __version__,
             "node": self.config.node_name,
             "datapath": self.datapath.name,
@@ -228,32 +229,14 @@ class Agent:
             "full": result.full,
             "ok": result.ok,
             "errors": result.errors,
-            "frontends": {
-                str(k): [str(b) for b in fe.backends]
-                for k, fe in desired.frontends.items()
-                if k not in self.reconciler.failed_frontends
-            },
-            # NodePort/ExternalIP/LB frontends: backends for traffic from outside.
-            "external_frontends": {
-                str(k): {
-                    "backends": [str(b) for b in fe.external_backends],
-                    "local": fe.external_local,
-                    "sources": [str(c) for c in fe.source_ranges],
-                    "affinity": fe.affinity_timeout,
-                }
-                for k, fe in desired.frontends.items()
-                if fe.kind.external and k not in self.reconciler.failed_frontends
-            },
             "problems": [str(p) for p in desired.problems],
             # TrafficPolicies in force, with the features each uses.
             "policies": {name: sorted(f) for name, f in desired.policies.items()},
             "manifest_problems": list(self.source.last_report.problems),
             "counters": dict(self.datapath.counters()),
-        }
-        tmp = f"{self.status_file}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(status, f, indent=1, sort_keys=True)
-        os.replace(tmp, self.status_file)
+        }, desired.frontends, self.reconciler.failed_frontends)
+        # "frontends" and "external_frontends" (NodePort/ExternalIP/LB:
+        # backends for traffic from outside) are added by StatusFile.
 
     def start(self) -> None:
         self.datapath.start_flow_events(self.flows.publish)

@@ -1,6 +1,6 @@
 """What the agent records about its own work, for the API, metrics and health.
 
-    Store change ──> note_change(snapshot)   last queued time; Service and
+    Store change ──> note_changes(changes)   last queued time; Service and
                                               EndpointSlice objects changed
     Reconciler pass ──> record_sync(result)  durations (full / partial),
                                               last (successful) pass, errors
@@ -18,10 +18,10 @@ initial sync counts as a change queued at start).
 
 kube-proxy's sync metrics are defined over the same events, so the names
 carry over (see agent/metrics/collect.py). Changes are counted as the agent
-sees them: the objects that differ between two consecutive snapshots of the
-Store (added, updated or removed). A source that coalesces several edits of
-one object into one snapshot counts one change, as kube-proxy's change
-trackers merge pending changes of one object.
+sees them: each object the Store records as added, updated (to a different
+value) or removed. A source that coalesces several edits of one object
+into one Store change counts one change, as kube-proxy's change trackers
+merge pending changes of one object.
 
 Thread-safe: the Store's listener, the runner's thread and the API/metrics
 threads all call in.
@@ -31,12 +31,12 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TypeVar
 
-from agent.model.snapshot import ClusterSnapshot
+from agent.model.objects import EndpointSlice, Service
+from agent.model.snapshot import Change
 from agent.reconcile.reconciler import SyncResult
 
 # kube-proxy's buckets for its sync duration histograms:
@@ -49,9 +49,6 @@ PROGRAMMING_BUCKETS: tuple[float, ...] = (
 )
 TRIGGER_TIME_ANNOTATION = "endpoints.kubernetes.io/last-change-trigger-time"
 MAX_PENDING_TRIGGERS = 10000  # while passes fail; the oldest are dropped beyond
-
-K = TypeVar("K")
-V = TypeVar("V")
 
 
 @dataclass
@@ -138,18 +135,6 @@ def trigger_time(annotations: Mapping[str, str]) -> float | None:
         return None
 
 
-def _changed(old: Mapping[K, V], new: Mapping[K, V]) -> int:
-    """How many keys were added, removed or given a different value."""
-    if old is new:
-        return 0
-    n = sum(1 for k in old.keys() - new.keys())
-    for k, v in new.items():
-        before = old.get(k)
-        if before is None or (before is not v and before != v):
-            n += 1
-    return n
-
-
 class Telemetry:
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
@@ -165,7 +150,6 @@ class Telemetry:
         self._errors = 0
         self._service_changes = 0
         self._endpoint_changes = 0
-        self._seen = ClusterSnapshot()
         self._all = Histogram()
         self._full = Histogram()
         self._partial = Histogram()
@@ -173,31 +157,27 @@ class Telemetry:
         # (when noted, trigger time) of EndpointSlice changes no pass has covered yet
         self._triggers: list[tuple[float, float]] = []
 
-    def note_change(self, snapshot: ClusterSnapshot) -> None:
-        """The Store changed: a sync is queued. Count what changed since last time."""
+    def note_changes(self, changes: Sequence[Change]) -> None:
+        """The Store changed: a sync is queued. Count what changed (O(changes):
+        this runs once per event)."""
         with self._cond:
             self._last_queued = self._clock()
             if not self._oldest_pending:
                 self._oldest_pending = self._last_queued
-            self._service_changes += _changed(self._seen.services, snapshot.services)
-            self._endpoint_changes += _changed(
-                self._seen.endpoint_slices, snapshot.endpoint_slices
-            )
-            self._note_triggers(self._seen, snapshot)
-            self._seen = snapshot
+            for change in changes:
+                obj = change.new if change.new is not None else change.old
+                if isinstance(obj, Service):
+                    self._service_changes += 1
+                elif isinstance(obj, EndpointSlice):
+                    self._endpoint_changes += 1
+                    if isinstance(change.new, EndpointSlice):
+                        self._note_trigger(change.new)
+            del self._triggers[:-MAX_PENDING_TRIGGERS]
 
-    def _note_triggers(self, old: ClusterSnapshot, new: ClusterSnapshot) -> None:
-        if old.endpoint_slices is new.endpoint_slices:
-            return
-        for key, eps in new.endpoint_slices.items():
-            before = old.endpoint_slices.get(key)
-            if before is eps or before == eps:
-                continue
-            when = trigger_time(eps.meta.annotations)
-            if when is None or when < self._start:
-                continue
+    def _note_trigger(self, eps: EndpointSlice) -> None:
+        when = trigger_time(eps.meta.annotations)
+        if when is not None and when >= self._start:
             self._triggers.append((self._last_queued, when))
-        del self._triggers[:-MAX_PENDING_TRIGGERS]
 
     def record_sync(self, result: SyncResult) -> None:
         """A reconcile pass finished."""

@@ -8,10 +8,11 @@ reconciler reads snapshots from it. A snapshot never changes once taken.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from types import MappingProxyType
+from typing import Any
 
 from agent.model.objects import EndpointSlice, Node, ObjectRef, Service, TrafficPolicy
 
@@ -32,6 +33,11 @@ class ClusterSnapshot:
     nodes: Mapping[str, Node] = field(default_factory=lambda: MappingProxyType({}))
     traffic_policies: Mapping[NamespacedName, TrafficPolicy] = field(
         default_factory=lambda: MappingProxyType({})
+    )
+    # The EndpointSlices of each Service in name order, when the maker already
+    # has them (the Store keeps them per Service); None: built on first use.
+    slice_index: Mapping[NamespacedName, tuple[EndpointSlice, ...]] | None = field(
+        default=None, compare=False, repr=False
     )
 
     @staticmethod
@@ -58,6 +64,8 @@ class ClusterSnapshot:
 
     @cached_property
     def _slices_by_service(self) -> Mapping[NamespacedName, tuple[EndpointSlice, ...]]:
+        if self.slice_index is not None:
+            return self.slice_index
         index: dict[NamespacedName, list[EndpointSlice]] = {}
         for (namespace, _), s in sorted(self.endpoint_slices.items()):
             if s.service_name:
@@ -81,53 +89,121 @@ def ref_of(obj: Model) -> ObjectRef:
     return obj.ref
 
 
+@dataclass(frozen=True)
+class Change:
+    """One object as it was and as it is now (None: absent), old != new."""
+
+    old: Model | None
+    new: Model | None
+
+
+def _key(obj: Model) -> NamespacedName:
+    return (obj.meta.namespace, obj.meta.name)
+
+
 class Store:
-    """Thread-safe holder of the latest snapshot; notifies a listener on change.
+    """Thread-safe holder of the latest state; notifies listeners on change.
 
     `replace` swaps in a whole new view (the manifest source re-reads files);
     `apply` records individual upserts and deletions (event-driven sources).
-    The listener is called outside the lock and must be cheap (it wakes the
-    reconciler's runner).
+    Listeners are called outside the lock and must be cheap: `subscribe`
+    ones are woken (the reconciler's runner), `subscribe_changes` ones are
+    handed what changed (telemetry), before the woken ones.
+
+    Cost: an event costs O(what it changes). The state is kept per kind and
+    per Service (its EndpointSlices), and a snapshot is built only when asked
+    for and only if something changed since the last one (the reconciler
+    asks once per pass, not once per event): copies of the per-kind dicts,
+    which are cheap next to rebuilding them object by object.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._objects: dict[ObjectRef, Model] = {}
-        self._snapshot = ClusterSnapshot()
+        self._services: dict[NamespacedName, Service] = {}
+        self._slices: dict[NamespacedName, EndpointSlice] = {}
+        self._nodes: dict[str, Node] = {}
+        self._policies: dict[NamespacedName, TrafficPolicy] = {}
+        # (namespace, Service name) -> its slices in name order.
+        self._by_service: dict[NamespacedName, tuple[EndpointSlice, ...]] = {}
+        self._snapshot: ClusterSnapshot | None = ClusterSnapshot()  # None: stale
         self._synced = False
         self._listeners: list[Callable[[], None]] = []
+        self._change_listeners: list[Callable[[Sequence[Change]], None]] = []
 
     def subscribe(self, listener: Callable[[], None]) -> None:
         self._listeners.append(listener)
+
+    def subscribe_changes(self, listener: Callable[[Sequence[Change]], None]) -> None:
+        self._change_listeners.append(listener)
 
     def replace(self, objects: Iterable[Model]) -> bool:
         """Make `objects` the whole state. Returns True if anything changed."""
         new = {obj.ref: obj for obj in objects}
         with self._lock:
-            changed = new != self._objects or not self._synced
-            if changed:
-                self._objects = new
-                self._snapshot = ClusterSnapshot.of(new.values())
+            changes = [Change(old, new.get(ref)) for ref, old in self._objects.items()
+                       if new.get(ref) != old]
+            changes += [Change(None, obj) for ref, obj in new.items()
+                        if ref not in self._objects]
+            for change in changes:
+                self._record(change)
+            changed = bool(changes) or not self._synced
             self._synced = True
         if changed:
-            self._notify()
+            self._notify(changes)
         return changed
 
     def apply(self, upserts: Iterable[Model] = (), deletes: Iterable[ObjectRef] = ()) -> bool:
-        changed = False
+        changes: list[Change] = []
         with self._lock:
             for obj in upserts:
-                if self._objects.get(obj.ref) != obj:
-                    self._objects[obj.ref] = obj
-                    changed = True
+                old = self._objects.get(obj.ref)
+                if old != obj:
+                    changes.append(Change(old, obj))
+                    self._record(changes[-1])
             for ref in deletes:
-                if self._objects.pop(ref, None) is not None:
-                    changed = True
-            if changed:
-                self._snapshot = ClusterSnapshot.of(self._objects.values())
-        if changed:
-            self._notify()
-        return changed
+                old = self._objects.get(ref)
+                if old is not None:
+                    changes.append(Change(old, None))
+                    self._record(changes[-1])
+        if changes:
+            self._notify(changes)
+        return bool(changes)
+
+    def _record(self, change: Change) -> None:
+        """Apply one change to every index. Call with the lock held."""
+        self._snapshot = None
+        old, new = change.old, change.new
+        obj = new if new is not None else old
+        assert obj is not None
+        if new is not None:
+            self._objects[new.ref] = new
+        else:
+            del self._objects[obj.ref]
+        if isinstance(obj, Service):
+            _put(self._services, _key(obj), new)
+        elif isinstance(obj, EndpointSlice):
+            _put(self._slices, _key(obj), new)
+            owners = {_owner(s) for s in (old, new) if isinstance(s, EndpointSlice)}
+            for owner in owners - {None}:
+                assert owner is not None
+                self._reindex(owner, _key(obj), new if isinstance(new, EndpointSlice) else None)
+        elif isinstance(obj, Node):
+            _put(self._nodes, obj.meta.name, new)
+        else:
+            _put(self._policies, _key(obj), new)
+
+    def _reindex(self, owner: NamespacedName, key: NamespacedName,
+                 new: EndpointSlice | None) -> None:
+        """Drop slice `key` from `owner`'s list and put `new` in its place if
+        it belongs there (a Service has a few slices: cheap)."""
+        mine = [s for s in self._by_service.get(owner, ()) if _key(s) != key]
+        if new is not None and _owner(new) == owner:
+            mine.append(new)
+        if mine:
+            self._by_service[owner] = tuple(sorted(mine, key=lambda s: s.meta.name))
+        else:
+            self._by_service.pop(owner, None)
 
     def mark_synced(self) -> None:
         """Record that the source has delivered a complete view at least once."""
@@ -135,7 +211,7 @@ class Store:
             was = self._synced
             self._synced = True
         if not was:
-            self._notify()
+            self._notify([])
 
     @property
     def synced(self) -> bool:
@@ -144,8 +220,30 @@ class Store:
 
     def snapshot(self) -> ClusterSnapshot:
         with self._lock:
+            if self._snapshot is None:
+                self._snapshot = ClusterSnapshot(
+                    MappingProxyType(dict(self._services)),
+                    MappingProxyType(dict(self._slices)),
+                    MappingProxyType(dict(self._nodes)),
+                    MappingProxyType(dict(self._policies)),
+                    MappingProxyType(dict(self._by_service)),
+                )
             return self._snapshot
 
-    def _notify(self) -> None:
+    def _notify(self, changes: Sequence[Change]) -> None:
+        if changes:
+            for on_changes in self._change_listeners:
+                on_changes(changes)
         for listener in self._listeners:
             listener()
+
+
+def _owner(s: EndpointSlice) -> NamespacedName | None:
+    return (s.meta.namespace, s.service_name) if s.service_name else None
+
+
+def _put(index: dict[Any, Any], key: Any, value: Model | None) -> None:
+    if value is None:
+        index.pop(key, None)
+    else:
+        index[key] = value

@@ -7,13 +7,14 @@ import math
 from types import SimpleNamespace
 
 import pytest
-from builders import ep, eport, eps, port, service, snapshot
+from builders import ep, eport, eps, models, port, service
 
 from agent.datapath.interface import MapUsage
 from agent.metrics import exposition
 from agent.metrics.collect import MetricsInput, families
 from agent.metrics.exposition import MetricFamily
 from agent.metrics.http import health, parse_bind_address
+from agent.model.snapshot import Change, Store
 from agent.reconcile.reconciler import SyncResult
 from agent.telemetry import SYNC_BUCKETS, Histogram, Telemetry
 
@@ -66,13 +67,15 @@ def test_kube_proxy_buckets() -> None:
 def test_telemetry_counts_changed_objects_and_passes() -> None:
     clock = Clock()
     t = Telemetry(clock)
+    store = Store()
+    store.subscribe_changes(t.note_changes)
     web = service("web", port("http", 80, 8080), ips="10.96.0.10")
     web_eps = eps("web-1", "web", ep("10.244.1.2", ready=True), ports=[eport("http", 8080)])
-    t.note_change(snapshot(web, web_eps))
+    store.replace(models(web, web_eps))
     clock.now = 1001
-    t.note_change(snapshot(web, web_eps))  # same objects: nothing changed
+    store.replace(models(web, web_eps))  # same objects: nothing changed
     other = service("web", port("http", 81, 8080), ips="10.96.0.10")
-    t.note_change(snapshot(other))  # web updated, its slice removed
+    store.replace(models(other))  # web updated, its slice removed
     t.record_sync(SyncResult(full=True, changed=4, duration=0.002))
     clock.now = 1002
     t.record_sync(SyncResult(full=False, errors=["boom", "bang"], duration=0.5))
@@ -100,7 +103,7 @@ def test_health_follows_pending_changes() -> None:
     status, ctype, body = health(_agent(t), timeout=120, now=5000)
     assert status == 200 and ctype == "application/json" and '"lastUpdated": "' in body
     clock.now = 5000
-    t.note_change(snapshot())
+    t.note_changes([])  # a change queued (whatever it was)
     assert health(_agent(t), timeout=120, now=5100)[0] == 200
     assert health(_agent(t), timeout=120, now=5121)[0] == 503
     clock.now = 5122
@@ -114,7 +117,7 @@ def test_health_follows_pending_changes() -> None:
 def test_families_carry_kube_proxy_and_veer_names() -> None:
     clock = Clock()
     t = Telemetry(clock)
-    t.note_change(snapshot(service("web", port("http", 80), ips="10.96.0.10")))
+    t.note_changes([Change(None, models(service("web", port("http", 80), ips="10.96.0.10"))[0])])
     t.record_sync(SyncResult(full=True, changed=3, duration=0.003))
     text = exposition.render(families(MetricsInput(
         telemetry=t.snapshot(), mode="ebpf",

@@ -5,11 +5,12 @@ successful pass that read it (agent/telemetry.py), as kube-proxy measures.
 
 from __future__ import annotations
 
-from builders import ep, eport, eps, snapshot
+from builders import ep, eport, eps, models
 
 from agent import telemetry
 from agent.metrics import exposition
 from agent.metrics.collect import MetricsInput, families
+from agent.model.snapshot import Store
 from agent.reconcile.reconciler import SyncResult
 from agent.telemetry import PROGRAMMING_BUCKETS, Telemetry
 
@@ -22,6 +23,13 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
+
+
+def watched(t: Telemetry) -> Store:
+    """A Store that tells `t` what changes, as the agent wires them."""
+    store = Store()
+    store.subscribe_changes(t.note_changes)
+    return store
 
 
 def slice_at(trigger: str | None, ip: str = "10.244.1.2") -> dict[str, object]:
@@ -40,8 +48,9 @@ def test_buckets_are_kube_proxys() -> None:
 def test_latency_is_observed_after_the_pass_that_programmed_the_change() -> None:
     clock = Clock()
     t = Telemetry(clock)
+    store = watched(t)
     clock.now = START + 10
-    t.note_change(snapshot(slice_at("2026-01-01T00:00:08.5Z")))
+    store.replace(models(slice_at("2026-01-01T00:00:08.5Z")))
     clock.now = START + 11
     t.record_sync(SyncResult(full=False, errors=["map full"], duration=0.1))
     assert t.snapshot().network_programming.count == 0  # a failed pass programs nothing
@@ -55,7 +64,7 @@ def test_latency_is_observed_after_the_pass_that_programmed_the_change() -> None
 
     # A change noted while a pass runs waits for the next pass.
     clock.now = START + 20
-    t.note_change(snapshot(slice_at("2026-01-01T00:00:19Z", "10.244.1.3")))
+    store.replace(models(slice_at("2026-01-01T00:00:19Z", "10.244.1.3")))
     clock.now = START + 20.05
     t.record_sync(SyncResult(full=False, duration=0.1))  # started before the change
     assert t.snapshot().network_programming.count == 1
@@ -67,10 +76,11 @@ def test_latency_is_observed_after_the_pass_that_programmed_the_change() -> None
 def test_changes_from_before_the_start_or_without_a_time_are_not_counted() -> None:
     clock = Clock()
     t = Telemetry(clock)
+    store = watched(t)
     clock.now = START + 5
-    t.note_change(snapshot(slice_at("2025-12-31T23:59:00Z")))  # before the agent started
-    t.note_change(snapshot(slice_at(None, "10.244.1.3")))
-    t.note_change(snapshot(slice_at("not a time", "10.244.1.4")))
+    store.replace(models(slice_at("2025-12-31T23:59:00Z")))  # before the agent started
+    store.replace(models(slice_at(None, "10.244.1.3")))
+    store.replace(models(slice_at("not a time", "10.244.1.4")))
     clock.now = START + 6
     t.record_sync(SyncResult(full=True, duration=0.1))
     assert t.snapshot().network_programming.count == 0
@@ -79,8 +89,9 @@ def test_changes_from_before_the_start_or_without_a_time_are_not_counted() -> No
 def test_the_histogram_is_exposed_under_kube_proxys_name() -> None:
     clock = Clock()
     t = Telemetry(clock)
+    store = watched(t)
     clock.now = START + 2
-    t.note_change(snapshot(slice_at("2026-01-01T00:00:01Z")))
+    store.replace(models(slice_at("2026-01-01T00:00:01Z")))
     clock.now = START + 3
     t.record_sync(SyncResult(full=True, duration=0.01))
     text = exposition.render(families(MetricsInput(
