@@ -1,18 +1,18 @@
 """The eBPF side of flow events: read veer_events, decode, hand to a sink.
 
     veer_report() in the BPF programs ──> veer_events (BPF ring buffer, 1 MiB)
-        ──> EventConsumer thread: BCC ring_buffer_poll(100 ms), woken by
-            refusals and drops, then ring_buffer_consume(): translations are
-            submitted without a wakeup; one callback per record
+        ──> EventConsumer thread: RingBuffer.poll(100 ms) (epoll on the map
+            fd), woken by refusals and drops, then RingBuffer.consume():
+            translations are submitted without a wakeup; one call per record
         ──> decode() ──> FlowEvent ──> sink(batch) (FlowHub.publish)
 
 The ring buffer is not pinned: it belongs to the agent process that loaded
 the programs. Records that do not fit are lost in the kernel and counted
 (`events_lost` in veer_counters); the verdicts themselves never wait for us.
 
-`decode` is pure (bytes in, FlowEvent out) and unit-tested; only the
-consumer touches BCC, and BCC is imported by agent/datapath/ebpf/programs.py
-alone.
+`decode` is pure (bytes in, FlowEvent out) and unit-tested; the consumer
+reads the map through its fd (agent/datapath/ebpf/ringbuf.py), so the agent
+needs no BCC for it.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
 
 from agent.compute.types import L4Addr
+from agent.datapath.ebpf.ringbuf import RingBuffer
 from agent.datapath.ebpf.structs import (
     COUNTER_NAMES,
     EV_F_AFFINITY,
@@ -106,44 +106,46 @@ def decode(raw: bytes, wall_offset: float) -> FlowEvent:
 class EventConsumer:
     """A thread that polls the ring buffer and hands decoded batches to `sink`.
 
-    `bpf` is the loaded BCC object holding veer_events. The sink runs on this
-    thread and must not block for long (FlowHub.publish never does); while it
-    runs, the kernel keeps filling the 1 MiB buffer.
+    `map_fd` is veer_events' fd (the caller's; it must stay open while the
+    consumer runs). The sink runs on this thread and must not block for long
+    (FlowHub.publish never does); while it runs, the kernel keeps filling the
+    1 MiB buffer.
     """
 
-    def __init__(self, bpf: Any, sink: Sink, poll_ms: int = POLL_MS) -> None:
-        self._bpf = bpf
+    def __init__(self, map_fd: int, sink: Sink, poll_ms: int = POLL_MS) -> None:
+        self._map_fd = map_fd
         self._sink = sink
         self._poll_ms = poll_ms
         self._stop = threading.Event()
         self._batch: list[FlowEvent] = []
         self._offset = monotonic_to_wall()
+        self._ring: RingBuffer | None = None
         self._thread: threading.Thread | None = None
         self.decode_errors = 0
 
-    def _on_record(self, _ctx: Any, data: Any, size: int) -> int:
+    def _on_record(self, data: bytes) -> None:
         try:
-            self._batch.append(decode(ctypes.string_at(data, size), self._offset))
+            self._batch.append(decode(data, self._offset))
         except (ValueError, IndexError):
             self.decode_errors += 1
-        return 0
 
     def start(self) -> None:
-        self._bpf["veer_events"].open_ring_buffer(self._on_record)
-        self._thread = threading.Thread(target=self._run, name="flow-events", daemon=True)
+        self._ring = RingBuffer(self._map_fd)
+        self._thread = threading.Thread(target=self._run, args=(self._ring,),
+                                        name="flow-events", daemon=True)
         self._thread.start()
         log.info("reading flow events from the veer_events ring buffer")
 
-    def _run(self) -> None:
+    def _run(self, ring: RingBuffer) -> None:
         while not self._stop.is_set():
             # The wall clock may be stepped; re-read the offset once per poll.
             self._offset = monotonic_to_wall()
             try:
                 # Wait for a wakeup (rare events ask for one) or the timeout,
                 # then drain everything, translations submitted without one too.
-                self._bpf.ring_buffer_poll(self._poll_ms)
-                self._bpf.ring_buffer_consume()
-            except Exception:  # BCC raises bare Exception
+                ring.poll(self._poll_ms / 1000)
+                ring.consume(self._on_record)
+            except OSError:
                 log.exception("polling the flow event ring buffer failed")
                 self._stop.wait(1.0)
                 continue
@@ -158,5 +160,12 @@ class EventConsumer:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(5)
+            if self._thread.is_alive():
+                # Unmapping under a reader would crash the process: leave the
+                # mapping to the process's exit.
+                log.warning("the flow event reader did not stop within 5 s")
+                return
             self._thread = None
-
+        if self._ring is not None:
+            self._ring.close()
+            self._ring = None

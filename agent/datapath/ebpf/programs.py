@@ -1,6 +1,13 @@
 """Compile, load, attach, pin and remove veer's socket-LB programs.
 
 Lifecycle, and why each step is where it is:
+- BCC compiles and loads in a short-lived child (agent/datapath/ebpf/loader.py):
+  clang/LLVM never stay in the agent, which keeps only file descriptors:
+  every program, and the unpinned maps it uses (veer_events, veer_config,
+  the sockmap's veer_sock_hash, and veer_tc_tail, whose entries the kernel
+  clears once no process holds it). The child loads the TC programs too and
+  fills veer_tc_tail; a TC program that failed to load fails attach_tc(), as
+  when it was loaded there.
 - Maps are pinned by BCC itself (BPF_TABLE_PINNED): a pinned map that already
   exists is reused, so a restarted agent adopts its predecessor's state.
 - Programs are attached to the cgroup with plain BPF_PROG_ATTACH (no
@@ -21,9 +28,10 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from agent.datapath.ebpf import syscall
+from agent.datapath.ebpf.loader import LoadedObject, LoadRequest, ProgramSpec, load_in_child
 from agent.datapath.ebpf.structs import COUNTER_NAMES, ConfigValue, IndexKey
 from agent.errors import DatapathError, EnvironmentProblem
 
@@ -60,6 +68,13 @@ BPF_PROG_TYPE_CGROUP_SOCK_ADDR = 18
 BPF_PROG_TYPE_SCHED_CLS = 3
 # veer_tc_ingress's tail calls: index in veer_tc_tail (VEER_TAIL_* in bpf/tc_nat.c) -> program.
 TAIL_CALLS = ((0, "veer_tc_reject"), (1, "veer_tc_dsr"))
+TAIL_MAP = "veer_tc_tail"
+SK_MSG = "veer_sk_msg"
+# Unpinned maps the agent uses after loading (flow events, runtime switches,
+# the sockmap's hash for attaching sk_msg) or must hold (the tail calls).
+EVENTS_MAP = "veer_events"
+CONFIG_MAP = "veer_config"
+SOCK_HASH_MAP = "veer_sock_hash"
 
 
 @dataclass(frozen=True)
@@ -128,17 +143,6 @@ class AttachedProgram:
     name: str
 
 
-def _import_bcc() -> Any:
-    try:
-        import bcc
-    except ImportError as err:
-        raise EnvironmentProblem(
-            "the BCC Python package is missing: install Debian's python3-bpfcc and run "
-            "veer from the virtualenv made by scripts/setup.sh"
-        ) from err
-    return bcc
-
-
 def check_headers() -> None:
     build = Path("/lib/modules") / os.uname().release / "build"
     if not build.exists():
@@ -173,55 +177,66 @@ class SockLbPrograms:
         self.sockmap = sockmap
         self.sockmap_error = ""
         self.dsr = dsr
-        self._bpf: Any = None
-        self._fns: dict[str, Any] = {}
-        self._tc_fns: dict[str, Any] = {}
+        self._loaded: LoadedObject | None = None
         self.cgroup = ""  # where the socket hooks are attached, once attached
 
     def load(self) -> None:
-        """Compile sock_lb.c and load its programs; create or adopt the pinned maps."""
-        bcc = _import_bcc()
+        """Compile sock_lb.c and load its programs (in a child); create or
+        adopt the pinned maps."""
+        from agent.datapath.ebpf import tc
+
         check_headers()
         os.makedirs(self.bpffs_dir, exist_ok=True)
         self._retire_short_counters()
-        cflags = [
+        cflags = (
             f"-I{BPF_SRC_DIR}",
             f'-DVEER_PIN_DIR="{self.bpffs_dir}"',
             *(f"-DVEER_{name.upper()}_MAX={size}" for name, size in self.map_sizes.items()),
             *(["-DVEER_SOCKMAP"] if self.sockmap else []),
             f"-DVEER_NODEPORT_DSR={int(self.dsr)}",
-        ]
+        )
+        programs = [ProgramSpec(h.function, h.prog_type, h.attach_type) for h in SOCK_HOOKS]
+        if self.sockmap:
+            programs.append(ProgramSpec(SK_MSG, BPF_PROG_TYPE_SK_MSG, required=False))
+        programs += [ProgramSpec(name, BPF_PROG_TYPE_SCHED_CLS, required=False)
+                     for name in (*(h.function for h in tc.TC_HOOKS),
+                                  *(name for _, name in TAIL_CALLS))]
+        maps = (EVENTS_MAP, CONFIG_MAP, TAIL_MAP, *([SOCK_HASH_MAP] if self.sockmap else []))
         try:
             text = "\n".join(
                 f'#line 1 "{name}"\n' + (BPF_SRC_DIR / name).read_text() for name in SOURCES
             )
-            self._bpf = bcc.BPF(text=text.encode(), cflags=cflags)
-            for hook in SOCK_HOOKS:
-                self._fns[hook.pin] = self._bpf.load_func(
-                    hook.function.encode(),
-                    hook.prog_type,
-                    attach_type=hook.attach_type,
-                )
-        except Exception as err:  # BCC raises bare Exception for compile/load errors
+            self._loaded = load_in_child(LoadRequest(
+                text, cflags, tuple(programs), maps, TAIL_MAP, TAIL_CALLS))
+        except (OSError, DatapathError) as err:
             raise DatapathError(f"loading veer's BPF programs failed: {err}") from err
         if self.sockmap:
-            self._attach_sk_msg()
+            self._attach_sk_msg(self._loaded)
 
-    def _attach_sk_msg(self) -> None:
+    def _attach_sk_msg(self, loaded: LoadedObject) -> None:
         """The sk_msg program goes on the sockhash itself (not on a cgroup)."""
         try:
-            fn = self._bpf.load_func(b"veer_sk_msg", BPF_PROG_TYPE_SK_MSG)
-            # BCC's Python has no table class for a sockhash: ask libbcc.
-            from bcc.libbcc import lib
-
-            map_fd = lib.bpf_table_fd(self._bpf.module, b"veer_sock_hash")
-            if map_fd < 0:
-                raise DatapathError("the veer_sock_hash map was not created")
-            syscall.prog_attach(int(fn.fd), int(map_fd), SK_MSG_VERDICT)
-        except Exception as err:  # BCC's bare Exception, or DatapathError
+            if SK_MSG in loaded.failed:
+                raise DatapathError(loaded.failed[SK_MSG])
+            map_fd = loaded.maps.get(SOCK_HASH_MAP)
+            if map_fd is None:
+                raise DatapathError(f"the {SOCK_HASH_MAP} map was not created")
+            syscall.prog_attach(loaded.programs[SK_MSG], map_fd, SK_MSG_VERDICT)
+        except DatapathError as err:
             self.sockmap = False
             self.sockmap_error = f"attaching the sk_msg program failed: {err}"
             log.warning("sockmap acceleration off: %s", self.sockmap_error)
+
+    def _program(self, name: str) -> int:
+        """The fd of a loaded program; DatapathError if it did not load."""
+        if self._loaded is None:
+            raise DatapathError("the BPF programs are not loaded")
+        if name in self._loaded.failed:
+            raise DatapathError(f"loading {name} failed: {self._loaded.failed[name]}")
+        return self._loaded.programs[name]
+
+    def _map(self, name: str) -> int | None:
+        return self._loaded.maps.get(name) if self._loaded is not None else None
 
     def _retire_short_counters(self) -> None:
         """Unpin a veer_counters left by a version with fewer counters.
@@ -249,8 +264,7 @@ class SockLbPrograms:
         """Attach every hook to `cgroup` (replacing what is there) and pin it."""
         with open_dir(cgroup) as cgroup_fd:
             for hook in SOCK_HOOKS:
-                fn = self._fns[hook.pin]
-                prog_fd = int(fn.fd)
+                prog_fd = self._program(hook.function)
                 syscall.prog_attach(prog_fd, cgroup_fd, hook.attach_type)
                 pin = os.path.join(self.bpffs_dir, hook.pin)
                 with contextlib.suppress(FileNotFoundError):
@@ -263,33 +277,12 @@ class SockLbPrograms:
         """Attach the per-packet programs to each device (replacing veer's own)."""
         from agent.datapath.ebpf import tc
 
-        progs = []
-        for hook in tc.TC_HOOKS:
-            fn = self._tc_fns.get(hook.function)
-            if fn is None:
-                try:
-                    fn = self._bpf.load_func(hook.function.encode(), BPF_PROG_TYPE_SCHED_CLS)
-                except Exception as err:  # BCC raises bare Exception
-                    raise DatapathError(f"loading {hook.function} failed: {err}") from err
-                self._tc_fns[hook.function] = fn
-            progs.append((hook, int(fn.fd), hook.function))
-        self._link_tail_calls()
+        progs = [(hook, self._program(hook.function), hook.function) for hook in tc.TC_HOOKS]
+        # veer_tc_ingress works only with its tail calls in place.
+        for _, name in TAIL_CALLS:
+            self._program(name)
         for device in devices:
             tc.attach(device, progs)
-
-    def _link_tail_calls(self) -> None:
-        """Fill veer_tc_tail: the programs veer_tc_ingress tail-calls."""
-        import ctypes
-
-        for index, name in TAIL_CALLS:
-            if name in self._tc_fns:
-                continue
-            try:
-                fn = self._bpf.load_func(name.encode(), BPF_PROG_TYPE_SCHED_CLS)
-                self._bpf["veer_tc_tail"][ctypes.c_int(index)] = ctypes.c_int(int(fn.fd))
-            except Exception as err:  # BCC raises bare Exception
-                raise DatapathError(f"loading {name} failed: {err}") from err
-            self._tc_fns[name] = fn
 
     def map_path(self, name: str) -> str:
         return os.path.join(self.bpffs_dir, name)
@@ -300,15 +293,16 @@ class SockLbPrograms:
         """A consumer of veer_events for this loaded object (not started)."""
         from agent.datapath.ebpf.events import EventConsumer
 
-        if self._bpf is None:
+        fd = self._map(EVENTS_MAP)
+        if fd is None:
             raise DatapathError("the BPF programs are not loaded: no flow events to read")
-        return EventConsumer(self._bpf, sink)
+        return EventConsumer(fd, sink)
 
     def set_trace_translations(self, on: bool) -> None:
         """Whether the programs report translations too (veer_config[0])."""
-        if self._bpf is None:
+        fd = self._map(CONFIG_MAP)
+        if fd is None:
             return
-        fd = int(self._bpf["veer_config"].map_fd)
         syscall.map_update(fd, IndexKey(0), ConfigValue(trace_translations=int(on)),
                            "write veer_config")
 
