@@ -23,9 +23,10 @@ what the node does, not what it was asked to do.
 
 The report is written once the source has delivered its first complete view:
 the object is created if missing (owned by the Node, so it goes when the Node
-goes), then its status is patched when its content changes, and at least
-every heartbeatSeconds (heartbeatTime only), so a stale report can be told
-from a quiet one.
+goes), then its status is patched when its content changes (at most once a
+second: changes in between are written together), and at least every
+heartbeatSeconds (heartbeatTime only), so a stale report can be told from a
+quiet one.
 """
 
 from __future__ import annotations
@@ -49,6 +50,10 @@ log = logging.getLogger(__name__)
 PENDING = "Pending"
 PENDING_MESSAGE = "no reconcile pass has programmed this generation yet"
 HEARTBEAT_SECONDS = 60
+# At most one report per this long: while Services stream in, every pass
+# changes the frontend count, and a report per pass cost a status PATCH (and
+# an evaluation of every Service) per pass; the wakes in between coalesce.
+PACE_SECONDS = 1.0
 
 
 @dataclass(frozen=True)
@@ -81,6 +86,8 @@ def policy_entries(snapshot: ClusterSnapshot, mode: str,
                    programmed: Mapping[str, tuple[bool, str, str]] | None = None,
                    ) -> list[dict[str, Any]]:
     """The trafficPolicies of a report (pure): every policy in force here."""
+    if not snapshot.traffic_policies:
+        return []  # without evaluating every Service: the reporter runs this per pass
     policies = {(p.meta.namespace, p.meta.name): p for p in snapshot.traffic_policies.values()}
     inputs = [PolicyInput.of(p) for p in policies.values()]
     verdicts = evaluate(inputs, (ServiceInfo.of(s) for s in snapshot.services.values()))
@@ -162,6 +169,7 @@ class NodeReporter:
         facts: Callable[[], AgentFacts] = AgentFacts,
         heartbeat: float = HEARTBEAT_SECONDS,
         retry: float = 5.0,
+        pace: float = PACE_SECONDS,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.api = api
@@ -171,6 +179,7 @@ class NodeReporter:
         self.facts = facts
         self.heartbeat = heartbeat
         self.retry = retry
+        self.pace = pace
         self._clock = clock
         self._written: dict[str, Any] | None = None  # content last known on the server
         self._last_write = 0.0
@@ -246,6 +255,7 @@ class NodeReporter:
             self._wake.clear()
             try:
                 self.report()
+                self._stop.wait(self.pace)
             except Exception as err:  # never let the report stop: retry
                 if isinstance(err, KubeApiError):
                     log.warning("writing VeerNode %s failed (retrying in %.0fs): %s",

@@ -40,7 +40,8 @@ def agent_facts(agent: Agent) -> AgentFacts:
         return AgentFacts()
     failed = agent.reconciler.failed_frontends
     desired = agent.last_desired
-    services = len([k for k in desired.frontends if k not in failed])
+    # Counted without a pass over every frontend: this runs after every pass.
+    services = len(desired.frontends) - sum(1 for k in failed if k in desired.frontends)
     policies = policy_facts(desired, failed, agent.datapath.policy_features,
                             agent.datapath.name)
     if not result.ok:
