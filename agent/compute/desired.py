@@ -19,6 +19,8 @@ kube-proxy's semantics that live here:
 
 from __future__ import annotations
 
+import bisect
+import itertools
 from dataclasses import dataclass
 from types import MappingProxyType
 
@@ -59,7 +61,7 @@ from agent.model.objects import (
     TrafficPolicy,
     TrafficPolicyKind,
 )
-from agent.model.snapshot import ClusterSnapshot
+from agent.model.snapshot import ClusterSnapshot, touched_since
 
 SERVICE_PROXY_NAME_LABEL = "service.kubernetes.io/service-proxy-name"
 HEADLESS_LABEL = "service.kubernetes.io/headless"
@@ -390,38 +392,211 @@ class _Appender:
         self._ops.append(check)
 
 
+ServiceKey = tuple[str, str]
+_GENERATIONS = itertools.count(1)  # of DesiredStates made by a ComputeCache, process-wide
+# One frontend as one Service's ops claim it: (Service, op index, frontend, vip).
+_Claim = tuple[ServiceKey, int, Frontend, bool]
+
+
+def _claim_order(claim: _Claim) -> tuple[ServiceKey, int]:
+    return claim[0], claim[1]
+
+
+class _Assembly:
+    """What replaying every Service's _ServiceOut into a _Builder, in Service
+    order, gives, kept from call to call and updated one Service at a time.
+
+    The _Builder's rule, "the first Service by name wins a frontend", is kept
+    as: every frontend key has its claims sorted by (Service, op index), the
+    first one is in force, and each other one is a FrontendConflict problem
+    of its Service at that op. Problems and health checks come out in the
+    order the replay gives them, from the few Services that have any (own
+    problems, health checks, or a claim on a contested key)."""
+
+    def __init__(self) -> None:
+        self.outs: dict[ServiceKey, _ServiceOut] = {}
+        self._claims: dict[L4Addr, list[_Claim]] = {}
+        self._keys: list[L4Addr] = []  # claimed frontend keys, in sort_key order
+        # The frontends in force: in _keys' order unless _reorder says that a
+        # key was inserted in the middle since the last frontends().
+        self._out: dict[L4Addr, Frontend] = {}
+        self._reorder = False
+        self._vips: dict[IPAddress, int] = {}  # VIP -> frontends in force that hold it
+        self._vips_frozen: frozenset[IPAddress] | None = None  # None: changed since
+        self._noted: set[ServiceKey] = set()  # with a problem or a health check op
+        self._contested: set[L4Addr] = set()  # frontend keys with more than one claim
+        self.changed = True  # since the last frontends()
+        self.touched: set[L4Addr] = set()  # keys whose frontend in force changed, since then
+
+    def set(self, key: ServiceKey, out: _ServiceOut | None) -> None:
+        """Make `out` Service `key`'s contribution (None: it has none)."""
+        old = self.outs.get(key)
+        if old is out:
+            return
+        self.changed = True
+        if old is not None:
+            del self.outs[key]
+            self._noted.discard(key)
+            for i, op in enumerate(old.ops):
+                if isinstance(op, tuple):
+                    self._update(op[0].key, remove=(key, i))
+        if out is not None:
+            self.outs[key] = out
+            for i, op in enumerate(out.ops):
+                if isinstance(op, tuple):
+                    self._update(op[0].key, add=(key, i, op[0], op[1]))
+                else:
+                    self._noted.add(key)
+
+    def _update(self, fkey: L4Addr, add: _Claim | None = None,
+                remove: tuple[ServiceKey, int] | None = None) -> None:
+        claims = self._claims.get(fkey)
+        before = claims[0] if claims else None
+        if claims is None:
+            claims = self._claims[fkey] = []
+            at = bisect.bisect_right(self._keys, fkey.sort_key(), key=L4Addr.sort_key)
+            self._keys.insert(at, fkey)
+            self._reorder = self._reorder or at != len(self._keys) - 1
+        if remove is not None:
+            claims[:] = [c for c in claims if _claim_order(c) != remove]
+        if add is not None:
+            bisect.insort(claims, add, key=_claim_order)
+        after = claims[0] if claims else None
+        if len(claims) > 1:
+            self._contested.add(fkey)
+        else:
+            self._contested.discard(fkey)
+        if not claims:
+            del self._claims[fkey]
+            del self._keys[bisect.bisect_left(self._keys, fkey.sort_key(),
+                                              key=L4Addr.sort_key)]
+        if before is not after:
+            self.touched.add(fkey)
+            if after is None:
+                del self._out[fkey]
+            else:
+                self._out[fkey] = after[2]
+            if before is not None and before[3]:
+                self._count_vip(before[2].key.address, -1)
+            if after is not None and after[3]:
+                self._count_vip(after[2].key.address, +1)
+
+    def _count_vip(self, address: IPAddress, delta: int) -> None:
+        self._vips_frozen = None
+        n = self._vips.get(address, 0) + delta
+        if n:
+            self._vips[address] = n
+        else:
+            del self._vips[address]
+
+    def frontends(self) -> dict[L4Addr, Frontend]:
+        """The frontends in force, in sort_key order: a copy, which keeps the
+        keys' hashes (cheap), unless keys have to be put in order again."""
+        self.changed = False
+        self.touched = set()
+        if self._reorder:
+            self._out = {k: self._out[k] for k in self._keys}
+            self._reorder = False
+        return dict(self._out)
+
+    def vips(self) -> frozenset[IPAddress]:
+        if self._vips_frozen is None:
+            self._vips_frozen = frozenset(self._vips)
+        return self._vips_frozen
+
+    def problems_and_checks(self) -> tuple[list[ServiceProblem], list[HealthCheck]]:
+        visit = set(self._noted)
+        for fkey in self._contested:
+            visit.update(c[0] for c in self._claims[fkey])
+        problems: list[ServiceProblem] = []
+        checks: list[HealthCheck] = []
+        for key in sorted(visit):
+            for i, op in enumerate(self.outs[key].ops):
+                if isinstance(op, tuple):
+                    first = self._claims[op[0].key][0]
+                    if _claim_order(first) != (key, i):
+                        svc = op[0].service
+                        problems.append(ServiceProblem(
+                            svc.namespace, svc.name, "FrontendConflict",
+                            f"{op[0].key} is already served for {first[2].service}; skipped"))
+                elif isinstance(op, ServiceProblem):
+                    problems.append(op)
+                else:
+                    checks.append(op)
+        return problems, checks
+
+
 class ComputeCache:
     """Per-Service results of earlier calls, so that a change to one Service
-    recomputes that Service only.
+    costs that Service, not N.
 
     An entry is reused while everything the Service's result depends on is
     the very same object as when it was computed: the Service, its
     EndpointSlices, the TrafficPolicy governing it, and for a split the
     other Services and their slices (snapshots share the objects that did
-    not change). A different node identity or config empties the cache. The
-    result is the same as without a cache; only the time differs."""
+    not change). The results are assembled into the frontends in force
+    (_Assembly), which is updated only for the Services whose result
+    changed. Which Services to look at: when the snapshot follows the last
+    one in its Store's change log (touched_since) and no TrafficPolicy is
+    in force (a policy's verdict may depend on any Service), only those the
+    log names; otherwise every one. A different node identity or config
+    empties the cache. The result is the same as without a cache; only the
+    time differs."""
 
     def __init__(self) -> None:
-        self._entries: dict[tuple[str, str], tuple[tuple[object, ...], _ServiceOut]] = {}
         self._context: tuple[NodeIdentity, ComputeConfig] | None = None
+        self._reset()
 
-    def lookup(self, key: tuple[str, str], deps: tuple[object, ...],
-               context: tuple[NodeIdentity, ComputeConfig]) -> _ServiceOut | None:
+    def _reset(self) -> None:
+        self._entries: dict[ServiceKey, tuple[tuple[object, ...], _ServiceOut]] = {}
+        self._assembly = _Assembly()
+        self._snapshot: ClusterSnapshot | None = None
+        self._desired: DesiredState | None = None
+        self._governed = False  # whether the last call had policies in force
+
+    def compute(self, snapshot: ClusterSnapshot, node: NodeIdentity,
+                config: ComputeConfig) -> DesiredState:
+        governing = policies_in_force(snapshot)
+        context = (node, config)
         if context != self._context:
-            self._entries.clear()
+            self._reset()
             self._context = context
-            return None
-        held = self._entries.get(key)
-        if held is None or not _same(held[0], deps):
-            return None
-        return held[1]
-
-    def store(self, key: tuple[str, str], deps: tuple[object, ...], result: _ServiceOut) -> None:
-        self._entries[key] = (deps, result)
-
-    def keep_only(self, keys: set[tuple[str, str]]) -> None:
-        for gone in set(self._entries) - keys:
-            del self._entries[gone]
+        ungoverned = not governing and not self._governed  # now and last time
+        touched = None
+        if self._snapshot is not None and ungoverned:
+            touched = touched_since(self._snapshot, snapshot)
+        self._snapshot, self._governed = snapshot, bool(governing)
+        assembly = self._assembly
+        candidates = snapshot.services.keys() if touched is None else touched
+        for key in candidates:
+            svc = snapshot.services.get(key)
+            if svc is None:
+                self._entries.pop(key, None)
+                assembly.set(key, None)
+                continue
+            policy = governing.get(key)
+            deps = _deps(snapshot, svc, policy)
+            held = self._entries.get(key)
+            if held is not None and _same(held[0], deps):
+                result = held[1]
+            else:
+                result = _one_service(snapshot, svc, node, config, policy)
+                self._entries[key] = (deps, result)
+            assembly.set(key, result)
+        if touched is None:
+            for gone in [k for k in assembly.outs if k not in snapshot.services]:
+                self._entries.pop(gone, None)
+                assembly.set(gone, None)
+        if self._desired is not None and not assembly.changed and ungoverned:
+            return self._desired  # nothing in force changed: the very same state
+        problems, checks = assembly.problems_and_checks()
+        before, touched_keys = self._desired, frozenset(assembly.touched)
+        self._desired = _desired_state(
+            assembly.frontends(), assembly.vips(), problems, checks, node, config, governing,
+            generation=next(_GENERATIONS),
+            follows=(before.generation, touched_keys) if before is not None else None,
+        )
+        return self._desired
 
 
 def _same(a: object, b: object) -> bool:
@@ -469,30 +644,33 @@ def compute_desired(
     cache: ComputeCache | None = None,
 ) -> DesiredState:
     """The datapath state this node should hold for `snapshot`. With a
-    `cache`, Services whose inputs did not change since the last call are
-    not recomputed (ComputeCache)."""
+    `cache`, only what changed since the last call is recomputed
+    (ComputeCache); the result is the same."""
+    if cache is not None:
+        return cache.compute(snapshot, node, config)
     out = _Builder()
     governing = policies_in_force(snapshot)
-    context = (node, config)
     for key, svc in sorted(snapshot.services.items()):
-        policy = governing.get(key)
-        deps = _deps(snapshot, svc, policy) if cache is not None else ()
-        result = cache.lookup(key, deps, context) if cache is not None else None
-        if result is None:
-            result = _one_service(snapshot, svc, node, config, policy)
-            if cache is not None:
-                cache.store(key, deps, result)
-        result.replay(out)
-    if cache is not None:
-        cache.keep_only(set(snapshot.services))
+        _one_service(snapshot, svc, node, config, governing.get(key)).replay(out)
+    return _desired_state(dict(sorted(out.frontends.items(), key=lambda kv: kv[0].sort_key())),
+                          frozenset(out.vips), out.problems, out.health_checks, node, config,
+                          governing)
 
+
+def _desired_state(
+    frontends: dict[L4Addr, Frontend], vips: frozenset[IPAddress],
+    problems: list[ServiceProblem], health_checks: list[HealthCheck],
+    node: NodeIdentity, config: ComputeConfig, governing: dict[ServiceKey, TrafficPolicy],
+    generation: int = 0, follows: tuple[int, frozenset[L4Addr]] | None = None,
+) -> DesiredState:
     return DesiredState(
-        frontends=MappingProxyType(dict(sorted(out.frontends.items(),
-                                               key=lambda kv: kv[0].sort_key()))),
-        vips=frozenset(out.vips),
+        generation=generation,
+        follows=follows,
+        frontends=MappingProxyType(frontends),
+        vips=vips,
         service_cidrs=config.service_cidrs,
-        problems=tuple(out.problems),
-        health_checks=tuple(sorted(out.health_checks, key=lambda h: (h.port, h.namespace))),
+        problems=tuple(problems),
+        health_checks=tuple(sorted(health_checks, key=lambda h: (h.port, h.namespace))),
         node_addresses=node.addresses,
         cluster_cidrs=config.cluster_cidrs,
         policies=MappingProxyType({

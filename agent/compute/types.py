@@ -38,6 +38,21 @@ class L4Addr:
         host = f"[{self.address}]" if self.address.version == 6 else str(self.address)
         return f"{host}:{self.port}/{self.protocol.value}"
 
+    def __hash__(self) -> int:
+        # Computed once: an L4Addr is a dict key in every pass over every
+        # frontend, and ipaddress hashes through hex(int(address)) each time.
+        # (Equality still compares the fields; the cache is not a field.)
+        try:
+            return self.__dict__["_hash"]  # type: ignore[no-any-return]
+        except KeyError:
+            value = hash((self.address, self.port, self.protocol))
+            object.__setattr__(self, "_hash", value)
+            return value
+
+    def __getstate__(self) -> dict[str, object]:
+        # Hashes of str and enums differ between processes: never pickle one.
+        return {k: v for k, v in self.__dict__.items() if k != "_hash"}
+
 
 class FrontendKind(enum.StrEnum):
     CLUSTER_IP = "ClusterIP"
@@ -198,6 +213,12 @@ class DesiredState:
     policies: Mapping[str, frozenset[str]] = field(
         default_factory=lambda: MappingProxyType({})
     )
+    # Which ComputeCache call made it (0: a call without a cache), and when
+    # known, the generation it follows with the frontend keys that differ
+    # from it (added, changed or removed), so that the reconciler can visit
+    # those only. Not part of the state: equal states may differ here.
+    generation: int = field(default=0, compare=False)
+    follows: tuple[int, frozenset[L4Addr]] | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)

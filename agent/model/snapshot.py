@@ -39,6 +39,8 @@ class ClusterSnapshot:
     slice_index: Mapping[NamespacedName, tuple[EndpointSlice, ...]] | None = field(
         default=None, compare=False, repr=False
     )
+    # Where this snapshot stands in its Store's change log (see touched_since).
+    lineage: Lineage | None = field(default=None, compare=False, repr=False)
 
     @staticmethod
     def of(objects: Iterable[Model]) -> ClusterSnapshot:
@@ -89,6 +91,34 @@ def ref_of(obj: Model) -> ObjectRef:
     return obj.ref
 
 
+# A change log entry that names no one Service: a Node or a TrafficPolicy
+# changed, which may concern any Service.
+EVERYTHING: NamespacedName = ("", "")
+
+
+@dataclass(frozen=True, eq=False)
+class Lineage:
+    """A snapshot's place in its Store's change log: the log (a list the
+    Store only appends to, under its lock) and its length when the snapshot
+    was taken."""
+
+    log: list[NamespacedName]
+    end: int
+
+
+def touched_since(old: ClusterSnapshot, new: ClusterSnapshot) -> set[NamespacedName] | None:
+    """The Services whose own objects (the Service or one of its
+    EndpointSlices) may differ between `old` and `new`, a later snapshot of
+    the same Store, without looking at the others: O(changes). None when
+    that is not known (snapshots of different Stores or log generations, or
+    made by ClusterSnapshot.of) or when a Node or a TrafficPolicy changed."""
+    a, b = old.lineage, new.lineage
+    if a is None or b is None or a.log is not b.log or a.end > b.end:
+        return None
+    touched = set(b.log[a.end:b.end])
+    return None if EVERYTHING in touched else touched
+
+
 @dataclass(frozen=True)
 class Change:
     """One object as it was and as it is now (None: absent), old != new."""
@@ -127,6 +157,10 @@ class Store:
         # (namespace, Service name) -> its slices in name order.
         self._by_service: dict[NamespacedName, tuple[EndpointSlice, ...]] = {}
         self._snapshot: ClusterSnapshot | None = ClusterSnapshot()  # None: stale
+        # Which Service each change concerned, for touched_since(). Started
+        # afresh once it outgrows the state, so that it stays bounded (a
+        # snapshot from before then just compares as "not known").
+        self._log: list[NamespacedName] = []
         self._synced = False
         self._listeners: list[Callable[[], None]] = []
         self._change_listeners: list[Callable[[Sequence[Change]], None]] = []
@@ -182,16 +216,20 @@ class Store:
             del self._objects[obj.ref]
         if isinstance(obj, Service):
             _put(self._services, _key(obj), new)
+            self._log.append(_key(obj))
         elif isinstance(obj, EndpointSlice):
             _put(self._slices, _key(obj), new)
             owners = {_owner(s) for s in (old, new) if isinstance(s, EndpointSlice)}
             for owner in owners - {None}:
                 assert owner is not None
                 self._reindex(owner, _key(obj), new if isinstance(new, EndpointSlice) else None)
+                self._log.append(owner)
         elif isinstance(obj, Node):
             _put(self._nodes, obj.meta.name, new)
+            self._log.append(EVERYTHING)
         else:
             _put(self._policies, _key(obj), new)
+            self._log.append(EVERYTHING)
 
     def _reindex(self, owner: NamespacedName, key: NamespacedName,
                  new: EndpointSlice | None) -> None:
@@ -221,12 +259,15 @@ class Store:
     def snapshot(self) -> ClusterSnapshot:
         with self._lock:
             if self._snapshot is None:
+                if len(self._log) > 4 * len(self._objects) + 4096:
+                    self._log = []
                 self._snapshot = ClusterSnapshot(
                     MappingProxyType(dict(self._services)),
                     MappingProxyType(dict(self._slices)),
                     MappingProxyType(dict(self._nodes)),
                     MappingProxyType(dict(self._policies)),
                     MappingProxyType(dict(self._by_service)),
+                    Lineage(self._log, len(self._log)),
                 )
             return self._snapshot
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -62,6 +62,8 @@ class Reconciler:
         # cache hands back the very same object for a Service that did not
         # change, so an incremental pass skips those without comparing.
         self._confirmed: dict[L4Addr, Frontend] = {}
+        # The desired state the last pass applied (to the end, errors or not).
+        self._last: DesiredState | None = None
 
     def request_full(self) -> None:
         self._need_full = True
@@ -77,7 +79,8 @@ class Reconciler:
             if full:
                 self._applied = self._datapath.dump()
                 self._confirmed = {}
-            self._apply(desired, result)
+            self._apply(desired, self._visit(desired, full), result)
+            self._last = desired
         except DatapathError as err:
             result.errors.append(str(err))
         result.duration = self._clock() - start
@@ -99,6 +102,24 @@ class Reconciler:
             )
         return result
 
+    def _visit(self, desired: DesiredState, full: bool) -> Collection[L4Addr] | None:
+        """The frontend keys this pass must look at; None: every one.
+
+        An incremental pass after a pass that got to its end needs only the
+        keys compute says differ from what that pass applied (added, changed
+        or removed): every other frontend is the very object that pass
+        confirmed or left failed, and any failure made this pass full. That
+        keeps a pass O(changes), not O(frontends)."""
+        last = self._last
+        if full or last is None:
+            return None
+        if desired is last:
+            return ()
+        follows = desired.follows
+        if follows is not None and last.generation and follows[0] == last.generation:
+            return follows[1]
+        return None
+
     def _report_problems(self, desired: DesiredState) -> None:
         current = set(desired.problems)
         for problem in sorted(current - self._reported, key=str):
@@ -116,7 +137,8 @@ class Reconciler:
             return False
         return True
 
-    def _apply(self, desired: DesiredState, result: SyncResult) -> None:
+    def _apply(self, desired: DesiredState, visit: Collection[L4Addr] | None,
+               result: SyncResult) -> None:
         dp, applied, attempt = self._datapath, self._applied, self._try
 
         attempt(result, "set node addresses",
@@ -127,11 +149,20 @@ class Reconciler:
             if attempt(result, f"add CIDR {cidr}", partial(dp.upsert_service_cidr, cidr)):
                 applied.service_cidrs.add(cidr)
 
-        confirmed: dict[L4Addr, Frontend] = {}
-        for key, frontend in desired.frontends.items():
-            if self._confirmed.get(key) is frontend and key in applied.frontends:
+        # Every frontend, or (visit) those that changed; the others stay as
+        # confirmed. A visited key that is no longer desired is removed below.
+        previous = self._confirmed
+        if visit is None:
+            confirmed: dict[L4Addr, Frontend] = {}
+            wanted: Iterable[tuple[L4Addr, Frontend]] = desired.frontends.items()
+        else:
+            confirmed = previous  # updated in place
+            wanted = [(k, desired.frontends[k]) for k in visit if k in desired.frontends]
+        for key, frontend in wanted:
+            if previous.get(key) is frontend and key in applied.frontends:
                 confirmed[key] = frontend
                 continue
+            confirmed.pop(key, None)
             programmed = self._datapath.programmed_of(frontend)
             if applied.frontends.get(key) == programmed:
                 confirmed[key] = frontend
@@ -152,7 +183,9 @@ class Reconciler:
             if attempt(result, f"add VIP {vip}", partial(dp.upsert_vip, vip)):
                 applied.vips.add(vip)
 
-        for key in [k for k in applied.frontends if k not in desired.frontends]:
+        gone = applied.frontends if visit is None else [k for k in visit if k in applied.frontends]
+        for key in [k for k in gone if k not in desired.frontends]:
+            confirmed.pop(key, None)
             if attempt(result, f"remove frontend {key}", partial(dp.delete_frontend, key)):
                 del applied.frontends[key]
         for key in [k for k in self.failed_frontends if k not in desired.frontends]:
