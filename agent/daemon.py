@@ -26,6 +26,7 @@ from agent import __version__
 from agent.compute import ComputeConfig, DesiredState, NodeIdentity, compute_desired
 from agent.compute.desired import ComputeCache
 from agent.compute.node import identity_of
+from agent.compute.types import L4Addr
 from agent.config import AgentConfig
 from agent.datapath.flows import FlowHub, ServiceNames
 from agent.datapath.interface import Datapath
@@ -43,6 +44,8 @@ from agent.telemetry import Telemetry
 log = logging.getLogger("veer.agent")
 
 RETRY_AFTER_FAILURE = 1.0
+STATUS_INTERVAL = 0.5  # the status file is rewritten at most this often
+STATUS_MAX_INTERVAL = 3600.0  # (and then only when a pass asked for it)
 
 
 @dataclass(frozen=True)
@@ -139,6 +142,16 @@ class Agent:
         self.datapath = datapath
         self.status_file = status_file
         self._status = StatusFile(status_file) if status_file else None
+        # What the status file should say: set after every pass, written by
+        # the status runner (its own thread) at most every STATUS_INTERVAL;
+        # the first write after a quiet spell is immediate, the last of a
+        # stream always comes. A write lists every frontend, so a write per
+        # pass would cost O(N) per event while Services stream in.
+        self._status_lock = threading.Lock()
+        self._status_due: tuple[SyncResult, DesiredState, frozenset[L4Addr]] | None = None
+        self.status_runner = BoundedFrequencyRunner(
+            "status", self._write_status, min_interval=STATUS_INTERVAL,
+            max_interval=STATUS_MAX_INTERVAL, burst=1)
         self.store = Store()
         self.source: Source
         if source is not None:
@@ -212,12 +225,18 @@ class Agent:
             listener(result)
         if not result.ok:
             self.runner.retry_after(RETRY_AFTER_FAILURE)
-        self._write_status(result)
+        if self._status is not None:
+            with self._status_lock:
+                self._status_due = (result, self.last_desired,
+                                    frozenset(self.reconciler.failed_frontends))
+            self.status_runner.run()
 
-    def _write_status(self, result: SyncResult) -> None:
-        if self._status is None:
+    def _write_status(self, _periodic: bool = False) -> None:
+        with self._status_lock:
+            due, self._status_due = self._status_due, None
+        if self._status is None or due is None:
             return
-        desired = self.last_desired
+        result, desired, failed = due
         self._status.write({
             "version": __version__,
             "node": self.config.node_name,
@@ -234,7 +253,7 @@ class Agent:
             "policies": {name: sorted(f) for name, f in desired.policies.items()},
             "manifest_problems": list(self.source.last_report.problems),
             "counters": dict(self.datapath.counters()),
-        }, desired.frontends, self.reconciler.failed_frontends)
+        }, desired.frontends, failed)
         # "frontends" and "external_frontends" (NodePort/ExternalIP/LB:
         # backends for traffic from outside) are added by StatusFile.
 
@@ -242,6 +261,8 @@ class Agent:
         self.datapath.start_flow_events(self.flows.publish)
         self.servers.start()
         self.runner.start()
+        if self._status is not None:
+            self.status_runner.start()
         self.source.start()
 
     def stop(self) -> None:
@@ -250,6 +271,8 @@ class Agent:
         self._stopped.set()
         self.source.stop()
         self.runner.stop()
+        self.status_runner.stop()
+        self._write_status()  # what the last pass did, if not written yet
         self.datapath.close()
 
     def run_forever(self) -> None:

@@ -61,7 +61,7 @@ class StatusFile:
         internal: list[str] = []
         external: list[str] = []
         for key, fe in frontends.items():
-            if key in failed:
+            if failed and key in failed:
                 continue
             entry, ext = self._entries(key, fe)
             internal.append(entry)

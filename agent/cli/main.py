@@ -89,7 +89,8 @@ def _agent_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--min-sync-interval", type=float, default=0.0, metavar="SECONDS")
     p.add_argument("--max-sync-interval", type=float, default=60.0, metavar="SECONDS")
     p.add_argument("--status-file", metavar="PATH",
-                   help="write a JSON summary of the programmed state after every sync")
+                   help="write a JSON summary of the programmed state after every sync "
+                   "(at most every 0.5 s; the last one of a burst always)")
     p.add_argument("--api-socket", metavar="PATH", default=DEFAULT_SOCKET,
                    help=f"serve the veer API (the `veer` debug commands) on this Unix socket, "
                    f"root only (default {DEFAULT_SOCKET}; '' turns it off)")
