@@ -434,12 +434,9 @@ class _Assembly:
         if old is out:
             return
         self.changed = True
-        if old is not None:
-            del self.outs[key]
-            self._noted.discard(key)
-            for i, op in enumerate(old.ops):
-                if isinstance(op, tuple):
-                    self._update(op[0].key, remove=(key, i))
+        # The new claims first, then the old ones go: a key the Service keeps
+        # never leaves _keys (re-inserting it would cost a reordering).
+        self._noted.discard(key)
         if out is not None:
             self.outs[key] = out
             for i, op in enumerate(out.ops):
@@ -447,9 +444,15 @@ class _Assembly:
                     self._update(op[0].key, add=(key, i, op[0], op[1]))
                 else:
                     self._noted.add(key)
+        else:
+            del self.outs[key]
+        if old is not None:
+            for i, op in enumerate(old.ops):
+                if isinstance(op, tuple):
+                    self._update(op[0].key, remove=(key, i, op[0], op[1]))
 
     def _update(self, fkey: L4Addr, add: _Claim | None = None,
-                remove: tuple[ServiceKey, int] | None = None) -> None:
+                remove: _Claim | None = None) -> None:
         claims = self._claims.get(fkey)
         before = claims[0] if claims else None
         if claims is None:
@@ -457,8 +460,8 @@ class _Assembly:
             at = bisect.bisect_right(self._keys, fkey.sort_key(), key=L4Addr.sort_key)
             self._keys.insert(at, fkey)
             self._reorder = self._reorder or at != len(self._keys) - 1
-        if remove is not None:
-            claims[:] = [c for c in claims if _claim_order(c) != remove]
+        if remove is not None:  # that very claim (a new one may have its order)
+            claims[:] = [c for c in claims if c[2] is not remove[2] or c[0:2] != remove[0:2]]
         if add is not None:
             bisect.insort(claims, add, key=_claim_order)
         after = claims[0] if claims else None
@@ -567,7 +570,9 @@ class ComputeCache:
             touched = touched_since(self._snapshot, snapshot)
         self._snapshot, self._governed = snapshot, bool(governing)
         assembly = self._assembly
-        candidates = snapshot.services.keys() if touched is None else touched
+        # In name order: deterministic. (New frontends whose keys sort last
+        # are appended in place; others cost a reordering, _Assembly.frontends.)
+        candidates = sorted(snapshot.services.keys() if touched is None else touched)
         for key in candidates:
             svc = snapshot.services.get(key)
             if svc is None:
