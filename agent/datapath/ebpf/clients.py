@@ -32,6 +32,7 @@ import threading
 from collections.abc import Iterator
 
 from agent.datapath.ebpf.maps import PinnedMap
+from agent.datapath.ebpf.rtnl import Rtnl
 from agent.datapath.ebpf.structs import CookieKey, NodeValue, addr_bytes
 from agent.errors import DatapathError
 from agent.model.objects import IPAddress
@@ -79,11 +80,8 @@ def _namespace_facts(pid: int) -> tuple[int, list[IPAddress]]:
             with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
                 cookie = int.from_bytes(
                     s.getsockopt(socket.SOL_SOCKET, SO_NETNS_COOKIE, 8), "little")
-            from pyroute2 import IPRoute
-
-            with IPRoute() as ipr:
-                addresses = [ipaddress.ip_address(a.get_attr("IFA_ADDRESS"))
-                             for a in ipr.get_addr()]
+            with Rtnl() as rtnl:
+                addresses = [ipaddress.ip_address(a) for _, a in rtnl.addresses()]
             out["result"] = (cookie, addresses)
         except Exception as err:  # reported below; the thread must not die silently
             out["error"] = err
