@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """Where the agent's resident memory is: RSS and PSS of a sandbox agent, by mapping.
 
-    .venv/bin/python bench/memory.py [--sockmap] [--settle S]
+    .venv/bin/python bench/memory.py [--sockmap] [--settle S] [--services N]
 
-Starts the one-node sandbox (the example manifests, eBPF mode), waits for
+Without --services: starts the one-node sandbox (the example manifests, eBPF mode), waits for
 the agent's first sync and then --settle seconds, and reads the agent
 process's /proc/PID/status (VmRSS, VmHWM: resident now and at its peak),
 /proc/PID/smaps_rollup (RSS and PSS, anonymous and file-backed) and
@@ -11,6 +11,12 @@ process's /proc/PID/status (VmRSS, VmHWM: resident now and at its peak),
 [anon], plus [heap] and [stack]) to show which libraries hold the memory.
 Groups named "compiler" add up BCC and clang/LLVM (libbcc, libclang,
 libLLVM), the in-process compiler whose cost this bench was written to see.
+
+With --services N: the figures bench/compare.py reports for veer's memory,
+measured the same way (its control-plane phase, veer alone: a real API
+server, N Services created, RSS of the process and its live children
+sampled every 0.2 s for the peak, and read once idle for the steady
+figure), followed by the same breakdown of the idle agent.
 
 It also says what the agent's log says about its loader (when programs are
 compiled in a child process, the child's own peak RSS and CPU).
@@ -123,31 +129,70 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                    help="run the agent with this in its environment (repeatable), "
                         "e.g. MALLOC_ARENA_MAX=2")
+    p.add_argument("--services", type=int, default=0, metavar="N",
+                   help="measure as bench/compare.py does, with N Services through a real "
+                        "API server (its control plane is built or taken from the cache)")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = p.parse_args(argv)
     args.quick = False
     return args
 
 
+def in_sandbox(args: argparse.Namespace) -> tuple[dict[str, Any], str, dict[str, Any]]:
+    """(snapshot, agent log, {}) of a sandbox agent, --settle s after its first sync."""
+    with SandboxCluster() as cluster:
+        log(f"sandbox {cluster.topo.prefix}: pins {cluster.topo.bpffs}")
+        agent = cluster.start_agent(["--sockmap"] if args.sockmap else [])
+        time.sleep(args.settle)
+        return snapshot(agent.pid), cluster.agent_output(), {}
+
+
+def with_services(args: argparse.Namespace) -> tuple[dict[str, Any], str, dict[str, Any]]:
+    """(snapshot, agent log, compare's figures) of veer alone with N Services."""
+    import tempfile
+
+    from compare import BENCH_SERVICE, BENCH_TARGETS
+    from versus.apiload import ApiWriter
+    from versus.cluster import BenchCluster
+    from versus.programming import LOAD_NAMESPACE, measure, start_alone
+    from versus.proxies import all_proxies
+
+    with BenchCluster(Path(tempfile.mkdtemp(prefix="bn-memory-"))) as cluster:
+        cp = cluster.control_plane
+        writer = ApiWriter(cp.url, str(cp.ca_file), cp.tokens["admin"], threads=16)
+        cp.create_namespace("bench")
+        cp.create_namespace(LOAD_NAMESPACE)
+        writer.create([BENCH_SERVICE], "bench")
+        veer = all_proxies(cluster)["veer"]
+        start_alone(cluster, veer, BENCH_TARGETS, 180)
+        result = measure(cluster, writer, veer, args.services, 1, 300, seed=args.services)
+        snap = snapshot(veer.pid)
+        text = veer.log_path.read_text(errors="replace")
+        veer.stop()
+    return snap, text, result.to_json()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if not benchlib.ready("bench/memory.py"):
         return 2
-    with SandboxCluster() as cluster:
-        log(f"sandbox {cluster.topo.prefix}: pins {cluster.topo.bpffs}")
-        os.environ.update(dict(e.split("=", 1) for e in args.env))  # the agent inherits it
-        agent = cluster.start_agent(["--sockmap"] if args.sockmap else [])
-        time.sleep(args.settle)
-        snap = snapshot(agent.pid)
-        loader = loader_lines(cluster.agent_output())
-    md = table(snap, args.top)
+    os.environ.update(dict(e.split("=", 1) for e in args.env))  # the agent inherits it
+    snap, agent_log, cp = (with_services if args.services else in_sandbox)(args)
+    loader = loader_lines(agent_log)
+    md = ""
+    if cp:
+        md = (f"bench/compare.py's figures, veer alone with {args.services:,} Services: RSS "
+              f"peak {cp['rss_peak_mib']:.1f} MiB, steady {cp['rss_steady_mib']:.1f} MiB "
+              f"(idle before them {cp['rss_idle_mib']:.1f} MiB); CPU {cp['cpu_s']:.1f} s. "
+              "The breakdown of the agent once idle:\n\n")
+    md += table(snap, args.top)
     if loader:
         md += "\n\nThe agent's log about its loader:\n\n" + "\n".join(
             f"    {line}" for line in loader)
     print(md)
-    benchlib.write_results(args, "memory",
-                           f"# veer agent: resident memory by mapping\n\n{md}\n",
-                           {**snap, "loader": loader})
+    name = f"memory-{args.services}" if args.services else "memory"
+    benchlib.write_results(args, name, f"# veer agent: resident memory by mapping\n\n{md}\n",
+                           {**snap, "loader": loader, "controlplane": cp})
     return 0
 
 
