@@ -20,6 +20,14 @@ complete, but the consumer position must not pass it).
 Invariant: consumer_pos is only ever written here, after the record it
 passes was read, so the kernel never reuses bytes still being read.
 
+Ordering: the kernel advances producer_pos when a record is reserved and
+clears BUSY (with a full barrier) once its bytes are written; we read
+producer_pos, then the header, then the bytes, then store consumer_pos.
+libbpf uses acquire loads and a release store for these; Python has none,
+but on x86_64 (total store order) plain loads and stores keep that order.
+On weaker memory models this relies on the interpreter's long path between
+the accesses, which is not a formal guarantee.
+
 Waiting: epoll on the map fd reports readable when a producer asked for a
 wakeup (submits without BPF_RB_NO_WAKEUP); `consume` reads whatever is there,
 wakeup or not. This is what libbpf's ring_buffer__poll does, in Python.
