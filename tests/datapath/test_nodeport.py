@@ -130,6 +130,23 @@ def test_no_endpoints_from_outside_is_refused(cluster: MultiNodeCluster, address
     assert result["answers"] == {} and result["errors"] == {"ECONNREFUSED": 3}, result
 
 
+def test_refusals_from_outside_go_on_while_the_agent_is_down(
+        cluster: MultiNodeCluster) -> None:
+    """The refusal is a tail call: its program array is pinned, so a killed
+    agent leaves it in place (the kernel empties an array nobody holds)."""
+    cluster.write_manifest("web.yaml", web("Cluster", {}))
+    node = cluster.nodes[0]
+    cluster.wait_external("10.0.0.1:30080/TCP", node, [], False)
+    cluster.stop_agent(node, signal.SIGKILL)
+    try:
+        result = cluster.probe_from_outside("tcp", "10.0.0.1", "30080", "--count", "3",
+                                            "--timeout", "5")
+    finally:
+        cluster.start_agents(["--cluster-cidr", "10.244.0.0/16,fd00:10:244::/48"],
+                             only=[node])
+    assert result["answers"] == {} and result["errors"] == {"ECONNREFUSED": 3}, result
+
+
 def test_local_policy_without_local_endpoints_drops(cluster: MultiNodeCluster) -> None:
     cluster.write_manifest("web.yaml", web("Local", {"10.244.2.2": "node-2"}))
     cluster.wait_external("10.0.0.1:30080/TCP", cluster.nodes[0], [], True)

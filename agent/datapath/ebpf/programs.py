@@ -69,6 +69,7 @@ BPF_PROG_TYPE_SCHED_CLS = 3
 # veer_tc_ingress's tail calls: index in veer_tc_tail (VEER_TAIL_* in bpf/tc_nat.c) -> program.
 TAIL_CALLS = ((0, "veer_tc_reject"), (1, "veer_tc_dsr"))
 TAIL_MAP = "veer_tc_tail"
+TAIL_PIN = "veer_tc_tail_held"  # not BCC's: an unpinned BPF_PROG_ARRAY, pinned by us
 SK_MSG = "veer_sk_msg"
 # Unpinned maps the agent uses after loading (flow events, runtime switches,
 # the sockmap's hash for attaching sk_msg) or must hold (the tail calls).
@@ -281,8 +282,26 @@ class SockLbPrograms:
         # veer_tc_ingress works only with its tail calls in place.
         for _, name in TAIL_CALLS:
             self._program(name)
+        self._hold_tail_calls()
         for device in devices:
             tc.attach(device, progs)
+
+    def _hold_tail_calls(self) -> None:
+        """Pin veer_tc_tail (as TAIL_PIN) before its programs are attached.
+
+        The kernel empties a program array once no file descriptor or pin
+        holds it (the programs that call into it do not count), so without
+        the pin, refusing from outside and DSR would stop the moment the
+        agent exits, while every other per-packet path keeps working. A new
+        agent's array replaces the pin; `--cleanup` removes it.
+        """
+        fd = self._map(TAIL_MAP)
+        if fd is None:
+            raise DatapathError("the BPF programs are not loaded: no tail-call array to hold")
+        pin = os.path.join(self.bpffs_dir, TAIL_PIN)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(pin)
+        syscall.obj_pin(fd, pin)
 
     def map_path(self, name: str) -> str:
         return os.path.join(self.bpffs_dir, name)
