@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Set
 from dataclasses import dataclass, field
 from functools import partial
 
 from agent.compute.types import DesiredState, Frontend, L4Addr, ServiceProblem
 from agent.datapath.interface import Datapath, DatapathState
 from agent.errors import DatapathError
+from agent.model.objects import IPAddress
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +180,11 @@ class Reconciler:
 
         self._confirmed = confirmed
 
-        for vip in desired.vips - applied.vips:
+        # A VIP comes or goes only with a frontend in force on its address,
+        # so a visiting pass looks at the visited keys' addresses only (set
+        # differences over every VIP compare addresses in Python, O(VIPs)).
+        addresses = None if visit is None else {k.address for k in visit}
+        for vip in _differ(desired.vips, applied.vips, addresses):
             if attempt(result, f"add VIP {vip}", partial(dp.upsert_vip, vip)):
                 applied.vips.add(vip)
 
@@ -191,7 +196,7 @@ class Reconciler:
         for key in [k for k in self.failed_frontends if k not in desired.frontends]:
             del self.failed_frontends[key]
 
-        for vip in applied.vips - desired.vips:
+        for vip in _differ(applied.vips, desired.vips, addresses):
             if attempt(result, f"remove VIP {vip}", partial(dp.delete_vip, vip)):
                 applied.vips.discard(vip)
         for cidr in applied.service_cidrs - desired.service_cidrs:
@@ -203,3 +208,11 @@ class Reconciler:
                 log.info("%s", note)
         except DatapathError as err:
             result.errors.append(f"finishing the pass: {err}")
+
+
+def _differ(a: Set[IPAddress], b: Set[IPAddress],
+            among: set[IPAddress] | None) -> list[IPAddress]:
+    """a - b, or only among `among` when given."""
+    if among is None:
+        return list(a - b)
+    return [x for x in among if x in a and x not in b]
