@@ -3,6 +3,7 @@ bench/compare.py (N Services of 10 endpoints each, created as fast as the API
 server takes them), fed to the agent's own code in this process. Not a test.
 
     .venv/bin/python bench/agentcpu.py [--services N] [--rate OBJ/S] [--profile]
+                                       [--min-sync-interval S]
 
 What runs is the agent as `veer agent --kubernetes` wires it (agent/cli/main.py):
 the Kubernetes source (list+watch reflectors, parsing, the Store), the
@@ -199,7 +200,7 @@ def run(args: argparse.Namespace, pins: str, work: str) -> dict[str, Any]:
     SockLbPrograms(pins).load()
     datapath = EbpfDatapath(SockLbMaps.open(pins))
     config = AgentConfig(
-        node_name=NODE, kubernetes=True, bpffs=pins,
+        node_name=NODE, kubernetes=True, bpffs=pins, min_sync_interval=args.min_sync_interval,
         service_cidrs=frozenset({ipaddress.ip_network("10.96.0.0/16")}),
         cluster_cidrs=frozenset({ipaddress.ip_network("10.244.0.0/16")}),
     )
@@ -266,6 +267,9 @@ def main() -> int:
     p.add_argument("--rate", type=float, default=DEFAULT_RATE,
                    help=f"objects sent per second (default {DEFAULT_RATE:.0f}; 0: all at once)")
     p.add_argument("--one-more", type=int, default=3)
+    p.add_argument("--min-sync-interval", type=float, default=0.0,
+                   help="the agent's --min-sync-interval (default 0, as bench/compare.py runs it; "
+                   "the Helm chart sets 1)")
     p.add_argument("--profile", action="store_true", help="cProfile every agent thread")
     p.add_argument("--top", type=int, default=35, help="functions listed per profile order")
     p.add_argument("--timeout", type=float, default=600.0)
@@ -288,7 +292,8 @@ def main() -> int:
     ones = ", ".join(f"{t * 1000:.0f} ms" for t in r["one_more_s"])
     lines = [
         f"# bench/agentcpu.py: {r['services']:,} Services x 10 endpoints, "
-        f"{r['objects']:,} objects at {r['rate']:.0f}/s"
+        f"{r['objects']:,} objects at {r['rate']:.0f}/s, "
+        f"--min-sync-interval {args.min_sync_interval:g}"
         f"{' (under cProfile: CPU not comparable)' if args.profile else ''}",
         "",
         f"- objects sent in {r['feed_s']:.1f} s; all {r['services']:,} in the datapath "
