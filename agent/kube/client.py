@@ -8,10 +8,13 @@
     watch(path, resource_version)    a WatchStream of events, closable from
                                      another thread
 
-Requests go through the `kubernetes` package's ApiClient (kubeconfig and
-in-cluster loading, TLS, bearer tokens and their refresh), but objects stay
-plain dicts: the model parses them itself (agent/model/parse.py), so nothing
-is converted twice and nothing depends on generated model classes.
+Credentials come from kubeconfig.py (a kubeconfig, or the ServiceAccount
+with its rotating token) and requests go over transport.py (http.client and
+ssl, kept-alive connections, watches on connections of their own): the
+standard library only, since the `kubernetes` package and what it imports
+cost the agent about 19 MiB of its resident memory. Objects stay plain dicts:
+the model parses them itself (agent/model/parse.py), so nothing is converted
+twice and nothing depends on generated model classes.
 
 Every failure leaves this module as KubeApiError with the HTTP status (0 when
 no answer came: refused, reset, timed out) and the API's message, so the
@@ -24,16 +27,15 @@ callers above (sources, reports, the operator) handle one error type.
 from __future__ import annotations
 
 import json
-import logging
-import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
-from agent.errors import ConfigError, KubeApiError
-
-log = logging.getLogger(__name__)
+from agent.errors import KubeApiError
+from agent.kube import kubeconfig
+from agent.kube.kubeconfig import Access
+from agent.kube.transport import Stream, Transport
 
 Obj = dict[str, Any]
 
@@ -86,13 +88,19 @@ VEER_NODES = Resource("veer.dev", "v1alpha1", "veernodes", "VeerNode", False)
 
 @dataclass(frozen=True)
 class Credentials:
+    """How to reach the API server, for another client (kopf's login). TLS
+    material is a path or PEM text (from a kubeconfig's -data), never both."""
+
     server: str
     ca_path: str | None = None
+    ca_data: str | None = None
     insecure: bool = False
     scheme: str | None = None  # "Bearer"
     token: str | None = None
     certificate_path: str | None = None
+    certificate_data: str | None = None
     private_key_path: str | None = None
+    private_key_data: str | None = None
 
 
 class WatchStream(Protocol):
@@ -137,93 +145,73 @@ def _message(status: int, data: bytes) -> tuple[str, str]:
     return f"HTTP {status}", ""
 
 
-class _Watch:
-    """A streaming watch response read line by line (one JSON event a line)."""
+def _ok(status: int) -> bool:
+    return 200 <= status <= 299
 
-    def __init__(self, response: Any, what: str) -> None:
-        self._response = response
+
+class _Watch:
+    """A watch response: one JSON event a line."""
+
+    def __init__(self, stream: Stream, what: str) -> None:
+        self._stream = stream
         self._what = what
-        self._lock = threading.Lock()
-        self._closed = False
 
     def __iter__(self) -> Iterator[Obj]:
-        buffer = bytearray()
-        try:
-            for chunk in self._response.stream(amt=None, decode_content=True):
-                buffer.extend(chunk)
-                while (end := buffer.find(b"\n")) >= 0:
-                    line, buffer = bytes(buffer[:end]), buffer[end + 1:]
-                    if line.strip():
-                        yield json.loads(line)
-        except ValueError as err:
-            if not self._closed:
+        for line in self._stream.lines():
+            try:
+                event = json.loads(line)
+            except ValueError as err:
+                self._stream.close()
                 raise KubeApiError(self._what, 0, f"malformed watch event: {err}") from None
-        except Exception as err:  # urllib3/ssl/socket errors: the stream broke
-            if not self._closed:
-                raise KubeApiError(self._what, 0, f"watch broken: {err}") from None
-        finally:
-            self.close()
+            if isinstance(event, dict):
+                yield event
 
     def close(self) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-        # shutdown() unblocks a reader stuck in recv() in another thread.
-        for step in ("shutdown", "release_conn"):
-            try:
-                getattr(self._response, step)()
-            except Exception:  # already closed or never opened: nothing to undo
-                log.debug("closing watch of %s: %s failed", self._what, step)
+        self._stream.close()
 
 
 class KubeClient:
-    """Api over the `kubernetes` package's ApiClient."""
+    """Api over one Transport to the API server of `access`."""
 
-    def __init__(self, api_client: Any) -> None:
-        self._api = api_client
+    def __init__(self, access: Access) -> None:
+        self._access = access
+        self._transport = Transport(access)
 
     @staticmethod
-    def load(kubeconfig: str | None = None) -> KubeClient:
-        """From a kubeconfig file, or from the Pod's ServiceAccount when None."""
-        from kubernetes import client, config
-
-        configuration = client.Configuration()
-        try:
-            if kubeconfig:
-                config.load_kube_config(  # type: ignore[no-untyped-call]
-                    config_file=kubeconfig, client_configuration=configuration)
-            else:
-                config.load_incluster_config(  # type: ignore[no-untyped-call]
-                    client_configuration=configuration)
-        except (config.ConfigException, OSError) as err:
-            where = kubeconfig or "the in-cluster ServiceAccount (use --kubeconfig outside a Pod)"
-            raise ConfigError(f"cannot load Kubernetes credentials from {where}: {err}") from None
-        # A failed request surfaces to the caller, who retries on its own terms.
-        configuration.retries = False
-        return KubeClient(client.ApiClient(configuration))
+    def load(kubeconfig_path: str | None = None) -> KubeClient:
+        """From a kubeconfig file, or from the Pod's ServiceAccount when None;
+        ConfigError (naming the file and field) when they cannot be used."""
+        if kubeconfig_path:
+            return KubeClient(kubeconfig.from_kubeconfig(kubeconfig_path))
+        return KubeClient(kubeconfig.in_cluster())
 
     @property
     def server(self) -> str:
-        return str(self._api.configuration.host)
+        return self._access.server
 
     def credentials(self) -> Credentials:
         """How to reach the API server, for another client (kopf's login).
         The token is read afresh each time (an in-cluster one rotates)."""
-        c = self._api.configuration
-        header = c.get_api_key_with_prefix("BearerToken", alias="authorization") or ""
-        scheme, _, token = str(header).partition(" ")
+        a = self._access
+        token = a.token()
         return Credentials(
-            server=str(c.host),
-            ca_path=c.ssl_ca_cert or None,
-            insecure=not c.verify_ssl,
-            scheme=scheme if token else None,
+            server=a.server,
+            ca_path=a.ca.path if a.ca else None,
+            ca_data=a.ca.data if a.ca else None,
+            insecure=a.insecure,
+            scheme="Bearer" if token else None,
             token=token or None,
-            certificate_path=c.cert_file or None,
-            private_key_path=c.key_file or None,
+            certificate_path=a.certificate.path if a.certificate else None,
+            certificate_data=a.certificate.data if a.certificate else None,
+            private_key_path=a.private_key.path if a.private_key else None,
+            private_key_data=a.private_key.data if a.private_key else None,
         )
 
-    def _call(
+    def close(self) -> None:
+        """Close the idle connections."""
+        self._transport.close()
+
+    def _json(
         self,
         method: str,
         path: str,
@@ -231,44 +219,18 @@ class KubeClient:
         body: Mapping[str, Any] | None = None,
         content_type: str = "application/json",
         timeout: tuple[float, float] = REQUEST_TIMEOUT,
-    ) -> Any:
-        """The urllib3 response of one request with status 2xx, unread."""
+    ) -> Obj:
+        """The JSON object answered to one request; KubeApiError unless 2xx."""
         what = f"{method} {path}"
-        headers = {"Accept": "application/json"}
-        if body is not None:
-            headers["Content-Type"] = content_type
+        target = f"{path}?{urlencode(query)}" if query else path
+        data = json.dumps(body).encode() if body is not None else None
+        answer = self._transport.request(what, method, target, data,
+                                         content_type if data is not None else None, timeout)
+        if not _ok(answer.status):
+            message, reason = _message(answer.status, answer.body)
+            raise KubeApiError(what, answer.status, message, reason)
         try:
-            request = self._api.param_serialize(
-                method=method, resource_path=path, query_params=list(query),
-                header_params=headers, body=dict(body) if body is not None else None,
-                auth_settings=["BearerToken"],
-            )
-            response = self._api.call_api(*request, _request_timeout=timeout).response
-        except Exception as err:  # urllib3, ssl, socket, ApiException(status=0)
-            raise KubeApiError(what, int(getattr(err, "status", 0) or 0),
-                               str(getattr(err, "reason", None) or err)) from None
-        if not 200 <= response.status <= 299:
-            try:
-                data = response.data
-            except Exception:
-                data = b""
-            finally:
-                response.release_conn()
-            message, reason = _message(response.status, data)
-            raise KubeApiError(what, response.status, message, reason)
-        return response
-
-    def _json(self, method: str, path: str, **kwargs: Any) -> Obj:
-        response = self._call(method, path, **kwargs)
-        what = f"{method} {path}"
-        try:
-            data = response.data
-        except Exception as err:
-            raise KubeApiError(what, 0, f"reading the answer: {err}") from None
-        finally:
-            response.release_conn()
-        try:
-            out = json.loads(data) if data else {}
+            out = json.loads(answer.body) if answer.body else {}
         except ValueError as err:
             raise KubeApiError(what, 0, f"malformed answer: {err}") from None
         if not isinstance(out, dict):
@@ -302,10 +264,15 @@ class KubeClient:
         ]
         if field_selector:
             query.append(("fieldSelector", field_selector))
+        what = f"watch {path}"
         # The server ends the watch after timeout_seconds; reading longer than
         # that without a byte means the connection is dead.
-        response = self._call("GET", path, query=query, timeout=(5.0, timeout_seconds + 30.0))
-        return _Watch(response, f"watch {path}")
+        stream = self._transport.stream(what, f"{path}?{urlencode(query)}",
+                                        (5.0, timeout_seconds + 30.0))
+        if not _ok(stream.status):
+            message, reason = _message(stream.status, stream.body())
+            raise KubeApiError(what, stream.status, message, reason)
+        return _Watch(stream, what)
 
     def create(self, path: str, body: Mapping[str, Any]) -> Obj:
         return self._json("POST", path, body=body)

@@ -93,9 +93,10 @@ class KopfThread:
         def login(**_: Any) -> kopf.ConnectionInfo:
             c = api.credentials()
             return kopf.ConnectionInfo(
-                server=c.server, ca_path=c.ca_path, insecure=c.insecure, scheme=c.scheme,
-                token=c.token, certificate_path=c.certificate_path,
-                private_key_path=c.private_key_path,
+                server=c.server, ca_path=c.ca_path, ca_data=c.ca_data, insecure=c.insecure,
+                scheme=c.scheme, token=c.token, certificate_path=c.certificate_path,
+                certificate_data=c.certificate_data, private_key_path=c.private_key_path,
+                private_key_data=c.private_key_data,
             )
 
         settings = kopf.OperatorSettings()
