@@ -142,9 +142,15 @@ class Reconciler:
                result: SyncResult) -> None:
         dp, applied, attempt = self._datapath, self._applied, self._try
 
-        attempt(result, "set node addresses",
-                partial(dp.set_node_addresses, desired.node_addresses))
-        attempt(result, "set cluster CIDRs", partial(dp.set_cluster_cidrs, desired.cluster_cidrs))
+        # A visiting pass follows one that set these (or it would be full):
+        # they are read back from the maps only when they changed.
+        last = self._last if visit is not None else None
+        if last is None or desired.node_addresses != last.node_addresses:
+            attempt(result, "set node addresses",
+                    partial(dp.set_node_addresses, desired.node_addresses))
+        if last is None or desired.cluster_cidrs != last.cluster_cidrs:
+            attempt(result, "set cluster CIDRs",
+                    partial(dp.set_cluster_cidrs, desired.cluster_cidrs))
 
         for cidr in desired.service_cidrs - applied.service_cidrs:
             if attempt(result, f"add CIDR {cidr}", partial(dp.upsert_service_cidr, cidr)):
