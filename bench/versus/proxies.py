@@ -129,6 +129,9 @@ class Proxy:
         return ""
 
 
+CHART_MIN_SYNC_INTERVAL = 1.0
+
+
 class VeerProxy(Proxy):
     key = "veer"
     title = "veer (eBPF)"
@@ -152,6 +155,10 @@ class VeerProxy(Proxy):
             "--cluster-cidr", CLUSTER_CIDR, "--status-file", str(self.status_file),
             "--api-socket", self.api_socket, "--metrics-bind-address", METRICS,
             "--healthz-bind-address", "", "--no-cleanup-on-uninstall",
+            # As installed (deploy/helm/veer/values.yaml agent.minSyncInterval),
+            # like kube-proxy's own default --*-min-sync-period of 1 s: bursts
+            # of changes are batched into passes, a lone change applies at once.
+            "--min-sync-interval", str(CHART_MIN_SYNC_INTERVAL),
         ]
         if self.mode != "ebpf":
             argv += ["--mode", self.mode]
