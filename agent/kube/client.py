@@ -163,8 +163,10 @@ class _Watch:
             except ValueError as err:
                 self._stream.close()
                 raise KubeApiError(self._what, 0, f"malformed watch event: {err}") from None
-            if isinstance(event, dict):
-                yield event
+            if not isinstance(event, dict):
+                self._stream.close()
+                raise KubeApiError(self._what, 0, "malformed watch event: not an object")
+            yield event
 
     def close(self) -> None:
         self._stream.close()

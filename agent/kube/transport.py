@@ -260,13 +260,15 @@ class Transport:
                                f"{_describe(err)}") from None
         return connection
 
-    def _take(self, what: str, timeout: Timeout) -> tuple[_Connection, bool]:
-        """A connection for one request, and whether it was kept from before."""
+    def _take(self, what: str, timeout: Timeout,
+              fresh: bool = False) -> tuple[_Connection, bool]:
+        """A connection for one request (a new one if `fresh`), and whether it
+        was kept from before."""
         stale: list[_Connection] = []
         connection = None
         now = time.monotonic()
         with self._lock:
-            while self._idle:
+            while self._idle and not fresh:
                 candidate = self._idle.pop()
                 if now - candidate.idle_since < IDLE_MAX:
                     connection = candidate
@@ -289,13 +291,13 @@ class Transport:
                 return
         connection.close()
 
-    def request(self, what: str, method: str, target: str, body: bytes | None = None,
-                content_type: str | None = None, timeout: Timeout = (5.0, 30.0)) -> Answer:
+    def request(self, what: str, method: str, target: str, body: bytes | None,
+                content_type: str | None, timeout: Timeout) -> Answer:
         """One request; its answer read whole, whatever its status."""
         headers = self._headers(what, content_type)
         url = self._prefix + target
         for attempt in (1, 2):
-            connection, reused = self._take(what, timeout)
+            connection, reused = self._take(what, timeout, fresh=attempt == 2)
             try:
                 try:
                     connection.request(method, url, body=body, headers=headers)
@@ -303,6 +305,9 @@ class Transport:
                 except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
                     if reused and attempt == 1 and method != "POST":  # closed while idle
                         connection.close()
+                        # The others kept as long are likely closed too (a
+                        # restarted server): drop them; send again on a new one.
+                        self.close()
                         continue
                     raise
                 data = response.read()

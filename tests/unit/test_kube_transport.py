@@ -7,6 +7,7 @@ malformed events, and close() from another thread ending a blocked read.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import threading
@@ -68,6 +69,7 @@ class Server(ThreadingHTTPServer):
         self.routes: dict[str, Route] = {}
         self.requests: list[tuple[str, str, dict[str, str], bytes]] = []
         self.connections = 0
+        self.sockets: list[socket.socket] = []
         self.release = threading.Event()  # lets handlers that hang finish
 
     def route(self, path: str) -> Route:
@@ -76,7 +78,14 @@ class Server(ThreadingHTTPServer):
 
     def process_request(self, request: Any, client_address: Any) -> None:
         self.connections += 1
+        self.sockets.append(request)
         super().process_request(request, client_address)
+
+    def drop_connections(self) -> None:
+        """Close every connection, as a restarted server would have."""
+        for sock in self.sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
 
     @property
     def url(self) -> str:
@@ -161,6 +170,22 @@ def test_a_connection_the_server_closed_while_idle_is_replaced(server: Server) -
     assert [r[0] for r in server.requests].count("POST") == 0
 
 
+def test_after_a_server_restart_no_dead_connection_is_used(server: Server) -> None:
+    both = threading.Barrier(2, timeout=10)
+    server.routes["/both"] = lambda h: (both.wait(), h.answer(200, {}))[1]
+    server.routes["/a"] = lambda h: h.answer(200, {"ok": True})
+    api = client(server)
+    threads = [threading.Thread(target=api.get, args=("/both",)) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert server.connections == 2  # both kept for reuse
+    server.drop_connections()
+    assert api.get("/a") == {"ok": True}
+    assert server.connections == 3
+
+
 def test_no_answer_is_status_0() -> None:
     with socket.socket() as sock:  # a port nobody listens on
         sock.bind(("127.0.0.1", 0))
@@ -175,7 +200,7 @@ def test_a_request_without_an_answer_times_out_as_status_0(server: Server) -> No
     server.routes["/slow"] = lambda h: (server.release.wait(30), h.answer(200, {}))[1]
     transport = Transport(Access(server=server.url, origin="test"))
     with pytest.raises(KubeApiError) as err:
-        transport.request("GET /slow", "GET", "/slow", timeout=(5.0, 0.2))
+        transport.request("GET /slow", "GET", "/slow", None, None, (5.0, 0.2))
     assert (err.value.status, err.value.message) == (0, "timed out")
 
 
