@@ -100,6 +100,11 @@ def batch(count: int, cidr: str, endpoints: Sequence[str], node: str,
             for i in range(count)]
 
 
+# How long a create waits for the ClusterIP of a just-deleted Service to be
+# released (the API server frees IPAddress objects after the Service).
+ALLOCATED_WAIT = 120.0
+
+
 class ApiWriter:
     """POSTs and DELETEs through `threads` keep-alive connections."""
 
@@ -118,17 +123,25 @@ class ApiWriter:
                 body: dict[str, Any] | None = None, ok: Sequence[int] = (200, 201, 202)
                 ) -> dict[str, Any]:
         data = json.dumps(body).encode() if body is not None else None
-        for attempt in range(5):
+        attempt = 0
+        deadline = time.monotonic() + ALLOCATED_WAIT
+        while True:
             conn.request(method, path, body=data, headers=self.headers)
             resp = conn.getresponse()
             raw = resp.read()
             if resp.status in ok:
                 return dict(json.loads(raw)) if raw else {}
             if resp.status in (429, 500, 503, 504) and attempt < 4:
-                time.sleep(0.2 * (attempt + 1))  # the API server asks to slow down
+                attempt += 1
+                time.sleep(0.2 * attempt)  # the API server asks to slow down
+                continue
+            if (resp.status == 422 and b"already allocated" in raw
+                    and time.monotonic() < deadline):
+                # The ClusterIP of a Service deleted moments ago: its IPAddress
+                # object is released asynchronously, after the Service is gone.
+                time.sleep(0.5)
                 continue
             raise RuntimeError(f"{method} {path}: {resp.status} {raw[:300]!r}")
-        raise AssertionError("unreachable")
 
     def run(self, jobs: Sequence[Job], ok: Sequence[int] = (200, 201, 202)) -> float:
         """Send every (method, path, body); a body may be a function, called
