@@ -19,6 +19,7 @@ from collections import Counter
 
 from agent.datapath.ebpf.maps import SockLbMaps
 from agent.datapath.ebpf.structs import (
+    IPPROTO,
     NAT_CLOSING,
     NAT_FLAGS,
     TCP_CLOSED_NS,
@@ -27,9 +28,11 @@ from agent.datapath.ebpf.structs import (
     IndexKey,
     NatValue,
 )
+from agent.model.objects import Protocol
 
 # How often the sweep may run, in seconds: flows that ended unseen are rare,
-# and a sweep reads every counted flow.
+# and a sweep reads every counted flow. It runs at the end of a pass, so with
+# no changes at all it waits for the periodic pass (--max-sync-interval).
 SWEEP_INTERVAL = 10.0
 
 
@@ -40,7 +43,7 @@ def _ended(proto: int, nat: NatValue | None, now_ns: int) -> bool:
         return True
     stamp = int(nat.last_seen_ns)
     idle = now_ns - (stamp & ~NAT_FLAGS)
-    if proto == 17:  # UDP: no end but silence
+    if proto == IPPROTO[Protocol.UDP]:  # no end but silence
         return idle > UDP_IDLE_NS
     return bool(stamp & NAT_CLOSING) and idle > TCP_CLOSED_NS
 
