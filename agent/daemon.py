@@ -209,10 +209,14 @@ class Agent:
         )
         return self.last_desired
 
-    def _sync(self, periodic: bool) -> None:
+    def _sync(self, periodic: bool) -> bool:
+        """One reconcile pass; False if it found nothing to do (the runner
+        then does not count it against --min-sync-interval)."""
         if not self.store.synced:
-            return
+            return False
         result = self.reconciler.sync(full=periodic)
+        log.debug("pass (%s): %d change(s) in %.1f ms", "periodic" if periodic else "asked",
+                  result.changed, result.duration * 1000)
         try:
             self.datapath.serve_devices(list(self.config.devices),
                                         self.last_desired.node_addresses)
@@ -230,6 +234,9 @@ class Agent:
                 self._status_due = (result, self.last_desired,
                                     frozenset(self.reconciler.failed_frontends))
             self.status_runner.run()
+        # Only an incremental pass that wrote nothing is free: a full pass
+        # reads every map, and a failed one is retried on its own schedule.
+        return result.full or result.changed > 0 or not result.ok
 
     def _write_status(self, _periodic: bool = False) -> None:
         with self._status_lock:

@@ -12,6 +12,13 @@
   count their full-sync period from the last full sync);
 - `retry_after(delay)` schedules an extra pass after a failure.
 
+A pass that found nothing to do (fn returns False) gives its token back: the
+rate limit bounds the cost of passes that program the kernel, and a pass
+that only looked costs next to nothing. Without this, an event that changes
+nothing (an EndpointSlice arriving before its Service, an update that
+compute folds away) would spend the token the real change after it needs,
+and delay it by a whole min_interval.
+
 The function receives `periodic=True` when the pass is due to max_interval.
 The clock is injectable, and `poll()` takes one scheduling decision the way
 the loop does, so tests need no real time.
@@ -31,7 +38,7 @@ class BoundedFrequencyRunner:
     def __init__(
         self,
         name: str,
-        fn: Callable[[bool], None],
+        fn: Callable[[bool], bool | None],
         min_interval: float,
         max_interval: float,
         burst: int = 2,
@@ -120,6 +127,11 @@ class BoundedFrequencyRunner:
                 self._last_periodic = now
         return go, periodic, wait
 
+    def refund(self) -> None:
+        """Give back the token of the pass just run: it did nothing."""
+        with self._cond:
+            self._tokens = min(float(self._burst), self._tokens + 1)
+
     def poll(self) -> tuple[bool, bool, float]:
         """One scheduling decision, as the loop takes it: if the answer is "run",
         the pass is claimed (a token spent, requests cleared) and the caller
@@ -138,6 +150,9 @@ class BoundedFrequencyRunner:
                     self._cond.wait(timeout=wait)
                     continue
             try:
-                self._fn(periodic)
+                worked = self._fn(periodic)
             except Exception:  # the runner must survive anything fn does
                 log.exception("%s: pass failed", self.name)
+                continue
+            if worked is False:
+                self.refund()

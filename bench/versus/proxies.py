@@ -162,6 +162,8 @@ class VeerProxy(Proxy):
         ]
         if self.mode != "ebpf":
             argv += ["--mode", self.mode]
+        if os.environ.get("VEER_BENCH_VERBOSE"):
+            argv.append("-v")
         return argv
 
     def start(self, cpus: set[int] | None = None) -> None:

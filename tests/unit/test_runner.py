@@ -184,3 +184,50 @@ def test_real_thread_runs_after_run_and_stops() -> None:
         runner.stop(timeout=5)
     assert calls == [False, False]
     assert name not in {t.name for t in threading.enumerate()}, "stop() did not join"
+
+
+def test_a_pass_that_did_nothing_gives_its_token_back() -> None:
+    # A slice arriving just before its Service wakes a pass that finds nothing
+    # to program; the Service's pass right after must not wait for a token.
+    runner, clock = make(min_interval=1.0, burst=2)
+    runner.run()
+    assert runner.poll()[0]  # a real change: one token spent
+    clock.advance(0.5)
+    runner.run()
+    assert runner.poll()[0]  # the slice alone: nothing to do...
+    runner.refund()  # ...so the pass gives its token back
+    runner.run()
+    assert runner.poll() == (True, False, 0.0)  # the Service goes at once
+    runner.run()
+    go, _, wait = runner.poll()  # without the refund this one would have run
+    assert not go and wait == pytest.approx(0.5)
+
+
+def test_refund_never_exceeds_the_burst() -> None:
+    runner, _ = make(burst=2)
+    runner.refund()
+    runner.refund()
+    for _ in range(2):
+        runner.run()
+        assert runner.poll()[0]
+    runner.run()
+    assert not runner.poll()[0]
+
+
+def test_real_thread_refunds_when_fn_returns_false() -> None:
+    # min_interval 1000 s: only refunds let more than `burst` passes run.
+    passes = threading.Semaphore(0)
+
+    def fn(periodic: bool) -> bool:
+        passes.release()
+        return False
+
+    runner = BoundedFrequencyRunner("veer-test-refund", fn, min_interval=1000,
+                                    max_interval=1000, burst=1)
+    runner.start()
+    try:
+        for _ in range(3):
+            runner.run()
+            assert passes.acquire(timeout=5), "a pass that did nothing kept its token"
+    finally:
+        runner.stop(timeout=5)
