@@ -44,6 +44,14 @@ from agent.telemetry import Telemetry
 log = logging.getLogger("veer.agent")
 
 RETRY_AFTER_FAILURE = 1.0
+# Passes that may run back to back before --min-sync-interval paces them.
+# kube-proxy allows 2, because each of its passes rewrites a whole ruleset;
+# an incremental pass here costs what it changes. A new Service is two
+# changes (the Service, then its EndpointSlice), so with 2 a Service created
+# within a second of any other change waited a whole interval for its
+# endpoints. With 4 it is programmed at once after an isolated change, and a
+# steady stream of changes still gets one pass per interval.
+SYNC_BURST = 4
 STATUS_INTERVAL = 0.5  # the status file is rewritten at most this often
 STATUS_MAX_INTERVAL = 3600.0  # (and then only when a pass asked for it)
 
@@ -178,6 +186,7 @@ class Agent:
             self._sync,
             min_interval=config.min_sync_interval,
             max_interval=config.max_sync_interval,
+            burst=SYNC_BURST,
         )
         self.last_desired = DesiredState()
         self._stopped = threading.Event()

@@ -86,7 +86,10 @@ def _agent_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--service-proxy-name", metavar="NAME", default=None,
                    help="also serve Services whose label "
                    "service.kubernetes.io/service-proxy-name is NAME")
-    p.add_argument("--min-sync-interval", type=float, default=0.0, metavar="SECONDS")
+    p.add_argument("--min-sync-interval", type=float, default=0.0, metavar="SECONDS",
+                   help="pace reconcile passes: after a burst of 4 back to back, at most "
+                   "one per this long; passes that find nothing to do are not counted "
+                   "(default 0: a pass per change)")
     p.add_argument("--max-sync-interval", type=float, default=60.0, metavar="SECONDS")
     p.add_argument("--status-file", metavar="PATH",
                    help="write a JSON summary of the programmed state after every sync "
