@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchlib import REPO
+
 from agent.cli.client import Client
 from agent.datapath.ebpf.maps import SockLbMaps
 from agent.sandbox.topology import BPFFS_MOUNT, run, stop_process
@@ -129,7 +131,16 @@ class Proxy:
         return ""
 
 
-CHART_MIN_SYNC_INTERVAL = 1.0
+def chart_min_sync_interval() -> float:
+    """agent.minSyncInterval of the Helm chart's values: veer runs as installed."""
+    values = (REPO / "deploy" / "helm" / "veer" / "values.yaml").read_text()
+    found = re.search(r"^  minSyncInterval: *([0-9.]+) *$", values, re.M)
+    if found is None:
+        raise RuntimeError("agent.minSyncInterval not found in the chart's values.yaml")
+    return float(found[1])
+
+
+CHART_MIN_SYNC_INTERVAL = chart_min_sync_interval()
 
 
 class VeerProxy(Proxy):
@@ -155,8 +166,8 @@ class VeerProxy(Proxy):
             "--cluster-cidr", CLUSTER_CIDR, "--status-file", str(self.status_file),
             "--api-socket", self.api_socket, "--metrics-bind-address", METRICS,
             "--healthz-bind-address", "", "--no-cleanup-on-uninstall",
-            # As installed (deploy/helm/veer/values.yaml agent.minSyncInterval),
-            # like kube-proxy's own default --*-min-sync-period of 1 s: bursts
+            # As installed (deploy/helm/veer/values.yaml agent.minSyncInterval;
+            # kube-proxy's own --*-min-sync-period defaults to 1 s): bursts
             # of changes are batched into passes, a lone change applies at once.
             "--min-sync-interval", str(CHART_MIN_SYNC_INTERVAL),
         ]
