@@ -103,6 +103,10 @@ class Chooser:
         # to 16 bits, which keeps their ratios, so the raw weights compare alike.
         self.lc_weights = weights if algorithm is Algorithm.LEAST_CONNECTIONS else ()
         self.affinity_hits = 0
+        # Each backend as the socket API takes it, made once here rather than
+        # per connection on the proxy's thread.
+        self.targets: dict[L4Addr, tuple[str, int]] = {
+            b: (str(b.address), b.port) for b in self.backends}
 
     def pick(self, client: str, client_port: int, now: float | None = None) -> L4Addr | None:
         """The backend for a new flow from `client`:`client_port`; None if the

@@ -188,7 +188,8 @@ class Engine:
             return None
         if chooser.affinity_hits != hits:
             self.count("affinity_hit")
-        address = str(backend.address)
+        target = chooser.targets[backend]
+        address = target[0]
         where = self.locality.get(address)
         if role is Role.NODE:
             transparent = False
@@ -203,7 +204,7 @@ class Engine:
                 self.count("nat_snat")
             if role is Role.SHORTCUT:
                 self.count("nat_short_circuit")
-        return backend, (address, backend.port), transparent
+        return backend, target, transparent
 
     # ---- introspection ---------------------------------------------------------
 

@@ -12,6 +12,7 @@ import collections
 import contextlib
 import errno
 import logging
+import math
 import os
 import select
 import threading
@@ -32,6 +33,9 @@ class Loop:
         self._timers: list[tuple[float, float, Callable[[float], None]]] = []
         self._later: list[tuple[float, Callable[[], None]]] = []
         self._deferred: collections.deque[Callable[[], None]] = collections.deque()
+        # The earliest timer or delayed call; the loop looks at them only once
+        # it has passed (kept up to date by every(), call_later() and run()).
+        self._due = math.inf
         self._stop = False
         self.register(self._wake, select.EPOLLIN, self._on_wake)
 
@@ -64,6 +68,7 @@ class Loop:
     def every(self, interval: float, fn: Callable[[float], None]) -> None:
         """Call fn(now) about every `interval` seconds, from the loop."""
         self._timers.append((time.monotonic() + interval, interval, fn))
+        self._due = min(self._due, self._timers[-1][0])
 
     def defer(self, fn: Callable[[], None]) -> None:
         """Call fn() from the loop after the events at hand (the loop's own
@@ -73,6 +78,7 @@ class Loop:
     def call_later(self, delay: float, fn: Callable[[], None]) -> None:
         """Call fn() once, about `delay` seconds from now, from the loop."""
         self._later.append((time.monotonic() + delay, fn))
+        self._due = min(self._due, self._later[-1][0])
 
     def _on_wake(self, _events: int) -> None:
         with contextlib.suppress(BlockingIOError):
@@ -89,12 +95,12 @@ class Loop:
     def run(self) -> None:
         handlers = self._handlers
         poll = self._epoll.poll
+        monotonic = time.monotonic
         while not self._stop:
-            now = time.monotonic()
-            due = min([t[0] for t in self._timers] + [t[0] for t in self._later],
-                      default=now + 1.0)
+            # (At most a second without a look around, as before timers existed.)
+            timeout = 0.0 if self._deferred else min(1.0, max(0.0, self._due - monotonic()))
             try:
-                events = poll(0.0 if self._deferred else max(0.0, due - now), 256)
+                events = poll(timeout, 256)
             except InterruptedError:
                 continue
             for fd, mask in events:
@@ -110,8 +116,10 @@ class Loop:
                     self._deferred.popleft()()
                 except Exception:
                     log.exception("proxy: deferred task failed")
+            if monotonic() < self._due:
+                continue
             if self._later:
-                now = time.monotonic()
+                now = monotonic()
                 ready = [fn for when, fn in self._later if when <= now]
                 self._later = [(when, fn) for when, fn in self._later if when > now]
                 for call in ready:
@@ -128,6 +136,8 @@ class Loop:
                             fn(now)
                         except Exception:
                             log.exception("proxy: periodic task failed")
+            self._due = min([t[0] for t in self._timers] + [t[0] for t in self._later],
+                            default=math.inf)
 
     def close(self) -> None:
         self._epoll.close()
