@@ -94,8 +94,11 @@ class Reconciler:
                 len(result.errors),
                 "; ".join(result.errors[:5]),
             )
-        elif result.changed:
-            log.info(
+        else:
+            # A pass that changed nothing is routine (debug): the runner then
+            # gives its rate-limit token back.
+            log.log(
+                logging.INFO if result.changed else logging.DEBUG,
                 "sync (%s): %d change(s) in %.1f ms",
                 "full" if full else "incremental",
                 result.changed,

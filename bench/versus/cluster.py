@@ -237,9 +237,10 @@ class BenchCluster:
         """The node's bn_check counters (packets).
 
         `list table`, not `list counters table`: nft 1.0.6 fetches only the
-        named table for the former, but every table's rules for the latter,
-        which took over 120 s in kube-proxy iptables' node with 10,000
-        Services (some 430,000 iptables-nft rules) against 20 ms."""
+        named table for the former, but every table's rules for the latter.
+        In kube-proxy iptables' node with 10,000 Services (430,171 rules in
+        its nat table) the latter hit exec()'s 120 s timeout; in a test
+        namespace with 200,000 rules it took 8.5 s, the former 0.02 s."""
         res = self.exec(netns, ["nft", "-j", "list", "table", "inet", CHECK_TABLE])
         out = {}
         for obj in json.loads(res.stdout)["nftables"]:

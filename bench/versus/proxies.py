@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import yaml
 from benchlib import REPO
 
 from agent.cli.client import Client
@@ -133,11 +134,8 @@ class Proxy:
 
 def chart_min_sync_interval() -> float:
     """agent.minSyncInterval of the Helm chart's values: veer runs as installed."""
-    values = (REPO / "deploy" / "helm" / "veer" / "values.yaml").read_text()
-    found = re.search(r"^  minSyncInterval: *([0-9.]+) *$", values, re.M)
-    if found is None:
-        raise RuntimeError("agent.minSyncInterval not found in the chart's values.yaml")
-    return float(found[1])
+    values = yaml.safe_load((REPO / "deploy" / "helm" / "veer" / "values.yaml").read_text())
+    return float(values["agent"]["minSyncInterval"])
 
 
 CHART_MIN_SYNC_INTERVAL = chart_min_sync_interval()

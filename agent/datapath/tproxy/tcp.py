@@ -50,13 +50,13 @@ _WATCH = select.EPOLLIN | select.EPOLLOUT | select.EPOLLET
 _FAILED = select.EPOLLERR | select.EPOLLHUP
 _SPLICE = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 # Bytes a pipe holds; also the most one splice() moves. A pipe starts at the
-# kernel's default (64 KiB, 16 slots) and grows to PIPE_SIZE the first time a
-# read fills it: a bulk transfer then needs few system calls and wake-ups per
-# megabyte (bench/tproxy.py: single-stream throughput 0.72 of direct with
-# 256 KiB pipes, 0.82 with 1 MiB), while the many connections that carry a
-# request and a response keep small pipes (the kernel holds a slot array per
-# pipe: 10 KiB at 1 MiB, 640 bytes at 64 KiB). 1 MiB is also the default
-# /proc/sys/fs/pipe-max-size.
+# kernel's default (64 KiB) and grows to PIPE_SIZE the first time a read
+# fills it: a bulk transfer then needs few system calls and wake-ups per
+# megabyte (bench/tproxy.py, single-stream throughput: 0.722 of direct with
+# fixed 256 KiB pipes, 0.837 with these; bench/reports/tproxy-*), while the
+# many connections that carry a request and a response keep small pipes
+# (the kernel allocates a pipe's slot array, one slot per page of capacity,
+# when the pipe is sized). 1 MiB is also the default /proc/sys/fs/pipe-max-size.
 PIPE_SIZE = 1 << 20
 # Pipe-fulls one direction moves before other connections get their turn.
 TURN = 16
@@ -70,11 +70,15 @@ class PipePool:
     def __init__(self, keep: int = 256) -> None:
         self._free: list[tuple[int, int]] = []
         self._keep = keep
+        # The kernel's default size, read from a first pipe, which is pooled.
         r, w = self._new()
         try:
             self.default_size: int = fcntl.fcntl(w, fcntl.F_GETPIPE_SZ)
-        finally:
-            self.put((r, w), empty=True, size=-1)
+        except OSError:
+            os.close(r)
+            os.close(w)
+            raise
+        self.put((r, w), empty=True, size=self.default_size)
 
     @staticmethod
     def _new() -> tuple[int, int]:
@@ -85,10 +89,9 @@ class PipePool:
         return self._free.pop() if self._free else self._new()
 
     def put(self, pipe: tuple[int, int], empty: bool, size: int) -> None:
-        """Take back a pipe of `size` bytes (-1: the default, unchecked); only
-        empty pipes of the default size are kept."""
-        if empty and (size == -1 or size == self.default_size) and \
-                len(self._free) < self._keep:
+        """Take back a pipe of `size` bytes; only empty pipes of the default
+        size are kept."""
+        if empty and size == self.default_size and len(self._free) < self._keep:
             self._free.append(pipe)
         else:
             os.close(pipe[0])
