@@ -425,6 +425,17 @@ static __always_inline void veer_forget_reverse(const struct veer_pkt *p)
 		veer_nat_rev.delete(&reply);
 }
 
+/* Whether a packet's destination carries a frontend of the external scope
+ * (veer_tc_addrs), i.e. may have a forward NAT entry or start one. */
+static __always_inline int veer_external_addr(const struct veer_tuple *t)
+{
+	struct veer_vip_key key = {};
+
+	__builtin_memcpy(key.addr, t->daddr, 16);
+	key.family = t->family;
+	return veer_tc_addrs.lookup(&key) != NULL;
+}
+
 /* Whether the client may use a frontend with loadBalancerSourceRanges. */
 static __always_inline int veer_source_allowed(__u32 service_id, const struct veer_tuple *t)
 {
@@ -1008,6 +1019,14 @@ int veer_tc_ingress(struct __sk_buff *skb)
 			return veer_apply(skb, &p, nat, 1, now);
 		}
 		veer_nat_rev.delete(&p.t);
+	}
+	/* Everything else is for a frontend's address, or not ours: pod to pod
+	 * traffic and the replies of the socket path, most of what crosses a
+	 * node, end here after one lookup in a small map. */
+	if (!veer_external_addr(&p.t)) {
+		if (p.syn)
+			veer_forget_reverse(&p);
+		return TC_ACT_OK;
 	}
 	/* A SYN starts a new connection even if an old one used the same ports:
 	 * choose afresh (the new entry replaces the stale one), as conntrack

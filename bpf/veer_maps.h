@@ -51,6 +51,14 @@ BPF_TABLE_PINNED("hash", struct veer_backend_key, struct veer_backend_value,
 BPF_TABLE_PINNED("hash", struct veer_vip_key, struct veer_vip_value,
 		 veer_vips, VEER_VIPS_MAX, VEER_PIN_DIR "/veer_vips");
 
+/* Addresses that carry frontends of the external scope (node addresses for
+ * NodePorts, externalIPs, load-balancer IPs): the only destinations for
+ * which veer_tc_ingress looks further than its reply lookup. The agent adds
+ * an address before the first frontend on it and removes it only once no
+ * frontend and no forward NAT entry names it, so a flow never outlives it. */
+BPF_TABLE_PINNED("hash", struct veer_vip_key, struct veer_vip_value,
+		 veer_tc_addrs, VEER_VIPS_MAX, VEER_PIN_DIR "/veer_tc_addrs");
+
 /* Service CIDRs, to refuse addresses that carry no Service. */
 BPF_TABLE_PINNED("lpm_trie", struct veer_cidr_key, struct veer_cidr_value,
 		 veer_service_cidrs, 64, VEER_PIN_DIR "/veer_service_cidrs",

@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 
 from agent.datapath.ebpf.maps import SockLbMaps
-from agent.datapath.ebpf.programs import SOCK_HOOKS
+from agent.datapath.ebpf.programs import ALWAYS_HOOKS
 from agent.datapath.ebpf.structs import ServiceKey, addr_bytes, port_be
 from agent.metrics.exposition import parse
 from agent.sandbox.cluster import WEB_PODS, SandboxCluster
@@ -96,8 +96,8 @@ def test_status(live: SandboxCluster) -> None:
     data = veer_json(live, "status")
     assert data["mode"] == "ebpf" and data["datapath"] == "ebpf"
     assert data["node_name"] == "node-1"
-    assert {p["hook"] for p in data["programs"]} == {h.hook for h in SOCK_HOOKS}
-    assert len(data["programs"]) == len(SOCK_HOOKS) and all(p["id"] > 0 for p in data["programs"])
+    assert {p["hook"] for p in data["programs"]} == {h.hook for h in ALWAYS_HOOKS}
+    assert len(data["programs"]) == len(ALWAYS_HOOKS) and all(p["id"] > 0 for p in data["programs"])
     assert data["source"]["synced"] is True
     assert data["sync"]["last_errors"] == [] and data["sync"]["passes"] >= 1
     assert {m["name"]: m["entries"] > 0 for m in data["maps"]}["veer_services"]
@@ -110,7 +110,7 @@ def test_status(live: SandboxCluster) -> None:
     text = veer(live, "status").stdout
     assert "mode:" in text and "ebpf" in text
     assert f"kernel features:  {len(data['features_found'])} found, none missing" in text
-    assert f"PROGRAMS ({len(SOCK_HOOKS)} programs attached)" in text
+    assert f"PROGRAMS ({len(ALWAYS_HOOKS)} programs attached)" in text
     assert "connect4" in text and "getpeername6" in text
     assert "default/signalling  UnsupportedProtocol" in text
 
@@ -283,7 +283,7 @@ def test_metrics_scrape(live: SandboxCluster) -> None:
     assert first["veer_map_capacity"][(("map", "veer_services"),)] >= \
         first["veer_map_entries"][(("map", "veer_services"),)]
     assert first["veer_datapath_mode"][(("mode", "ebpf"),)] == 1
-    assert first["veer_programs_attached"][()] == len(SOCK_HOOKS)
+    assert first["veer_programs_attached"][()] == len(ALWAYS_HOOKS)
     assert first["veer_services_skipped"][(("reason", "UnsupportedProtocol"),)] == 1
     assert first["veer_sync_errors_total"][()] == 0
 

@@ -3,6 +3,7 @@ adoption by a second instance, and a full map that loses nothing."""
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import shutil
 import uuid
@@ -127,3 +128,38 @@ def test_full_map_refuses_one_frontend_and_keeps_the_rest(
     with pytest.raises(MapFullError):
         dp.upsert_frontend(grown)
     assert {k: v.backends for k, v in dp.dump().frontends.items()} == {a.key: a.backends}
+
+
+def test_tc_addresses_outlive_their_frontend_while_a_flow_names_them(
+        small: tuple[str, EbpfDatapath]) -> None:
+    """veer_tc_ingress looks for flows and frontends only on the addresses in
+    veer_tc_addrs: an external frontend's address is there before the
+    frontend, and stays after it while a forward NAT entry names it."""
+    from agent.datapath.ebpf.structs import FAMILY_IPV4, NatValue, Tuple, VipKey, VipValue
+
+    _, dp = small
+
+    def held() -> set[str]:
+        return {str(ipaddress.ip_address(bytes(k.addr[:4]))) for k in dp.maps.tc_addrs.list_keys()}
+
+    node_port = dataclasses.replace(fe("10.0.0.1", 30080, "10.244.1.2"),
+                                    kind=FrontendKind.NODE_PORT)
+    dp.upsert_frontend(fe("10.96.0.1", 80, "10.244.1.2"))  # a ClusterIP: socket scope only
+    dp.upsert_frontend(node_port)
+    assert held() == {"10.0.0.1"}
+    flow = Tuple(proto=6, family=FAMILY_IPV4, sport=1234, dport=30080)
+    flow.saddr[:4] = list(ipaddress.ip_address("10.0.0.100").packed)
+    flow.daddr[:4] = list(ipaddress.ip_address("10.0.0.1").packed)
+    dp.maps.nat_fwd.put(flow, NatValue())
+    dp.delete_frontend(node_port.key)
+    dp.dump()  # a full pass: the flow still names the address
+    assert held() == {"10.0.0.1"}
+    dp.maps.nat_fwd.delete(flow)
+    dp.dump()
+    assert held() == set()
+    # One the agent never wrote (left by an older agent) goes the same way.
+    stale = VipKey(family=FAMILY_IPV4)
+    stale.addr[:4] = list(ipaddress.ip_address("10.0.0.7").packed)
+    dp.maps.tc_addrs.put(stale, VipValue())
+    dp.dump()
+    assert held() == set()

@@ -13,7 +13,7 @@ import time
 import pytest
 
 from agent.datapath.ebpf.maps import SockLbMaps
-from agent.datapath.ebpf.programs import SOCK_HOOKS, attached_programs
+from agent.datapath.ebpf.programs import ALWAYS_HOOKS, attached_programs
 from agent.sandbox.cluster import SandboxCluster
 
 WEB = {"web-a:8080", "web-b:8080", "web-c:8080"}
@@ -66,7 +66,7 @@ def test_restart_under_load_loses_nothing(cluster: SandboxCluster, stop_signal: 
 def test_cleanup_removes_programs_and_pins(cluster: SandboxCluster) -> None:
     topo = cluster.topo
     attached = attached_programs(topo.cgroup)
-    assert {p.hook for p in attached} == {h.hook for h in SOCK_HOOKS}
+    assert {p.hook for p in attached} == {h.hook for h in ALWAYS_HOOKS}
     cluster.stop_agent()
     res = subprocess.run(
         [sys.executable, "-m", "agent.cli.main", "agent", "--cleanup",
@@ -128,3 +128,61 @@ def test_auto_mode_probes_the_kernel(cluster: SandboxCluster) -> None:
     )
     assert dsr.returncode == 2 and "--nodeport-mode dsr needs eBPF mode: this kernel lacks " \
         "program:sched_cls" in dsr.stderr, dsr.stderr
+
+
+def test_policy_hooks_are_attached_only_while_a_frontend_needs_them(
+        cluster: SandboxCluster) -> None:
+    """sockops and getsockopt (redirect) and sock_release (LeastConnections)
+    run for every socket of the cgroup once attached, so they are attached
+    before the first frontend that needs them and detached after the last."""
+    from agent.datapath.ebpf.lc_sweep import open_connections
+    from tests.datapath.test_traffic_policies import policy, service, wait_policy
+
+    def hooks() -> set[str]:
+        return {p.hook for p in attached_programs(cluster.topo.cgroup)}
+
+    def wait_hooks(want: set[str]) -> None:
+        deadline = time.monotonic() + 30
+        while hooks() != want:
+            assert time.monotonic() < deadline, (hooks(), want)
+            time.sleep(0.1)
+
+    always = {h.hook for h in ALWAYS_HOOKS}
+    redirect_hooks = {"sockops", "getsockopt"}
+    assert hooks() == always
+    cluster.stop_agent()
+    cluster.start_agent(extra=["--proxy-uid", "65534"])
+    assert hooks() == always
+    lc = [*service("lc", "10.96.1.3", ["web-a", "web-b"]),
+          policy("lc", "lc", loadBalancing={"algorithm": "LeastConnections"})]
+    redir = [*service("redir", "10.96.1.6", ["web-a"]),
+             policy("redir", "redir", redirect={"port": 15001, "mode": "EBPF"})]
+    cluster.write_manifest("needs.yaml", "\n---\n".join(json.dumps(d) for d in lc + redir))
+    wait_policy(cluster, "10.96.1.3", "default/lc")
+    wait_policy(cluster, "10.96.1.6", "default/redir")
+    assert hooks() == always | redirect_hooks | {"sock_release"}
+    # Attached before the frontend: every connection counted is given back.
+    res = cluster.probe("tcp", "10.96.1.3", "80", "--count", "20")
+    assert res["errors"] == {} and sum(res["answers"].values()) == 20, res
+    time.sleep(0.2)
+    maps = SockLbMaps.open(cluster.topo.bpffs)
+    try:
+        assert sum(open_connections(maps).values()) == 0
+    finally:
+        maps.close()
+
+    # A restarted agent keeps what its frontends need, with its own programs.
+    old = {p.hook: p.prog_id for p in attached_programs(cluster.topo.cgroup)}
+    cluster.stop_agent()
+    cluster.start_agent(extra=["--proxy-uid", "65534"])
+    new = {p.hook: p.prog_id for p in attached_programs(cluster.topo.cgroup)}
+    assert set(new) == set(old) and all(new[h] != old[h] for h in new), (old, new)
+
+    # Without the LeastConnections policy, only the redirect's hooks stay;
+    # without any policy, none.
+    cluster.write_manifest("needs.yaml", "\n---\n".join(json.dumps(d) for d in redir))
+    wait_hooks(always | redirect_hooks)
+    cluster.remove_manifest("needs.yaml")
+    wait_hooks(always)
+    res = cluster.probe("tcp", "10.96.0.10", "80", "--count", "20")
+    assert res["errors"] == {} and set(res["answers"]) <= WEB, res

@@ -38,7 +38,12 @@ from agent.compute.types import EmptyVerdict, Frontend, L4Addr
 from agent.datapath.ebpf.clients import ClientNamespaces
 from agent.datapath.ebpf.lc_sweep import LeastConnSweeper, open_connections
 from agent.datapath.ebpf.maps import SockLbMaps
-from agent.datapath.ebpf.programs import SockLbPrograms
+from agent.datapath.ebpf.programs import (
+    NEEDS_LEAST_CONN,
+    NEEDS_REDIRECT,
+    NEEDS_SOCKMAP,
+    SockLbPrograms,
+)
 from agent.datapath.ebpf.structs import (
     ACCESS_ALLOW,
     ACCESS_DENY,
@@ -104,6 +109,20 @@ log = logging.getLogger(__name__)
 
 FrontendId = tuple[bytes, int, int, int, int]  # addr, port (be), proto, family, scope
 Scoped = tuple[L4Addr, int]  # a frontend in one scope (SCOPE_SOCKET or SCOPE_EXTERNAL)
+
+
+def _hook_needs(scope: int, flags: int) -> frozenset[str]:
+    """The on-demand socket hooks a frontend's entry relies on (programs.py)."""
+    if scope != SCOPE_SOCKET:
+        return frozenset()
+    needs = set()
+    if flags & SVC_F_REDIRECT:
+        needs.add(NEEDS_REDIRECT)
+    if flags & SVC_F_SOCKMAP:
+        needs.add(NEEDS_SOCKMAP)
+    if (flags & SVC_ALG_MASK) >> SVC_ALG_SHIFT == ALGORITHM_CODES["LeastConnections"]:
+        needs.add(NEEDS_LEAST_CONN)
+    return frozenset(needs)
 
 
 @dataclass
@@ -309,6 +328,10 @@ class EbpfDatapath(Datapath):
         self._backend_alloc = _IdAllocator(maps.backends.capacity)
         self._service_alloc = _IdAllocator(maps.services.capacity)
         self._frontends: dict[Scoped, _FrontendEntry] = {}
+        # veer_tc_addrs as written: kept while a frontend or a flow names one.
+        self._tc_addrs: set[IPAddress] = set()
+        # How many entries of _frontends rely on each on-demand hook's need.
+        self._hook_users: Counter[str] = Counter()
         self._backend_of_id: dict[int, L4Addr] = {}
         # service id -> frontend, for naming flow events. Read by the event
         # consumer's thread: only ever replaced or changed one key at a time.
@@ -375,6 +398,9 @@ class EbpfDatapath(Datapath):
             if not complete:
                 log.warning("frontend %s has missing slots or backends; it will be rewritten", fe)
         self._frontend_of_id = {e.service_id: fe for (fe, _), e in self._frontends.items()}
+        self._hook_users = Counter(need for (_, scope), e in self._frontends.items()
+                                   for need in _hook_needs(scope, e.flags))
+        self._collect_tc_addrs()
         sources: dict[int, set[IPNetwork]] = {}
         for skey in self.maps.lb_sources.list_keys():
             sources.setdefault(skey.service_id, set()).add(_source_from(skey))
@@ -600,6 +626,12 @@ class EbpfDatapath(Datapath):
                                      else SCOPE_SOCKET))
         still_needed = other.affinity_backends if other else set()
         try:
+            # The address before TC can look for a frontend on it.
+            if scope == SCOPE_EXTERNAL:
+                self._hold_tc_addr(key.address)
+            # The hooks the entry's flags rely on before the entry.
+            if self.programs is not None:
+                self.programs.require(_hook_needs(scope, spec.flags))
             # New source ranges before the flag that makes the program check
             # them; old ones go only after the frontend entry no longer needs them.
             for cidr in spec.sources - old_sources:
@@ -628,6 +660,9 @@ class EbpfDatapath(Datapath):
             raise type(err)(f"frontend {key} ({frontend.service}): {err}") from err
 
         self._frontends[(key, scope)] = new
+        self._hook_users.update(_hook_needs(scope, new.flags))
+        if entry is not None:
+            self._hook_users.subtract(_hook_needs(scope, entry.flags))
         self._frontend_of_id[service_id] = key
         self._note_removed(frontend.key, service_id, set(old_slots) - set(new_slots))
         for pos in range(len(new_slots), len(old_slots)):
@@ -675,6 +710,32 @@ class EbpfDatapath(Datapath):
             if backend is not None:
                 self._removed_udp.add((service_id, backend))
 
+    def _hold_tc_addr(self, address: IPAddress) -> None:
+        if address not in self._tc_addrs:
+            self.maps.tc_addrs.put(VipKey(addr=addr_bytes(address), family=family_of(address)),
+                                   VipValue())
+            self._tc_addrs.add(address)
+
+    def _collect_tc_addrs(self) -> None:
+        """Make veer_tc_addrs hold the address of every external-scope
+        frontend read back, and drop the addresses that neither a frontend
+        nor a forward NAT entry names (a flow keeps its frontend's address,
+        as conntrack keeps a deleted Service's connections). Run with dump(),
+        i.e. on full passes: between them an address only stays too long,
+        which costs lookups, never a flow."""
+        self._tc_addrs = {addr_from(k.addr, k.family) for k in self.maps.tc_addrs.list_keys()}
+        for (fe, scope) in self._frontends:
+            if scope == SCOPE_EXTERNAL:
+                self._hold_tc_addr(fe.address)
+        spare = self._tc_addrs - {fe.address for (fe, scope) in self._frontends
+                                  if scope == SCOPE_EXTERNAL}
+        if not spare:
+            return
+        spare -= {addr_from(k.daddr, k.family) for k in self.maps.nat_fwd.list_keys()}
+        for address in spare:
+            self.maps.tc_addrs.delete(VipKey(addr=addr_bytes(address), family=family_of(address)))
+            self._tc_addrs.discard(address)
+
     def _delete_scope(self, key: L4Addr, scope: int) -> bool:
         entry = self._frontends.get((key, scope))
         existed = self.maps.services.delete(service_key(key, 0, scope))
@@ -691,6 +752,7 @@ class EbpfDatapath(Datapath):
         for cidr in entry.sources:
             self.maps.lb_sources.delete(_source_key(entry.service_id, cidr))
         del self._frontends[(key, scope)]
+        self._hook_users.subtract(_hook_needs(scope, entry.flags))
         self._backend_refs.subtract(i for i in entry.slots if i)
         self._release_unreferenced({i for i in entry.slots if i})
         return True
@@ -725,6 +787,8 @@ class EbpfDatapath(Datapath):
         TCP flows are left alone: they end by themselves.
         """
         notes = []
+        if self.programs is not None:
+            self.programs.retain(frozenset(n for n, users in self._hook_users.items() if users > 0))
         if self._tproxy.sync(self._tproxy_ports):
             notes.append(f"TPROXY redirect chain: {len(self._tproxy_ports)} frontend(s)")
         if self._lc_sweeper.due():

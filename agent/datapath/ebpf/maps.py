@@ -133,6 +133,7 @@ class SockLbMaps:
     services: PinnedMap[ServiceKey, ServiceValue]
     backends: PinnedMap[BackendKey, BackendValue]
     vips: PinnedMap[VipKey, VipValue]
+    tc_addrs: PinnedMap[VipKey, VipValue]  # addresses of external-scope frontends
     service_cidrs: PinnedMap[CidrKey, CidrValue]
     sock_revnat: PinnedMap[SockRevnatKey, SockRevnatValue]
     affinity: PinnedMap[AffinityKey, AffinityValue]
@@ -162,6 +163,7 @@ class SockLbMaps:
             services=PinnedMap(path("veer_services"), ServiceKey, ServiceValue),
             backends=PinnedMap(path("veer_backends"), BackendKey, BackendValue),
             vips=PinnedMap(path("veer_vips"), VipKey, VipValue),
+            tc_addrs=PinnedMap(path("veer_tc_addrs"), VipKey, VipValue),
             service_cidrs=PinnedMap(path("veer_service_cidrs"), CidrKey, CidrValue),
             sock_revnat=PinnedMap(path("veer_sock_revnat"), SockRevnatKey, SockRevnatValue),
             affinity=PinnedMap(path("veer_affinity"), AffinityKey, AffinityValue),
@@ -211,8 +213,9 @@ class SockLbMaps:
         return out
 
     def close(self) -> None:
-        for m in (self.services, self.backends, self.vips, self.service_cidrs, self.sock_revnat,
-                  self.affinity, self.affinity_match, self.nat_fwd, self.nat_rev, self.node,
+        for m in (self.services, self.backends, self.vips, self.tc_addrs, self.service_cidrs,
+                  self.sock_revnat, self.affinity, self.affinity_match, self.nat_fwd,
+                  self.nat_rev, self.node,
                   self.lb_sources, self.ext_affinity, self.cluster_cidrs, self.access,
                   self.netns_addrs, self.backend_conns, self.backend_conns_swept,
                   self.lc_flows, self.access_hits, self.redirects, self.proxy):

@@ -17,6 +17,13 @@ Lifecycle, and why each step is where it is:
   datapath outlives the agent process (SIGTERM or SIGKILL alike).
 - Each attached program is also pinned (`prog_<hook>`) so `--cleanup` can
   find and detach exactly what veer attached.
+- Hooks that only some TrafficPolicies use (sockops and getsockopt for
+  redirect and sockmap, sock_release for LeastConnections) are attached on
+  demand: before the first frontend that needs one is written, and detached
+  at the end of the pass after the last such frontend went. An attached
+  cgroup hook runs for every socket in the cgroup at each of its events,
+  used or not: sockops at every connect and handshake, sock_release at every
+  close; `make bench` counts each in a short connection's cost.
 """
 
 from __future__ import annotations
@@ -78,12 +85,21 @@ CONFIG_MAP = "veer_config"
 SOCK_HASH_MAP = "veer_sock_hash"
 
 
+# What a frontend may need beyond the hooks that are always attached.
+NEEDS_REDIRECT = "redirect"  # SO_ORIGINAL_DST for the node-local proxy
+NEEDS_SOCKMAP = "sockmap"  # established connections offered to splicing
+NEEDS_LEAST_CONN = "least-connections"  # a socket's count given back at close
+
+
 @dataclass(frozen=True)
 class Hook:
     function: str  # the C function in bpf/sock_lb.c
     attach_type: int
     pin: str  # file name under the bpffs directory
     prog_type: int = BPF_PROG_TYPE_CGROUP_SOCK_ADDR
+    # Empty: always attached. Else attached only while a frontend needs one
+    # of these (see the module's docstring).
+    needed_for: frozenset[str] = frozenset()
 
     @property
     def hook(self) -> str:
@@ -100,17 +116,21 @@ SOCK_HOOKS: tuple[Hook, ...] = (
     Hook("veer_recvmsg6", CGROUP_UDP6_RECVMSG, "prog_recvmsg6"),
     Hook("veer_getpeername6", CGROUP_INET6_GETPEERNAME, "prog_getpeername6"),
     Hook("veer_sock_release", CGROUP_INET_SOCK_RELEASE, "prog_sock_release",
-         BPF_PROG_TYPE_CGROUP_SOCK),
-    Hook("veer_sockops", CGROUP_SOCK_OPS, "prog_sockops", BPF_PROG_TYPE_SOCK_OPS),
+         BPF_PROG_TYPE_CGROUP_SOCK, frozenset({NEEDS_LEAST_CONN})),
+    Hook("veer_sockops", CGROUP_SOCK_OPS, "prog_sockops", BPF_PROG_TYPE_SOCK_OPS,
+         frozenset({NEEDS_REDIRECT, NEEDS_SOCKMAP})),
     Hook("veer_getsockopt", CGROUP_GETSOCKOPT, "prog_getsockopt",
-         BPF_PROG_TYPE_CGROUP_SOCKOPT),
+         BPF_PROG_TYPE_CGROUP_SOCKOPT, frozenset({NEEDS_REDIRECT})),
 )
+ALWAYS_HOOKS = tuple(h for h in SOCK_HOOKS if not h.needed_for)
+ON_DEMAND_HOOKS = tuple(h for h in SOCK_HOOKS if h.needed_for)
 
 # Map name -> pin file name (BCC pins under the names given in veer_maps.h).
 MAP_NAMES = (
     "veer_services",
     "veer_backends",
     "veer_vips",
+    "veer_tc_addrs",
     "veer_service_cidrs",
     "veer_sock_revnat",
     "veer_affinity",
@@ -180,6 +200,7 @@ class SockLbPrograms:
         self.dsr = dsr
         self._loaded: LoadedObject | None = None
         self.cgroup = ""  # where the socket hooks are attached, once attached
+        self._on_demand: set[Hook] = set()  # on-demand hooks attached now
 
     def load(self) -> None:
         """Compile sock_lb.c and load its programs (in a child); create or
@@ -262,17 +283,61 @@ class SockLbPrograms:
             os.unlink(path)
 
     def attach(self, cgroup: str) -> None:
-        """Attach every hook to `cgroup` (replacing what is there) and pin it."""
+        """Attach every always-attached hook to `cgroup` (replacing what is
+        there) and pin it. An on-demand hook that a previous agent left
+        attached is replaced too, so its old code does not linger: the first
+        pass's end detaches it if no frontend needs it."""
         with open_dir(cgroup) as cgroup_fd:
             for hook in SOCK_HOOKS:
-                prog_fd = self._program(hook.function)
-                syscall.prog_attach(prog_fd, cgroup_fd, hook.attach_type)
-                pin = os.path.join(self.bpffs_dir, hook.pin)
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(pin)
-                syscall.obj_pin(prog_fd, pin)
+                if hook.needed_for and not _veer_programs(cgroup_fd, hook):
+                    continue
+                self._attach_hook(cgroup_fd, hook)
         self.cgroup = cgroup
-        log.info("attached %d socket hooks to %s", len(SOCK_HOOKS), cgroup)
+        log.info("attached %d socket hooks to %s (%d on demand)",
+                 len(ALWAYS_HOOKS) + len(self._on_demand), cgroup, len(self._on_demand))
+
+    def _attach_hook(self, cgroup_fd: int, hook: Hook) -> None:
+        prog_fd = self._program(hook.function)
+        syscall.prog_attach(prog_fd, cgroup_fd, hook.attach_type)
+        pin = os.path.join(self.bpffs_dir, hook.pin)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(pin)
+        syscall.obj_pin(prog_fd, pin)
+        if hook.needed_for:
+            self._on_demand.add(hook)
+
+    def require(self, needs: frozenset[str]) -> None:
+        """Attach the on-demand hooks that `needs` call for and are not
+        attached yet. Called before a frontend with those needs is written,
+        so no connection of it can miss its hook."""
+        missing = [h for h in ON_DEMAND_HOOKS if h.needed_for & needs and h not in self._on_demand]
+        if not missing or not self.cgroup:
+            return
+        with open_dir(self.cgroup) as cgroup_fd:
+            for hook in missing:
+                self._attach_hook(cgroup_fd, hook)
+                log.info("attached %s to %s: a frontend needs %s", hook.function, self.cgroup,
+                         " or ".join(sorted(hook.needed_for & needs)))
+
+    def retain(self, needs: frozenset[str]) -> None:
+        """Detach the on-demand hooks that no frontend needs any more."""
+        spare = [h for h in self._on_demand if not h.needed_for & needs]
+        if not spare:
+            return
+        with open_dir(self.cgroup) as cgroup_fd:
+            for hook in spare:
+                try:
+                    syscall.prog_detach(self._program(hook.function), cgroup_fd,
+                                        hook.attach_type)
+                except DatapathError as err:
+                    # Detached meanwhile (--cleanup, or the cgroup's own end).
+                    if getattr(err, "errno", None) != errno.ENOENT:
+                        raise
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self.bpffs_dir, hook.pin))
+                self._on_demand.discard(hook)
+                log.info("detached %s from %s: no frontend needs it any more",
+                         hook.function, self.cgroup)
 
     def attach_tc(self, devices: list[str]) -> None:
         """Attach the per-packet programs to each device (replacing veer's own)."""
@@ -324,6 +389,21 @@ class SockLbPrograms:
             return
         syscall.map_update(fd, IndexKey(0), ConfigValue(trace_translations=int(on)),
                            "write veer_config")
+
+
+def _veer_programs(cgroup_fd: int, hook: Hook) -> list[int]:
+    """Ids of veer's programs attached at `hook` of the cgroup."""
+    ids = []
+    for prog_id in syscall.prog_query(cgroup_fd, hook.attach_type):
+        fd = syscall.prog_get_fd_by_id(prog_id)
+        try:
+            name = syscall.prog_info(fd).name.decode(errors="replace")
+        finally:
+            os.close(fd)
+        # The kernel truncates names to 15 characters.
+        if name.startswith("veer_") and hook.function.startswith(name):
+            ids.append(prog_id)
+    return ids
 
 
 def attached_programs(cgroup: str) -> list[AttachedProgram]:
