@@ -425,15 +425,16 @@ static __always_inline void veer_forget_reverse(const struct veer_pkt *p)
 		veer_nat_rev.delete(&reply);
 }
 
-/* Whether a packet's destination carries a frontend of the external scope
- * (veer_tc_addrs), i.e. may have a forward NAT entry or start one. */
-static __always_inline int veer_external_addr(const struct veer_tuple *t)
+/* Whether veer_tc_addrs flags `addr` with `flag` (VEER_TC_ADDR_*). */
+static __always_inline int veer_tc_addr(const __u8 *addr, __u8 family, __u32 flag)
 {
 	struct veer_vip_key key = {};
+	struct veer_vip_value *found;
 
-	__builtin_memcpy(key.addr, t->daddr, 16);
-	key.family = t->family;
-	return veer_tc_addrs.lookup(&key) != NULL;
+	__builtin_memcpy(key.addr, addr, 16);
+	key.family = family;
+	found = veer_tc_addrs.lookup(&key);
+	return found && (found->flags & flag);
 }
 
 /* Whether the client may use a frontend with loadBalancerSourceRanges. */
@@ -1023,7 +1024,7 @@ int veer_tc_ingress(struct __sk_buff *skb)
 	/* Everything else is for a frontend's address, or not ours: pod to pod
 	 * traffic and the replies of the socket path, most of what crosses a
 	 * node, end here after one lookup in a small map. */
-	if (!veer_external_addr(&p.t)) {
+	if (!veer_tc_addr(p.t.daddr, p.t.family, VEER_TC_ADDR_FRONTEND)) {
 		if (p.syn)
 			veer_forget_reverse(&p);
 		return TC_ACT_OK;
@@ -1249,6 +1250,9 @@ int veer_tc_egress(struct __sk_buff *skb)
 	if (skb->ingress_ifindex == skb->ifindex)
 		return TC_ACT_OK;
 	if (veer_parse(skb, &p) != 0)
+		return TC_ACT_OK;
+	/* A reply comes from a backend: most of what pods send does not. */
+	if (!veer_tc_addr(p.t.saddr, p.t.family, VEER_TC_ADDR_BACKEND))
 		return TC_ACT_OK;
 	nat = veer_nat_rev.lookup(&p.t);
 	if (!nat)

@@ -129,8 +129,12 @@ struct veer_vip_key {
 };
 
 struct veer_vip_value {
-	__u32 flags; /* reserved, zero */
+	__u32 flags; /* veer_vips: reserved, zero; veer_tc_addrs: VEER_TC_ADDR_* */
 };
+
+/* What the per-packet path may find for an address of veer_tc_addrs. */
+#define VEER_TC_ADDR_FRONTEND 1 /* carries an external frontend: flows start there */
+#define VEER_TC_ADDR_BACKEND 2  /* serves one: its replies may need restoring */
 
 /* The Service CIDRs (an LPM trie). A connection to an address inside them
  * that carries no frontend is refused: the Service was deleted or never

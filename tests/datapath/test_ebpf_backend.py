@@ -132,34 +132,53 @@ def test_full_map_refuses_one_frontend_and_keeps_the_rest(
 
 def test_tc_addresses_outlive_their_frontend_while_a_flow_names_them(
         small: tuple[str, EbpfDatapath]) -> None:
-    """veer_tc_ingress looks for flows and frontends only on the addresses in
-    veer_tc_addrs: an external frontend's address is there before the
-    frontend, and stays after it while a forward NAT entry names it."""
-    from agent.datapath.ebpf.structs import FAMILY_IPV4, NatValue, Tuple, VipKey, VipValue
+    """The TC programs look a packet up only for the addresses veer_tc_addrs
+    flags: an external frontend's address (ingress) and its backends'
+    (egress). Both are flagged before the frontend is written, and stay
+    after it goes while a NAT entry names them."""
+    from agent.datapath.ebpf.structs import (
+        FAMILY_IPV4,
+        TC_ADDR_BACKEND,
+        TC_ADDR_FRONTEND,
+        NatValue,
+        Tuple,
+        VipKey,
+        VipValue,
+    )
 
     _, dp = small
 
-    def held() -> set[str]:
-        return {str(ipaddress.ip_address(bytes(k.addr[:4]))) for k in dp.maps.tc_addrs.list_keys()}
+    def held() -> dict[str, int]:
+        return {str(ipaddress.ip_address(bytes(k.addr[:4]))): int(v.flags)
+                for k, v in dp.maps.tc_addrs.items()}
+
+    def tuple_of(src: str, sport: int, dst: str, dport: int) -> Tuple:
+        t = Tuple(proto=6, family=FAMILY_IPV4, sport=sport, dport=dport)
+        t.saddr[:4] = list(ipaddress.ip_address(src).packed)
+        t.daddr[:4] = list(ipaddress.ip_address(dst).packed)
+        return t
 
     node_port = dataclasses.replace(fe("10.0.0.1", 30080, "10.244.1.2"),
                                     kind=FrontendKind.NODE_PORT)
-    dp.upsert_frontend(fe("10.96.0.1", 80, "10.244.1.2"))  # a ClusterIP: socket scope only
+    dp.upsert_frontend(fe("10.96.0.1", 80, "10.244.1.3"))  # a ClusterIP: socket scope only
     dp.upsert_frontend(node_port)
-    assert held() == {"10.0.0.1"}
-    flow = Tuple(proto=6, family=FAMILY_IPV4, sport=1234, dport=30080)
-    flow.saddr[:4] = list(ipaddress.ip_address("10.0.0.100").packed)
-    flow.daddr[:4] = list(ipaddress.ip_address("10.0.0.1").packed)
+    assert held() == {"10.0.0.1": TC_ADDR_FRONTEND, "10.244.1.2": TC_ADDR_BACKEND}
+    flow = tuple_of("10.0.0.100", 1234, "10.0.0.1", 30080)
+    reply = tuple_of("10.244.1.2", 8080, "10.0.0.100", 1234)
     dp.maps.nat_fwd.put(flow, NatValue())
+    dp.maps.nat_rev.put(reply, NatValue())
     dp.delete_frontend(node_port.key)
-    dp.dump()  # a full pass: the flow still names the address
-    assert held() == {"10.0.0.1"}
+    dp.dump()  # a full pass: the flow still names both addresses
+    assert held() == {"10.0.0.1": TC_ADDR_FRONTEND, "10.244.1.2": TC_ADDR_BACKEND}
     dp.maps.nat_fwd.delete(flow)
     dp.dump()
-    assert held() == set()
+    assert held() == {"10.244.1.2": TC_ADDR_BACKEND}
+    dp.maps.nat_rev.delete(reply)
+    dp.dump()
+    assert held() == {}
     # One the agent never wrote (left by an older agent) goes the same way.
     stale = VipKey(family=FAMILY_IPV4)
     stale.addr[:4] = list(ipaddress.ip_address("10.0.0.7").packed)
-    dp.maps.tc_addrs.put(stale, VipValue())
+    dp.maps.tc_addrs.put(stale, VipValue(flags=TC_ADDR_FRONTEND | TC_ADDR_BACKEND))
     dp.dump()
-    assert held() == set()
+    assert held() == {}

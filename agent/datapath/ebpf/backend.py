@@ -67,6 +67,8 @@ from agent.datapath.ebpf.structs import (
     SVC_F_SOCKMAP,
     SVC_F_SOURCE_RANGES,
     SVC_F_TABLE,
+    TC_ADDR_BACKEND,
+    TC_ADDR_FRONTEND,
     AccessValue,
     AffinityMatchKey,
     AffinityMatchValue,
@@ -328,8 +330,8 @@ class EbpfDatapath(Datapath):
         self._backend_alloc = _IdAllocator(maps.backends.capacity)
         self._service_alloc = _IdAllocator(maps.services.capacity)
         self._frontends: dict[Scoped, _FrontendEntry] = {}
-        # veer_tc_addrs as written: kept while a frontend or a flow names one.
-        self._tc_addrs: set[IPAddress] = set()
+        # veer_tc_addrs as written (address -> TC_ADDR_* flags).
+        self._tc_addrs: dict[IPAddress, int] = {}
         # How many entries of _frontends rely on each on-demand hook's need.
         self._hook_users: Counter[str] = Counter()
         self._backend_of_id: dict[int, L4Addr] = {}
@@ -400,7 +402,6 @@ class EbpfDatapath(Datapath):
         self._frontend_of_id = {e.service_id: fe for (fe, _), e in self._frontends.items()}
         self._hook_users = Counter(need for (_, scope), e in self._frontends.items()
                                    for need in _hook_needs(scope, e.flags))
-        self._collect_tc_addrs()
         sources: dict[int, set[IPNetwork]] = {}
         for skey in self.maps.lb_sources.list_keys():
             sources.setdefault(skey.service_id, set()).add(_source_from(skey))
@@ -482,6 +483,7 @@ class EbpfDatapath(Datapath):
             state.vips.add(addr_from(vkey.addr, vkey.family))
         for ckey in self.maps.service_cidrs.list_keys():
             state.service_cidrs.add(_cidr_from(ckey))
+        self._collect_tc_addrs()
         return state
 
     # ---- frontends ---------------------------------------------------------
@@ -560,6 +562,12 @@ class EbpfDatapath(Datapath):
                 self.maps.redirects.put(IndexKey(service_id), _backend_value(proxy))
                 self._redirects[service_id] = proxy
                 changed = True
+            # The addresses' flags before TC can look for the frontend on them.
+            if SCOPE_EXTERNAL in scopes:
+                self._hold_tc_addr(key.address, TC_ADDR_FRONTEND)
+                for spec in scopes.values():
+                    for be in spec.backends:
+                        self._hold_tc_addr(be.address, TC_ADDR_BACKEND)
             # The external scope first: TC never sees a frontend whose socket
             # scope is newer than its external one matters less than the
             # reverse, but either order keeps each scope whole.
@@ -626,9 +634,6 @@ class EbpfDatapath(Datapath):
                                      else SCOPE_SOCKET))
         still_needed = other.affinity_backends if other else set()
         try:
-            # The address before TC can look for a frontend on it.
-            if scope == SCOPE_EXTERNAL:
-                self._hold_tc_addr(key.address)
             # The hooks the entry's flags rely on before the entry.
             if self.programs is not None:
                 self.programs.require(_hook_needs(scope, spec.flags))
@@ -710,31 +715,54 @@ class EbpfDatapath(Datapath):
             if backend is not None:
                 self._removed_udp.add((service_id, backend))
 
-    def _hold_tc_addr(self, address: IPAddress) -> None:
-        if address not in self._tc_addrs:
+    def _hold_tc_addr(self, address: IPAddress, flag: int) -> None:
+        flags = self._tc_addrs.get(address, 0)
+        if not flags & flag:
             self.maps.tc_addrs.put(VipKey(addr=addr_bytes(address), family=family_of(address)),
-                                   VipValue())
-            self._tc_addrs.add(address)
+                                   VipValue(flags=flags | flag))
+            self._tc_addrs[address] = flags | flag
 
     def _collect_tc_addrs(self) -> None:
-        """Make veer_tc_addrs hold the address of every external-scope
-        frontend read back, and drop the addresses that neither a frontend
-        nor a forward NAT entry names (a flow keeps its frontend's address,
-        as conntrack keeps a deleted Service's connections). Run with dump(),
-        i.e. on full passes: between them an address only stays too long,
-        which costs lookups, never a flow."""
-        self._tc_addrs = {addr_from(k.addr, k.family) for k in self.maps.tc_addrs.list_keys()}
+        """Make veer_tc_addrs flag every address the frontends read back
+        need, and clear the flags that neither a frontend nor a NAT entry
+        needs any more: a flow keeps its addresses, as conntrack keeps a
+        deleted Service's connections. Run at the end of dump(), i.e. on
+        full passes: between them a flag only stays too long, which costs
+        lookups, never a flow."""
+        held = {addr_from(k.addr, k.family): int(v.flags) for k, v in self.maps.tc_addrs.items()}
+        wanted: dict[IPAddress, int] = {}
         for (fe, scope) in self._frontends:
-            if scope == SCOPE_EXTERNAL:
-                self._hold_tc_addr(fe.address)
-        spare = self._tc_addrs - {fe.address for (fe, scope) in self._frontends
-                                  if scope == SCOPE_EXTERNAL}
-        if not spare:
-            return
-        spare -= {addr_from(k.daddr, k.family) for k in self.maps.nat_fwd.list_keys()}
-        for address in spare:
-            self.maps.tc_addrs.delete(VipKey(addr=addr_bytes(address), family=family_of(address)))
-            self._tc_addrs.discard(address)
+            if scope != SCOPE_EXTERNAL:
+                continue
+            wanted[fe.address] = wanted.get(fe.address, 0) | TC_ADDR_FRONTEND
+            for either in (SCOPE_SOCKET, SCOPE_EXTERNAL):
+                entry = self._frontends.get((fe, either))
+                for ident in entry.slots if entry else ():
+                    be = self._backend_of_id.get(ident)
+                    if be is not None:
+                        wanted[be.address] = wanted.get(be.address, 0) | TC_ADDR_BACKEND
+        spare = {a: f & ~wanted.get(a, 0) for a, f in held.items() if f & ~wanted.get(a, 0)}
+        if any(f & TC_ADDR_FRONTEND for f in spare.values()):
+            for k in self.maps.nat_fwd.list_keys():
+                address = addr_from(k.daddr, k.family)
+                if address in spare:
+                    spare[address] &= ~TC_ADDR_FRONTEND
+        if any(f & TC_ADDR_BACKEND for f in spare.values()):
+            for k in self.maps.nat_rev.list_keys():
+                address = addr_from(k.saddr, k.family)
+                if address in spare:
+                    spare[address] &= ~TC_ADDR_BACKEND
+        self._tc_addrs = {}
+        for address in held.keys() | wanted.keys():
+            flags = (held.get(address, 0) & ~spare.get(address, 0)) | wanted.get(address, 0)
+            key = VipKey(addr=addr_bytes(address), family=family_of(address))
+            if flags != held.get(address, 0):
+                if flags:
+                    self.maps.tc_addrs.put(key, VipValue(flags=flags))
+                else:
+                    self.maps.tc_addrs.delete(key)
+            if flags:
+                self._tc_addrs[address] = flags
 
     def _delete_scope(self, key: L4Addr, scope: int) -> bool:
         entry = self._frontends.get((key, scope))

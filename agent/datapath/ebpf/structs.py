@@ -108,6 +108,11 @@ class VipValue(ctypes.Structure):
     _fields_ = [("flags", ctypes.c_uint32)]
 
 
+# veer_tc_addrs' flags (VEER_TC_ADDR_*).
+TC_ADDR_FRONTEND = 1
+TC_ADDR_BACKEND = 2
+
+
 class CidrKey(ctypes.Structure):
     C_NAME = "veer_cidr_key"
     _fields_ = [
