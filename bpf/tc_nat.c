@@ -382,13 +382,11 @@ static __always_inline void veer_nat_seen(struct veer_nat_value *nat, const stru
 	nat->last_seen_ns = now | flags;
 	if (!p->fin)
 		return;
-	/* The flow is ending: the forward key is this packet's tuple (a
-	 * client's packet) or the reply's reversed (built below). */
-	if (!reply)
-		veer_lc_flow_release(&p->t);
 	/* A FIN or RST in one direction ends both: mark the other direction's
 	 * entry too, keyed by this entry's rewritten tuple reversed (a client's
-	 * RST never passes the reply path, yet it frees the SNAT port). */
+	 * RST never passes the reply path, yet it frees the SNAT port). The
+	 * flow's LeastConnections count, if any, is keyed by its forward tuple:
+	 * this packet's (a client's packet) or that reversed one (a reply). */
 	__builtin_memcpy(key.saddr, nat->daddr, 16);
 	__builtin_memcpy(key.daddr, nat->saddr, 16);
 	key.sport = nat->dport;
@@ -400,6 +398,7 @@ static __always_inline void veer_nat_seen(struct veer_nat_value *nat, const stru
 		veer_lc_flow_release(&key);
 	} else {
 		other = veer_nat_rev.lookup(&key);
+		veer_lc_flow_release(&p->t);
 	}
 	if (other)
 		other->last_seen_ns |= VEER_NAT_CLOSING;

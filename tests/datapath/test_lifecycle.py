@@ -136,6 +136,7 @@ def test_policy_hooks_are_attached_only_while_a_frontend_needs_them(
     run for every socket of the cgroup once attached, so they are attached
     before the first frontend that needs them and detached after the last."""
     from agent.datapath.ebpf.lc_sweep import open_connections
+    from agent.sandbox.holder import Holder
     from tests.datapath.test_traffic_policies import policy, service, wait_policy
 
     def hooks() -> set[str]:
@@ -178,11 +179,28 @@ def test_policy_hooks_are_attached_only_while_a_frontend_needs_them(
     new = {p.hook: p.prog_id for p in attached_programs(cluster.topo.cgroup)}
     assert set(new) == set(old) and all(new[h] != old[h] for h in new), (old, new)
 
-    # Without the LeastConnections policy, only the redirect's hooks stay;
-    # without any policy, none.
-    cluster.write_manifest("needs.yaml", "\n---\n".join(json.dumps(d) for d in redir))
+    # Without the LeastConnections policy, only the redirect's hooks stay,
+    # but not before the last socket it counted is closed: that socket gives
+    # its count back only through sock_release.
+    with Holder(cluster.client, cluster.topo._join_cgroup) as holder:
+        held = holder.open("10.96.1.3", 80)
+        cluster.write_manifest("needs.yaml", "\n---\n".join(json.dumps(d) for d in redir))
+        cluster.wait_status(lambda s: "default/lc" not in json.dumps(s.get("policies", {})),
+                            what="the LeastConnections policy gone")
+        time.sleep(0.5)
+        assert "sock_release" in hooks()
+        assert holder.close(held) == 1
+    time.sleep(0.2)
+    maps = SockLbMaps.open(cluster.topo.bpffs)
+    try:
+        assert sum(open_connections(maps).values()) == 0
+    finally:
+        maps.close()
+    cluster.write_manifest("other.yaml", "\n---\n".join(
+        json.dumps(d) for d in service("other", "10.96.1.7", ["web-a"])))  # a pass
     wait_hooks(always | redirect_hooks)
     cluster.remove_manifest("needs.yaml")
+    cluster.remove_manifest("other.yaml")
     wait_hooks(always)
     res = cluster.probe("tcp", "10.96.0.10", "80", "--count", "20")
     assert res["errors"] == {} and set(res["answers"]) <= WEB, res

@@ -816,7 +816,12 @@ class EbpfDatapath(Datapath):
         """
         notes = []
         if self.programs is not None:
-            self.programs.retain(frozenset(n for n, users in self._hook_users.items() if users > 0))
+            needs = {n for n, users in self._hook_users.items() if users > 0}
+            # A counted socket gives its count back only through sock_release:
+            # it stays while any is counted, whatever the frontends say now.
+            if NEEDS_LEAST_CONN not in needs and not self.maps.lc_socks.empty():
+                needs.add(NEEDS_LEAST_CONN)
+            self.programs.retain(frozenset(needs))
         if self._tproxy.sync(self._tproxy_ports):
             notes.append(f"TPROXY redirect chain: {len(self._tproxy_ports)} frontend(s)")
         if self._lc_sweeper.due():

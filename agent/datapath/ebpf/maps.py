@@ -122,6 +122,9 @@ class PinnedMap(Generic[K, V]):
     def __len__(self) -> int:
         return sum(1 for _ in self.list_keys())
 
+    def empty(self) -> bool:
+        return not syscall.map_next_key(self.fd, None, self.key_type())
+
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
@@ -149,6 +152,7 @@ class SockLbMaps:
     backend_conns: PinnedMap[IndexKey, ConnsValue]
     backend_conns_swept: PinnedMap[IndexKey, ConnsSweptValue]
     lc_flows: PinnedMap[Tuple, LcSockValue]
+    lc_socks: PinnedMap[CookieKey, LcSockValue]  # sockets LeastConnections counts
     access_hits: PinnedMap[RuleKey, _U64]  # per-CPU: read with access_hit_counts()
     redirects: PinnedMap[IndexKey, BackendValue]
     proxy: PinnedMap[IndexKey, ProxyValue]
@@ -183,6 +187,7 @@ class SockLbMaps:
                 path("veer_backend_conns_swept"), IndexKey, ConnsSweptValue
             ),
             lc_flows=PinnedMap(path("veer_lc_flows"), Tuple, LcSockValue),
+            lc_socks=PinnedMap(path("veer_lc_socks"), CookieKey, LcSockValue),
             access_hits=PinnedMap(path("veer_access_hits"), RuleKey, _U64),
             redirects=PinnedMap(path("veer_redirects"), IndexKey, BackendValue),
             proxy=PinnedMap(path("veer_proxy"), IndexKey, ProxyValue),
@@ -218,7 +223,8 @@ class SockLbMaps:
                   self.nat_rev, self.node,
                   self.lb_sources, self.ext_affinity, self.cluster_cidrs, self.access,
                   self.netns_addrs, self.backend_conns, self.backend_conns_swept,
-                  self.lc_flows, self.access_hits, self.redirects, self.proxy):
+                  self.lc_flows, self.lc_socks, self.access_hits, self.redirects,
+                  self.proxy):
             m.close()
         os.close(self.counters_fd)
 
