@@ -123,6 +123,14 @@ def _better(key: str, ours: float, theirs: float) -> bool:
     return ours > theirs if higher else ours < theirs
 
 
+def _verdict(checked: int, behind: list[str]) -> str:
+    """A goal over several comparisons: met only if some were made and none
+    was behind (a run with --paths or --loads that compares nothing says so)."""
+    if not checked:
+        return "**not tested** (this run compared nothing)"
+    return f"**{'met' if not behind else 'NOT met'}**"
+
+
 def goals(loads: Sequence[Load], cps: Sequence[CpResult], goal_services: int) -> list[str]:
     """One line per goal with the figures that decide it."""
     out: list[str] = []
@@ -160,7 +168,7 @@ def goals(loads: Sequence[Load], cps: Sequence[CpResult], goal_services: int) ->
                                   f"{fmt_value(key, a)} vs {fmt_value(key, b)}")
     out.append(f"- Datapath, ahead of kube-proxy nftables on every figure ({checked} "
                f"comparisons: each veer path against kube-proxy nftables' matching path, "
-               f"every metric and load): **{'met' if not behind else 'NOT met'}**"
+               f"every metric and load): {_verdict(checked, behind)}"
                + (f"; behind on: {'; '.join(behind)}" if behind else ""))
     by = {(r.proxy, r.services): r for r in cps}
     cp_behind = []
@@ -186,7 +194,7 @@ def goals(loads: Sequence[Load], cps: Sequence[CpResult], goal_services: int) ->
             if not mine < other:
                 cp_behind.append(f"{name} at N={n:,}: {mine:.3g} vs {other:.3g}")
     out.append(f"- Control plane, ahead of kube-proxy nftables on every figure ({cp_checked} "
-               f"comparisons): **{'met' if not cp_behind else 'NOT met'}**"
+               f"comparisons): {_verdict(cp_checked, cp_behind)}"
                + (f"; behind on: {'; '.join(cp_behind)}" if cp_behind else ""))
     big_n = max((n for _, n in by), default=0)
     ours_big, theirs_big = by.get(("veer", big_n)), by.get(("kube-proxy-nftables", big_n))
