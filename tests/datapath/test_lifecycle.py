@@ -137,7 +137,7 @@ def test_policy_hooks_are_attached_only_while_a_frontend_needs_them(
     before the first frontend that needs them and detached after the last."""
     from agent.datapath.ebpf.lc_sweep import open_connections
     from agent.sandbox.holder import Holder
-    from tests.datapath.test_traffic_policies import policy, service, wait_policy
+    from tests.datapath.test_traffic_policies import policy, service, wait_policy, write
 
     def hooks() -> set[str]:
         return {p.hook for p in attached_programs(cluster.topo.cgroup)}
@@ -147,6 +147,15 @@ def test_policy_hooks_are_attached_only_while_a_frontend_needs_them(
         while hooks() != want:
             assert time.monotonic() < deadline, (hooks(), want)
             time.sleep(0.1)
+
+    def counted_after_release() -> int:
+        """Connections LeastConnections counts once released sockets are given back."""
+        time.sleep(0.2)
+        maps = SockLbMaps.open(cluster.topo.bpffs)
+        try:
+            return sum(open_connections(maps).values())
+        finally:
+            maps.close()
 
     always = {h.hook for h in ALWAYS_HOOKS}
     redirect_hooks = {"sockops", "getsockopt"}
@@ -158,19 +167,14 @@ def test_policy_hooks_are_attached_only_while_a_frontend_needs_them(
           policy("lc", "lc", loadBalancing={"algorithm": "LeastConnections"})]
     redir = [*service("redir", "10.96.1.6", ["web-a"]),
              policy("redir", "redir", redirect={"port": 15001, "mode": "EBPF"})]
-    cluster.write_manifest("needs.yaml", "\n---\n".join(json.dumps(d) for d in lc + redir))
+    write(cluster, "needs.yaml", lc + redir)
     wait_policy(cluster, "10.96.1.3", "default/lc")
     wait_policy(cluster, "10.96.1.6", "default/redir")
     assert hooks() == always | redirect_hooks | {"sock_release"}
     # Attached before the frontend: every connection counted is given back.
     res = cluster.probe("tcp", "10.96.1.3", "80", "--count", "20")
     assert res["errors"] == {} and sum(res["answers"].values()) == 20, res
-    time.sleep(0.2)
-    maps = SockLbMaps.open(cluster.topo.bpffs)
-    try:
-        assert sum(open_connections(maps).values()) == 0
-    finally:
-        maps.close()
+    assert counted_after_release() == 0
 
     # A restarted agent keeps what its frontends need, with its own programs.
     old = {p.hook: p.prog_id for p in attached_programs(cluster.topo.cgroup)}
@@ -184,20 +188,14 @@ def test_policy_hooks_are_attached_only_while_a_frontend_needs_them(
     # its count back only through sock_release.
     with Holder(cluster.client, cluster.topo._join_cgroup) as holder:
         held = holder.open("10.96.1.3", 80)
-        cluster.write_manifest("needs.yaml", "\n---\n".join(json.dumps(d) for d in redir))
+        write(cluster, "needs.yaml", redir)
         cluster.wait_status(lambda s: "default/lc" not in json.dumps(s.get("policies", {})),
                             what="the LeastConnections policy gone")
         time.sleep(0.5)
         assert "sock_release" in hooks()
         assert holder.close(held) == 1
-    time.sleep(0.2)
-    maps = SockLbMaps.open(cluster.topo.bpffs)
-    try:
-        assert sum(open_connections(maps).values()) == 0
-    finally:
-        maps.close()
-    cluster.write_manifest("other.yaml", "\n---\n".join(
-        json.dumps(d) for d in service("other", "10.96.1.7", ["web-a"])))  # a pass
+    assert counted_after_release() == 0
+    write(cluster, "other.yaml", service("other", "10.96.1.7", ["web-a"]))  # a pass
     wait_hooks(always | redirect_hooks)
     cluster.remove_manifest("needs.yaml")
     cluster.remove_manifest("other.yaml")

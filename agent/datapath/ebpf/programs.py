@@ -23,7 +23,7 @@ Lifecycle, and why each step is where it is:
   at the end of the pass after the last such frontend went. An attached
   cgroup hook runs for every socket in the cgroup at each of its events,
   used or not: sockops at every connect and handshake, sock_release at every
-  close; `make bench` counts each in a short connection's cost.
+  close, each a share of every short connection's cost.
 """
 
 from __future__ import annotations
@@ -391,34 +391,32 @@ class SockLbPrograms:
                            "write veer_config")
 
 
-def _veer_programs(cgroup_fd: int, hook: Hook) -> list[int]:
-    """Ids of veer's programs attached at `hook` of the cgroup."""
-    ids = []
+def _attached(cgroup_fd: int, hook: Hook) -> Iterator[tuple[int, str]]:
+    """(id, name) of each program attached at `hook` of the cgroup."""
     for prog_id in syscall.prog_query(cgroup_fd, hook.attach_type):
         fd = syscall.prog_get_fd_by_id(prog_id)
         try:
             name = syscall.prog_info(fd).name.decode(errors="replace")
         finally:
             os.close(fd)
-        # The kernel truncates names to 15 characters.
-        if name.startswith("veer_") and hook.function.startswith(name):
-            ids.append(prog_id)
-    return ids
+        yield prog_id, name
+
+
+def _is_veer(hook: Hook, name: str) -> bool:
+    # The kernel truncates names to 15 characters.
+    return name.startswith("veer_") and hook.function.startswith(name)
+
+
+def _veer_programs(cgroup_fd: int, hook: Hook) -> list[int]:
+    """Ids of veer's programs attached at `hook` of the cgroup."""
+    return [prog_id for prog_id, name in _attached(cgroup_fd, hook) if _is_veer(hook, name)]
 
 
 def attached_programs(cgroup: str) -> list[AttachedProgram]:
     """What is attached to `cgroup` at veer's hooks, read from the kernel."""
-    out = []
     with open_dir(cgroup) as cgroup_fd:
-        for hook in SOCK_HOOKS:
-            for prog_id in syscall.prog_query(cgroup_fd, hook.attach_type):
-                fd = syscall.prog_get_fd_by_id(prog_id)
-                try:
-                    name = syscall.prog_info(fd).name.decode(errors="replace")
-                finally:
-                    os.close(fd)
-                out.append(AttachedProgram(hook.hook, prog_id, name))
-    return out
+        return [AttachedProgram(hook.hook, prog_id, name)
+                for hook in SOCK_HOOKS for prog_id, name in _attached(cgroup_fd, hook)]
 
 
 def cleanup(cgroup: str, bpffs_dir: str) -> list[str]:
@@ -433,19 +431,14 @@ def cleanup(cgroup: str, bpffs_dir: str) -> list[str]:
     if os.path.isdir(cgroup):
         with open_dir(cgroup) as cgroup_fd:
             for hook in SOCK_HOOKS:
-                for prog_id in syscall.prog_query(cgroup_fd, hook.attach_type):
+                for prog_id in _veer_programs(cgroup_fd, hook):
                     fd = syscall.prog_get_fd_by_id(prog_id)
                     try:
-                        name = syscall.prog_info(fd).name.decode(errors="replace")
-                        # The kernel truncates names to 15 characters.
-                        if not hook.function.startswith(name) or not name.startswith("veer_"):
-                            continue
-                        try:
-                            syscall.prog_detach(fd, cgroup_fd, hook.attach_type)
-                            removed.append(f"detached {hook.function} from {cgroup}")
-                        except DatapathError as err:
-                            if getattr(err, "errno", None) != errno.ENOENT:
-                                raise
+                        syscall.prog_detach(fd, cgroup_fd, hook.attach_type)
+                        removed.append(f"detached {hook.function} from {cgroup}")
+                    except DatapathError as err:
+                        if getattr(err, "errno", None) != errno.ENOENT:
+                            raise
                     finally:
                         os.close(fd)
     from agent.datapath.ebpf import tc
