@@ -424,8 +424,8 @@ static __always_inline void veer_forget_reverse(const struct veer_pkt *p)
 		veer_nat_rev.delete(&reply);
 }
 
-/* Whether veer_tc_addrs flags `addr` with `flag` (VEER_TC_ADDR_*). */
-static __always_inline int veer_tc_addr(const __u8 *addr, __u8 family, __u32 flag)
+/* The VEER_TC_ADDR_* flags veer_tc_addrs holds for `addr` (0: none). */
+static __always_inline __u32 veer_tc_addr_flags(const __u8 *addr, __u8 family)
 {
 	struct veer_vip_key key = {};
 	struct veer_vip_value *found;
@@ -433,7 +433,7 @@ static __always_inline int veer_tc_addr(const __u8 *addr, __u8 family, __u32 fla
 	__builtin_memcpy(key.addr, addr, 16);
 	key.family = family;
 	found = veer_tc_addrs.lookup(&key);
-	return found && (found->flags & flag);
+	return found ? found->flags : 0;
 }
 
 /* Whether the client may use a frontend with loadBalancerSourceRanges. */
@@ -1003,6 +1003,7 @@ int veer_tc_ingress(struct __sk_buff *skb)
 	int verdict;
 	struct veer_nat_value *nat;
 	__u64 now = 0;
+	__u32 flags;
 
 	verdict = veer_parse(skb, &p);
 	if (verdict) {
@@ -1011,20 +1012,28 @@ int veer_tc_ingress(struct __sk_buff *skb)
 			veer_tc_tail.call(skb, VEER_TAIL_DSR);
 		return TC_ACT_OK;
 	}
-	nat = veer_nat_rev.lookup(&p.t);
-	if (nat) {
-		now = bpf_ktime_get_ns();
-		if (!veer_nat_stale(&p.t, nat, now)) {
-			veer_count(VEER_CNT_NAT_REPLY);
-			return veer_apply(skb, &p, nat, 1, now);
+	/* One lookup in a small map says what the destination can be. Pod to
+	 * pod traffic and the replies of the socket path, most of what crosses
+	 * a node, are for none of these and end here. */
+	flags = veer_tc_addr_flags(p.t.daddr, p.t.family);
+	/* Replies that come in through a device are those of flows veer
+	 * source-NATed (a local backend's replies to an un-SNATed flow leave by
+	 * veer_tc_egress), so they are addressed to a SNAT address. */
+	if (flags & VEER_TC_ADDR_SNAT) {
+		nat = veer_nat_rev.lookup(&p.t);
+		if (nat) {
+			now = bpf_ktime_get_ns();
+			if (!veer_nat_stale(&p.t, nat, now)) {
+				veer_count(VEER_CNT_NAT_REPLY);
+				return veer_apply(skb, &p, nat, 1, now);
+			}
+			veer_nat_rev.delete(&p.t);
 		}
-		veer_nat_rev.delete(&p.t);
 	}
-	/* Everything else is for a frontend's address, or not ours: pod to pod
-	 * traffic and the replies of the socket path, most of what crosses a
-	 * node, end here after one lookup in a small map. */
-	if (!veer_tc_addr(p.t.daddr, p.t.family, VEER_TC_ADDR_FRONTEND)) {
-		if (p.syn)
+	if (!(flags & VEER_TC_ADDR_FRONTEND)) {
+		/* Every reply entry comes from a backend (its key's source), so
+		 * only a SYN to one can find an old entry to forget. */
+		if (p.syn && (flags & VEER_TC_ADDR_BACKEND))
 			veer_forget_reverse(&p);
 		return TC_ACT_OK;
 	}
@@ -1251,7 +1260,7 @@ int veer_tc_egress(struct __sk_buff *skb)
 	if (veer_parse(skb, &p) != 0)
 		return TC_ACT_OK;
 	/* A reply comes from a backend: most of what pods send does not. */
-	if (!veer_tc_addr(p.t.saddr, p.t.family, VEER_TC_ADDR_BACKEND))
+	if (!(veer_tc_addr_flags(p.t.saddr, p.t.family) & VEER_TC_ADDR_BACKEND))
 		return TC_ACT_OK;
 	nat = veer_nat_rev.lookup(&p.t);
 	if (!nat)

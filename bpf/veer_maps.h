@@ -51,11 +51,14 @@ BPF_TABLE_PINNED("hash", struct veer_backend_key, struct veer_backend_value,
 BPF_TABLE_PINNED("hash", struct veer_vip_key, struct veer_vip_value,
 		 veer_vips, VEER_VIPS_MAX, VEER_PIN_DIR "/veer_vips");
 
-/* Addresses that carry frontends of the external scope (node addresses for
- * NodePorts, externalIPs, load-balancer IPs): the only destinations for
- * which veer_tc_ingress looks further than its reply lookup. The agent adds
- * an address before the first frontend on it and removes it only once no
- * frontend and no forward NAT entry names it, so a flow never outlives it. */
+/* The addresses the per-packet path looks further for, with their
+ * VEER_TC_ADDR_* flags: those of external-scope frontends (node addresses
+ * for NodePorts, externalIPs, load-balancer IPs), their backends, and the
+ * SNAT addresses (veer_node). Any other packet passes veer_tc_ingress and
+ * veer_tc_egress after this one lookup. The agent sets a flag before
+ * anything can need it (a frontend, a backend slot, veer_node) and clears it
+ * only once nothing does, NAT entries included (veer_nat_fwd's destination,
+ * veer_nat_rev's source and destination), so a flow never outlives it. */
 BPF_TABLE_PINNED("hash", struct veer_vip_key, struct veer_vip_value,
 		 veer_tc_addrs, VEER_VIPS_MAX, VEER_PIN_DIR "/veer_tc_addrs");
 

@@ -135,6 +135,8 @@ struct veer_vip_value {
 /* What the per-packet path may find for an address of veer_tc_addrs. */
 #define VEER_TC_ADDR_FRONTEND 1 /* carries an external frontend: flows start there */
 #define VEER_TC_ADDR_BACKEND 2  /* serves one: its replies may need restoring */
+#define VEER_TC_ADDR_SNAT 4     /* a source-NAT address (veer_node): replies of
+				 * flows veer source-NATed arrive addressed to it */
 
 /* The Service CIDRs (an LPM trie). A connection to an address inside them
  * that carries no frontend is refused: the Service was deleted or never

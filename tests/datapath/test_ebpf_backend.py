@@ -182,3 +182,40 @@ def test_tc_addresses_outlive_their_frontend_while_a_flow_names_them(
     dp.maps.tc_addrs.put(stale, VipValue(flags=TC_ADDR_FRONTEND | TC_ADDR_BACKEND))
     dp.dump()
     assert held() == {}
+
+
+def test_snat_addresses_are_flagged_while_the_node_or_a_flow_names_them(
+        small: tuple[str, EbpfDatapath]) -> None:
+    """veer_tc_ingress looks for replies only at SNAT addresses: the node's
+    address is flagged before veer_node names it, and an old one stays
+    flagged after the node's address changes while a source-NATed flow's
+    replies still come to it."""
+    from agent.datapath.ebpf.structs import (
+        FAMILY_IPV4,
+        TC_ADDR_SNAT,
+        IndexKey,
+        NatValue,
+        Tuple,
+    )
+
+    _, dp = small
+
+    def held() -> dict[str, int]:
+        return {str(ipaddress.ip_address(bytes(k.addr[:4]))): int(v.flags)
+                for k, v in dp.maps.tc_addrs.items()}
+
+    old, new = ipaddress.ip_address("10.0.0.1"), ipaddress.ip_address("10.0.0.2")
+    assert dp.set_node_addresses((old,))
+    assert held() == {"10.0.0.1": TC_ADDR_SNAT}
+    node = dp.maps.node.get(IndexKey(0))
+    assert node is not None and bytes(node.addr4[:4]) == old.packed
+    reply = Tuple(proto=6, family=FAMILY_IPV4, sport=8080, dport=40000)
+    reply.saddr[:4] = list(ipaddress.ip_address("10.244.1.2").packed)
+    reply.daddr[:4] = list(old.packed)
+    dp.maps.nat_rev.put(reply, NatValue())
+    dp.set_node_addresses((new,))
+    dp.dump()  # a full pass: the flow's replies still come to the old address
+    assert held() == {"10.0.0.1": TC_ADDR_SNAT, "10.0.0.2": TC_ADDR_SNAT}
+    dp.maps.nat_rev.delete(reply)
+    dp.dump()
+    assert held() == {"10.0.0.2": TC_ADDR_SNAT}

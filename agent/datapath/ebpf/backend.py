@@ -69,6 +69,7 @@ from agent.datapath.ebpf.structs import (
     SVC_F_TABLE,
     TC_ADDR_BACKEND,
     TC_ADDR_FRONTEND,
+    TC_ADDR_SNAT,
     AccessValue,
     AffinityMatchKey,
     AffinityMatchValue,
@@ -330,8 +331,12 @@ class EbpfDatapath(Datapath):
         self._backend_alloc = _IdAllocator(maps.backends.capacity)
         self._service_alloc = _IdAllocator(maps.services.capacity)
         self._frontends: dict[Scoped, _FrontendEntry] = {}
-        # veer_tc_addrs as written (address -> TC_ADDR_* flags).
-        self._tc_addrs: dict[IPAddress, int] = {}
+        # veer_tc_addrs as written (address -> TC_ADDR_* flags), starting
+        # from what a predecessor left, so that adding a flag keeps the rest.
+        self._tc_addrs: dict[IPAddress, int] = {
+            addr_from(k.addr, k.family): int(v.flags) for k, v in maps.tc_addrs.items()}
+        # The addresses veer_node names, the TC path's SNAT sources.
+        self._snat_addrs: tuple[IPAddress, ...] = ()
         # How many entries of _frontends rely on each on-demand hook's need.
         self._hook_users: Counter[str] = Counter()
         self._backend_of_id: dict[int, L4Addr] = {}
@@ -724,13 +729,14 @@ class EbpfDatapath(Datapath):
 
     def _collect_tc_addrs(self) -> None:
         """Make veer_tc_addrs flag every address the frontends read back
-        need, and clear the flags that neither a frontend nor a NAT entry
-        needs any more: a flow keeps its addresses, as conntrack keeps a
-        deleted Service's connections. Run at the end of dump(), i.e. on
-        full passes: between them a flag only stays too long, which costs
+        and veer_node need, and clear the flags that neither they nor a NAT
+        entry need any more: a flow keeps its addresses, as conntrack keeps
+        a deleted Service's connections (and a flow source-NATed to an old
+        node address its replies). Run at the end of dump(), i.e. on full
+        passes: between them a flag only stays too long, which costs
         lookups, never a flow."""
         held = {addr_from(k.addr, k.family): int(v.flags) for k, v in self.maps.tc_addrs.items()}
-        wanted: dict[IPAddress, int] = {}
+        wanted: dict[IPAddress, int] = {a: TC_ADDR_SNAT for a in self._snat_addrs}
         for (fe, scope) in self._frontends:
             if scope != SCOPE_EXTERNAL:
                 continue
@@ -747,11 +753,13 @@ class EbpfDatapath(Datapath):
                 address = addr_from(k.daddr, k.family)
                 if address in spare:
                     spare[address] &= ~TC_ADDR_FRONTEND
-        if any(f & TC_ADDR_BACKEND for f in spare.values()):
+        if any(f & (TC_ADDR_BACKEND | TC_ADDR_SNAT) for f in spare.values()):
             for k in self.maps.nat_rev.list_keys():
-                address = addr_from(k.saddr, k.family)
-                if address in spare:
-                    spare[address] &= ~TC_ADDR_BACKEND
+                source, dest = addr_from(k.saddr, k.family), addr_from(k.daddr, k.family)
+                if source in spare:
+                    spare[source] &= ~TC_ADDR_BACKEND
+                if dest in spare:
+                    spare[dest] &= ~TC_ADDR_SNAT
         self._tc_addrs = {}
         for address in held.keys() | wanted.keys():
             flags = (held.get(address, 0) & ~spare.get(address, 0)) | wanted.get(address, 0)
@@ -887,6 +895,11 @@ class EbpfDatapath(Datapath):
             value.addr4 = addr_bytes(v4)
         if v6 is not None:
             value.addr6 = addr_bytes(v6)
+        # Flagged before any flow can be source-NATed to them: veer_tc_ingress
+        # looks for replies only at SNAT addresses.
+        self._snat_addrs = tuple(a for a in (v4, v6) if a is not None)
+        for address in self._snat_addrs:
+            self._hold_tc_addr(address, TC_ADDR_SNAT)
         current = self.maps.node.get(IndexKey(0))
         if current is not None and bytes(current) == bytes(value):
             return False

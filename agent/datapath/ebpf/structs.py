@@ -111,6 +111,7 @@ class VipValue(ctypes.Structure):
 # veer_tc_addrs' flags (VEER_TC_ADDR_*).
 TC_ADDR_FRONTEND = 1
 TC_ADDR_BACKEND = 2
+TC_ADDR_SNAT = 4
 
 
 class CidrKey(ctypes.Structure):
