@@ -152,6 +152,73 @@ static __always_inline __u32 veer_sock_flow_hash(struct bpf_sock_addr *ctx,
 }
 
 /* Whether the caller is the node-local proxy (never redirected). */
+/* Take socket `cookie`'s slot of veer_sock_peers and write `peer` into it
+ * (see struct veer_sock_peer). 0, or -1 when another connect() is writing
+ * the slot at this instant. */
+static __always_inline int veer_sock_peer_write(__u64 cookie, const struct veer_sock_peer *peer)
+{
+	__u32 slot = (__u32)cookie & (VEER_SOCK_PEERS_MAX - 1);
+	struct veer_sock_peer *held = veer_sock_peers.lookup(&slot);
+	__u64 was;
+
+	if (!held)
+		return -1;
+	was = held->cookie;
+	if (was == VEER_SOCK_PEER_BUSY ||
+	    __sync_val_compare_and_swap(&held->cookie, was, VEER_SOCK_PEER_BUSY) != was)
+		return -1;
+	__builtin_memcpy(held->backend, peer->backend, 16);
+	held->backend_port = peer->backend_port;
+	held->family = peer->family;
+	__builtin_memcpy(&held->svc, &peer->svc, sizeof(held->svc));
+	__sync_lock_test_and_set(&held->cookie, cookie);
+	return 0;
+}
+
+/* Read socket `cookie`'s entry of veer_sock_peers into *peer: 1 if there is
+ * one, consistent (not being rewritten meanwhile by another socket). */
+static __always_inline int veer_sock_peer_read(__u64 cookie, struct veer_sock_peer *peer)
+{
+	__u32 slot = (__u32)cookie & (VEER_SOCK_PEERS_MAX - 1);
+	struct veer_sock_peer *held = veer_sock_peers.lookup(&slot);
+
+	if (!held || held->cookie != cookie)
+		return 0;
+	__builtin_memcpy(peer, held, sizeof(*peer));
+	/* A full barrier, then the cookie again: still ours, so the copy is. */
+	return __sync_val_compare_and_swap(&held->cookie, cookie, cookie) == cookie;
+}
+
+/* Remember, for this socket, that its peer `backend` stands for the Service
+ * address `flow`: in veer_sock_peers for a TCP connect(), else (or when its
+ * slot is being written by another socket) in veer_sock_revnat under the
+ * socket's cookie and the backend: a UDP socket may talk to many Services. */
+static __always_inline void veer_remember_peer(struct bpf_sock_addr *ctx, __u8 hook,
+					       const struct veer_flow *flow,
+					       const struct veer_backend_value *backend,
+					       __u32 service_id)
+{
+	struct veer_sock_revnat_key rev_key = {};
+	struct veer_sock_peer peer = {};
+	__u64 cookie = veer_socket_cookie(ctx);
+
+	__builtin_memcpy(peer.backend, backend->addr, 16);
+	peer.backend_port = backend->port;
+	peer.family = backend->family;
+	__builtin_memcpy(peer.svc.addr, flow->addr, 16);
+	peer.svc.port = flow->port;
+	peer.svc.service_id = service_id;
+	if (flow->proto == VEER_IPPROTO_TCP &&
+	    (hook == VEER_HOOK_CONNECT4 || hook == VEER_HOOK_CONNECT6) &&
+	    veer_sock_peer_write(cookie, &peer) == 0)
+		return;
+	rev_key.cookie = cookie;
+	__builtin_memcpy(rev_key.addr, backend->addr, 16);
+	rev_key.port = backend->port;
+	rev_key.family = backend->family;
+	veer_sock_revnat.update(&rev_key, &peer.svc);
+}
+
 static __always_inline int veer_caller_is_proxy(void)
 {
 	__u32 zero = 0;
@@ -167,13 +234,12 @@ static __always_inline int veer_caller_is_proxy(void)
  * Service address. Returns VEER_TRANSLATE with *out = the proxy, or
  * VEER_PASS when the frontend has no proxy entry (then it is balanced as
  * usual). */
-static __always_inline int veer_redirect(void *ctx, __u8 hook, const struct veer_flow *flow,
-					 __u32 service_id, struct veer_backend_value *out)
+static __always_inline int veer_redirect(struct bpf_sock_addr *ctx, __u8 hook,
+					 const struct veer_flow *flow, __u32 service_id,
+					 struct veer_backend_value *out)
 {
 	struct veer_backend_value *proxy = veer_redirects.lookup(&service_id);
 	struct veer_orig_value orig = {};
-	struct veer_sock_revnat_key rev_key = {};
-	struct veer_sock_revnat_value rev_val = {};
 	__u64 cookie;
 
 	if (!proxy || proxy->family != flow->family)
@@ -184,15 +250,7 @@ static __always_inline int veer_redirect(void *ctx, __u8 hook, const struct veer
 	orig.family = flow->family;
 	veer_redirect_socks.update(&cookie, &orig);
 	__builtin_memcpy(out, proxy, sizeof(*out));
-
-	rev_key.cookie = cookie;
-	__builtin_memcpy(rev_key.addr, proxy->addr, 16);
-	rev_key.port = proxy->port;
-	rev_key.family = proxy->family;
-	__builtin_memcpy(rev_val.addr, flow->addr, 16);
-	rev_val.port = flow->port;
-	rev_val.service_id = service_id;
-	veer_sock_revnat.update(&rev_key, &rev_val);
+	veer_remember_peer(ctx, hook, flow, proxy, service_id);
 
 	veer_count(VEER_CNT_REDIRECTED);
 	veer_report_sock(ctx, hook, VEER_CNT_TRANSLATED, flow, service_id, out, VEER_EV_F_REDIRECT);
@@ -209,8 +267,6 @@ static __always_inline int veer_forward(struct bpf_sock_addr *ctx, __u8 hook,
 	struct veer_service_value *frontend, *slot;
 	struct veer_backend_key backend_key = {};
 	struct veer_backend_value *backend;
-	struct veer_sock_revnat_key rev_key = {};
-	struct veer_sock_revnat_value rev_val = {};
 	struct veer_affinity_key affinity_key = {};
 	__u32 service_id, affinity_timeout;
 	__u16 count, flags;
@@ -298,15 +354,7 @@ static __always_inline int veer_forward(struct bpf_sock_addr *ctx, __u8 hook,
 	    (hook == VEER_HOOK_CONNECT4 || hook == VEER_HOOK_CONNECT6))
 		veer_accel_mark(ctx);
 	__builtin_memcpy(out, backend, sizeof(*out));
-
-	rev_key.cookie = veer_socket_cookie(ctx);
-	__builtin_memcpy(rev_key.addr, backend->addr, 16);
-	rev_key.port = backend->port;
-	rev_key.family = backend->family;
-	__builtin_memcpy(rev_val.addr, flow->addr, 16);
-	rev_val.port = flow->port;
-	rev_val.service_id = service_id;
-	veer_sock_revnat.update(&rev_key, &rev_val);
+	veer_remember_peer(ctx, hook, flow, backend, service_id);
 
 	veer_count(VEER_CNT_TRANSLATED);
 	veer_report_sock(ctx, hook, VEER_CNT_TRANSLATED, flow, service_id, out, report_flags);
@@ -320,8 +368,19 @@ static __always_inline int veer_reverse(void *ctx, const struct veer_flow *peer,
 {
 	struct veer_sock_revnat_key rev_key = {};
 	struct veer_sock_revnat_value *found;
+	struct veer_sock_peer mine;
+	__u64 cookie = veer_socket_cookie(ctx);
 
-	rev_key.cookie = veer_socket_cookie(ctx);
+	if (peer->proto == VEER_IPPROTO_TCP && veer_sock_peer_read(cookie, &mine) &&
+	    mine.family == peer->family && mine.backend_port == peer->port &&
+	    veer_same_addr(mine.backend, peer->addr)) {
+		__builtin_memcpy(svc, &mine.svc, sizeof(*svc));
+		veer_count(VEER_CNT_REVNAT);
+		return 1;
+	}
+	/* Not there (a socket connected before veer_sock_peers existed, or whose
+	 * slot another socket was writing): the cookie-keyed map may know it. */
+	rev_key.cookie = cookie;
 	__builtin_memcpy(rev_key.addr, peer->addr, 16);
 	rev_key.port = peer->port;
 	rev_key.family = peer->family;

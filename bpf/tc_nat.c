@@ -226,13 +226,6 @@ static __always_inline int veer_parse(struct __sk_buff *skb, struct veer_pkt *p)
 	return -1;
 }
 
-static __always_inline int veer_same_addr(const __u8 *a, const __u8 *b)
-{
-	const __u32 *x = (const __u32 *)a, *y = (const __u32 *)b;
-
-	return x[0] == y[0] && x[1] == y[1] && x[2] == y[2] && x[3] == y[3];
-}
-
 /* Rewrite the packet's addresses and ports from p->t to `to`, with as few
  * helper calls as the change needs: one checksum difference over both
  * addresses, applied to the IPv4 header checksum and, as a pseudo-header

@@ -97,6 +97,14 @@ static __always_inline void veer_report_rule(void *ctx, __u8 hook, __u32 reason,
 	veer_count(VEER_CNT_EVENTS_SENT);
 }
 
+/* Whether two addresses in veer's 16-byte form (4-byte aligned) are equal. */
+static __always_inline int veer_same_addr(const __u8 *a, const __u8 *b)
+{
+	const __u32 *x = (const __u32 *)a, *y = (const __u32 *)b;
+
+	return x[0] == y[0] && x[1] == y[1] && x[2] == y[2] && x[3] == y[3];
+}
+
 /* An address as a socket's context gives it (ip4, or four ip6 words by
  * family_in, AF_INET or AF_INET6) into veer's 16-byte form, IPv4-mapped IPv6
  * normalized to IPv4; *family gets VEER_FAMILY_*. */

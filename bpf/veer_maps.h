@@ -67,11 +67,22 @@ BPF_TABLE_PINNED("lpm_trie", struct veer_cidr_key, struct veer_cidr_value,
 		 veer_service_cidrs, 64, VEER_PIN_DIR "/veer_service_cidrs",
 		 BPF_F_NO_PREALLOC);
 
-/* Socket cookie + backend -> Service address, for getpeername/recvmsg.
+/* Socket cookie + backend -> Service address, for getpeername/recvmsg of
+ * sockets other than connected TCP ones (those are in veer_sock_peers).
  * LRU: entries of closed sockets age out without the agent's help. */
 BPF_TABLE_PINNED("lru_hash", struct veer_sock_revnat_key,
 		 struct veer_sock_revnat_value, veer_sock_revnat,
 		 VEER_REVNAT_MAX, VEER_PIN_DIR "/veer_sock_revnat");
+
+/* Connected TCP sockets' peers, by socket cookie (see struct veer_sock_peer).
+ * A power of two: the slot is the cookie's low bits. */
+#ifndef VEER_SOCK_PEERS_MAX
+#define VEER_SOCK_PEERS_MAX VEER_REVNAT_MAX
+#endif
+_Static_assert((VEER_SOCK_PEERS_MAX & (VEER_SOCK_PEERS_MAX - 1)) == 0,
+	       "VEER_SOCK_PEERS_MAX must be a power of two");
+BPF_TABLE_PINNED("array", __u32, struct veer_sock_peer, veer_sock_peers,
+		 VEER_SOCK_PEERS_MAX, VEER_PIN_DIR "/veer_sock_peers");
 
 /* Client (netns cookie) + service id -> backend, for ClientIP affinity.
  * LRU: idle clients age out; the timeout itself is checked by the program. */

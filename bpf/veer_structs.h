@@ -171,6 +171,31 @@ struct veer_sock_revnat_value {
 	__u32 service_id;
 };
 
+/* A connected TCP socket's peer and the Service address it stands for, in
+ * veer_sock_peers: an array indexed by the low bits of the socket cookie,
+ * each slot naming the socket it holds. A TCP socket has one peer for life,
+ * so connect() writes its slot in place, without the hash map update (a
+ * lock, an element taken from a free list, or an LRU eviction) that costs
+ * more than the rest of the translation; UDP sockets, which may send to
+ * many Services, stay in veer_sock_revnat. A slot is taken over by a later
+ * socket whose cookie shares its low bits, as an LRU would evict it.
+ *
+ * `cookie` is 0 while the slot is empty and VEER_SOCK_PEER_BUSY while a
+ * connect() writes it: a writer takes the slot by swapping that in
+ * (cmpxchg) and releases it by swapping its cookie in (xchg), and a reader
+ * trusts what it copied only if the cookie was its own before and after. */
+struct veer_sock_peer {
+	__u64 cookie;
+	__u8 backend[16];
+	__be16 backend_port;
+	__u8 family;
+	__u8 pad;
+	struct veer_sock_revnat_value svc;
+	__u32 pad2;
+};
+
+#define VEER_SOCK_PEER_BUSY (~0ULL)
+
 /* Session affinity at the socket layer. The client is identified by its
  * network namespace cookie: connect() runs before the source address is
  * chosen, and a pod is one namespace, so this is ClientIP affinity for pods

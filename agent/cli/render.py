@@ -274,8 +274,10 @@ def render_conntrack(c: dict[str, Any]) -> str:
               s["service"] or f"(service id {s['service_id']}, gone)"] for s in sockets],
         )
     out += (
-        f"{plural(len(sockets), 'socket entry', 'socket entries')} in veer_sock_revnat "
-        f"(LRU, capacity {c['capacity']}: entries outlive their sockets until evicted).\n"
+        f"{plural(len(sockets), 'socket entry', 'socket entries')}: connected TCP sockets in "
+        f"veer_sock_peers ({c['capacity']} slots by socket cookie), others in veer_sock_revnat "
+        f"(LRU, capacity {c['capacity']}); entries outlive their sockets until reused or "
+        "evicted.\n"
         "The socket programs translate at connect() and keep no NAT conntrack; NAT conntrack "
         "entries come with the TC datapath.\n"
     )

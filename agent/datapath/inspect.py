@@ -89,7 +89,7 @@ class ActualState:
 
 @dataclass(frozen=True)
 class SocketEntry:
-    """A per-socket reverse-translation entry (veer_sock_revnat)."""
+    """A socket's reverse translation (veer_sock_peers or veer_sock_revnat)."""
 
     cookie: int
     backend_address: IPAddress

@@ -19,6 +19,7 @@ from agent.datapath.ebpf.structs import (
     CIDR_KEY_PREFIX_BITS,
     PROTOCOL_OF,
     SCOPE_EXTERNAL,
+    SOCK_PEER_BUSY,
     SVC_ALG_MASK,
     SVC_ALG_SHIFT,
     SVC_F_ACCESS,
@@ -155,7 +156,22 @@ class MapsReader(DatapathReader):
         return state
 
     def sockets(self) -> list[SocketEntry]:
+        """The sockets' reverse translations: connected TCP sockets' slots of
+        veer_sock_peers, then veer_sock_revnat's entries (the others)."""
         out = []
+        for _, slot in self.maps.sock_peers.items():
+            if slot.cookie in (0, SOCK_PEER_BUSY):
+                continue
+            out.append(
+                SocketEntry(
+                    cookie=int(slot.cookie),
+                    backend_address=addr_from(slot.backend, slot.family),
+                    backend_port=port_host(slot.backend_port),
+                    service_address=addr_from(slot.svc.addr, slot.family),
+                    service_port=port_host(slot.svc.port),
+                    service_id=int(slot.svc.service_id),
+                )
+            )
         for key, value in self.maps.sock_revnat.items():
             out.append(
                 SocketEntry(
@@ -170,6 +186,7 @@ class MapsReader(DatapathReader):
         return out
 
     def sockets_capacity(self) -> int:
+        """Entries each of the two tables holds (the same by construction)."""
         return self.maps.sock_revnat.capacity
 
 

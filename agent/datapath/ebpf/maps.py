@@ -36,6 +36,7 @@ from agent.datapath.ebpf.structs import (
     RuleKey,
     ServiceKey,
     ServiceValue,
+    SockPeer,
     SockRevnatKey,
     SockRevnatValue,
     SourceKey,
@@ -139,6 +140,7 @@ class SockLbMaps:
     tc_addrs: PinnedMap[VipKey, VipValue]  # addresses of external-scope frontends
     service_cidrs: PinnedMap[CidrKey, CidrValue]
     sock_revnat: PinnedMap[SockRevnatKey, SockRevnatValue]
+    sock_peers: PinnedMap[IndexKey, SockPeer]  # an array, by socket cookie's low bits
     affinity: PinnedMap[AffinityKey, AffinityValue]
     affinity_match: PinnedMap[AffinityMatchKey, AffinityMatchValue]
     nat_fwd: PinnedMap[Tuple, NatValue]
@@ -170,6 +172,7 @@ class SockLbMaps:
             tc_addrs=PinnedMap(path("veer_tc_addrs"), VipKey, VipValue),
             service_cidrs=PinnedMap(path("veer_service_cidrs"), CidrKey, CidrValue),
             sock_revnat=PinnedMap(path("veer_sock_revnat"), SockRevnatKey, SockRevnatValue),
+            sock_peers=PinnedMap(path("veer_sock_peers"), IndexKey, SockPeer),
             affinity=PinnedMap(path("veer_affinity"), AffinityKey, AffinityValue),
             affinity_match=PinnedMap(
                 path("veer_affinity_match"), AffinityMatchKey, AffinityMatchValue
@@ -219,8 +222,8 @@ class SockLbMaps:
 
     def close(self) -> None:
         for m in (self.services, self.backends, self.vips, self.tc_addrs, self.service_cidrs,
-                  self.sock_revnat, self.affinity, self.affinity_match, self.nat_fwd,
-                  self.nat_rev, self.node,
+                  self.sock_revnat, self.sock_peers, self.affinity, self.affinity_match,
+                  self.nat_fwd, self.nat_rev, self.node,
                   self.lb_sources, self.ext_affinity, self.cluster_cidrs, self.access,
                   self.netns_addrs, self.backend_conns, self.backend_conns_swept,
                   self.lc_flows, self.lc_socks, self.access_hits, self.redirects,

@@ -133,6 +133,7 @@ MAP_NAMES = (
     "veer_tc_addrs",
     "veer_service_cidrs",
     "veer_sock_revnat",
+    "veer_sock_peers",
     "veer_affinity",
     "veer_affinity_match",
     "veer_nat_fwd",
