@@ -1,5 +1,5 @@
 # Developer shortcuts; each target calls the scripts the README documents.
-.PHONY: sandbox test unit lint bench bench-clusterip bench-nodeport bench-sockmap bench-redirect bench-tproxy setup clean
+.PHONY: sandbox test unit lint bench bench-clusterip bench-nodeport bench-sockmap bench-redirect bench-tproxy bench-progcost setup clean
 
 setup:
 	./scripts/setup.sh
@@ -43,6 +43,10 @@ bench-redirect: setup
 
 bench-tproxy: setup
 	.venv/bin/python bench/tproxy.py
+
+# veer's programs' cost per connection on the socket path (kernel BPF stats).
+bench-progcost: setup k8s
+	.venv/bin/python bench/progcost.py
 
 clean:
 	rm -rf .venv .mypy_cache .ruff_cache build *.egg-info
