@@ -151,7 +151,6 @@ static __always_inline __u32 veer_sock_flow_hash(struct bpf_sock_addr *ctx,
 	return veer_flow_hash(client, port, flow->proto);
 }
 
-/* Whether the caller is the node-local proxy (never redirected). */
 /* Take socket `cookie`'s slot of veer_sock_peers and write `peer` into it
  * (see struct veer_sock_peer). 0, or -1 when another connect() is writing
  * the slot at this instant. */
@@ -219,6 +218,7 @@ static __always_inline void veer_remember_peer(struct bpf_sock_addr *ctx, __u8 h
 	veer_sock_revnat.update(&rev_key, &peer.svc);
 }
 
+/* Whether the caller is the node-local proxy (never redirected). */
 static __always_inline int veer_caller_is_proxy(void)
 {
 	__u32 zero = 0;
