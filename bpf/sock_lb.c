@@ -154,23 +154,24 @@ static __always_inline __u32 veer_sock_flow_hash(struct bpf_sock_addr *ctx,
 /* Take socket `cookie`'s slot of veer_sock_peers and write `peer` into it
  * (see struct veer_sock_peer). 0, or -1 when another connect() is writing
  * the slot at this instant. */
-static __always_inline int veer_sock_peer_write(__u64 cookie, const struct veer_sock_peer *peer)
+static __always_inline int veer_sock_peer_write(const struct veer_sock_revnat_key *key,
+						const struct veer_sock_revnat_value *svc)
 {
-	__u32 slot = (__u32)cookie & (VEER_SOCK_PEERS_MAX - 1);
+	__u32 slot = (__u32)key->cookie & (VEER_SOCK_PEERS_MAX - 1);
 	struct veer_sock_peer *held = veer_sock_peers.lookup(&slot);
 	__u64 was;
 
 	if (!held)
 		return -1;
-	was = held->cookie;
+	was = held->key.cookie;
 	if (was == VEER_SOCK_PEER_BUSY ||
-	    __sync_val_compare_and_swap(&held->cookie, was, VEER_SOCK_PEER_BUSY) != was)
+	    __sync_val_compare_and_swap(&held->key.cookie, was, VEER_SOCK_PEER_BUSY) != was)
 		return -1;
-	__builtin_memcpy(held->backend, peer->backend, 16);
-	held->backend_port = peer->backend_port;
-	held->family = peer->family;
-	__builtin_memcpy(&held->svc, &peer->svc, sizeof(held->svc));
-	__sync_lock_test_and_set(&held->cookie, cookie);
+	__builtin_memcpy(held->key.addr, key->addr, 16);
+	held->key.port = key->port;
+	held->key.family = key->family;
+	__builtin_memcpy(&held->svc, svc, sizeof(held->svc));
+	__sync_lock_test_and_set(&held->key.cookie, key->cookie);
 	return 0;
 }
 
@@ -181,11 +182,11 @@ static __always_inline int veer_sock_peer_read(__u64 cookie, struct veer_sock_pe
 	__u32 slot = (__u32)cookie & (VEER_SOCK_PEERS_MAX - 1);
 	struct veer_sock_peer *held = veer_sock_peers.lookup(&slot);
 
-	if (!held || held->cookie != cookie)
+	if (!held || held->key.cookie != cookie)
 		return 0;
 	__builtin_memcpy(peer, held, sizeof(*peer));
 	/* A full barrier, then the cookie again: still ours, so the copy is. */
-	return __sync_val_compare_and_swap(&held->cookie, cookie, cookie) == cookie;
+	return __sync_val_compare_and_swap(&held->key.cookie, cookie, cookie) == cookie;
 }
 
 /* Remember, for this socket, that its peer `backend` stands for the Service
@@ -198,24 +199,20 @@ static __always_inline void veer_remember_peer(struct bpf_sock_addr *ctx, __u8 h
 					       __u32 service_id)
 {
 	struct veer_sock_revnat_key rev_key = {};
-	struct veer_sock_peer peer = {};
-	__u64 cookie = veer_socket_cookie(ctx);
+	struct veer_sock_revnat_value rev_val = {};
 
-	__builtin_memcpy(peer.backend, backend->addr, 16);
-	peer.backend_port = backend->port;
-	peer.family = backend->family;
-	__builtin_memcpy(peer.svc.addr, flow->addr, 16);
-	peer.svc.port = flow->port;
-	peer.svc.service_id = service_id;
-	if (flow->proto == VEER_IPPROTO_TCP &&
-	    (hook == VEER_HOOK_CONNECT4 || hook == VEER_HOOK_CONNECT6) &&
-	    veer_sock_peer_write(cookie, &peer) == 0)
-		return;
-	rev_key.cookie = cookie;
+	rev_key.cookie = veer_socket_cookie(ctx);
 	__builtin_memcpy(rev_key.addr, backend->addr, 16);
 	rev_key.port = backend->port;
 	rev_key.family = backend->family;
-	veer_sock_revnat.update(&rev_key, &peer.svc);
+	__builtin_memcpy(rev_val.addr, flow->addr, 16);
+	rev_val.port = flow->port;
+	rev_val.service_id = service_id;
+	if (flow->proto == VEER_IPPROTO_TCP &&
+	    (hook == VEER_HOOK_CONNECT4 || hook == VEER_HOOK_CONNECT6) &&
+	    veer_sock_peer_write(&rev_key, &rev_val) == 0)
+		return;
+	veer_sock_revnat.update(&rev_key, &rev_val);
 }
 
 /* Whether the caller is the node-local proxy (never redirected). */
@@ -372,8 +369,8 @@ static __always_inline int veer_reverse(void *ctx, const struct veer_flow *peer,
 	__u64 cookie = veer_socket_cookie(ctx);
 
 	if (peer->proto == VEER_IPPROTO_TCP && veer_sock_peer_read(cookie, &mine) &&
-	    mine.family == peer->family && mine.backend_port == peer->port &&
-	    veer_same_addr(mine.backend, peer->addr)) {
+	    mine.key.family == peer->family && mine.key.port == peer->port &&
+	    veer_same_addr(mine.key.addr, peer->addr)) {
 		__builtin_memcpy(svc, &mine.svc, sizeof(*svc));
 		veer_count(VEER_CNT_REVNAT);
 		return 1;

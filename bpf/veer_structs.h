@@ -180,18 +180,14 @@ struct veer_sock_revnat_value {
  * many Services, stay in veer_sock_revnat. A slot is taken over by a later
  * socket whose cookie shares its low bits, as an LRU would evict it.
  *
- * `cookie` is 0 while the slot is empty and VEER_SOCK_PEER_BUSY while a
- * connect() writes it: a writer takes the slot by swapping that in
- * (cmpxchg) and releases it by swapping its cookie in (xchg), and a reader
- * trusts what it copied only if the cookie was its own before and after. */
+ * A slot is veer_sock_revnat's key and value side by side. `key.cookie` is
+ * 0 while the slot is empty and VEER_SOCK_PEER_BUSY while a connect()
+ * writes it: a writer takes the slot by swapping that in (cmpxchg) and
+ * releases it by swapping its cookie in (xchg), and a reader trusts what it
+ * copied only if the cookie was its own before and after. */
 struct veer_sock_peer {
-	__u64 cookie;
-	__u8 backend[16];
-	__be16 backend_port;
-	__u8 family;
-	__u8 pad;
+	struct veer_sock_revnat_key key;
 	struct veer_sock_revnat_value svc;
-	__u32 pad2;
 };
 
 #define VEER_SOCK_PEER_BUSY (~0ULL)

@@ -10,6 +10,7 @@ user space as from the program.
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import time
 
 from agent.compute.types import L4Addr
@@ -158,32 +159,19 @@ class MapsReader(DatapathReader):
     def sockets(self) -> list[SocketEntry]:
         """The sockets' reverse translations: connected TCP sockets' slots of
         veer_sock_peers, then veer_sock_revnat's entries (the others)."""
-        out = []
-        for _, slot in self.maps.sock_peers.items():
-            if slot.cookie in (0, SOCK_PEER_BUSY):
-                continue
-            out.append(
-                SocketEntry(
-                    cookie=int(slot.cookie),
-                    backend_address=addr_from(slot.backend, slot.family),
-                    backend_port=port_host(slot.backend_port),
-                    service_address=addr_from(slot.svc.addr, slot.family),
-                    service_port=port_host(slot.svc.port),
-                    service_id=int(slot.svc.service_id),
-                )
+        taken = ((slot.key, slot.svc) for _, slot in self.maps.sock_peers.items()
+                 if slot.key.cookie not in (0, SOCK_PEER_BUSY))
+        return [
+            SocketEntry(
+                cookie=int(key.cookie),
+                backend_address=addr_from(key.addr, key.family),
+                backend_port=port_host(key.port),
+                service_address=addr_from(value.addr, key.family),
+                service_port=port_host(value.port),
+                service_id=int(value.service_id),
             )
-        for key, value in self.maps.sock_revnat.items():
-            out.append(
-                SocketEntry(
-                    cookie=int(key.cookie),
-                    backend_address=addr_from(key.addr, key.family),
-                    backend_port=port_host(key.port),
-                    service_address=addr_from(value.addr, key.family),
-                    service_port=port_host(value.port),
-                    service_id=int(value.service_id),
-                )
-            )
-        return out
+            for key, value in itertools.chain(taken, self.maps.sock_revnat.items())
+        ]
 
     def sockets_capacity(self) -> int:
         """Entries each of the two tables holds (the same by construction)."""

@@ -151,19 +151,11 @@ class SockRevnatValue(ctypes.Structure):
 
 
 class SockPeer(ctypes.Structure):
-    """A slot of veer_sock_peers: a connected TCP socket's peer and the
-    Service address it stands for (cookie 0: empty)."""
+    """A slot of veer_sock_peers: veer_sock_revnat's key and value of a
+    connected TCP socket (key.cookie 0: empty)."""
 
     C_NAME = "veer_sock_peer"
-    _fields_ = [
-        ("cookie", ctypes.c_uint64),
-        ("backend", Addr16),
-        ("backend_port", ctypes.c_uint16),
-        ("family", ctypes.c_uint8),
-        ("pad", ctypes.c_uint8),
-        ("svc", SockRevnatValue),
-        ("pad2", ctypes.c_uint32),
-    ]
+    _fields_ = [("key", SockRevnatKey), ("svc", SockRevnatValue)]
 
 
 SOCK_PEER_BUSY = (1 << 64) - 1  # VEER_SOCK_PEER_BUSY: a connect() is writing the slot
