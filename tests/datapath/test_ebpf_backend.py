@@ -15,6 +15,7 @@ from agent.compute.types import Frontend, FrontendKind, L4Addr, ServicePortName
 from agent.datapath.ebpf.backend import EbpfDatapath
 from agent.datapath.ebpf.maps import SockLbMaps
 from agent.datapath.ebpf.programs import SockLbPrograms, cleanup
+from agent.datapath.ebpf.structs import FAMILY_IPV4, Tuple
 from agent.errors import MapFullError
 from agent.model.objects import Protocol
 from agent.sandbox.topology import BPFFS_MOUNT, ensure_mounts
@@ -130,6 +131,20 @@ def test_full_map_refuses_one_frontend_and_keeps_the_rest(
     assert {k: v.backends for k, v in dp.dump().frontends.items()} == {a.key: a.backends}
 
 
+def _tc_flags(dp: EbpfDatapath) -> dict[str, int]:
+    """veer_tc_addrs as IPv4 address -> VEER_TC_ADDR_* flags."""
+    return {str(ipaddress.ip_address(bytes(k.addr[:4]))): int(v.flags)
+            for k, v in dp.maps.tc_addrs.items()}
+
+
+def _tcp4_tuple(src: str, sport: int, dst: str, dport: int) -> Tuple:
+    """A veer_tuple of one IPv4 TCP direction."""
+    t = Tuple(proto=6, family=FAMILY_IPV4, sport=sport, dport=dport)
+    t.saddr[:4] = list(ipaddress.ip_address(src).packed)
+    t.daddr[:4] = list(ipaddress.ip_address(dst).packed)
+    return t
+
+
 def test_tc_addresses_outlive_their_frontend_while_a_flow_names_them(
         small: tuple[str, EbpfDatapath]) -> None:
     """The TC programs look a packet up only for the addresses veer_tc_addrs
@@ -137,51 +152,39 @@ def test_tc_addresses_outlive_their_frontend_while_a_flow_names_them(
     (egress). Both are flagged before the frontend is written, and stay
     after it goes while a NAT entry names them."""
     from agent.datapath.ebpf.structs import (
-        FAMILY_IPV4,
         TC_ADDR_BACKEND,
         TC_ADDR_FRONTEND,
         NatValue,
-        Tuple,
         VipKey,
         VipValue,
     )
 
     _, dp = small
 
-    def held() -> dict[str, int]:
-        return {str(ipaddress.ip_address(bytes(k.addr[:4]))): int(v.flags)
-                for k, v in dp.maps.tc_addrs.items()}
-
-    def tuple_of(src: str, sport: int, dst: str, dport: int) -> Tuple:
-        t = Tuple(proto=6, family=FAMILY_IPV4, sport=sport, dport=dport)
-        t.saddr[:4] = list(ipaddress.ip_address(src).packed)
-        t.daddr[:4] = list(ipaddress.ip_address(dst).packed)
-        return t
-
     node_port = dataclasses.replace(fe("10.0.0.1", 30080, "10.244.1.2"),
                                     kind=FrontendKind.NODE_PORT)
     dp.upsert_frontend(fe("10.96.0.1", 80, "10.244.1.3"))  # a ClusterIP: socket scope only
     dp.upsert_frontend(node_port)
-    assert held() == {"10.0.0.1": TC_ADDR_FRONTEND, "10.244.1.2": TC_ADDR_BACKEND}
-    flow = tuple_of("10.0.0.100", 1234, "10.0.0.1", 30080)
-    reply = tuple_of("10.244.1.2", 8080, "10.0.0.100", 1234)
+    assert _tc_flags(dp) == {"10.0.0.1": TC_ADDR_FRONTEND, "10.244.1.2": TC_ADDR_BACKEND}
+    flow = _tcp4_tuple("10.0.0.100", 1234, "10.0.0.1", 30080)
+    reply = _tcp4_tuple("10.244.1.2", 8080, "10.0.0.100", 1234)
     dp.maps.nat_fwd.put(flow, NatValue())
     dp.maps.nat_rev.put(reply, NatValue())
     dp.delete_frontend(node_port.key)
     dp.dump()  # a full pass: the flow still names both addresses
-    assert held() == {"10.0.0.1": TC_ADDR_FRONTEND, "10.244.1.2": TC_ADDR_BACKEND}
+    assert _tc_flags(dp) == {"10.0.0.1": TC_ADDR_FRONTEND, "10.244.1.2": TC_ADDR_BACKEND}
     dp.maps.nat_fwd.delete(flow)
     dp.dump()
-    assert held() == {"10.244.1.2": TC_ADDR_BACKEND}
+    assert _tc_flags(dp) == {"10.244.1.2": TC_ADDR_BACKEND}
     dp.maps.nat_rev.delete(reply)
     dp.dump()
-    assert held() == {}
+    assert _tc_flags(dp) == {}
     # One the agent never wrote (left by an older agent) goes the same way.
     stale = VipKey(family=FAMILY_IPV4)
     stale.addr[:4] = list(ipaddress.ip_address("10.0.0.7").packed)
     dp.maps.tc_addrs.put(stale, VipValue(flags=TC_ADDR_FRONTEND | TC_ADDR_BACKEND))
     dp.dump()
-    assert held() == {}
+    assert _tc_flags(dp) == {}
 
 
 def test_snat_addresses_are_flagged_while_the_node_or_a_flow_names_them(
@@ -190,32 +193,20 @@ def test_snat_addresses_are_flagged_while_the_node_or_a_flow_names_them(
     address is flagged before veer_node names it, and an old one stays
     flagged after the node's address changes while a source-NATed flow's
     replies still come to it."""
-    from agent.datapath.ebpf.structs import (
-        FAMILY_IPV4,
-        TC_ADDR_SNAT,
-        IndexKey,
-        NatValue,
-        Tuple,
-    )
+    from agent.datapath.ebpf.structs import TC_ADDR_SNAT, IndexKey, NatValue
 
     _, dp = small
 
-    def held() -> dict[str, int]:
-        return {str(ipaddress.ip_address(bytes(k.addr[:4]))): int(v.flags)
-                for k, v in dp.maps.tc_addrs.items()}
-
     old, new = ipaddress.ip_address("10.0.0.1"), ipaddress.ip_address("10.0.0.2")
     assert dp.set_node_addresses((old,))
-    assert held() == {"10.0.0.1": TC_ADDR_SNAT}
+    assert _tc_flags(dp) == {"10.0.0.1": TC_ADDR_SNAT}
     node = dp.maps.node.get(IndexKey(0))
     assert node is not None and bytes(node.addr4[:4]) == old.packed
-    reply = Tuple(proto=6, family=FAMILY_IPV4, sport=8080, dport=40000)
-    reply.saddr[:4] = list(ipaddress.ip_address("10.244.1.2").packed)
-    reply.daddr[:4] = list(old.packed)
+    reply = _tcp4_tuple("10.244.1.2", 8080, str(old), 40000)
     dp.maps.nat_rev.put(reply, NatValue())
     dp.set_node_addresses((new,))
     dp.dump()  # a full pass: the flow's replies still come to the old address
-    assert held() == {"10.0.0.1": TC_ADDR_SNAT, "10.0.0.2": TC_ADDR_SNAT}
+    assert _tc_flags(dp) == {"10.0.0.1": TC_ADDR_SNAT, "10.0.0.2": TC_ADDR_SNAT}
     dp.maps.nat_rev.delete(reply)
     dp.dump()
-    assert held() == {"10.0.0.2": TC_ADDR_SNAT}
+    assert _tc_flags(dp) == {"10.0.0.2": TC_ADDR_SNAT}

@@ -125,38 +125,6 @@ SOCK_HOOKS: tuple[Hook, ...] = (
 ALWAYS_HOOKS = tuple(h for h in SOCK_HOOKS if not h.needed_for)
 ON_DEMAND_HOOKS = tuple(h for h in SOCK_HOOKS if h.needed_for)
 
-# Map name -> pin file name (BCC pins under the names given in veer_maps.h).
-MAP_NAMES = (
-    "veer_services",
-    "veer_backends",
-    "veer_vips",
-    "veer_tc_addrs",
-    "veer_service_cidrs",
-    "veer_sock_revnat",
-    "veer_sock_peers",
-    "veer_affinity",
-    "veer_affinity_match",
-    "veer_nat_fwd",
-    "veer_nat_rev",
-    "veer_node",
-    "veer_lb_sources",
-    "veer_ext_affinity",
-    "veer_cluster_cidrs",
-    "veer_counters",
-    "veer_access",
-    "veer_access_hits",
-    "veer_netns_addrs",
-    "veer_rr_cursor",
-    "veer_backend_conns",
-    "veer_lc_socks",
-    "veer_lc_flows",
-    "veer_backend_conns_swept",
-    "veer_redirects",
-    "veer_proxy",
-    "veer_redirect_socks",
-    "veer_orig_dst",
-)
-
 
 @dataclass(frozen=True)
 class AttachedProgram:
