@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import json
+import math
 import os
 import signal
 import time
@@ -255,21 +256,33 @@ def test_an_api_server_restart_does_not_interrupt_traffic(env: Env) -> None:
 def test_network_programming_latency_is_recorded(env: Env) -> None:
     name = "kubeproxy_network_programming_duration_seconds"
     ip = env.cluster_ip("web")
-    for ready, backends in ((False, ["web-a"]), (True, ["web-a", "web-b"])):
-        # Conditions carry seconds: two flips in one second look like none to
-        # the EndpointSlice controller's trigger-time tracker.
-        time.sleep(1.1)
-        before = env.metrics()
-        env.cp.set_pod_status(NS, "web-b", POD_IPS["web-b"], ready=ready, host_ip=NODE_IP)
-        env.wait_backends(ip, 80, backends)
-        # The pass that programmed it has ended: the change was observed.
-        count = before[f"{name}_count"]
-        wait_until(lambda count=count: env.metrics()[f"{name}_count"] > count,  # type: ignore[misc]
-                   "the latency to be observed", 10, env.processes())
-        after = env.metrics()
-        seconds = after[f"{name}_sum"] - before[f"{name}_sum"]
-        observed = after[f"{name}_count"] - before[f"{name}_count"]
-        assert 0 < seconds / observed < 10  # from the Pod's change to programmed
+    try:
+        for ready, backends in ((False, ["web-a"]), (True, ["web-a", "web-b"])):
+            # Conditions carry seconds: two flips in one second look like none to
+            # the EndpointSlice controller's trigger-time tracker.
+            time.sleep(1.1)
+            before = env.metrics()
+            # The Pod's change is stamped with this second (see set_pod_status).
+            changed = math.floor(time.time())
+            env.cp.set_pod_status(NS, "web-b", POD_IPS["web-b"], ready=ready, host_ip=NODE_IP)
+            env.wait_backends(ip, 80, backends)
+            # The pass that programmed it has ended: the change was observed.
+            count = before[f"{name}_count"]
+            wait_until(lambda count=count: env.metrics()[f"{name}_count"] > count,  # type: ignore[misc]
+                       "the latency to be observed", 10, env.processes())
+            seen = time.time()
+            after = env.metrics()
+            seconds = after[f"{name}_sum"] - before[f"{name}_sum"]
+            observed = after[f"{name}_count"] - before[f"{name}_count"]
+            # From the Pod's change to programmed: after the change, and no
+            # longer than this test saw pass. How long that is depends on the
+            # EndpointSlice controller too (after the API server's restart in
+            # the test before, its informers catch up on their own back-off),
+            # so the bound is what the test measured, not a fixed figure.
+            assert 0 < seconds / observed <= seen - changed, (seconds, observed, seen - changed)
+    finally:
+        # The tests after this one expect web-b ready, whatever happened here.
+        env.cp.set_pod_status(NS, "web-b", POD_IPS["web-b"], ready=True, host_ip=NODE_IP)
 
 
 def test_a_trafficpolicy_is_accepted_programmed_and_in_force(env: Env) -> None:
