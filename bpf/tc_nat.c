@@ -721,6 +721,7 @@ struct veer_flow_scratch {
 	struct veer_nat_value fwd;
 	struct veer_nat_value rev;
 	struct veer_tuple reply;
+	struct bpf_sock_tuple sk; /* veer_port_owned's question */
 };
 
 BPF_PERCPU_ARRAY(veer_flow_scratch, struct veer_flow_scratch, 1);
@@ -742,11 +743,47 @@ static __always_inline int veer_tc_access(struct __sk_buff *skb, const struct ve
 	return 0;
 }
 
+/* Whether a socket of this node owns the reply tuple w->reply (backend ->
+ * node address and port): the node's own connection to that backend from
+ * that port, or a socket bound to the port. The backend could not tell a flow
+ * source-NATed to those ports from that connection, and veer_nat_rev knows
+ * only veer's flows: the kernel's socket table knows the node's (conntrack,
+ * which kube-proxy's SNAT relies on, sees both). */
+static __always_inline int veer_port_owned(struct __sk_buff *skb, struct veer_flow_scratch *w)
+{
+	struct bpf_sock_tuple *t = &w->sk;
+	struct bpf_sock *sk;
+	__u32 len;
+
+	if (w->reply.family == VEER_FAMILY_IPV4) {
+		__builtin_memcpy(&t->ipv4.saddr, w->reply.saddr, 4);
+		__builtin_memcpy(&t->ipv4.daddr, w->reply.daddr, 4);
+		t->ipv4.sport = w->reply.sport;
+		t->ipv4.dport = w->reply.dport;
+		len = sizeof(t->ipv4);
+	} else {
+		__builtin_memcpy(t->ipv6.saddr, w->reply.saddr, 16);
+		__builtin_memcpy(t->ipv6.daddr, w->reply.daddr, 16);
+		t->ipv6.sport = w->reply.sport;
+		t->ipv6.dport = w->reply.dport;
+		len = sizeof(t->ipv6);
+	}
+	if (w->reply.proto == VEER_IPPROTO_TCP)
+		sk = bpf_sk_lookup_tcp(skb, t, len, BPF_F_CURRENT_NETNS, 0);
+	else
+		sk = bpf_sk_lookup_udp(skb, t, len, BPF_F_CURRENT_NETNS, 0);
+	if (!sk)
+		return 0;
+	bpf_sk_release(sk);
+	return 1;
+}
+
 /* Source-NAT a new flow to this node's address: pick its source port and
  * reserve it by inserting the reply tuple w->reply into veer_nat_rev (a few
  * tries). Fills w->fwd's source and w->reply's destination; -1 when there is
  * no node address of the family or every port tried is taken. */
-static __always_inline int veer_snat(const struct veer_pkt *p, struct veer_flow_scratch *w)
+static __always_inline int veer_snat(struct __sk_buff *skb, const struct veer_pkt *p,
+				     struct veer_flow_scratch *w)
 {
 	struct veer_node_value *node;
 	struct veer_nat_value *held;
@@ -775,6 +812,8 @@ static __always_inline int veer_snat(const struct veer_pkt *p, struct veer_flow_
 			w->fwd.sport = bpf_htons(VEER_SNAT_PORT_MIN +
 						 (hash + i * 7919) % VEER_SNAT_PORT_RANGE);
 		w->reply.dport = w->fwd.sport;
+		if (veer_port_owned(skb, w))
+			continue; /* the node's own */
 		/* Look before inserting: the client's own port is usually still
 		 * held by its previous connection, and a failed insert into an LRU
 		 * map costs as much as a successful one. */
@@ -941,7 +980,7 @@ static __always_inline int veer_new_flow(struct __sk_buff *skb, const struct vee
 		if (carry && !short_circuit && veer_dsr_allowed(p, &fib)) {
 			w->fwd.last_seen_ns |= VEER_NAT_DSR;
 			dsr = 1;
-		} else if (veer_snat(p, w) < 0) {
+		} else if (veer_snat(skb, p, w) < 0) {
 			veer_count(VEER_CNT_NAT_FAIL);
 			veer_nat_failed(skb, p, frontend->service_id, backend, report_flags);
 			return TC_ACT_SHOT;
@@ -1242,6 +1281,7 @@ int veer_tc_egress(struct __sk_buff *skb)
 {
 	struct veer_pkt p;
 	struct veer_nat_value *nat;
+	__u32 flags;
 	__u64 now;
 
 	/* Only replies of local backends are restored here, and they come from
@@ -1252,8 +1292,17 @@ int veer_tc_egress(struct __sk_buff *skb)
 		return TC_ACT_OK;
 	if (veer_parse(skb, &p) != 0)
 		return TC_ACT_OK;
+	flags = veer_tc_addr_flags(p.t.saddr, p.t.family);
+	/* The node's own new connection (no ingress device: made here) from a
+	 * SNAT address. A flow veer source-NATed to the same ports before has
+	 * ended: its backend sees both as one tuple, so they cannot both live.
+	 * Its reply entry must not take this connection's replies, which come
+	 * in to the same address and ports (as veer_forget_reverse does for a
+	 * SYN that comes in through a device). */
+	if (p.syn && !p.iif && (flags & VEER_TC_ADDR_SNAT))
+		veer_forget_reverse(&p);
 	/* A reply comes from a backend: most of what pods send does not. */
-	if (!(veer_tc_addr_flags(p.t.saddr, p.t.family) & VEER_TC_ADDR_BACKEND))
+	if (!(flags & VEER_TC_ADDR_BACKEND))
 		return TC_ACT_OK;
 	nat = veer_nat_rev.lookup(&p.t);
 	if (!nat)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -409,6 +410,111 @@ def test_finished_connections_release_their_snat_ports(cluster: MultiNodeCluster
     closing = 1 << 63
     open_ = [v for v in held if not v.last_seen_ns & closing]
     assert not open_, f"{len(open_)} of {len(held)} SNAT entries of finished connections"
+
+
+FROM_PORT = """
+import socket, sys
+addr, port, src_port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+s = socket.socket(); s.settimeout(5)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", src_port)); s.connect((addr, port))
+s.sendall(b"GET /client HTTP/1.0\\r\\n\\r\\n"); data = b""
+while chunk := s.recv(4096): data += chunk
+s.close(); print(data.split(b"\\r\\n\\r\\n", 1)[1].decode().strip())
+"""
+
+
+def test_the_nodes_own_connection_reusing_the_ports_of_a_source_natted_flow(
+    cluster: MultiNodeCluster,
+) -> None:
+    """The outside client reaches web-c (on node-2) through node-1's
+    NodePort from port P: node-1 source-NATs it to 10.0.0.1:P (the client's
+    port, kept). The flow ends, and its reply entry stays 10 s for late
+    packets. Node-1 itself then connects to web-c from 10.0.0.1:P, the very
+    tuple web-c saw: the replies are node-1's, not the old flow's."""
+    cluster.write_manifest("web.yaml", web("Cluster", {"10.244.2.2": "node-2"}))
+    cluster.wait_external("10.0.0.1:30080/TCP", cluster.nodes[0], ["10.244.2.2:8080/TCP"],
+                          False)
+    port = 47123  # outside the tests' other fixed ports
+    via_nodeport = cluster.topo.exec(
+        cluster.external, [sys.executable, "-c", FROM_PORT, "10.0.0.1", "30080", str(port)],
+        timeout=30, in_cgroup=False)
+    assert via_nodeport.returncode == 0, via_nodeport.stderr
+    assert via_nodeport.stdout.split() == ["web-c:8080", "10.0.0.1"], via_nodeport.stdout
+    # The ended flow's reply entry is there, so the next connection meets it.
+    maps = SockLbMaps.open(cluster.nodes[0].bpffs)
+    try:
+        held = [k for k, _ in maps.nat_rev.items()
+                if bytes(k.saddr[:4]) == bytes([10, 244, 2, 2]) and socket.ntohs(k.sport) == 8080
+                and bytes(k.daddr[:4]) == bytes([10, 0, 0, 1]) and socket.ntohs(k.dport) == port
+                and k.proto == 6]
+    finally:
+        maps.close()
+    assert held, f"no reply entry for 10.0.0.1:{port}: the flow kept another port"
+    direct = cluster.topo.exec(
+        cluster.nodes[0].netns, [sys.executable, "-c", FROM_PORT, "10.244.2.2", "8080",
+                                 str(port)],
+        timeout=30, in_cgroup=False)
+    assert direct.returncode == 0, direct.stderr
+    assert direct.stdout.split() == ["web-c:8080", "10.0.0.1"], direct.stdout
+
+
+HOLD_FROM_PORT = """
+import http.client, sys
+conn = http.client.HTTPConnection(sys.argv[1], int(sys.argv[2]), timeout=5,
+                                  source_address=("0.0.0.0", int(sys.argv[3])))
+for _ in range(2):  # two requests on one connection, each after a line on stdin
+    conn.request("GET", "/client")
+    print(conn.getresponse().read().decode().strip(), flush=True)
+    sys.stdin.readline()
+"""
+
+
+def _snat_ports(cluster: MultiNodeCluster, backend: bytes) -> set[int]:
+    """The node-1 ports of veer_nat_rev's TCP entries from `backend`:8080."""
+    maps = SockLbMaps.open(cluster.nodes[0].bpffs)
+    try:
+        return {socket.ntohs(k.dport) for k, _ in maps.nat_rev.items()
+                if bytes(k.saddr[:4]) == backend and socket.ntohs(k.sport) == 8080
+                and bytes(k.daddr[:4]) == bytes([10, 0, 0, 1]) and k.proto == 6}
+    finally:
+        maps.close()
+
+
+def test_a_source_natted_flow_avoids_the_ports_of_the_nodes_own_connection(
+    cluster: MultiNodeCluster,
+) -> None:
+    """Node-1 holds a connection to web-c from 10.0.0.1:P. The outside client
+    then reaches web-c through node-1's NodePort from its port P too: the
+    source NAT must not keep P (web-c would see the node's tuple again), and
+    both connections go on."""
+    cluster.write_manifest("web.yaml", web("Cluster", {"10.244.2.2": "node-2"}))
+    cluster.wait_external("10.0.0.1:30080/TCP", cluster.nodes[0], ["10.244.2.2:8080/TCP"],
+                          False)
+    port = 47124
+    web_c = bytes([10, 244, 2, 2])
+    assert port not in _snat_ports(cluster, web_c)
+    node = subprocess.Popen(
+        ["ip", "netns", "exec", cluster.nodes[0].netns, sys.executable, "-c", HOLD_FROM_PORT,
+         "10.244.2.2", "8080", str(port)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    cluster.topo._procs.append(node)
+    assert node.stdin is not None and node.stdout is not None
+    assert node.stdout.readline().split() == ["web-c:8080", "10.0.0.1"], node.stderr
+    via_nodeport = cluster.topo.exec(
+        cluster.external, [sys.executable, "-c", FROM_PORT, "10.0.0.1", "30080", str(port)],
+        timeout=30, in_cgroup=False)
+    assert via_nodeport.returncode == 0, via_nodeport.stderr
+    assert via_nodeport.stdout.split() == ["web-c:8080", "10.0.0.1"], via_nodeport.stdout
+    ports = _snat_ports(cluster, web_c)
+    assert ports and port not in ports, ports  # source-NATed, to another port
+    node.stdin.write("\n")
+    node.stdin.flush()
+    assert node.stdout.readline().split() == ["web-c:8080", "10.0.0.1"]  # still the node's
+    node.stdin.write("\n")
+    node.stdin.flush()
+    assert node.wait(timeout=10) == 0, node.stderr.read() if node.stderr else ""
+    cluster.topo.forget(node)
 
 
 def test_access_rules_drop_denied_outside_clients(cluster: MultiNodeCluster) -> None:

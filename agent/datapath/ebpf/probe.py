@@ -27,7 +27,8 @@ HELPERS = {
                          "bpf_ktime_get_ns", "bpf_get_prandom_u32", "bpf_ringbuf_reserve"),
     "sched_cls": ("bpf_fib_lookup", "bpf_redirect_neigh", "bpf_skb_change_tail",
                   "bpf_csum_diff", "bpf_tail_call", "bpf_ringbuf_reserve",
-                  "bpf_skb_adjust_room"),
+                  "bpf_skb_adjust_room", "bpf_sk_lookup_tcp", "bpf_sk_lookup_udp",
+                  "bpf_sk_release"),
     "cgroup_sock": ("bpf_get_socket_cookie",),
     "sock_ops": ("bpf_get_socket_cookie",),
 }
