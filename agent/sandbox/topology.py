@@ -288,13 +288,14 @@ class Topology:
         stdout: int | IO[Any] | None = subprocess.DEVNULL,
         stderr: int | IO[Any] | None = subprocess.DEVNULL,
         env: dict[str, str] | None = None,
+        stdin: int | IO[Any] | None = subprocess.DEVNULL,
     ) -> subprocess.Popen[Any]:
         """Start a long-running process in `netns`, inside the test cgroup if asked."""
         proc = subprocess.Popen(
             ["ip", "netns", "exec", netns, *argv],
             stdout=stdout,
             stderr=stderr,
-            stdin=subprocess.DEVNULL,
+            stdin=stdin,
             preexec_fn=self._join_cgroup if in_cgroup else None,
             env=env,
         )

@@ -346,15 +346,20 @@ def test_udp_service_scaled_to_zero_and_back(cluster: MultiNodeCluster) -> None:
     assert back["answers"] == {"web-c": 10} and back["errors"] == {}, back
 
 
-REUSE_PORT = """
+# get(addr, port, src_port, path): one HTTP/1.0 GET from that source port,
+# its body. The scripts below run it in a client's namespace.
+GET_FROM_PORT = """
 import socket, sys
-def get(addr, port, src_port):
-    s = socket.socket(); s.settimeout(3)
+def get(addr, port, src_port, path="/"):
+    s = socket.socket(); s.settimeout(5)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     s.bind(("0.0.0.0", src_port)); s.connect((addr, port))
-    s.sendall(b"GET / HTTP/1.0\\r\\n\\r\\n"); data = b""
+    s.sendall(b"GET " + path.encode() + b" HTTP/1.0\\r\\n\\r\\n"); data = b""
     while chunk := s.recv(4096): data += chunk
     s.close(); return data.split(b"\\r\\n\\r\\n", 1)[1].decode().strip()
+"""
+
+REUSE_PORT = GET_FROM_PORT + """
 local = {"web-a": "10.244.1.2", "web-b": "10.244.1.3"}  # node-1's pods: no SNAT
 for port in range(45678, 45698):  # web-c (remote, SNAT) would not test this
     first = get(sys.argv[1], int(sys.argv[2]), port)
@@ -412,16 +417,21 @@ def test_finished_connections_release_their_snat_ports(cluster: MultiNodeCluster
     assert not open_, f"{len(open_)} of {len(held)} SNAT entries of finished connections"
 
 
-FROM_PORT = """
-import socket, sys
-addr, port, src_port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-s = socket.socket(); s.settimeout(5)
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", src_port)); s.connect((addr, port))
-s.sendall(b"GET /client HTTP/1.0\\r\\n\\r\\n"); data = b""
-while chunk := s.recv(4096): data += chunk
-s.close(); print(data.split(b"\\r\\n\\r\\n", 1)[1].decode().strip())
+# argv: address, port, source port; prints "<pod>:<port> <client address seen>".
+FROM_PORT = GET_FROM_PORT + """
+print(get(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), "/client"))
 """
+
+
+def _snat_ports(cluster: MultiNodeCluster, backend: bytes) -> set[int]:
+    """The node-1 ports of veer_nat_rev's TCP entries from `backend`:8080."""
+    maps = SockLbMaps.open(cluster.nodes[0].bpffs)
+    try:
+        return {socket.ntohs(k.dport) for k, _ in maps.nat_rev.items()
+                if bytes(k.saddr[:4]) == backend and socket.ntohs(k.sport) == 8080
+                and bytes(k.daddr[:4]) == bytes([10, 0, 0, 1]) and k.proto == 6}
+    finally:
+        maps.close()
 
 
 def test_the_nodes_own_connection_reusing_the_ports_of_a_source_natted_flow(
@@ -442,15 +452,7 @@ def test_the_nodes_own_connection_reusing_the_ports_of_a_source_natted_flow(
     assert via_nodeport.returncode == 0, via_nodeport.stderr
     assert via_nodeport.stdout.split() == ["web-c:8080", "10.0.0.1"], via_nodeport.stdout
     # The ended flow's reply entry is there, so the next connection meets it.
-    maps = SockLbMaps.open(cluster.nodes[0].bpffs)
-    try:
-        held = [k for k, _ in maps.nat_rev.items()
-                if bytes(k.saddr[:4]) == bytes([10, 244, 2, 2]) and socket.ntohs(k.sport) == 8080
-                and bytes(k.daddr[:4]) == bytes([10, 0, 0, 1]) and socket.ntohs(k.dport) == port
-                and k.proto == 6]
-    finally:
-        maps.close()
-    assert held, f"no reply entry for 10.0.0.1:{port}: the flow kept another port"
+    assert port in _snat_ports(cluster, bytes([10, 244, 2, 2])), "the flow kept another port"
     direct = cluster.topo.exec(
         cluster.nodes[0].netns, [sys.executable, "-c", FROM_PORT, "10.244.2.2", "8080",
                                  str(port)],
@@ -470,17 +472,6 @@ for _ in range(2):  # two requests on one connection, each after a line on stdin
 """
 
 
-def _snat_ports(cluster: MultiNodeCluster, backend: bytes) -> set[int]:
-    """The node-1 ports of veer_nat_rev's TCP entries from `backend`:8080."""
-    maps = SockLbMaps.open(cluster.nodes[0].bpffs)
-    try:
-        return {socket.ntohs(k.dport) for k, _ in maps.nat_rev.items()
-                if bytes(k.saddr[:4]) == backend and socket.ntohs(k.sport) == 8080
-                and bytes(k.daddr[:4]) == bytes([10, 0, 0, 1]) and k.proto == 6}
-    finally:
-        maps.close()
-
-
 def test_a_source_natted_flow_avoids_the_ports_of_the_nodes_own_connection(
     cluster: MultiNodeCluster,
 ) -> None:
@@ -494,13 +485,12 @@ def test_a_source_natted_flow_avoids_the_ports_of_the_nodes_own_connection(
     port = 47124
     web_c = bytes([10, 244, 2, 2])
     assert port not in _snat_ports(cluster, web_c)
-    node = subprocess.Popen(
-        ["ip", "netns", "exec", cluster.nodes[0].netns, sys.executable, "-c", HOLD_FROM_PORT,
-         "10.244.2.2", "8080", str(port)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    cluster.topo._procs.append(node)
+    node = cluster.topo.spawn(
+        cluster.nodes[0].netns,
+        [sys.executable, "-c", HOLD_FROM_PORT, "10.244.2.2", "8080", str(port)],
+        in_cgroup=False, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert node.stdin is not None and node.stdout is not None
-    assert node.stdout.readline().split() == ["web-c:8080", "10.0.0.1"], node.stderr
+    assert node.stdout.readline().split() == [b"web-c:8080", b"10.0.0.1"]
     via_nodeport = cluster.topo.exec(
         cluster.external, [sys.executable, "-c", FROM_PORT, "10.0.0.1", "30080", str(port)],
         timeout=30, in_cgroup=False)
@@ -508,12 +498,12 @@ def test_a_source_natted_flow_avoids_the_ports_of_the_nodes_own_connection(
     assert via_nodeport.stdout.split() == ["web-c:8080", "10.0.0.1"], via_nodeport.stdout
     ports = _snat_ports(cluster, web_c)
     assert ports and port not in ports, ports  # source-NATed, to another port
-    node.stdin.write("\n")
+    node.stdin.write(b"\n")
     node.stdin.flush()
-    assert node.stdout.readline().split() == ["web-c:8080", "10.0.0.1"]  # still the node's
-    node.stdin.write("\n")
+    assert node.stdout.readline().split() == [b"web-c:8080", b"10.0.0.1"]  # still the node's
+    node.stdin.write(b"\n")
     node.stdin.flush()
-    assert node.wait(timeout=10) == 0, node.stderr.read() if node.stderr else ""
+    assert node.wait(timeout=10) == 0, node.stderr.read() if node.stderr else b""
     cluster.topo.forget(node)
 
 
