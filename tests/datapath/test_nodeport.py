@@ -359,9 +359,13 @@ def get(addr, port, src_port, path="/"):
     s.close(); return data.split(b"\\r\\n\\r\\n", 1)[1].decode().strip()
 """
 
+# The fixed source ports of these scripts lie below the ephemeral range
+# (32768-60999): a port the kernel gave an earlier connection of the same
+# namespace may still be in TIME_WAIT, without SO_REUSEADDR, and bind() would
+# fail with EADDRINUSE.
 REUSE_PORT = GET_FROM_PORT + """
 local = {"web-a": "10.244.1.2", "web-b": "10.244.1.3"}  # node-1's pods: no SNAT
-for port in range(45678, 45698):  # web-c (remote, SNAT) would not test this
+for port in range(24678, 24698):  # web-c (remote, SNAT) would not test this
     first = get(sys.argv[1], int(sys.argv[2]), port)
     if first.split(":")[0] in local:
         print(first, get(local[first.split(":")[0]], 8080, port))
@@ -445,7 +449,7 @@ def test_the_nodes_own_connection_reusing_the_ports_of_a_source_natted_flow(
     cluster.write_manifest("web.yaml", web("Cluster", {"10.244.2.2": "node-2"}))
     cluster.wait_external("10.0.0.1:30080/TCP", cluster.nodes[0], ["10.244.2.2:8080/TCP"],
                           False)
-    port = 47123  # outside the tests' other fixed ports
+    port = 27123  # outside the tests' other fixed ports
     via_nodeport = cluster.topo.exec(
         cluster.external, [sys.executable, "-c", FROM_PORT, "10.0.0.1", "30080", str(port)],
         timeout=30, in_cgroup=False)
@@ -482,7 +486,7 @@ def test_a_source_natted_flow_avoids_the_ports_of_the_nodes_own_connection(
     cluster.write_manifest("web.yaml", web("Cluster", {"10.244.2.2": "node-2"}))
     cluster.wait_external("10.0.0.1:30080/TCP", cluster.nodes[0], ["10.244.2.2:8080/TCP"],
                           False)
-    port = 47124
+    port = 27124
     web_c = bytes([10, 244, 2, 2])
     assert port not in _snat_ports(cluster, web_c)
     node = cluster.topo.spawn(
@@ -558,11 +562,19 @@ def test_algorithms_on_the_per_packet_path(cluster: MultiNodeCluster) -> None:
         "web-rr", loadBalancing={"algorithm": "RoundRobin"}))
     cluster.wait_status(node, lambda s: "default/web-rr" in s.get("policies", {}),
                         "web-rr in force on node-1")
-    rr = cluster.probe_from_outside("tcp", "10.0.0.1", "30080", "--count", "30",
-                                    "--timeout", "5")
+    maps = [SockLbMaps.open(n.bpffs) for n in cluster.nodes]
+    try:
+        before = [m.counters() for m in maps]
+        rr = cluster.probe_from_outside("tcp", "10.0.0.1", "30080", "--count", "30",
+                                        "--timeout", "5")
+        moved = [{k: v - b.get(k, 0) for k, v in m.counters().items() if v != b.get(k, 0)}
+                 for m, b in zip(maps, before, strict=True)]
+    finally:
+        for m in maps:
+            m.close()
     seq = [a.split(":")[0] for a in rr["sequence"]]
     assert rr["errors"] == {} and sorted(set(seq)) == ["web-a", "web-b", "web-c"], rr
-    assert all(seq[i] == seq[i % 3] for i in range(30)), seq
+    assert all(seq[i] == seq[i % 3] for i in range(30)), f"{' '.join(seq)}; {moved}"
 
     cluster.write_manifest("web.yaml", web("Cluster", ALL) + "---\n" + _policy(
         "web-maglev", loadBalancing={"algorithm": "Maglev"}))
