@@ -45,7 +45,7 @@ from pathlib import Path
 import benchlib
 from benchlib import REPO, log
 from versus import report
-from versus.apiload import ApiWriter, Port, ServiceSpec
+from versus.apiload import ApiWriter, EtcdEraser, Port, ServiceSpec
 from versus.cluster import BACKEND_NODE, HTTP_PORT, IPERF_PORT, WEB_IP, BenchCluster
 from versus.datapath import BENCH_VIP, NODE_PORTS, PATHS, Datapath, PathDef
 from versus.programming import (
@@ -121,6 +121,7 @@ class Run:
         self.cluster = cluster
         cp = cluster.control_plane
         self.writer = ApiWriter(cp.url, str(cp.ca_file), cp.tokens["admin"], threads=16)
+        self.eraser = EtcdEraser(cp.etcd_url)
         self.proxies = all_proxies(cluster)
         self.loads: list[report.Load] = []
         self.cps: list[CpResult] = []
@@ -220,8 +221,13 @@ class Run:
                 self.remove(specs)
 
     def remove(self, specs: list[ServiceSpec]) -> None:
+        """Between runs, no proxy running: erased in etcd (apiload.py says
+        why), then the API server is waited for until it lists none."""
         start = time.monotonic()
-        self.writer.delete(specs, LOAD_NAMESPACE)
+        keys = self.eraser.erase(specs, LOAD_NAMESPACE)
+        if keys != 3 * len(specs):  # a Service, its slice, its IPAddress
+            raise RuntimeError(f"erased {keys:,} etcd keys for {len(specs):,} Services, not 3 "
+                               "each: the API server's etcd layout is not apiload.py's")
         self.writer.wait_gone(LOAD_NAMESPACE)
         log(f"  removed {len(specs):,} Services in {time.monotonic() - start:.1f} s")
 

@@ -11,10 +11,20 @@ programming latency metric sees every change.
 Objects go through a few keep-alive HTTPS connections in parallel threads
 (kubectl, one request per process or object, is far slower); the admin
 token is used, since what is measured is the proxies, not the writer.
+
+Between two proxies' runs, while no proxy is running, a load is erased from
+etcd directly (EtcdEraser), not DELETEd through the API server: nothing is
+measured then, and the API server's DELETE path grows with N (each freed
+ClusterIP has its allocator count every IPAddress object for a metric), so
+that erasing 10,000 Services took it 104.7-121.9 s per proxy in run
+compare-20261126-183729 (bench/reports/), a third of the 30 minutes' margin.
+The API server learns of the erasure through its etcd watch, as of any
+change, and the next proxy starts from that state.
 """
 
 from __future__ import annotations
 
+import base64
 import http.client
 import ipaddress
 import json
@@ -22,6 +32,7 @@ import queue
 import ssl
 import threading
 import time
+import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -31,6 +42,10 @@ from typing import Any
 TRIGGER = "endpoints.kubernetes.io/last-change-trigger-time"
 SERVICES = "/api/v1/namespaces/{ns}/services"
 SLICES = "/apis/discovery.k8s.io/v1/namespaces/{ns}/endpointslices"
+# Where the API server keeps them in etcd (its default --etcd-prefix).
+ETCD_SERVICE = "/registry/services/specs/{ns}/{name}"
+ETCD_SLICE = "/registry/endpointslices/{ns}/{name}"
+ETCD_IPADDRESS = "/registry/ipaddresses/{ip}"
 
 Body = dict[str, Any] | Callable[[], dict[str, Any]] | None
 Job = tuple[str, str, Body]  # method, path, body
@@ -201,17 +216,55 @@ class ApiWriter:
 
     def wait_gone(self, namespace: str, timeout: float = 300.0,
                   alive: Callable[[], None] = lambda: None) -> None:
-        """Until no Service is left in `namespace`."""
+        """Until the API server lists no Service and no EndpointSlice in
+        `namespace`."""
         conn = self._conn()
         deadline = time.monotonic() + timeout
         try:
             while True:
-                got = self.request(conn, "GET", SERVICES.format(ns=namespace) + "?limit=1")
-                if not got.get("items"):
+                if not any(self.request(conn, "GET", kind.format(ns=namespace) + "?limit=1")
+                           .get("items") for kind in (SERVICES, SLICES)):
                     return
                 alive()
                 if time.monotonic() > deadline:
-                    raise TimeoutError(f"Services in {namespace} still there after {timeout} s")
+                    raise TimeoutError(f"Services or EndpointSlices in {namespace} still there "
+                                       f"after {timeout} s")
                 time.sleep(0.5)
         finally:
             conn.close()
+
+
+class EtcdEraser:
+    """Erases what ApiWriter.create made, straight from etcd (see the module's
+    docstring for why), while no proxy runs: the Services first, so that
+    the API server's ClusterIP repair never meets a Service whose IPAddress
+    object is gone (it would make it again), then their EndpointSlices and
+    IPAddress objects. Through etcd's JSON gateway, in transactions of at
+    most 128 deletions (etcd's default --max-txn-ops)."""
+
+    TXN_OPS = 128
+
+    def __init__(self, etcd_url: str) -> None:
+        self.url = etcd_url.rstrip("/")
+
+    def erase(self, specs: Sequence[ServiceSpec], namespace: str) -> int:
+        """Returns how many keys were deleted (three per Service when all
+        were there)."""
+        keys = [ETCD_SERVICE.format(ns=namespace, name=s.name) for s in specs]
+        keys += [ETCD_SLICE.format(ns=namespace, name=f"{s.name}-1") for s in specs]
+        keys += [ETCD_IPADDRESS.format(ip=s.cluster_ip) for s in specs]
+        deleted = 0
+        for start in range(0, len(keys), self.TXN_OPS):
+            ops = [{"requestDeleteRange": {"key": base64.b64encode(k.encode()).decode()}}
+                   for k in keys[start:start + self.TXN_OPS]]
+            answer = self._post("/v3/kv/txn", {"success": ops})
+            for response in answer.get("responses", []):
+                deleted += int(response.get("response_delete_range", {}).get("deleted", 0))
+        return deleted
+
+    def _post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        req = urllib.request.Request(self.url + path, data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"},
+                                     method="POST")
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return dict(json.load(resp))
