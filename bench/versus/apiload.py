@@ -15,9 +15,9 @@ token is used, since what is measured is the proxies, not the writer.
 Between two proxies' runs, while no proxy is running, a load is erased from
 etcd directly (EtcdEraser), not DELETEd through the API server: nothing is
 measured then, and the API server's DELETE path grows with N (each freed
-ClusterIP has its allocator count every IPAddress object for a metric), so
-that erasing 10,000 Services took it 104.7-121.9 s per proxy in run
-compare-20261126-183729 (bench/reports/), a third of the 30 minutes' margin.
+ClusterIP has its allocator count every IPAddress object for a metric):
+removing 10,000 Services took it 104.7-121.9 s per proxy in run
+compare-20261126-183729 (bench/reports/), twice in each run.
 The API server learns of the erasure through its etcd watch, as of any
 change, and the next proxy starts from that state.
 """
