@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import pytest
 
@@ -89,3 +89,28 @@ def no_leftovers() -> Iterator[None]:
     assert not (leaked_ns or leaked_cg or leaked_pins), (
         f"left behind: {leaked_ns} {leaked_cg} {leaked_pins}"
     )
+
+
+def run_bench(argv: Sequence[str], timeout: float, cwd: str | os.PathLike[str] | None = None
+              ) -> subprocess.CompletedProcess[str]:
+    """Run a bench script to its end, its output captured, as subprocess.run
+    would, except when this test is interrupted or times out: then the bench
+    gets SIGTERM and up to BENCH_UNWIND_S to remove what it built (benchlib
+    unwinds SIGTERM like Ctrl-C), where subprocess.run would SIGKILL it and
+    leave its namespaces, cgroups, pins and processes behind."""
+    proc = subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=cwd)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except BaseException:
+        proc.terminate()
+        try:
+            proc.communicate(timeout=BENCH_UNWIND_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+        raise
+    return subprocess.CompletedProcess(list(argv), proc.returncode, out, err)
+
+
+BENCH_UNWIND_S = 120.0

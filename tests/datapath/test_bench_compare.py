@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from agent.sandbox.topology import BPFFS_MOUNT, CGROUP_MOUNT
+from tests.datapath.conftest import run_bench
 from tests.e2e.controlplane import bin_dir, build_binaries, missing_binaries
 
 REPO = Path(__file__).resolve().parents[2]
@@ -40,8 +41,8 @@ def test_compare_quick_fills_every_column(tmp_path: Path) -> None:
         build_binaries()  # seconds when cached under ~/.cache/veer
     assert not missing_binaries(), bin_dir()
 
-    res = subprocess.run([sys.executable, str(BENCH), "--quick", "--out", str(tmp_path)],
-                         capture_output=True, text=True, timeout=880, cwd=REPO)
+    res = run_bench([sys.executable, str(BENCH), "--quick", "--out", str(tmp_path)],
+                    timeout=880, cwd=REPO)
     output = res.stdout + res.stderr
     assert res.returncode == 0, output[-6000:]
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from agent.sandbox.topology import BPFFS_MOUNT, CGROUP_MOUNT
+from tests.datapath.conftest import run_bench
 
 REPO = Path(__file__).resolve().parents[2]
 BENCH = REPO / "bench" / "observe.py"
@@ -28,10 +29,8 @@ def test_observe_bench_quick_prints_the_on_off_ratio(tmp_path: Path) -> None:
         pytest.skip("bench/observe.py needs root (network namespaces, eBPF programs)")
     if shutil.which("wrk") is None:
         pytest.skip("wrk is not installed (apt-get install wrk)")
-    res = subprocess.run(
-        [sys.executable, str(BENCH), "--quick", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=280, cwd=REPO,
-    )
+    res = run_bench([sys.executable, str(BENCH), "--quick", "--out", str(tmp_path)],
+                    timeout=280, cwd=REPO)
     output = res.stdout + res.stderr
     assert res.returncode == 0, output
 

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import re
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.datapath.conftest import run_bench
 
 REPO = Path(__file__).resolve().parents[2]
 BENCH = REPO / "bench" / "sockmap.py"
@@ -33,8 +34,8 @@ def test_sockmap_bench_quick_reports_each_message_size(tmp_path: Path) -> None:
     for tool in ("iperf3", "sockperf"):
         if shutil.which(tool) is None:
             pytest.fail(f"{tool} is not installed: scripts/setup.sh installs it")
-    res = subprocess.run([sys.executable, str(BENCH), "--quick", "--out", str(tmp_path)],
-                         capture_output=True, text=True, timeout=400, cwd=REPO)
+    res = run_bench([sys.executable, str(BENCH), "--quick", "--out", str(tmp_path)],
+                    timeout=400, cwd=REPO)
     if "sockmap acceleration is not usable here" in res.stdout:
         pytest.skip(res.stdout.strip().splitlines()[-1])  # this kernel: the reason printed
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -49,8 +50,8 @@ LATENCY_ROW = re.compile(r"^\| (?P<path>direct|redirected) \| [\d.]+ \| [\d.]+ \
 def test_redirect_bench_quick_reports_both_paths(tmp_path: Path) -> None:
     if shutil.which("haproxy") is None:
         pytest.fail("haproxy is not installed: scripts/setup.sh installs it")
-    res = subprocess.run([sys.executable, str(REDIRECT_BENCH), "--quick", "--out", str(tmp_path)],
-                         capture_output=True, text=True, timeout=400, cwd=REPO)
+    res = run_bench([sys.executable, str(REDIRECT_BENCH), "--quick", "--out", str(tmp_path)],
+                    timeout=400, cwd=REPO)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert [m["path"] for m in LATENCY_ROW.finditer(res.stdout)] == ["direct", "redirected"]
     assert "Added by the redirect: p50 " in res.stdout

@@ -8,12 +8,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.datapath.conftest import run_bench
 from tests.datapath.test_bench_smoke import assert_nothing_left
 from tests.e2e.controlplane import bin_dir, build_binaries, missing_binaries
 
@@ -38,8 +38,8 @@ def test_progcost_quick_counts_veer_programs_per_connection(tmp_path: Path) -> N
     assert not missing_binaries(), bin_dir()
     switch_before = SWITCH.read_text()
 
-    res = subprocess.run([sys.executable, str(BENCH), "--quick", "--out", str(tmp_path)],
-                         capture_output=True, text=True, timeout=580, cwd=REPO)
+    res = run_bench([sys.executable, str(BENCH), "--quick", "--out", str(tmp_path)],
+                    timeout=580, cwd=REPO)
     output = res.stdout + res.stderr
     assert res.returncode == 0, output[-6000:]
     assert SWITCH.read_text() == switch_before

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from agent.sandbox.topology import BPFFS_MOUNT, CGROUP_MOUNT
+from tests.datapath.conftest import run_bench
 
 REPO = Path(__file__).resolve().parents[2]
 BENCH = REPO / "bench" / "clusterip.py"
@@ -40,10 +41,8 @@ def run_quick(bench: Path, out: Path) -> subprocess.CompletedProcess[str]:
         pytest.skip(f"{bench.relative_to(REPO)} needs root (network namespaces, eBPF programs)")
     if shutil.which("wrk") is None:
         pytest.skip("wrk is not installed (apt-get install wrk)")
-    res = subprocess.run(
-        [sys.executable, str(bench), "--quick", "--out", str(out)],
-        capture_output=True, text=True, timeout=280, cwd=REPO,
-    )
+    res = run_bench([sys.executable, str(bench), "--quick", "--out", str(out)],
+                    timeout=280, cwd=REPO)
     assert res.returncode == 0, res.stdout + res.stderr
     return res
 
