@@ -225,9 +225,10 @@ class Run:
         why), then the API server is waited for until it lists none."""
         start = time.monotonic()
         keys = self.eraser.erase(specs, LOAD_NAMESPACE)
-        if keys != 3 * len(specs):  # a Service, its slice, its IPAddress
-            raise RuntimeError(f"erased {keys:,} etcd keys for {len(specs):,} Services, not 3 "
-                               "each: the API server's etcd layout is not apiload.py's")
+        if keys != EtcdEraser.KEYS_PER_SERVICE * len(specs):
+            raise RuntimeError(f"erased {keys:,} etcd keys for {len(specs):,} Services, not "
+                               f"{EtcdEraser.KEYS_PER_SERVICE} each: the API server's etcd "
+                               "layout is not apiload.py's")
         self.writer.wait_gone(LOAD_NAMESPACE)
         log(f"  removed {len(specs):,} Services in {time.monotonic() - start:.1f} s")
 

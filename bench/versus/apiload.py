@@ -243,13 +243,14 @@ class EtcdEraser:
     most 128 deletions (etcd's default --max-txn-ops)."""
 
     TXN_OPS = 128
+    KEYS_PER_SERVICE = 3  # the Service, its EndpointSlice, its IPAddress
 
     def __init__(self, etcd_url: str) -> None:
         self.url = etcd_url.rstrip("/")
 
     def erase(self, specs: Sequence[ServiceSpec], namespace: str) -> int:
-        """Returns how many keys were deleted (three per Service when all
-        were there)."""
+        """Returns how many keys were deleted (KEYS_PER_SERVICE per Service
+        when all were there)."""
         keys = [ETCD_SERVICE.format(ns=namespace, name=s.name) for s in specs]
         keys += [ETCD_SLICE.format(ns=namespace, name=f"{s.name}-1") for s in specs]
         keys += [ETCD_IPADDRESS.format(ip=s.cluster_ip) for s in specs]

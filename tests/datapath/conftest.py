@@ -97,7 +97,9 @@ def run_bench(argv: Sequence[str], timeout: float, cwd: str | os.PathLike[str] |
     would, except when this test is interrupted or times out: then the bench
     gets SIGTERM and up to BENCH_UNWIND_S to remove what it built (benchlib
     unwinds SIGTERM like Ctrl-C), where subprocess.run would SIGKILL it and
-    leave its namespaces, cgroups, pins and processes behind."""
+    leave its namespaces, cgroups, pins and processes behind. (Not
+    topology.stop_process: it wait()s, and a bench still writing to a full
+    pipe meanwhile would never end; communicate() keeps reading.)"""
     proc = subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, cwd=cwd)
     try:

@@ -549,22 +549,6 @@ def _policy(name: str, **spec: object) -> str:
                        "spec": {"targetRefs": [{"name": "web"}], **spec}}) + "\n"
 
 
-def _tc_counters(cluster: MultiNodeCluster) -> list[dict[str, int]]:
-    """Each node's eBPF counters (an empty dict for a node without pinned
-    maps: the TPROXY runs of these tests, test_tproxy_nodes.py)."""
-    out: list[dict[str, int]] = []
-    for node in cluster.nodes:
-        if not os.path.exists(os.path.join(node.bpffs, "veer_nat_fwd")):
-            out.append({})
-            continue
-        maps = SockLbMaps.open(node.bpffs)
-        try:
-            out.append(dict(maps.counters()))
-        finally:
-            maps.close()
-    return out
-
-
 def test_algorithms_on_the_per_packet_path(cluster: MultiNodeCluster) -> None:
     """RoundRobin and Maglev choose for flows from outside too (the TC
     program shares the socket path's veer_pick): one outside client's
@@ -578,15 +562,12 @@ def test_algorithms_on_the_per_packet_path(cluster: MultiNodeCluster) -> None:
         "web-rr", loadBalancing={"algorithm": "RoundRobin"}))
     cluster.wait_status(node, lambda s: "default/web-rr" in s.get("policies", {}),
                         "web-rr in force on node-1")
-    before = _tc_counters(cluster)
-    rr = cluster.probe_from_outside("tcp", "10.0.0.1", "30080", "--count", "30",
-                                    "--timeout", "5")
-    after = _tc_counters(cluster)
-    moved = [{k: v - b.get(k, 0) for k, v in a.items() if v != b.get(k, 0)}
-             for a, b in zip(after, before, strict=True)]
+    rr, moved = counted(cluster, lambda: cluster.probe_from_outside(
+        "tcp", "10.0.0.1", "30080", "--count", "30", "--timeout", "5"))
     seq = [a.split(":")[0] for a in rr["sequence"]]
     assert rr["errors"] == {} and sorted(set(seq)) == ["web-a", "web-b", "web-c"], rr
-    assert all(seq[i] == seq[i % 3] for i in range(30)), f"{' '.join(seq)}; {moved}"
+    assert all(seq[i] == seq[i % 3] for i in range(30)), (
+        f"{' '.join(seq)}; counted: {[{k: n for k, n in c.items() if n} for c in moved]}")
 
     cluster.write_manifest("web.yaml", web("Cluster", ALL) + "---\n" + _policy(
         "web-maglev", loadBalancing={"algorithm": "Maglev"}))
@@ -747,15 +728,20 @@ def program(cluster: MultiNodeCluster, pods: list[str]) -> None:
 
 def counted(cluster: MultiNodeCluster, run: Callable[[], dict[str, Any]]
             ) -> tuple[dict[str, Any], list[dict[str, int]]]:
-    """`run`'s result and what each node's datapath counted meanwhile."""
-    maps = [SockLbMaps.open(n.bpffs) for n in cluster.nodes]
+    """`run`'s result and what each node's datapath counted meanwhile (an
+    empty dict for a node without pinned maps: the TPROXY runs of these
+    tests, test_tproxy_nodes.py)."""
+    maps = [SockLbMaps.open(n.bpffs)
+            if os.path.exists(os.path.join(n.bpffs, "veer_nat_fwd")) else None
+            for n in cluster.nodes]
     try:
-        before = [m.counters() for m in maps]
+        before = [m.counters() if m else {} for m in maps]
         result = run()
-        after = [m.counters() for m in maps]
+        after = [m.counters() if m else {} for m in maps]
     finally:
         for m in maps:
-            m.close()
+            if m:
+                m.close()
     return result, [{k: a[k] - b.get(k, 0) for k in a} for a, b in zip(after, before,
                                                                           strict=True)]
 
