@@ -62,10 +62,18 @@ class BoundedFrequencyRunner:
         self._thread: threading.Thread | None = None
 
     def run(self) -> None:
-        """Request a pass as soon as the rate limit allows."""
+        """Request a pass as soon as the rate limit allows.
+
+        Only the first request since the last pass wakes the loop. While one
+        is pending the loop already counts on it: it is either about to run
+        the pass or waiting for exactly the token that pass needs. Waking it
+        again for each event of a burst (thousands when a load arrives) would
+        only make it decide to wait again, a thread switch each time.
+        """
         with self._cond:
-            self._pending = True
-            self._cond.notify()
+            if not self._pending:
+                self._pending = True
+                self._cond.notify()
 
     def retry_after(self, delay: float) -> None:
         with self._cond:

@@ -42,11 +42,35 @@ from agent.model.objects import (
 )
 from agent.model.parse import (
     parse_endpoint_slice,
+    parse_ip,
     parse_node,
     parse_object,
     parse_service,
     parse_traffic_policy,
 )
+
+# ---- addresses ----------------------------------------------------------------
+
+# The fast IPv4 path must accept and refuse exactly what ipaddress does.
+ADDRESS_TEXTS = [
+    "10.244.1.17", "0.0.0.0", "255.255.255.255", "fd00::1", "::ffff:10.0.0.1", "::",
+    "01.2.3.4", "1.2.3.04", "1.2.3", "1", "0x1.2.3.4", "256.1.1.1", "1.2.3.-1",
+    " 1.2.3.4", "1.2.3.4 ", "1.2.3.4\n", "1.2.3.4\x00", "1.2.3.4.5", "1.2.3.4/32",
+    "\uff11.2.3.4", "1.2.3.\u0664", "", "fd00::g", "10.0.0.1%eth0",
+]
+
+
+@pytest.mark.parametrize("text", ADDRESS_TEXTS)
+def test_parse_ip_agrees_with_ipaddress(text: str) -> None:
+    try:
+        expected = ip_address(text)
+    except ValueError:
+        with pytest.raises(ValueError):
+            parse_ip(text)
+        return
+    got = parse_ip(text)
+    assert (got, type(got)) == (expected, type(expected))
+
 
 # ---- Service ----------------------------------------------------------------
 

@@ -231,3 +231,30 @@ def test_real_thread_refunds_when_fn_returns_false() -> None:
             assert passes.acquire(timeout=5), "a pass that did nothing kept its token"
     finally:
         runner.stop(timeout=5)
+
+
+def test_a_burst_of_requests_wakes_the_loop_once() -> None:
+    """While a request is pending the loop already counts on it: thousands of
+    events arriving while it waits for a token must not wake it each time."""
+    runner, clock = make(min_interval=1.0, burst=1)
+    wakeups = 0
+    notify = runner._cond.notify
+
+    def counting_notify(n: int = 1) -> None:
+        nonlocal wakeups
+        wakeups += 1
+        notify(n)
+
+    runner._cond.notify = counting_notify  # type: ignore[method-assign]
+    runner.run()
+    assert runner.poll() == (True, False, 0.0)  # the token is spent
+    for _ in range(1000):
+        runner.run()
+    assert wakeups == 2  # the first request, then the first of the burst
+    # The burst is not lost: one pass, as soon as the token is back.
+    assert runner.poll() == (False, False, pytest.approx(1.0))
+    clock.advance(1.0)
+    assert runner.poll() == (True, False, 0.0)
+    assert runner.poll()[0] is False
+    runner.run()
+    assert wakeups == 3

@@ -64,8 +64,13 @@ def _error(err: int, what: str) -> DatapathError:
     return exc
 
 
+# The attr type, made once: create_string_buffer would look the array type
+# up on every call, and every map read and write builds an attr.
+_Attr = ctypes.c_char * _ATTR_SIZE
+
+
 def _attr() -> ctypes.Array[ctypes.c_char]:
-    return ctypes.create_string_buffer(_ATTR_SIZE)
+    return _Attr()  # zero-filled, as the kernel requires of unused fields
 
 
 def _addr(obj: ctypes._CData | ctypes.Array[ctypes.c_char]) -> int:
