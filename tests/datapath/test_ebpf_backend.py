@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from agent.compute.types import Frontend, FrontendKind, L4Addr, ServicePortName
+from agent.datapath.ebpf import syscall
 from agent.datapath.ebpf.backend import EbpfDatapath
 from agent.datapath.ebpf.maps import SockLbMaps
 from agent.datapath.ebpf.programs import SockLbPrograms, cleanup
@@ -129,6 +130,29 @@ def test_full_map_refuses_one_frontend_and_keeps_the_rest(
     with pytest.raises(MapFullError):
         dp.upsert_frontend(grown)
     assert {k: v.backends for k, v in dp.dump().frontends.items()} == {a.key: a.backends}
+
+
+def test_map_counts_agree_with_a_walk_of_the_keys() -> None:
+    """len() of a map (the metrics' entries per map) counts by batch lookup:
+    in one chunk or many, it must count what walking the keys finds."""
+    for _, dp in open_datapath({"services": 64}):
+        for i in range(5):
+            dp.upsert_frontend(fe(f"10.96.0.{i + 1}", 80, "10.0.0.1", "10.0.0.2", f"10.0.1.{i}"))
+        services = dp.maps.services
+        walked = sum(1 for _ in services.list_keys())
+        assert walked == 5 * 4
+        assert len(services) == walked
+        # (A chunk must hold a whole hash bucket, or the kernel says ENOSPC;
+        # 8 is far above any bucket of 20 keys in 64, and below 20.)
+        for chunk in (8, 20, 64):
+            assert syscall.map_count_batch(
+                services.fd, services.key_type, services.value_type, chunk=chunk) == walked
+        assert len(dp.maps.backends) == 1 + 1 + 5
+        # A per-CPU map is never read by batch (one value per CPU would
+        # overrun the buffers): it is counted by walking its keys.
+        assert len(dp.maps.access_hits) == 0
+        dp.delete_frontend(fe("10.96.0.1", 80).key)
+        assert len(services) == 4 * 4
 
 
 def _tc_flags(dp: EbpfDatapath) -> dict[str, int]:

@@ -57,6 +57,10 @@ K = TypeVar("K", bound=ctypes.Structure)
 V = TypeVar("V", bound=ctypes.Structure)
 
 
+# BPF_MAP_TYPE_PERCPU_HASH, _PERCPU_ARRAY, _LRU_PERCPU_HASH (uapi/linux/bpf.h).
+PER_CPU_MAP_TYPES = frozenset({5, 6, 10})
+
+
 class PinnedMap(Generic[K, V]):
     """A pinned hash-like map with ctypes keys and values."""
 
@@ -80,7 +84,10 @@ class PinnedMap(Generic[K, V]):
                 "it was made by another veer version; run `veer agent --cleanup` first"
             )
         self.capacity = int(info.max_entries)
-        self._batch = True  # until the kernel says this map type has no batch ops
+        # Batch reads until the kernel says this map type has none. Never for a
+        # per-CPU map: the kernel writes one value per CPU for each key, more
+        # than the value buffers hold.
+        self._batch = info.type not in PER_CPU_MAP_TYPES
 
     def get(self, key: K) -> V | None:
         value = self.value_type()
@@ -121,6 +128,13 @@ class PinnedMap(Generic[K, V]):
                 yield key, value
 
     def __len__(self) -> int:
+        """Entries now in the map, as the kernel holds them: by batch where the
+        map type allows it, else by walking the keys."""
+        if self._batch:
+            try:
+                return syscall.map_count_batch(self.fd, self.key_type, self.value_type)
+            except syscall.BatchUnsupported:
+                self._batch = False
         return sum(1 for _ in self.list_keys())
 
     def empty(self) -> bool:
