@@ -108,7 +108,7 @@ def endpoint_views(
             previous = found.get(backend)
             if previous is None or (view.ready and not previous.ready):
                 found[backend] = view
-    return [found[k] for k in sorted(found)]
+    return [found[k] for k in sorted(found, key=L4Addr.sort_key)]
 
 
 def topology_mode(endpoints: Iterable[EndpointView], node: NodeIdentity) -> TopologyMode:
@@ -146,7 +146,7 @@ def _allowed(ep: EndpointView, mode: TopologyMode, node: NodeIdentity) -> bool:
 
 
 def _backends(endpoints: Iterable[EndpointView]) -> tuple[L4Addr, ...]:
-    return tuple(sorted(ep.backend for ep in endpoints))
+    return tuple(sorted((ep.backend for ep in endpoints), key=L4Addr.sort_key))
 
 
 def categorize(

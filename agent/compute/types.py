@@ -29,7 +29,15 @@ class L4Addr:
     protocol: Protocol
 
     def sort_key(self) -> tuple[int, int, int, str]:
-        return (*addr_sort_key(self.address), self.port, self.protocol.value)
+        # Computed once, like the hash below: sorting backends compares each
+        # address many times, and every key costs four attribute reads and
+        # an int() of the address.
+        try:
+            return self.__dict__["_sort_key"]  # type: ignore[no-any-return]
+        except KeyError:
+            value = (*addr_sort_key(self.address), self.port, self.protocol.value)
+            object.__setattr__(self, "_sort_key", value)
+            return value
 
     def __lt__(self, other: L4Addr) -> bool:
         return self.sort_key() < other.sort_key()
