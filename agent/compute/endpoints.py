@@ -36,7 +36,7 @@ from agent.model.objects import IPFamily, Service, ServicePort
 from agent.model.snapshot import ClusterSnapshot
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class EndpointView:
     """One endpoint of one Service port, with what categorization needs."""
 
@@ -59,7 +59,7 @@ class TopologyMode(enum.StrEnum):
     ZONE = "zone"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Categorized:
     cluster: tuple[L4Addr, ...]
     local: tuple[L4Addr, ...]

@@ -20,24 +20,29 @@ def addr_sort_key(address: IPAddress) -> tuple[int, int]:
     return (address.version, int(address))
 
 
-@dataclass(frozen=True)
-class L4Addr:
-    """An address, port and protocol: a frontend or a backend."""
+class _HashSlot:
+    """L4Addr's cached hash: a slot outside the dataclass fields, so equality,
+    repr and pickling (fields only, as dataclass writes them for slots) do
+    not see it. Hashes of str and enums differ between processes, so a
+    pickled hash would be wrong in another."""
+
+    __slots__ = ("_hash",)
+    _hash: int
+
+
+@dataclass(frozen=True, slots=True)
+class L4Addr(_HashSlot):
+    """An address, port and protocol: a frontend or a backend.
+
+    Slotted: a Service holds one per backend, and an instance dict would
+    cost more than the fields."""
 
     address: IPAddress
     port: int
     protocol: Protocol
 
     def sort_key(self) -> tuple[int, int, int, str]:
-        # Computed once, like the hash below: sorting backends compares each
-        # address many times, and every key costs four attribute reads and
-        # an int() of the address.
-        try:
-            return self.__dict__["_sort_key"]  # type: ignore[no-any-return]
-        except KeyError:
-            value = (*addr_sort_key(self.address), self.port, self.protocol.value)
-            object.__setattr__(self, "_sort_key", value)
-            return value
+        return (*addr_sort_key(self.address), self.port, self.protocol.value)
 
     def __lt__(self, other: L4Addr) -> bool:
         return self.sort_key() < other.sort_key()
@@ -49,17 +54,12 @@ class L4Addr:
     def __hash__(self) -> int:
         # Computed once: an L4Addr is a dict key in every pass over every
         # frontend, and ipaddress hashes through hex(int(address)) each time.
-        # (Equality still compares the fields; the cache is not a field.)
         try:
-            return self.__dict__["_hash"]  # type: ignore[no-any-return]
-        except KeyError:
+            return self._hash
+        except AttributeError:
             value = hash((self.address, self.port, self.protocol))
             object.__setattr__(self, "_hash", value)
             return value
-
-    def __getstate__(self) -> dict[str, object]:
-        # Hashes of str and enums differ between processes: never pickle one.
-        return {k: v for k, v in self.__dict__.items() if k != "_hash"}
 
 
 class FrontendKind(enum.StrEnum):
@@ -87,7 +87,7 @@ class EmptyVerdict(enum.StrEnum):
     DROP = "drop"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ServicePortName:
     """namespace/name:port of a Service port, as kube-proxy names it."""
 
@@ -99,7 +99,7 @@ class ServicePortName:
         return f"{self.namespace}/{self.name}" + (f":{self.port}" if self.port else "")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class AccessRuleSpec:
     """One access rule of a frontend: its position in the policy (for counters
     and events), its action, and its source ranges."""
@@ -109,7 +109,7 @@ class AccessRuleSpec:
     sources: tuple[IPNetwork, ...]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class AccessSpec:
     """A TrafficPolicy's access rules as a frontend carries them: the first rule
     whose sources contain the client decides; none matching, `default_action`."""
@@ -125,7 +125,7 @@ class AccessSpec:
         return self.default_action, None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Frontend:
     """One Service port on one address, with the backends it spreads over.
 
@@ -180,7 +180,7 @@ class Frontend:
     sockmap: bool = False
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class HealthCheck:
     """kube-proxy's healthCheckNodePort for an externalTrafficPolicy=Local Service:
     answers 200 while this node has local endpoints, 503 otherwise."""
@@ -191,7 +191,7 @@ class HealthCheck:
     local_endpoints: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ServiceProblem:
     """A Service (or one of its ports) that the datapath cannot serve, and why."""
 
@@ -204,7 +204,7 @@ class ServiceProblem:
         return f"Service/{self.namespace}/{self.name}: {self.reason}: {self.message}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class DesiredState:
     frontends: Mapping[L4Addr, Frontend] = field(default_factory=lambda: MappingProxyType({}))
     vips: frozenset[IPAddress] = frozenset()
@@ -229,7 +229,7 @@ class DesiredState:
     follows: tuple[int, frozenset[L4Addr]] | None = field(default=None, compare=False)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class NodeIdentity:
     """Who "this node" is; compute's only input besides the snapshot and config.
 
@@ -242,7 +242,7 @@ class NodeIdentity:
     addresses: tuple[IPAddress, ...] = ()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ComputeConfig:
     """Agent options that change what compute produces."""
 

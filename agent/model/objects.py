@@ -62,7 +62,7 @@ class SessionAffinity(enum.StrEnum):
 DEFAULT_AFFINITY_TIMEOUT_SECONDS = 10800
 
 
-@dataclass(frozen=True, order=True)
+@dataclass(frozen=True, order=True, slots=True)
 class ObjectRef:
     """kind/namespace/name of an object; namespace is "" for cluster-scoped kinds."""
 
@@ -76,7 +76,7 @@ class ObjectRef:
         return f"{self.kind}/{self.name}"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ObjectMeta:
     name: str
     namespace: str = ""
@@ -88,7 +88,7 @@ class ObjectMeta:
     annotations: Mapping[str, str] = field(default_factory=lambda: EMPTY_MAP)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ServicePort:
     name: str
     protocol: Protocol
@@ -100,7 +100,7 @@ class ServicePort:
     app_protocol: str = ""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Service:
     meta: ObjectMeta
     type: ServiceType
@@ -126,13 +126,13 @@ class Service:
         return ObjectRef("Service", self.meta.namespace, self.meta.name)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class EndpointHints:
     for_zones: tuple[str, ...] = ()
     for_nodes: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Endpoint:
     addresses: tuple[IPAddress, ...]
     ready: bool
@@ -144,7 +144,7 @@ class Endpoint:
     hints: EndpointHints | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class EndpointPort:
     name: str
     port: int | None  # None: "all ports" (unused by Services, kept for fidelity)
@@ -152,7 +152,7 @@ class EndpointPort:
     app_protocol: str = ""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class EndpointSlice:
     meta: ObjectMeta
     service_name: str  # from the kubernetes.io/service-name label; "" if absent
@@ -165,13 +165,13 @@ class EndpointSlice:
         return ObjectRef("EndpointSlice", self.meta.namespace, self.meta.name)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class NodeAddress:
     type: str  # InternalIP, ExternalIP, Hostname, ...
     address: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Node:
     meta: ObjectMeta
     addresses: tuple[NodeAddress, ...]
@@ -207,37 +207,37 @@ class RedirectMode(enum.StrEnum):
     TPROXY = "TPROXY"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class AffinityOverride:
     type: SessionAffinity
     timeout_seconds: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SplitEntry:
     service: str
     weight: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class AccessRule:
     action: AccessAction
     sources: tuple[IPNetwork, ...]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class AccessPolicy:
     default_action: AccessAction
     rules: tuple[AccessRule, ...]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Redirect:
     port: int
     mode: RedirectMode
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TrafficPolicy:
     meta: ObjectMeta
     target_refs: tuple[str, ...]
