@@ -178,7 +178,9 @@ def map_lookup_batch(
 def map_count_batch(fd: int, key_type: type[K], value_type: type[V], chunk: int = 4096) -> int:
     """How many entries a hash-like map (not per-CPU) holds, by batch lookup
     without copying any entry out: a metrics scrape counts the Service maps,
-    and walking 100,000 keys one system call at a time costs a second."""
+    which hold an entry per backend slot, and walking their keys costs a
+    system call and a ctypes object per entry. `chunk` must hold the
+    fullest hash bucket, or the kernel says ENOSPC."""
     keys = (key_type * chunk)()
     values = (value_type * chunk)()
     return sum(_lookup_batches(fd, keys, values, max(8, ctypes.sizeof(key_type))))
