@@ -3,6 +3,7 @@ adoption by a second instance, and a full map that loses nothing."""
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import ipaddress
 import shutil
@@ -14,9 +15,9 @@ import pytest
 from agent.compute.types import Frontend, FrontendKind, L4Addr, ServicePortName
 from agent.datapath.ebpf import syscall
 from agent.datapath.ebpf.backend import EbpfDatapath
-from agent.datapath.ebpf.maps import SockLbMaps
+from agent.datapath.ebpf.maps import SockLbMaps, _possible_cpus
 from agent.datapath.ebpf.programs import SockLbPrograms, cleanup
-from agent.datapath.ebpf.structs import FAMILY_IPV4, Tuple
+from agent.datapath.ebpf.structs import FAMILY_IPV4, RuleKey, Tuple
 from agent.errors import MapFullError
 from agent.model.objects import Protocol
 from agent.sandbox.topology import BPFFS_MOUNT, ensure_mounts
@@ -132,27 +133,42 @@ def test_full_map_refuses_one_frontend_and_keeps_the_rest(
     assert {k: v.backends for k, v in dp.dump().frontends.items()} == {a.key: a.backends}
 
 
-def test_map_counts_agree_with_a_walk_of_the_keys() -> None:
+@pytest.fixture
+def medium() -> Iterator[tuple[str, EbpfDatapath]]:
+    yield from open_datapath({"services": 64})
+
+
+def test_map_counts_agree_with_a_walk_of_the_keys(medium: tuple[str, EbpfDatapath]) -> None:
     """len() of a map (the metrics' entries per map) counts by batch lookup:
     in one chunk or many, it must count what walking the keys finds."""
-    for _, dp in open_datapath({"services": 64}):
-        for i in range(5):
-            dp.upsert_frontend(fe(f"10.96.0.{i + 1}", 80, "10.0.0.1", "10.0.0.2", f"10.0.1.{i}"))
-        services = dp.maps.services
-        walked = sum(1 for _ in services.list_keys())
-        assert walked == 5 * 4
-        assert len(services) == walked
-        # (A chunk must hold a whole hash bucket, or the kernel says ENOSPC;
-        # 8 is far above any bucket of 20 keys in 64, and below 20.)
-        for chunk in (8, 20, 64):
-            assert syscall.map_count_batch(
-                services.fd, services.key_type, services.value_type, chunk=chunk) == walked
-        assert len(dp.maps.backends) == 1 + 1 + 5
-        # A per-CPU map is never read by batch (one value per CPU would
-        # overrun the buffers): it is counted by walking its keys.
-        assert len(dp.maps.access_hits) == 0
-        dp.delete_frontend(fe("10.96.0.1", 80).key)
-        assert len(services) == 4 * 4
+    _, dp = medium
+    for i in range(5):
+        dp.upsert_frontend(fe(f"10.96.0.{i + 1}", 80, "10.0.0.1", "10.0.0.2", f"10.0.1.{i}"))
+    services = dp.maps.services
+    walked = sum(1 for _ in services.list_keys())
+    assert walked == 5 * 4
+    assert len(services) == walked
+    # (A chunk must hold a whole hash bucket, or the kernel says ENOSPC;
+    # 8 is far above any bucket of 20 keys in 64, and below 20.)
+    for chunk in (8, 20, 64):
+        assert syscall.map_count_batch(
+            services.fd, services.key_type, services.value_type, chunk=chunk) == walked
+    assert len(dp.maps.backends) == 1 + 1 + 5
+    dp.delete_frontend(fe("10.96.0.1", 80).key)
+    assert len(services) == 4 * 4
+
+
+def test_a_per_cpu_map_is_counted_by_walking_its_keys(small: tuple[str, EbpfDatapath]) -> None:
+    """A per-CPU map is never read by batch: the kernel would write one value
+    per CPU for each key into buffers sized for one. Its entries are still
+    counted (a kernel-written entry, with a value per possible CPU)."""
+    _, dp = small
+    hits = dp.maps.access_hits
+    assert dp.maps.services._batch and not hits._batch
+    per_cpu = (ctypes.c_uint64 * _possible_cpus())()
+    syscall.map_update(hits.fd, RuleKey(service_id=7, rule=1), per_cpu, "test")
+    assert len(hits) == 1
+    assert not hits._batch  # counted by walking, not by batch
 
 
 def _tc_flags(dp: EbpfDatapath) -> dict[str, int]:
