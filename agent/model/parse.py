@@ -333,14 +333,8 @@ def _family(f: _Fields, path: str, value: Any) -> IPFamily:
         raise ModelError(f.obj, path, f"unsupported IP family {value!r}") from None
 
 
-def parse_endpoint_slice(doc: Mapping[str, Any]) -> EndpointSlice:
-    obj = object_name(doc, namespaced=True)
-    root = _Fields(obj, doc, "")
-    meta = _meta(root, namespaced=True)
-    address_type = root.string("addressType")
-    if address_type not in ("IPv4", "IPv6", "FQDN"):
-        raise root.error("addressType", f"expected IPv4, IPv6 or FQDN, got {address_type!r}")
-
+def _endpoints_checked(root: _Fields, address_type: str) -> list[Endpoint]:
+    """A slice's endpoints, every field checked and named in any error."""
     endpoints = []
     for ep in root.objects("endpoints"):
         if address_type == "FQDN":
@@ -376,6 +370,86 @@ def parse_endpoint_slice(doc: Mapping[str, Any]) -> EndpointSlice:
                 hints=hints,
             )
         )
+    return endpoints
+
+
+_ADDRESS_VERSION = {"IPv4": 4, "IPv6": 6}
+
+
+def _endpoints_fast(items: Any, address_type: str) -> list[Endpoint] | None:
+    """A slice's endpoints, read straight from the dicts; None as soon as
+    anything is not of the plain, valid shape (or carries hints, which are
+    rare), and the slice is then read by `_endpoints_checked`, which names
+    the field in its error.
+
+    Why: a slice's endpoints are most of what the agent parses (a watch
+    event per change, a whole list per relist), and the checked path builds
+    a field path and a helper object for every value it reads. Invariant:
+    where this returns a list, it equals what `_endpoints_checked` returns
+    (tests/unit/test_parse.py compares the two on valid and broken slices).
+    """
+    if type(items) is not list:
+        return None
+    want = _ADDRESS_VERSION.get(address_type)  # None: FQDN, addresses unused
+    out = []
+    for ep in items:
+        if type(ep) is not dict or ep.get("hints") is not None:
+            return None
+        addresses: tuple[IPAddress, ...] = ()
+        raw = ep.get("addresses") if want else None
+        if raw is not None:
+            if type(raw) is not list:
+                return None
+            try:
+                addresses = tuple([parse_ip(a) for a in raw])
+            except (ValueError, TypeError):  # TypeError: not a string
+                return None
+            for a in addresses:
+                if a.version != want:
+                    return None
+        cond = ep.get("conditions")
+        if cond is None:
+            cond = {}
+        elif type(cond) is not dict:
+            return None
+        ready = cond.get("ready")
+        serving = cond.get("serving")
+        terminating = cond.get("terminating")
+        for flag in (ready, serving, terminating):
+            if flag is not None and type(flag) is not bool:
+                return None
+        node_name = ep.get("nodeName")
+        zone = ep.get("zone")
+        hostname = ep.get("hostname")
+        for text in (node_name, zone, hostname):
+            if text is not None and type(text) is not str:
+                return None
+        # API contract: an unknown ready state is ready; serving defaults to ready.
+        is_ready = True if ready is None else ready
+        out.append(Endpoint(
+            addresses=addresses,
+            ready=is_ready,
+            serving=is_ready if serving is None else serving,
+            terminating=bool(terminating),
+            node_name=node_name or "",
+            zone=zone or "",
+            hostname=hostname or "",
+        ))
+    return out
+
+
+def parse_endpoint_slice(doc: Mapping[str, Any]) -> EndpointSlice:
+    obj = object_name(doc, namespaced=True)
+    root = _Fields(obj, doc, "")
+    meta = _meta(root, namespaced=True)
+    address_type = root.string("addressType")
+    if address_type not in ("IPv4", "IPv6", "FQDN"):
+        raise root.error("addressType", f"expected IPv4, IPv6 or FQDN, got {address_type!r}")
+
+    raw_endpoints = root.data.get("endpoints")
+    endpoints = [] if raw_endpoints is None else _endpoints_fast(raw_endpoints, address_type)
+    if endpoints is None:
+        endpoints = _endpoints_checked(root, address_type)
 
     ports = []
     for p in root.objects("ports"):

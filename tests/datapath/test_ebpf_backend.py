@@ -17,7 +17,15 @@ from agent.datapath.ebpf import syscall
 from agent.datapath.ebpf.backend import EbpfDatapath
 from agent.datapath.ebpf.maps import SockLbMaps, _possible_cpus
 from agent.datapath.ebpf.programs import SockLbPrograms, cleanup
-from agent.datapath.ebpf.structs import FAMILY_IPV4, RuleKey, Tuple
+from agent.datapath.ebpf.structs import (
+    FAMILY_IPV4,
+    SCOPE_SOCKET,
+    RuleKey,
+    ServiceKey,
+    ServiceValue,
+    Tuple,
+    service_slot_keys,
+)
 from agent.errors import MapFullError
 from agent.model.objects import Protocol
 from agent.sandbox.topology import BPFFS_MOUNT, ensure_mounts
@@ -169,6 +177,58 @@ def test_a_per_cpu_map_is_counted_by_walking_its_keys(small: tuple[str, EbpfData
     syscall.map_update(hits.fd, RuleKey(service_id=7, rule=1), per_cpu, "test")
     assert len(hits) == 1
     assert not hits._batch  # counted by walking, not by batch
+
+
+def _slot_entries(frontend: Frontend, count: int) -> tuple[
+        ctypes.Array[ServiceKey], ctypes.Array[ServiceValue]]:
+    keys = service_slot_keys(frontend.key, list(range(1, count + 1)), SCOPE_SOCKET)
+    values = (ServiceValue * count)(*(ServiceValue(backend_id=i, service_id=9)
+                                      for i in range(1, count + 1)))
+    return keys, values
+
+
+def test_a_batch_write_writes_every_entry_in_one_call(small: tuple[str, EbpfDatapath]) -> None:
+    _, dp = small
+    services = dp.maps.services
+    keys, values = _slot_entries(fe("10.96.0.1", 80), 6)
+    services.put_batch(keys, values)
+    assert services._batch_write  # the kernel took it as one batch
+    got = {int(k.slot): int(v.backend_id) for k, v in services.items()}
+    assert got == {slot: slot for slot in range(1, 7)}
+
+
+def test_a_batch_write_stops_at_the_entry_that_does_not_fit(
+        small: tuple[str, EbpfDatapath]) -> None:
+    """As a loop of single writes would: the entries before the full map's
+    refusal are written, the ones after are not, and the error says where."""
+    _, dp = small
+    services = dp.maps.services  # holds 8
+    keys, values = _slot_entries(fe("10.96.0.1", 80), 10)
+    with pytest.raises(MapFullError, match="entry 9 of 10"):
+        services.put_batch(keys, values)
+    assert sorted(int(k.slot) for k in services.list_keys()) == list(range(1, 9))
+
+
+def test_without_batch_writes_entries_are_written_one_by_one(
+        small: tuple[str, EbpfDatapath], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kernel before 5.6 has no BPF_MAP_UPDATE_BATCH (bpf(2) says EINVAL,
+    having written nothing): put_batch writes the entries one at a time, into
+    the real map, and does not try a batch on that map again."""
+    _, dp = small
+    services = dp.maps.services
+    tried: list[int] = []
+
+    def old_kernel(fd: int, keys: object, values: object, what: str) -> None:
+        tried.append(fd)
+        raise syscall.BatchUnsupported(f"{what}: batch update: Invalid argument")
+
+    monkeypatch.setattr(syscall, "map_update_batch", old_kernel)
+    keys, values = _slot_entries(fe("10.96.0.1", 80), 3)
+    services.put_batch(keys, values)
+    services.put_batch(*_slot_entries(fe("10.96.0.2", 80), 2))
+    assert tried == [services.fd]
+    assert not services._batch_write
+    assert sorted(int(k.slot) for k in services.list_keys()) == [1, 1, 2, 2, 3]
 
 
 def _tc_flags(dp: EbpfDatapath) -> dict[str, int]:

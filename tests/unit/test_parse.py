@@ -41,6 +41,9 @@ from agent.model.objects import (
     TrafficPolicyKind,
 )
 from agent.model.parse import (
+    _endpoints_checked,
+    _endpoints_fast,
+    _Fields,
     parse_endpoint_slice,
     parse_ip,
     parse_node,
@@ -646,6 +649,60 @@ def test_malformed_fixtures_are_otherwise_valid() -> None:
     """The bases the malformed cases start from parse, so each case breaks one thing."""
     for doc in (SVC, SLICE, NODE, POLICY):
         assert parse_object(doc) is not None
+
+
+# The endpoints of a slice are read by a fast path that hands anything unusual
+# to the checked path. Each case changes one field of one endpoint (or the
+# endpoint itself) to a valid or a broken value.
+_ENDPOINT_VALUES: dict[str, list[Any]] = {
+    "addresses": [_DELETE, None, [], ["10.244.1.7"], ["10.244.1.7", "10.244.1.8"],
+                  ["fd00::7"], ["10.244.1.999"], ["10.244.1.7\x00"], "10.244.1.7", [7], [None],
+                  {"ip": "10.244.1.7"}],
+    "conditions": [_DELETE, None, {}, {"ready": False}, {"ready": False, "serving": True},
+                   {"terminating": True}, {"ready": None, "serving": None, "terminating": None},
+                   {"ready": "yes"}, {"serving": 1}, {"terminating": 0}, ["ready"], "ready"],
+    "nodeName": [_DELETE, None, "", "node-1", 7, False, [], {}],
+    "zone": [None, "zone-a", 0, ["zone-a"]],
+    "hostname": [None, "web-0", 1.5],
+    "hints": [None, {"forZones": [{"name": "zone-a"}]}, {}, "zone-a"],
+}
+_ENDPOINT_CASES = [
+    pytest.param(address_type, key, value, id=f"{address_type}-{key}-{i}")
+    for address_type in ("IPv4", "IPv6", "FQDN")
+    for key, values in _ENDPOINT_VALUES.items()
+    for i, value in enumerate(values)
+] + [
+    pytest.param(address_type, "", value, id=f"{address_type}-endpoint-{i}")
+    for address_type in ("IPv4", "IPv6", "FQDN")
+    for i, value in enumerate([None, "10.244.1.7", [], {}])
+]
+
+
+@pytest.mark.parametrize(("address_type", "key", "value"), _ENDPOINT_CASES)
+def test_fast_endpoints_equal_the_checked_ones(address_type: str, key: str, value: Any) -> None:
+    """Where the fast path gives endpoints they are the checked path's; where
+    the checked path refuses the slice, the fast path gives none, and the
+    slice's error names the field. A plain valid endpoint takes the fast path."""
+    first = "fd00::2" if address_type == "IPv6" else "10.244.1.2"
+    doc = eps("web-1", "web", ep(first, ready=True, node="node-1"),
+              ep(first, ready=True, node="node-1"), address_type=address_type)
+    doc = _with(doc, "endpoints.1" if not key else f"endpoints.1.{key}", value)
+    root = _Fields("EndpointSlice/default/web-1", doc, "")
+    fast = _endpoints_fast(doc["endpoints"], address_type)
+    try:
+        checked = _endpoints_checked(root, address_type)
+    except ModelError as err:
+        assert fast is None
+        with pytest.raises(ModelError) as info:
+            parse_endpoint_slice(doc)
+        assert info.value.field == err.field
+        assert info.value.field.startswith("endpoints[1]")
+        return
+    assert fast is None or fast == checked
+    assert parse_endpoint_slice(doc).endpoints == tuple(checked)
+    plain = key != "hints" or value is None
+    if plain and isinstance(doc["endpoints"][1], dict):
+        assert fast is not None
 
 
 # ---- objects ------------------------------------------------------------------------

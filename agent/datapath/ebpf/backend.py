@@ -92,6 +92,7 @@ from agent.datapath.ebpf.structs import (
     port_be,
     port_host,
     service_key,
+    service_slot_keys,
 )
 from agent.datapath.ebpf.tproxy_redirect import TproxyRedirects
 from agent.datapath.interface import (
@@ -652,14 +653,21 @@ class EbpfDatapath(Datapath):
                 self.maps.affinity_match.put(
                     AffinityMatchKey(ident, service_id), AffinityMatchValue()
                 )
+            # The slots that change, in one batch write (one system call, not
+            # one per slot). The master entry, whose count bounds the slots a
+            # program reads, comes after them.
+            slots: list[int] = []
+            values: list[ServiceValue] = []
             for pos, ident in enumerate(new_slots):
                 weight = new_weights[pos] if new_weights else 0
                 before = old_weights[pos] if old_weights and pos < len(old_weights) else 0
                 if pos >= len(old_slots) or old_slots[pos] != ident or weight != before:
-                    self.maps.services.put(
-                        service_key(key, pos + 1, scope),
-                        ServiceValue(backend_id=ident, service_id=service_id, count=weight),
-                    )
+                    slots.append(pos + 1)
+                    values.append(
+                        ServiceValue(backend_id=ident, service_id=service_id, count=weight))
+            if slots:
+                self.maps.services.put_batch(service_slot_keys(key, slots, scope),
+                                             (ServiceValue * len(values))(*values))
             self.maps.services.put(
                 service_key(key, 0, scope),
                 ServiceValue(count=len(new_slots), flags=spec.flags, service_id=service_id,

@@ -88,6 +88,9 @@ class PinnedMap(Generic[K, V]):
         # per-CPU map: the kernel writes one value per CPU for each key, more
         # than the value buffers hold.
         self._batch = info.type not in PER_CPU_MAP_TYPES
+        # Batch writes likewise, on their own flag: a kernel may have batch
+        # reads for a map type and not writes.
+        self._batch_write = self._batch
 
     def get(self, key: K) -> V | None:
         value = self.value_type()
@@ -95,6 +98,19 @@ class PinnedMap(Generic[K, V]):
 
     def put(self, key: K, value: V) -> None:
         syscall.map_update(self.fd, key, value, f"write {self.name}")
+
+    def put_batch(self, keys: ctypes.Array[K], values: ctypes.Array[V]) -> None:
+        """Write keys[i] -> values[i] in order: one system call where the map
+        type allows it, else one per entry. Either way a failure leaves the
+        entries before the failing one written and the rest untouched."""
+        if self._batch_write:
+            try:
+                syscall.map_update_batch(self.fd, keys, values, f"write {self.name}")
+                return
+            except syscall.BatchUnsupported:
+                self._batch_write = False
+        for key, value in zip(keys, values, strict=True):
+            self.put(key, value)
 
     def delete(self, key: K) -> bool:
         return syscall.map_delete(self.fd, key, f"delete from {self.name}")

@@ -477,3 +477,14 @@ def service_key(frontend: L4Addr, slot: int = 0, scope: int = SCOPE_SOCKET) -> S
         slot=slot,
         scope=scope,
     )
+
+
+def service_slot_keys(frontend: L4Addr, slots: list[int], scope: int) -> ctypes.Array[ServiceKey]:
+    """The veer_services keys of several slots of one frontend, as one array
+    (for a batch write). They differ in the slot only: one key is built and
+    copied, since building the address bytes is what a key costs."""
+    base = service_key(frontend, 0, scope)
+    keys = (ServiceKey * len(slots))(*([base] * len(slots)))
+    for key, slot in zip(keys, slots, strict=True):
+        key.slot = slot
+    return keys

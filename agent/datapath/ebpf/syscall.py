@@ -36,6 +36,7 @@ BPF_PROG_QUERY = 16
 BPF_PROG_GET_FD_BY_ID = 13
 BPF_MAP_CREATE = 0
 BPF_MAP_LOOKUP_BATCH = 24
+BPF_MAP_UPDATE_BATCH = 26
 
 BPF_ANY = 0
 
@@ -128,6 +129,38 @@ class BatchUnsupported(DatapathError):
     """The map type has no batch operations (e.g. LPM tries): iterate instead."""
 
 
+# What bpf(2) answers a batch command the map type (or the kernel) lacks, before
+# it has touched a single entry. 524: ENOTSUPP, kernel-internal.
+_NO_BATCH = (errno.EINVAL, errno.ENOTSUP, 524)
+
+
+def map_update_batch(fd: int, keys: ctypes.Array[K], values: ctypes.Array[V], what: str) -> None:
+    """Write keys[i] -> values[i] for every i, in order, with one
+    BPF_MAP_UPDATE_BATCH: a frontend's backend slots go in one system call
+    instead of one each.
+
+    The kernel writes the entries one at a time and stops at the first it
+    cannot write: after an error the entries before it are written and the
+    rest are not, just as a loop of map_update would leave them. Raises
+    BatchUnsupported, having written nothing, where the map type or the
+    kernel (before 5.6) has no batch update."""
+    if len(keys) != len(values):
+        raise ValueError(f"{what}: {len(keys)} keys for {len(values)} values")
+    if not len(keys):
+        return
+    attr = _attr()
+    struct.pack_into("=QQQQIIQQ", attr, 0, 0, 0, _addr(keys), _addr(values), len(keys), fd,
+                     BPF_ANY, 0)
+    ret = _libc.syscall(_SYS_BPF, BPF_MAP_UPDATE_BATCH, attr, _ATTR_SIZE)
+    if ret >= 0:
+        return
+    err = ctypes.get_errno()
+    written = struct.unpack_from("=I", attr, 32)[0]
+    if err in _NO_BATCH and not written:
+        raise BatchUnsupported(f"{what}: batch update: {os.strerror(err)}")
+    raise _error(err, f"{what} (entry {written + 1} of {len(keys)})")
+
+
 def _lookup_batches(
     fd: int, keys: ctypes.Array[K], values: ctypes.Array[V], token_size: int
 ) -> Iterator[int]:
@@ -151,7 +184,7 @@ def _lookup_batches(
         yield count
         if err == errno.ENOENT:
             return
-        if err in (errno.EINVAL, errno.ENOTSUP, 524):  # 524: ENOTSUPP, kernel-internal
+        if err in _NO_BATCH:
             if first and not count:
                 raise BatchUnsupported(f"batch lookup: {os.strerror(err)}")
             raise _error(err, "batch lookup")
