@@ -201,9 +201,12 @@ class Agent:
         # Flow events from the kernel, for `veer observe` and the flow metrics.
         self.flows = FlowHub(ServiceNames(lambda: self.last_desired, datapath.frontend_of),
                              trace=datapath.trace_translations)
+        self.store.subscribe_queued(self.telemetry.note_queued)
         self.store.subscribe_changes(self.telemetry.note_changes)
-        # After telemetry: a change is noted before the pass it wakes reads it
-        # (the network programming latency counts it in that pass).
+        # Woken after telemetry heard of the change (the Store calls its
+        # listeners in that order): a change is noted before the pass it
+        # wakes reads it (the network programming latency counts it in that
+        # pass).
         self.store.subscribe(self.runner.run)
         self.servers = Servers(self, serve or ServeOptions())
         # healthCheckNodePort servers; "proxy healthy" once a first pass is done.

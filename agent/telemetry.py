@@ -1,7 +1,10 @@
 """What the agent records about its own work, for the API, metrics and health.
 
-    Store change ──> note_changes(changes)   last queued time; Service and
-                                              EndpointSlice objects changed
+    Store change queued ──> note_queued()    last queued time (a change
+                                              recorded at once is queued too)
+    Store change recorded ──> note_changes(changes)
+                                              Service and EndpointSlice
+                                              objects changed
     Reconciler pass ──> record_sync(result)  durations (full / partial),
                                               last (successful) pass, errors
 
@@ -157,13 +160,19 @@ class Telemetry:
         # (when noted, trigger time) of EndpointSlice changes no pass has covered yet
         self._triggers: list[tuple[float, float]] = []
 
-    def note_changes(self, changes: Sequence[Change]) -> None:
-        """The Store changed: a sync is queued. Count what changed (O(changes):
-        this runs once per event)."""
+    def note_queued(self) -> None:
+        """A change reached the Store (or was queued for it): a sync is due."""
         with self._cond:
             self._last_queued = self._clock()
             if not self._oldest_pending:
                 self._oldest_pending = self._last_queued
+
+    def note_changes(self, changes: Sequence[Change]) -> None:
+        """The Store recorded these changes, queued no later than the last
+        note_queued. Count them (O(changes)). A trigger time is noted as of
+        that last queueing: a pass that started before it did not read the
+        change, and does not count it."""
+        with self._cond:
             for change in changes:
                 obj = change.new if change.new is not None else change.old
                 if isinstance(obj, Service):

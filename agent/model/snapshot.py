@@ -136,9 +136,20 @@ class Store:
 
     `replace` swaps in a whole new view (the manifest source re-reads files);
     `apply` records individual upserts and deletions (event-driven sources).
-    Listeners are called outside the lock and must be cheap: `subscribe`
-    ones are woken (the reconciler's runner), `subscribe_changes` ones are
-    handed what changed (telemetry), before the woken ones.
+
+    A source may also queue changes and hand them over later: `note_queued`
+    says that something changed, now, and the source's flusher (see
+    `add_flusher`) records it when the next snapshot is taken. This is how
+    the Kubernetes source parses watch events in batches, once per
+    reconcile pass, and an object edited twice between passes once.
+
+    Listeners are called outside the lock and must be cheap, in this order:
+    `subscribe_queued` ones learn that a change was queued or recorded
+    (telemetry's clock), `subscribe_changes` ones are handed what changed
+    (telemetry's counts), `subscribe` ones are woken (the reconciler's
+    runner). Changes a flusher records were queued, and their woken
+    listeners woken, before: recording them calls only the change
+    listeners.
 
     Cost: an event costs O(what it changes). The state is kept per kind and
     per Service (its EndpointSlices), and a snapshot is built only when asked
@@ -162,14 +173,32 @@ class Store:
         # snapshot from before then just compares as "not known").
         self._log: list[NamespacedName] = []
         self._synced = False
+        self._queued_listeners: list[Callable[[], None]] = []
         self._listeners: list[Callable[[], None]] = []
         self._change_listeners: list[Callable[[Sequence[Change]], None]] = []
+        self._flushers: list[Callable[[], None]] = []
+
+    def subscribe_queued(self, listener: Callable[[], None]) -> None:
+        self._queued_listeners.append(listener)
 
     def subscribe(self, listener: Callable[[], None]) -> None:
         self._listeners.append(listener)
 
     def subscribe_changes(self, listener: Callable[[Sequence[Change]], None]) -> None:
         self._change_listeners.append(listener)
+
+    def add_flusher(self, flush: Callable[[], None]) -> None:
+        """`flush` records what its source has queued (with `apply(...,
+        queued=True)`); it is called, outside the lock, before every snapshot
+        is taken, from whichever thread takes it."""
+        self._flushers.append(flush)
+
+    def note_queued(self) -> None:
+        """A source queued a change that its flusher will record: tell the
+        queued listeners and wake the woken ones now."""
+        for on_queued in self._queued_listeners:
+            on_queued()
+        self._wake()
 
     def replace(self, objects: Iterable[Model]) -> bool:
         """Make `objects` the whole state. Returns True if anything changed."""
@@ -184,10 +213,14 @@ class Store:
             changed = bool(changes) or not self._synced
             self._synced = True
         if changed:
-            self._notify(changes)
+            self._notify(changes, direct=True)
         return changed
 
-    def apply(self, upserts: Iterable[Model] = (), deletes: Iterable[ObjectRef] = ()) -> bool:
+    def apply(self, upserts: Iterable[Model] = (), deletes: Iterable[ObjectRef] = (),
+              queued: bool = False) -> bool:
+        """Record upserts, then deletions. `queued`: a flusher records
+        changes that `note_queued` announced, so only the change listeners
+        are called."""
         changes: list[Change] = []
         with self._lock:
             for obj in upserts:
@@ -201,7 +234,7 @@ class Store:
                     changes.append(Change(old, None))
                     self._record(changes[-1])
         if changes:
-            self._notify(changes)
+            self._notify(changes, direct=not queued)
         return bool(changes)
 
     def _record(self, change: Change) -> None:
@@ -249,7 +282,7 @@ class Store:
             was = self._synced
             self._synced = True
         if not was:
-            self._notify([])
+            self._wake()
 
     @property
     def synced(self) -> bool:
@@ -257,6 +290,8 @@ class Store:
             return self._synced
 
     def snapshot(self) -> ClusterSnapshot:
+        for flush in self._flushers:
+            flush()
         with self._lock:
             if self._snapshot is None:
                 if len(self._log) > 4 * len(self._objects) + 4096:
@@ -271,10 +306,18 @@ class Store:
                 )
             return self._snapshot
 
-    def _notify(self, changes: Sequence[Change]) -> None:
+    def _notify(self, changes: Sequence[Change], direct: bool) -> None:
+        """`direct`: recorded now, not queued before (see the class doc)."""
+        if changes and direct:
+            for on_queued in self._queued_listeners:
+                on_queued()
         if changes:
             for on_changes in self._change_listeners:
                 on_changes(changes)
+        if direct:
+            self._wake()
+
+    def _wake(self) -> None:
         for listener in self._listeners:
             listener()
 

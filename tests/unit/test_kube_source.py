@@ -8,6 +8,8 @@ TrafficPolicy CRD counts as no policies.
 from __future__ import annotations
 
 import logging
+import sys
+import threading
 import time
 from collections.abc import Callable
 
@@ -129,6 +131,76 @@ def test_watch_events_update_the_store(api: FakeApi) -> None:
     assert ("demo", "web") in store.snapshot().services
 
 
+def _modified(name: str, number: int, version: str) -> dict[str, object]:
+    svc = service(name, port("http", number), ips="10.96.0.11", ns="demo")
+    svc["metadata"]["resourceVersion"] = version
+    return {"type": "MODIFIED", "object": svc}
+
+
+def test_events_wake_at_once_and_are_recorded_once_per_snapshot(api: FakeApi) -> None:
+    """A watch event wakes the Store's listeners when it arrives; it is parsed
+    and recorded when the next snapshot is taken, and an object edited twice
+    in between is recorded once, in its latest version."""
+    store = Store()
+    source = KubeSource(api, store, NODE)
+    version = source.relist(SERVICES)
+    woken = changes(store)
+    recorded: list[object] = []
+    store.subscribe_changes(recorded.extend)
+    source.apply_event(SERVICES, _modified("api", 80, "901"), version)
+    source.apply_event(SERVICES, _modified("api", 81, "902"), "901")
+    assert woken == [1, 1] and recorded == []
+    assert store.snapshot().services[("demo", "api")].ports[0].port == 81
+    assert len(recorded) == 1
+    store.snapshot()
+    assert len(recorded) == 1  # nothing queued: nothing recorded again
+
+
+def test_a_list_supersedes_the_events_queued_before_it(api: FakeApi) -> None:
+    store = Store()
+    source = KubeSource(api, store, NODE)
+    version = source.relist(SERVICES)
+    # An edit seen by the old watch, then the watch breaks and the list
+    # (which the server answers with the object as it is now) comes first.
+    source.apply_event(SERVICES, _modified("web", 81, "901"), version)
+    source.relist(SERVICES)
+    assert store.snapshot().services[("demo", "web")].ports[0].port == 80
+
+
+def test_a_snapshot_on_any_thread_never_records_an_older_version(api: FakeApi) -> None:
+    """Events keep coming while other threads take snapshots (the reconciler,
+    the API server): each snapshot holds some version, never one older than
+    a snapshot before it, and the last one holds the last event's."""
+    store = Store()
+    source = KubeSource(api, store, NODE)
+    version = source.relist(SERVICES)
+    done = threading.Event()
+    seen: dict[str, list[int]] = {"a": [], "b": []}
+
+    def take(name: str) -> None:
+        while not done.is_set():
+            svc = store.snapshot().services.get(("demo", "api"))
+            if svc is not None:
+                seen[name].append(svc.ports[0].port)
+
+    takers = [threading.Thread(target=take, args=(n,)) for n in seen]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # threads interleave often: races show up
+    try:
+        for t in takers:
+            t.start()
+        for number in range(1000, 3000):
+            version = source.apply_event(SERVICES, _modified("api", number, str(number)), version)
+    finally:
+        done.set()
+        for t in takers:
+            t.join()
+        sys.setswitchinterval(interval)
+    assert store.snapshot().services[("demo", "api")].ports[0].port == 2999
+    for ports in seen.values():
+        assert ports == sorted(ports)
+
+
 def test_watch_errors(api: FakeApi) -> None:
     source = KubeSource(api, Store(), NODE)
     with pytest.raises(Expired):
@@ -169,10 +241,11 @@ def test_a_malformed_object_is_logged_and_skipped(
     assert len(source.last_report.problems) == 1  # "bad" is not listed: forgotten
     assert "Service/demo/web: spec.clusterIPs[0]" in source.last_report.problems[0]
 
-    # Deleting the broken object clears its problem.
+    # Deleting the broken object clears its problem (once the deletion is
+    # recorded: the next snapshot, which every reconcile pass takes).
     source.apply_event(SERVICES, {"type": "DELETED", "object": broken}, version)
-    assert source.last_report.problems == ()
     assert ("demo", "web") not in store.snapshot().services
+    assert source.last_report.problems == ()
 
 
 def test_the_loop_survives_errors_expiry_and_server_timeouts(api: FakeApi) -> None:

@@ -28,6 +28,7 @@ class Clock:
 def watched(t: Telemetry) -> Store:
     """A Store that tells `t` what changes, as the agent wires them."""
     store = Store()
+    store.subscribe_queued(t.note_queued)
     store.subscribe_changes(t.note_changes)
     return store
 
@@ -71,6 +72,33 @@ def test_latency_is_observed_after_the_pass_that_programmed_the_change() -> None
     clock.now = START + 21
     t.record_sync(SyncResult(full=False, duration=0.1))
     assert t.snapshot().network_programming.count == 2
+
+
+def test_a_queued_change_counts_from_when_it_was_queued() -> None:
+    """A watch event is queued on arrival and recorded when the pass takes its
+    snapshot: the pass that started after the event arrived programmed it,
+    although the change was recorded after that pass started."""
+    clock = Clock()
+    t = Telemetry(clock)
+    store = watched(t)
+    queued: list[dict[str, object]] = []
+
+    def flush() -> None:
+        docs, queued[:] = list(queued), []
+        if docs:
+            store.apply(models(*docs), queued=True)
+
+    store.add_flusher(flush)
+    clock.now = START + 10
+    queued.append(slice_at("2026-01-01T00:00:09Z"))
+    store.note_queued()
+    clock.now = START + 11.5  # the pass started at 11 and takes its snapshot now
+    assert store.snapshot().endpoint_slices
+    clock.now = START + 12
+    t.record_sync(SyncResult(full=False, duration=1.0))
+    h = t.snapshot().network_programming
+    assert (h.count, h.sum) == (1, 3.0)
+    assert t.snapshot().last_queued_time == START + 10
 
 
 def test_changes_from_before_the_start_or_without_a_time_are_not_counted() -> None:

@@ -835,7 +835,11 @@ class EbpfDatapath(Datapath):
             needs = {n for n, users in self._hook_users.items() if users > 0}
             # A counted socket gives its count back only through sock_release:
             # it stays while any is counted, whatever the frontends say now.
-            if NEEDS_LEAST_CONN not in needs and not self.maps.lc_socks.empty():
+            # (Looked at only while attached: a detached hook counts nothing,
+            # and finding an empty hash map empty walks all its buckets.)
+            if (NEEDS_LEAST_CONN not in needs
+                    and self.programs.attached_for(NEEDS_LEAST_CONN)
+                    and not self.maps.lc_socks.empty()):
                 needs.add(NEEDS_LEAST_CONN)
             self.programs.retain(frozenset(needs))
         if self._tproxy.sync(self._tproxy_ports):

@@ -288,6 +288,10 @@ class SockLbPrograms:
                 log.info("attached %s to %s: a frontend needs %s", hook.function, self.cgroup,
                          " or ".join(sorted(hook.needed_for & needs)))
 
+    def attached_for(self, need: str) -> bool:
+        """Whether an on-demand hook serving `need` is attached now."""
+        return any(need in hook.needed_for for hook in self._on_demand)
+
     def retain(self, needs: frozenset[str]) -> None:
         """Detach the on-demand hooks that no frontend needs any more."""
         spare = [h for h in self._on_demand if not h.needed_for & needs]
