@@ -184,6 +184,10 @@ class KubeSource:
         except ModelError as err:
             self._problem(ref, str(err))
             return None
+        except Exception as err:  # a parser bug: skip this object, not the batch it is in
+            log.exception("parsing %s failed", ref)
+            self._problem(ref, f"{ref}: cannot be parsed ({type(err).__name__}: {err})")
+            return None
         self._problem(ref, "")
         return obj
 

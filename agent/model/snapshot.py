@@ -143,7 +143,8 @@ class Store:
     the Kubernetes source parses watch events in batches, once per
     reconcile pass, and an object edited twice between passes once.
 
-    Listeners are called outside the lock and must be cheap, in this order:
+    Listeners are called outside the lock and must be cheap, and must not
+    take a snapshot (a flusher may be the caller). In this order:
     `subscribe_queued` ones learn that a change was queued or recorded
     (telemetry's clock), `subscribe_changes` ones are handed what changed
     (telemetry's counts), `subscribe` ones are woken (the reconciler's

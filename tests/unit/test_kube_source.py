@@ -201,6 +201,33 @@ def test_a_snapshot_on_any_thread_never_records_an_older_version(api: FakeApi) -
         assert ports == sorted(ports)
 
 
+def test_an_object_the_parser_fails_on_loses_nothing_else(
+        api: FakeApi, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A parser bug (any exception, not a ModelError) on one queued object
+    skips that object, reported, and records the rest of its batch."""
+    from agent.kube import source as source_module
+
+    parse = source_module.parse_object
+
+    def buggy(doc: object) -> object:
+        assert isinstance(doc, dict)
+        if doc["metadata"]["name"] == "api":
+            raise KeyError("surprise")
+        return parse(doc)
+
+    store = Store()
+    source = KubeSource(api, store, NODE)
+    version = source.relist(SERVICES)
+    monkeypatch.setattr(source_module, "parse_object", buggy)
+    source.apply_event(SERVICES, _modified("api", 80, "901"), version)
+    source.apply_event(SERVICES, _modified("web", 81, "902"), "901")
+    services = store.snapshot().services
+    assert ("demo", "api") not in services
+    assert services[("demo", "web")].ports[0].port == 81
+    [problem] = source.last_report.problems
+    assert problem.startswith("Service/demo/api: cannot be parsed (KeyError"), problem
+
+
 def test_watch_errors(api: FakeApi) -> None:
     source = KubeSource(api, Store(), NODE)
     with pytest.raises(Expired):
