@@ -17,8 +17,10 @@ node (bench/versus/cluster.py draws the topology). The run:
    starts veer, kube-proxy nftables and kube-proxy iptables afresh one at a
    time and measures its control plane (programming.py: N Services created,
    time until all answer, one more Service, programming latency from its own
-   metric, CPU and memory); then starts every proxy with the N in place and
-   measures the datapath again.
+   metric, CPU and memory), in --cp-rounds rounds for an N up to 1,000 (the
+   report gives each figure's median, min and max) and once for a larger N
+   (kube-proxy takes minutes per run there); then starts every proxy with
+   the N in place and measures the datapath again.
 
 The TPROXY column is veer's --mode tproxy; if it cannot run here, or cannot
 program a load in time, its column says "not available" with the reason.
@@ -26,7 +28,8 @@ program a load in time, its column says "not available" with the reason.
 Results: bench/results/compare-<time>.md (the tables and the goals'
 verdicts), .json (every run) and -datapath.png / -controlplane.png (drawn
 by Debian's python3 with python3-matplotlib, from the JSON). `--quick`
-(one round, 1 s per tool, N = 50) is the smoke test the test suite runs.
+(one datapath round, two control-plane rounds, 1 s per tool, N = 50) is the
+smoke test the test suite runs.
 """
 
 from __future__ import annotations
@@ -74,13 +77,18 @@ BENCH_TARGETS = [(BENCH_VIP, 80)]
 # seconds.
 CP_ORDER = ("veer", "kube-proxy-nftables")
 CP_LAST = "kube-proxy-iptables"
+# The control plane of an N up to this is measured in --cp-rounds rounds: a
+# single run's CPU seconds at N = 1,000 varied by more than the gap between
+# veer and kube-proxy nftables from one run of this bench to the next.
+CP_ROUNDS_MAX_N = 1_000
 PLOTTER = "/usr/bin/python3"
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--quick", action="store_true",
-                   help="smoke test: N = 50, one round, 1 s per tool")
+                   help="smoke test: N = 50, one datapath round, two control-plane "
+                        "rounds, 1 s per tool")
     benchlib.add_common_args(p, server="web")
     p.add_argument("--loads", default=None,
                    help="comma-separated N for the control plane and the loaded datapath "
@@ -92,12 +100,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         "(at least 1 s; default 0.5)")
     p.add_argument("--paths", default="",
                    help="comma-separated subset of the datapath paths (default: all)")
+    p.add_argument("--cp-rounds", type=int, default=None,
+                   help=f"control-plane rounds for each N up to {CP_ROUNDS_MAX_N:,} (larger N: "
+                        "one; default 3, --quick 2)")
     p.add_argument("--program-timeout", type=float, default=300.0,
                    help="how long a proxy may take to program a load (default 300 s)")
     args = p.parse_args(argv)
     benchlib.apply_presets(
-        args, quick={"rounds": 1, "duration": 1, "loads": "50"},
-        full={"rounds": 5, "duration": 2, "loads": f"1000,{GOAL_SERVICES}"})
+        args, quick={"rounds": 1, "duration": 1, "loads": "50", "cp_rounds": 2},
+        full={"rounds": 5, "duration": 2, "loads": f"1000,{GOAL_SERVICES}", "cp_rounds": 3})
     if args.quick:
         args.one_more = 1
     else:  # the whole run must fit in 30 minutes on 2 CPUs: bounded waits
@@ -108,8 +119,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.path_keys = [k for k in args.paths.split(",") if k] or [p.key for p in PATHS]
     if set(args.path_keys) - known or "direct" not in args.path_keys:
         p.error(f"--paths: choose among {', '.join(sorted(known))}, direct included")
-    if args.rounds < 1 or args.duration < 1 or any(n < 2 for n in args.load_counts):
-        p.error("--rounds and --duration must be positive, each load at least 2")
+    if args.rounds < 1 or args.duration < 1 or args.cp_rounds < 1 \
+            or any(n < 2 for n in args.load_counts):
+        p.error("--rounds, --cp-rounds and --duration must be positive, each load at least 2")
     return args
 
 
@@ -206,19 +218,29 @@ class Run:
         self.loads.append(load)
 
     def controlplane(self, count: int, rotate: int) -> None:
-        first = CP_ORDER[rotate % 2:] + CP_ORDER[:rotate % 2]
-        order = (*first, CP_LAST)
+        """Each proxy alone, round by round; which of veer and kube-proxy
+        nftables goes first alternates, kube-proxy iptables goes last."""
+        rounds = self.args.cp_rounds if count <= CP_ROUNDS_MAX_N else 1
         specs = load_batch(count)
-        for i, key in enumerate(order):
-            proxy = self.proxies[key]
-            self.phase(f"control plane, N = {count:,}: {proxy.key} alone")
-            took = start_alone(self.cluster, proxy, BENCH_TARGETS, 180)
-            log(f"  {proxy.key}: started, synced and serving in {took:.1f} s")
-            self.cps.append(measure(self.cluster, self.writer, proxy, count, self.args.one_more,
-                                    self.args.program_timeout, seed=count + i))
-            if i < len(order) - 1:  # the last stays, serving the N, for the datapath
-                proxy.stop()
-                self.remove(specs)
+        for round_index in range(rounds):
+            turn = rotate + round_index
+            first = CP_ORDER[turn % 2:] + CP_ORDER[:turn % 2]
+            order = (*first, CP_LAST)
+            for i, key in enumerate(order):
+                proxy = self.proxies[key]
+                self.phase(f"control plane, N = {count:,}, round {round_index + 1} of "
+                           f"{rounds}: {proxy.key} alone")
+                took = start_alone(self.cluster, proxy, BENCH_TARGETS, 180)
+                log(f"  {proxy.key}: started, synced and serving in {took:.1f} s")
+                result = measure(self.cluster, self.writer, proxy, count, self.args.one_more,
+                                 self.args.program_timeout,
+                                 seed=count + round_index * len(order) + i)
+                result.round = round_index
+                self.cps.append(result)
+                last = round_index == rounds - 1 and i == len(order) - 1
+                if not last:  # the last stays, serving the N, for the datapath
+                    proxy.stop()
+                    self.remove(specs)
 
     def remove(self, specs: list[ServiceSpec]) -> None:
         """Between runs, no proxy running: erased in etcd (apiload.py says
@@ -314,8 +336,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for load in loads:
         sections.append(f"### Datapath, {load.label} Services loaded\n\n"
                         f"{report.datapath_table(load)}{report.trouble(load)}")
-    sections.append("### Control plane (each proxy alone, started afresh)\n\n"
-                    + report.cp_table(cps))
+    sections.append(f"### Control plane (each proxy alone, started afresh)\n\n"
+                    f"Cells: median (min-max) over the rounds (an N up to "
+                    f"{CP_ROUNDS_MAX_N:,}: {args.cp_rounds}; a larger N: one), one more "
+                    f"Service over every time it was timed.\n\n" + report.cp_table(cps))
     sections.append("### Goals\n\n" + "\n".join(report.goals(loads, cps, GOAL_SERVICES)))
     if aborted:
         sections.append(f"**The run stopped before its end** ({aborted}); the figures above "

@@ -57,27 +57,30 @@ def datapath(data: dict[str, Any], out: Path) -> None:
 
 
 def controlplane(data: dict[str, Any], out: Path) -> None:
-    results = data["controlplane"]
-    sizes = sorted({r["services"] for r in results})
-    proxies = list(dict.fromkeys(r["proxy"] for r in results))
+    """Bars at each figure's median over the rounds, whiskers from min to max."""
+    rows = data["controlplane_summary"]
+    sizes = sorted({r["services"] for r in rows})
+    proxies = list(dict.fromkeys(r["proxy"] for r in rows))
     fig, axes = plt.subplots(1, len(CP_FIGURES), figsize=(4.2 * len(CP_FIGURES), 4.0))
     width = 0.8 / max(1, len(proxies))
     for ax, (key, title) in zip(axes, CP_FIGURES, strict=True):
+        scale = 1000.0 if key == "one_more_s" else 1.0
         for i, proxy in enumerate(proxies):
             values: list[float] = []
+            low: list[float] = []
+            high: list[float] = []
             for n in sizes:
-                r = next((x for x in results if x["proxy"] == proxy and x["services"] == n), None)
-                if r is None:
-                    values.append(0.0)
-                elif key == "one_more_s":
-                    ones = sorted(r[key] or [0.0])
-                    values.append(ones[len(ones) // 2] * 1000)
-                else:
-                    values.append(float(r[key]))
+                row = next((x for x in rows if x["proxy"] == proxy and x["services"] == n), None)
+                figure = row.get(key) if row else None
+                med = figure["median"] * scale if figure else 0.0
+                values.append(med)
+                low.append(med - figure["min"] * scale if figure else 0.0)
+                high.append(figure["max"] * scale - med if figure else 0.0)
             xs = [j + (i - (len(proxies) - 1) / 2) * width for j in range(len(sizes))]
-            ax.bar(xs, values, width, label=proxy, color=COLORS.get(proxy))
+            ax.bar(xs, values, width, label=proxy, color=COLORS.get(proxy),
+                   yerr=[low, high], capsize=2, error_kw={"linewidth": 0.8})
         ax.set_xticks(range(len(sizes)), [f"N = {n:,}" for n in sizes], fontsize=8)
-        ax.set_title(f"{title}\n(lower is better)", fontsize=9)
+        ax.set_title(f"{title}\n(median, min-max; lower is better)", fontsize=9)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
@@ -92,7 +95,7 @@ def main() -> int:
     if data.get("datapath"):
         datapath(data, stem.with_name(stem.name + "-datapath.png"))
         written.append(stem.with_name(stem.name + "-datapath.png"))
-    if data.get("controlplane"):
+    if data.get("controlplane_summary"):
         controlplane(data, stem.with_name(stem.name + "-controlplane.png"))
         written.append(stem.with_name(stem.name + "-controlplane.png"))
     for path in written:

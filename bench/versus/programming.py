@@ -67,6 +67,7 @@ class CpResult:
     rss_idle_mib: float  # before the N were created
     others_cpu_s: float  # CPU time of other jobs on the machine meanwhile (disturbance)
     notes: list[str] = field(default_factory=list)
+    round: int = 0  # which of the control-plane rounds of this proxy and N
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
