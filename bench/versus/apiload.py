@@ -42,6 +42,7 @@ from typing import Any
 TRIGGER = "endpoints.kubernetes.io/last-change-trigger-time"
 SERVICES = "/api/v1/namespaces/{ns}/services"
 SLICES = "/apis/discovery.k8s.io/v1/namespaces/{ns}/endpointslices"
+IPADDRESSES = "/apis/networking.k8s.io/v1/ipaddresses"
 # Where the API server keeps them in etcd (its default --etcd-prefix).
 ETCD_SERVICE = "/registry/services/specs/{ns}/{name}"
 ETCD_SLICE = "/registry/endpointslices/{ns}/{name}"
@@ -234,6 +235,24 @@ class ApiWriter:
             conn.close()
 
 
+    def addresses_held(self, ips: set[str]) -> set[str]:
+        """Which of `ips` the API server lists an IPAddress object for (the
+        ClusterIP allocator's record that an address is taken)."""
+        conn = self._conn()
+        held: set[str] = set()
+        token = ""
+        try:
+            while True:
+                query = f"?limit=5000&continue={token}" if token else "?limit=5000"
+                page = self.request(conn, "GET", IPADDRESSES + query)
+                held |= {item["metadata"]["name"] for item in page.get("items") or ()} & ips
+                token = (page.get("metadata") or {}).get("continue") or ""
+                if not token:
+                    return held
+        finally:
+            conn.close()
+
+
 class EtcdEraser:
     """Erases what ApiWriter.create made, straight from etcd (see the module's
     docstring for why), while no proxy runs: the Services first, so that
@@ -254,6 +273,13 @@ class EtcdEraser:
         keys = [ETCD_SERVICE.format(ns=namespace, name=s.name) for s in specs]
         keys += [ETCD_SLICE.format(ns=namespace, name=f"{s.name}-1") for s in specs]
         keys += [ETCD_IPADDRESS.format(ip=s.cluster_ip) for s in specs]
+        return self._delete(keys)
+
+    def erase_addresses(self, ips: Sequence[str]) -> int:
+        """The IPAddress objects of `ips`; how many were there."""
+        return self._delete([ETCD_IPADDRESS.format(ip=ip) for ip in ips])
+
+    def _delete(self, keys: Sequence[str]) -> int:
         deleted = 0
         for start in range(0, len(keys), self.TXN_OPS):
             ops = [{"requestDeleteRange": {"key": base64.b64encode(k.encode()).decode()}}
