@@ -376,6 +376,13 @@ def _endpoints_checked(root: _Fields, address_type: str) -> list[Endpoint]:
 _ADDRESS_VERSION = {"IPv4": 4, "IPv6": 6}
 
 
+def _absent_or(kind: type, a: Any, b: Any, c: Any) -> bool:
+    """Whether each of three values is None or exactly a `kind` (three
+    arguments, not a sequence: this runs for every endpoint)."""
+    return ((a is None or type(a) is kind) and (b is None or type(b) is kind)
+            and (c is None or type(c) is kind))
+
+
 def _endpoints_fast(items: Any, address_type: str) -> list[Endpoint] | None:
     """A slice's endpoints, read straight from the dicts; None as soon as
     anything is not of the plain, valid shape (or carries hints, which are
@@ -412,18 +419,12 @@ def _endpoints_fast(items: Any, address_type: str) -> list[Endpoint] | None:
             cond = {}
         elif type(cond) is not dict:
             return None
-        ready = cond.get("ready")
-        serving = cond.get("serving")
-        terminating = cond.get("terminating")
-        for flag in (ready, serving, terminating):
-            if flag is not None and type(flag) is not bool:
-                return None
-        node_name = ep.get("nodeName")
-        zone = ep.get("zone")
-        hostname = ep.get("hostname")
-        for text in (node_name, zone, hostname):
-            if text is not None and type(text) is not str:
-                return None
+        ready, serving, terminating = cond.get("ready"), cond.get("serving"), cond.get(
+            "terminating")
+        node_name, zone, hostname = ep.get("nodeName"), ep.get("zone"), ep.get("hostname")
+        if not (_absent_or(bool, ready, serving, terminating)
+                and _absent_or(str, node_name, zone, hostname)):
+            return None
         # API contract: an unknown ready state is ready; serving defaults to ready.
         is_ready = True if ready is None else ready
         out.append(Endpoint(
