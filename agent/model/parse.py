@@ -333,6 +333,9 @@ def _family(f: _Fields, path: str, value: Any) -> IPFamily:
         raise ModelError(f.obj, path, f"unsupported IP family {value!r}") from None
 
 
+_ADDRESS_VERSION = {"IPv4": 4, "IPv6": 6}
+
+
 def _endpoints_checked(root: _Fields, address_type: str) -> list[Endpoint]:
     """A slice's endpoints, every field checked and named in any error."""
     endpoints = []
@@ -341,7 +344,7 @@ def _endpoints_checked(root: _Fields, address_type: str) -> list[Endpoint]:
             addresses: tuple[IPAddress, ...] = ()
         else:
             addresses = ep.ips("addresses")
-            want = 4 if address_type == "IPv4" else 6
+            want = _ADDRESS_VERSION[address_type]
             for i, a in enumerate(addresses):
                 if a.version != want:
                     raise ep.error(f"addresses[{i}]", f"{a} is not an {address_type} address")
@@ -371,9 +374,6 @@ def _endpoints_checked(root: _Fields, address_type: str) -> list[Endpoint]:
             )
         )
     return endpoints
-
-
-_ADDRESS_VERSION = {"IPv4": 4, "IPv6": 6}
 
 
 def _absent_or(kind: type, a: Any, b: Any, c: Any) -> bool:
