@@ -81,6 +81,13 @@ CP_LAST = "kube-proxy-iptables"
 # single run's CPU seconds at N = 1,000 varied by more than the gap between
 # veer and kube-proxy nftables from one run of this bench to the next.
 CP_ROUNDS_MAX_N = 1_000
+# A latency run's p99 is its slowest 1% of requests. A run of 1 s on one
+# connection made about 37,000 (compare-20261127-040255.json), so its tail
+# was some 10 ms worth of requests, and one brief slowdown of the shared host
+# could fill it: at 10,000 Services the socket path's median p99 was 1.062x
+# direct's, though once connected both take the same kernel path. Three
+# seconds triple what such a slowdown has to outweigh.
+LATENCY_SECONDS = 3
 PLOTTER = "/usr/bin/python3"
 
 
@@ -96,8 +103,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--one-more", type=int, default=3,
                    help="times one more Service is created and timed per proxy and N")
     p.add_argument("--aux-share", type=float, default=0.5,
-                   help="latency and throughput runs last this share of --duration "
+                   help="the throughput run lasts this share of --duration "
                         "(at least 1 s; default 0.5)")
+    p.add_argument("--latency-seconds", type=int, default=None,
+                   help="length of each latency run (default 3, --quick 1)")
     p.add_argument("--paths", default="",
                    help="comma-separated subset of the datapath paths (default: all)")
     p.add_argument("--cp-rounds", type=int, default=None,
@@ -107,8 +116,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="how long a proxy may take to program a load (default 300 s)")
     args = p.parse_args(argv)
     benchlib.apply_presets(
-        args, quick={"rounds": 1, "duration": 1, "loads": "50", "cp_rounds": 2},
-        full={"rounds": 5, "duration": 2, "loads": f"1000,{GOAL_SERVICES}", "cp_rounds": 3})
+        args, quick={"rounds": 1, "duration": 1, "loads": "50", "cp_rounds": 2,
+               "latency_seconds": 1},
+        full={"rounds": 5, "duration": 2, "loads": f"1000,{GOAL_SERVICES}", "cp_rounds": 3,
+              "latency_seconds": LATENCY_SECONDS})
     if args.quick:
         args.one_more = 1
     else:  # the whole run must fit in 30 minutes on 2 CPUs: bounded waits
@@ -119,9 +130,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.path_keys = [k for k in args.paths.split(",") if k] or [p.key for p in PATHS]
     if set(args.path_keys) - known or "direct" not in args.path_keys:
         p.error(f"--paths: choose among {', '.join(sorted(known))}, direct included")
-    if args.rounds < 1 or args.duration < 1 or args.cp_rounds < 1 \
+    if args.rounds < 1 or args.duration < 1 or args.cp_rounds < 1 or args.latency_seconds < 1 \
             or any(n < 2 for n in args.load_counts):
-        p.error("--rounds, --cp-rounds and --duration must be positive, each load at least 2")
+        p.error("--rounds, --cp-rounds, --duration and --latency-seconds must be positive, "
+                "each load at least 2")
     return args
 
 
@@ -346,8 +358,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     sections = [f"Command: `{command}`. {args.rounds} round(s) per load; in each, every path "
                 f"in turn (order rotating): wrk -t{args.threads} -c{args.connections} "
                 f"'Connection: close' for {args.duration} s (new conn/s), wrk -t1 -c1 "
-                f"keep-alive (latency) and iperf3 (one stream) for "
-                f"{max(1, round(args.duration * args.aux_share))} s each. Cells: median "
+                f"keep-alive for {args.latency_seconds} s (latency) and iperf3 (one stream) "
+                f"for {max(1, round(args.duration * args.aux_share))} s. Cells: median "
                 f"(min-max) over rounds, then **ratio to direct** (medians). Tools, nginx and "
                 f"softirqs on the last CPU, the proxies and the control plane on the other "
                 f"(veer TPROXY's agent joins the bench CPU during its runs: it proxies in "

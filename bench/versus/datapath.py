@@ -214,18 +214,19 @@ class Datapath:
         url = f"http://{path.host}:{path.http_port}/"
         seconds = max(1, round(duration))
         short = max(1, round(duration * self.args.aux_share))
+        pinging = self.args.latency_seconds
         with self.on_bench_cpu(proxy):
             node0, proxy0 = self._snapshot(path)
             mark = self.meter.start()
             conn = tools.wrk(self.cluster, netns, cgroup, url, seconds, self.args.threads,
                              self.args.connections, True, self.prefix)
-            ping = tools.wrk(self.cluster, netns, cgroup, url, short, 1, 1, False, self.prefix)
+            ping = tools.wrk(self.cluster, netns, cgroup, url, pinging, 1, 1, False, self.prefix)
             retried = 0
             while ping.requests == 0 and retried < 2:
                 # The one connection's SYN was lost (retried after 1 s, past the
                 # run's end): a datapath event, counted and shown, not a latency.
                 retried += 1
-                ping = tools.wrk(self.cluster, netns, cgroup, url, short, 1, 1, False,
+                ping = tools.wrk(self.cluster, netns, cgroup, url, pinging, 1, 1, False,
                                  self.prefix)
             bits = tools.iperf3(self.cluster, netns, cgroup, path.host, path.iperf_port, short,
                                 self.prefix)
@@ -245,7 +246,8 @@ class Datapath:
             "latency_runs_without_answer": retried,
             "wrk_errors": conn.error_count + ping.error_count,
             "extra": {"lat_p50_us": p50, "lat_p99_us": p99, "gbps": bits / 1e9,
-                      "requests_keepalive": float(ping.requests)},
+                      "requests_keepalive": float(ping.requests),
+                      "latency_run_s": ping.seconds},
         }
 
     def run(self, label: str, wait_quiet: QuietWaiter | None = None) -> Series:

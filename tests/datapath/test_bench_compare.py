@@ -41,7 +41,9 @@ def test_compare_quick_fills_every_column(tmp_path: Path) -> None:
         build_binaries()  # seconds when cached under ~/.cache/veer
     assert not missing_binaries(), bin_dir()
 
-    res = run_bench([sys.executable, str(BENCH), "--quick", "--out", str(tmp_path)],
+    # Latency runs twice as long as the others: the option reaches wrk.
+    res = run_bench([sys.executable, str(BENCH), "--quick", "--latency-seconds", "2",
+                     "--out", str(tmp_path)],
                     timeout=880, cwd=REPO)
     output = res.stdout + res.stderr
     assert res.returncode == 0, output[-6000:]
@@ -59,6 +61,8 @@ def test_compare_quick_fills_every_column(tmp_path: Path) -> None:
             for figure in FIGURES:
                 value = summary[path][figure]
                 assert value["median"] > 0 and value["ratio_to_direct"] > 0, (path, figure)
+        for run in load["runs"]:
+            assert 1.9 <= run["latency_run_s"] <= 2.2, run
 
     # --quick measures the control plane in two rounds: every proxy twice.
     assert sorted((r["proxy"], r["services"], r["round"]) for r in data["controlplane"]) == \
