@@ -253,6 +253,15 @@ class ApiWriter:
             conn.close()
 
 
+@dataclass(frozen=True)
+class Erased:
+    """Keys EtcdEraser.erase found and deleted, by kind."""
+
+    services: int
+    slices: int
+    addresses: int  # IPAddress objects: the API server's, which it may have removed
+
+
 class EtcdEraser:
     """Erases what ApiWriter.create made, straight from etcd (see the module's
     docstring for why), while no proxy runs: the Services first, so that
@@ -262,18 +271,19 @@ class EtcdEraser:
     most 128 deletions (etcd's default --max-txn-ops)."""
 
     TXN_OPS = 128
-    KEYS_PER_SERVICE = 3  # the Service, its EndpointSlice, its IPAddress
 
     def __init__(self, etcd_url: str) -> None:
         self.url = etcd_url.rstrip("/")
 
-    def erase(self, specs: Sequence[ServiceSpec], namespace: str) -> int:
-        """Returns how many keys were deleted (KEYS_PER_SERVICE per Service
-        when all were there)."""
-        keys = [ETCD_SERVICE.format(ns=namespace, name=s.name) for s in specs]
-        keys += [ETCD_SLICE.format(ns=namespace, name=f"{s.name}-1") for s in specs]
-        keys += [ETCD_IPADDRESS.format(ip=s.cluster_ip) for s in specs]
-        return self._delete(keys)
+    def erase(self, specs: Sequence[ServiceSpec], namespace: str) -> Erased:
+        """Deletes each Service's keys; counts, per kind, those that were there."""
+        return Erased(
+            services=self._delete([ETCD_SERVICE.format(ns=namespace, name=s.name)
+                                   for s in specs]),
+            slices=self._delete([ETCD_SLICE.format(ns=namespace, name=f"{s.name}-1")
+                                 for s in specs]),
+            addresses=self._delete([ETCD_IPADDRESS.format(ip=s.cluster_ip) for s in specs]),
+        )
 
     def erase_addresses(self, ips: Sequence[str]) -> int:
         """The IPAddress objects of `ips`; how many were there."""

@@ -17,7 +17,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
-from versus.apiload import EtcdEraser, ServiceSpec, batch
+from versus.apiload import Erased, EtcdEraser, ServiceSpec, batch
 
 
 class FakeEtcd:
@@ -91,7 +91,8 @@ def etcd(specs: list[ServiceSpec]) -> Iterator[FakeEtcd]:
 def test_erases_every_key_of_the_load_and_nothing_else(
     etcd: FakeEtcd, specs: list[ServiceSpec],
 ) -> None:
-    assert EtcdEraser(etcd.url).erase(specs, "load") == 3 * len(specs)
+    n = len(specs)
+    assert EtcdEraser(etcd.url).erase(specs, "load") == Erased(n, n, n)
     assert etcd.keys == {"/registry/services/specs/bench/bench",
                          "/registry/ipaddresses/10.96.0.1"}
     assert max(etcd.txn_sizes) <= 128 and sum(etcd.txn_sizes) == 3 * len(specs)
@@ -108,8 +109,19 @@ def test_services_go_before_any_ipaddress(etcd: FakeEtcd, specs: list[ServiceSpe
 
 
 def test_counts_only_what_was_there(etcd: FakeEtcd, specs: list[ServiceSpec]) -> None:
-    # A second erase finds nothing: the bench stops on a count other than
-    # three per Service, so a wrong key layout cannot pass unnoticed.
+    # A second erase finds nothing: the bench stops when a Service or slice
+    # it wrote is not found, so a wrong key layout cannot pass unnoticed.
     eraser = EtcdEraser(etcd.url)
     eraser.erase(specs, "load")
-    assert eraser.erase(specs, "load") == 0
+    assert eraser.erase(specs, "load") == Erased(0, 0, 0)
+
+
+def test_counts_each_kind_apart(etcd: FakeEtcd, specs: list[ServiceSpec]) -> None:
+    # The API server removed two IPAddress objects: the others and every
+    # Service and slice are still erased, and the count says which kind fell short.
+    for s in specs[:2]:
+        etcd.keys.discard(f"/registry/ipaddresses/{s.cluster_ip}")
+    n = len(specs)
+    assert EtcdEraser(etcd.url).erase(specs, "load") == Erased(n, n, n - 2)
+    assert etcd.keys == {"/registry/services/specs/bench/bench",
+                         "/registry/ipaddresses/10.96.0.1"}
