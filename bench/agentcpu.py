@@ -25,6 +25,8 @@ Printed, and written to bench/results/agentcpu-<time>.md and .json:
   prepared dicts on queues) from the first object sent until the agent is
   idle (all N programmed and no pass for a second), the same window
   bench/compare.py charges to veer; per object sent;
+- the same CPU split by thread (agent/metrics/threads.py, which also serves
+  veer_thread_cpu_seconds_total), from /proc's per-thread clock ticks;
 - passes run meanwhile, and how long after the last object was sent all N
   were in the datapath;
 - one more Service with N present, to the datapath (`--one-more` times);
@@ -73,6 +75,7 @@ from agent.datapath.ebpf.programs import SockLbPrograms, cleanup  # noqa: E402
 from agent.kube.client import ENDPOINT_SLICES, NODES, SERVICES, Obj  # noqa: E402
 from agent.kube.report import Identity  # noqa: E402
 from agent.kube.runtime import KubeRuntime  # noqa: E402
+from agent.metrics.threads import thread_cpu_seconds  # noqa: E402
 from agent.model.objects import Protocol  # noqa: E402
 from agent.model.snapshot import Store  # noqa: E402
 from agent.sources import Source  # noqa: E402
@@ -226,6 +229,7 @@ def run(args: argparse.Namespace, pins: str, work: str) -> dict[str, Any]:
         wait_idle(agent, 60)
         passes0 = agent.telemetry.passes
         cpu0, t0 = cpu_seconds(), time.monotonic()
+        threads0 = thread_cpu_seconds()
         last = feeder.feed(specs, args.rate)
         keys = [frontend(s) for s in specs]
         done = wait_for("all N in the datapath",
@@ -233,6 +237,9 @@ def run(args: argparse.Namespace, pins: str, work: str) -> dict[str, Any]:
                         args.timeout, every=0.05)
         wait_idle(agent, args.timeout)
         cpu = cpu_seconds() - cpu0  # the idle wait itself costs next to nothing
+        threads1 = thread_cpu_seconds()
+        by_thread = {name: round(seconds - threads0.get(name, 0.0), 2)
+                     for name, seconds in threads1.items()}
         passes = agent.telemetry.passes - passes0
         feed_s = last - t0
         ones = []
@@ -255,6 +262,7 @@ def run(args: argparse.Namespace, pins: str, work: str) -> dict[str, Any]:
     return {
         "services": args.services, "objects": 2 * args.services, "rate": args.rate,
         "feed_s": feed_s, "cpu_s": cpu, "cpu_per_object_ms": cpu / (2 * args.services) * 1000,
+        "by_thread_s": dict(sorted(by_thread.items(), key=lambda kv: -kv[1])),
         "passes": passes, "all_programmed_after_last_s": max(0.0, done - last),
         "one_more_s": ones, "status_file_frontends": listed,
         "profile": profiles.report(args.top) if args.profile else "",
@@ -300,6 +308,8 @@ def main() -> int:
         f"{r['all_programmed_after_last_s']:.2f} s after the last was sent",
         f"- agent CPU from the first object until idle: {r['cpu_s']:.2f} s "
         f"({r['cpu_per_object_ms']:.2f} ms per object), {r['passes']} passes",
+        "- of which, by thread (the agent's names; MainThread is this script's feeder): "
+        + ", ".join(f"{name} {sec:.2f} s" for name, sec in r["by_thread_s"].items() if sec > 0),
         f"- one more Service with {r['services']:,} present, to the datapath: {ones}",
         f"- status file lists {r['status_file_frontends']:,} frontends",
     ]
@@ -313,7 +323,8 @@ def main() -> int:
     md.write_text(text + ("\n\n```\n" + r["profile"] + "\n```\n" if r["profile"] else "\n"))
     (args.out / f"agentcpu-{stamp}.json").write_text(json.dumps(
         {"args": {k: str(v) for k, v in vars(args).items()}, **r}, indent=1) + "\n")
-    print(f"results: {md.relative_to(REPO)} and {md.with_suffix('.json').name}")
+    shown = md.relative_to(REPO) if md.is_relative_to(REPO) else md
+    print(f"results: {shown} and {md.with_suffix('.json').name}")
     return 0
 
 

@@ -29,6 +29,7 @@ from agent.compute.types import DesiredState, L4Addr
 from agent.datapath.flows import FlowStats
 from agent.datapath.interface import MapUsage
 from agent.metrics.exposition import MetricFamily
+from agent.metrics.threads import thread_cpu_seconds
 from agent.telemetry import Histogram, TelemetrySnapshot
 
 # The kernel's rule number for "no rule matched: the default action decided"
@@ -57,6 +58,7 @@ class MetricsInput:
     # (policy, rule) -> hits of TrafficPolicy access rules; rule is
     # "rules[N]" or "defaultAction".
     access_hits: Mapping[tuple[str, str], int] = field(default_factory=dict)
+    thread_cpu: Mapping[str, float] = field(default_factory=dict)  # thread name -> seconds
 
 
 def _histogram(name: str, help_text: str, h: Histogram) -> MetricFamily:
@@ -131,6 +133,12 @@ def families(m: MetricsInput) -> list[MetricFamily]:
     for (policy, rule), n in sorted(m.access_hits.items()):
         hits.add(n, {"policy": policy, "rule": rule})
     out.append(hits)
+    threads = MetricFamily("veer_thread_cpu_seconds_total", "counter",
+                           "CPU seconds (user and system) of the agent's threads alive now, "
+                           "by thread name")
+    for name, seconds in sorted(m.thread_cpu.items()):
+        threads.add(seconds, {"thread": name})
+    out.append(threads)
     if m.flows is not None:
         out += flow_families(m.flows, m.counters.get("events_lost", 0))
     return out
@@ -222,4 +230,5 @@ class Gatherer:
             flows=agent.flows.stats(),
             access_hits=access_hits_by_policy(agent.datapath.access_hits(),
                                               agent.datapath.frontend_of, desired),
+            thread_cpu=thread_cpu_seconds(),
         )

@@ -276,7 +276,7 @@ def test_metrics_scrape(live: SandboxCluster) -> None:
         "kubeproxy_sync_proxy_rules_endpoint_changes_total",
         "veer_map_entries", "veer_map_capacity", "veer_datapath_mode",
         "veer_programs_attached", "veer_socket_lb_events_total", "veer_services_skipped",
-        "veer_manifest_problems", "veer_sync_errors_total",
+        "veer_manifest_problems", "veer_sync_errors_total", "veer_thread_cpu_seconds_total",
     ):
         assert f"| `{name}" in documented, f"{name} is not documented in docs/debugging.md"
         assert any(series.startswith(name) for series in first), f"{name} not exposed"
@@ -291,6 +291,8 @@ def test_metrics_scrape(live: SandboxCluster) -> None:
     assert first["veer_programs_attached"][()] == len(ALWAYS_HOOKS)
     assert first["veer_services_skipped"][(("reason", "UnsupportedProtocol"),)] == 1
     assert first["veer_sync_errors_total"][()] == 0
+    threads = {dict(labels)["thread"] for labels in first["veer_thread_cpu_seconds_total"]}
+    assert {"MainThread", "sync", "status", "metrics"} <= threads, threads
 
     translated = (("event", "translated"),)
     live.probe("tcp", "10.96.0.10", "80", "--count", "20")

@@ -128,6 +128,7 @@ def test_families_carry_kube_proxy_and_veer_names() -> None:
         programs_attached=8, skipped={"UnsupportedProtocol": 1}, manifest_problems=0,
         frontends=3, frontends_failed=0, source_synced=True,
         access_hits={("demo/acl", "rules[0]"): 4, ("demo/acl", "defaultAction"): 2},
+        thread_cpu={"sync": 1.5, "kube-services": 0.25},
     )))
     got = exposition.parse(text)
     assert got["veer_access_rule_hits_total"] == {
@@ -148,6 +149,8 @@ def test_families_carry_kube_proxy_and_veer_names() -> None:
     assert got["veer_services_skipped"][(("reason", "UnsupportedProtocol"),)] == 1
     assert got["veer_manifest_problems"][()] == 0
     assert got["veer_sync_errors_total"][()] == 0
+    assert got["veer_thread_cpu_seconds_total"] == {
+        (("thread", "sync"),): 1.5, (("thread", "kube-services"),): 0.25}
     for line in text.splitlines():  # every family is documented and typed
         if not line.startswith("#"):
             continue
