@@ -262,7 +262,7 @@ class Run:
         # The bench wrote every Service and slice, and nothing else deletes
         # them: a key not found means the API server's etcd layout is not
         # apiload.py's. The IPAddress objects are the API server's own; its
-        # repair may have removed some (2 of 10,000 in a run at 3a5da03).
+        # repair may have removed some (2 of 10,000 in a run at d48e648).
         if erased.services != len(specs) or erased.slices != len(specs):
             raise RuntimeError(f"erased {erased.services:,} Services and {erased.slices:,} "
                                f"EndpointSlices of {len(specs):,} in etcd: the API server's "
