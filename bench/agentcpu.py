@@ -26,7 +26,7 @@ Printed, and written to bench/results/agentcpu-<time>.md and .json:
   idle (all N programmed and no pass for a second), the same window
   bench/compare.py charges to veer; per object sent;
 - the same CPU split by thread (agent/metrics/threads.py, which also serves
-  veer_thread_cpu_seconds_total), from /proc's per-thread clock ticks;
+  veer_thread_cpu_seconds_total), from each thread's CPU clock;
 - passes run meanwhile, and how long after the last object was sent all N
   were in the datapath;
 - one more Service with N present, to the datapath (`--one-more` times);

@@ -26,10 +26,18 @@ from pathlib import Path
 
 TASKS = Path("/proc/self/task")
 
-# The kernel's clock id for one thread's CPU time (include/linux/posix-timers.h,
-# as glibc's pthread_getcpuclockid builds it): ~tid << 3, the per-thread
-# bit (4) and the "sched" clock (2), which counts user and system time.
-_CPUCLOCK_PERTHREAD_SCHED = 4 | 2
+# The kernel's CPU clock ids (include/linux/posix-timers.h, as glibc's
+# clock_getcpuclockid and pthread_getcpuclockid build them): ~id << 3, the
+# per-thread bit (4) for a thread rather than a whole process, and the
+# "sched" clock (2), which counts user and system time.
+_CPUCLOCK_SCHED = 2
+_CPUCLOCK_PERTHREAD = 4
+
+
+def cpu_clock_id(pid_or_tid: int, per_thread: bool) -> int:
+    """The clock id of a process's (any pid) or one thread's (of this
+    process) CPU time, for time.clock_gettime."""
+    return (~pid_or_tid << 3) | _CPUCLOCK_SCHED | (_CPUCLOCK_PERTHREAD if per_thread else 0)
 
 
 def thread_clock_seconds(tid: int) -> float:
@@ -39,7 +47,7 @@ def thread_clock_seconds(tid: int) -> float:
     thread's pthread structure, which may be unmapped once the thread has
     ended; the kernel answers EINVAL for an ended tid.
     """
-    return time.clock_gettime((~tid << 3) | _CPUCLOCK_PERTHREAD_SCHED)
+    return time.clock_gettime(cpu_clock_id(tid, per_thread=True))
 
 
 def thread_cpu_seconds(

@@ -213,23 +213,23 @@ class Datapath:
         netns, cgroup = self.client(path)
         url = f"http://{path.host}:{path.http_port}/"
         seconds = max(1, round(duration))
-        short = max(1, round(duration * self.args.aux_share))
-        pinging = self.args.latency_seconds
+        throughput_s = max(1, round(duration * self.args.aux_share))
+        latency_s = self.args.latency_seconds
         with self.on_bench_cpu(proxy):
             node0, proxy0 = self._snapshot(path)
             mark = self.meter.start()
             conn = tools.wrk(self.cluster, netns, cgroup, url, seconds, self.args.threads,
                              self.args.connections, True, self.prefix)
-            ping = tools.wrk(self.cluster, netns, cgroup, url, pinging, 1, 1, False, self.prefix)
+            ping = tools.wrk(self.cluster, netns, cgroup, url, latency_s, 1, 1, False, self.prefix)
             retried = 0
             while ping.requests == 0 and retried < 2:
                 # The one connection's SYN was lost (retried after 1 s, past the
                 # run's end): a datapath event, counted and shown, not a latency.
                 retried += 1
-                ping = tools.wrk(self.cluster, netns, cgroup, url, pinging, 1, 1, False,
+                ping = tools.wrk(self.cluster, netns, cgroup, url, latency_s, 1, 1, False,
                                  self.prefix)
-            bits = tools.iperf3(self.cluster, netns, cgroup, path.host, path.iperf_port, short,
-                                self.prefix)
+            bits = tools.iperf3(self.cluster, netns, cgroup, path.host, path.iperf_port,
+                                throughput_s, self.prefix)
             use = self.meter.stop(mark)
             node1, proxy1 = self._snapshot(path)
         if conn.requests == 0 or ping.requests == 0:

@@ -36,6 +36,7 @@ from typing import Any
 
 import pytest
 
+from agent.metrics.threads import cpu_clock_id
 from agent.sandbox.cluster import WEB_PODS, SandboxCluster
 from tests.e2e.controlplane import CommandError, ControlPlane, free_ports
 from tests.e2e.kubeveer import (
@@ -288,9 +289,9 @@ def test_network_programming_latency_is_recorded(env: Env) -> None:
 def test_the_agents_cpu_is_split_by_thread(env: Env) -> None:
     assert env.agent is not None
     metrics = env.metrics()
-    # The process's own CPU clock (clock_getcpuclockid's id: ~pid << 3 | the
-    # sched clock), read after the scrape: it can only have grown since.
-    process_seconds = time.clock_gettime((~env.agent.pid << 3) | 2)
+    # The agent process's exact CPU clock, read after the scrape: it can only
+    # have grown since.
+    process_seconds = time.clock_gettime(cpu_clock_id(env.agent.pid, per_thread=False))
     prefix = 'veer_thread_cpu_seconds_total{thread="'
     threads = {name[len(prefix):-2]: value for name, value in metrics.items()
                if name.startswith(prefix)}
