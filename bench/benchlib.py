@@ -22,7 +22,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -454,11 +454,19 @@ def path_cells(series: Series, path: str) -> str:
             f"| {min(paired):.3f}-{max(paired):.3f}")
 
 
-def add_common_args(p: argparse.ArgumentParser, server: str) -> None:
-    """The options every bench takes; `server` names the nginx for the help text."""
-    p.add_argument("--rounds", type=int, default=None, help="rounds (default 7)")
+# What every bench's full run uses unless its own preset says otherwise.
+COMMON_FULL: dict[str, Any] = {"rounds": 7, "duration": 5, "quiet_timeout": 120.0,
+                               "quiet_budget": 900.0}
+
+
+def add_common_args(p: argparse.ArgumentParser, server: str, full: Mapping[str, Any]) -> None:
+    """The options every bench takes; `server` names the nginx for the help
+    text, `full` is the bench's full preset (apply_presets), so that the help
+    quotes the defaults a run really gets."""
+    d = {**COMMON_FULL, **full}
+    p.add_argument("--rounds", type=int, default=None, help=f"rounds (default {d['rounds']})")
     p.add_argument("--duration", type=int, default=None,
-                   help="whole seconds per wrk run (default 5)")
+                   help=f"whole seconds per wrk run (default {d['duration']})")
     p.add_argument("--threads", type=int, default=2, help="wrk threads (default 2)")
     p.add_argument("--connections", type=int, default=32,
                    help="wrk connections (default 32)")
@@ -471,20 +479,23 @@ def add_common_args(p: argparse.ArgumentParser, server: str) -> None:
                         "default: the sandbox's 10 s)")
     p.add_argument("--max-redo", type=int, default=3,
                    help="redo a round up to this many times when another process took CPU "
-                        "time on the bench CPU during it (default 3)")
-    p.add_argument("--quiet-timeout", type=float, default=120.0,
+                        "time on the bench CPU during it (default 3; --quick: 0)")
+    p.add_argument("--quiet-timeout", type=float, default=None,
                    help="before each round, wait up to this long for other processes "
-                        "to leave the machine idle (default 120 s)")
-    p.add_argument("--quiet-budget", type=float, default=900.0,
+                        f"to leave the machine idle (default {d['quiet_timeout']:g} s; "
+                        "--quick: 0)")
+    p.add_argument("--quiet-budget", type=float, default=None,
                    help="wait at most this long in all for the machine to be idle "
-                        "(default 900 s)")
+                        f"(default {d['quiet_budget']:g} s)")
     p.add_argument("--out", type=Path, default=RESULTS, help="where to write results")
 
 
-def apply_presets(args: argparse.Namespace, quick: dict[str, Any], full: dict[str, Any]) -> None:
-    """Fill the options left unset from the --quick or the full preset; a
-    smoke test (--quick) never waits for, nor redoes after, other jobs."""
-    for key, value in (quick if args.quick else full).items():
+def apply_presets(args: argparse.Namespace, quick: Mapping[str, Any],
+                  full: Mapping[str, Any]) -> None:
+    """Fill the options left unset from the --quick or the full preset (over
+    COMMON_FULL); a smoke test (--quick) never waits for, nor redoes after,
+    other jobs."""
+    for key, value in {**COMMON_FULL, **(quick if args.quick else full)}.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.quick:

@@ -364,11 +364,16 @@ def table(loads: Sequence[LoadResult]) -> str:
     return "\n".join(lines)
 
 
+# Option values of a --quick (smoke) run and of a full one.
+QUICK = {"rounds": 1, "duration": 2, "extra": 100}
+FULL = {"rounds": 7, "duration": 5, "extra": GOAL_EXTRA}
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--quick", action="store_true",
                    help="smoke test: 1 round of 2 s, 100 extra Services")
-    benchlib.add_common_args(p, server="web-a")
+    benchlib.add_common_args(p, server="web-a", full=FULL)
     p.add_argument("--extra", type=int, default=None,
                    help="extra Services for the second load (default 10000)")
     p.add_argument("--no-fill", action="store_true",
@@ -376,8 +381,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--program-timeout", type=float, default=600.0,
                    help="how long to wait for the agent to program the extra Services")
     args = p.parse_args(argv)
-    benchlib.apply_presets(args, quick={"rounds": 1, "duration": 2, "extra": 100},
-                           full={"rounds": 7, "duration": 5, "extra": GOAL_EXTRA})
+    benchlib.apply_presets(args, quick=QUICK, full=FULL)
     if args.quick:
         args.no_fill = True
     if args.rounds < 1 or args.duration <= 0 or args.extra < 1 or args.max_redo < 0:

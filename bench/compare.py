@@ -44,6 +44,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import benchlib
 from benchlib import REPO, log
@@ -89,6 +90,14 @@ CP_ROUNDS_MAX_N = 1_000
 # seconds triple what such a slowdown has to outweigh.
 LATENCY_SECONDS = 3
 PLOTTER = "/usr/bin/python3"
+# Option values of a --quick (smoke) run and of a full one. The full run must
+# fit in 30 minutes on 2 CPUs, so its waits for an idle machine are bounded
+# tighter than the other benches'.
+QUICK: dict[str, Any] = {"rounds": 1, "duration": 1, "loads": "50", "cp_rounds": 2,
+                         "latency_seconds": 1}
+FULL: dict[str, Any] = {"rounds": 5, "duration": 2, "loads": f"1000,{GOAL_SERVICES}",
+                        "cp_rounds": 3, "latency_seconds": LATENCY_SECONDS,
+                        "quiet_timeout": 30.0, "quiet_budget": 240.0}
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -96,35 +105,30 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true",
                    help="smoke test: N = 50, one datapath round, two control-plane "
                         "rounds, 1 s per tool")
-    benchlib.add_common_args(p, server="web")
+    benchlib.add_common_args(p, server="web", full=FULL)
     p.add_argument("--loads", default=None,
                    help="comma-separated N for the control plane and the loaded datapath "
-                        "(default 1000,10000)")
+                        f"(default {FULL['loads']}; --quick {QUICK['loads']})")
     p.add_argument("--one-more", type=int, default=3,
-                   help="times one more Service is created and timed per proxy and N")
+                   help="times one more Service is created and timed per proxy and N "
+                        "(default 3; --quick 1)")
     p.add_argument("--aux-share", type=float, default=0.5,
                    help="the throughput run lasts this share of --duration "
                         "(at least 1 s; default 0.5)")
     p.add_argument("--latency-seconds", type=int, default=None,
-                   help="length of each latency run (default 3, --quick 1)")
+                   help=f"seconds of each latency run (default {FULL['latency_seconds']}, "
+                        f"--quick {QUICK['latency_seconds']})")
     p.add_argument("--paths", default="",
                    help="comma-separated subset of the datapath paths (default: all)")
     p.add_argument("--cp-rounds", type=int, default=None,
                    help=f"control-plane rounds for each N up to {CP_ROUNDS_MAX_N:,} (larger N: "
-                        "one; default 3, --quick 2)")
+                        f"one; default {FULL['cp_rounds']}, --quick {QUICK['cp_rounds']})")
     p.add_argument("--program-timeout", type=float, default=300.0,
                    help="how long a proxy may take to program a load (default 300 s)")
     args = p.parse_args(argv)
-    benchlib.apply_presets(
-        args, quick={"rounds": 1, "duration": 1, "loads": "50", "cp_rounds": 2,
-               "latency_seconds": 1},
-        full={"rounds": 5, "duration": 2, "loads": f"1000,{GOAL_SERVICES}", "cp_rounds": 3,
-              "latency_seconds": LATENCY_SECONDS})
+    benchlib.apply_presets(args, quick=QUICK, full=FULL)
     if args.quick:
         args.one_more = 1
-    else:  # the whole run must fit in 30 minutes on 2 CPUs: bounded waits
-        args.quiet_timeout = min(args.quiet_timeout, 30.0)
-        args.quiet_budget = min(args.quiet_budget, 240.0)
     args.load_counts = [int(n) for n in args.loads.split(",") if n.strip()]
     known = {p.key for p in PATHS}
     args.path_keys = [k for k in args.paths.split(",") if k] or [p.key for p in PATHS]

@@ -407,13 +407,17 @@ def table(series: Series) -> str:
     return "\n".join(lines)
 
 
+# Option values of a --quick (smoke) run and of a full one.
+QUICK = {"rounds": 1, "duration": 2}
+FULL = {"rounds": 7, "duration": 5}
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="smoke test: 1 round of 2 s")
-    benchlib.add_common_args(p, server=POD)
+    benchlib.add_common_args(p, server=POD, full=FULL)
     args = p.parse_args(argv)
-    benchlib.apply_presets(args, quick={"rounds": 1, "duration": 2},
-                           full={"rounds": 7, "duration": 5})
+    benchlib.apply_presets(args, quick=QUICK, full=FULL)
     if args.rounds < 1 or args.duration <= 0 or args.max_redo < 0:
         p.error("--rounds and --duration must be positive, --max-redo not negative")
     return args
