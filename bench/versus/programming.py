@@ -39,6 +39,7 @@ from typing import Any
 import benchlib
 from benchlib import log
 
+from agent.metrics import exposition
 from versus.apiload import ApiWriter, Port, ServiceSpec, batch
 from versus.cluster import BACKEND_NODE, LOAD_IPS, BenchCluster
 from versus.proxies import Proxy, Waiter, cpu_with_children, tree_rss_kib, wait_answering
@@ -48,6 +49,7 @@ LOAD_CIDR = "10.96.128.0/17"
 ONE_MORE_CIDR = "10.96.2.0/24"
 SAMPLE = 20
 HISTOGRAM = "kubeproxy_network_programming_duration_seconds"
+THREAD_CPU = "veer_thread_cpu_seconds_total"  # veer's own; kube-proxy has none
 
 
 @dataclass
@@ -68,6 +70,9 @@ class CpResult:
     others_cpu_s: float  # CPU time of other jobs on the machine meanwhile (disturbance)
     notes: list[str] = field(default_factory=list)
     round: int = 0  # which of the control-plane rounds of this proxy and N
+    # The proxy's CPU seconds over the same window by thread name, from its
+    # own metric (veer only): where cpu_s went.
+    cpu_by_thread_s: dict[str, float] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -89,6 +94,22 @@ def histogram(text: str) -> list[tuple[float, float]]:
         bound = math.inf if le == "+Inf" else float(le)
         buckets[bound] = buckets.get(bound, 0.0) + float(value)
     return sorted(buckets.items())
+
+
+def thread_cpu(text: str) -> dict[str, float]:
+    """CPU seconds by thread name from veer_thread_cpu_seconds_total."""
+    # Only its lines: the parser knows veer's exposition, not every proxy's.
+    ours = "\n".join(line for line in text.splitlines() if line.startswith(THREAD_CPU + "{"))
+    samples = exposition.parse(ours).get(THREAD_CPU, {})
+    return {dict(labels)["thread"]: value for labels, value in samples.items()}
+
+
+def thread_cpu_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """What each thread spent between two scrapes, largest first; a thread
+    that started meanwhile counts from zero, one that ended is left out."""
+    delta = {name: after[name] - before.get(name, 0.0) for name in after}
+    return dict(sorted(((n, d) for n, d in delta.items() if d > 0),
+                       key=lambda item: (-item[1], item[0])))
 
 
 def quantile(q: float, before: list[tuple[float, float]],
@@ -166,7 +187,8 @@ def measure(cluster: BenchCluster, writer: ApiWriter, proxy: Proxy, count: int,
     sample = [specs[-1], *rng.sample(specs[:-1], min(SAMPLE, count - 1))]
     targets = [fe for spec in sample for fe in spec.frontends()]
     waiter = Waiter(cluster, proxy, targets)
-    metrics0 = histogram(proxy.metrics())
+    text0 = proxy.metrics()
+    metrics0, threads0 = histogram(text0), thread_cpu(text0)
     rss_idle = tree_rss_kib(proxy.pid)
     sampler = RssSampler(proxy.pid)
     notes: list[str] = []
@@ -189,6 +211,10 @@ def measure(cluster: BenchCluster, writer: ApiWriter, proxy: Proxy, count: int,
     benchlib.settle([proxy.pid], timeout=120)
     cpu = cpu_with_children(proxy.pid) - cpu0
     others = machine_busy() - sum(cpu_with_children(p) for p in ours) - busy0 - cpu
+    by_thread = thread_cpu_delta(threads0, thread_cpu(proxy.metrics()))
+    if by_thread:
+        log(f"  {proxy.key}: CPU by thread: "
+            + ", ".join(f"{name} {s:.2f} s" for name, s in by_thread.items()))
     steady = tree_rss_kib(proxy.pid)
     ones = [one_more_time(cluster, writer, proxy, i, timeout) for i in range(one_more)]
     peak = sampler.stop()
@@ -200,7 +226,8 @@ def measure(cluster: BenchCluster, writer: ApiWriter, proxy: Proxy, count: int,
         f"{peak / 1024:.0f} MiB, steady {steady / 1024:.0f} MiB; other jobs {others:.1f} s CPU;"
         f" {proxy.describe_rules()}")
     return CpResult(proxy.key, count, last - t0, answering, ones, programmed, p50, p99, n,
-                    cpu, peak / 1024, steady / 1024, rss_idle / 1024, max(0.0, others), notes)
+                    cpu, peak / 1024, steady / 1024, rss_idle / 1024, max(0.0, others), notes,
+                    cpu_by_thread_s=by_thread)
 
 
 def machine_busy() -> float:

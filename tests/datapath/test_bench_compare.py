@@ -75,6 +75,13 @@ def test_compare_quick_fills_every_column(tmp_path: Path) -> None:
         assert result["programmed"] == 50, result
         assert result["all_answering_s"] >= 0 and len(result["one_more_s"]) == 1
         assert result["cpu_s"] >= 0 and result["rss_peak_mib"] > 0
+        # veer's own metric splits its CPU by thread; kube-proxy has none.
+        if result["proxy"] == "veer":
+            split = result["cpu_by_thread_s"]
+            assert split.get("sync", 0) > 0, result
+            assert sum(split.values()) <= result["cpu_s"] + 0.05, result
+        else:
+            assert result["cpu_by_thread_s"] == {}, result
 
     [md] = tmp_path.glob("compare-*-quick.md")
     text = md.read_text()

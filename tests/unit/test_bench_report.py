@@ -9,7 +9,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
 
 from versus import report
-from versus.programming import CpResult
+from versus.programming import CpResult, thread_cpu, thread_cpu_delta
+
+from agent.metrics import exposition
+from agent.metrics.collect import MetricsInput, families
+from agent.telemetry import Telemetry
 
 
 def test_a_goal_that_compared_nothing_is_not_met() -> None:
@@ -53,3 +57,20 @@ def test_control_plane_rounds_are_judged_by_their_medians() -> None:
     control = next(line for line in report.goals([report.Load(0, None)], cps, 10_000)
                    if line.startswith("- Control plane"))
     assert "CPU s at N=1,000: 0.7 vs 0.55" in control, control
+
+
+def test_the_agents_cpu_by_thread_is_read_from_its_own_metric() -> None:
+    def scrape(cpu: dict[str, float]) -> str:
+        return exposition.render(families(MetricsInput(
+            telemetry=Telemetry().snapshot(), mode="ebpf", maps=[], counters={},
+            programs_attached=0, skipped={}, manifest_problems=0, frontends=0,
+            frontends_failed=0, source_synced=True, access_hits={}, thread_cpu=cpu)))
+
+    before = thread_cpu(scrape({"sync": 1.0, "kube-services": 0.5, "gone": 0.2}))
+    assert before == {"sync": 1.0, "kube-services": 0.5, "gone": 0.2}
+    after = thread_cpu(scrape({"sync": 1.75, "kube-services": 0.5, "status": 0.25}))
+    # Largest first; an idle thread and an ended one are left out, a new one
+    # counts from zero.
+    assert list(thread_cpu_delta(before, after).items()) == [("sync", 0.75), ("status", 0.25)]
+    # kube-proxy exposes no such metric.
+    assert thread_cpu('kubeproxy_sync_proxy_rules_last_timestamp_seconds 1.7e+09\n') == {}
