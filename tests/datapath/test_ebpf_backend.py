@@ -24,10 +24,11 @@ from agent.datapath.ebpf.structs import (
     ServiceKey,
     ServiceValue,
     Tuple,
+    service_key,
     service_slot_keys,
 )
 from agent.errors import MapFullError
-from agent.model.objects import Protocol
+from agent.model.objects import Algorithm, Protocol
 from agent.sandbox.topology import BPFFS_MOUNT, ensure_mounts
 from tests.datapath.conftest import require_datapath
 
@@ -310,3 +311,48 @@ def test_snat_addresses_are_flagged_while_the_node_or_a_flow_names_them(
     dp.maps.nat_rev.delete(reply)
     dp.dump()
     assert _tc_flags(dp) == {"10.0.0.2": TC_ADDR_SNAT}
+
+
+@pytest.fixture
+def tables() -> Iterator[tuple[str, EbpfDatapath]]:
+    yield from open_datapath({"services": 4096})
+
+
+def test_a_frontend_that_drops_its_table_holds_each_backend_once(
+        tables: tuple[str, EbpfDatapath]) -> None:
+    """A weighted or Maglev table puts a backend in many slots; once the
+    frontend no longer uses one, each backend is in one slot again (and so
+    has an equal share), not left in the table's many."""
+    _, dp = tables
+    plain = fe("10.96.0.1", 80, "10.0.0.1", "10.0.0.2")
+    for shaped in (dataclasses.replace(plain, weights=(1, 9)),
+                   dataclasses.replace(plain, algorithm=Algorithm.MAGLEV)):
+        assert dp.upsert_frontend(shaped)
+        assert len(slots(dp, plain)) > 2
+        assert dp.upsert_frontend(plain)
+        assert sorted(slots(dp, plain)) == ["10.0.0.1", "10.0.0.2"]
+        assert dp.dump().frontends[plain.key].table == ()
+
+
+def test_slots_that_repeat_a_backend_read_back_as_a_table(
+        small: tuple[str, EbpfDatapath]) -> None:
+    """Pinned slots that repeat a backend without the table flag (as an
+    earlier agent could leave them) must not read back as the plain frontend
+    they no longer match: dump() shows them as a table, so the reconciler
+    rewrites them."""
+    _, dp = small
+    plain = fe("10.96.0.1", 80, "10.0.0.1", "10.0.0.2")
+    dp.upsert_frontend(plain)
+    [first] = [v.backend_id for k, v in dp.maps.services.items() if k.slot == 1]
+    master = service_key(plain.key, 0, SCOPE_SOCKET)
+    value = dp.maps.services.get(master)
+    assert value is not None
+    dp.maps.services.put(service_key(plain.key, 3, SCOPE_SOCKET),
+                         ServiceValue(backend_id=first, service_id=value.service_id))
+    value.count = 3
+    dp.maps.services.put(master, value)
+    state = dp.dump()
+    assert state.frontends[plain.key].backends == plain.backends
+    assert len(state.frontends[plain.key].table) == 3
+    assert dp.upsert_frontend(plain)
+    assert sorted(slots(dp, plain)) == ["10.0.0.1", "10.0.0.2"]

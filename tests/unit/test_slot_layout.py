@@ -29,6 +29,10 @@ layout = EbpfDatapath._layout
         ([1, 2, 3, 4, 5], [5], [5]),
         ([1, 2, 3, 4, 5], [2, 4], [4, 2]),
         ([0, 2], [2, 7], [7, 2]),  # 0 marks a slot missing in the kernel
+        # A table (a backend in many slots) that is no longer wanted: each
+        # backend keeps its first slot only.
+        ([2, 2, 1, 2, 1, 1], [1, 2], [2, 1]),
+        ([2, 2, 1, 2, 1, 1], [1, 2, 3], [2, 3, 1]),
     ],
 )
 def test_layout_cases(old: list[int], wanted: list[int], new: list[int]) -> None:

@@ -397,10 +397,13 @@ class EbpfDatapath(Datapath):
             present = tuple(sorted({backends[i] for i in slots if i in backends}))
             weight_of = {backends[i]: w for i, w in pairs if i in backends}
             weights = tuple(weight_of[b] for b in present) if lc else ()
+            # Slots that repeat a backend are a table whatever the flag says:
+            # shown as one, they differ from a desired state without a table,
+            # so the reconciler rewrites them.
+            as_table = master.flags & SVC_F_TABLE or len(set(slots)) < len(slots)
             found[(fe, fid[4])] = _Found(
                 entry, present,
-                tuple(backends[i] for i in slots if i in backends)
-                if master.flags & SVC_F_TABLE else (),
+                tuple(backends[i] for i in slots if i in backends) if as_table else (),
                 weights if any(w != weights[0] for w in weights) else (),
             )
             if not complete:
@@ -523,7 +526,15 @@ class EbpfDatapath(Datapath):
         """New slot contents: keep surviving backends in place, fill holes with
         additions, then compact by moving tail entries into remaining holes."""
         wanted_set = set(wanted)
-        slots: list[int | None] = [i if i in wanted_set else None for i in old]
+        # Each backend once: `old` may be a weighted or Maglev table (a
+        # backend in many slots) that this frontend no longer uses, and only
+        # a backend's first slot stays in place.
+        seen: set[int] = set()
+        slots: list[int | None] = []
+        for i in old:
+            keep = i in wanted_set and i not in seen
+            slots.append(i if keep else None)
+            seen.add(i)
         present = {i for i in slots if i}
         additions = [i for i in wanted if i not in present]
         for pos, ident in enumerate(slots):
