@@ -12,7 +12,19 @@ Errors never lose state:
   drop Services), if it is new, nothing from it is applied;
 - an object that is malformed is reported (file, object, field) and skipped;
   the rest of its file is applied;
-- the same object in two files: the first file in path order wins, reported.
+- the same object in two files: the first file in path order wins, reported;
+- anything a file makes the parser raise (nesting too deep for the stack, a
+  YAML alias that refers to itself, a 5,000-digit number) is that file's
+  reported problem like a syntax error, never a failed scan;
+- symbolic links are followed, but every directory and every file is visited
+  once (by device and inode), so a link back up the tree neither loops nor
+  makes a file a duplicate of itself; a FIFO or device named *.yaml is
+  reported, not read (reading it could block the scan for ever);
+- a subdirectory that cannot be listed is reported, and the files last seen
+  in it keep their objects.
+
+What a scan read is remembered only once the store holds it: a scan that
+fails part-way is repeated in full by the next one, so no change is lost.
 """
 
 from __future__ import annotations
@@ -20,9 +32,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import stat
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
 from typing import Any
 
 import yaml
@@ -51,13 +65,12 @@ class ScanReport:
     problems: tuple[str, ...]
 
 
-def _documents(path: str, text: str) -> Iterator[Any]:
+def _documents(path: str, text: str) -> list[Any]:
     if path.endswith(".json"):
         try:
-            yield json.loads(text)
+            return [json.loads(text)]
         except json.JSONDecodeError as err:
             raise ManifestError(path, f"invalid JSON at line {err.lineno}: {err.msg}") from None
-        return
     try:
         docs = list(yaml.safe_load_all(text))
     except yaml.YAMLError as err:
@@ -65,34 +78,60 @@ def _documents(path: str, text: str) -> Iterator[Any]:
         where = f" at line {mark.line + 1}" if mark is not None else ""
         problem = getattr(err, "problem", None) or str(err)
         raise ManifestError(path, f"invalid YAML{where}: {problem}") from None
-    yield from (d for d in docs if d is not None)
+    return [d for d in docs if d is not None]
 
 
-def _expand(doc: Any) -> Iterator[Any]:
-    """Flatten `kind: List` (and *List kinds) into their items."""
+def _expand(path: str, doc: Any, lists: frozenset[int] = frozenset()) -> Iterator[Any]:
+    """Flatten `kind: List` (and *List kinds) into their items.
+
+    `lists` holds the Lists being expanded: a YAML alias can make a List its
+    own item, which would otherwise recurse until the stack runs out.
+    """
     if isinstance(doc, dict) and isinstance(doc.get("kind"), str) and doc["kind"].endswith(
         "List"
     ) and isinstance(doc.get("items"), list):
+        if id(doc) in lists:
+            raise ManifestError(path, f"a {doc['kind']} contains itself (through a YAML alias)")
         for item in doc["items"]:
-            yield from _expand(item)
+            yield from _expand(path, item, lists | {id(doc)})
     else:
         yield doc
 
 
-def parse_file(path: str) -> tuple[list[Model], list[str]]:
-    """Objects of one file and the problems with individual objects.
+def _rfc3339(value: date) -> str:
+    if isinstance(value, datetime):
+        # YAML reads a timestamp without a zone as UTC.
+        utc = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    else:
+        utc = datetime(value.year, value.month, value.day, tzinfo=UTC)
+    # Seconds, as the API server writes metav1.Time: a fraction would also
+    # break the text ordering ('.' sorts before 'Z').
+    return (f"{utc.year:04d}-{utc.month:02d}-{utc.day:02d}"
+            f"T{utc.hour:02d}:{utc.minute:02d}:{utc.second:02d}Z")
 
-    Raises ManifestError when the file as a whole cannot be read or parsed.
+
+def _normalize_created(doc: Any) -> None:
+    """Give metadata.creationTimestamp the API server's RFC 3339 UTC text.
+
+    YAML turns an unquoted timestamp into a datetime, whose str() ('2024-05-01
+    10:00:00+00:00') does not sort against the text of a JSON file or the API
+    ('2024-05-01T09:00:00Z'); the older of two conflicting TrafficPolicies is
+    chosen by comparing that text (agent/operator/conditions.py).
     """
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError) as err:
-        raise ManifestError(path, f"cannot read: {err}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("metadata"), dict):
+        return
+    meta = doc["metadata"]
+    created = meta.get("creationTimestamp")
+    if isinstance(created, date):  # datetime is a date too
+        meta["creationTimestamp"] = _rfc3339(created)
+
+
+def _parse_text(path: str, text: str) -> tuple[list[Model], list[str]]:
     objects: list[Model] = []
     problems: list[str] = []
     for doc in _documents(path, text):
-        for item in _expand(doc):
+        for item in _expand(path, doc):
+            _normalize_created(item)
             try:
                 obj = parse_object(item)
             except ModelError as err:
@@ -101,6 +140,28 @@ def parse_file(path: str) -> tuple[list[Model], list[str]]:
             if obj is not None:
                 objects.append(obj)
     return objects, problems
+
+
+def parse_file(path: str) -> tuple[list[Model], list[str]]:
+    """Objects of one file and the problems with individual objects.
+
+    Raises ManifestError when the file as a whole cannot be read or parsed,
+    whatever the parser raised: one file must not stop the others.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ManifestError(path, f"cannot read: {err}") from None
+    try:
+        return _parse_text(path, text)
+    except ManifestError:
+        raise
+    except RecursionError:
+        # Both parsers recurse once per level of [ or {.
+        raise ManifestError(path, "cannot be parsed: nested too deeply") from None
+    except Exception as err:  # e.g. ValueError: an integer of more than 4300 digits
+        raise ManifestError(path, f"cannot be parsed: {type(err).__name__}: {err}") from None
 
 
 class ManifestSource:
@@ -123,10 +184,38 @@ class ManifestSource:
     def location(self) -> str:
         return self.directory
 
-    def _walk(self) -> dict[str, tuple[int, int, int]]:
-        found: dict[str, tuple[int, int, int]] = {}
-        for root, dirs, files in os.walk(self.directory, followlinks=True):
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+    def _walk(self) -> tuple[dict[str, os.stat_result], dict[str, str]]:
+        """The manifest files, each real file once, in walk order; and the
+        directories that could not be listed, with why."""
+        found: dict[str, os.stat_result] = {}
+        unreadable: dict[str, str] = {}
+
+        def note(err: OSError) -> None:
+            unreadable[str(err.filename)] = err.strerror or str(err)
+
+        # Links are followed (a directory may be a link to a config volume),
+        # so a link back up the tree would be walked again and again: every
+        # directory and file is taken once, by (device, inode).
+        try:
+            top = os.stat(self.directory)
+        except OSError as err:
+            # Not an empty view: that would remove every object.
+            raise ManifestError(self.directory, f"cannot be read: {err}") from None
+        dirs_seen = {(top.st_dev, top.st_ino)}
+        files_seen: set[tuple[int, int]] = set()
+        for root, dirs, files in os.walk(self.directory, onerror=note, followlinks=True):
+            kept = []
+            for name in sorted(dirs):
+                if name.startswith("."):
+                    continue
+                try:
+                    st = os.stat(os.path.join(root, name))
+                except OSError:
+                    continue  # removed between listing and stat
+                if (st.st_dev, st.st_ino) not in dirs_seen:
+                    dirs_seen.add((st.st_dev, st.st_ino))
+                    kept.append(name)
+            dirs[:] = kept
             for name in sorted(files):
                 if name.startswith(".") or not name.endswith(SUFFIXES):
                     continue
@@ -135,43 +224,65 @@ class ManifestSource:
                     st = os.stat(path)
                 except OSError:
                     continue  # removed between listing and stat
-                found[path] = (st.st_size, st.st_mtime_ns, st.st_ino)
-        return found
+                if (st.st_dev, st.st_ino) not in files_seen:
+                    files_seen.add((st.st_dev, st.st_ino))
+                    found[path] = st
+        return found, unreadable
+
+    @staticmethod
+    def _read(path: str, st: os.stat_result, previous: _FileState | None) -> _FileState:
+        signature = (st.st_size, st.st_mtime_ns, st.st_ino)
+        try:
+            if not stat.S_ISREG(st.st_mode):
+                # Opening a FIFO blocks until a writer comes; a device may never end.
+                raise ManifestError(path, "is not a regular file; not read")
+            objects, problems = parse_file(path)
+            error = "; ".join(problems)
+        except ManifestError as err:
+            # Keep the last good objects of a file that turned bad.
+            objects = previous.objects if previous is not None else []
+            error = str(err) + (" (keeping its previous content)" if objects else "")
+        return _FileState(signature, objects, error)
 
     def scan(self) -> ScanReport:
         """Re-read what changed and push the whole view into the store."""
         if not os.path.isdir(self.directory):
             raise ManifestError(self.directory, "is not a directory")
-        found = self._walk()
-        changed = not self._scanned
-        for path in list(self._files):
-            if path not in found:
-                del self._files[path]
-                changed = True
-        for path, sig in found.items():
+        found, unreadable = self._walk()
+        # Built aside and committed only once the store holds it: were
+        # anything below to raise, the next scan would otherwise take the
+        # files read here for applied and never apply them.
+        files: dict[str, _FileState] = {}
+        # A directory that cannot be listed is not an empty one: the files
+        # last seen in it keep their content, reported, rather than their
+        # objects being removed.
+        for path, known in self._files.items():
+            why = next((why for d, why in unreadable.items()
+                        if path not in found and path.startswith(d.rstrip(os.sep) + os.sep)),
+                       None)
+            if why is not None:
+                files[path] = _FileState(known.signature, known.objects,
+                                         f"{path}: its directory cannot be listed ({why}); "
+                                         "keeping its previous content")
+        changed = not self._scanned or any(
+            path not in found and files.get(path) != known for path, known in self._files.items())
+        for path, st in found.items():
             state = self._files.get(path)
-            if state is not None and state.signature == sig:
+            if state is not None and state.signature == (st.st_size, st.st_mtime_ns, st.st_ino):
+                files[path] = state
                 continue
             changed = True
-            try:
-                objects, problems = parse_file(path)
-                error = "; ".join(problems)
-            except ManifestError as err:
-                # Keep the last good objects of a file that turned bad.
-                objects = state.objects if state is not None else []
-                error = str(err) + (" (keeping its previous content)" if objects else "")
-            self._files[path] = _FileState(sig, objects, error)
+            files[path] = self._read(path, st, state)
         if not changed:
             # Nothing on disk changed: skip re-merging (it costs real CPU at
             # 10,000 Services, every interval).
             return self.last_report
-        self._scanned = True
 
         merged: dict[ObjectRef, Model] = {}
         owner: dict[ObjectRef, str] = {}
-        problems = [s.error for s in self._files.values() if s.error]
-        for path in sorted(self._files):
-            for obj in self._files[path].objects:
+        problems = [s.error for s in files.values() if s.error]
+        for path in sorted(files):
+            for obj in files[path].objects:
                 if obj.ref in merged:
                     problems.append(
                         f"{path}: {obj.ref} is also defined in {owner[obj.ref]}; ignored here"
@@ -179,9 +290,11 @@ class ManifestSource:
                     continue
                 merged[obj.ref] = obj
                 owner[obj.ref] = path
-        self._report(problems)
         self.store.replace(merged.values())
-        self.last_report = ScanReport(len(self._files), len(merged), tuple(problems))
+        self._files = files
+        self._scanned = True
+        self._report(problems)
+        self.last_report = ScanReport(len(files), len(merged), tuple(problems))
         return self.last_report
 
     def _report(self, problems: list[str]) -> None:

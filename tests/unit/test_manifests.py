@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -12,9 +13,10 @@ import pytest
 import yaml
 from builders import ep, eport, eps, port, service
 
+from agent.compute.policy import policies_in_force
 from agent.errors import ManifestError
 from agent.model.snapshot import Store
-from agent.sources.manifests import ManifestSource, parse_file
+from agent.sources.manifests import ManifestSource, ScanReport, parse_file
 
 _mtime = itertools.count(1_700_000_000_000_000_000, 1_000_000_000)
 
@@ -261,3 +263,193 @@ def test_start_scans_then_follows_and_stop_joins(tmp_path: Path, store: Store) -
     finally:
         src.stop()
     assert "manifests" not in {t.name for t in threading.enumerate()}
+
+
+def scan_within(source: ManifestSource, seconds: float = 10) -> ScanReport:
+    """scan(), failing (not hanging the suite) if it does not end in time."""
+    done: list[ScanReport] = []
+    thread = threading.Thread(target=lambda: done.append(source.scan()), daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert done, f"scan() still running after {seconds} s"
+    return done[0]
+
+
+@pytest.mark.parametrize(("name", "text", "cause"), [
+    ("self.yaml", "&d {apiVersion: v1, kind: List, items: [*d]}\n", "contains itself"),
+    ("deep.yaml", "[" * 5000 + "]" * 5000 + "\n", "nested too deeply"),
+    ("deep.json", "[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    ("big.yaml", "apiVersion: v1\nkind: Service\nmetadata: {name: a, generation: %s}\n"
+     % ("9" * 5000), "5000 digits"),
+    ("big.json", '{"apiVersion": "v1", "kind": "Service", "metadata": {"generation": %s}}'
+     % ("9" * 5000), "5000 digits"),
+])
+def test_a_file_the_parser_chokes_on_is_that_files_problem(
+    tmp_path: Path, store: Store, source: ManifestSource, name: str, text: str, cause: str
+) -> None:
+    write(tmp_path / "web.yaml", dump(web()))
+    write(tmp_path / name, text)
+    report = source.scan()
+    (problem,) = report.problems
+    assert problem.startswith(f"{tmp_path / name}: ") and cause in problem
+    assert refs(store) == {"Service/default/web"}
+
+    # A file that had good content keeps it, as for a syntax error.
+    db = web("10.96.0.2", name="db")
+    write(tmp_path / name, json.dumps(db) if name.endswith(".json") else dump(db))
+    assert source.scan().problems == ()
+    write(tmp_path / name, text)
+    (problem,) = source.scan().problems
+    assert cause in problem and "keeping its previous content" in problem
+    assert refs(store) == {"Service/default/web", "Service/default/db"}
+
+
+def test_parse_file_turns_any_parser_failure_into_a_manifest_error(tmp_path: Path) -> None:
+    path = write(tmp_path / "deep.yaml", "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(ManifestError) as info:
+        parse_file(str(path))
+    assert info.value.path == str(path)
+
+
+def test_start_survives_a_file_the_parser_chokes_on(tmp_path: Path, store: Store) -> None:
+    write(tmp_path / "web.yaml", dump(web()))
+    write(tmp_path / "z.yaml", "&d {apiVersion: v1, kind: List, items: [*d]}\n")
+    src = ManifestSource(str(tmp_path), store, interval=3600)
+    src.start()
+    src.stop()
+    assert refs(store) == {"Service/default/web"}
+    assert len(src.last_report.problems) == 1
+
+
+def test_a_failed_scan_is_repeated_in_full(
+    tmp_path: Path, store: Store, source: ManifestSource, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = write(tmp_path / "web.yaml", dump(web("10.96.0.1")))
+    source.scan()
+    write(path, dump(web("10.96.0.22")))
+
+    def broken(*_: object) -> bool:
+        raise RuntimeError("store failed")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(store, "replace", broken)
+        with pytest.raises(RuntimeError):
+            source.scan()
+    # The next scan must not take web.yaml for applied.
+    source.scan()
+    svc = store.snapshot().services[("default", "web")]
+    assert [str(ip) for ip in svc.cluster_ips] == ["10.96.0.22"]
+
+
+def test_a_link_back_up_the_tree_reads_each_file_once(
+    tmp_path: Path, store: Store, source: ManifestSource
+) -> None:
+    write(tmp_path / "web.yaml", dump(web()))
+    os.symlink(".", tmp_path / "l1")
+    report = scan_within(source)
+    assert (report.files, report.objects, report.problems) == (1, 1, ())
+
+
+def test_two_links_back_up_the_tree_do_not_loop(
+    tmp_path: Path, store: Store, source: ManifestSource
+) -> None:
+    write(tmp_path / "web.yaml", dump(web()))
+    os.symlink(".", tmp_path / "l1")
+    os.symlink(".", tmp_path / "l2")
+    report = scan_within(source)
+    assert (report.files, report.objects, report.problems) == (1, 1, ())
+
+
+def test_linked_directories_and_files_are_followed_once(
+    tmp_path: Path, store: Store
+) -> None:
+    outside = tmp_path / "volume"
+    write(outside / "db.yaml", dump(web("10.96.0.2", name="db")))
+    top = tmp_path / "manifests"
+    write(top / "web.yaml", dump(web()))
+    os.symlink(outside, top / "linked")
+    os.symlink(outside, top / "again")
+    os.symlink(top / "web.yaml", top / "web-alias.yaml")
+    report = scan_within(ManifestSource(str(top), store, interval=3600))
+    assert (report.files, report.problems) == (2, ())
+    assert refs(store) == {"Service/default/web", "Service/default/db"}
+
+
+def test_a_fifo_is_reported_not_read(
+    tmp_path: Path, store: Store, source: ManifestSource
+) -> None:
+    write(tmp_path / "web.yaml", dump(web()))
+    fifo = tmp_path / "pipe.yaml"
+    os.mkfifo(fifo)
+    try:
+        report = scan_within(source, 5)
+    finally:
+        # Release a scan stuck opening the FIFO for reading (it waits for a
+        # writer); ENXIO: nobody is reading it.
+        with contextlib.suppress(OSError):
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    (problem,) = report.problems
+    assert problem.startswith(f"{fifo}: ") and "not a regular file" in problem
+    assert refs(store) == {"Service/default/web"}
+
+
+@pytest.mark.parametrize(("written", "text"), [
+    ("2024-05-01T10:00:00Z", "2024-05-01T10:00:00Z"),
+    ("2024-05-01T12:00:00.5+02:00", "2024-05-01T10:00:00Z"),
+    ("2024-05-01 10:00:00", "2024-05-01T10:00:00Z"),  # no zone: YAML says UTC
+    ("2024-05-01", "2024-05-01T00:00:00Z"),
+])
+def test_yaml_creation_timestamp_is_rfc3339_utc(tmp_path: Path, written: str, text: str) -> None:
+    path = write(tmp_path / "web.yaml", f"""\
+apiVersion: v1
+kind: List
+items:
+- apiVersion: v1
+  kind: Service
+  metadata: {{name: web, creationTimestamp: {written}}}
+  spec: {{clusterIP: 10.96.0.1, ports: [{{port: 80}}]}}
+""")
+    (svc,), problems = parse_file(str(path))
+    assert problems == [] and svc.meta.creation_timestamp == text
+
+
+def test_older_policy_wins_whether_from_yaml_or_json(
+    tmp_path: Path, store: Store, source: ManifestSource
+) -> None:
+    def policy(name: str, created: str) -> str:
+        return (f"apiVersion: veer.dev/v1alpha1\nkind: TrafficPolicy\n"
+                f"metadata: {{name: {name}, creationTimestamp: {created}}}\n"
+                f"spec: {{targetRefs: [{{name: web}}]}}\n")
+
+    write(tmp_path / "svc.yaml", dump(web()) + "---\n" + policy("newer", "2024-05-01T10:00:00Z"))
+    older = yaml.safe_load(policy("older", "'2024-05-01T09:00:00Z'"))
+    write(tmp_path / "p.json", json.dumps(older))
+    assert source.scan().problems == ()
+    (winner,) = policies_in_force(store.snapshot()).values()
+    assert winner.meta.name == "older"
+
+
+def test_a_directory_that_cannot_be_listed_keeps_its_files_objects(
+    tmp_path: Path, store: Store, source: ManifestSource, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not an empty directory: its objects stay, reported, until it can be
+    listed again (root lists anything, so the refusal is simulated)."""
+    write(tmp_path / "web.yaml", dump(web()))
+    write(tmp_path / "sub" / "db.yaml", dump(web("10.96.0.2", name="db")))
+    assert source.scan().objects == 2
+    listing = os.scandir
+
+    def refuse_sub(path: str) -> object:
+        if os.fspath(path).endswith(os.sep + "sub"):
+            raise PermissionError(13, "Permission denied", path)
+        return listing(path)
+
+    monkeypatch.setattr(os, "scandir", refuse_sub)
+    report = source.scan()
+    assert refs(store) == {"Service/default/web", "Service/default/db"}
+    [problem] = report.problems
+    assert "sub" in problem and "cannot be listed" in problem and "Permission denied" in problem
+    monkeypatch.setattr(os, "scandir", listing)
+    (tmp_path / "sub" / "db.yaml").unlink()
+    report = source.scan()
+    assert refs(store) == {"Service/default/web"} and report.problems == ()
