@@ -23,6 +23,7 @@ import contextlib
 import functools
 import ipaddress
 import logging
+import math
 import os
 import shutil
 import socket
@@ -51,6 +52,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RESYNC_TIMEOUT = 30.0
+# The longest Resync wait asked for: a day, as `veer resync --timeout`
+# allows; far longer would overflow the wait (threading.TIMEOUT_MAX).
+RESYNC_TIMEOUT_MAX = 86400.0
 UNIX_PATH_MAX = 107  # sun_path holds 108 bytes, NUL included
 CALL_WORKERS = 4  # threads for the short calls
 FOLLOW_POLL = 0.5  # how often a follower's stream notices that its client left
@@ -204,7 +208,7 @@ class _Servicer:
             context.abort(
                 grpc.StatusCode.NOT_FOUND,
                 f"no Service {request.namespace}/{request.name} in this agent's view "
-                f"(source: {agent.config.manifests})",
+                f"(source: {agent.source.location})",
             )
         return found[0]
 
@@ -249,13 +253,20 @@ class _Servicer:
     @_rpc
     def Resync(self, request: Any, context: Any) -> Any:
         agent = self.agent
+        # Any client may call, not only the CLI (which checks too): a NaN
+        # deadline never passes and never fails, an infinite one overflows.
+        asked_timeout = request.timeout_seconds
+        if not (math.isfinite(asked_timeout) and 0 <= asked_timeout <= RESYNC_TIMEOUT_MAX):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"timeout_seconds must be in 0..{RESYNC_TIMEOUT_MAX:g} "
+                          f"(0: {RESYNC_TIMEOUT:g}), not {asked_timeout}")
         if not agent.store.synced:
             context.abort(
                 grpc.StatusCode.UNAVAILABLE,
                 "the source has not delivered a complete view yet; nothing is programmed "
                 "until it has",
             )
-        timeout = request.timeout_seconds or RESYNC_TIMEOUT
+        timeout = asked_timeout or RESYNC_TIMEOUT
         deadline = time.monotonic() + timeout
         asked = time.time()
         # A pass already running when we ask may clear the request for a full

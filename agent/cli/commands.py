@@ -30,6 +30,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from agent.cli import render
+from agent.cli.options import PORT, PORT_OR_ANY, UINT32_MAX, integer, seconds
 from agent.defaults import DEFAULT_SOCKET
 from agent.errors import ConfigError
 
@@ -50,8 +51,12 @@ def netns_cookie(pid: int | None, netns: str | None) -> int:
     if pid is None and not netns:
         return 0
     target = f"/proc/{pid}/ns/net" if pid is not None else str(netns)
-    res = subprocess.run(["nsenter", f"--net={target}", sys.executable, "-c", _COOKIE_PROGRAM],
-                         capture_output=True, text=True, timeout=10)
+    try:
+        res = subprocess.run(
+            ["nsenter", f"--net={target}", sys.executable, "-c", _COOKIE_PROGRAM],
+            capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as err:  # no nsenter(1), or it hung
+        raise ConfigError(f"cannot enter the network namespace {target}: {err}") from None
     if res.returncode != 0:
         raise ConfigError(f"cannot enter the network namespace {target}: "
                        f"{res.stderr.strip() or res.returncode}")
@@ -85,15 +90,16 @@ def add_debug_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     p = sub.add_parser("conntrack", help="per-socket translation entries")
     p.add_argument("--address", default="", metavar="IP",
                    help="only entries whose backend or Service address is IP")
-    p.add_argument("--port", type=int, default=0, help="only entries with this port")
+    p.add_argument("--port", type=PORT_OR_ANY, default=0,
+                   help="only entries whose backend or Service port is this (default 0: any)")
     _common(p)
     p = sub.add_parser("explain", help="what the kernel does with a connection, from the maps")
     p.add_argument("--src", default="", metavar="IP", help="the client's address")
     p.add_argument("--dst", required=True, metavar="IP", help="the address dialled")
-    p.add_argument("--port", type=int, required=True, help="the port dialled")
+    p.add_argument("--port", type=PORT, required=True, help="the port dialled (1-65535)")
     p.add_argument("--protocol", type=str.upper, choices=("TCP", "UDP"), default="TCP")
     who = p.add_mutually_exclusive_group()
-    who.add_argument("--from-pid", type=int, metavar="PID",
+    who.add_argument("--from-pid", type=integer(1), metavar="PID",
                      help="the client is this process (its network namespace keys ClientIP "
                      "affinity): name the backend its affinity entry will pick")
     who.add_argument("--from-netns", metavar="PATH",
@@ -104,7 +110,8 @@ def add_debug_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     p.add_argument("--diff", action="store_true", help="only their difference")
     _common(p)
     p = sub.add_parser("resync", help="force a full reconcile pass and wait for it")
-    p.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS")
+    p.add_argument("--timeout", type=seconds(), default=30.0, metavar="SECONDS",
+                   help="how long to wait for the pass (default 30, at most a day)")
     _common(p)
     p = sub.add_parser(
         "observe", help="flow events from the kernel: refusals, drops, denials, translations",
@@ -121,7 +128,8 @@ def add_debug_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser])
                    type=lambda v: v.lower().replace("-", "_"),
                    help=f"only these verdicts ({', '.join(FLOW_VERDICTS)}) or reasons "
                    "(refused_no_backend, nat_drop, ...)")
-    p.add_argument("--last", type=int, default=0, metavar="N",
+    # The API's field is a uint32: a larger N would not fit the request.
+    p.add_argument("--last", type=integer(0, UINT32_MAX), default=0, metavar="N",
                    help="without --follow: only the last N events (default: all kept)")
     _common(p)
 

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 from agent import __version__
 from agent.cli.commands import COMMANDS, add_debug_commands, run_debug_command
+from agent.cli.options import UID_MAX, integer, seconds
 from agent.config import DEFAULT_BPFFS, NODEPORT_MODES, AgentConfig, parse_cidrs
 from agent.defaults import DEFAULT_HEALTHZ, DEFAULT_METRICS, DEFAULT_SOCKET
 from agent.errors import ConfigError, VeerError
@@ -86,11 +87,14 @@ def _agent_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--service-proxy-name", metavar="NAME", default=None,
                    help="also serve Services whose label "
                    "service.kubernetes.io/service-proxy-name is NAME")
-    p.add_argument("--min-sync-interval", type=float, default=0.0, metavar="SECONDS",
+    p.add_argument("--min-sync-interval", type=seconds(zero=True), default=0.0,
+                   metavar="SECONDS",
                    help="pace reconcile passes: after a burst of 4 back to back, at most "
                    "one per this long; passes that find nothing to do are not counted "
                    "(default 0: a pass per change)")
-    p.add_argument("--max-sync-interval", type=float, default=60.0, metavar="SECONDS")
+    p.add_argument("--max-sync-interval", type=seconds(), default=60.0, metavar="SECONDS",
+                   help="a full reconcile pass at least this often (default 60, at most "
+                   "a day)")
     p.add_argument("--status-file", metavar="PATH",
                    help="write a JSON summary of the programmed state after every sync "
                    "(at most every 0.5 s; the last one of a burst always)")
@@ -105,7 +109,7 @@ def _agent_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     p.add_argument("--healthz-bind-address", metavar="IP:PORT", default=DEFAULT_HEALTHZ,
                    help=f"serve /healthz here (default {DEFAULT_HEALTHZ}, kube-proxy's; "
                    "'' turns it off)")
-    p.add_argument("--proxy-uid", type=int, default=None, metavar="UID",
+    p.add_argument("--proxy-uid", type=integer(0, UID_MAX), default=None, metavar="UID",
                    help="the uid the node-local proxy of TrafficPolicy redirects runs as: "
                    "its own connections are balanced, never redirected back to it "
                    "(default: none, and redirects are not done)")
@@ -225,23 +229,27 @@ def run_sandbox(args: argparse.Namespace) -> int:
     return run_demo(keep=args.keep, requests=args.requests)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="veer", description="veer: eBPF kube-proxy replacement")
     sub = parser.add_subparsers(dest="command", required=True)
     _agent_parser(sub)
     sb = sub.add_parser("sandbox", help="build a one-machine demo cluster, send traffic, report")
     sb.add_argument("--keep", action="store_true",
                     help="keep the sandbox running until Ctrl-C and print how to reach it")
-    sb.add_argument("--nodes", type=int, default=1, choices=range(1, 9), metavar="N",
+    sb.add_argument("--nodes", type=integer(1, 8), default=1, metavar="N",
                     help="nodes (1-8); with 2 or more, show NodePort traffic from outside "
                     "under both traffic policies")
-    sb.add_argument("--requests", type=int, default=300,
+    sb.add_argument("--requests", type=integer(1), default=300,
                     help="connections per Service for the report (default 300)")
     sb.add_argument("-v", "--verbose", action="store_true")
     add_operator_parser(sub)
     add_debug_commands(sub)
     sub.add_parser("version", help="print the version")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     logging.basicConfig(
         level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,

@@ -31,7 +31,9 @@ API server is away, the Store (and so the datapath) stays exactly as it was.
   its name and field and skipped: an update that does not parse leaves the
   last good version in force (as a manifest file that turns bad does), a new
   object that does not parse is not recorded. `last_report.problems` lists
-  them until they are fixed or deleted.
+  them until they are fixed or deleted. A list item that cannot even be
+  named (not an object, no metadata.name) is skipped and reported until the
+  next list of its kind; a watch event like it is logged and ignored.
 - Only this node's Node is watched (a field selector, as kube-proxy does):
   the agent needs its own addresses and zone, not every Node's heartbeats.
 - TrafficPolicies are optional: while the CRD trafficpolicies.veer.dev is not
@@ -103,14 +105,48 @@ class Backoff:
         self._next = 0.0
 
 
-def _ref(resource: Resource, raw: Obj) -> ObjectRef:
-    meta = raw.get("metadata") or {}
-    namespace = (meta.get("namespace") or "default") if resource.namespaced else ""
-    return ObjectRef(resource.kind, namespace, str(meta.get("name") or ""))
+def _type_name(value: object) -> str:
+    return "null" if value is None else type(value).__name__
 
 
-def _resource_version(raw: Obj) -> str:
-    return str((raw.get("metadata") or {}).get("resourceVersion") or "")
+def _ref(resource: Resource, raw: object) -> ObjectRef | str:
+    """The object's ref, or why it has none.
+
+    The API server's JSON is not trusted to be shaped like an object: an item
+    that is not a mapping, or has no usable metadata.name, cannot be recorded
+    (nor its problem reported under its name, nor cleared when it goes), so
+    its callers skip it instead of failing the whole list or watch.
+    """
+    if not isinstance(raw, dict):
+        return f"expected an object, got {_type_name(raw)}"
+    meta = raw.get("metadata")
+    if not isinstance(meta, dict):
+        return f"metadata: expected an object, got {_type_name(meta)}"
+    name = meta.get("name")
+    if not isinstance(name, str) or not name:
+        return ("metadata.name: is required" if name in (None, "")
+                else f"metadata.name: expected a string, got {_type_name(name)}")
+    if not resource.namespaced:
+        return ObjectRef(resource.kind, "", name)
+    namespace = meta.get("namespace")
+    if namespace is not None and not isinstance(namespace, str):
+        return f"metadata.namespace: expected a string, got {_type_name(namespace)}"
+    return ObjectRef(resource.kind, namespace or "default", name)
+
+
+def _resource_version(raw: object) -> str:
+    """metadata.resourceVersion, "" if absent or not a string: a made-up
+    version would make the next watch request fail."""
+    meta = raw.get("metadata") if isinstance(raw, dict) else None
+    version = meta.get("resourceVersion") if isinstance(meta, dict) else None
+    return version if isinstance(version, str) else ""
+
+
+def _status_code(raw: object) -> int:
+    """The HTTP code of a watch ERROR event's Status, 0 (unknown) when it has
+    no integer one (bool is an int to Python, not to the API)."""
+    code = raw.get("code") if isinstance(raw, dict) else None
+    return code if isinstance(code, int) and not isinstance(code, bool) else 0
 
 
 class KubeSource:
@@ -145,6 +181,9 @@ class KubeSource:
         self._known: dict[Resource, dict[ObjectRef, Model]] = {k: {} for k in self.kinds}
         self._listed: set[Resource] = set()
         self._problems: dict[ObjectRef, str] = {}
+        # Per kind, the items of its last list that could not even be named
+        # (see _ref): replaced by each list, so they go when the items do.
+        self._unnamed: dict[Resource, tuple[str, ...]] = {}
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._watches: set[WatchStream] = set()
@@ -162,6 +201,7 @@ class KubeSource:
         with self._lock:
             objects = sum(len(known) for known in self._known.values())
             problems = tuple(self._problems[ref] for ref in sorted(self._problems))
+            problems += tuple(p for k in self.kinds for p in self._unnamed.get(k, ()))
         return SourceReport(0, objects, problems)
 
     @property
@@ -174,11 +214,11 @@ class KubeSource:
     def _selector(self, resource: Resource) -> str:
         return f"metadata.name={self.node_name}" if resource == NODES else ""
 
-    def _parse(self, resource: Resource, raw: Obj) -> Model | None:
-        """The model object, or None (logged, recorded) if it is malformed."""
+    def _parse(self, resource: Resource, ref: ObjectRef, raw: Obj) -> Model | None:
+        """The model object, or None (logged, recorded under `ref`, what _ref
+        named it) if it is malformed."""
         # List items carry no apiVersion/kind; watch events do.
         doc = {"apiVersion": resource.api_version, "kind": resource.kind, **raw}
-        ref = _ref(resource, raw)
         try:
             obj = parse_object(doc)
         except ModelError as err:
@@ -219,7 +259,15 @@ class KubeSource:
             )
         else:
             self._problem(ObjectRef(resource.kind, "", ""), "")
-        parsed = [(_ref(resource, raw), self._parse(resource, raw)) for raw in items]
+        parsed: list[tuple[ObjectRef, Model | None]] = []
+        unnamed: list[str] = []
+        for index, raw in enumerate(items):
+            ref = _ref(resource, raw)
+            if isinstance(ref, str):
+                unnamed.append(f"{resource.kind} list item {index}: {ref} (skipped)")
+            else:
+                parsed.append((ref, self._parse(resource, ref, raw)))
+        self._unnamed_problems(resource, tuple(unnamed))
         listed = {ref for ref, _ in parsed}
         with self._recording:
             with self._lock:
@@ -242,6 +290,14 @@ class KubeSource:
         self._mark_listed(resource)
         return version
 
+    def _unnamed_problems(self, resource: Resource, problems: tuple[str, ...]) -> None:
+        with self._lock:
+            before = self._unnamed.get(resource, ())
+            self._unnamed[resource] = problems
+        for message in problems:
+            if message not in before:
+                log.error("%s", message)
+
     def _mark_listed(self, resource: Resource) -> None:
         with self._lock:
             first = resource not in self._listed
@@ -258,24 +314,35 @@ class KubeSource:
         resourceVersion to watch from.
 
         Raises Expired on 410 Gone and KubeApiError on any other ERROR event.
+        Any other event that cannot be used (an unknown type, an object that
+        is not one or has no name) is logged and ignored: one odd event is no
+        reason to list the whole kind again.
         """
         kind = event.get("type")
-        raw = event.get("object") or {}
+        raw = event.get("object")
         if kind == "ERROR":
-            code = int(raw.get("code") or 0)
+            status = raw if isinstance(raw, dict) else {}
+            code = _status_code(status)
             if code == 410:
-                raise Expired(str(raw.get("message") or "resource version too old"))
-            raise KubeApiError(f"watch {resource}", code, str(raw.get("message") or raw),
-                               str(raw.get("reason") or ""))
+                raise Expired(str(status.get("message") or "resource version too old"))
+            raise KubeApiError(f"watch {resource}", code, str(status.get("message") or raw),
+                               str(status.get("reason") or ""))
         version = _resource_version(raw) or version
         if kind == "BOOKMARK":
             return version
-        if kind in ("ADDED", "MODIFIED", "DELETED"):
-            with self._lock:
-                self._queued[_ref(resource, raw)] = (resource, None if kind == "DELETED" else raw)
-            self.store.note_queued()
+        named = _ref(resource, raw)
+        if kind not in ("ADDED", "MODIFIED", "DELETED"):
+            log.warning("ignoring a watch event of type %r for %s", kind,
+                        object_name(raw) if isinstance(raw, dict) else resource)
+        elif isinstance(named, str):
+            # Not recorded as a problem: with no name to file it under, nothing
+            # could ever clear it. The next list reports such items, if any.
+            log.warning("ignoring a %s event for %s: %s", kind, resource, named)
         else:
-            log.warning("ignoring a watch event of type %r for %s", kind, object_name(raw))
+            assert isinstance(raw, dict)  # _ref named it
+            with self._lock:
+                self._queued[named] = (resource, None if kind == "DELETED" else raw)
+            self.store.note_queued()
         return version
 
     def flush(self) -> None:
@@ -289,7 +356,7 @@ class KubeSource:
             upserts: list[Model] = []
             deletes: list[ObjectRef] = []
             for ref, (resource, raw) in queued.items():
-                obj = self._parse(resource, raw) if raw is not None else None
+                obj = self._parse(resource, ref, raw) if raw is not None else None
                 with self._lock:
                     if raw is None:
                         self._known[resource].pop(ref, None)

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from kubefake import FakeApi
 
 from agent.cli.client import AgentUnreachable, ApiError, Client
 from agent.config import AgentConfig
@@ -24,6 +25,7 @@ from agent.daemon import Agent
 from agent.datapath.fake import FakeDatapath
 from agent.datapath.flows import FlowEvent
 from agent.errors import ConfigError
+from agent.kube.source import KubeSource
 from agent.serve import ServeOptions
 
 WEB = """
@@ -183,3 +185,35 @@ def test_tcp_api_is_loopback_only(tmp_path: Path, address: str) -> None:
     config = AgentConfig(node_name="n", manifests=str(manifests))
     with pytest.raises(ConfigError, match="not a loopback address"):
         Agent(config, FakeDatapath(), serve=ServeOptions(api_address=address))
+
+
+def test_not_found_names_the_api_server_in_kubernetes_mode(tmp_path: Path) -> None:
+    """The agent's source, whichever it is (the manifest directory was named
+    even when there was none: "(source: None)")."""
+    sock = str(tmp_path / "veer.sock")
+    config = AgentConfig(node_name="node-1", kubernetes=True)
+    agent = Agent(config, FakeDatapath(), serve=ServeOptions(api_socket=sock),
+                  source=lambda store: KubeSource(FakeApi(), store, "node-1"))
+    agent.servers.start()
+    try:
+        with Client(sock) as client, pytest.raises(ApiError) as missing:
+            client.service("default", "nope")
+    finally:
+        agent.servers.stop()
+    assert missing.value.code == "NOT_FOUND"
+    assert missing.value.details == ("no Service default/nope in this agent's view "
+                                     f"(source: {FakeApi.server})")
+
+
+@pytest.mark.parametrize("timeout", [float("nan"), float("inf"), -1.0, 1e12])
+def test_resync_refuses_a_timeout_it_cannot_wait_for(
+    running: tuple[Agent, str], timeout: float
+) -> None:
+    """From any client, not only `veer resync` (which checks too): NaN and
+    infinity made the wait fail inside the agent, -1 a pass "not completed
+    within -1s"."""
+    _, sock = running
+    with Client(sock) as client, pytest.raises(ApiError) as refused:
+        client._call("Resync", client.pb.ResyncRequest(timeout_seconds=timeout), timeout=10)
+    assert refused.value.code == "INVALID_ARGUMENT"
+    assert "timeout_seconds must be in 0..86400" in refused.value.details

@@ -353,3 +353,105 @@ def test_a_watch_refused_as_too_old_lists_again_at_once(api: FakeApi) -> None:
         assert api.count("LIST", path) == 2
     finally:
         source.stop()
+
+
+def test_list_items_that_cannot_be_named_are_skipped_and_reported(
+    api: FakeApi, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The rest of the list is applied and the kind counts as listed (before,
+    one such item failed the whole list, retried for ever: never synced);
+    the problems last as long as the items do."""
+    odd: list[object] = [{"metadata": ["x"]}, "junk", None,
+                         {"metadata": {"namespace": "demo"}},
+                         {"metadata": {"name": "n", "namespace": ["demo"]}}]
+    listed = api.list
+
+    def list_with_odd_items(path: str, field_selector: str = "") -> tuple[list[object], str]:
+        items, version = listed(path, field_selector)
+        return [*items, *odd], version
+
+    monkeypatch.setattr(api, "list", list_with_odd_items)
+    store = Store()
+    source = KubeSource(api, store, NODE, kinds=(SERVICES,))
+    with caplog.at_level(logging.ERROR):
+        source.relist(SERVICES)
+    assert store.synced
+    assert set(store.snapshot().services) == {("demo", "web")}
+    problems = (
+        "Service list item 1: metadata: expected an object, got list (skipped)",
+        "Service list item 2: expected an object, got str (skipped)",
+        "Service list item 3: expected an object, got null (skipped)",
+        "Service list item 4: metadata.name: is required (skipped)",
+        "Service list item 5: metadata.namespace: expected a string, got list (skipped)",
+    )
+    assert source.last_report.problems == problems
+    assert all(p in caplog.text for p in problems)
+
+    odd.clear()
+    source.relist(SERVICES)
+    assert source.last_report.problems == ()
+    assert set(store.snapshot().services) == {("demo", "web")}
+
+
+ODD_EVENTS = [
+    {"type": "ADDED", "object": ["x"]},
+    {"type": "ADDED", "object": None},
+    {"type": "MODIFIED", "object": {"metadata": "web"}},
+    {"type": "DELETED", "object": {"metadata": {"namespace": "demo", "resourceVersion": "7"}}},
+    {"type": "ADDED", "object": {"metadata": {"name": 5, "namespace": "demo"}}},
+    {"type": "ADDED"},
+    {"type": "SURPRISE", "object": "x"},
+    {"object": {"metadata": {"name": "web", "resourceVersion": ["8"]}}},
+]
+
+
+@pytest.mark.parametrize("event", ODD_EVENTS, ids=[str(e) for e in ODD_EVENTS])
+def test_a_watch_event_that_cannot_be_used_is_logged_and_ignored(
+    api: FakeApi, event: dict[str, object], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Not a relist, and no problem left behind: a nameless one could never
+    be cleared (the stale-problem cleanup goes by name)."""
+    store = Store()
+    source = KubeSource(api, store, NODE)
+    version = source.relist(SERVICES)
+    before = store.snapshot()
+    with caplog.at_level(logging.WARNING):
+        after = source.apply_event(SERVICES, event, version)
+    # A usable resourceVersion still moves the watch on: the event was seen.
+    assert after == ("7" if event.get("type") == "DELETED" else version)
+    assert "ignoring a" in caplog.text
+    assert store.snapshot().services == before.services
+    assert source.last_report.problems == ()
+
+
+def test_odd_events_do_not_end_the_watch(api: FakeApi) -> None:
+    store = Store()
+    source = KubeSource(api, store, NODE, kinds=(SERVICES,), watch_timeout=lambda: 5,
+                        backoff=lambda: Backoff(0.01, 0.05))
+    path = SERVICES.path()
+    source.start()
+    try:
+        wait(lambda: store.synced and api.count("WATCH", path) == 1, "the first watch")
+        for event in ODD_EVENTS:
+            api.send(SERVICES, event)
+        added = api.put(SERVICES, service("api", port("http", 80), ips="10.96.0.11", ns="demo"))
+        api.emit(SERVICES, "ADDED", added)
+        wait(lambda: ("demo", "api") in store.snapshot().services, "the good event")
+        assert (api.count("LIST", path), api.count("WATCH", path)) == (1, 1)
+        assert source.last_report.problems == ()
+    finally:
+        source.stop()
+
+
+@pytest.mark.parametrize("status", [
+    {"code": "Gone", "message": "too old"},
+    {"code": True, "message": "too old"},  # True == 1 to Python; no HTTP status
+    ["not", "a", "Status"],
+])
+def test_an_error_event_without_an_integer_code_is_an_unknown_error(
+    api: FakeApi, status: object
+) -> None:
+    source = KubeSource(api, Store(), NODE)
+    with pytest.raises(KubeApiError) as err:
+        source.apply_event(SERVICES, {"type": "ERROR", "object": status}, "1")
+    assert err.value.status == 0
