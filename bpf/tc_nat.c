@@ -349,18 +349,63 @@ static __always_inline void veer_report_tc(struct __sk_buff *skb, __u32 reason,
 		    p->t.proto, p->t.saddr, p->t.sport, p->t.daddr, p->t.dport, baddr, bport);
 }
 
-/* Whether a NAT entry outlived its flow. UDP has no end: an entry idle for
- * longer than conntrack's UDP timeout is dead (its ports may be reused by an
- * unrelated flow). TCP entries end when a new SYN reuses their ports. */
+/* How long before `now` a NAT entry last saw a packet. Another CPU may
+ * refresh the entry after this one read its clock: then the entry is newer
+ * than `now`, and its age is 0, not a wrapped-around eternity. */
+static __always_inline __u64 veer_nat_age(const struct veer_nat_value *nat, __u64 now)
+{
+	__u64 seen = nat->last_seen_ns & ~VEER_NAT_FLAGS;
+
+	return seen < now ? now - seen : 0;
+}
+
+/* Whether a NAT entry, on its own, outlived its flow. UDP has no end: an
+ * entry idle for longer than conntrack's UDP timeout is dead (its ports may
+ * be reused by an unrelated flow). TCP entries end when a new SYN reuses
+ * their ports. */
 static __always_inline int veer_nat_stale(const struct veer_tuple *t,
 					  const struct veer_nat_value *nat, __u64 now)
 {
-	__u64 seen = nat->last_seen_ns & ~VEER_NAT_FLAGS;
-	__u64 idle = now - seen;
+	__u64 idle = veer_nat_age(nat, now);
 
 	if (t->proto == VEER_IPPROTO_UDP)
 		return idle > VEER_UDP_IDLE_NS;
 	return (nat->last_seen_ns & VEER_NAT_CLOSING) && idle > VEER_TCP_CLOSED_NS;
+}
+
+/* The key of the other direction's entry of a NAT entry's flow: the entry's
+ * rewritten tuple reversed (a forward entry's gives the reply key, a reverse
+ * entry's the forward key). */
+static __always_inline void veer_nat_other_key(const struct veer_nat_value *nat, __u8 proto,
+					       __u8 family, struct veer_tuple *key)
+{
+	__builtin_memcpy(key->saddr, nat->daddr, 16);
+	__builtin_memcpy(key->daddr, nat->saddr, 16);
+	key->sport = nat->dport;
+	key->dport = nat->sport;
+	key->proto = proto;
+	key->family = family;
+}
+
+/* Whether a UDP flow is over: each direction's entry is refreshed only by
+ * its own packets, so one that streams one way (a client that only sends,
+ * a server that only pushes) has an idle entry for the other. The flow
+ * lives while either entry does. `reverse`: `nat` is a reverse entry. TCP
+ * entries are judged alone (a FIN or RST marks both). */
+static __always_inline int veer_flow_stale(const struct veer_tuple *t,
+					   const struct veer_nat_value *nat, int reverse,
+					   __u64 now)
+{
+	struct veer_nat_value *other;
+	struct veer_tuple key = {};
+
+	if (!veer_nat_stale(t, nat, now))
+		return 0;
+	if (t->proto != VEER_IPPROTO_UDP)
+		return 1;
+	veer_nat_other_key(nat, t->proto, t->family, &key);
+	other = reverse ? veer_nat_fwd.lookup(&key) : veer_nat_rev.lookup(&key);
+	return !other || veer_nat_stale(&key, other, now);
 }
 
 /* Note a packet of a NAT entry's flow at time `now`: refresh its time, and
@@ -376,16 +421,11 @@ static __always_inline void veer_nat_seen(struct veer_nat_value *nat, const stru
 	if (!p->fin)
 		return;
 	/* A FIN or RST in one direction ends both: mark the other direction's
-	 * entry too, keyed by this entry's rewritten tuple reversed (a client's
-	 * RST never passes the reply path, yet it frees the SNAT port). The
-	 * flow's LeastConnections count, if any, is keyed by its forward tuple:
-	 * this packet's (a client's packet) or that reversed one (a reply). */
-	__builtin_memcpy(key.saddr, nat->daddr, 16);
-	__builtin_memcpy(key.daddr, nat->saddr, 16);
-	key.sport = nat->dport;
-	key.dport = nat->sport;
-	key.proto = p->t.proto;
-	key.family = p->t.family;
+	 * entry too (a client's RST never passes the reply path, yet it frees
+	 * the SNAT port). The flow's LeastConnections count, if any, is keyed
+	 * by its forward tuple: this packet's (a client's packet) or the other
+	 * key (a reply). */
+	veer_nat_other_key(nat, p->t.proto, p->t.family, &key);
 	if (reply) {
 		other = veer_nat_fwd.lookup(&key);
 		veer_lc_flow_release(&key);
@@ -823,11 +863,14 @@ static __always_inline int veer_snat(struct __sk_buff *skb, const struct veer_pk
 				return 0;
 			held = veer_nat_rev.lookup(&w->reply); /* taken meanwhile */
 		}
-		/* Taken: by a connection that has ended, or by this very client
-		 * port's previous connection (the client reuses its port only when
-		 * its TCP allows it)? Then it is free. */
-		if (held && (veer_nat_stale(&w->reply, held, w->fwd.last_seen_ns) ||
-			     (held->dport == p->t.sport && veer_same_addr(held->daddr, p->t.saddr))) &&
+		/* Taken: by a flow that has ended, or by this very client port's
+		 * previous connection to this frontend (the client reuses its
+		 * port for the same destination only when its TCP allows it)? Then
+		 * it is free. The same client port may well be connected to
+		 * another frontend of the same backend meanwhile: that flow lives. */
+		if (held && (veer_flow_stale(&w->reply, held, 1, w->fwd.last_seen_ns) ||
+			     (held->dport == p->t.sport && veer_same_addr(held->daddr, p->t.saddr) &&
+			      held->sport == p->t.dport && veer_same_addr(held->saddr, p->t.daddr))) &&
 		    veer_nat_rev.update(&w->reply, &w->rev) == 0)
 			return 0;
 	}
@@ -1055,7 +1098,7 @@ int veer_tc_ingress(struct __sk_buff *skb)
 		nat = veer_nat_rev.lookup(&p.t);
 		if (nat) {
 			now = bpf_ktime_get_ns();
-			if (!veer_nat_stale(&p.t, nat, now)) {
+			if (!veer_flow_stale(&p.t, nat, 1, now)) {
 				veer_count(VEER_CNT_NAT_REPLY);
 				return veer_apply(skb, &p, nat, 1, now);
 			}
@@ -1078,9 +1121,9 @@ int veer_tc_ingress(struct __sk_buff *skb)
 	if (nat) {
 		if (!now)
 			now = bpf_ktime_get_ns();
-		if (!veer_nat_stale(&p.t, nat, now) &&
+		if (!veer_flow_stale(&p.t, nat, 0, now) &&
 		    (!p.syn || (!(nat->last_seen_ns & VEER_NAT_CLOSING) &&
-				now - (nat->last_seen_ns & ~VEER_NAT_FLAGS) < VEER_SYN_REUSE_NS)))
+				veer_nat_age(nat, now) < VEER_SYN_REUSE_NS)))
 			return veer_apply(skb, &p, nat, 0, now);
 	}
 	verdict = veer_new_flow(skb, &p);
@@ -1308,7 +1351,7 @@ int veer_tc_egress(struct __sk_buff *skb)
 	if (!nat)
 		return TC_ACT_OK;
 	now = bpf_ktime_get_ns();
-	if (veer_nat_stale(&p.t, nat, now)) {
+	if (veer_flow_stale(&p.t, nat, 1, now)) {
 		veer_nat_rev.delete(&p.t);
 		return TC_ACT_OK;
 	}

@@ -146,10 +146,15 @@ static __always_inline __u32 veer_affinity_backend(const struct veer_affinity_va
 						   __u32 service_id, __u32 timeout_seconds)
 {
 	struct veer_affinity_match_key match = {};
+	__u64 now, used;
 
 	if (!entry)
 		return 0;
-	if (bpf_ktime_get_ns() - entry->last_used_ns > timeout_seconds * 1000000000ULL)
+	now = bpf_ktime_get_ns();
+	used = entry->last_used_ns;
+	/* Another CPU may have refreshed the entry since this one read its
+	 * clock: then it is newer than `now`, not ancient. */
+	if (used < now && now - used > timeout_seconds * 1000000000ULL)
 		return 0;
 	match.backend_id = entry->backend_id;
 	match.service_id = service_id;

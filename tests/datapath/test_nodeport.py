@@ -332,6 +332,53 @@ def test_agent_restart_does_not_disturb_a_live_udp_flow(cluster: MultiNodeCluste
     assert result["errors"] == {}, result
 
 
+# argv: address, port, source port. One UDP socket; each datagram waits for
+# a line on stdin; prints each answer.
+UDP_ON_STDIN = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(3)
+s.bind(("0.0.0.0", int(sys.argv[3]))); s.connect((sys.argv[1], int(sys.argv[2])))
+for _ in range(2):
+    sys.stdin.readline()
+    s.send(b"ping")
+    print(s.recv(4096).decode().strip(), flush=True)
+"""
+
+
+def test_a_udp_flow_lives_while_either_direction_is_active(cluster: MultiNodeCluster) -> None:
+    """Each direction's NAT entry is refreshed by its own packets. A client
+    that keeps sending while the backend stays silent for longer than the
+    UDP timeout (180 s; here the reply entry is aged by hand) leaves only
+    the reply entry idle: the flow is alive, and the backend's next answer
+    is still translated back to the client."""
+    frontend = "10.0.0.1:30053/UDP"
+    cluster.write_manifest("web.yaml", web("Cluster", {"10.244.2.2": "node-2"}))
+    cluster.wait_external(frontend, cluster.nodes[0], ["10.244.2.2:9053/UDP"], False)
+    port = 27126
+    client = cluster.topo.spawn(
+        cluster.external, [sys.executable, "-c", UDP_ON_STDIN, "10.0.0.1", "30053", str(port)],
+        in_cgroup=False, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert client.stdin is not None and client.stdout is not None
+    client.stdin.write(b"\n")
+    client.stdin.flush()
+    first = client.stdout.readline().decode().strip()
+    assert first.startswith("web-c"), first
+    maps = SockLbMaps.open(cluster.nodes[0].bpffs)
+    try:
+        [(key, value)] = [(k, v) for k, v in maps.nat_rev.items()
+                          if k.proto == 17 and socket.ntohs(k.dport) == port]
+        flags = value.last_seen_ns & (0b11 << 62)
+        value.last_seen_ns = (time.monotonic_ns() - 200 * 10**9) | flags
+        maps.nat_rev.put(key, value)
+    finally:
+        maps.close()
+    client.stdin.write(b"\n")
+    client.stdin.flush()
+    assert client.stdout.readline().decode().strip() == first
+    assert client.wait(timeout=10) == 0, client.stderr.read() if client.stderr else b""
+    cluster.topo.forget(client)
+
+
 def test_udp_service_scaled_to_zero_and_back(cluster: MultiNodeCluster) -> None:
     frontend = "10.0.0.1:30053/UDP"
     cluster.write_manifest("web.yaml", web("Cluster", {}))
@@ -509,6 +556,49 @@ def test_a_source_natted_flow_avoids_the_ports_of_the_nodes_own_connection(
     node.stdin.flush()
     assert node.wait(timeout=10) == 0, node.stderr.read() if node.stderr else b""
     cluster.topo.forget(node)
+
+
+# argv: LB address, node address, source port. One client port, two live
+# connections to two frontends of one Service (its LoadBalancer IP and its
+# NodePort): clients reuse an ephemeral port across destinations.
+TWO_FRONTENDS_ONE_PORT = """
+import http.client, socket, sys
+def connect(addr, port, src):
+    s = socket.socket(); s.settimeout(5)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", src)); s.connect((addr, port))
+    conn = http.client.HTTPConnection(addr, port, timeout=5); conn.sock = s
+    return conn
+def ask(conn):
+    conn.request("GET", "/client"); return conn.getresponse().read().decode().strip()
+lb = connect(sys.argv[1], 80, int(sys.argv[3]))
+first = ask(lb)
+nodeport = connect(sys.argv[2], 30080, int(sys.argv[3]))
+print(first, ask(nodeport), ask(lb), sep="|")
+"""
+
+
+def test_one_client_port_to_two_frontends_gets_two_snat_ports(
+    cluster: MultiNodeCluster,
+) -> None:
+    """The outside client, from port P, holds a connection to the
+    LoadBalancer IP (SNATed by node-1 to 10.0.0.1:P, P being free) and then
+    opens one to the NodePort of the same Service from P too. That is not
+    P's previous connection ending: the second flow needs another SNAT port,
+    or web-c would see one tuple for two connections and both would break."""
+    cluster.write_manifest("web.yaml", web("Cluster", {"10.244.2.2": "node-2"}, lb=True))
+    cluster.wait_external("10.0.0.1:30080/TCP", cluster.nodes[0], ["10.244.2.2:8080/TCP"],
+                          False)
+    cluster.wait_external(f"{LB_IP}:80/TCP", cluster.nodes[0], ["10.244.2.2:8080/TCP"], False)
+    port = 27125
+    res = cluster.topo.exec(
+        cluster.external,
+        [sys.executable, "-c", TWO_FRONTENDS_ONE_PORT, LB_IP, "10.0.0.1", str(port)],
+        timeout=30, in_cgroup=False)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip().split("|") == ["web-c:8080 10.0.0.1"] * 3, res.stdout
+    ports = _snat_ports(cluster, bytes([10, 244, 2, 2]))
+    assert port in ports and len(ports - {port}) >= 1, ports
 
 
 def test_access_rules_drop_denied_outside_clients(cluster: MultiNodeCluster) -> None:
