@@ -24,7 +24,12 @@ import itertools
 from dataclasses import dataclass
 from types import MappingProxyType
 
-from agent.compute.endpoints import Categorized, categorize, endpoint_views
+from agent.compute.endpoints import (
+    Categorized,
+    categorize,
+    endpoint_views,
+    local_ready_endpoints,
+)
 from agent.compute.policy import (
     Weighted,
     access_of,
@@ -272,15 +277,12 @@ def _service_frontends(
     internal_local = svc.internal_traffic_policy == TrafficPolicyKind.LOCAL
     families = sorted({IPFamily.of(ip) for ip in svc.cluster_ips})
     node_addresses = nodeport_addresses(node, config)
-    local_endpoint_total = 0
-    any_external_local = False
 
     for port in svc.ports:
         if port.protocol not in config.protocols:
             continue
         external = externally_accessible(svc, port)
         external_local = external and svc.external_traffic_policy == TrafficPolicyKind.LOCAL
-        any_external_local = any_external_local or external_local
         uses_cluster = not internal_local or external
         uses_local = internal_local or external_local
         ref = ServicePortName(namespace, name, port.name)
@@ -296,7 +298,6 @@ def _service_frontends(
                             "proxy; connections are balanced as usual")
             sets = _port_sets(snapshot, svc, port, family, node,
                               (uses_cluster, uses_local), policy, out)
-            local_endpoint_total += len(sets.local.backends) if external_local else 0
             internal = sets.local if internal_local else sets.cluster
             for cluster_ip in (ip for ip in svc.cluster_ips if IPFamily.of(ip) == family):
                 out.add(
@@ -350,10 +351,14 @@ def _service_frontends(
                         vip=True,
                     )
 
-    if any_external_local and svc.health_check_node_port:
-        out.health_checks.append(
-            HealthCheck(svc.health_check_node_port, namespace, name, local_endpoint_total)
-        )
+    # kube-proxy serves the check of every LoadBalancer with policy Local,
+    # even before it has an ingress address or NodePorts (allocate...NodePorts
+    # false): the load balancer may probe it all the same.
+    if (svc.type == ServiceType.LOAD_BALANCER and svc.health_check_node_port
+            and svc.external_traffic_policy == TrafficPolicyKind.LOCAL):
+        out.health_checks.append(HealthCheck(
+            svc.health_check_node_port, namespace, name,
+            local_ready_endpoints(snapshot, svc, node.name)))
 
 
 class _ServiceOut:

@@ -74,8 +74,7 @@ def endpoint_views(
 
     The Service port finds its number in each slice by port *name* and
     protocol (the EndpointSlice controller resolved named targetPorts per Pod).
-    An address listed twice counts once; a ready listing wins over a not-ready
-    one, as kube-proxy's endpoint cache does.
+    An address listed twice counts once (see _better for which listing).
     """
     found: dict[L4Addr, EndpointView] = {}
     for eps in snapshot.slices_for(svc.meta.namespace, svc.meta.name):
@@ -106,9 +105,39 @@ def endpoint_views(
                 node_hints=frozenset(ep.hints.for_nodes) if ep.hints else frozenset(),
             )
             previous = found.get(backend)
-            if previous is None or (view.ready and not previous.ready):
+            if previous is None or _better(view, previous):
                 found[backend] = view
     return [found[k] for k in sorted(found, key=L4Addr.sort_key)]
+
+
+def _better(view: EndpointView, kept: EndpointView) -> bool:
+    """Whether `view` replaces `kept`, an endpoint of the same address and
+    port from another slice. A pod network may give a new pod the address
+    of one still terminating before its Pod object is gone: the running one
+    is preferred, as kube-proxy's endpoint cache does; then a ready listing
+    over a not-ready one (an endpoint seen in two slices while it moves)."""
+    if view.terminating != kept.terminating:
+        return not view.terminating
+    return view.ready and not kept.ready
+
+
+def local_ready_endpoints(snapshot: ClusterSnapshot, svc: Service, node_name: str) -> int:
+    """kube-proxy's LocalReadyEndpoints, which its health check node port
+    answers with: the distinct addresses of the Service's ready endpoints on
+    this node. Serving-and-terminating ones do not count, though they may
+    serve as a fallback: a node whose pods are all draining must fail the
+    check, so that the load balancer stops sending it new clients. Each
+    family's proxy counts its own; the larger count is the node's."""
+    by_family: dict[str, set[object]] = {}
+    if not node_name:
+        return 0
+    for eps in snapshot.slices_for(svc.meta.namespace, svc.meta.name):
+        if eps.address_type not in (IPFamily.IPV4.value, IPFamily.IPV6.value):
+            continue
+        for ep in eps.endpoints:
+            if ep.ready and ep.addresses and ep.node_name == node_name:
+                by_family.setdefault(eps.address_type, set()).add(ep.addresses[0])
+    return max((len(found) for found in by_family.values()), default=0)
 
 
 def topology_mode(endpoints: Iterable[EndpointView], node: NodeIdentity) -> TopologyMode:

@@ -170,7 +170,7 @@ class _Fields:
             if not isinstance(item, str):
                 raise ModelError(self.obj, path, f"expected a CIDR, got {_kind(item)}")
             try:
-                out.append(ipaddress.ip_network(item.strip(), strict=False))
+                out.append(parse_cidr(item.strip()))
             except ValueError:
                 raise ModelError(self.obj, path, f"{item!r} is not a CIDR") from None
         return tuple(out)
@@ -189,7 +189,45 @@ def parse_ip(text: str) -> IPAddress:
     try:
         return ipaddress.IPv4Address(socket.inet_pton(socket.AF_INET, text))
     except (OSError, ValueError):  # ValueError: an embedded NUL
-        return ipaddress.ip_address(text)
+        pass
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        legacy = _legacy_ipv4(text)
+        if legacy is None:
+            raise
+        return legacy
+    if isinstance(address, ipaddress.IPv6Address) and address.scope_id is not None:
+        # A zone names a link of one host; Kubernetes refuses it (Go's
+        # ParseIP does), and as a map key it would alias the zoneless address.
+        raise ValueError(f"{text!r} carries a zone")
+    return address
+
+
+# An IPv4 address with leading zeros in an octet ("010.000.000.001"). The API
+# server accepts it (with a warning) in fields it does not allocate itself,
+# and kube-proxy reads it as decimal (ParseIPSloppy, net.ParseIP before Go
+# 1.17); Python refuses it, as the octal it once meant elsewhere.
+_LEGACY_IPV4 = re.compile(r"([0-9]{1,4})\.([0-9]{1,4})\.([0-9]{1,4})\.([0-9]{1,4})\Z")
+
+
+def _legacy_ipv4(text: str) -> ipaddress.IPv4Address | None:
+    match = _LEGACY_IPV4.match(text)
+    if match is None:
+        return None
+    octets = [int(group) for group in match.groups()]
+    if any(octet > 255 for octet in octets):
+        return None
+    return ipaddress.IPv4Address(bytes(octets))
+
+
+def parse_cidr(text: str) -> IPNetwork:
+    """A CIDR, host bits masked, read as kube-proxy's ParseCIDRSloppy does
+    (an IPv4 prefix may carry leading zeros); no zone."""
+    address, slash, bits = text.partition("/")
+    if not slash or not bits.isdigit():
+        raise ValueError(f"{text!r} is not a CIDR")
+    return ipaddress.ip_network(f"{parse_ip(address)}/{int(bits)}", strict=False)
 
 
 def _kind(value: Any) -> str:
@@ -297,7 +335,11 @@ def parse_service(doc: Mapping[str, Any]) -> Service:
     )
     lb_ips = []
     for ing in root.sub("status").sub("loadBalancer").objects("ingress"):
-        if ing.has("ip"):
+        # ipMode Proxy: the load balancer must see the traffic (it speaks
+        # the PROXY protocol or ends TLS), so in-cluster clients are not
+        # short-circuited to the backends; kube-proxy leaves such an address
+        # alone, as it does an empty one.
+        if ing.has("ip") and ing.data["ip"] != "" and ing.data.get("ipMode") != "Proxy":
             lb_ips.append(ing.ip(f"{ing.path}.ip", ing.data["ip"]))
 
     return Service(
@@ -352,7 +394,8 @@ def _endpoints_checked(root: _Fields, address_type: str) -> list[Endpoint]:
         ready = cond.opt_boolean("ready")
         serving = cond.opt_boolean("serving")
         terminating = cond.boolean("terminating")
-        # API contract: an unknown ready state is ready; serving defaults to ready.
+        # API contract: an unknown ready or serving state is true (kube-proxy
+        # reads them so: Serving == nil || *Serving), terminating false.
         is_ready = True if ready is None else ready
         hints = None
         if ep.has("hints"):
@@ -365,7 +408,7 @@ def _endpoints_checked(root: _Fields, address_type: str) -> list[Endpoint]:
             Endpoint(
                 addresses=addresses,
                 ready=is_ready,
-                serving=is_ready if serving is None else serving,
+                serving=True if serving is None else serving,
                 terminating=terminating,
                 node_name=ep.string("nodeName"),
                 zone=ep.string("zone"),
@@ -425,12 +468,13 @@ def _endpoints_fast(items: Any, address_type: str) -> list[Endpoint] | None:
         if not (_absent_or(bool, ready, serving, terminating)
                 and _absent_or(str, node_name, zone, hostname)):
             return None
-        # API contract: an unknown ready state is ready; serving defaults to ready.
+        # API contract: an unknown ready or serving state is true (kube-proxy
+        # reads them so: Serving == nil || *Serving), terminating false.
         is_ready = True if ready is None else ready
         out.append(Endpoint(
             addresses=addresses,
             ready=is_ready,
-            serving=is_ready if serving is None else serving,
+            serving=True if serving is None else serving,
             terminating=bool(terminating),
             node_name=node_name or "",
             zone=zone or "",

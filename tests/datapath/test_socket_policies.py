@@ -158,7 +158,10 @@ def fetch(cluster: SandboxCluster, url: str) -> dict[str, Any]:
 
 
 def test_health_check_node_port_answers_like_kube_proxy(cluster: SandboxCluster) -> None:
-    spec = {"type": "NodePort", "externalTrafficPolicy": "Local", "healthCheckNodePort": 32100}
+    # kube-proxy serves the check of a LoadBalancer (one with no address yet
+    # here: its NodePort is what the test reaches).
+    spec = {"type": "LoadBalancer", "externalTrafficPolicy": "Local",
+            "healthCheckNodePort": 32100}
     apply(cluster, manifest({"web-a": "node-1", "web-b": "node-1", "web-c": "node-2"},
                             spec=spec), "10.0.0.1:30080/TCP", ["web-a", "web-b", "web-c"])
     # The agent serves it in the node's namespace; the pod reaches the node

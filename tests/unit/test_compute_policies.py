@@ -323,6 +323,107 @@ CASES = [
         health=["32000 default/web local-endpoints=2"],
     ),
     Case(
+        "healthCheckNodePort: a node whose endpoints all terminate fails the check",
+        [
+            with_lb(web(type="LoadBalancer", node_port=30080, externalTrafficPolicy="Local",
+                        healthCheckNodePort=32000), "192.0.2.10"),
+            eps("w", "web", local(A1, ready=False, serving=True, terminating=True),
+                remote(B1), ports=HTTP),
+        ],
+        [
+            CIP + be(B1),
+            # The draining pod still serves this node's Local traffic (its
+            # fallback), but the load balancer must stop sending new clients.
+            NP + be(B1) + "  external(Local) -> " + be(A1),
+            "192.0.2.10:80/TCP  LoadBalancer  default/web:http  -> " + be(B1)
+            + "  external(Local) -> " + be(A1),
+        ],
+        health=["32000 default/web local-endpoints=0"],
+    ),
+    Case(
+        "healthCheckNodePort counts a pod once, whatever its ports",
+        [
+            service("web", port("http", 80, 8080, node_port=30080),
+                    port("https", 443, 8443, node_port=30443), ips="10.96.0.1",
+                    type="LoadBalancer", externalTrafficPolicy="Local",
+                    healthCheckNodePort=32000),
+            eps("w", "web", local(A1), ports=[eport("http", 8080), eport("https", 8443)]),
+        ],
+        [
+            CIP + be(A1),
+            NP + be(A1) + "  external(Local) -> " + be(A1),
+            "10.96.0.1:443/TCP  ClusterIP  default/web:https  -> 10.244.1.2:8443/TCP",
+            "10.0.0.1:30443/TCP  NodePort  default/web:https  -> 10.244.1.2:8443/TCP"
+            "  external(Local) -> 10.244.1.2:8443/TCP",
+        ],
+        health=["32000 default/web local-endpoints=1"],
+    ),
+    Case(
+        "healthCheckNodePort of a LoadBalancer with no address nor NodePorts yet",
+        [
+            web(type="LoadBalancer", externalTrafficPolicy="Local", healthCheckNodePort=32000,
+                allocateLoadBalancerNodePorts=False),
+            eps("w", "web", local(A1), ports=HTTP),
+        ],
+        [CIP + be(A1)],
+        health=["32000 default/web local-endpoints=1"],
+    ),
+    Case(
+        "no health check for a NodePort Service (kube-proxy's is for LoadBalancers)",
+        [web(type="NodePort", node_port=30080, externalTrafficPolicy="Local",
+             healthCheckNodePort=32000), eps("w", "web", local(A1), ports=HTTP)],
+        [CIP + be(A1), NP + be(A1) + "  external(Local) -> " + be(A1)],
+    ),
+    Case(
+        "an ipMode Proxy ingress is left to the load balancer",
+        [web(type="LoadBalancer", node_port=30080)
+         | {"status": {"loadBalancer": {"ingress": [
+             {"ip": "192.0.2.10", "ipMode": "Proxy"}, {"ip": "192.0.2.11", "ipMode": "VIP"},
+             {"ip": ""}, {"hostname": "lb.example"}]}}},
+         eps("w", "web", local(A1), ports=HTTP)],
+        [
+            CIP + be(A1),
+            NP + be(A1) + "  external -> " + be(A1),
+            "192.0.2.11:80/TCP  LoadBalancer  default/web:http  -> " + be(A1)
+            + "  external -> " + be(A1),
+        ],
+    ),
+    Case(
+        "an address in two slices: the running pod, not the terminating one it replaced"
+        " (terminating slice first)",
+        [web(),
+         eps("a-old", "web", local(A1, ready=False, serving=True, terminating=True), ports=HTTP),
+         eps("b-new", "web", local(A1, ready=False, serving=False), ports=HTTP)],
+        # Neither is ready; the serving-and-terminating listing is not used
+        # as a fallback for an address a new, unready pod now holds.
+        [CIP + "(none: refuse)"],
+    ),
+    Case(
+        "an address in two slices: the running pod, not the terminating one it replaced"
+        " (running slice first)",
+        [web(),
+         eps("b-old", "web", local(A1, ready=False, serving=True, terminating=True), ports=HTTP),
+         eps("a-new", "web", local(A1, ready=False, serving=False), ports=HTTP)],
+        # Neither is ready; the serving-and-terminating listing is not used
+        # as a fallback for an address a new, unready pod now holds.
+        [CIP + "(none: refuse)"],
+    ),
+    Case(
+        "loadBalancerSourceRanges and externalIPs with leading zeros read as decimal",
+        [with_lb(web(type="LoadBalancer", node_port=30080,
+                     loadBalancerSourceRanges=["010.000.0.0/8"],
+                     externalIPs=["203.000.113.007"]), "192.0.2.10"),
+         eps("w", "web", local(A1), ports=HTTP)],
+        [
+            CIP + be(A1),
+            NP + be(A1) + "  external -> " + be(A1),
+            "203.0.113.7:80/TCP  ExternalIP  default/web:http  -> " + be(A1)
+            + "  external -> " + be(A1),
+            "192.0.2.10:80/TCP  LoadBalancer  default/web:http  -> " + be(A1)
+            + "  external -> " + be(A1) + "  sources 10.0.0.0/8",
+        ],
+    ),
+    Case(
         "no health check for policy Cluster",
         [web(type="NodePort", node_port=30080, healthCheckNodePort=32000),
          eps("w", "web", local(A1), ports=HTTP)],

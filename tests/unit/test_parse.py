@@ -54,13 +54,31 @@ from agent.model.parse import (
 
 # ---- addresses ----------------------------------------------------------------
 
-# The fast IPv4 path must accept and refuse exactly what ipaddress does.
+# The fast IPv4 path must accept and refuse exactly what ipaddress does
+# (but for the legacy forms and zones below).
 ADDRESS_TEXTS = [
     "10.244.1.17", "0.0.0.0", "255.255.255.255", "fd00::1", "::ffff:10.0.0.1", "::",
-    "01.2.3.4", "1.2.3.04", "1.2.3", "1", "0x1.2.3.4", "256.1.1.1", "1.2.3.-1",
+    "1.2.3", "1", "0x1.2.3.4", "256.1.1.1", "1.2.3.-1",
     " 1.2.3.4", "1.2.3.4 ", "1.2.3.4\n", "1.2.3.4\x00", "1.2.3.4.5", "1.2.3.4/32",
     "\uff11.2.3.4", "1.2.3.\u0664", "", "fd00::g", "10.0.0.1%eth0",
 ]
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("01.2.3.4", "1.2.3.4"), ("1.2.3.04", "1.2.3.4"), ("010.096.000.001", "10.96.0.1"),
+    ("0010.0.0.1", "10.0.0.1"),
+])
+def test_legacy_ipv4_octets_read_as_decimal(text: str, expected: str) -> None:
+    """The API server accepts leading zeros (with a warning) where it does not
+    allocate the address itself; kube-proxy reads them as decimal."""
+    assert parse_ip(text) == ip_address(expected)
+
+
+@pytest.mark.parametrize("text", ["010.0.0.256", "00001.0.0.1", "1.2.3.4.05", "fe80::1%eth0",
+                                  "fd00::1%1"])
+def test_what_kubernetes_refuses_is_refused(text: str) -> None:
+    with pytest.raises(ValueError):
+        parse_ip(text)
 
 
 @pytest.mark.parametrize("text", ADDRESS_TEXTS)
@@ -312,7 +330,11 @@ def test_endpoint_slice_keeps_every_field_kube_proxy_uses() -> None:
         # (ready, serving, terminating)
         pytest.param({}, (True, True, False), id="all-absent"),
         pytest.param({"ready": True}, (True, True, False), id="ready"),
-        pytest.param({"ready": False}, (False, False, False), id="not-ready:serving-follows"),
+        # The API: "A nil value should be interpreted as true" (not-ready and
+        # not terminating is unused all the same).
+        pytest.param({"ready": False}, (False, True, False), id="not-ready:serving-absent"),
+        pytest.param({"ready": False, "terminating": True}, (False, True, True),
+                     id="terminating:serving-absent-is-a-fallback"),
         pytest.param({"serving": False}, (True, False, False), id="serving-false-ready-absent"),
         pytest.param(
             {"ready": False, "serving": True, "terminating": True},
