@@ -258,8 +258,9 @@ class ComputeConfig:
     nodeport_addresses: frozenset[IPNetwork] = frozenset()
     # kube-proxy's --cluster-cidr: sources in these ranges are pods.
     cluster_cidrs: frozenset[IPNetwork] = frozenset()
-    # Slots of a Maglev lookup table (a prime; fixed, so that removing one of
-    # N backends moves only ~1/N of the flows).
+    # Slots of a Maglev lookup table, at least (a prime; the size stays put,
+    # so that removing one of N backends moves only ~1/N of the flows, unless
+    # the backends need more slots: agent/compute/tables.py).
     maglev_table_size: int = 1021
     # --sockmap: ask for sockmap acceleration on every Service.
     sockmap: bool = False
