@@ -274,12 +274,17 @@ static __always_inline void veer_rewrite(struct __sk_buff *skb, const struct vee
 /* veer_route's answer when the packet would not fit the route's MTU with the
  * bytes the caller means to add. */
 #define VEER_ROUTE_TOO_BIG (-2)
+/* veer_route's answer when the destination is this node's own address: a
+ * backend in the host's network (a hostNetwork pod), served by this node's
+ * stack, not forwarded. */
+#define VEER_ROUTE_LOCAL (-3)
 
 /* Where a packet from `saddr` to `daddr` that came in through device `iif`
  * leaves this node: the FIB lookup's answer, BPF_FIB_LKUP_RET_SUCCESS or
- * _NO_NEIGH, with `fib` filled; -1 when it cannot be forwarded (a local
- * address, no route, ...). `grow`: bytes the caller will add to the packet;
- * VEER_ROUTE_TOO_BIG when it would then exceed the route's MTU. */
+ * _NO_NEIGH, with `fib` filled; VEER_ROUTE_LOCAL for an address of this
+ * node; -1 when it cannot be forwarded (no route, ...). `grow`: bytes the
+ * caller will add to the packet; VEER_ROUTE_TOO_BIG when it would then
+ * exceed the route's MTU. */
 static __always_inline int veer_route(struct __sk_buff *skb, __u32 iif, __u8 family,
 				      const __u8 *saddr, const __u8 *daddr,
 				      struct bpf_fib_lookup *fib, __u32 grow)
@@ -304,6 +309,8 @@ static __always_inline int veer_route(struct __sk_buff *skb, __u32 iif, __u8 fam
 		return rc;
 	if (grow && rc == BPF_FIB_LKUP_RET_FRAG_NEEDED)
 		return VEER_ROUTE_TOO_BIG;
+	if (rc == BPF_FIB_LKUP_RET_NOT_FWDED)
+		return VEER_ROUTE_LOCAL;
 	return -1;
 }
 
@@ -610,6 +617,8 @@ static __always_inline int veer_apply(struct __sk_buff *skb, const struct veer_p
 		carry = 0;
 		route = veer_route(skb, p->iif, p->t.family, to->saddr, to->daddr, &fib, 0);
 	}
+	if (route == VEER_ROUTE_LOCAL && !reply)
+		return TC_ACT_OK; /* to this node's own stack: a host-network backend */
 	if (route < 0 || (carry && veer_dsr_push(skb, p) < 0)) {
 		veer_count(VEER_CNT_NAT_FAIL);
 		veer_report_tc(skb, VEER_CNT_NAT_FAIL, p, to->service_id, to->daddr, to->dport, 0);
@@ -1010,12 +1019,15 @@ static __always_inline int veer_new_flow(struct __sk_buff *skb, const struct vee
 		carry = 0;
 		route = veer_route(skb, iif, p->t.family, w->fwd.saddr, w->fwd.daddr, &fib, 0);
 	}
-	if (route < 0) {
+	if (route < 0 && route != VEER_ROUTE_LOCAL) {
 		veer_count(VEER_CNT_NAT_FAIL);
 		veer_nat_failed(skb, p, frontend->service_id, backend, report_flags);
 		return TC_ACT_SHOT;
 	}
-	if (fib.ifindex == iif && (short_circuit || !(frontend->flags & VEER_SVC_F_EXT_LOCAL))) {
+	/* A backend at this node's own address (host network) is local: its
+	 * replies leave by this node's devices, where egress restores them. */
+	if (route != VEER_ROUTE_LOCAL && fib.ifindex == iif &&
+	    (short_circuit || !(frontend->flags & VEER_SVC_F_EXT_LOCAL))) {
 		/* The backend is behind the device the packet came in on: another
 		 * node. Either it answers the client itself (DSR: it learns the
 		 * frontend from this packet), or its reply must come back through
@@ -1064,6 +1076,8 @@ static __always_inline int veer_new_flow(struct __sk_buff *skb, const struct vee
 	veer_report_tc(skb, VEER_CNT_NAT_NEW, p, frontend->service_id, backend->addr,
 		       backend->port, report_flags);
 	veer_rewrite(skb, p, &w->fwd);
+	if (route == VEER_ROUTE_LOCAL)
+		return TC_ACT_OK; /* up this node's stack to the host-network backend */
 	if (dsr && veer_dsr_push(skb, p) < 0) {
 		veer_count(VEER_CNT_NAT_FAIL);
 		veer_nat_failed(skb, p, frontend->service_id, backend, report_flags);

@@ -14,6 +14,7 @@ that may answer.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -599,6 +600,77 @@ def test_one_client_port_to_two_frontends_gets_two_snat_ports(
     assert res.stdout.strip().split("|") == ["web-c:8080 10.0.0.1"] * 3, res.stdout
     ports = _snat_ports(cluster, bytes([10, 244, 2, 2]))
     assert port in ports and len(ports - {port}) >= 1, ports
+
+
+# argv: port. An HTTP server in a node's own network (a hostNetwork pod):
+# answers "host:<port> <client address it saw>".
+HOST_SERVER = """
+import http.server, sys
+class Answer(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = f"host:{sys.argv[1]} {self.client_address[0]}".encode()
+        self.send_response(200); self.send_header("Content-Length", str(len(body)))
+        self.end_headers(); self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+http.server.HTTPServer(("0.0.0.0", int(sys.argv[1])), Answer).serve_forever()
+"""
+
+
+def host_service(policy: str) -> str:
+    """Service host: NodePort 30090 -> port 18080 of node-1 itself."""
+    svc = {"apiVersion": "v1", "kind": "Service",
+           "metadata": {"name": "host", "namespace": "default"},
+           "spec": {"type": "NodePort", "clusterIP": "10.96.0.30",
+                    "externalTrafficPolicy": policy,
+                    "ports": [{"name": "http", "protocol": "TCP", "port": 80,
+                               "targetPort": 18080, "nodePort": 30090}]}}
+    eps = {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+           "metadata": {"name": "host-1", "namespace": "default",
+                        "labels": {"kubernetes.io/service-name": "host"}},
+           "addressType": "IPv4",
+           "ports": [{"name": "http", "protocol": "TCP", "port": 18080}],
+           "endpoints": [{"addresses": ["10.0.0.1"], "nodeName": "node-1"}]}
+    return json.dumps(svc) + "\n---\n" + json.dumps(eps) + "\n"
+
+
+@pytest.mark.parametrize("policy", ["Cluster", "Local"])
+def test_a_host_network_backend_on_the_node_reached_from_outside(
+    cluster: MultiNodeCluster, policy: str
+) -> None:
+    """A backend at the node's own address (a hostNetwork pod, such as an
+    ingress controller) behind a NodePort: the route lookup answers 'not
+    forwarded' (local), and the packet is translated and handed to the
+    node's own stack, the client's address kept; from node-2 it is
+    forwarded and source-NATed like any remote backend."""
+    server = cluster.topo.spawn(cluster.nodes[0].netns,
+                                [sys.executable, "-c", HOST_SERVER, "18080"], in_cgroup=False)
+    try:
+        cluster.write_manifest("host.yaml", host_service(policy))
+        cluster.wait_external("10.0.0.1:30090/TCP", cluster.nodes[0], ["10.0.0.1:18080/TCP"],
+                              policy == "Local")
+        via = {"10.0.0.1": f"host:18080 {EXT}"}
+        if policy == "Cluster":
+            cluster.wait_external("10.0.0.2:30090/TCP", cluster.nodes[1],
+                                  ["10.0.0.1:18080/TCP"], False)
+            via["10.0.0.2"] = "host:18080 10.0.0.2"
+        for node_ip, answer in via.items():
+            for attempt in range(20):  # the server may still be starting
+                res = cluster.topo.exec(
+                    cluster.external,
+                    [sys.executable, "-c", FROM_PORT, node_ip, "30090", str(27130 + attempt)],
+                    timeout=30, in_cgroup=False)
+                if res.returncode == 0 or attempt == 19:
+                    break
+                time.sleep(0.25)
+            assert res.returncode == 0, res.stderr
+            assert res.stdout.strip() == answer, (node_ip, res.stdout)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(cluster.manifests, "host.yaml"))
+        server.terminate()
+        server.wait(timeout=10)
+        cluster.topo.forget(server)
 
 
 def test_access_rules_drop_denied_outside_clients(cluster: MultiNodeCluster) -> None:
