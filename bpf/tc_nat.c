@@ -314,6 +314,24 @@ static __always_inline int veer_route(struct __sk_buff *skb, __u32 iif, __u8 fam
 	return -1;
 }
 
+/* Whether the route veer_route() found to `daddr` goes through a gateway
+ * (the lookup then returns the gateway's address in place of `daddr`). A
+ * pod of this node is reached on a link of its own (a veth, a bridge),
+ * without one; a pod of another node through that node or a tunnel (an
+ * overlay: VXLAN, IP-in-IP), with one, and possibly by another device than
+ * the one the client's packet came in on. */
+static __always_inline int veer_via_gateway(const struct bpf_fib_lookup *fib, __u8 family,
+					    const __u8 *daddr)
+{
+	__u32 want[4];
+
+	__builtin_memcpy(want, daddr, 16);
+	if (family == VEER_FAMILY_IPV4)
+		return fib->ipv4_dst != want[0];
+	return (fib->ipv6_dst[0] ^ want[0]) | (fib->ipv6_dst[1] ^ want[1]) |
+	       (fib->ipv6_dst[2] ^ want[2]) | (fib->ipv6_dst[3] ^ want[3]);
+}
+
 /* bpf_redirect_neigh's parameters (struct bpf_redir_neigh): the next hop. */
 struct veer_redir_neigh {
 	__u32 nh_family;
@@ -1026,13 +1044,18 @@ static __always_inline int veer_new_flow(struct __sk_buff *skb, const struct vee
 	}
 	/* A backend at this node's own address (host network) is local: its
 	 * replies leave by this node's devices, where egress restores them. */
-	if (route != VEER_ROUTE_LOCAL && fib.ifindex == iif &&
+	if (route != VEER_ROUTE_LOCAL &&
+	    (fib.ifindex == iif || veer_via_gateway(&fib, p->t.family, backend->addr)) &&
 	    (short_circuit || !(frontend->flags & VEER_SVC_F_EXT_LOCAL))) {
-		/* The backend is behind the device the packet came in on: another
-		 * node. Either it answers the client itself (DSR: it learns the
+		/* The backend is on another node: behind the device the packet
+		 * came in on, or through a gateway (an overlay's tunnel, another
+		 * link). Either it answers the client itself (DSR: it learns the
 		 * frontend from this packet), or its reply must come back through
 		 * us, so SNAT. */
-		if (carry && !short_circuit && veer_dsr_allowed(p, &fib)) {
+		/* DSR only on the device the packet came by: the backend's node
+		 * reads the frontend where its TC programs are (a tunnel's far
+		 * end has none). */
+		if (carry && !short_circuit && fib.ifindex == iif && veer_dsr_allowed(p, &fib)) {
 			w->fwd.last_seen_ns |= VEER_NAT_DSR;
 			dsr = 1;
 		} else if (veer_snat(skb, p, w) < 0) {

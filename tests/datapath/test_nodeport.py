@@ -673,6 +673,38 @@ def test_a_host_network_backend_on_the_node_reached_from_outside(
         cluster.topo.forget(server)
 
 
+def test_a_remote_backend_by_another_link_is_source_natted(cluster: MultiNodeCluster) -> None:
+    """Node-1 reaches node-2's pods by a link of their own (as through an
+    overlay's tunnel), through a gateway, not by the device the client's
+    packet came in on. The backend is still on another node: source-NAT,
+    or it would answer the outside client directly from its pod address."""
+    cluster.write_manifest("web.yaml", web("Cluster", {"10.244.2.2": "node-2"}))
+    cluster.wait_external("10.0.0.1:30080/TCP", cluster.nodes[0], ["10.244.2.2:8080/TCP"],
+                          False)
+    one, two = cluster.nodes[0].netns, cluster.nodes[1].netns
+    topo = cluster.topo
+    topo.ns(one, "ip", "link", "add", "vr-link", "type", "veth", "peer", "name", "vr-link",
+            "netns", two)
+    try:
+        topo.ns(one, "ip", "addr", "add", "10.9.0.1/30", "dev", "vr-link")
+        topo.ns(two, "ip", "addr", "add", "10.9.0.2/30", "dev", "vr-link")
+        topo.ns(one, "ip", "link", "set", "vr-link", "up")
+        topo.ns(two, "ip", "link", "set", "vr-link", "up")
+        topo.ns(one, "ip", "route", "replace", "10.244.2.0/24", "via", "10.9.0.2")
+        result = cluster.probe_from_outside("tcp", "10.0.0.1", "30080", "--count", "5",
+                                            "--timeout", "5")
+        assert result["answers"] == {"web-c:8080": 5} and result["errors"] == {}, result
+        res = cluster.topo.exec(
+            cluster.external,
+            [sys.executable, "-c", FROM_PORT, "10.0.0.1", "30080", "27140"],
+            timeout=30, in_cgroup=False)
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.split() == ["web-c:8080", "10.0.0.1"], res.stdout
+    finally:
+        topo.ns(one, "ip", "route", "replace", "10.244.2.0/24", "via", "10.0.0.2")
+        topo.ns(one, "ip", "link", "del", "vr-link")
+
+
 def test_access_rules_drop_denied_outside_clients(cluster: MultiNodeCluster) -> None:
     """A TrafficPolicy's access rules on the per-packet path: the denied
     outside client's packets are dropped (its connect times out; a refusal
