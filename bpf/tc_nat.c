@@ -71,7 +71,8 @@ struct veer_pkt {
 		    * verifier refuses) */
 	__u32 l4_off;
 	__u32 csum_off;
-	__u16 udp;
+	__u8 udp;
+	__u8 rst; /* a TCP RST: the connection is over */
 	__u8 syn; /* a TCP SYN without ACK: the first packet of a connection */
 	__u8 fin; /* a TCP FIN or RST: the connection is ending */
 };
@@ -83,10 +84,10 @@ struct veer_pkt {
 #define VEER_TCP_ACK 0x10
 #define VEER_SYN_REUSE_NS 3000000000ULL /* a SYN retransmit comes within 1-3 s */
 #define VEER_UDP_IDLE_NS 180000000000ULL /* conntrack's udp_timeout_stream */
-/* A TCP entry that saw a FIN or RST is marked closing (the top bit of
- * last_seen_ns, which bpf_ktime_get_ns() never reaches) and is dead once it
- * has been quiet this long after that: its ports, SNAT port included, are
- * free again. Without this, finished connections would hold their SNAT
+/* A TCP flow whose both directions sent a FIN, or that saw a RST, is marked
+ * closing (the top bit of last_seen_ns, which bpf_ktime_get_ns() never
+ * reaches) in both entries, and an entry is dead once it has been quiet this
+ * long after that: its ports, SNAT port included, are free again. Without this, finished connections would hold their SNAT
  * ports until the LRU map filled up, and new flows would fail long before.
  * Ten seconds lets the last ACKs and retransmissions through. A port taken
  * over for another client while the backend still holds the old connection
@@ -97,7 +98,12 @@ struct veer_pkt {
 /* A forward entry of a flow sent on by DSR (the next bit down): its SYNs (and
  * every UDP datagram) carry the frontend to the backend's node. */
 #define VEER_NAT_DSR (1ULL << 62)
-#define VEER_NAT_FLAGS (VEER_NAT_CLOSING | VEER_NAT_DSR)
+/* An entry whose direction sent a FIN while the other has not (yet): the
+ * connection is half closed, and the other side may go on sending for as
+ * long as it likes. Dead only after conntrack's FIN_WAIT time of quiet. */
+#define VEER_NAT_FIN (1ULL << 61)
+#define VEER_TCP_HALF_CLOSED_NS 120000000000ULL
+#define VEER_NAT_FLAGS (VEER_NAT_CLOSING | VEER_NAT_DSR | VEER_NAT_FIN)
 /* veer_new_flow's answer "refuse this packet" (not a TC_ACT_* value). */
 #define VEER_TC_REJECT (-100)
 /* Programs veer_tc_ingress tail-calls, by index in veer_tc_tail. */
@@ -173,6 +179,7 @@ static __always_inline int veer_parse_l4(struct veer_pkt *p, void *l4, void *end
 			return -1;
 		p->syn = (*flags & (VEER_TCP_SYN | VEER_TCP_ACK)) == VEER_TCP_SYN;
 		p->fin = (*flags & (VEER_TCP_FIN | VEER_TCP_RST)) != 0;
+		p->rst = (*flags & VEER_TCP_RST) != 0;
 	}
 	return 0;
 }
@@ -395,7 +402,9 @@ static __always_inline int veer_nat_stale(const struct veer_tuple *t,
 
 	if (t->proto == VEER_IPPROTO_UDP)
 		return idle > VEER_UDP_IDLE_NS;
-	return (nat->last_seen_ns & VEER_NAT_CLOSING) && idle > VEER_TCP_CLOSED_NS;
+	if (nat->last_seen_ns & VEER_NAT_CLOSING)
+		return idle > VEER_TCP_CLOSED_NS;
+	return (nat->last_seen_ns & VEER_NAT_FIN) && idle > VEER_TCP_HALF_CLOSED_NS;
 }
 
 /* The key of the other direction's entry of a NAT entry's flow: the entry's
@@ -433,23 +442,27 @@ static __always_inline int veer_flow_stale(const struct veer_tuple *t,
 	return !other || veer_nat_stale(&key, other, now);
 }
 
-/* Note a packet of a NAT entry's flow at time `now`: refresh its time, and
- * mark it closing when the packet is a FIN or RST (the marks stay). */
+/* Note a packet of a NAT entry's flow at time `now`: refresh its time; a
+ * FIN marks its direction done, a RST or the second direction's FIN marks
+ * both entries closing (the marks stay). */
 static __always_inline void veer_nat_seen(struct veer_nat_value *nat, const struct veer_pkt *p,
 					  int reply, __u64 now)
 {
-	__u64 flags = (nat->last_seen_ns & VEER_NAT_FLAGS) | (p->fin ? VEER_NAT_CLOSING : 0);
+	__u64 flags = nat->last_seen_ns & VEER_NAT_FLAGS;
 	struct veer_nat_value *other;
 	struct veer_tuple key = {};
 
+	if (p->fin)
+		flags |= p->rst ? VEER_NAT_CLOSING : VEER_NAT_FIN;
 	nat->last_seen_ns = now | flags;
 	if (!p->fin)
 		return;
-	/* A FIN or RST in one direction ends both: mark the other direction's
-	 * entry too (a client's RST never passes the reply path, yet it frees
-	 * the SNAT port). The flow's LeastConnections count, if any, is keyed
-	 * by its forward tuple: this packet's (a client's packet) or the other
-	 * key (a reply). */
+	/* The other direction's entry: a RST ends both (a client's RST never
+	 * passes the reply path, yet it frees the SNAT port), so does a FIN
+	 * when the other side has sent its own, or when there is no other
+	 * entry to learn that from. The flow's LeastConnections count, if any,
+	 * ends with the first FIN or RST; it is keyed by its forward tuple:
+	 * this packet's (a client's packet) or the other key (a reply). */
 	veer_nat_other_key(nat, p->t.proto, p->t.family, &key);
 	if (reply) {
 		other = veer_nat_fwd.lookup(&key);
@@ -458,8 +471,11 @@ static __always_inline void veer_nat_seen(struct veer_nat_value *nat, const stru
 		other = veer_nat_rev.lookup(&key);
 		veer_lc_flow_release(&p->t);
 	}
-	if (other)
-		other->last_seen_ns |= VEER_NAT_CLOSING;
+	if (!other || p->rst || (other->last_seen_ns & VEER_NAT_FIN)) {
+		nat->last_seen_ns |= VEER_NAT_CLOSING;
+		if (other)
+			other->last_seen_ns |= VEER_NAT_CLOSING;
+	}
 }
 
 /* The reverse entry a packet's flow would have if we had translated it. A new

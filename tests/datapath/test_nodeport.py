@@ -705,6 +705,95 @@ def test_a_remote_backend_by_another_link_is_source_natted(cluster: MultiNodeClu
         topo.ns(one, "ip", "link", "del", "vr-link")
 
 
+# argv: port. Accepts one connection, reads to its end (the client's FIN),
+# prints "eof", then at a line on stdin sends "late" and closes.
+HALF_CLOSE_SERVER = """
+import socket, sys
+listener = socket.socket(); listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+listener.bind(("0.0.0.0", int(sys.argv[1]))); listener.listen(1)
+print("listening", flush=True)
+conn, _ = listener.accept()
+while conn.recv(4096):
+    pass
+print("eof", flush=True)
+sys.stdin.readline()
+conn.sendall(b"late"); conn.close()
+"""
+
+# argv: address, port. Connects, sends a line, closes its sending side, and
+# prints what comes back until the server closes.
+HALF_CLOSE_CLIENT = """
+import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+s.sendall(b"hello\\n"); s.shutdown(socket.SHUT_WR)
+data = b""
+while chunk := s.recv(4096):
+    data += chunk
+print(data.decode(), flush=True)
+"""
+
+
+def half_service() -> str:
+    """Service half: NodePort 30095 -> port 18095 of web-c (node-2)."""
+    svc = {"apiVersion": "v1", "kind": "Service",
+           "metadata": {"name": "half", "namespace": "default"},
+           "spec": {"type": "NodePort", "clusterIP": "10.96.0.31",
+                    "ports": [{"name": "tcp", "protocol": "TCP", "port": 95,
+                               "targetPort": 18095, "nodePort": 30095}]}}
+    eps = {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+           "metadata": {"name": "half-1", "namespace": "default",
+                        "labels": {"kubernetes.io/service-name": "half"}},
+           "addressType": "IPv4",
+           "ports": [{"name": "tcp", "protocol": "TCP", "port": 18095}],
+           "endpoints": [{"addresses": ["10.244.2.2"], "nodeName": "node-2"}]}
+    return json.dumps(svc) + "\n---\n" + json.dumps(eps) + "\n"
+
+
+def test_a_half_closed_connection_outlives_the_closing_time(cluster: MultiNodeCluster) -> None:
+    """The client sends its FIN and waits; the backend answers later (here:
+    both NAT entries aged past the 10 s a closed flow keeps, by hand). One
+    FIN closes one direction only: the answer must still be translated."""
+    server = cluster.topo.spawn(
+        cluster.topo.pods["web-c"].netns, [sys.executable, "-c", HALF_CLOSE_SERVER, "18095"],
+        in_cgroup=False, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    client = None
+    try:
+        assert server.stdin is not None and server.stdout is not None
+        assert server.stdout.readline().strip() == b"listening"
+        cluster.write_manifest("half.yaml", half_service())
+        cluster.wait_external("10.0.0.1:30095/TCP", cluster.nodes[0], ["10.244.2.2:18095/TCP"],
+                              False)
+        client = cluster.topo.spawn(
+            cluster.external, [sys.executable, "-c", HALF_CLOSE_CLIENT, "10.0.0.1", "30095"],
+            in_cgroup=False, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert server.stdout.readline().strip() == b"eof"
+        maps = SockLbMaps.open(cluster.nodes[0].bpffs)
+        try:
+            aged = 0
+            for table in (maps.nat_fwd, maps.nat_rev):
+                for k, v in list(table.items()):
+                    if k.proto == 6 and 30095 in (socket.ntohs(k.dport), socket.ntohs(v.sport)):
+                        flags = v.last_seen_ns & (0b111 << 61)
+                        v.last_seen_ns = (time.monotonic_ns() - 11 * 10**9) | flags
+                        table.put(k, v)
+                        aged += 1
+            assert aged == 2, aged
+        finally:
+            maps.close()
+        server.stdin.write(b"\n")
+        server.stdin.flush()
+        out, err = client.communicate(timeout=20)
+        assert out.strip() == b"late", (out, err)
+    finally:
+        for proc in (server, client):
+            if proc is not None:
+                proc.kill()
+                proc.wait(timeout=10)
+                cluster.topo.forget(proc)
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(cluster.manifests, "half.yaml"))
+
+
 def test_access_rules_drop_denied_outside_clients(cluster: MultiNodeCluster) -> None:
     """A TrafficPolicy's access rules on the per-packet path: the denied
     outside client's packets are dropped (its connect times out; a refusal

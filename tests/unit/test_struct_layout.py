@@ -156,7 +156,8 @@ def test_counter_names_match_the_enum(c_layout: Layout) -> None:
     )
 
 
-@pytest.mark.parametrize("name", ["NAT_CLOSING", "NAT_DSR", "UDP_IDLE_NS", "TCP_CLOSED_NS"])
+@pytest.mark.parametrize("name", ["NAT_CLOSING", "NAT_DSR", "NAT_FIN", "UDP_IDLE_NS",
+                                  "TCP_CLOSED_NS", "TCP_HALF_CLOSED_NS"])
 def test_nat_aging_constants_match_tc_nat(name: str) -> None:
     """The agent's sweep ages NAT entries as the TC program does."""
     source = (BPF_DIR / "tc_nat.c").read_text()

@@ -16,17 +16,21 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Callable
 
 from agent.datapath.ebpf.maps import SockLbMaps
 from agent.datapath.ebpf.structs import (
     IPPROTO,
     NAT_CLOSING,
+    NAT_FIN,
     NAT_FLAGS,
     TCP_CLOSED_NS,
+    TCP_HALF_CLOSED_NS,
     UDP_IDLE_NS,
     ConnsSweptValue,
     IndexKey,
     NatValue,
+    Tuple,
 )
 from agent.model.objects import Protocol
 
@@ -36,16 +40,38 @@ from agent.model.objects import Protocol
 SWEEP_INTERVAL = 10.0
 
 
-def _ended(proto: int, nat: NatValue | None, now_ns: int) -> bool:
-    """Whether a counted flow is over, judged by its forward NAT entry as the
-    TC program judges it (veer_nat_stale), or by its absence."""
-    if nat is None:
-        return True
+def _stale(proto: int, nat: NatValue, now_ns: int) -> bool:
+    """Whether one NAT entry, on its own, outlived its flow (veer_nat_stale)."""
     stamp = int(nat.last_seen_ns)
     idle = now_ns - (stamp & ~NAT_FLAGS)
     if proto == IPPROTO[Protocol.UDP]:  # no end but silence
         return idle > UDP_IDLE_NS
-    return bool(stamp & NAT_CLOSING) and idle > TCP_CLOSED_NS
+    if stamp & NAT_CLOSING:
+        return idle > TCP_CLOSED_NS
+    return bool(stamp & NAT_FIN) and idle > TCP_HALF_CLOSED_NS
+
+
+def _reply_key(key: Tuple, nat: NatValue) -> Tuple:
+    """The reverse entry's key of a flow: its rewritten tuple reversed."""
+    return Tuple(saddr=nat.daddr, daddr=nat.saddr, sport=nat.dport, dport=nat.sport,
+                 proto=key.proto, family=key.family)
+
+
+def _ended(key: Tuple, nat: NatValue | None, reverse: Callable[[Tuple], NatValue | None],
+           now_ns: int) -> bool:
+    """Whether a counted flow is over, judged as the TC program judges it
+    (veer_flow_stale): by its forward NAT entry, or its absence; a UDP flow
+    lives while either direction's entry does (each is refreshed by its own
+    packets only)."""
+    if nat is None:
+        return True
+    proto = int(key.proto)
+    if not _stale(proto, nat, now_ns):
+        return False
+    if proto != IPPROTO[Protocol.UDP]:
+        return True
+    other = reverse(_reply_key(key, nat))
+    return other is None or _stale(proto, other, now_ns)
 
 
 class LeastConnSweeper:
@@ -64,7 +90,7 @@ class LeastConnSweeper:
         now_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
         gone: Counter[int] = Counter()
         for key, held in self.maps.lc_flows.items():
-            if not _ended(int(key.proto), self.maps.nat_fwd.get(key), now_ns):
+            if not _ended(key, self.maps.nat_fwd.get(key), self.maps.nat_rev.get, now_ns):
                 continue
             if self.maps.lc_flows.delete(key):  # else the kernel gave it back
                 gone[int(held.backend_id)] += 1

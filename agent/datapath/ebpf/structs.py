@@ -402,9 +402,11 @@ MIRRORS: tuple[type[ctypes.Structure], ...] = (
 # by tests/unit/test_struct_layout.py.
 NAT_CLOSING = 1 << 63
 NAT_DSR = 1 << 62
-NAT_FLAGS = NAT_CLOSING | NAT_DSR
+NAT_FIN = 1 << 61
+NAT_FLAGS = NAT_CLOSING | NAT_DSR | NAT_FIN
 UDP_IDLE_NS = 180_000_000_000
 TCP_CLOSED_NS = 10_000_000_000
+TCP_HALF_CLOSED_NS = 120_000_000_000
 
 # enum veer_counter, in order.
 COUNTER_NAMES: tuple[str, ...] = (
