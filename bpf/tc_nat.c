@@ -1333,6 +1333,11 @@ int veer_tc_dsr(struct __sk_buff *skb)
 
 	if (veer_parse_dsr(skb, &d) < 0)
 		return TC_ACT_OK;
+	/* Only for a backend of an external frontend: the option is no more
+	 * than a claim of whoever sent the packet, and must not let a sender
+	 * write reply translations for any address this node routes to. */
+	if (!(veer_tc_addr_flags(d.p.t.daddr, d.p.t.family) & VEER_TC_ADDR_BACKEND))
+		return TC_ACT_OK;
 	if (veer_route(skb, d.p.iif, d.p.t.family, d.p.t.daddr, d.p.t.saddr, &fib, 0) < 0 ||
 	    fib.ifindex != d.p.iif) {
 		veer_count(VEER_CNT_NAT_FAIL);

@@ -1138,3 +1138,49 @@ def test_dsr_udp_flow_without_room_for_the_frontend_is_source_natted(
     assert small["answers"] == {"web-c": 10} and small["peer_mismatch"] == 0, small
     assert n1["nat_new"] > 0 and n1["nat_dsr"] == n1["nat_new"] and n1["nat_snat"] == 0, n1
     assert n2["nat_dsr_in"] > 0, n2
+
+
+# argv: address, port, frontend address, frontend port, source port. One UDP
+# datagram carrying veer's DSR IPv4 option (type 158: the frontend), as a
+# node in DSR mode sends a flow's packets to a backend's node.
+DSR_CLAIM = """
+import socket, struct, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+option = bytes([158, 8]) + socket.inet_aton(sys.argv[3]) + struct.pack("!H", int(sys.argv[4]))
+s.setsockopt(socket.IPPROTO_IP, socket.IP_OPTIONS, option)
+s.bind(("0.0.0.0", int(sys.argv[5])))
+s.sendto(b"x", (sys.argv[1], int(sys.argv[2])))
+"""
+
+
+def test_a_dsr_option_is_taken_only_for_a_backend(dsr_cluster: MultiNodeCluster) -> None:
+    """The option is a claim of whoever sent the packet. Node-2 writes the
+    reply translation it asks for when the destination is a backend it
+    serves (web-c), and not for any other address it routes to (the client
+    pod cli-2): else anyone who can reach a pod could rewrite its replies."""
+    program(dsr_cluster, ["web-c", "web-d"])
+    dsr_cluster.wait_external("10.0.0.2:30101/UDP", dsr_cluster.nodes[1],
+                              ["10.244.2.2:9053/UDP", "10.244.3.2:9053/UDP"], False)
+    ext = dsr_cluster.external
+    dsr_cluster.topo.ns(ext, "ip", "route", "add", "10.244.2.0/24", "via", "10.0.0.2")
+    try:
+        for pod, port, source in (("cli-2", 9999, 27150), ("web-c", 9053, 27151)):
+            res = dsr_cluster.topo.exec(
+                ext, [sys.executable, "-c", DSR_CLAIM, DSR_IP[4][pod], str(port), "10.0.0.1",
+                      "30101", str(source)], timeout=30, in_cgroup=False)
+            assert res.returncode == 0, res.stderr
+        maps = SockLbMaps.open(dsr_cluster.nodes[1].bpffs)
+        try:
+            deadline = time.monotonic() + 5
+            while True:
+                claimed = {socket.ntohs(k.dport) for k, _ in maps.nat_rev.items()
+                           if bytes(k.daddr[:4]) == socket.inet_aton(EXT)
+                           and socket.ntohs(k.dport) in (27150, 27151)}
+                if 27151 in claimed or time.monotonic() > deadline:
+                    break
+                time.sleep(0.1)
+        finally:
+            maps.close()
+        assert claimed == {27151}, claimed
+    finally:
+        dsr_cluster.topo.ns(ext, "ip", "route", "del", "10.244.2.0/24", "via", "10.0.0.2")
