@@ -91,7 +91,8 @@ static __always_inline int veer_miss(void *ctx, __u8 hook, const struct veer_flo
 static __always_inline __u32 veer_affinity_lookup(struct veer_affinity_key *key,
 						  __u32 timeout_seconds)
 {
-	return veer_affinity_backend(veer_affinity.lookup(key), key->service_id, timeout_seconds);
+	return veer_affinity_backend(veer_affinity.lookup(key), key->service_id, VEER_SCOPE_SOCKET,
+				     timeout_seconds);
 }
 
 /* Apply a frontend's access rules to the calling socket's network namespace.

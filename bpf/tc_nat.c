@@ -666,7 +666,7 @@ static __always_inline __u32 veer_ext_affinity_lookup(struct veer_ext_affinity_k
 						      __u32 timeout_seconds)
 {
 	return veer_affinity_backend(veer_ext_affinity.lookup(key), key->service_id,
-				     timeout_seconds);
+				     VEER_SCOPE_EXTERNAL, timeout_seconds);
 }
 
 /* A new flow could not be set up (no route, no SNAT address or port, a NAT

@@ -143,7 +143,8 @@ static __always_inline void veer_report(void *ctx, __u8 hook, __u32 reason, __u8
  * the socket path (keyed by netns cookie) and the per-packet path (keyed by
  * client address). */
 static __always_inline __u32 veer_affinity_backend(const struct veer_affinity_value *entry,
-						   __u32 service_id, __u32 timeout_seconds)
+						   __u32 service_id, __u32 scope,
+						   __u32 timeout_seconds)
 {
 	struct veer_affinity_match_key match = {};
 	__u64 now, used;
@@ -158,6 +159,7 @@ static __always_inline __u32 veer_affinity_backend(const struct veer_affinity_va
 		return 0;
 	match.backend_id = entry->backend_id;
 	match.service_id = service_id;
+	match.scope = scope;
 	if (!veer_affinity_match.lookup(&match))
 		return 0;
 	veer_count(VEER_CNT_AFFINITY_HIT);

@@ -208,11 +208,14 @@ struct veer_affinity_value {
 	__u64 last_used_ns; /* bpf_ktime_get_ns() of the last connection */
 };
 
-/* (backend, service) pairs that are current: an affinity entry is honoured
- * only while its backend still serves that frontend. */
+/* (backend, service, scope) triples that are current: an affinity entry is
+ * honoured only while its backend still serves that frontend, in the scope
+ * that reads the entry (the socket scope may serve every endpoint while the
+ * external one, under externalTrafficPolicy Local, serves this node's). */
 struct veer_affinity_match_key {
 	__u32 backend_id;
 	__u32 service_id;
+	__u32 scope; /* VEER_SCOPE_* */
 };
 
 struct veer_affinity_match_value {

@@ -294,6 +294,32 @@ def test_client_ip_affinity_from_outside(cluster: MultiNodeCluster) -> None:
     assert result["errors"] == {} and len(result["answers"]) == 1, result
 
 
+def test_affinity_from_outside_follows_a_switch_to_the_local_policy(
+    cluster: MultiNodeCluster,
+) -> None:
+    """An outside client's affinity names web-c (on node-2). The Service
+    then turns Local: node-1's clients may still reach web-c (the socket
+    scope serves every endpoint), but outside clients only node-1's pods.
+    The client's entry must no longer count for the external scope, or its
+    flows would go to web-c un-SNATed (Local keeps the client's address) and
+    never be answered."""
+    spec = {"sessionAffinity": "ClientIP",
+            "sessionAffinityConfig": {"clientIP": {"timeoutSeconds": 600}}}
+    cluster.write_manifest("web.yaml", web("Cluster", {"10.244.2.2": "node-2"}, **spec))
+    cluster.wait_external("10.0.0.1:30080/TCP", cluster.nodes[0], ["10.244.2.2:8080/TCP"],
+                          False, affinity=600)
+    before = cluster.probe_from_outside("tcp", "10.0.0.1", "30080", "--count", "3",
+                                        "--timeout", "5")
+    assert before["answers"] == {"web-c:8080": 3}, before
+    both = {"10.244.1.2": "node-1", "10.244.2.2": "node-2"}
+    cluster.write_manifest("web.yaml", web("Local", both, **spec))
+    cluster.wait_external("10.0.0.1:30080/TCP", cluster.nodes[0], ["10.244.1.2:8080/TCP"],
+                          True, affinity=600)
+    after = cluster.probe_from_outside("tcp", "10.0.0.1", "30080", "--count", "3",
+                                       "--timeout", "5")
+    assert after["answers"] == {"web-a:8080": 3} and after["errors"] == {}, after
+
+
 def test_pod_reaching_a_local_policy_nodeport_is_served_cluster_wide(
     cluster: MultiNodeCluster,
 ) -> None:

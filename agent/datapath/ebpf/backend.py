@@ -459,10 +459,11 @@ class EbpfDatapath(Datapath):
 
         # Garbage: affinity pairs no frontend vouches for.
         wanted_pairs = {
-            (b, e.service_id) for e in self._frontends.values() for b in e.affinity_backends
+            (b, e.service_id, scope) for (_, scope), e in self._frontends.items()
+            for b in e.affinity_backends
         }
         for mkey in self.maps.affinity_match.list_keys():
-            if (mkey.backend_id, mkey.service_id) not in wanted_pairs:
+            if (mkey.backend_id, mkey.service_id, mkey.scope) not in wanted_pairs:
                 self.maps.affinity_match.delete(mkey)
 
         # Garbage: unreachable slots.
@@ -647,9 +648,6 @@ class EbpfDatapath(Datapath):
         new = _FrontendEntry(service_id, new_slots, spec.flags, spec.affinity_timeout,
                              spec.sources, new_weights)
         old_pairs = entry.affinity_backends if entry else set()
-        other = self._frontends.get((key, SCOPE_EXTERNAL if scope == SCOPE_SOCKET
-                                     else SCOPE_SOCKET))
-        still_needed = other.affinity_backends if other else set()
         try:
             # The hooks the entry's flags rely on before the entry.
             if self.programs is not None:
@@ -662,7 +660,7 @@ class EbpfDatapath(Datapath):
             # must find it valid by the time a slot can hand it out.
             for ident in new.affinity_backends - old_pairs:
                 self.maps.affinity_match.put(
-                    AffinityMatchKey(ident, service_id), AffinityMatchValue()
+                    AffinityMatchKey(ident, service_id, scope), AffinityMatchValue()
                 )
             # The slots that change, in one batch write (one system call, not
             # one per slot). The master entry, whose count bounds the slots a
@@ -696,10 +694,10 @@ class EbpfDatapath(Datapath):
         self._note_removed(frontend.key, service_id, set(old_slots) - set(new_slots))
         for pos in range(len(new_slots), len(old_slots)):
             self.maps.services.delete(service_key(key, pos + 1, scope))
-        # A removed backend stops being an affinity target only after no slot
-        # of either scope can hand it out any more.
-        for ident in old_pairs - new.affinity_backends - still_needed:
-            self.maps.affinity_match.delete(AffinityMatchKey(ident, service_id))
+        # A removed backend stops being an affinity target of this scope only
+        # after no slot of it can hand the backend out any more.
+        for ident in old_pairs - new.affinity_backends:
+            self.maps.affinity_match.delete(AffinityMatchKey(ident, service_id, scope))
         for cidr in old_sources - spec.sources:
             self.maps.lb_sources.delete(_source_key(service_id, cidr))
         self._backend_refs.update(new_slots)
@@ -799,11 +797,8 @@ class EbpfDatapath(Datapath):
         self._note_removed(key, entry.service_id, {i for i in entry.slots if i})
         for pos in range(len(entry.slots)):
             self.maps.services.delete(service_key(key, pos + 1, scope))
-        other = self._frontends.get((key, SCOPE_EXTERNAL if scope == SCOPE_SOCKET
-                                     else SCOPE_SOCKET))
-        still_needed = other.affinity_backends if other else set()
-        for ident in entry.affinity_backends - still_needed:
-            self.maps.affinity_match.delete(AffinityMatchKey(ident, entry.service_id))
+        for ident in entry.affinity_backends:
+            self.maps.affinity_match.delete(AffinityMatchKey(ident, entry.service_id, scope))
         for cidr in entry.sources:
             self.maps.lb_sources.delete(_source_key(entry.service_id, cidr))
         del self._frontends[(key, scope)]

@@ -20,6 +20,7 @@ from agent.datapath.ebpf.structs import (
     CIDR_KEY_PREFIX_BITS,
     PROTOCOL_OF,
     SCOPE_EXTERNAL,
+    SCOPE_SOCKET,
     SOCK_PEER_BUSY,
     SVC_ALG_MASK,
     SVC_ALG_SHIFT,
@@ -98,7 +99,8 @@ class MapsReader(DatapathReader):
         entry = self.maps.affinity.get(AffinityKey(client=client, service_id=service_id))
         if entry is None:
             return None
-        if self.maps.affinity_match.get(AffinityMatchKey(entry.backend_id, service_id)) is None:
+        if self.maps.affinity_match.get(
+                AffinityMatchKey(entry.backend_id, service_id, SCOPE_SOCKET)) is None:
             return None
         age = (time.monotonic_ns() - entry.last_used_ns) / 1e9
         return entry.backend_id, age

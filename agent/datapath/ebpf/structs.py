@@ -181,7 +181,8 @@ class AffinityValue(ctypes.Structure):
 
 class AffinityMatchKey(ctypes.Structure):
     C_NAME = "veer_affinity_match_key"
-    _fields_ = [("backend_id", ctypes.c_uint32), ("service_id", ctypes.c_uint32)]
+    _fields_ = [("backend_id", ctypes.c_uint32), ("service_id", ctypes.c_uint32),
+                ("scope", ctypes.c_uint32)]
 
 
 class AffinityMatchValue(ctypes.Structure):
