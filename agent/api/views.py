@@ -89,6 +89,7 @@ def frontend_message(
     snapshot: ClusterSnapshot,
     view: FrontendView | None,
     failed: Mapping[L4Addr, str],
+    config: ComputeConfig,
     external: FrontendView | None = None,
 ) -> Any:
     state, error = _frontend_state(pb, fe, view, external, failed)
@@ -123,7 +124,8 @@ def frontend_message(
             None,
         )
     if svc is not None and port is not None:
-        for ep in endpoint_views(snapshot, svc, port, IPFamily.of(fe.key.address)):
+        # The slices compute reads (a slice labelled for another proxy is not).
+        for ep in endpoint_views(snapshot, svc, port, IPFamily.of(fe.key.address), config):
             listed.add(ep.backend)
             msg.backends.append(pb.Backend(
                 address=str(ep.backend.address), port=ep.backend.port,
@@ -178,7 +180,7 @@ def service_messages(
         for fe in sorted(by_service.get((ns, nm), []), key=lambda f: f.key):
             info.frontends.append(
                 frontend_message(pb, fe, svc, snapshot, actual.frontends.get(fe.key), failed,
-                                 actual.external.get(fe.key))
+                                 config, actual.external.get(fe.key))
             )
         info.problems.extend(
             problem_message(pb, p) for p in desired.problems if (p.namespace, p.name) == (ns, nm)

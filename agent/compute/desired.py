@@ -24,10 +24,15 @@ import itertools
 from dataclasses import dataclass
 from types import MappingProxyType
 
+# The labels are defined with their rule (labels_proxied); re-exported for
+# agent/api/views.py, which names them when it says why a Service is not proxied.
+from agent.compute.endpoints import HEADLESS_LABEL as HEADLESS_LABEL
+from agent.compute.endpoints import SERVICE_PROXY_NAME_LABEL as SERVICE_PROXY_NAME_LABEL
 from agent.compute.endpoints import (
     Categorized,
     categorize,
     endpoint_views,
+    labels_proxied,
     local_ready_endpoints,
 )
 from agent.compute.policy import (
@@ -68,19 +73,11 @@ from agent.model.objects import (
 )
 from agent.model.snapshot import ClusterSnapshot, touched_since
 
-SERVICE_PROXY_NAME_LABEL = "service.kubernetes.io/service-proxy-name"
-HEADLESS_LABEL = "service.kubernetes.io/headless"
-
 
 def is_proxied(svc: Service, config: ComputeConfig) -> bool:
-    """Whether veer should program this Service at all (kube-proxy's rules)."""
-    labels = svc.meta.labels
-    if SERVICE_PROXY_NAME_LABEL in labels:
-        if config.service_proxy_name is None:
-            return False
-        if labels[SERVICE_PROXY_NAME_LABEL] != config.service_proxy_name:
-            return False
-    if HEADLESS_LABEL in labels:
+    """Whether veer should program this Service at all (kube-proxy's rules;
+    the label rule is the one its EndpointSlices pass too)."""
+    if not labels_proxied(svc.meta.labels, config):
         return False
     if svc.type == ServiceType.EXTERNAL_NAME or svc.headless:
         return False
@@ -188,14 +185,19 @@ def _port_sets(
     uses: tuple[bool, bool],
     policy: TrafficPolicy | None,
     out: _ServiceOut,
+    config: ComputeConfig,
 ) -> _Sets:
     """The endpoints of `port`, or with a split, of the split's Services."""
     if policy is None or not policy.split:
-        cat: Categorized = categorize(endpoint_views(snapshot, svc, port, family), node, *uses)
+        cat: Categorized = categorize(endpoint_views(snapshot, svc, port, family, config),
+                                      node, *uses)
         return _Sets(Weighted(cat.cluster), Weighted(cat.local), cat.has_any)
     cluster_parts: list[tuple[int, tuple[L4Addr, ...]]] = []
     local_parts: list[tuple[int, tuple[L4Addr, ...]]] = []
     has_any = False
+    # Weighted split Services without / with a ClusterIP of `family`.
+    lacking: list[str] = []
+    of_family = False
     namespace = svc.meta.namespace
     for entry in policy.split:
         other = snapshot.services.get((namespace, entry.service))
@@ -205,10 +207,26 @@ def _port_sets(
                         f"split Service {entry.service} has no port matching "
                         f"{port.name or port.port}/{port.protocol.value}; it gets no traffic")
             continue
-        cat = categorize(endpoint_views(snapshot, other, other_port, family), node, *uses)
+        if entry.weight > 0:
+            if any(IPFamily.of(ip) == family for ip in other.cluster_ips):
+                of_family = True
+            else:
+                lacking.append(entry.service)
+        cat = categorize(endpoint_views(snapshot, other, other_port, family, config),
+                         node, *uses)
         cluster_parts.append((entry.weight, cat.cluster))
         local_parts.append((entry.weight, cat.local))
         has_any = has_any or (entry.weight > 0 and cat.has_any)
+    if lacking and not of_family and not has_any:
+        # Not the passing "no ready endpoint right now": the split can never
+        # give this family of the target's frontends a backend, so they
+        # refuse every connection until the policy or the Services change.
+        names = sorted(set(lacking))
+        which = (f"Service {names[0]} has" if len(names) == 1
+                 else f"Services {', '.join(names)} have")
+        out.problem(svc, "SplitFamilyMissing",
+                    f"split {which} no {family.value} ClusterIP: the Service's "
+                    f"{family.value} frontends get no backends and refuse connections")
     return _Sets(merge_split(cluster_parts), merge_split(local_parts), has_any)
 
 
@@ -297,7 +315,7 @@ def _service_frontends(
                             f"this node has no {family.value} address for the redirect "
                             "proxy; connections are balanced as usual")
             sets = _port_sets(snapshot, svc, port, family, node,
-                              (uses_cluster, uses_local), policy, out)
+                              (uses_cluster, uses_local), policy, out, config)
             internal = sets.local if internal_local else sets.cluster
             for cluster_ip in (ip for ip in svc.cluster_ips if IPFamily.of(ip) == family):
                 out.add(
@@ -333,13 +351,15 @@ def _service_frontends(
                             _external_frontend(ctx, FrontendKind.NODE_PORT, address, node_port),
                             vip=False,
                         )
-            for address in svc.external_ips:
+            # An address listed twice is one frontend, not a conflict of the
+            # Service with itself (the API server does not refuse repeats).
+            for address in dict.fromkeys(svc.external_ips):
                 if IPFamily.of(address) == family:
                     out.add(
                         _external_frontend(ctx, FrontendKind.EXTERNAL_IP, address, port.port),
                         vip=True,
                     )
-            for address in lb_ips_of(svc):
+            for address in dict.fromkeys(lb_ips_of(svc)):
                 if IPFamily.of(address) == family:
                     ranges = tuple(
                         r for r in svc.load_balancer_source_ranges if r.version == address.version
@@ -358,7 +378,7 @@ def _service_frontends(
             and svc.external_traffic_policy == TrafficPolicyKind.LOCAL):
         out.health_checks.append(HealthCheck(
             svc.health_check_node_port, namespace, name,
-            local_ready_endpoints(snapshot, svc, node.name)))
+            local_ready_endpoints(snapshot, svc, node.name, config)))
 
 
 class _ServiceOut:

@@ -28,12 +28,39 @@ topology-mode annotation) narrows `cluster` only when it is safe:
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from agent.compute.types import L4Addr, NodeIdentity
-from agent.model.objects import IPFamily, Service, ServicePort
+from agent.compute.types import ComputeConfig, L4Addr, NodeIdentity
+from agent.model.objects import EndpointSlice, IPFamily, Service, ServicePort
 from agent.model.snapshot import ClusterSnapshot
+
+SERVICE_PROXY_NAME_LABEL = "service.kubernetes.io/service-proxy-name"
+HEADLESS_LABEL = "service.kubernetes.io/headless"
+
+
+def labels_proxied(labels: Mapping[str, str], config: ComputeConfig) -> bool:
+    """Whether an object with these labels is veer's to see: kube-proxy's
+    informer label selector (no service-proxy-name label, no headless label),
+    with veer's --service-proxy-name admitting that one name. kube-proxy puts
+    the selector on its Service and its EndpointSlice informers alike, so a
+    slice so labelled is hidden even when its Service is not: the one rule
+    for both (desired.is_proxied for Services, proxied_slices for slices)."""
+    proxy_name = labels.get(SERVICE_PROXY_NAME_LABEL)
+    if proxy_name is not None and proxy_name != config.service_proxy_name:
+        return False
+    return HEADLESS_LABEL not in labels
+
+
+def proxied_slices(snapshot: ClusterSnapshot, svc: Service,
+                   config: ComputeConfig | None) -> Iterable[EndpointSlice]:
+    """The Service's EndpointSlices that labels_proxied admits, in name
+    order. `config` None: every slice, unfiltered (for callers outside
+    compute that have no config; compute always passes one)."""
+    slices = snapshot.slices_for(svc.meta.namespace, svc.meta.name)
+    if config is None:
+        return slices
+    return (s for s in slices if labels_proxied(s.meta.labels, config))
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,16 +95,18 @@ class Categorized:
 
 
 def endpoint_views(
-    snapshot: ClusterSnapshot, svc: Service, port: ServicePort, family: IPFamily
+    snapshot: ClusterSnapshot, svc: Service, port: ServicePort, family: IPFamily,
+    config: ComputeConfig | None = None,
 ) -> list[EndpointView]:
-    """The endpoints of one Service port in one family, merged across slices.
+    """The endpoints of one Service port in one family, merged across slices
+    (those `config`'s label rule admits: proxied_slices).
 
     The Service port finds its number in each slice by port *name* and
     protocol (the EndpointSlice controller resolved named targetPorts per Pod).
     An address listed twice counts once (see _better for which listing).
     """
     found: dict[L4Addr, EndpointView] = {}
-    for eps in snapshot.slices_for(svc.meta.namespace, svc.meta.name):
+    for eps in proxied_slices(snapshot, svc, config):
         if eps.address_type != family.value:
             continue
         target = next(
@@ -121,7 +150,8 @@ def _better(view: EndpointView, kept: EndpointView) -> bool:
     return view.ready and not kept.ready
 
 
-def local_ready_endpoints(snapshot: ClusterSnapshot, svc: Service, node_name: str) -> int:
+def local_ready_endpoints(snapshot: ClusterSnapshot, svc: Service, node_name: str,
+                          config: ComputeConfig) -> int:
     """kube-proxy's LocalReadyEndpoints, which its health check node port
     answers with: the distinct addresses of the Service's ready endpoints on
     this node. Serving-and-terminating ones do not count, though they may
@@ -131,7 +161,7 @@ def local_ready_endpoints(snapshot: ClusterSnapshot, svc: Service, node_name: st
     by_family: dict[str, set[object]] = {}
     if not node_name:
         return 0
-    for eps in snapshot.slices_for(svc.meta.namespace, svc.meta.name):
+    for eps in proxied_slices(snapshot, svc, config):
         if eps.address_type not in (IPFamily.IPV4.value, IPFamily.IPV6.value):
             continue
         for ep in eps.endpoints:

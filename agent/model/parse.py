@@ -566,22 +566,55 @@ def _unique(f: _Fields, key: str, names: list[str], what: str) -> None:
         seen.add(name)
 
 
+# The prefix length as netip.ParsePrefix reads it: decimal ASCII digits, no
+# sign and no leading zero ("0" itself aside). `[0-9]`, not `\d`, which would
+# take other scripts' digits.
+_PREFIX_BITS = re.compile(r"0|[1-9][0-9]*")
+
+
+def parse_strict_cidr(text: str) -> IPNetwork:
+    """A CIDR as the CRD's CEL `isCIDR()`/`cidr()` reads it (Go's
+    netip.ParsePrefix, then Kubernetes' refusal of IPv4-mapped IPv6), so that
+    a manifest directory refuses what the API server refuses. Python's
+    ip_network is laxer in ways Go is not: it takes a netmask or hostmask
+    after the slash ("/255.0.0.0"), a prefix length with leading zeros
+    ("/08"), a zone ("fe80::%eth0/64") and an IPv4-mapped address
+    ("::ffff:10.0.0.0/104"); each is refused here, with the reason. Host bits
+    must be clear (the rule's `cidr(self) == cidr(self).masked()`).
+
+    Not for loadBalancerSourceRanges and podCIDRs: those are read as
+    sloppily as kube-proxy reads them (parse_cidr)."""
+    address, slash, bits = text.rpartition("/")
+    if not slash:
+        raise ValueError("no prefix length")
+    if not _PREFIX_BITS.fullmatch(bits):
+        raise ValueError(f"prefix length {bits!r} is not a number of bits "
+                         "(decimal, no leading zero; not a netmask)")
+    if "%" in address:
+        raise ValueError("an IPv6 zone is not allowed")
+    # ip_address refuses leading zeros in IPv4 octets, as netip.ParseAddr does.
+    ip = ipaddress.ip_address(address)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        raise ValueError("an IPv4-mapped IPv6 address is not allowed; write the IPv4 CIDR")
+    if int(bits) > ip.max_prefixlen:
+        raise ValueError(f"prefix length {bits} is more than {ip.max_prefixlen}")
+    return ipaddress.ip_network((ip, int(bits)), strict=True)
+
+
 def _strict_cidrs(f: _Fields, key: str) -> tuple[IPNetwork, ...]:
     """CIDRs with a prefix length and no host bits, as the CRD's CEL rule
-    `isCIDR(self) && cidr(self) == cidr(self).masked()` wants."""
+    `isCIDR(self) && cidr(self) == cidr(self).masked()` wants (parse_strict_cidr)."""
     out = []
     for path, item in f.entries(key):
         if not isinstance(item, str):
             raise ModelError(f.obj, path, f"expected a CIDR, got {_kind(item)}")
         try:
-            if "/" not in item:
-                raise ValueError("no prefix length")
-            out.append(ipaddress.ip_network(item, strict=True))
-        except ValueError:
+            out.append(parse_strict_cidr(item))
+        except ValueError as err:
             raise ModelError(
                 f.obj, path,
                 f"{item!r} is not a CIDR such as 10.0.0.0/8 or fd00::/64 with no address "
-                "bits set beyond the prefix length",
+                f"bits set beyond the prefix length ({err})",
             ) from None
     return tuple(out)
 

@@ -19,7 +19,7 @@ Accepted (the policy as a whole, beyond what the CRD's schema checks):
   a target or split Service is headless or ExternalName (veer does not
   proxy those, so nothing could apply);
   redirect.port is a port every node already uses (the veer agent's metrics
-  or health port, or a Service's NodePort).
+  or health port, a Service's NodePort or its healthCheckNodePort).
 - False/Conflicted: another policy targets one of the same Services and is
   older (creationTimestamp, then name); the message names it. Only accepted
   policies claim their targets, so a policy that lost everything does not
@@ -46,6 +46,12 @@ NamespacedName = tuple[str, str]
 
 # Ports the veer agent listens on on every node (kube-proxy's metrics and
 # health ports, agent/defaults.py): a redirect proxy cannot have them.
+# These are the defaults of --metrics-bind-address and --healthz-bind-address,
+# not what a given agent was started with: the operator does not see the
+# agents' flags, and the agent and the operator must reach the same verdict
+# (agent/kube/report.py runs `evaluate` too), so neither reads its own. An
+# install that moves those ports (the chart's agent.metricsPort and
+# agent.healthzPort) is not protected here for the new ports.
 AGENT_PORTS: Mapping[int, str] = {10249: "metrics", 10256: "health"}
 
 # The most nodes named in status.nodes.notProgrammed (the CRD's maxItems).
@@ -95,6 +101,9 @@ class ServiceInfo:
     name: str
     unsupported: str = ""  # "headless" or "ExternalName": veer does not proxy it
     node_ports: tuple[int, ...] = ()
+    # Bound on every node by the agent's health-check server
+    # (agent/health/service_checks.py), as a NodePort is; 0: none.
+    health_check_node_port: int = 0
 
     @staticmethod
     def of(service: Service) -> ServiceInfo:
@@ -104,7 +113,10 @@ class ServiceInfo:
         elif service.headless:
             unsupported = "headless"
         ports = tuple(sorted({p.node_port for p in service.ports if p.node_port}))
-        return ServiceInfo(service.meta.namespace, service.meta.name, unsupported, ports)
+        # Taken whenever set, as node ports are: the API server keeps it only
+        # on a LoadBalancer with externalTrafficPolicy Local, which veer serves.
+        return ServiceInfo(service.meta.namespace, service.meta.name, unsupported, ports,
+                           service.health_check_node_port)
 
 
 @dataclass(frozen=True)
@@ -133,7 +145,8 @@ def _check(policy: TrafficPolicy, namespace: str,
            services: Mapping[NamespacedName, ServiceInfo],
            node_ports: Mapping[int, str]) -> tuple[Condition | None, Condition]:
     """(Accepted=False if the policy is invalid beyond its schema, else None;
-    ResolvedRefs)."""
+    ResolvedRefs). `node_ports`: port -> what holds it on every node
+    ("the NodePort of Service ns/name")."""
     targets = list(policy.target_refs)
     split = [s.service for s in policy.split]
     missing_targets = [n for n in targets if (namespace, n) not in services]
@@ -166,8 +179,7 @@ def _check(policy: TrafficPolicy, namespace: str,
                              "port on every node"), refs
         if port in node_ports:
             return _accepted(False, "Invalid",
-                             f"redirect.port {port} is the NodePort of Service "
-                             f"{node_ports[port]} on every node"), refs
+                             f"redirect.port {port} is {node_ports[port]} on every node"), refs
     return None, refs
 
 
@@ -176,10 +188,13 @@ def evaluate(
 ) -> dict[NamespacedName, Verdict]:
     """Accepted and ResolvedRefs of every policy (see the module doc)."""
     by_key = {(s.namespace, s.name): s for s in services}
-    node_ports: dict[int, str] = {}
+    node_ports: dict[int, str] = {}  # port -> what holds it on every node
     for s in sorted(by_key.values(), key=lambda s: (s.namespace, s.name)):
         for port in s.node_ports:
-            node_ports.setdefault(port, f"{s.namespace}/{s.name}")
+            node_ports.setdefault(port, f"the NodePort of Service {s.namespace}/{s.name}")
+        if s.health_check_node_port:
+            node_ports.setdefault(s.health_check_node_port,
+                                  f"the healthCheckNodePort of Service {s.namespace}/{s.name}")
 
     out: dict[NamespacedName, Verdict] = {}
     candidates: list[PolicyInput] = []

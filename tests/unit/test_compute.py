@@ -321,6 +321,30 @@ CASES = [
         {"10.96.0.1:80/TCP": ["10.244.1.2:8080/TCP"], "10.96.0.3:80/TCP": []},
         config=ComputeConfig(service_proxy_name="veer"),
     ),
+    # kube-proxy's label selector hides EndpointSlices as it hides Services:
+    # a slice so labelled gives no endpoints even to an unlabelled Service.
+    Case(
+        "EndpointSlices labelled for another proxy or headless are not read",
+        [
+            service("web", port("http", 80, 8080)),
+            eps("web-1", "web", ep("10.244.1.2"), ports=HTTP),
+            eps("web-2", "web", ep("10.244.1.3"), ports=HTTP, labels={PROXY_NAME: "other"}),
+            eps("web-3", "web", ep("10.244.1.4"), ports=HTTP,
+                labels={"service.kubernetes.io/headless": ""}),
+        ],
+        {"10.96.0.1:80/TCP": ["10.244.1.2:8080/TCP"]},
+    ),
+    Case(
+        "EndpointSlices labelled with our service-proxy-name are read, others not",
+        [
+            service("web", port("http", 80, 8080), labels={PROXY_NAME: "veer"}),
+            eps("web-1", "web", ep("10.244.1.2"), ports=HTTP, labels={PROXY_NAME: "veer"}),
+            eps("web-2", "web", ep("10.244.1.3"), ports=HTTP, labels={PROXY_NAME: "other"}),
+            eps("web-3", "web", ep("10.244.1.4"), ports=HTTP),
+        ],
+        {"10.96.0.1:80/TCP": ["10.244.1.2:8080/TCP", "10.244.1.4:8080/TCP"]},
+        config=ComputeConfig(service_proxy_name="veer"),
+    ),
     # ---- problems ---------------------------------------------------------------------
     Case(
         "SCTP is reported; the Service's TCP port and other Services still work",

@@ -359,6 +359,18 @@ CASES = [
         health=["32000 default/web local-endpoints=1"],
     ),
     Case(
+        "healthCheckNodePort does not count endpoints of a slice labelled for another proxy",
+        [
+            web(type="LoadBalancer", externalTrafficPolicy="Local", healthCheckNodePort=32000,
+                allocateLoadBalancerNodePorts=False),
+            eps("w", "web", local(A1), ports=HTTP),
+            eps("w-other", "web", local(A2), ports=HTTP,
+                labels={"service.kubernetes.io/service-proxy-name": "other"}),
+        ],
+        [CIP + be(A1)],
+        health=["32000 default/web local-endpoints=1"],
+    ),
+    Case(
         "healthCheckNodePort of a LoadBalancer with no address nor NodePorts yet",
         [
             web(type="LoadBalancer", externalTrafficPolicy="Local", healthCheckNodePort=32000,
@@ -460,6 +472,102 @@ def test_dual_stack_nodeport_answers_on_both_families() -> None:
     # NodePorts are not Service VIPs: the node's own address must not refuse other ports.
     assert {str(v) for v in state.vips} == {"10.96.0.1", "fd00:96::1"}
 
+
+
+def test_an_address_listed_twice_is_one_frontend_not_a_conflict() -> None:
+    """A repeated externalIP or LoadBalancer ingress IP (the API server takes
+    both) gives its frontend once, without the Service conflicting with
+    itself; with or without the compute cache."""
+    from agent.compute.desired import ComputeCache
+
+    objects = [
+        with_lb(web(type="LoadBalancer", node_port=30080,
+                    externalIPs=["198.51.100.7", "198.51.100.7"]), "192.0.2.10", "192.0.2.10"),
+        eps("w", "web", remote(B1), ports=HTTP),
+    ]
+    for cache in (None, ComputeCache()):
+        state = compute_desired(ClusterSnapshot.of(models(*objects)), NODE, ComputeConfig(),
+                                cache=cache)
+        assert state.problems == ()
+        assert sorted(render_frontend(f) for f in state.frontends.values()) == sorted([
+            CIP + be(B1),
+            NP + be(B1) + "  external -> " + be(B1),
+            "198.51.100.7:80/TCP  ExternalIP  default/web:http  -> " + be(B1)
+            + "  external -> " + be(B1),
+            "192.0.2.10:80/TCP  LoadBalancer  default/web:http  -> " + be(B1)
+            + "  external -> " + be(B1),
+        ])
+
+
+def split_to(*entries: tuple[str, int]) -> Doc:
+    return {"apiVersion": "veer.dev/v1alpha1", "kind": "TrafficPolicy",
+            "metadata": {"name": "tp", "namespace": "default"},
+            "spec": {"targetRefs": [{"name": "web"}],
+                     "split": [{"service": n, "weight": w} for n, w in entries]}}
+
+
+V6_POD = "fd00:10:244:2::2"
+V6 = service("v6", port("http", 80, 8080), ips="fd00:96::6")
+V6_EPS = eps("v6-1", "v6", remote(V6_POD), ports=HTTP)
+V4 = service("v4", port("http", 80, 8080), ips="10.96.0.4")
+
+
+@pytest.mark.parametrize(("name", "objects", "problems", "backends"), [
+    ("IPv4 target split only to an IPv6 Service: reported",
+     [web(), split_to(("v6", 1)), V6, V6_EPS],
+     ["SplitFamilyMissing: split Service v6 has no IPv4 ClusterIP: the Service's IPv4 "
+      "frontends get no backends and refuse connections"],
+     {"10.96.0.1:80/TCP": "(none: refuse)"}),
+    ("dual-stack target split to an IPv6 Service: its IPv4 family reported, IPv6 served",
+     [service("web", port("http", 80, 8080), ips=["10.96.0.1", "fd00:96::1"],
+              ipFamilyPolicy="RequireDualStack"), split_to(("v6", 1)), V6, V6_EPS],
+     ["SplitFamilyMissing: split Service v6 has no IPv4 ClusterIP: the Service's IPv4 "
+      "frontends get no backends and refuse connections"],
+     {"10.96.0.1:80/TCP": "(none: refuse)", "[fd00:96::1]:80/TCP": f"[{V6_POD}]:8080/TCP"}),
+    ("every split Service of the family lacks it: all named",
+     [web(), split_to(("v6", 1), ("v6b", 2)), V6, V6_EPS,
+      service("v6b", port("http", 80, 8080), ips="fd00:96::7")],
+     ["SplitFamilyMissing: split Services v6, v6b have no IPv4 ClusterIP: the Service's "
+      "IPv4 frontends get no backends and refuse connections"],
+     {"10.96.0.1:80/TCP": "(none: refuse)"}),
+], ids=["ipv4-target", "dual-stack-target", "every-split-service-named"])
+def test_a_split_to_services_without_the_family_is_reported(
+    name: str, objects: list[Doc], problems: list[str], backends: dict[str, str]
+) -> None:
+    assert split_outcome(objects) == (problems, backends), name
+
+
+def test_a_split_service_of_the_family_without_endpoints_is_not_that_problem() -> None:
+    """No endpoint of the family right now is an ordinary, passing state (pods
+    starting, a rollout): only a split that cannot have one is reported."""
+    refuse = {"10.96.0.1:80/TCP": "(none: refuse)"}
+    missing, _ = split_outcome([web(), split_to(("v6", 1)), V6, V6_EPS])
+    assert [m.partition(":")[0] for m in missing] == ["SplitFamilyMissing"]
+    # v4 has the family but no endpoint yet: the same refusal, not reported.
+    assert split_outcome([web(), split_to(("v6", 1), ("v4", 1)), V6, V6_EPS, V4]) == (
+        [], refuse)
+    # Only a drained (weight 0) split Service lacks the family.
+    assert split_outcome([web(), split_to(("v6", 0), ("v4", 1)), V6, V6_EPS, V4,
+                          eps("v4-1", "v4", remote(B1), ports=HTTP)]) == (
+        [], {"10.96.0.1:80/TCP": be(B1)})
+
+
+def split_outcome(objects: list[Doc]) -> tuple[list[str], dict[str, str]]:
+    """web's problems ("reason: message") and its frontends' backends as
+    rendered, the same with and without the compute cache."""
+    from agent.compute.desired import ComputeCache
+
+    outcomes = []
+    for cache in (None, ComputeCache()):
+        state = compute_desired(ClusterSnapshot.of(models(*objects)), NODE, ComputeConfig(),
+                                cache=cache)
+        problems = [f"{p.reason}: {p.message}" for p in state.problems
+                    if (p.namespace, p.name) == ("default", "web")]
+        backends = {str(k): render_frontend(f).partition("  -> ")[2].partition("  policy")[0]
+                    for k, f in state.frontends.items() if f.service.name == "web"}
+        outcomes.append((problems, backends))
+    assert outcomes[0] == outcomes[1]
+    return outcomes[0]
 
 def test_the_compute_cache_changes_the_time_not_the_result(monkeypatch: Any) -> None:
     """With a ComputeCache, compute_desired recomputes only the Services whose

@@ -470,6 +470,45 @@ def test_traffic_policy_defaults() -> None:
     assert p.algorithm == Algorithm.RANDOM and p.sockmap is False
 
 
+
+def _rule_sources(*sources: str) -> dict[str, Any]:
+    doc = copy.deepcopy(FULL_POLICY)
+    doc["spec"]["access"]["rules"] = [{"action": "Allow", "sources": list(sources)}]
+    return doc
+
+
+# What Go's netip.ParsePrefix (the CRD's CEL cidr()) makes of each, checked
+# with Go 1.26; Kubernetes' CEL library also refuses IPv4-mapped addresses.
+GO_ACCEPTS = {
+    "10.0.0.0/8": "10.0.0.0/8", "0.0.0.0/0": "0.0.0.0/0", "::/0": "::/0",
+    "FD00::/64": "fd00::/64", "fd00:0000::/64": "fd00::/64", "::1.2.3.0/120": "::102:300/120",
+}
+GO_REFUSES = {
+    "10.0.0.0/255.0.0.0": "not a netmask", "10.0.0.0/0.255.255.255": "not a netmask",
+    "10.0.0.0/08": "no leading zero", "10.0.0.0/00": "no leading zero",
+    "fd00::/+64": "decimal", "10.0.0.0/\uff18": "decimal", "fd00::/64 ": "decimal",
+    "fe80::%eth0/64": "zone", "::ffff:10.0.0.0/104": "IPv4-mapped",
+    "::ffff:0:0/96": "IPv4-mapped", "010.0.0.0/8": "does not appear", "10.0.0.0/33": "more than 32",
+    "10.1.2.3/8": "host bits",
+}
+
+
+def test_access_rule_cidrs_are_read_as_the_crd_reads_them() -> None:
+    """spec.access.rules[].sources: what the API server refuses, a manifest
+    directory refuses too, saying why (Python's ip_network alone takes
+    netmasks, leading zeros, zones and IPv4-mapped addresses)."""
+    accepted = parse_traffic_policy(_rule_sources(*GO_ACCEPTS))
+    assert accepted.access is not None
+    assert [str(n) for n in accepted.access.rules[0].sources] == list(GO_ACCEPTS.values())
+    for text, why in GO_REFUSES.items():
+        with pytest.raises(ModelError) as refused:
+            parse_traffic_policy(_rule_sources("10.0.0.0/8", text))
+        assert refused.value.field == "spec.access.rules[0].sources[1]", text
+        assert why in str(refused.value), (text, str(refused.value))
+    # loadBalancerSourceRanges stay as sloppy as kube-proxy reads them.
+    svc = service("web", port("http", 80), loadBalancerSourceRanges=["010.0.0.0/08"])
+    assert parse_service(svc).load_balancer_source_ranges == (ip_network("10.0.0.0/8"),)
+
 # ---- parse_object dispatch ------------------------------------------------------
 
 

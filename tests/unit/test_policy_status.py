@@ -107,6 +107,11 @@ def test_a_service_in_another_namespace_does_not_resolve() -> None:
     (tp("a", "web", redirect={"port": 30080}),
      [svc("web"), ServiceInfo("shop", "front", node_ports=(30080,))], "Invalid",
      "redirect.port 30080 is the NodePort of Service shop/front on every node"),
+    # The agent's health-check server binds it on every node, as a NodePort.
+    (tp("a", "web", redirect={"port": 32000}),
+     [svc("web"), svc("front", type="LoadBalancer", externalTrafficPolicy="Local",
+                      healthCheckNodePort=32000)], "Invalid",
+     "redirect.port 32000 is the healthCheckNodePort of Service demo/front on every node"),
     (tp("a", "web", split=[{"service": "web", "weight": 0}]), [svc("web")], "Invalid",
      "TrafficPolicy/demo/a: spec.split: at least one split weight must be greater than 0"),
 ])
