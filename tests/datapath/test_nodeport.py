@@ -643,20 +643,23 @@ http.server.HTTPServer(("0.0.0.0", int(sys.argv[1])), Answer).serve_forever()
 """
 
 
-def host_service(policy: str) -> str:
-    """Service host: NodePort 30090 -> port 18080 of node-1 itself."""
+def one_port_service(name: str, cluster_ip: str, node_port: int, target: str,
+                     node: str, policy: str = "Cluster") -> str:
+    """Service `name`: TCP port 80 on `node_port` -> `target` ("address:port")
+    on `node`, its only endpoint."""
+    address, port = target.rsplit(":", 1)
     svc = {"apiVersion": "v1", "kind": "Service",
-           "metadata": {"name": "host", "namespace": "default"},
-           "spec": {"type": "NodePort", "clusterIP": "10.96.0.30",
+           "metadata": {"name": name, "namespace": "default"},
+           "spec": {"type": "NodePort", "clusterIP": cluster_ip,
                     "externalTrafficPolicy": policy,
-                    "ports": [{"name": "http", "protocol": "TCP", "port": 80,
-                               "targetPort": 18080, "nodePort": 30090}]}}
+                    "ports": [{"name": "tcp", "protocol": "TCP", "port": 80,
+                               "targetPort": int(port), "nodePort": node_port}]}}
     eps = {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-           "metadata": {"name": "host-1", "namespace": "default",
-                        "labels": {"kubernetes.io/service-name": "host"}},
+           "metadata": {"name": f"{name}-1", "namespace": "default",
+                        "labels": {"kubernetes.io/service-name": name}},
            "addressType": "IPv4",
-           "ports": [{"name": "http", "protocol": "TCP", "port": 18080}],
-           "endpoints": [{"addresses": ["10.0.0.1"], "nodeName": "node-1"}]}
+           "ports": [{"name": "tcp", "protocol": "TCP", "port": int(port)}],
+           "endpoints": [{"addresses": [address], "nodeName": node}]}
     return json.dumps(svc) + "\n---\n" + json.dumps(eps) + "\n"
 
 
@@ -672,7 +675,8 @@ def test_a_host_network_backend_on_the_node_reached_from_outside(
     server = cluster.topo.spawn(cluster.nodes[0].netns,
                                 [sys.executable, "-c", HOST_SERVER, "18080"], in_cgroup=False)
     try:
-        cluster.write_manifest("host.yaml", host_service(policy))
+        cluster.write_manifest("host.yaml", one_port_service(
+            "host", "10.96.0.30", 30090, "10.0.0.1:18080", "node-1", policy))
         cluster.wait_external("10.0.0.1:30090/TCP", cluster.nodes[0], ["10.0.0.1:18080/TCP"],
                               policy == "Local")
         via = {"10.0.0.1": f"host:18080 {EXT}"}
@@ -759,22 +763,6 @@ print(data.decode(), flush=True)
 """
 
 
-def half_service() -> str:
-    """Service half: NodePort 30095 -> port 18095 of web-c (node-2)."""
-    svc = {"apiVersion": "v1", "kind": "Service",
-           "metadata": {"name": "half", "namespace": "default"},
-           "spec": {"type": "NodePort", "clusterIP": "10.96.0.31",
-                    "ports": [{"name": "tcp", "protocol": "TCP", "port": 95,
-                               "targetPort": 18095, "nodePort": 30095}]}}
-    eps = {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-           "metadata": {"name": "half-1", "namespace": "default",
-                        "labels": {"kubernetes.io/service-name": "half"}},
-           "addressType": "IPv4",
-           "ports": [{"name": "tcp", "protocol": "TCP", "port": 18095}],
-           "endpoints": [{"addresses": ["10.244.2.2"], "nodeName": "node-2"}]}
-    return json.dumps(svc) + "\n---\n" + json.dumps(eps) + "\n"
-
-
 def test_a_half_closed_connection_outlives_the_closing_time(cluster: MultiNodeCluster) -> None:
     """The client sends its FIN and waits; the backend answers later (here:
     both NAT entries aged past the 10 s a closed flow keeps, by hand). One
@@ -786,7 +774,8 @@ def test_a_half_closed_connection_outlives_the_closing_time(cluster: MultiNodeCl
     try:
         assert server.stdin is not None and server.stdout is not None
         assert server.stdout.readline().strip() == b"listening"
-        cluster.write_manifest("half.yaml", half_service())
+        cluster.write_manifest("half.yaml", one_port_service(
+            "half", "10.96.0.31", 30095, "10.244.2.2:18095", "node-2"))
         cluster.wait_external("10.0.0.1:30095/TCP", cluster.nodes[0], ["10.244.2.2:18095/TCP"],
                               False)
         client = cluster.topo.spawn(

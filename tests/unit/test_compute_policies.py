@@ -400,26 +400,17 @@ CASES = [
             + "  external -> " + be(A1),
         ],
     ),
-    Case(
+    # Neither listing is ready; the serving-and-terminating one is not used as
+    # a fallback for an address a new, unready pod now holds (either order).
+    *(Case(
         "an address in two slices: the running pod, not the terminating one it replaced"
-        " (terminating slice first)",
+        f" ({order})",
         [web(),
-         eps("a-old", "web", local(A1, ready=False, serving=True, terminating=True), ports=HTTP),
-         eps("b-new", "web", local(A1, ready=False, serving=False), ports=HTTP)],
-        # Neither is ready; the serving-and-terminating listing is not used
-        # as a fallback for an address a new, unready pod now holds.
+         eps(old, "web", local(A1, ready=False, serving=True, terminating=True), ports=HTTP),
+         eps(new, "web", local(A1, ready=False, serving=False), ports=HTTP)],
         [CIP + "(none: refuse)"],
-    ),
-    Case(
-        "an address in two slices: the running pod, not the terminating one it replaced"
-        " (running slice first)",
-        [web(),
-         eps("b-old", "web", local(A1, ready=False, serving=True, terminating=True), ports=HTTP),
-         eps("a-new", "web", local(A1, ready=False, serving=False), ports=HTTP)],
-        # Neither is ready; the serving-and-terminating listing is not used
-        # as a fallback for an address a new, unready pod now holds.
-        [CIP + "(none: refuse)"],
-    ),
+    ) for order, old, new in (("terminating slice first", "a-old", "b-new"),
+                              ("running slice first", "b-old", "a-new"))),
     Case(
         "loadBalancerSourceRanges and externalIPs with leading zeros read as decimal",
         [with_lb(web(type="LoadBalancer", node_port=30080,
