@@ -356,3 +356,24 @@ def test_slots_that_repeat_a_backend_read_back_as_a_table(
     assert len(state.frontends[plain.key].table) == 3
     assert dp.upsert_frontend(plain)
     assert sorted(slots(dp, plain)) == ["10.0.0.1", "10.0.0.2"]
+
+
+def test_pop_returns_what_it_deleted(small: tuple[str, EbpfDatapath]) -> None:
+    """PinnedMap.pop: the LeastConnections sweep credits the backend of the
+    entry it deleted, so it must get that entry's value."""
+    _, dp = small
+    frontend = fe("10.96.0.1", 80, "10.0.0.1")
+    dp.upsert_frontend(frontend)
+    master = service_key(frontend.key, 0, SCOPE_SOCKET)
+    held = dp.maps.services.get(master)
+    assert held is not None
+    popped = dp.maps.services.pop(master)
+    assert popped is not None and bytes(popped) == bytes(held)
+    assert dp.maps.services.get(master) is None
+    assert dp.maps.services.pop(master) is None
+    # A kernel without lookup-and-delete for the map type: lookup, then delete.
+    dp.maps.services._pop = False
+    dp.maps.services.put(master, held)
+    fallback = dp.maps.services.pop(master)
+    assert fallback is not None and bytes(fallback) == bytes(held)
+    assert dp.maps.services.get(master) is None

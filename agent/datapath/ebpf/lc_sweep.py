@@ -89,11 +89,15 @@ class LeastConnSweeper:
         # bpf_ktime_get_ns() is CLOCK_MONOTONIC.
         now_ns = time.clock_gettime_ns(time.CLOCK_MONOTONIC)
         gone: Counter[int] = Counter()
-        for key, held in self.maps.lc_flows.items():
+        for key in self.maps.lc_flows.list_keys():
             if not _ended(key, self.maps.nat_fwd.get(key), self.maps.nat_rev.get, now_ns):
                 continue
-            if self.maps.lc_flows.delete(key):  # else the kernel gave it back
-                gone[int(held.backend_id)] += 1
+            # Credit the backend of the entry deleted: the kernel may have
+            # replaced it since its flow was judged over (a new flow on the
+            # same tuple). Absent: the kernel gave it back itself.
+            deleted = self.maps.lc_flows.pop(key)
+            if deleted is not None:
+                gone[int(deleted.backend_id)] += 1
         for backend_id, n in gone.items():
             current = self.maps.backend_conns_swept.get(IndexKey(backend_id))
             swept = (int(current.swept) if current is not None else 0) + n

@@ -91,6 +91,7 @@ class PinnedMap(Generic[K, V]):
         # Batch writes likewise, on their own flag: a kernel may have batch
         # reads for a map type and not writes.
         self._batch_write = self._batch
+        self._pop = True  # lookup-and-delete in one call, until the kernel says no
 
     def get(self, key: K) -> V | None:
         value = self.value_type()
@@ -114,6 +115,24 @@ class PinnedMap(Generic[K, V]):
 
     def delete(self, key: K) -> bool:
         return syscall.map_delete(self.fd, key, f"delete from {self.name}")
+
+    def pop(self, key: K) -> V | None:
+        """Delete `key` and return the value the deleted entry held (None if
+        there was none). In one system call where the kernel allows, so that
+        the value is that of the entry deleted even if a program replaced it
+        meanwhile; else a lookup, then a delete, which may straddle such a
+        replacement."""
+        value = self.value_type()
+        if self._pop:
+            try:
+                found = syscall.map_lookup_and_delete(self.fd, key, value,
+                                                      f"pop from {self.name}")
+                return value if found else None
+            except syscall.PopUnsupported:
+                self._pop = False
+        if not syscall.map_lookup(self.fd, key, value):
+            return None
+        return value if self.delete(key) else None
 
     def list_keys(self) -> Iterator[K]:
         """All keys, collected before yielding so callers may delete as they go."""

@@ -27,6 +27,7 @@ BPF_MAP_LOOKUP_ELEM = 1
 BPF_MAP_UPDATE_ELEM = 2
 BPF_MAP_DELETE_ELEM = 3
 BPF_MAP_GET_NEXT_KEY = 4
+BPF_MAP_LOOKUP_AND_DELETE_ELEM = 21
 BPF_OBJ_PIN = 6
 BPF_OBJ_GET = 7
 BPF_PROG_ATTACH = 8
@@ -110,6 +111,33 @@ def map_delete(fd: int, key: ctypes._CData, what: str) -> bool:
     return True
 
 
+# What bpf(2) answers a command the map type (or the kernel) lacks, before it
+# has touched a single entry. 524: ENOTSUPP, kernel-internal.
+_UNSUPPORTED = (errno.EINVAL, errno.ENOTSUP, 524)
+
+
+class PopUnsupported(DatapathError):
+    """The kernel cannot look up and delete in one call for this map type
+    (hash maps gained it in 5.14)."""
+
+
+def map_lookup_and_delete(fd: int, key: ctypes._CData, value: ctypes._CData, what: str) -> bool:
+    """Fill `value` for `key` and delete the entry, in one step: the entry
+    deleted is the one read. False if the key is absent."""
+    attr = _attr()
+    struct.pack_into("=I4xQQQ", attr, 0, fd, _addr(key), _addr(value), 0)
+    try:
+        _bpf(BPF_MAP_LOOKUP_AND_DELETE_ELEM, attr, what)
+    except DatapathError as err:
+        code = getattr(err, "errno", None)
+        if code == errno.ENOENT:
+            return False
+        if code in _UNSUPPORTED:
+            raise PopUnsupported(str(err)) from None
+        raise
+    return True
+
+
 def map_next_key(fd: int, key: ctypes._CData | None, next_key: ctypes._CData) -> bool:
     """Fill `next_key` with the key after `key` (the first if None); False at the end."""
     attr = _attr()
@@ -127,11 +155,6 @@ def map_next_key(fd: int, key: ctypes._CData | None, next_key: ctypes._CData) ->
 
 class BatchUnsupported(DatapathError):
     """The map type has no batch operations (e.g. LPM tries): iterate instead."""
-
-
-# What bpf(2) answers a batch command the map type (or the kernel) lacks, before
-# it has touched a single entry. 524: ENOTSUPP, kernel-internal.
-_NO_BATCH = (errno.EINVAL, errno.ENOTSUP, 524)
 
 
 def map_update_batch(fd: int, keys: ctypes.Array[K], values: ctypes.Array[V], what: str) -> None:
@@ -156,7 +179,7 @@ def map_update_batch(fd: int, keys: ctypes.Array[K], values: ctypes.Array[V], wh
         return
     err = ctypes.get_errno()
     written = struct.unpack_from("=I", attr, 32)[0]
-    if err in _NO_BATCH and not written:
+    if err in _UNSUPPORTED and not written:
         raise BatchUnsupported(f"{what}: batch update: {os.strerror(err)}")
     raise _error(err, f"{what} (entry {written + 1} of {len(keys)})")
 
@@ -184,7 +207,7 @@ def _lookup_batches(
         yield count
         if err == errno.ENOENT:
             return
-        if err in _NO_BATCH:
+        if err in _UNSUPPORTED:
             if first and not count:
                 raise BatchUnsupported(f"batch lookup: {os.strerror(err)}")
             raise _error(err, "batch lookup")
