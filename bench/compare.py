@@ -148,8 +148,9 @@ class Run:
         self.args = args
         self.cluster = cluster
         cp = cluster.control_plane
-        self.writer = ApiWriter(cp.url, str(cp.ca_file), cp.tokens["admin"], threads=16)
         self.eraser = EtcdEraser(cp.etcd_url)
+        self.writer = ApiWriter(cp.url, str(cp.ca_file), cp.tokens["admin"], threads=16,
+                                free_address=self.free_address)
         self.proxies = all_proxies(cluster)
         self.loads: list[report.Load] = []
         self.cps: list[CpResult] = []
@@ -257,6 +258,12 @@ class Run:
                 if not last:  # the last stays, serving the N, for the datapath
                     proxy.stop()
                     self.remove(specs)
+
+    def free_address(self, ip: str) -> None:
+        """A ClusterIP of the load that an IPAddress object left behind still
+        holds while the bench creates its Service (ApiWriter.free_address)."""
+        log(f"  {ip} is still held by an IPAddress object of the load: erasing it")
+        self.eraser.erase_addresses([ip])
 
     def remove(self, specs: list[ServiceSpec]) -> None:
         """Between runs, no proxy running: erased in etcd (apiload.py says

@@ -213,8 +213,11 @@ def measure(cluster: BenchCluster, writer: ApiWriter, proxy: Proxy, count: int,
     others = machine_busy() - sum(cpu_with_children(p) for p in ours) - busy0 - cpu
     by_thread = thread_cpu_delta(threads0, thread_cpu(proxy.metrics()))
     if by_thread:
+        shown = {name: s for name, s in by_thread.items() if s >= 0.005}
+        rest = len(by_thread) - len(shown)
         log(f"  {proxy.key}: CPU by thread: "
-            + ", ".join(f"{name} {s:.2f} s" for name, s in by_thread.items()))
+            + ", ".join(f"{name} {s:.2f} s" for name, s in shown.items())
+            + (f" ({rest} more under 0.005 s)" if rest else ""))
     steady = tree_rss_kib(proxy.pid)
     ones = [one_more_time(cluster, writer, proxy, i, timeout) for i in range(one_more)]
     peak = sampler.stop()
