@@ -21,6 +21,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -36,8 +37,14 @@ from agent.sandbox.wrk import WrkResult  # noqa: E402
 RESULTS = REPO / "bench" / "results"
 
 
+_LOG_LOCK = threading.Lock()
+
+
 def log(msg: str) -> None:
-    print(msg, flush=True)
+    """One line of the bench's log; whole even when writer threads log at
+    once (print writes the text and its newline apart)."""
+    with _LOG_LOCK:
+        print(msg, flush=True)
 
 
 # ---- CPU accounting ------------------------------------------------------------------
