@@ -321,22 +321,30 @@ static __always_inline int veer_route(struct __sk_buff *skb, __u32 iif, __u8 fam
 	return -1;
 }
 
-/* Whether the route veer_route() found to `daddr` goes through a gateway
- * (the lookup then returns the gateway's address in place of `daddr`). A
- * pod of this node is reached on a link of its own (a veth, a bridge),
- * without one; a pod of another node through that node or a tunnel (an
- * overlay: VXLAN, IP-in-IP), with one, and possibly by another device than
- * the one the client's packet came in on. */
-static __always_inline int veer_via_gateway(const struct bpf_fib_lookup *fib, __u8 family,
-					    const __u8 *daddr)
+/* Whether `addr` is the next hop of the route veer_route() found: the
+ * destination itself when the route has no gateway (bpf_fib_lookup returns
+ * the gateway's address in place of the destination). */
+static __always_inline int veer_next_hop_is(const struct bpf_fib_lookup *fib, __u8 family,
+					    const __u8 *addr)
 {
 	__u32 want[4];
 
-	__builtin_memcpy(want, daddr, 16);
+	__builtin_memcpy(want, addr, 16);
 	if (family == VEER_FAMILY_IPV4)
-		return fib->ipv4_dst != want[0];
-	return (fib->ipv6_dst[0] ^ want[0]) | (fib->ipv6_dst[1] ^ want[1]) |
-	       (fib->ipv6_dst[2] ^ want[2]) | (fib->ipv6_dst[3] ^ want[3]);
+		return fib->ipv4_dst == want[0];
+	return !((fib->ipv6_dst[0] ^ want[0]) | (fib->ipv6_dst[1] ^ want[1]) |
+		 (fib->ipv6_dst[2] ^ want[2]) | (fib->ipv6_dst[3] ^ want[3]));
+}
+
+/* Whether the route found to a backend goes through a gateway. A pod of
+ * this node is reached on a link of its own (a veth, a bridge), without
+ * one; a pod of another node through that node or a tunnel (an overlay:
+ * VXLAN, IP-in-IP), with one, and possibly by another device than the one
+ * the client's packet came in on. */
+static __always_inline int veer_via_gateway(const struct bpf_fib_lookup *fib, __u8 family,
+					    const __u8 *daddr)
+{
+	return !veer_next_hop_is(fib, family, daddr);
 }
 
 /* bpf_redirect_neigh's parameters (struct bpf_redir_neigh): the next hop. */
@@ -625,9 +633,7 @@ static __always_inline int veer_dsr_allowed(const struct veer_pkt *p,
 {
 	if (veer_from_pod(&p->t))
 		return 0;
-	if (p->t.family == VEER_FAMILY_IPV4)
-		return __builtin_memcmp(p->t.saddr, &fib->ipv4_dst, 4) != 0;
-	return !veer_same_addr(p->t.saddr, (const __u8 *)fib->ipv6_dst);
+	return !veer_next_hop_is(fib, p->t.family, p->t.saddr);
 }
 
 /* Translate a packet of a known flow, seen at `now`, and send it on its way.

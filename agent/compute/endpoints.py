@@ -53,13 +53,9 @@ def labels_proxied(labels: Mapping[str, str], config: ComputeConfig) -> bool:
 
 
 def proxied_slices(snapshot: ClusterSnapshot, svc: Service,
-                   config: ComputeConfig | None) -> Iterable[EndpointSlice]:
-    """The Service's EndpointSlices that labels_proxied admits, in name
-    order. `config` None: every slice, unfiltered (for callers outside
-    compute that have no config; compute always passes one)."""
+                   config: ComputeConfig) -> Iterable[EndpointSlice]:
+    """The Service's EndpointSlices that labels_proxied admits, in name order."""
     slices = snapshot.slices_for(svc.meta.namespace, svc.meta.name)
-    if config is None:
-        return slices
     return (s for s in slices if labels_proxied(s.meta.labels, config))
 
 
@@ -96,7 +92,7 @@ class Categorized:
 
 def endpoint_views(
     snapshot: ClusterSnapshot, svc: Service, port: ServicePort, family: IPFamily,
-    config: ComputeConfig | None = None,
+    config: ComputeConfig,
 ) -> list[EndpointView]:
     """The endpoints of one Service port in one family, merged across slices
     (those `config`'s label rule admits: proxied_slices).
