@@ -657,8 +657,10 @@ static __always_inline int veer_apply(struct __sk_buff *skb, const struct veer_p
 		carry = 0;
 		route = veer_route(skb, p->iif, p->t.family, to->saddr, to->daddr, &fib, 0);
 	}
-	if (route == VEER_ROUTE_LOCAL && !reply)
-		return TC_ACT_OK; /* to this node's own stack: a host-network backend */
+	/* To this node's own stack: a host-network backend, or (a reply) the
+	 * node's own connection that veer_host_flow moved to another port. */
+	if (route == VEER_ROUTE_LOCAL)
+		return TC_ACT_OK;
 	if (route < 0 || (carry && veer_dsr_push(skb, p) < 0)) {
 		veer_count(VEER_CNT_NAT_FAIL);
 		veer_report_tc(skb, VEER_CNT_NAT_FAIL, p, to->service_id, to->daddr, to->dport, 0);
@@ -867,35 +869,24 @@ static __always_inline int veer_port_owned(struct __sk_buff *skb, struct veer_fl
 	return 1;
 }
 
-/* Source-NAT a new flow to this node's address: pick its source port and
- * reserve it by inserting the reply tuple w->reply into veer_nat_rev (a few
- * tries). Fills w->fwd's source and w->reply's destination; -1 when there is
- * no node address of the family or every port tried is taken. */
-static __always_inline int veer_snat(struct __sk_buff *skb, const struct veer_pkt *p,
-				     struct veer_flow_scratch *w)
+/* Pick w->fwd's source port for a flow leaving from w->fwd.saddr, and
+ * reserve it by inserting w->reply (its reply tuple, filled but for the
+ * destination port) into veer_nat_rev with the value w->rev (a few tries).
+ * `keep`: try the flow's own source port first. -1 when every port tried is
+ * taken. */
+static __always_inline int veer_snat_port(struct __sk_buff *skb, const struct veer_pkt *p,
+					  struct veer_flow_scratch *w, int keep)
 {
-	struct veer_node_value *node;
 	struct veer_nat_value *held;
-	__u32 zero = 0, hash, i, snat[4];
+	__u32 hash, i;
 
-	node = veer_node.lookup(&zero);
-	if (!node)
-		return -1;
-	if (p->t.family == VEER_FAMILY_IPV4)
-		__builtin_memcpy(snat, node->addr4, 16);
-	else
-		__builtin_memcpy(snat, node->addr6, 16);
-	if (!(snat[0] | snat[1] | snat[2] | snat[3]))
-		return -1; /* no node address of this family */
-	__builtin_memcpy(w->fwd.saddr, snat, 16);
-	__builtin_memcpy(w->reply.daddr, snat, 16);
 	hash = bpf_get_prandom_u32();
 #pragma unroll
 	for (i = 0; i < VEER_SNAT_TRIES; i++) {
 		/* First the client's own port, as conntrack's NAT does: the client
 		 * reuses it only when its TCP allows, so the backend's TIME_WAIT
 		 * socket of that port accepts the new SYN. Then random ports. */
-		if (i == 0 && bpf_ntohs(p->t.sport) >= 1024)
+		if (i == 0 && keep && bpf_ntohs(p->t.sport) >= 1024)
 			w->fwd.sport = p->t.sport;
 		else
 			w->fwd.sport = bpf_htons(VEER_SNAT_PORT_MIN +
@@ -924,6 +915,29 @@ static __always_inline int veer_snat(struct __sk_buff *skb, const struct veer_pk
 			return 0;
 	}
 	return -1;
+}
+
+/* Source-NAT a new flow to this node's address: fills w->fwd's source and
+ * w->reply's destination, and reserves the port (veer_snat_port); -1 when
+ * there is no node address of the family or no port. */
+static __always_inline int veer_snat(struct __sk_buff *skb, const struct veer_pkt *p,
+				     struct veer_flow_scratch *w)
+{
+	struct veer_node_value *node;
+	__u32 zero = 0, snat[4];
+
+	node = veer_node.lookup(&zero);
+	if (!node)
+		return -1;
+	if (p->t.family == VEER_FAMILY_IPV4)
+		__builtin_memcpy(snat, node->addr4, 16);
+	else
+		__builtin_memcpy(snat, node->addr6, 16);
+	if (!(snat[0] | snat[1] | snat[2] | snat[3]))
+		return -1; /* no node address of this family */
+	__builtin_memcpy(w->fwd.saddr, snat, 16);
+	__builtin_memcpy(w->reply.daddr, snat, 16);
+	return veer_snat_port(skb, p, w, 1);
 }
 
 /* The first packet of a flow to an external frontend. */
@@ -1384,6 +1398,95 @@ int veer_tc_dsr(struct __sk_buff *skb)
 	return TC_ACT_OK;
 }
 
+/* The node's own packet `p`, leaving from one of its SNAT addresses.
+ *
+ * The node's own connections share those addresses with the flows veer
+ * source-NATs to them, and the kernel that picks their source ports knows
+ * only its own sockets (veer_snat_port avoids those): it may pick a port that
+ * a live source-NATed flow holds toward the very same backend. The backend
+ * would see one tuple for two connections, and the flow's reply entry would
+ * take the node's replies. Conntrack, which kube-proxy's SNAT relies on,
+ * resolves such a clash by moving the new connection to another source port;
+ * so does this, with a NAT entry pair of its own (service 0): the forward
+ * entry, keyed by the node's tuple, rewrites its packets here, and the
+ * reverse entry restores the replies in veer_tc_ingress, which hands them to
+ * this node's stack. A clash with a flow that has ended only forgets that
+ * flow's reply entry.
+ *
+ * Returns 1 when the packet was translated. Only a TCP SYN or a UDP datagram
+ * without an entry can start a clash; TCP's other packets cost one lookup. */
+static __always_inline int veer_host_flow(struct __sk_buff *skb, const struct veer_pkt *p)
+{
+	struct veer_nat_value *nat, *held;
+	struct veer_flow_scratch *w;
+	struct veer_tuple reply = {};
+	__u32 zero = 0;
+	__u64 now;
+
+	nat = veer_nat_fwd.lookup(&p->t);
+	if (!nat && !p->syn && !p->udp)
+		return 0;
+	now = bpf_ktime_get_ns();
+	if (nat) {
+		/* A moved connection, or (a SYN) a new one on the same ports, as
+		 * veer_tc_ingress tells them apart. */
+		if (!veer_flow_stale(&p->t, nat, 0, now) &&
+		    (!p->syn || (!(nat->last_seen_ns & VEER_NAT_CLOSING) &&
+				 veer_nat_age(nat, now) < VEER_SYN_REUSE_NS))) {
+			veer_nat_seen(nat, p, 0, now);
+			veer_rewrite(skb, p, nat);
+			return 1;
+		}
+		/* Over: a new connection is judged afresh below; a late packet
+		 * of the old one leaves as it is. */
+		veer_nat_fwd.delete(&p->t);
+		if (!p->syn && !p->udp)
+			return 0;
+	}
+	__builtin_memcpy(reply.saddr, p->t.daddr, 16);
+	__builtin_memcpy(reply.daddr, p->t.saddr, 16);
+	reply.sport = p->t.dport;
+	reply.dport = p->t.sport;
+	reply.proto = p->t.proto;
+	reply.family = p->t.family;
+	held = veer_nat_rev.lookup(&reply);
+	if (!held)
+		return 0; /* no clash: the common case */
+	if (veer_flow_stale(&reply, held, 1, now)) {
+		veer_nat_rev.delete(&reply);
+		return 0;
+	}
+	w = veer_flow_scratch.lookup(&zero);
+	if (!w)
+		return 0;
+	__builtin_memset(w, 0, sizeof(*w));
+	__builtin_memcpy(w->fwd.saddr, p->t.saddr, 16);
+	__builtin_memcpy(w->fwd.daddr, p->t.daddr, 16);
+	w->fwd.dport = p->t.dport;
+	w->fwd.last_seen_ns = now;
+	__builtin_memcpy(w->rev.saddr, p->t.daddr, 16);
+	w->rev.sport = p->t.dport;
+	__builtin_memcpy(w->rev.daddr, p->t.saddr, 16);
+	w->rev.dport = p->t.sport;
+	w->rev.last_seen_ns = now;
+	__builtin_memcpy(&w->reply, &reply, sizeof(reply));
+	if (veer_snat_port(skb, p, w, 0) < 0) {
+		/* No port: the node's connection wins, as before conntrack-like
+		 * moves, and the flow that held the port loses its replies. */
+		veer_count(VEER_CNT_NAT_FAIL);
+		veer_nat_rev.delete(&reply);
+		return 0;
+	}
+	if (veer_nat_fwd.update((struct veer_tuple *)&p->t, &w->fwd) != 0) {
+		veer_count(VEER_CNT_NAT_FAIL);
+		veer_nat_rev.delete(&w->reply);
+		return 0;
+	}
+	veer_count(VEER_CNT_NAT_HOST_MOVED);
+	veer_rewrite(skb, p, &w->fwd);
+	return 1;
+}
+
 int veer_tc_egress(struct __sk_buff *skb)
 {
 	struct veer_pkt p;
@@ -1400,14 +1503,10 @@ int veer_tc_egress(struct __sk_buff *skb)
 	if (veer_parse(skb, &p) != 0)
 		return TC_ACT_OK;
 	flags = veer_tc_addr_flags(p.t.saddr, p.t.family);
-	/* The node's own new connection (no ingress device: made here) from a
-	 * SNAT address. A flow veer source-NATed to the same ports before has
-	 * ended: its backend sees both as one tuple, so they cannot both live.
-	 * Its reply entry must not take this connection's replies, which come
-	 * in to the same address and ports (as veer_forget_reverse does for a
-	 * SYN that comes in through a device). */
-	if (p.syn && !p.iif && (flags & VEER_TC_ADDR_SNAT))
-		veer_forget_reverse(&p);
+	/* The node's own packet (no ingress device: made here) from a SNAT
+	 * address: perhaps a connection on ports a source-NATed flow holds. */
+	if (!p.iif && (flags & VEER_TC_ADDR_SNAT) && veer_host_flow(skb, &p))
+		return TC_ACT_OK;
 	/* A reply comes from a backend: most of what pods send does not. */
 	if (!(flags & VEER_TC_ADDR_BACKEND))
 		return TC_ACT_OK;

@@ -385,6 +385,7 @@ enum veer_counter {
 	VEER_CNT_ACCEL_TCP,           /* sockmap: a direction stays on TCP (peer not local yet) */
 	VEER_CNT_NAT_DSR,             /* TC: a new external flow sent to its backend's node by DSR */
 	VEER_CNT_NAT_DSR_IN,          /* TC: a DSR flow arrived for a local backend: replies to restore */
+	VEER_CNT_NAT_HOST_MOVED,      /* TC: the node's own connection moved off a port a SNAT flow holds */
 	VEER_CNT_MAX,
 };
 

@@ -585,6 +585,75 @@ def test_a_source_natted_flow_avoids_the_ports_of_the_nodes_own_connection(
     cluster.topo.forget(node)
 
 
+# argv: address, port, source port. One UDP datagram; prints the answer.
+UDP_ONCE = """
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(3)
+s.bind(("0.0.0.0", int(sys.argv[3]))); s.connect((sys.argv[1], int(sys.argv[2])))
+s.send(b"ping"); print(s.recv(4096).decode().strip())
+"""
+
+
+@pytest.mark.parametrize("proto", ["tcp", "udp"])
+def test_the_nodes_own_connection_moves_off_the_port_of_a_live_flow(
+    cluster: MultiNodeCluster, proto: str,
+) -> None:
+    """The outside client holds a flow to web-c through node-1's NodePort
+    from port P, source-NATed to 10.0.0.1:P (its port, kept). Node-1 itself
+    then talks to web-c from 10.0.0.1:P, a port its kernel thinks free: web-c
+    would see one tuple for two flows. As conntrack does, node-1 moves its
+    own connection to another port, and both flows go on."""
+    cluster.write_manifest("web.yaml", web("Cluster", {"10.244.2.2": "node-2"}))
+    udp = proto == "udp"
+    frontend, pod_port = ("30053", 9053) if udp else ("30080", 8080)
+    cluster.wait_external(f"10.0.0.1:{frontend}/{proto.upper()}", cluster.nodes[0],
+                          [f"10.244.2.2:{pod_port}/{proto.upper()}"], False)
+    port = 27128 if udp else 27127
+    held = cluster.topo.spawn(
+        cluster.external,
+        [sys.executable, "-c", UDP_ON_STDIN if udp else HOLD_FROM_PORT, "10.0.0.1", frontend,
+         str(port)],
+        in_cgroup=False, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert held.stdin is not None and held.stdout is not None
+    if udp:
+        held.stdin.write(b"\n")
+        held.stdin.flush()
+    first = held.stdout.readline().decode().strip()
+    assert first.startswith("web-c"), first
+    maps = SockLbMaps.open(cluster.nodes[0].bpffs)
+    try:
+        ident = 17 if udp else 6
+        kept = [k for k, _ in maps.nat_rev.items()
+                if k.proto == ident and socket.ntohs(k.dport) == port
+                and bytes(k.daddr[:4]) == bytes([10, 0, 0, 1])]
+        assert kept, "the flow was source-NATed to another port: nothing to clash with"
+        script = UDP_ONCE if udp else FROM_PORT
+        direct, (node1, *_) = counted(cluster, lambda: {"run": cluster.topo.exec(
+            cluster.nodes[0].netns,
+            [sys.executable, "-c", script, "10.244.2.2", str(pod_port), str(port)],
+            timeout=30, in_cgroup=False)})
+        res = direct["run"]
+        assert res.returncode == 0, res.stderr
+        assert res.stdout.startswith("web-c"), res.stdout
+        assert node1["nat_host_moved"] == 1, node1
+        # The node's tuple is rewritten to another port.
+        own = [v for k, v in maps.nat_fwd.items()
+               if k.proto == ident and socket.ntohs(k.sport) == port
+               and bytes(k.saddr[:4]) == bytes([10, 0, 0, 1])
+               and bytes(k.daddr[:4]) == bytes([10, 244, 2, 2])]
+        assert len(own) == 1 and socket.ntohs(own[0].sport) != port, own
+    finally:
+        maps.close()
+    held.stdin.write(b"\n")
+    held.stdin.flush()
+    assert held.stdout.readline().decode().strip() == first  # still the client's flow
+    if not udp:
+        held.stdin.write(b"\n")
+        held.stdin.flush()
+    assert held.wait(timeout=10) == 0, held.stderr.read() if held.stderr else b""
+    cluster.topo.forget(held)
+
+
 # argv: LB address, node address, source port. One client port, two live
 # connections to two frontends of one Service (its LoadBalancer IP and its
 # NodePort): clients reuse an ephemeral port across destinations.

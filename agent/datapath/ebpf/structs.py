@@ -439,6 +439,7 @@ COUNTER_NAMES: tuple[str, ...] = (
     "accel_tcp",
     "nat_dsr",
     "nat_dsr_in",
+    "nat_host_moved",
 )
 
 # LPM trie keys carry family + padding (32 bits) before the address.
