@@ -353,8 +353,12 @@ def _service_frontends(
                         )
             # An address listed twice is one frontend, not a conflict of the
             # Service with itself (the API server does not refuse repeats).
+            # An externalIP that is also its LoadBalancer IP is that one
+            # frontend: kube-proxy's nftables mode checks the source ranges
+            # of an LB IP whatever rule the packet came by.
+            lb_ips = set(lb_ips_of(svc))
             for address in dict.fromkeys(svc.external_ips):
-                if IPFamily.of(address) == family:
+                if IPFamily.of(address) == family and address not in lb_ips:
                     out.add(
                         _external_frontend(ctx, FrontendKind.EXTERNAL_IP, address, port.port),
                         vip=True,
@@ -584,7 +588,7 @@ class ComputeCache:
 
     def compute(self, snapshot: ClusterSnapshot, node: NodeIdentity,
                 config: ComputeConfig) -> DesiredState:
-        governing = policies_in_force(snapshot)
+        governing = policies_in_force(snapshot, config)
         context = (node, config)
         if context != self._context:
             self._reset()
@@ -679,7 +683,7 @@ def compute_desired(
     if cache is not None:
         return cache.compute(snapshot, node, config)
     out = _Builder()
-    governing = policies_in_force(snapshot)
+    governing = policies_in_force(snapshot, config)
     for key, svc in sorted(snapshot.services.items()):
         _one_service(snapshot, svc, node, config, governing.get(key)).replay(out)
     return _desired_state(dict(sorted(out.frontends.items(), key=lambda kv: kv[0].sort_key())),

@@ -157,7 +157,7 @@ class _Fields:
         if not isinstance(value, str):
             raise ModelError(self.obj, path, f"expected an IP address, got {_kind(value)}")
         try:
-            return parse_ip(value)
+            return served_ip(parse_ip(value))
         except ValueError:
             raise ModelError(self.obj, path, f"{value!r} is not an IP address") from None
 
@@ -219,6 +219,16 @@ def _legacy_ipv4(text: str) -> ipaddress.IPv4Address | None:
     if any(octet > 255 for octet in octets):
         return None
     return ipaddress.IPv4Address(bytes(octets))
+
+
+def served_ip(address: IPAddress) -> IPAddress:
+    """The address an object's field names, as kube-proxy reads it: an
+    IPv4-mapped IPv6 address (::ffff:a.b.c.d) is the IPv4 address a.b.c.d.
+    Go's net.IP holds both alike, and the API server accepts the mapped form
+    in an externalIP, a LoadBalancer ingress IP or an IPv4 EndpointSlice."""
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
 
 
 def parse_cidr(text: str) -> IPNetwork:
@@ -451,7 +461,7 @@ def _endpoints_fast(items: Any, address_type: str) -> list[Endpoint] | None:
             if type(raw) is not list:
                 return None
             try:
-                addresses = tuple([parse_ip(a) for a in raw])
+                addresses = tuple([served_ip(parse_ip(a)) for a in raw])
             except (ValueError, TypeError):  # TypeError: not a string
                 return None
             for a in addresses:

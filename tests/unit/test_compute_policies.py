@@ -490,6 +490,25 @@ def test_an_address_listed_twice_is_one_frontend_not_a_conflict() -> None:
         ])
 
 
+def test_an_external_ip_that_is_also_the_lb_ip_is_the_lb_frontend() -> None:
+    """An externalIP that is also the Service's LoadBalancer IP (mapped or
+    not) is one frontend, the LoadBalancer's, whose source ranges apply, as
+    in kube-proxy's nftables mode; not a conflict of the Service with
+    itself. A mapped externalIP of another address is that IPv4 address."""
+    svc = with_lb(web(type="LoadBalancer", node_port=30080,
+                      externalIPs=["192.0.2.10", "::ffff:192.0.2.10", "::ffff:198.51.100.7"],
+                      loadBalancerSourceRanges=["203.0.113.0/24"]), "192.0.2.10")
+    state = compute_desired(ClusterSnapshot.of(models(svc, eps("w", "web", remote(B1),
+                                                                  ports=HTTP))),
+                            NODE, ComputeConfig())
+    assert state.problems == ()
+    kinds = {str(k): f.kind.value for k, f in state.frontends.items()}
+    assert kinds == {"10.96.0.1:80/TCP": "ClusterIP", "10.0.0.1:30080/TCP": "NodePort",
+                     "192.0.2.10:80/TCP": "LoadBalancer", "198.51.100.7:80/TCP": "ExternalIP"}
+    lb = next(f for k, f in state.frontends.items() if str(k) == "192.0.2.10:80/TCP")
+    assert [str(r) for r in lb.source_ranges] == ["203.0.113.0/24"]
+
+
 def split_to(*entries: tuple[str, int]) -> Doc:
     return {"apiVersion": "veer.dev/v1alpha1", "kind": "TrafficPolicy",
             "metadata": {"name": "tp", "namespace": "default"},

@@ -378,6 +378,26 @@ def test_ipv6_endpoint_slice() -> None:
     assert s.endpoints[0].addresses == (ip_address("fd00:10:244:1::2"),)
 
 
+def test_mapped_ipv4_addresses_are_read_as_ipv4() -> None:
+    """The API server accepts ::ffff:a.b.c.d where an IPv4 address may go
+    (Go's net.IP holds both alike); kube-proxy reads it as a.b.c.d."""
+    four = ip_address("10.244.1.2")
+    s = parse_endpoint_slice(eps("v4", "web", ep("::ffff:10.244.1.2"), address_type="IPv4"))
+    assert s.endpoints[0].addresses == (four,)
+    doc = service("web", port("http", 80, 8080), ips="10.96.0.1", type="LoadBalancer",
+                  externalIPs=["::ffff:198.51.100.7"])
+    doc["status"] = {"loadBalancer": {"ingress": [{"ip": "::ffff:192.0.2.10"}]}}
+    svc = parse_service(doc)
+    assert svc.external_ips == (ip_address("198.51.100.7"),)
+    assert svc.load_balancer_ips == (ip_address("192.0.2.10"),)
+    # A plain IPv6 address stays IPv6; a mapped one in an IPv6 slice is
+    # IPv4, so the slice is refused (as the API server refuses it).
+    assert parse_endpoint_slice(eps("v6", "web", ep("fd00::2"))).endpoints[0].addresses == (
+        ip_address("fd00::2"),)
+    with pytest.raises(ModelError):
+        parse_endpoint_slice(eps("v6", "web", ep("::ffff:10.244.1.2"), address_type="IPv6"))
+
+
 # ---- Node -----------------------------------------------------------------------
 
 
