@@ -6,7 +6,9 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import ipaddress
+import os
 import shutil
+import subprocess
 import uuid
 from collections.abc import Iterator
 
@@ -20,6 +22,10 @@ from agent.datapath.ebpf.programs import SockLbPrograms, cleanup
 from agent.datapath.ebpf.structs import (
     FAMILY_IPV4,
     SCOPE_SOCKET,
+    AffinityMatchKey,
+    ConnsSweptValue,
+    ConnsValue,
+    IndexKey,
     RuleKey,
     ServiceKey,
     ServiceValue,
@@ -356,6 +362,77 @@ def test_slots_that_repeat_a_backend_read_back_as_a_table(
     assert len(state.frontends[plain.key].table) == 3
     assert dp.upsert_frontend(plain)
     assert sorted(slots(dp, plain)) == ["10.0.0.1", "10.0.0.2"]
+
+
+def test_a_gone_backends_id_waits_for_its_counts_to_drain(
+    small: tuple[str, EbpfDatapath],
+) -> None:
+    """A LeastConnections backend that leaves with connections still counted
+    against its id keeps that id until the counts are given back: a new
+    backend given it would start with those counts (and lose them as they
+    end), and be passed over meanwhile."""
+    _, dp = small
+    lc = dataclasses.replace(fe("10.96.0.1", 80, "10.0.0.1", "10.0.0.2"),
+                             algorithm=Algorithm.LEAST_CONNECTIONS)
+    dp.upsert_frontend(lc)
+    gone = dp.backend_id(lc.backends[0])
+    assert gone is not None
+    dp.maps.backend_conns.put(IndexKey(gone), ConnsValue(open=3))  # as the kernel counts
+    dp.maps.backend_conns_swept.put(IndexKey(gone), ConnsSweptValue(swept=1))
+    dp.upsert_frontend(dataclasses.replace(lc, backends=(lc.backends[1],)))
+    dp.upsert_frontend(dataclasses.replace(lc, backends=(
+        lc.backends[1], L4Addr(ipaddress.ip_address("10.0.0.3"), 8080, TCP))))
+    newcomer = dp.backend_id(L4Addr(ipaddress.ip_address("10.0.0.3"), 8080, TCP))
+    assert newcomer is not None and newcomer != gone
+    # Still draining after a pass, and after a restart's reading of the maps.
+    dp.finish_pass()
+    dp.dump()
+    assert gone in dp._draining
+    dp.maps.backend_conns_swept.put(IndexKey(gone), ConnsSweptValue(swept=3))  # all ended
+    dp.finish_pass()
+    assert gone not in dp._draining
+    later = L4Addr(ipaddress.ip_address("10.0.0.4"), 8080, TCP)
+    dp.upsert_frontend(dataclasses.replace(lc, backends=(lc.backends[1], later)))
+    assert dp.backend_id(later) == gone
+
+
+def _pinned_map_info(path: str) -> syscall.MapInfo:
+    fd = syscall.obj_get(path)
+    try:
+        return syscall.map_info(fd)
+    finally:
+        os.close(fd)
+
+
+def test_an_earlier_versions_map_layout_is_replaced_at_load() -> None:
+    """An upgrade over pins whose layout changed (veer_affinity_match's key
+    gained the scope): BCC would adopt the old map for the new programs, and
+    the agent could not open it. The load replaces that map and keeps the
+    others with their entries."""
+    require_datapath()
+    ensure_mounts()
+    pins = f"{BPFFS_MOUNT}/t{uuid.uuid4().hex[:8]}"
+    try:
+        SockLbPrograms(pins, {"services": 8}).load()
+        dp = EbpfDatapath(SockLbMaps.open(pins))
+        dp.dump()
+        dp.upsert_frontend(fe("10.96.0.1", 80, "10.0.0.1"))
+        dp.close()
+        services = _pinned_map_info(f"{pins}/veer_services").id
+        old = f"{pins}/veer_affinity_match"
+        os.unlink(old)
+        subprocess.run(["bpftool", "map", "create", old, "type", "hash", "key", "8",
+                        "value", "4", "entries", "64", "name", "veer_affinity_m"], check=True)
+        SockLbPrograms(pins, {"services": 8}).load()
+        assert _pinned_map_info(old).key_size == ctypes.sizeof(AffinityMatchKey)
+        assert _pinned_map_info(f"{pins}/veer_services").id == services
+        dp = EbpfDatapath(SockLbMaps.open(pins))
+        assert dp.dump().frontends[fe("10.96.0.1", 80).key].backends == fe(
+            "10.96.0.1", 80, "10.0.0.1").backends
+        dp.close()
+    finally:
+        cleanup("/nonexistent", pins)
+        shutil.rmtree(pins, ignore_errors=True)
 
 
 def test_pop_returns_what_it_deleted(small: tuple[str, EbpfDatapath]) -> None:

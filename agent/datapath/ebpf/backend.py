@@ -330,6 +330,13 @@ class EbpfDatapath(Datapath):
         self._backend_ids: dict[L4Addr, int] = {}
         self._backend_refs: Counter[int] = Counter()
         self._backend_alloc = _IdAllocator(maps.backends.capacity)
+        # Ids of backends that are gone but still have LeastConnections
+        # counts open (veer_backend_conns): taken, so that no new backend
+        # inherits those counts (and, as they are given back, loses them),
+        # until they drain. Counts exist only once a LeastConnections entry
+        # was written, by this agent or (counts found at start) another.
+        self._draining: set[int] = set()
+        self._counts_possible = bool(open_connections(maps))
         self._service_alloc = _IdAllocator(maps.services.capacity)
         self._frontends: dict[Scoped, _FrontendEntry] = {}
         # veer_tc_addrs as written (address -> TC_ADDR_* flags), starting
@@ -481,10 +488,16 @@ class EbpfDatapath(Datapath):
         self._backend_ids.clear()
         self._backend_of_id.clear()
         self._backend_alloc.reset()
+        for ident in self._draining:
+            self._backend_alloc.take(ident)
         for ident, be in backends.items():
             if self._backend_refs[ident] == 0 or be in self._backend_ids:
                 self.maps.backends.delete(BackendKey(ident))
+                if ident not in self._draining:
+                    self._backend_alloc.take(ident)
+                    self._free_id(ident)
                 continue
+            self._draining.discard(ident)
             self._backend_ids[be] = ident
             self._backend_of_id[ident] = be
             self._backend_alloc.take(ident)
@@ -520,6 +533,28 @@ class EbpfDatapath(Datapath):
             if be is not None:
                 self._backend_ids.pop(be, None)
             self.maps.backends.delete(BackendKey(ident))
+            self._free_id(ident)
+
+    def _free_id(self, ident: int) -> None:
+        """Give a gone backend's id back, or keep it while counts drain."""
+        if self._counts_possible and self._open_count(ident) > 0:
+            self._draining.add(ident)
+        else:
+            self._backend_alloc.release(ident)
+
+    def _open_count(self, ident: int) -> int:
+        """The LeastConnections count open against backend id `ident`."""
+        opened = self.maps.backend_conns.get(IndexKey(ident))
+        if opened is None or not opened.open:
+            return 0
+        swept = self.maps.backend_conns_swept.get(IndexKey(ident))
+        return int(opened.open) - (int(swept.swept) if swept else 0)
+
+    def _free_drained(self) -> None:
+        """Release the draining ids whose counts are all given back."""
+        drained = {i for i in self._draining if self._open_count(i) <= 0}
+        self._draining -= drained
+        for ident in drained:
             self._backend_alloc.release(ident)
 
     @staticmethod
@@ -647,6 +682,8 @@ class EbpfDatapath(Datapath):
 
         new = _FrontendEntry(service_id, new_slots, spec.flags, spec.affinity_timeout,
                              spec.sources, new_weights)
+        if new_weights is not None:
+            self._counts_possible = True
         old_pairs = entry.affinity_backends if entry else set()
         try:
             # The hooks the entry's flags rely on before the entry.
@@ -854,6 +891,8 @@ class EbpfDatapath(Datapath):
             swept = self._lc_sweeper.sweep()
             if swept:
                 notes.append(f"LeastConnections: gave back {swept} flow(s) that ended unseen")
+        if self._draining:
+            self._free_drained()
         if not self._removed_udp:
             return notes
         removed, self._removed_udp = self._removed_udp, set()

@@ -10,7 +10,7 @@ import ctypes
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from agent.datapath.ebpf import syscall
 from agent.datapath.ebpf.structs import (
@@ -211,40 +211,16 @@ class SockLbMaps:
 
     @staticmethod
     def open(bpffs_dir: str) -> SockLbMaps:
-        def path(name: str) -> str:
-            return os.path.join(bpffs_dir, name)
-
-        return SockLbMaps(
-            services=PinnedMap(path("veer_services"), ServiceKey, ServiceValue),
-            backends=PinnedMap(path("veer_backends"), BackendKey, BackendValue),
-            vips=PinnedMap(path("veer_vips"), VipKey, VipValue),
-            tc_addrs=PinnedMap(path("veer_tc_addrs"), VipKey, VipValue),
-            service_cidrs=PinnedMap(path("veer_service_cidrs"), CidrKey, CidrValue),
-            sock_revnat=PinnedMap(path("veer_sock_revnat"), SockRevnatKey, SockRevnatValue),
-            sock_peers=PinnedMap(path("veer_sock_peers"), IndexKey, SockPeer),
-            affinity=PinnedMap(path("veer_affinity"), AffinityKey, AffinityValue),
-            affinity_match=PinnedMap(
-                path("veer_affinity_match"), AffinityMatchKey, AffinityMatchValue
-            ),
-            nat_fwd=PinnedMap(path("veer_nat_fwd"), Tuple, NatValue),
-            nat_rev=PinnedMap(path("veer_nat_rev"), Tuple, NatValue),
-            node=PinnedMap(path("veer_node"), IndexKey, NodeValue),
-            lb_sources=PinnedMap(path("veer_lb_sources"), SourceKey, CidrValue),
-            ext_affinity=PinnedMap(path("veer_ext_affinity"), ExtAffinityKey, AffinityValue),
-            cluster_cidrs=PinnedMap(path("veer_cluster_cidrs"), CidrKey, CidrValue),
-            access=PinnedMap(path("veer_access"), SourceKey, AccessValue),
-            netns_addrs=PinnedMap(path("veer_netns_addrs"), CookieKey, NodeValue),
-            backend_conns=PinnedMap(path("veer_backend_conns"), IndexKey, ConnsValue),
-            backend_conns_swept=PinnedMap(
-                path("veer_backend_conns_swept"), IndexKey, ConnsSweptValue
-            ),
-            lc_flows=PinnedMap(path("veer_lc_flows"), Tuple, LcSockValue),
-            lc_socks=PinnedMap(path("veer_lc_socks"), CookieKey, LcSockValue),
-            access_hits=PinnedMap(path("veer_access_hits"), RuleKey, _U64),
-            redirects=PinnedMap(path("veer_redirects"), IndexKey, BackendValue),
-            proxy=PinnedMap(path("veer_proxy"), IndexKey, ProxyValue),
-            counters_fd=syscall.obj_get(path("veer_counters")),
-        )
+        opened: dict[str, PinnedMap[Any, Any]] = {}
+        try:
+            for attr, name, key_type, value_type in MAP_LAYOUTS:
+                opened[attr] = PinnedMap(os.path.join(bpffs_dir, name), key_type, value_type)
+            counters_fd = syscall.obj_get(os.path.join(bpffs_dir, "veer_counters"))
+        except DatapathError:
+            for m in opened.values():
+                m.close()
+            raise
+        return SockLbMaps(counters_fd=counters_fd, **opened)
 
     def counters(self) -> dict[str, int]:
         """Per-CPU counters summed over CPUs."""
@@ -270,15 +246,68 @@ class SockLbMaps:
         return out
 
     def close(self) -> None:
-        for m in (self.services, self.backends, self.vips, self.tc_addrs, self.service_cidrs,
-                  self.sock_revnat, self.sock_peers, self.affinity, self.affinity_match,
-                  self.nat_fwd, self.nat_rev, self.node,
-                  self.lb_sources, self.ext_affinity, self.cluster_cidrs, self.access,
-                  self.netns_addrs, self.backend_conns, self.backend_conns_swept,
-                  self.lc_flows, self.lc_socks, self.access_hits, self.redirects,
-                  self.proxy):
-            m.close()
+        for attr, _, _, _ in MAP_LAYOUTS:
+            getattr(self, attr).close()
         os.close(self.counters_fd)
+
+
+# Every pinned map SockLbMaps opens: its attribute, pin name, key and value
+# types (the C structs' mirrors, structs.py).
+MAP_LAYOUTS: tuple[tuple[str, str, type[ctypes.Structure], type[ctypes.Structure]], ...] = (
+    ("services", "veer_services", ServiceKey, ServiceValue),
+    ("backends", "veer_backends", BackendKey, BackendValue),
+    ("vips", "veer_vips", VipKey, VipValue),
+    ("tc_addrs", "veer_tc_addrs", VipKey, VipValue),
+    ("service_cidrs", "veer_service_cidrs", CidrKey, CidrValue),
+    ("sock_revnat", "veer_sock_revnat", SockRevnatKey, SockRevnatValue),
+    ("sock_peers", "veer_sock_peers", IndexKey, SockPeer),
+    ("affinity", "veer_affinity", AffinityKey, AffinityValue),
+    ("affinity_match", "veer_affinity_match", AffinityMatchKey, AffinityMatchValue),
+    ("nat_fwd", "veer_nat_fwd", Tuple, NatValue),
+    ("nat_rev", "veer_nat_rev", Tuple, NatValue),
+    ("node", "veer_node", IndexKey, NodeValue),
+    ("lb_sources", "veer_lb_sources", SourceKey, CidrValue),
+    ("ext_affinity", "veer_ext_affinity", ExtAffinityKey, AffinityValue),
+    ("cluster_cidrs", "veer_cluster_cidrs", CidrKey, CidrValue),
+    ("access", "veer_access", SourceKey, AccessValue),
+    ("netns_addrs", "veer_netns_addrs", CookieKey, NodeValue),
+    ("backend_conns", "veer_backend_conns", IndexKey, ConnsValue),
+    ("backend_conns_swept", "veer_backend_conns_swept", IndexKey, ConnsSweptValue),
+    ("lc_flows", "veer_lc_flows", Tuple, LcSockValue),
+    ("lc_socks", "veer_lc_socks", CookieKey, LcSockValue),
+    ("access_hits", "veer_access_hits", RuleKey, _U64),
+    ("redirects", "veer_redirects", IndexKey, BackendValue),
+    ("proxy", "veer_proxy", IndexKey, ProxyValue),
+)
+
+
+def retire_other_layouts(bpffs_dir: str) -> list[str]:
+    """Unpin every map an earlier veer version pinned with other key or
+    value sizes, and return their names.
+
+    BCC adopts a pinned map of the same name whatever its sizes, and the
+    verifier only checks that a key is at least the map's key size: the new
+    programs would read the old layout. Unpinned, the map is made afresh by
+    the load that follows; the old programs keep theirs until they are
+    replaced. Its entries are lost: the agent rewrites what it owns on its
+    first pass; flows and affinities the kernel kept in it start again.
+    """
+    retired = []
+    for _, name, key_type, value_type in MAP_LAYOUTS:
+        path = os.path.join(bpffs_dir, name)
+        try:
+            fd = syscall.obj_get(path)
+        except DatapathError:
+            continue  # not pinned yet
+        try:
+            info = syscall.map_info(fd)
+        finally:
+            os.close(fd)
+        if (info.key_size, info.value_size) != (ctypes.sizeof(key_type),
+                                                ctypes.sizeof(value_type)):
+            os.unlink(path)
+            retired.append(name)
+    return retired
 
 
 def _possible_cpus() -> int:

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING
 
 from agent.datapath.ebpf import syscall
 from agent.datapath.ebpf.loader import LoadedObject, LoadRequest, ProgramSpec, load_in_child
+from agent.datapath.ebpf.maps import retire_other_layouts
 from agent.datapath.ebpf.structs import COUNTER_NAMES, ConfigValue, IndexKey
 from agent.errors import DatapathError, EnvironmentProblem
 
@@ -179,6 +180,11 @@ class SockLbPrograms:
         check_headers()
         os.makedirs(self.bpffs_dir, exist_ok=True)
         self._retire_short_counters()
+        retired = retire_other_layouts(self.bpffs_dir)
+        if retired:
+            log.warning("replaced pinned map(s) of another veer version with another layout "
+                        "(their entries are lost; the agent rewrites its own): %s",
+                        ", ".join(retired))
         cflags = (
             f"-I{BPF_SRC_DIR}",
             f'-DVEER_PIN_DIR="{self.bpffs_dir}"',
