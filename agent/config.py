@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass, field
 
+from agent.defaults import DEFAULT_AGENT_PORTS
 from agent.errors import ConfigError
 from agent.model.objects import IPNetwork
 
@@ -44,6 +45,9 @@ class AgentConfig:
     proxy_uid: int | None = None
     # --sockmap: sockmap acceleration for every Service (where the kernel allows).
     sockmap: bool = False
+    # The agent's own ports (port, what it serves), from --metrics-bind-address
+    # and --healthz-bind-address: a redirect proxy cannot have them.
+    agent_ports: tuple[tuple[int, str], ...] = DEFAULT_AGENT_PORTS
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:

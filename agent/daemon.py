@@ -179,6 +179,7 @@ class Agent:
             service_cidrs=config.service_cidrs,
             nodeport_addresses=config.nodeport_addresses,
             cluster_cidrs=config.cluster_cidrs,
+            agent_ports=config.agent_ports,
         )
         # A change to one Service recomputes that Service only (the runner's
         # thread is the only caller).

@@ -40,6 +40,16 @@ if TYPE_CHECKING:
 log = logging.getLogger("veer")
 
 
+def _agent_ports(metrics: str, healthz: str) -> tuple[tuple[int, str], ...]:
+    """The ports this agent serves on, by what (a bind address "" is off)."""
+    from agent.metrics.http import parse_bind_address
+    from agent.operator.conditions import agent_ports
+
+    ports = (parse_bind_address(metrics, "--metrics-bind-address")[1] if metrics else 0,
+             parse_bind_address(healthz, "--healthz-bind-address")[1] if healthz else 0)
+    return tuple(agent_ports(*ports).items())
+
+
 def _agent_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("agent", help="run the node agent (or remove what it made)")
     p.add_argument("--manifests", metavar="DIR", help="read Kubernetes objects from DIR")
@@ -163,6 +173,7 @@ def run_agent(args: argparse.Namespace) -> int:
                               else args.cleanup_on_uninstall),
         proxy_uid=args.proxy_uid,
         sockmap=args.sockmap,
+        agent_ports=_agent_ports(args.metrics_bind_address, args.healthz_bind_address),
     )
     choice = choose_mode(config, tuple(args.hide_kernel_feature))
     mode, why = choice.mode, choice.why
@@ -182,7 +193,7 @@ def run_agent(args: argparse.Namespace) -> int:
 
         api = KubeClient.load(config.kubeconfig)
         pod_name = os.environ.get("POD_NAME", "")
-        identity = Identity(mode, why, pod_name)
+        identity = Identity(mode, why, pod_name, agent_ports=config.agent_ports)
         uninstall = None
         if config.cleanup_on_uninstall:
             owner = None

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from functools import reduce
 
 from agent.compute.tables import normalized
-from agent.compute.types import AccessRuleSpec, AccessSpec, L4Addr
+from agent.compute.types import AccessRuleSpec, AccessSpec, ComputeConfig, L4Addr
 from agent.model.objects import (
     IPAddress,
     Protocol,
@@ -53,12 +53,14 @@ FEATURE_SOCKMAP = "acceleration.sockmap"
 WEIGHT_SCALE = 10000
 
 
-def policies_in_force(snapshot: ClusterSnapshot) -> dict[tuple[str, str], TrafficPolicy]:
+def policies_in_force(snapshot: ClusterSnapshot, config: ComputeConfig,
+                      ) -> dict[tuple[str, str], TrafficPolicy]:
     """(namespace, Service name) -> the TrafficPolicy that governs it."""
     if not snapshot.traffic_policies:
         return {}
     inputs = [PolicyInput.of(p) for p in snapshot.traffic_policies.values()]
-    verdicts = evaluate(inputs, (ServiceInfo.of(s) for s in snapshot.services.values()))
+    verdicts = evaluate(inputs, (ServiceInfo.of(s) for s in snapshot.services.values()),
+                        dict(config.agent_ports))
     out: dict[tuple[str, str], TrafficPolicy] = {}
     for p in inputs:
         if p.policy is None or not verdicts[p.key].in_force:

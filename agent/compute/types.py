@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from agent.defaults import DEFAULT_AGENT_PORTS
 from agent.model.objects import AccessAction, Algorithm, IPAddress, IPNetwork, Protocol
 
 
@@ -264,3 +265,6 @@ class ComputeConfig:
     maglev_table_size: int = 1021
     # --sockmap: ask for sockmap acceleration on every Service.
     sockmap: bool = False
+    # The agent's own ports (port, what it serves): a redirect proxy cannot
+    # have them (agent/operator/conditions.py).
+    agent_ports: tuple[tuple[int, str], ...] = DEFAULT_AGENT_PORTS

@@ -40,10 +40,11 @@ from datetime import UTC, datetime
 from typing import Any
 
 from agent import __version__
+from agent.defaults import DEFAULT_AGENT_PORTS
 from agent.errors import KubeApiError
 from agent.kube.client import VEER_NODES, Api, Obj
 from agent.model.snapshot import ClusterSnapshot, Store
-from agent.operator.conditions import PolicyInput, ServiceInfo, evaluate
+from agent.operator.conditions import AGENT_PORTS, PolicyInput, ServiceInfo, evaluate
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,8 @@ class Identity:
     mode_reason: str = ""
     pod_name: str = ""
     version: str = __version__
+    # The agent's own ports (ComputeConfig.agent_ports), for policy verdicts.
+    agent_ports: tuple[tuple[int, str], ...] = DEFAULT_AGENT_PORTS
 
 
 def _now() -> str:
@@ -84,13 +87,14 @@ def _now() -> str:
 
 def policy_entries(snapshot: ClusterSnapshot, mode: str,
                    programmed: Mapping[str, tuple[bool, str, str]] | None = None,
+                   agent: Mapping[int, str] = AGENT_PORTS,
                    ) -> list[dict[str, Any]]:
     """The trafficPolicies of a report (pure): every policy in force here."""
     if not snapshot.traffic_policies:
         return []  # without evaluating every Service: the reporter runs this per pass
     policies = {(p.meta.namespace, p.meta.name): p for p in snapshot.traffic_policies.values()}
     inputs = [PolicyInput.of(p) for p in policies.values()]
-    verdicts = evaluate(inputs, (ServiceInfo.of(s) for s in snapshot.services.values()))
+    verdicts = evaluate(inputs, (ServiceInfo.of(s) for s in snapshot.services.values()), agent)
     out = []
     for p in sorted(inputs, key=lambda p: p.key):
         if not verdicts[p.key].in_force:
@@ -139,7 +143,8 @@ def node_status(
         "modeReason": identity.mode_reason[:1024],
         "heartbeatSeconds": HEARTBEAT_SECONDS,
         "services": facts.services,
-        "trafficPolicies": policy_entries(snapshot, identity.mode, facts.policies),
+        "trafficPolicies": policy_entries(snapshot, identity.mode, facts.policies,
+                                          dict(identity.agent_ports)),
         "conditions": [{
             "type": "Ready",
             "status": ready_status,

@@ -40,19 +40,24 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from agent.defaults import DEFAULT_AGENT_PORTS
 from agent.model.objects import Service, ServiceType, TrafficPolicy
 
 NamespacedName = tuple[str, str]
 
 # Ports the veer agent listens on on every node (kube-proxy's metrics and
-# health ports, agent/defaults.py): a redirect proxy cannot have them.
-# These are the defaults of --metrics-bind-address and --healthz-bind-address,
-# not what a given agent was started with: the operator does not see the
-# agents' flags, and the agent and the operator must reach the same verdict
-# (agent/kube/report.py runs `evaluate` too), so neither reads its own. An
-# install that moves those ports (the chart's agent.metricsPort and
-# agent.healthzPort) is not protected here for the new ports.
-AGENT_PORTS: Mapping[int, str] = {10249: "metrics", 10256: "health"}
+# health ports, agent/defaults.py): a redirect proxy cannot have them. These
+# are the defaults of the agent's --metrics-bind-address and
+# --healthz-bind-address. The agent and the operator must reach the same
+# verdict (agent/kube/report.py runs `evaluate` too): the agent passes the
+# ports it was started with, the operator those its --agent-metrics-port and
+# --agent-healthz-port name, which the chart sets from the same values.
+AGENT_PORTS: Mapping[int, str] = dict(DEFAULT_AGENT_PORTS)
+
+
+def agent_ports(metrics: int, health: int) -> Mapping[int, str]:
+    """The agent's ports by what they serve (0: not served)."""
+    return {port: what for port, what in ((metrics, "metrics"), (health, "health")) if port}
 
 # The most nodes named in status.nodes.notProgrammed (the CRD's maxItems).
 MAX_NOT_PROGRAMMED = 16
@@ -141,7 +146,7 @@ def _accepted(status: bool, reason: str, message: str) -> Condition:
     return Condition("Accepted", "True" if status else "False", reason, message)
 
 
-def _check(policy: TrafficPolicy, namespace: str,
+def _check(policy: TrafficPolicy, namespace: str, agent: Mapping[int, str],
            services: Mapping[NamespacedName, ServiceInfo],
            node_ports: Mapping[int, str]) -> tuple[Condition | None, Condition]:
     """(Accepted=False if the policy is invalid beyond its schema, else None;
@@ -173,9 +178,9 @@ def _check(policy: TrafficPolicy, namespace: str,
                              "proxy it"), refs
     if policy.redirect is not None:
         port = policy.redirect.port
-        if port in AGENT_PORTS:
+        if port in agent:
             return _accepted(False, "Invalid",
-                             f"redirect.port {port} is the veer agent's {AGENT_PORTS[port]} "
+                             f"redirect.port {port} is the veer agent's {agent[port]} "
                              "port on every node"), refs
         if port in node_ports:
             return _accepted(False, "Invalid",
@@ -184,9 +189,11 @@ def _check(policy: TrafficPolicy, namespace: str,
 
 
 def evaluate(
-    policies: Iterable[PolicyInput], services: Iterable[ServiceInfo]
+    policies: Iterable[PolicyInput], services: Iterable[ServiceInfo],
+    agent: Mapping[int, str] = AGENT_PORTS,
 ) -> dict[NamespacedName, Verdict]:
-    """Accepted and ResolvedRefs of every policy (see the module doc)."""
+    """Accepted and ResolvedRefs of every policy (see the module doc);
+    `agent`: the agent's ports (agent_ports())."""
     by_key = {(s.namespace, s.name): s for s in services}
     node_ports: dict[int, str] = {}  # port -> what holds it on every node
     for s in sorted(by_key.values(), key=lambda s: (s.namespace, s.name)):
@@ -207,7 +214,7 @@ def evaluate(
                           "not checked: the policy is invalid"),
             )
             continue
-        invalid, refs = _check(p.policy, p.namespace, by_key, node_ports)
+        invalid, refs = _check(p.policy, p.namespace, agent, by_key, node_ports)
         if invalid is not None:
             out[p.key] = Verdict(invalid, refs)
         else:

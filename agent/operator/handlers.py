@@ -50,6 +50,7 @@ from agent.kube.client import TRAFFIC_POLICIES, Api
 from agent.model.objects import TrafficPolicy
 from agent.model.parse import parse_object, parse_service
 from agent.operator.conditions import (
+    AGENT_PORTS,
     Event,
     NodeReport,
     PolicyInput,
@@ -122,8 +123,10 @@ class StatusWriter:
     """Keeps every TrafficPolicy's status equal to what conditions.py says."""
 
     def __init__(self, api: Api, period: float = PERIOD,
-                 emit: Callable[[Mapping[str, Any], Event], None] = kopf_event) -> None:
+                 emit: Callable[[Mapping[str, Any], Event], None] = kopf_event,
+                 agent: Mapping[int, str] = AGENT_PORTS) -> None:
         self.api = api
+        self.agent = agent  # the agents' own ports (conditions.agent_ports)
         self.period = period
         self.emit = emit
         # kopf's indexes (or any mapping of key -> values, in tests)
@@ -172,7 +175,7 @@ class StatusWriter:
         inputs = [policy_input(body) for body in bodies.values()]
         services = [info for store in self.services.values() for info in store]
         reports = [r for store in self.veernodes.values() for r in store]
-        verdicts = evaluate(inputs, services)
+        verdicts = evaluate(inputs, services, self.agent)
         now, stamp = time.time(), _now()
         failed = 0
         for p in sorted(inputs, key=lambda p: p.key):

@@ -26,10 +26,13 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Mapping
 from types import FrameType
 from typing import Any
 
+from agent.cli.options import PORT_OR_ANY
 from agent.kube.client import KubeClient
+from agent.operator.conditions import AGENT_PORTS, agent_ports
 from agent.operator.lease import LeaderElector
 
 log = logging.getLogger("veer.operator")
@@ -61,6 +64,12 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    metavar="SECONDS", help=argparse.SUPPRESS)
     p.add_argument("--healthz-bind-address", metavar="IP:PORT", default="",
                    help="serve /healthz here (default: off)")
+    p.add_argument("--agent-metrics-port", type=PORT_OR_ANY, default=10249, metavar="PORT",
+                   help="the port of the agents' --metrics-bind-address, which a "
+                        "TrafficPolicy redirect cannot take (0: none; default 10249)")
+    p.add_argument("--agent-healthz-port", type=PORT_OR_ANY, default=10256, metavar="PORT",
+                   help="the port of the agents' --healthz-bind-address (0: none; "
+                        "default 10256)")
     p.add_argument("-v", "--verbose", action="store_true")
 
 
@@ -72,10 +81,12 @@ def default_identity() -> str:
 class KopfThread:
     """kopf in a thread of its own, with its own event loop and stop flag."""
 
-    def __init__(self, api: KubeClient, identity: str, verbose: bool = False) -> None:
+    def __init__(self, api: KubeClient, identity: str, verbose: bool = False,
+                 agent: Mapping[int, str] = AGENT_PORTS) -> None:
         self.api = api
         self.identity = identity
         self.verbose = verbose
+        self.agent = agent
         self.stop_flag = threading.Event()
         self.thread = threading.Thread(target=self._run, name="kopf", daemon=True)
         self.error: BaseException | None = None
@@ -85,7 +96,7 @@ class KopfThread:
 
         from agent.operator.handlers import StatusWriter, make_registry
 
-        writer = StatusWriter(self.api)
+        writer = StatusWriter(self.api, agent=self.agent)
         registry = make_registry(writer)
         api = self.api
 
@@ -180,7 +191,8 @@ def run(args: argparse.Namespace) -> int:
         log.info("veer operator %s starting against %s", identity, client.server)
         if elector is not None and not elector.acquire(stop):
             return 0
-        kopf_thread = KopfThread(client, identity, args.verbose)
+        kopf_thread = KopfThread(client, identity, args.verbose,
+                                 agent_ports(args.agent_metrics_port, args.agent_healthz_port))
         kopf_thread.start()
         period = elector.retry_period if elector is not None else 1.0
         while not stop.wait(period):

@@ -220,6 +220,30 @@ def test_rendered_operator_args_are_what_veer_operator_accepts(
     assert len(parsed) == 1
 
 
+def test_agent_and_operator_agree_on_the_agents_ports(
+    control_plane: ControlPlane, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A TrafficPolicy redirect onto an agent's port is refused by both the
+    agent and the operator, which must name the same ports: moved by the
+    chart's values, they move for both."""
+    from agent.cli import main as cli
+    from agent.operator.conditions import agent_ports
+
+    docs = _render(control_plane, "--set", "agent.metricsPort=19249",
+                   "--set", "agent.healthzPort=19256")
+    parsed: list[Any] = []
+    monkeypatch.setattr(cli, "run_agent", lambda args: parsed.append(args) or 0)
+    monkeypatch.setattr(cli, "run_operator", lambda args: parsed.append(args) or 0)
+    for kind, name in (("DaemonSet", AGENT), ("Deployment", OPERATOR)):
+        [container] = _one(docs, kind, name)["spec"]["template"]["spec"]["containers"]
+        assert cli.main(_downward(container["args"])) == 0, container["args"]
+    agent, operator = parsed
+    expected = {19249: "metrics", 19256: "health"}
+    assert dict(cli._agent_ports(agent.metrics_bind_address,
+                                 agent.healthz_bind_address)) == expected
+    assert agent_ports(operator.agent_metrics_port, operator.agent_healthz_port) == expected
+
+
 def test_rendered_operator_deployment(control_plane: ControlPlane) -> None:
     deploy = _one(_render(control_plane), "Deployment", OPERATOR)
     assert deploy["spec"]["replicas"] == 2

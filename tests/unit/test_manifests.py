@@ -14,6 +14,7 @@ import yaml
 from builders import ep, eport, eps, port, service
 
 from agent.compute.policy import policies_in_force
+from agent.compute.types import ComputeConfig
 from agent.errors import ManifestError
 from agent.model.snapshot import Store
 from agent.sources.manifests import ManifestSource, ScanReport, parse_file
@@ -425,7 +426,7 @@ def test_older_policy_wins_whether_from_yaml_or_json(
     older = yaml.safe_load(policy("older", "'2024-05-01T09:00:00Z'"))
     write(tmp_path / "p.json", json.dumps(older))
     assert source.scan().problems == ()
-    (winner,) = policies_in_force(store.snapshot()).values()
+    (winner,) = policies_in_force(store.snapshot(), ComputeConfig()).values()
     assert winner.meta.name == "older"
 
 

@@ -23,6 +23,7 @@ from agent.operator.conditions import (
     PolicyInput,
     ServiceInfo,
     Verdict,
+    agent_ports,
     aggregate,
     evaluate,
     policy_status,
@@ -94,6 +95,21 @@ def test_a_service_in_another_namespace_does_not_resolve() -> None:
     other = ServiceInfo("other", "web")
     v = evaluate([tp("a", "web")], [other])[(NS, "a")]
     assert v.resolved_refs.reason == "TargetNotFound"
+
+
+def test_the_agents_ports_are_those_it_was_given() -> None:
+    """An agent whose metrics port moved: a redirect onto the new port is
+    refused, one onto the old default is not; a port served by nothing (its
+    bind address empty) is free."""
+    moved = agent_ports(19249, 10256)
+    v = evaluate([tp("a", "web", redirect={"port": 19249})], [svc("web")], moved)[(NS, "a")]
+    assert (v.accepted.reason, v.accepted.message) == (
+        "Invalid", "redirect.port 19249 is the veer agent's metrics port on every node")
+    v = evaluate([tp("a", "web", redirect={"port": 10249})], [svc("web")], moved)[(NS, "a")]
+    assert v.accepted.true, v.accepted
+    v = evaluate([tp("a", "web", redirect={"port": 10256})], [svc("web")],
+                 agent_ports(19249, 0))[(NS, "a")]
+    assert v.accepted.true, v.accepted
 
 
 @pytest.mark.parametrize(("policy", "services", "reason", "message"), [
