@@ -486,6 +486,18 @@ static __always_inline void veer_nat_seen(struct veer_nat_value *nat, const stru
 	}
 }
 
+/* The tuple of the replies to a packet of tuple `t`. */
+static __always_inline void veer_reply_tuple(const struct veer_tuple *t,
+					     struct veer_tuple *reply)
+{
+	__builtin_memcpy(reply->saddr, t->daddr, 16);
+	__builtin_memcpy(reply->daddr, t->saddr, 16);
+	reply->sport = t->dport;
+	reply->dport = t->sport;
+	reply->proto = t->proto;
+	reply->family = t->family;
+}
+
 /* The reverse entry a packet's flow would have if we had translated it. A new
  * connection that we do not translate (pod to pod across nodes, say) may
  * reuse the ports of an old translated one; its replies must not be
@@ -494,12 +506,7 @@ static __always_inline void veer_forget_reverse(const struct veer_pkt *p)
 {
 	struct veer_tuple reply = {};
 
-	__builtin_memcpy(reply.saddr, p->t.daddr, 16);
-	__builtin_memcpy(reply.daddr, p->t.saddr, 16);
-	reply.sport = p->t.dport;
-	reply.dport = p->t.sport;
-	reply.proto = p->t.proto;
-	reply.family = p->t.family;
+	veer_reply_tuple(&p->t, &reply);
 	/* Deleting takes the bucket's lock even when there is nothing to delete;
 	 * looking first does not, and there is rarely anything. */
 	if (veer_nat_rev.lookup(&reply))
@@ -1423,7 +1430,7 @@ static __always_inline int veer_host_flow(struct __sk_buff *skb, const struct ve
 	__u32 zero = 0;
 	__u64 now;
 
-	nat = veer_nat_fwd.lookup(&p->t);
+	nat = veer_nat_fwd.lookup((struct veer_tuple *)&p->t);
 	if (!nat && !p->syn && !p->udp)
 		return 0;
 	now = bpf_ktime_get_ns();
@@ -1439,16 +1446,11 @@ static __always_inline int veer_host_flow(struct __sk_buff *skb, const struct ve
 		}
 		/* Over: a new connection is judged afresh below; a late packet
 		 * of the old one leaves as it is. */
-		veer_nat_fwd.delete(&p->t);
+		veer_nat_fwd.delete((struct veer_tuple *)&p->t);
 		if (!p->syn && !p->udp)
 			return 0;
 	}
-	__builtin_memcpy(reply.saddr, p->t.daddr, 16);
-	__builtin_memcpy(reply.daddr, p->t.saddr, 16);
-	reply.sport = p->t.dport;
-	reply.dport = p->t.sport;
-	reply.proto = p->t.proto;
-	reply.family = p->t.family;
+	veer_reply_tuple(&p->t, &reply);
 	held = veer_nat_rev.lookup(&reply);
 	if (!held)
 		return 0; /* no clash: the common case */
