@@ -23,6 +23,7 @@ from agent.datapath.ebpf.structs import (
     FAMILY_IPV4,
     SCOPE_SOCKET,
     AffinityMatchKey,
+    BackendKey,
     ConnsSweptValue,
     ConnsValue,
     IndexKey,
@@ -70,12 +71,23 @@ def small() -> Iterator[tuple[str, EbpfDatapath]]:
     yield from open_datapath({"services": 8})
 
 
+def settle(dp: EbpfDatapath) -> None:
+    """Delete what a shrink or removal retired, as a pass RETIRE_AFTER_S
+    later does."""
+    dp._delete_retired(everything=True)
+
+
 def slots(dp: EbpfDatapath, frontend: Frontend) -> list[str]:
-    """Backend addresses by slot, read from the kernel map."""
+    """Backend addresses by slot, read from the kernel map: the slots its
+    socket scope's count lets a program reach (a shrink's old tail waits a
+    moment before it is deleted)."""
     out = []
     key_of = {v: k for k, v in dp._backend_ids.items()}  # id -> backend
+    master = dp.maps.services.get(service_key(frontend.key, 0, SCOPE_SOCKET))
+    count = master.count if master is not None else 0
     for key, value in dp.maps.services.items():
-        if key.slot and bytes(key.addr[:4]) == frontend.key.address.packed:
+        if (0 < key.slot <= count and key.scope == SCOPE_SOCKET
+                and bytes(key.addr[:4]) == frontend.key.address.packed):
             out.append((key.slot, str(key_of[value.backend_id].address)))
     return [b for _, b in sorted(out)]
 
@@ -98,8 +110,10 @@ def test_backend_entries_are_shared_and_released(small: tuple[str, EbpfDatapath]
     dp.upsert_frontend(fe("10.96.0.2", 80, "10.0.0.1"))
     assert len(dp.maps.backends) == 1
     dp.delete_frontend(fe("10.96.0.1", 80).key)
+    settle(dp)
     assert len(dp.maps.backends) == 1
     dp.delete_frontend(fe("10.96.0.2", 80).key)
+    settle(dp)
     assert len(dp.maps.backends) == 0 and len(dp.maps.services) == 0
     assert not dp.delete_frontend(fe("10.96.0.2", 80).key)
 
@@ -170,6 +184,7 @@ def test_map_counts_agree_with_a_walk_of_the_keys(medium: tuple[str, EbpfDatapat
             services.fd, services.key_type, services.value_type, chunk=chunk) == walked
     assert len(dp.maps.backends) == 1 + 1 + 5
     dp.delete_frontend(fe("10.96.0.1", 80).key)
+    settle(dp)
     assert len(services) == 4 * 4
 
 
@@ -433,6 +448,42 @@ def test_an_earlier_versions_map_layout_is_replaced_at_load() -> None:
     finally:
         cleanup("/nonexistent", pins)
         shutil.rmtree(pins, ignore_errors=True)
+
+
+def test_a_shrunk_frontends_tail_slot_outlives_the_count_for_a_moment(
+    small: tuple[str, EbpfDatapath], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A program that read a frontend's count just before it shrank may
+    still look up the old tail slot and its backend: both stay until the end
+    of a pass RETIRE_AFTER_S later. A slot the frontend grew back over in
+    the meantime is not deleted then."""
+    from agent.datapath.ebpf import backend as backend_module
+
+    _, dp = small
+    three = fe("10.96.0.1", 80, "10.0.0.1", "10.0.0.2", "10.0.0.3")
+    dp.upsert_frontend(three)
+    gone = dp.backend_id(three.backends[2])
+    assert gone is not None
+    tail = service_key(three.key, 3, SCOPE_SOCKET)
+    dp.upsert_frontend(dataclasses.replace(three, backends=three.backends[:2]))
+    master = dp.maps.services.get(service_key(three.key, 0, SCOPE_SOCKET))
+    assert master is not None and master.count == 2
+    held = dp.maps.services.get(tail)
+    assert held is not None and held.backend_id == gone
+    assert dp.maps.backends.get(BackendKey(gone)) is not None
+    dp.finish_pass()  # too soon
+    assert dp.maps.services.get(tail) is not None
+    monkeypatch.setattr(backend_module, "RETIRE_AFTER_S", 0.0)
+    dp.finish_pass()
+    assert dp.maps.services.get(tail) is None
+    assert dp.maps.backends.get(BackendKey(gone)) is None
+    # Shrunk, then grown back before the deletion: the new slot stays.
+    monkeypatch.setattr(backend_module, "RETIRE_AFTER_S", 3600.0)
+    dp.upsert_frontend(dataclasses.replace(three, backends=three.backends[:1]))
+    dp.upsert_frontend(three)
+    monkeypatch.setattr(backend_module, "RETIRE_AFTER_S", 0.0)
+    dp.finish_pass()
+    assert slots(dp, three) == ["10.0.0.1", "10.0.0.2", "10.0.0.3"]
 
 
 def test_pop_returns_what_it_deleted(small: tuple[str, EbpfDatapath]) -> None:

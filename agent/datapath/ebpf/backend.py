@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import logging
+import time
 from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -113,6 +114,14 @@ log = logging.getLogger(__name__)
 
 FrontendId = tuple[bytes, int, int, int, int]  # addr, port (be), proto, family, scope
 Scoped = tuple[L4Addr, int]  # a frontend in one scope (SCOPE_SOCKET or SCOPE_EXTERNAL)
+
+
+# A slot past a frontend's new count, and a backend no slot names any more,
+# are deleted only at the end of a pass at least this long after: a program
+# that read the frontend's count just before it shrank may still look up the
+# old tail slot, and the backend it names, for a moment (microseconds).
+# Deleted at once, that connection would be refused (counted `inconsistent`).
+RETIRE_AFTER_S = 0.05
 
 
 def _hook_needs(scope: int, flags: int) -> frozenset[str]:
@@ -336,6 +345,10 @@ class EbpfDatapath(Datapath):
         # until they drain. Counts exist only once a LeastConnections entry
         # was written, by this agent or (counts found at start) another.
         self._draining: set[int] = set()
+        # Unreachable entries waiting out RETIRE_AFTER_S: (when, frontend,
+        # scope, slot position) and (when, backend id, whose id stays taken).
+        self._retired_slots: list[tuple[float, L4Addr, int, int]] = []
+        self._retired_backends: list[tuple[float, int]] = []
         self._counts_possible = bool(open_connections(maps))
         self._service_alloc = _IdAllocator(maps.services.capacity)
         self._frontends: dict[Scoped, _FrontendEntry] = {}
@@ -365,7 +378,11 @@ class EbpfDatapath(Datapath):
     def dump(self) -> DatapathState:
         """Read the maps, rebuild ids and caches from them, and delete entries
         no reader can reach (slots past a count, slots without a frontend,
-        unreferenced backends), which is safe at any time."""
+        unreferenced backends): they wait for no RETIRE_AFTER_S here, which
+        only full passes, rare, pay for."""
+        # What waits to be deleted goes first: the ids rebuilt below must not
+        # meet a deletion still pending for an id they reuse.
+        self._delete_retired(everything=True)
         backends: dict[int, L4Addr] = {}
         for bkey, bvalue in self.maps.backends.items():
             be = _l4(bvalue.addr, bvalue.port, bvalue.proto, bvalue.family)
@@ -532,6 +549,26 @@ class EbpfDatapath(Datapath):
             be = self._backend_of_id.pop(ident, None)
             if be is not None:
                 self._backend_ids.pop(be, None)
+            self._retired_backends.append((time.monotonic(), ident))
+
+    def _delete_retired(self, everything: bool = False) -> None:
+        """Delete the retired slots and backends old enough (or all): a slot
+        only if its frontend has not grown back over its position since."""
+        cutoff = float("inf") if everything else time.monotonic() - RETIRE_AFTER_S
+        slots, self._retired_slots = self._retired_slots, []
+        for retired in slots:
+            when, key, scope, pos = retired
+            if when > cutoff:
+                self._retired_slots.append(retired)
+                continue
+            entry = self._frontends.get((key, scope))
+            if entry is None or pos > len(entry.slots):
+                self.maps.services.delete(service_key(key, pos, scope))
+        backends, self._retired_backends = self._retired_backends, []
+        for when, ident in backends:
+            if when > cutoff:
+                self._retired_backends.append((when, ident))
+                continue
             self.maps.backends.delete(BackendKey(ident))
             self._free_id(ident)
 
@@ -729,8 +766,9 @@ class EbpfDatapath(Datapath):
             self._hook_users.subtract(_hook_needs(scope, entry.flags))
         self._frontend_of_id[service_id] = key
         self._note_removed(frontend.key, service_id, set(old_slots) - set(new_slots))
-        for pos in range(len(new_slots), len(old_slots)):
-            self.maps.services.delete(service_key(key, pos + 1, scope))
+        now = time.monotonic()
+        self._retired_slots.extend(
+            (now, key, scope, pos + 1) for pos in range(len(new_slots), len(old_slots)))
         # A removed backend stops being an affinity target of this scope only
         # after no slot of it can hand the backend out any more.
         for ident in old_pairs - new.affinity_backends:
@@ -832,8 +870,8 @@ class EbpfDatapath(Datapath):
         if entry is None:
             return existed
         self._note_removed(key, entry.service_id, {i for i in entry.slots if i})
-        for pos in range(len(entry.slots)):
-            self.maps.services.delete(service_key(key, pos + 1, scope))
+        now = time.monotonic()
+        self._retired_slots.extend((now, key, scope, pos + 1) for pos in range(len(entry.slots)))
         for ident in entry.affinity_backends:
             self.maps.affinity_match.delete(AffinityMatchKey(ident, entry.service_id, scope))
         for cidr in entry.sources:
@@ -891,6 +929,7 @@ class EbpfDatapath(Datapath):
             swept = self._lc_sweeper.sweep()
             if swept:
                 notes.append(f"LeastConnections: gave back {swept} flow(s) that ended unseen")
+        self._delete_retired()
         if self._draining:
             self._free_drained()
         if not self._removed_udp:
