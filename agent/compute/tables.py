@@ -252,7 +252,10 @@ def slot_table(
     share a weight (a split entry); by default, those of equal weight."""
     if algorithm is Algorithm.MAGLEV and names:
         return maglev_table(names, weights, maglev_size or DEFAULT_MAGLEV_SIZE, groups=groups)
-    if algorithm is Algorithm.LEAST_CONNECTIONS or not weights:
+    # Equal weights (a split whose Services' shares match their endpoint
+    # counts) need no table: a table of each backend once would only flag the
+    # frontend as holding one.
+    if algorithm is Algorithm.LEAST_CONNECTIONS or not _unequal(weights):
         return None
     return weighted_table(weights, groups=groups)
 

@@ -218,3 +218,13 @@ def test_removing_a_weighted_backend_moves_few_other_flows(weights: tuple[int, .
         stayed = [k for k, b in enumerate(before) if b != backends[gone]]
         moved = sum(1 for k in stayed if after_names[k] != before[k])
         assert moved < len(stayed) / 10, (gone, moved, len(stayed))
+
+
+@pytest.mark.parametrize("algorithm", [Algorithm.RANDOM, Algorithm.ROUND_ROBIN])
+def test_equal_weights_need_no_table(algorithm: Algorithm) -> None:
+    """A split whose shares match its endpoint counts gives every endpoint
+    the same weight: the backends themselves are the slots, and the frontend
+    is not flagged as holding a table."""
+    names = [name(b) for b in endpoints(1, 3)]
+    assert slot_table(algorithm, names, (40, 40, 40), 0) is None
+    assert slot_table(algorithm, names, (40, 40, 20), 0) is not None
