@@ -406,6 +406,39 @@ def test_a_udp_flow_lives_while_either_direction_is_active(cluster: MultiNodeClu
     cluster.topo.forget(client)
 
 
+@pytest.mark.parametrize("proto", ["tcp", "udp"])
+def test_the_sweeps_reply_key_is_the_kernels(cluster: MultiNodeCluster, proto: str) -> None:
+    """The LeastConnections sweep judges a UDP flow by both of its entries,
+    finding the reverse one with lc_sweep._reply_key, its copy of tc_nat.c's
+    veer_nat_other_key: for every flow the kernel made, source-NATed or not,
+    the key must be the reverse entry's."""
+    from agent.datapath.ebpf.lc_sweep import _reply_key
+
+    cluster.write_manifest("web.yaml", web("Cluster", ALL))
+    frontend = "30053" if proto == "udp" else "30080"
+    cluster.wait_external(f"10.0.0.1:{frontend}/{proto.upper()}", cluster.nodes[0],
+                          [f"{a}:{9053 if proto == 'udp' else 8080}/{proto.upper()}"
+                           for a in sorted(ALL)], False)
+    result = cluster.probe_from_outside(proto, "10.0.0.1", frontend, "--count", "20",
+                                        "--timeout", "5")
+    assert result["errors"] == {}, result
+    maps = SockLbMaps.open(cluster.nodes[0].bpffs)
+    try:
+        ident = 17 if proto == "udp" else 6
+        recent = time.monotonic_ns() - 30 * 10**9  # this probe's, not earlier tests'
+        flows = [(k, v) for k, v in maps.nat_fwd.items()
+                 if k.proto == ident and bytes(k.saddr[:4]) == bytes([10, 0, 0, 100])
+                 and socket.ntohs(k.dport) == int(frontend)
+                 and v.last_seen_ns & ~(0b111 << 61) > recent]
+        assert flows and (proto == "udp" or len(flows) >= 20), flows
+        snat = sum(bytes(v.saddr[:4]) == bytes([10, 0, 0, 1]) for _, v in flows)
+        assert 0 < snat < len(flows), "both kinds of flow: source-NATed and not"
+        for k, v in flows:
+            assert maps.nat_rev.get(_reply_key(k, v)) is not None, (k, v)
+    finally:
+        maps.close()
+
+
 def test_udp_service_scaled_to_zero_and_back(cluster: MultiNodeCluster) -> None:
     frontend = "10.0.0.1:30053/UDP"
     cluster.write_manifest("web.yaml", web("Cluster", {}))
