@@ -1494,30 +1494,38 @@ int veer_tc_egress(struct __sk_buff *skb)
 	struct veer_pkt p;
 	struct veer_nat_value *nat;
 	__u32 flags;
-	__u64 now;
+	__u64 now = 0;
 
-	/* Only replies of local backends are restored here, and they come from
-	 * a pod's device or the node itself. A packet that came in through this
-	 * very device is passing through (veer's own translations leave this
-	 * way, already translated): nothing to look up. */
+	/* Only replies of local backends are restored here, and the node's own
+	 * moved connections translated; they come from a pod's device or the
+	 * node itself. A packet that came in through this very device is
+	 * passing through (veer's own translations leave this way, already
+	 * translated): nothing to look up. */
 	if (skb->ingress_ifindex == skb->ifindex)
 		return TC_ACT_OK;
 	if (veer_parse(skb, &p) != 0)
 		return TC_ACT_OK;
 	flags = veer_tc_addr_flags(p.t.saddr, p.t.family);
-	/* The node's own packet (no ingress device: made here) from a SNAT
-	 * address: perhaps a connection on ports a source-NATed flow holds. */
-	if (!p.iif && (flags & VEER_TC_ADDR_SNAT) && veer_host_flow(skb, &p))
-		return TC_ACT_OK;
-	/* A reply comes from a backend: most of what pods send does not. */
-	if (!(flags & VEER_TC_ADDR_BACKEND))
-		return TC_ACT_OK;
-	nat = veer_nat_rev.lookup(&p.t);
-	if (!nat)
-		return TC_ACT_OK;
-	now = bpf_ktime_get_ns();
-	if (veer_flow_stale(&p.t, nat, 1, now)) {
-		veer_nat_rev.delete(&p.t);
+	/* A reply comes from a backend: most of what pods send does not. It is
+	 * looked for first: a host-network backend's reply leaves from the
+	 * node's own address, and is not the node's own flow. */
+	nat = NULL;
+	if (flags & VEER_TC_ADDR_BACKEND) {
+		nat = veer_nat_rev.lookup(&p.t);
+		if (nat) {
+			now = bpf_ktime_get_ns();
+			if (veer_flow_stale(&p.t, nat, 1, now)) {
+				veer_nat_rev.delete(&p.t);
+				nat = NULL;
+			}
+		}
+	}
+	if (!nat) {
+		/* The node's own packet (no ingress device: made here) from a
+		 * SNAT address: perhaps a connection on ports a source-NATed
+		 * flow holds. */
+		if (!p.iif && (flags & VEER_TC_ADDR_SNAT))
+			veer_host_flow(skb, &p);
 		return TC_ACT_OK;
 	}
 	veer_count(VEER_CNT_NAT_REPLY);
