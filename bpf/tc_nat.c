@@ -1405,6 +1405,21 @@ int veer_tc_dsr(struct __sk_buff *skb)
 	return TC_ACT_OK;
 }
 
+/* A flow whose ports the node's own connection takes after all: both of its
+ * entries go (and its LeastConnections count), so that neither its replies
+ * nor its packets mix with the node's. `reply`: its reverse entry's key;
+ * `held`: that entry. */
+static __always_inline void veer_forget_flow(struct veer_tuple *reply,
+					     const struct veer_nat_value *held)
+{
+	struct veer_tuple fwd = {};
+
+	veer_nat_other_key(held, reply->proto, reply->family, &fwd);
+	veer_lc_flow_release(&fwd);
+	veer_nat_fwd.delete(&fwd);
+	veer_nat_rev.delete(reply);
+}
+
 /* The node's own packet `p`, leaving from one of its SNAT addresses.
  *
  * The node's own connections share those addresses with the flows veer
@@ -1421,7 +1436,7 @@ int veer_tc_dsr(struct __sk_buff *skb)
  * flow's reply entry.
  *
  * Returns 1 when the packet was translated. Only a TCP SYN or a UDP datagram
- * without an entry can start a clash; TCP's other packets cost one lookup. */
+ * without an entry can start a clash. */
 static __always_inline int veer_host_flow(struct __sk_buff *skb, const struct veer_pkt *p)
 {
 	struct veer_nat_value *nat, *held;
@@ -1430,16 +1445,25 @@ static __always_inline int veer_host_flow(struct __sk_buff *skb, const struct ve
 	__u32 zero = 0;
 	__u64 now;
 
+	/* Only a connection to a backend can clash (a reverse entry's source
+	 * is one, flagged while any entry names it), and only one moved before
+	 * has an entry: the rest of what the node sends (to the API server, an
+	 * overlay's tunnel, ...) costs this one lookup in a small map. */
+	if (!(veer_tc_addr_flags(p->t.daddr, p->t.family) & VEER_TC_ADDR_BACKEND))
+		return 0;
 	nat = veer_nat_fwd.lookup((struct veer_tuple *)&p->t);
+	if (nat && nat->service_id)
+		nat = NULL; /* not a moved connection's (service 0) */
 	if (!nat && !p->syn && !p->udp)
 		return 0;
 	now = bpf_ktime_get_ns();
 	if (nat) {
-		/* A moved connection, or (a SYN) a new one on the same ports, as
-		 * veer_tc_ingress tells them apart. */
+		/* A moved connection, or (a SYN) a new one on the same ports. The
+		 * node reuses its own tuple only once the connection closed (its
+		 * socket's TIME_WAIT): a SYN on an entry not closing is a
+		 * retransmission, however late. */
 		if (!veer_flow_stale(&p->t, nat, 0, now) &&
-		    (!p->syn || (!(nat->last_seen_ns & VEER_NAT_CLOSING) &&
-				 veer_nat_age(nat, now) < VEER_SYN_REUSE_NS))) {
+		    (!p->syn || !(nat->last_seen_ns & VEER_NAT_CLOSING))) {
 			veer_nat_seen(nat, p, 0, now);
 			veer_rewrite(skb, p, nat);
 			return 1;
@@ -1473,15 +1497,16 @@ static __always_inline int veer_host_flow(struct __sk_buff *skb, const struct ve
 	w->rev.last_seen_ns = now;
 	__builtin_memcpy(&w->reply, &reply, sizeof(reply));
 	if (veer_snat_port(skb, p, w, 0) < 0) {
-		/* No port: the node's connection wins, as before conntrack-like
-		 * moves, and the flow that held the port loses its replies. */
+		/* No port: the node's connection wins, as it did before moves,
+		 * and the flow that held the port ends. */
 		veer_count(VEER_CNT_NAT_FAIL);
-		veer_nat_rev.delete(&reply);
+		veer_forget_flow(&reply, held);
 		return 0;
 	}
 	if (veer_nat_fwd.update((struct veer_tuple *)&p->t, &w->fwd) != 0) {
 		veer_count(VEER_CNT_NAT_FAIL);
 		veer_nat_rev.delete(&w->reply);
+		veer_forget_flow(&reply, held);
 		return 0;
 	}
 	veer_count(VEER_CNT_NAT_HOST_MOVED);

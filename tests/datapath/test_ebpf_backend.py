@@ -445,6 +445,18 @@ def test_an_earlier_versions_map_layout_is_replaced_at_load() -> None:
         assert dp.dump().frontends[fe("10.96.0.1", 80).key].backends == fe(
             "10.96.0.1", 80, "10.0.0.1").backends
         dp.close()
+        # A map whose entries name others' goes with its group: counts held
+        # against backend ids go with the ids (veer_backends), which a new
+        # agent would hand out afresh. The services stay.
+        backends = _pinned_map_info(f"{pins}/veer_backends").id
+        old = f"{pins}/veer_lc_socks"
+        os.unlink(old)
+        subprocess.run(["bpftool", "map", "create", old, "type", "hash", "key", "8",
+                        "value", "4", "entries", "64", "name", "veer_lc_socks"], check=True)
+        SockLbPrograms(pins, {"services": 8}).load()
+        assert _pinned_map_info(f"{pins}/veer_backends").id != backends
+        assert _pinned_map_info(f"{pins}/veer_services").id == services
+        SockLbMaps.open(pins).close()
     finally:
         cleanup("/nonexistent", pins)
         shutil.rmtree(pins, ignore_errors=True)
@@ -484,6 +496,48 @@ def test_a_shrunk_frontends_tail_slot_outlives_the_count_for_a_moment(
     monkeypatch.setattr(backend_module, "RETIRE_AFTER_S", 0.0)
     dp.finish_pass()
     assert slots(dp, three) == ["10.0.0.1", "10.0.0.2", "10.0.0.3"]
+    # Shrunk, grown back, shrunk again: the slot waits from the last shrink.
+    clock = [1000.0]
+    monkeypatch.setattr(backend_module, "time", type("Clock", (), {
+        "monotonic": staticmethod(lambda: clock[0])}))
+    monkeypatch.setattr(backend_module, "RETIRE_AFTER_S", 5.0)
+    two = dataclasses.replace(three, backends=three.backends[:2])
+    dp.upsert_frontend(two)
+    clock[0] += 10
+    dp.upsert_frontend(three)
+    dp.upsert_frontend(two)
+    dp.finish_pass()  # 10 s after the first shrink, 0 after the last
+    assert dp.maps.services.get(tail) is not None
+    clock[0] += 10
+    dp.finish_pass()
+    assert dp.maps.services.get(tail) is None
+
+
+def test_counts_left_by_an_earlier_agent_keep_their_id_taken(
+    small: tuple[str, EbpfDatapath],
+) -> None:
+    """An agent that stopped while a gone backend's counts drained leaves
+    them in veer_backend_conns with the backend deleted: the next agent must
+    not hand that id out until they are given back."""
+    pins, dp = small
+    lc = dataclasses.replace(fe("10.96.0.1", 80, "10.0.0.1"),
+                             algorithm=Algorithm.LEAST_CONNECTIONS)
+    dp.upsert_frontend(lc)
+    first = dp.backend_id(lc.backends[0])
+    assert first is not None
+    spare = first + 1  # an id no backend holds, with counts open
+    dp.maps.backend_conns.put(IndexKey(spare), ConnsValue(open=2))
+    after = EbpfDatapath(SockLbMaps.open(pins))
+    try:
+        after.dump()
+        newcomer = L4Addr(ipaddress.ip_address("10.0.0.2"), 8080, TCP)
+        after.upsert_frontend(dataclasses.replace(lc, backends=(lc.backends[0], newcomer)))
+        assert after.backend_id(newcomer) not in (None, spare)
+        after.maps.backend_conns.put(IndexKey(spare), ConnsValue(open=0))
+        after.finish_pass()
+        assert spare not in after._draining
+    finally:
+        after.close()
 
 
 def test_pop_returns_what_it_deleted(small: tuple[str, EbpfDatapath]) -> None:

@@ -345,9 +345,10 @@ class EbpfDatapath(Datapath):
         # until they drain. Counts exist only once a LeastConnections entry
         # was written, by this agent or (counts found at start) another.
         self._draining: set[int] = set()
-        # Unreachable entries waiting out RETIRE_AFTER_S: (when, frontend,
-        # scope, slot position) and (when, backend id, whose id stays taken).
-        self._retired_slots: list[tuple[float, L4Addr, int, int]] = []
+        # Unreachable entries waiting out RETIRE_AFTER_S: (frontend, scope,
+        # slot position) -> when it last went past the count, and (when,
+        # backend id, whose id stays taken).
+        self._retired_slots: dict[tuple[L4Addr, int, int], float] = {}
         self._retired_backends: list[tuple[float, int]] = []
         self._counts_possible = bool(open_connections(maps))
         self._service_alloc = _IdAllocator(maps.services.capacity)
@@ -518,6 +519,13 @@ class EbpfDatapath(Datapath):
             self._backend_ids[be] = ident
             self._backend_of_id[ident] = be
             self._backend_alloc.take(ident)
+        # Counts still open against ids whose backends an earlier agent
+        # already deleted (it drained them too, until it stopped).
+        if self._counts_possible:
+            for ident in open_connections(self.maps):
+                if ident not in self._backend_of_id and ident not in self._draining:
+                    self._backend_alloc.take(ident)
+                    self._draining.add(ident)
 
         for vkey in self.maps.vips.list_keys():
             state.vips.add(addr_from(vkey.addr, vkey.family))
@@ -543,8 +551,8 @@ class EbpfDatapath(Datapath):
 
     def _release_unreferenced(self, candidates: set[int]) -> None:
         for ident in candidates:
-            if self._backend_refs[ident] > 0:
-                continue
+            if not ident or self._backend_refs[ident] > 0:
+                continue  # 0: a slot dump() found missing, no backend
             del self._backend_refs[ident]
             be = self._backend_of_id.pop(ident, None)
             if be is not None:
@@ -555,12 +563,12 @@ class EbpfDatapath(Datapath):
         """Delete the retired slots and backends old enough (or all): a slot
         only if its frontend has not grown back over its position since."""
         cutoff = float("inf") if everything else time.monotonic() - RETIRE_AFTER_S
-        slots, self._retired_slots = self._retired_slots, []
-        for retired in slots:
-            when, key, scope, pos = retired
+        slots, self._retired_slots = self._retired_slots, {}
+        for retired, when in slots.items():
             if when > cutoff:
-                self._retired_slots.append(retired)
+                self._retired_slots[retired] = when
                 continue
+            key, scope, pos = retired
             entry = self._frontends.get((key, scope))
             if entry is None or pos > len(entry.slots):
                 self.maps.services.delete(service_key(key, pos, scope))
@@ -767,8 +775,10 @@ class EbpfDatapath(Datapath):
         self._frontend_of_id[service_id] = key
         self._note_removed(frontend.key, service_id, set(old_slots) - set(new_slots))
         now = time.monotonic()
-        self._retired_slots.extend(
-            (now, key, scope, pos + 1) for pos in range(len(new_slots), len(old_slots)))
+        # The latest time counts: a slot that went past the count, came back
+        # and went past it again waits from the last time.
+        self._retired_slots.update(
+            ((key, scope, pos + 1), now) for pos in range(len(new_slots), len(old_slots)))
         # A removed backend stops being an affinity target of this scope only
         # after no slot of it can hand the backend out any more.
         for ident in old_pairs - new.affinity_backends:
@@ -871,7 +881,7 @@ class EbpfDatapath(Datapath):
             return existed
         self._note_removed(key, entry.service_id, {i for i in entry.slots if i})
         now = time.monotonic()
-        self._retired_slots.extend((now, key, scope, pos + 1) for pos in range(len(entry.slots)))
+        self._retired_slots.update(((key, scope, pos + 1), now) for pos in range(len(entry.slots)))
         for ident in entry.affinity_backends:
             self.maps.affinity_match.delete(AffinityMatchKey(ident, entry.service_id, scope))
         for cidr in entry.sources:

@@ -32,6 +32,8 @@ from agent.datapath.ebpf.structs import (
     LcSockValue,
     NatValue,
     NodeValue,
+    OrigKey,
+    OrigValue,
     ProxyValue,
     RuleKey,
     ServiceKey,
@@ -281,9 +283,31 @@ MAP_LAYOUTS: tuple[tuple[str, str, type[ctypes.Structure], type[ctypes.Structure
 )
 
 
+# Pinned maps the agent does not open, checked all the same.
+OTHER_LAYOUTS: tuple[tuple[str, type[ctypes.Structure], type[ctypes.Structure]], ...] = (
+    ("veer_rr_cursor", IndexKey, IndexKey),  # __u32 -> __u32
+    ("veer_redirect_socks", CookieKey, OrigValue),
+    ("veer_orig_dst", OrigKey, OrigValue),
+)
+
+# Maps the kernel writes entries into that name each other's: backend ids
+# (veer_backends' keys, which a new agent hands out afresh when that map is
+# new) and the counts held against them, a flow's two NAT entries. One
+# replaced alone would leave the others naming what is gone or means
+# something else now, so a group is replaced whole. (What only the agent
+# writes, the services and affinity_match included, is rewritten by its
+# first pass.)
+LAYOUT_GROUPS: tuple[frozenset[str], ...] = (
+    frozenset({"veer_backends", "veer_affinity", "veer_ext_affinity", "veer_backend_conns",
+               "veer_backend_conns_swept", "veer_lc_flows", "veer_lc_socks"}),
+    frozenset({"veer_nat_fwd", "veer_nat_rev"}),
+)
+
+
 def retire_other_layouts(bpffs_dir: str) -> list[str]:
     """Unpin every map an earlier veer version pinned with other key or
-    value sizes, and return their names.
+    value sizes, with the rest of its LAYOUT_GROUPS group, and return their
+    names.
 
     BCC adopts a pinned map of the same name whatever its sizes, and the
     verifier only checks that a key is at least the map's key size: the new
@@ -292,11 +316,11 @@ def retire_other_layouts(bpffs_dir: str) -> list[str]:
     replaced. Its entries are lost: the agent rewrites what it owns on its
     first pass; flows and affinities the kernel kept in it start again.
     """
-    retired = []
-    for _, name, key_type, value_type in MAP_LAYOUTS:
-        path = os.path.join(bpffs_dir, name)
+    layouts = [(name, k, v) for _, name, k, v in MAP_LAYOUTS] + list(OTHER_LAYOUTS)
+    other = set()
+    for name, key_type, value_type in layouts:
         try:
-            fd = syscall.obj_get(path)
+            fd = syscall.obj_get(os.path.join(bpffs_dir, name))
         except DatapathError:
             continue  # not pinned yet
         try:
@@ -305,8 +329,17 @@ def retire_other_layouts(bpffs_dir: str) -> list[str]:
             os.close(fd)
         if (info.key_size, info.value_size) != (ctypes.sizeof(key_type),
                                                 ctypes.sizeof(value_type)):
-            os.unlink(path)
-            retired.append(name)
+            other.add(name)
+    for group in LAYOUT_GROUPS:
+        if group & other:
+            other |= group
+    retired = []
+    for name in sorted(other):
+        try:
+            os.unlink(os.path.join(bpffs_dir, name))
+        except FileNotFoundError:
+            continue
+        retired.append(name)
     return retired
 
 
