@@ -31,6 +31,7 @@ from types import FrameType
 from typing import Any
 
 from agent.cli.options import PORT_OR_ANY
+from agent.defaults import DEFAULT_AGENT_PORTS
 from agent.kube.client import KubeClient
 from agent.operator.conditions import AGENT_PORTS, agent_ports
 from agent.operator.lease import LeaderElector
@@ -64,12 +65,15 @@ def add_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                    metavar="SECONDS", help=argparse.SUPPRESS)
     p.add_argument("--healthz-bind-address", metavar="IP:PORT", default="",
                    help="serve /healthz here (default: off)")
-    p.add_argument("--agent-metrics-port", type=PORT_OR_ANY, default=10249, metavar="PORT",
+    defaults = {what: port for port, what in DEFAULT_AGENT_PORTS}
+    p.add_argument("--agent-metrics-port", type=PORT_OR_ANY, default=defaults["metrics"],
+                   metavar="PORT",
                    help="the port of the agents' --metrics-bind-address, which a "
-                        "TrafficPolicy redirect cannot take (0: none; default 10249)")
-    p.add_argument("--agent-healthz-port", type=PORT_OR_ANY, default=10256, metavar="PORT",
+                        "TrafficPolicy redirect cannot take (0: none; default %(default)s)")
+    p.add_argument("--agent-healthz-port", type=PORT_OR_ANY, default=defaults["health"],
+                   metavar="PORT",
                    help="the port of the agents' --healthz-bind-address (0: none; "
-                        "default 10256)")
+                        "default %(default)s)")
     p.add_argument("-v", "--verbose", action="store_true")
 
 

@@ -20,6 +20,7 @@ from agent.datapath.ebpf.backend import EbpfDatapath
 from agent.datapath.ebpf.maps import SockLbMaps, _possible_cpus
 from agent.datapath.ebpf.programs import SockLbPrograms, cleanup
 from agent.datapath.ebpf.structs import (
+    COUNTER_NAMES,
     FAMILY_IPV4,
     SCOPE_SOCKET,
     AffinityMatchKey,
@@ -419,6 +420,16 @@ def _pinned_map_info(path: str) -> syscall.MapInfo:
         os.close(fd)
 
 
+def _pin_other_layout(pins: str, name: str, key: int, value: int) -> str:
+    """Pin in place of `name` a hash map of the given key and value sizes, as
+    an earlier veer version with another layout would have left it."""
+    path = f"{pins}/{name}"
+    os.unlink(path)
+    subprocess.run(["bpftool", "map", "create", path, "type", "hash", "key", str(key),
+                    "value", str(value), "entries", "64", "name", name[:15]], check=True)
+    return path
+
+
 def test_an_earlier_versions_map_layout_is_replaced_at_load() -> None:
     """An upgrade over pins whose layout changed (veer_affinity_match's key
     gained the scope): BCC would adopt the old map for the new programs, and
@@ -434,10 +445,7 @@ def test_an_earlier_versions_map_layout_is_replaced_at_load() -> None:
         dp.upsert_frontend(fe("10.96.0.1", 80, "10.0.0.1"))
         dp.close()
         services = _pinned_map_info(f"{pins}/veer_services").id
-        old = f"{pins}/veer_affinity_match"
-        os.unlink(old)
-        subprocess.run(["bpftool", "map", "create", old, "type", "hash", "key", "8",
-                        "value", "4", "entries", "64", "name", "veer_affinity_m"], check=True)
+        old = _pin_other_layout(pins, "veer_affinity_match", key=8, value=4)
         SockLbPrograms(pins, {"services": 8}).load()
         assert _pinned_map_info(old).key_size == ctypes.sizeof(AffinityMatchKey)
         assert _pinned_map_info(f"{pins}/veer_services").id == services
@@ -449,13 +457,17 @@ def test_an_earlier_versions_map_layout_is_replaced_at_load() -> None:
         # against backend ids go with the ids (veer_backends), which a new
         # agent would hand out afresh. The services stay.
         backends = _pinned_map_info(f"{pins}/veer_backends").id
-        old = f"{pins}/veer_lc_socks"
-        os.unlink(old)
-        subprocess.run(["bpftool", "map", "create", old, "type", "hash", "key", "8",
-                        "value", "4", "entries", "64", "name", "veer_lc_socks"], check=True)
+        _pin_other_layout(pins, "veer_lc_socks", key=8, value=4)
+        # An earlier version's veer_counters, with fewer counters.
+        counters = f"{pins}/veer_counters"
+        os.unlink(counters)
+        subprocess.run(["bpftool", "map", "create", counters, "type", "percpu_array",
+                        "key", "4", "value", "8", "entries", "3", "name", "veer_counters"],
+                       check=True)
         SockLbPrograms(pins, {"services": 8}).load()
         assert _pinned_map_info(f"{pins}/veer_backends").id != backends
         assert _pinned_map_info(f"{pins}/veer_services").id == services
+        assert _pinned_map_info(counters).max_entries == len(COUNTER_NAMES)
         SockLbMaps.open(pins).close()
     finally:
         cleanup("/nonexistent", pins)

@@ -37,7 +37,7 @@ from agent.compute.policy import (
 )
 from agent.compute.types import EmptyVerdict, Frontend, L4Addr
 from agent.datapath.ebpf.clients import ClientNamespaces
-from agent.datapath.ebpf.lc_sweep import LeastConnSweeper, open_connections
+from agent.datapath.ebpf.lc_sweep import LeastConnSweeper, open_connections, open_count
 from agent.datapath.ebpf.maps import SockLbMaps
 from agent.datapath.ebpf.programs import (
     NEEDS_LEAST_CONN,
@@ -582,22 +582,14 @@ class EbpfDatapath(Datapath):
 
     def _free_id(self, ident: int) -> None:
         """Give a gone backend's id back, or keep it while counts drain."""
-        if self._counts_possible and self._open_count(ident) > 0:
+        if self._counts_possible and open_count(self.maps, ident) > 0:
             self._draining.add(ident)
         else:
             self._backend_alloc.release(ident)
 
-    def _open_count(self, ident: int) -> int:
-        """The LeastConnections count open against backend id `ident`."""
-        opened = self.maps.backend_conns.get(IndexKey(ident))
-        if opened is None or not opened.open:
-            return 0
-        swept = self.maps.backend_conns_swept.get(IndexKey(ident))
-        return int(opened.open) - (int(swept.swept) if swept else 0)
-
     def _free_drained(self) -> None:
         """Release the draining ids whose counts are all given back."""
-        drained = {i for i in self._draining if self._open_count(i) <= 0}
+        drained = {i for i in self._draining if open_count(self.maps, i) <= 0}
         self._draining -= drained
         for ident in drained:
             self._backend_alloc.release(ident)

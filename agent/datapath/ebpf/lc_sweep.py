@@ -117,3 +117,12 @@ def open_connections(maps: SockLbMaps) -> dict[int, int]:
         if n > 0:
             out[int(key.index)] = n
     return out
+
+
+def open_count(maps: SockLbMaps, backend_id: int) -> int:
+    """open_connections() of one backend id, read by two lookups."""
+    opened = maps.backend_conns.get(IndexKey(backend_id))
+    if opened is None or not opened.open:
+        return 0
+    swept = maps.backend_conns_swept.get(IndexKey(backend_id))
+    return int(opened.open) - (int(swept.swept) if swept else 0)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -288,7 +288,14 @@ OTHER_LAYOUTS: tuple[tuple[str, type[ctypes.Structure], type[ctypes.Structure]],
     ("veer_rr_cursor", IndexKey, IndexKey),  # __u32 -> __u32
     ("veer_redirect_socks", CookieKey, OrigValue),
     ("veer_orig_dst", OrigKey, OrigValue),
+    ("veer_counters", IndexKey, _U64),  # per CPU
 )
+
+# Pinned maps that must hold at least this many entries: BCC adopts a pinned
+# map whatever its size too, and counters past the end of an earlier
+# version's veer_counters would never count (their metric says "since the map
+# was created", so restarting from 0 is allowed).
+MIN_ENTRIES: Mapping[str, int] = {"veer_counters": len(COUNTER_NAMES)}
 
 # Maps the kernel writes entries into that name each other's: backend ids
 # (veer_backends' keys, which a new agent hands out afresh when that map is
@@ -306,8 +313,8 @@ LAYOUT_GROUPS: tuple[frozenset[str], ...] = (
 
 def retire_other_layouts(bpffs_dir: str) -> list[str]:
     """Unpin every map an earlier veer version pinned with other key or
-    value sizes, with the rest of its LAYOUT_GROUPS group, and return their
-    names.
+    value sizes (or fewer entries than MIN_ENTRIES), with the rest of its
+    LAYOUT_GROUPS group, and return their names.
 
     BCC adopts a pinned map of the same name whatever its sizes, and the
     verifier only checks that a key is at least the map's key size: the new
@@ -327,8 +334,9 @@ def retire_other_layouts(bpffs_dir: str) -> list[str]:
             info = syscall.map_info(fd)
         finally:
             os.close(fd)
-        if (info.key_size, info.value_size) != (ctypes.sizeof(key_type),
-                                                ctypes.sizeof(value_type)):
+        if ((info.key_size, info.value_size) != (ctypes.sizeof(key_type),
+                                                 ctypes.sizeof(value_type))
+                or info.max_entries < MIN_ENTRIES.get(name, 0)):
             other.add(name)
     for group in LAYOUT_GROUPS:
         if group & other:

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING
 from agent.datapath.ebpf import syscall
 from agent.datapath.ebpf.loader import LoadedObject, LoadRequest, ProgramSpec, load_in_child
 from agent.datapath.ebpf.maps import retire_other_layouts
-from agent.datapath.ebpf.structs import COUNTER_NAMES, ConfigValue, IndexKey
+from agent.datapath.ebpf.structs import ConfigValue, IndexKey
 from agent.errors import DatapathError, EnvironmentProblem
 
 if TYPE_CHECKING:
@@ -179,7 +179,6 @@ class SockLbPrograms:
 
         check_headers()
         os.makedirs(self.bpffs_dir, exist_ok=True)
-        self._retire_short_counters()
         retired = retire_other_layouts(self.bpffs_dir)
         if retired:
             log.warning("replaced pinned map(s) of another veer version with another layout "
@@ -234,28 +233,6 @@ class SockLbPrograms:
 
     def _map(self, name: str) -> int | None:
         return self._loaded.maps.get(name) if self._loaded is not None else None
-
-    def _retire_short_counters(self) -> None:
-        """Unpin a veer_counters left by a version with fewer counters.
-
-        BCC adopts a pinned map without comparing its size, and counters past
-        its end would never count (events_sent, events_lost, ...). The old
-        programs keep their map until they are replaced; the counts restart
-        from 0, which their metric ("since the map was created") allows.
-        """
-        path = self.map_path("veer_counters")
-        try:
-            fd = syscall.obj_get(path)
-        except DatapathError:
-            return  # not there yet
-        try:
-            entries = syscall.map_info(fd).max_entries
-        finally:
-            os.close(fd)
-        if entries < len(COUNTER_NAMES):
-            log.info("veer_counters holds %d counters, this version has %d: replacing it "
-                     "(the counts restart from 0)", entries, len(COUNTER_NAMES))
-            os.unlink(path)
 
     def attach(self, cgroup: str) -> None:
         """Attach every always-attached hook to `cgroup` (replacing what is
