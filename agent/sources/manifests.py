@@ -21,7 +21,14 @@ Errors never lose state:
   makes a file a duplicate of itself; a FIFO or device named *.yaml is
   reported, not read (reading it could block the scan for ever);
 - a subdirectory that cannot be listed is reported, and the files last seen
-  in it keep their objects.
+  in it keep their objects;
+- a changed file is read only once it has stayed unchanged for SETTLE_S (by
+  its mtime, or by two looks that far apart), and it is taken only if it is
+  still unchanged after the read: a writer that truncates a file and then
+  writes it (an editor saving in place, `kubectl get -o yaml > f`) leaves a
+  moment in which the file is empty or cut short, and that must not drop the
+  Services it held. Until then the file keeps its previous objects. A file
+  that has not settled after UNSETTLED_REPORT_S is reported.
 
 What a scan read is remembered only once the store holds it: a scan that
 fails part-way is repeated in full by the next one, so no change is lost.
@@ -34,7 +41,8 @@ import logging
 import os
 import stat
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import Any
@@ -50,12 +58,37 @@ log = logging.getLogger(__name__)
 
 SUFFIXES = (".yaml", ".yml", ".json")
 
+# How long a changed file must stay unchanged before it is read. A program
+# rewriting a file in place does so within milliseconds; the cost is this
+# much delay on every change.
+SETTLE_S = 0.2
+# A file still changing after this long is reported (it is not read meanwhile).
+UNSETTLED_REPORT_S = 5.0
+# start() waits at most this long for files that are being written, so that
+# the first view is not one cut short; past it, such files are left out.
+START_SETTLE_WAIT_S = 2.0
+
+Signature = tuple[int, int, int]  # size, mtime_ns, inode
+
+
+def _signature(st: os.stat_result) -> Signature:
+    return (st.st_size, st.st_mtime_ns, st.st_ino)
+
 
 @dataclass
 class _FileState:
-    signature: tuple[int, int, int]  # size, mtime_ns, inode
+    signature: Signature
     objects: list[Model] = field(default_factory=list)
     error: str = ""  # the current problem with the file, if any
+
+
+@dataclass(frozen=True)
+class _Unsettled:
+    """A changed file not read yet, because it may still be being written."""
+
+    signature: Signature  # as last seen
+    seen: float  # monotonic time that signature was first seen
+    since: float  # monotonic time the file was first seen changing
 
 
 @dataclass(frozen=True)
@@ -169,11 +202,21 @@ class ManifestSource:
 
     kind = "manifests"
 
-    def __init__(self, directory: str, store: Store, interval: float = 0.5) -> None:
+    def __init__(self, directory: str, store: Store, interval: float = 0.5, *,
+                 settle: float = SETTLE_S,
+                 clock: Callable[[], float] = time.monotonic,
+                 wall_clock: Callable[[], int] = time.time_ns) -> None:
         self.directory = directory
         self.store = store
         self.interval = interval
+        self.settle = settle
+        self._clock = clock
+        self._wall_clock = wall_clock
         self._files: dict[str, _FileState] = {}
+        # Changed files not read yet (see the module's docstring), and those
+        # of them reported as still changing.
+        self._unsettled: dict[str, _Unsettled] = {}
+        self._overdue: frozenset[str] = frozenset()
         self._reported: set[str] = set()
         self._scanned = False
         self._stop = threading.Event()
@@ -229,15 +272,41 @@ class ManifestSource:
                     found[path] = st
         return found, unreadable
 
+    def _unsettled_since(self, path: str, st: os.stat_result,
+                         now: float, wall: int) -> _Unsettled | None:
+        """None if the changed file has settled and may be read; else what
+        is known of its settling."""
+        signature = _signature(st)
+        quiet = (wall - st.st_mtime_ns) / 1e9  # negative for a future mtime
+        if quiet >= self.settle:
+            return None
+        earlier = self._unsettled.get(path)
+        if earlier is not None and earlier.signature == signature:
+            return None if now - earlier.seen >= self.settle else earlier
+        return _Unsettled(signature, now, earlier.since if earlier is not None else now)
+
+    def _due_in(self, now: float) -> float:
+        """Seconds until the next unsettled file may have settled."""
+        if not self._unsettled:
+            return self.interval
+        due = min(u.seen for u in self._unsettled.values()) + self.settle - now
+        return min(self.interval, max(0.01, due))
+
     @staticmethod
-    def _read(path: str, st: os.stat_result, previous: _FileState | None) -> _FileState:
-        signature = (st.st_size, st.st_mtime_ns, st.st_ino)
+    def _read(path: str, st: os.stat_result, previous: _FileState | None) -> _FileState | None:
+        """The file's state; None if it changed while being read."""
+        signature = _signature(st)
         try:
             if not stat.S_ISREG(st.st_mode):
                 # Opening a FIFO blocks until a writer comes; a device may never end.
                 raise ManifestError(path, "is not a regular file; not read")
             objects, problems = parse_file(path)
             error = "; ".join(problems)
+            try:
+                if _signature(os.stat(path)) != signature:
+                    return None
+            except OSError:
+                return None  # removed meanwhile: the next walk will say so
         except ManifestError as err:
             # Keep the last good objects of a file that turned bad.
             objects = previous.objects if previous is not None else []
@@ -246,6 +315,13 @@ class ManifestSource:
 
     def scan(self) -> ScanReport:
         """Re-read what changed and push the whole view into the store."""
+        report = self._scan(hold_first=False)
+        assert report is not None
+        return report
+
+    def _scan(self, hold_first: bool) -> ScanReport | None:
+        """scan(); with hold_first, a first view that leaves out a file not
+        yet settled is not pushed (None is returned)."""
         if not os.path.isdir(self.directory):
             raise ManifestError(self.directory, "is not a directory")
         found, unreadable = self._walk()
@@ -266,13 +342,36 @@ class ManifestSource:
                                          "keeping its previous content")
         changed = not self._scanned or any(
             path not in found and files.get(path) != known for path, known in self._files.items())
+        now, wall = self._clock(), self._wall_clock()
+        unsettled: dict[str, _Unsettled] = {}
         for path, st in found.items():
             state = self._files.get(path)
-            if state is not None and state.signature == (st.st_size, st.st_mtime_ns, st.st_ino):
+            if state is not None and state.signature == _signature(st):
                 files[path] = state
                 continue
-            changed = True
-            files[path] = self._read(path, st, state)
+            # Only a regular file's content can be cut short (anything else
+            # is reported, not read).
+            waiting = (self._unsettled_since(path, st, now, wall)
+                       if stat.S_ISREG(st.st_mode) else None)
+            if waiting is None:
+                read = self._read(path, st, state)
+                if read is not None:
+                    changed = True
+                    files[path] = read
+                    continue
+                # Written to while being read: wait for it afresh.
+                earlier = self._unsettled.get(path)
+                waiting = _Unsettled(_signature(st), now,
+                                     earlier.since if earlier is not None else now)
+            unsettled[path] = waiting
+            if state is not None:
+                files[path] = state  # its previous objects stay meanwhile
+        self._unsettled = unsettled
+        overdue = frozenset(path for path, u in unsettled.items()
+                            if now - u.since >= UNSETTLED_REPORT_S)
+        if hold_first and not self._scanned and unsettled:
+            return None
+        changed = changed or overdue != self._overdue
         if not changed:
             # Nothing on disk changed: skip re-merging (it costs real CPU at
             # 10,000 Services, every interval).
@@ -281,6 +380,10 @@ class ManifestSource:
         merged: dict[ObjectRef, Model] = {}
         owner: dict[ObjectRef, str] = {}
         problems = [s.error for s in files.values() if s.error]
+        problems += [f"{path}: still changing after {UNSETTLED_REPORT_S:g} s; not read until "
+                     f"it stays unchanged for {self.settle:g} s"
+                     + (" (keeping its previous content)" if path in files else "")
+                     for path in sorted(overdue)]
         for path in sorted(files):
             for obj in files[path].objects:
                 if obj.ref in merged:
@@ -292,6 +395,7 @@ class ManifestSource:
                 owner[obj.ref] = path
         self.store.replace(merged.values())
         self._files = files
+        self._overdue = overdue
         self._scanned = True
         self._report(problems)
         self.last_report = ScanReport(len(files), len(merged), tuple(problems))
@@ -306,12 +410,17 @@ class ManifestSource:
         self._reported = current
 
     def start(self) -> None:
-        self.scan()
+        # The first view is waited for until every file in it has settled,
+        # for a while: an agent that starts from a view cut short would
+        # remove, then restore, the Services the missing part holds.
+        deadline = self._clock() + START_SETTLE_WAIT_S
+        while self._scan(hold_first=self._clock() < deadline) is None:
+            time.sleep(self._due_in(self._clock()))
         self._thread = threading.Thread(target=self._loop, name="manifests", daemon=True)
         self._thread.start()
 
     def _loop(self) -> None:
-        while not self._stop.wait(self.interval):
+        while not self._stop.wait(self._due_in(self._clock())):
             try:
                 self.scan()
             except Exception:  # a source must survive anything on disk

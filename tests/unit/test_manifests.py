@@ -8,6 +8,7 @@ import json
 import os
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -16,7 +17,9 @@ from builders import ep, eport, eps, port, service
 from agent.compute.policy import policies_in_force
 from agent.compute.types import ComputeConfig
 from agent.errors import ManifestError
+from agent.model.parse import Model
 from agent.model.snapshot import Store
+from agent.sources import manifests
 from agent.sources.manifests import ManifestSource, ScanReport, parse_file
 
 _mtime = itertools.count(1_700_000_000_000_000_000, 1_000_000_000)
@@ -454,3 +457,176 @@ def test_a_directory_that_cannot_be_listed_keeps_its_files_objects(
     (tmp_path / "sub" / "db.yaml").unlink()
     report = source.scan()
     assert refs(store) == {"Service/default/web"} and report.problems == ()
+
+
+class FakeClocks:
+    """The source's two clocks: monotonic seconds, and wall nanoseconds
+    (which the files' mtimes are compared with)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+        self.wall = 1_800_000_000_000_000_000
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+        self.wall += int(seconds * 1e9)
+
+    def write(self, path: Path, text: str) -> Path:
+        """Write as a writer does now: the file's mtime is the wall clock's."""
+        path.write_text(text)
+        os.utime(path, ns=(self.wall, self.wall))
+        return path
+
+
+@pytest.fixture
+def clocks() -> FakeClocks:
+    return FakeClocks()
+
+
+@pytest.fixture
+def settling(tmp_path: Path, store: Store, clocks: FakeClocks) -> ManifestSource:
+    return ManifestSource(str(tmp_path), store, interval=3600, settle=0.2,
+                          clock=lambda: clocks.now, wall_clock=lambda: clocks.wall)
+
+
+def test_a_file_cut_short_while_it_is_written_is_not_applied(
+    tmp_path: Path, store: Store, clocks: FakeClocks, settling: ManifestSource
+) -> None:
+    full = dump(web("10.96.0.1"), web("10.96.0.2", name="db"))
+    path = write(tmp_path / "web.yaml", full)  # an old file: read at once
+    views: list[set[str]] = []
+    store.subscribe(lambda: views.append(refs(store)))
+    assert settling.scan().problems == ()
+    assert views == [{"Service/default/web", "Service/default/db"}]
+
+    # Rewritten in place: truncated, then cut short at a document boundary
+    # (valid YAML that holds one Service of the two), then whole.
+    clocks.write(path, "")
+    assert settling.scan().problems == ()
+    clocks.advance(0.05)
+    clocks.write(path, full.split("---")[0])
+    settling.scan()
+    clocks.advance(0.1)
+    grown = full + "---\n" + dump(web("10.96.0.3", name="api"))
+    clocks.write(path, grown)
+    settling.scan()
+    assert views == [{"Service/default/web", "Service/default/db"}], \
+        "a file still being written was applied"
+
+    # Unchanged for the settle time: read.
+    clocks.advance(0.2)
+    assert settling.scan().problems == ()
+    assert views[-1] == {"Service/default/web", "Service/default/db", "Service/default/api"}
+    assert len(views) == 2
+
+
+def test_a_new_file_waits_to_settle_and_a_future_mtime_settles_by_looking(
+    tmp_path: Path, store: Store, clocks: FakeClocks, settling: ManifestSource
+) -> None:
+    settling.scan()
+    path = clocks.write(tmp_path / "web.yaml", dump(web()))
+    settling.scan()
+    assert refs(store) == set()
+    clocks.advance(0.2)
+    settling.scan()
+    assert refs(store) == {"Service/default/web"}
+
+    # An mtime ahead of the wall clock (a skewed writer) never looks quiet:
+    # the file settles once two looks settle-time apart saw it unchanged.
+    ahead = clocks.wall + 3_600_000_000_000
+    path.write_text(dump(web(name="db")))
+    os.utime(path, ns=(ahead, ahead))
+    settling.scan()
+    clocks.advance(0.1)
+    settling.scan()
+    assert refs(store) == {"Service/default/web"}
+    clocks.advance(0.1)
+    settling.scan()
+    assert refs(store) == {"Service/default/db"}
+
+
+def test_a_file_that_keeps_changing_is_reported_and_keeps_its_content(
+    tmp_path: Path, store: Store, clocks: FakeClocks, settling: ManifestSource
+) -> None:
+    path = write(tmp_path / "web.yaml", dump(web()))
+    settling.scan()
+    for i in range(60):  # 6 s of a rewrite every 0.1 s
+        clocks.write(path, dump(web(name=f"w{i}")))
+        report = settling.scan()
+        clocks.advance(0.1)
+    (problem,) = report.problems
+    assert problem.startswith(f"{path}: still changing after 5 s")
+    assert "keeping its previous content" in problem
+    assert refs(store) == {"Service/default/web"}
+
+    clocks.advance(0.2)
+    assert settling.scan().problems == ()
+    assert refs(store) == {"Service/default/w59"}
+
+
+def test_a_file_written_to_while_it_is_read_is_read_again(
+    tmp_path: Path, store: Store, clocks: FakeClocks, settling: ManifestSource,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    path = write(tmp_path / "web.yaml", dump(web("10.96.0.1")))
+    settling.scan()
+    clocks.write(path, dump(web("10.96.0.2")))
+    clocks.advance(0.2)
+
+    real_parse = manifests.parse_file
+
+    def parse_then_a_write_lands(p: str) -> tuple[list[Model], list[str]]:
+        result = real_parse(p)
+        clocks.write(path, dump(web("10.96.0.3")))
+        monkeypatch.setattr(manifests, "parse_file", real_parse)
+        return result
+
+    monkeypatch.setattr(manifests, "parse_file", parse_then_a_write_lands)
+    settling.scan()
+    (svc,) = store.snapshot().objects()
+    assert [str(ip) for ip in svc.cluster_ips] == ["10.96.0.1"], \
+        "what was read during a write was applied"
+    clocks.advance(0.2)
+    settling.scan()
+    (svc,) = store.snapshot().objects()
+    assert [str(ip) for ip in svc.cluster_ips] == ["10.96.0.3"]
+
+
+def test_start_waits_for_a_file_being_written(
+    tmp_path: Path, store: Store, clocks: FakeClocks, settling: ManifestSource,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    write(tmp_path / "db.yaml", dump(web("10.96.0.2", name="db")))
+    path = clocks.write(tmp_path / "web.yaml", "")  # just created, its content to come
+    views: list[set[str]] = []
+    store.subscribe(lambda: views.append(refs(store)))
+
+    def sleep(seconds: float) -> None:
+        clocks.advance(min(seconds, 0.05))
+        if clocks.now < 1000.12:
+            clocks.write(path, dump(web()))  # the writer is still at it
+
+    monkeypatch.setattr(manifests, "time", SimpleNamespace(sleep=sleep))
+    settling.start()
+    settling.stop()
+    assert views == [{"Service/default/web", "Service/default/db"}], \
+        "the first view was pushed before it settled"
+
+
+def test_start_gives_up_waiting_on_a_file_that_keeps_changing(
+    tmp_path: Path, store: Store, clocks: FakeClocks, settling: ManifestSource,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    write(tmp_path / "db.yaml", dump(web("10.96.0.2", name="db")))
+    path = clocks.write(tmp_path / "web.yaml", "")
+
+    def sleep(seconds: float) -> None:
+        clocks.advance(seconds)
+        clocks.write(path, dump(web()))
+
+    monkeypatch.setattr(manifests, "time", SimpleNamespace(sleep=sleep))
+    started = clocks.now
+    settling.start()
+    settling.stop()
+    assert 2.0 <= clocks.now - started < 2.5
+    assert refs(store) == {"Service/default/db"}
