@@ -25,10 +25,13 @@ Errors never lose state:
 - a changed file is read only once it has stayed unchanged for SETTLE_S (by
   its mtime, or by two looks that far apart), and it is taken only if it is
   still unchanged after the read: a writer that truncates a file and then
-  writes it (an editor saving in place, `kubectl get -o yaml > f`) leaves a
-  moment in which the file is empty or cut short, and that must not drop the
-  Services it held. Until then the file keeps its previous objects. A file
-  that has not settled after UNSETTLED_REPORT_S is reported.
+  writes it (an editor saving in place) leaves a moment in which the file is
+  empty or cut short, and that must not drop the Services it held. Until
+  then the file keeps its previous objects. A file emptied waits
+  EMPTIED_SETTLE_S (a shell's `cmd > f` empties f before cmd has written
+  anything). A file that has not settled after UNSETTLED_REPORT_S is
+  reported. No wait covers a writer that pauses longer mid-file: writing to
+  a hidden name and renaming is the safe way to change a manifest.
 
 What a scan read is remembered only once the store holds it: a scan that
 fails part-way is repeated in full by the next one, so no change is lost.
@@ -62,6 +65,9 @@ SUFFIXES = (".yaml", ".yml", ".json")
 # rewriting a file in place does so within milliseconds; the cost is this
 # much delay on every change.
 SETTLE_S = 0.2
+# A file that held objects and is now empty waits this long: emptying is
+# mostly the first step of `cmd > f`, whose output may take a while to come.
+EMPTIED_SETTLE_S = 2.0
 # A file still changing after this long is reported (it is not read meanwhile).
 UNSETTLED_REPORT_S = 5.0
 # start() waits at most this long for files that are being written, so that
@@ -87,7 +93,7 @@ class _Unsettled:
     """A changed file not read yet, because it may still be being written."""
 
     signature: Signature  # as last seen
-    seen: float  # monotonic time that signature was first seen
+    due: float  # monotonic time it has settled if that signature holds till then
     since: float  # monotonic time the file was first seen changing
 
 
@@ -217,6 +223,10 @@ class ManifestSource:
         # of them reported as still changing.
         self._unsettled: dict[str, _Unsettled] = {}
         self._overdue: frozenset[str] = frozenset()
+        # Files read by a first scan that start() held back (see _scan), kept
+        # so that the next one neither reads them again nor forgets that
+        # they had settled.
+        self._read_ahead: dict[str, _FileState] = {}
         self._reported: set[str] = set()
         self._scanned = False
         self._stop = threading.Event()
@@ -272,45 +282,54 @@ class ManifestSource:
                     found[path] = st
         return found, unreadable
 
-    def _unsettled_since(self, path: str, st: os.stat_result,
+    def _unsettled_since(self, path: str, st: os.stat_result, previous: _FileState | None,
                          now: float, wall: int) -> _Unsettled | None:
         """None if the changed file has settled and may be read; else what
         is known of its settling."""
         signature = _signature(st)
-        quiet = (wall - st.st_mtime_ns) / 1e9  # negative for a future mtime
-        if quiet >= self.settle:
+        emptied = st.st_size == 0 and previous is not None and bool(previous.objects)
+        settle = max(self.settle, EMPTIED_SETTLE_S) if emptied else self.settle
+        # The mtime says how long the file has been quiet only if the file
+        # system keeps it finer than a second: a whole-second mtime may have
+        # been rounded down by most of one, so such a file needs two looks.
+        # (A file server whose clock is behind ours can still fool it.)
+        fine = st.st_mtime_ns % 1_000_000_000 != 0
+        if fine and (wall - st.st_mtime_ns) / 1e9 >= settle:  # < 0 for a future mtime
             return None
         earlier = self._unsettled.get(path)
         if earlier is not None and earlier.signature == signature:
-            return None if now - earlier.seen >= self.settle else earlier
-        return _Unsettled(signature, now, earlier.since if earlier is not None else now)
+            return None if now >= earlier.due else earlier
+        return _Unsettled(signature, now + settle, earlier.since if earlier is not None else now)
 
     def _due_in(self, now: float) -> float:
         """Seconds until the next unsettled file may have settled."""
         if not self._unsettled:
             return self.interval
-        due = min(u.seen for u in self._unsettled.values()) + self.settle - now
+        due = min(u.due for u in self._unsettled.values()) - now
         return min(self.interval, max(0.01, due))
 
     @staticmethod
     def _read(path: str, st: os.stat_result, previous: _FileState | None) -> _FileState | None:
         """The file's state; None if it changed while being read."""
         signature = _signature(st)
+        regular = stat.S_ISREG(st.st_mode)
         try:
-            if not stat.S_ISREG(st.st_mode):
+            if not regular:
                 # Opening a FIFO blocks until a writer comes; a device may never end.
                 raise ManifestError(path, "is not a regular file; not read")
             objects, problems = parse_file(path)
             error = "; ".join(problems)
+        except ManifestError as err:
+            # Keep the last good objects of a file that turned bad.
+            objects = previous.objects if previous is not None else []
+            error = str(err) + (" (keeping its previous content)" if objects else "")
+        if regular:
+            # A read that raced a write, parsed or not, is not the file.
             try:
                 if _signature(os.stat(path)) != signature:
                     return None
             except OSError:
                 return None  # removed meanwhile: the next walk will say so
-        except ManifestError as err:
-            # Keep the last good objects of a file that turned bad.
-            objects = previous.objects if previous is not None else []
-            error = str(err) + (" (keeping its previous content)" if objects else "")
         return _FileState(signature, objects, error)
 
     def scan(self) -> ScanReport:
@@ -349,9 +368,14 @@ class ManifestSource:
             if state is not None and state.signature == _signature(st):
                 files[path] = state
                 continue
+            ahead = self._read_ahead.get(path)
+            if ahead is not None and ahead.signature == _signature(st):
+                changed = True
+                files[path] = ahead
+                continue
             # Only a regular file's content can be cut short (anything else
             # is reported, not read).
-            waiting = (self._unsettled_since(path, st, now, wall)
+            waiting = (self._unsettled_since(path, st, state, now, wall)
                        if stat.S_ISREG(st.st_mode) else None)
             if waiting is None:
                 read = self._read(path, st, state)
@@ -361,7 +385,7 @@ class ManifestSource:
                     continue
                 # Written to while being read: wait for it afresh.
                 earlier = self._unsettled.get(path)
-                waiting = _Unsettled(_signature(st), now,
+                waiting = _Unsettled(_signature(st), now + self.settle,
                                      earlier.since if earlier is not None else now)
             unsettled[path] = waiting
             if state is not None:
@@ -370,6 +394,7 @@ class ManifestSource:
         overdue = frozenset(path for path, u in unsettled.items()
                             if now - u.since >= UNSETTLED_REPORT_S)
         if hold_first and not self._scanned and unsettled:
+            self._read_ahead = files
             return None
         changed = changed or overdue != self._overdue
         if not changed:
@@ -382,7 +407,8 @@ class ManifestSource:
         problems = [s.error for s in files.values() if s.error]
         problems += [f"{path}: still changing after {UNSETTLED_REPORT_S:g} s; not read until "
                      f"it stays unchanged for {self.settle:g} s"
-                     + (" (keeping its previous content)" if path in files else "")
+                     + (" (keeping its previous content)"
+                        if path in files and files[path].objects else "")
                      for path in sorted(overdue)]
         for path in sorted(files):
             for obj in files[path].objects:
@@ -396,6 +422,7 @@ class ManifestSource:
         self.store.replace(merged.values())
         self._files = files
         self._overdue = overdue
+        self._read_ahead = {}
         self._scanned = True
         self._report(problems)
         self.last_report = ScanReport(len(files), len(merged), tuple(problems))

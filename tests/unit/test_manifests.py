@@ -22,12 +22,14 @@ from agent.model.snapshot import Store
 from agent.sources import manifests
 from agent.sources.manifests import ManifestSource, ScanReport, parse_file
 
-_mtime = itertools.count(1_700_000_000_000_000_000, 1_000_000_000)
+# Long past (so a file is read at once: it has settled), and finer than a
+# second (a whole-second mtime could be a rounded one, and needs two looks).
+_mtime = itertools.count(1_700_000_000_000_000_001, 1_000_000_000)
 
 
 def write(path: Path, text: str) -> Path:
-    """Write a file and give it a fresh mtime, so a rewrite is always noticed
-    even on file systems with coarse timestamps."""
+    """Write a file and give it a fresh, long-past mtime, so a rewrite is
+    always noticed, and read at once (it has settled)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     stamp = next(_mtime)
@@ -465,7 +467,7 @@ class FakeClocks:
 
     def __init__(self) -> None:
         self.now = 1000.0
-        self.wall = 1_800_000_000_000_000_000
+        self.wall = 1_800_000_000_000_000_001  # finer than a second (see write())
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
@@ -630,3 +632,97 @@ def test_start_gives_up_waiting_on_a_file_that_keeps_changing(
     settling.stop()
     assert 2.0 <= clocks.now - started < 2.5
     assert refs(store) == {"Service/default/db"}
+
+
+def test_a_whole_second_mtime_needs_two_looks(
+    tmp_path: Path, store: Store, clocks: FakeClocks, settling: ManifestSource
+) -> None:
+    """A file system that keeps whole seconds rounds the mtime down: a file
+    written just now may look most of a second old."""
+    settling.scan()
+    path = tmp_path / "web.yaml"
+    path.write_text(dump(web()))
+    rounded = clocks.wall - clocks.wall % 1_000_000_000 - 1_000_000_000
+    os.utime(path, ns=(rounded, rounded))
+    settling.scan()
+    assert refs(store) == set(), "a whole-second mtime was taken for quiet"
+    clocks.advance(0.2)
+    settling.scan()
+    assert refs(store) == {"Service/default/web"}
+
+
+def test_an_emptied_file_waits_longer(
+    tmp_path: Path, store: Store, clocks: FakeClocks, settling: ManifestSource
+) -> None:
+    """`cmd > web.yaml` empties the file before cmd has written anything."""
+    path = write(tmp_path / "web.yaml", dump(web()))
+    settling.scan()
+    clocks.write(path, "")
+    for _ in range(19):
+        clocks.advance(0.1)
+        settling.scan()
+    assert refs(store) == {"Service/default/web"}, "an emptied file was read within 2 s"
+    clocks.advance(0.1)
+    settling.scan()
+    assert refs(store) == set(), "a file left empty is empty"
+
+
+def test_a_first_scan_held_back_keeps_what_it_read(
+    tmp_path: Path, store: Store, clocks: FakeClocks, settling: ManifestSource,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Files that settle by two looks (an mtime ahead of the clock) in turn,
+    while start() holds its first view: each stays settled and read."""
+    ahead = clocks.wall + 3_600_000_000_000
+    paths = [tmp_path / "a.yaml", tmp_path / "b.yaml"]
+    for i, path in enumerate(paths):
+        path.write_text(dump(web(f"10.96.0.{i + 1}", name=f"s{i}")))
+        os.utime(path, ns=(ahead + i, ahead + i))
+    parsed: list[str] = []
+    real_parse = manifests.parse_file
+
+    def counting_parse(p: str) -> tuple[list[Model], list[str]]:
+        parsed.append(os.path.basename(p))
+        return real_parse(p)
+
+    looks = 0
+
+    def sleep(seconds: float) -> None:
+        nonlocal looks
+        looks += 1
+        clocks.advance(seconds)
+        if looks == 1:  # b.yaml is rewritten once: it settles a look after a.yaml
+            os.utime(paths[1], ns=(ahead + 7, ahead + 7))
+
+    monkeypatch.setattr(manifests, "parse_file", counting_parse)
+    monkeypatch.setattr(manifests, "time", SimpleNamespace(sleep=sleep))
+    settling.start()
+    settling.stop()
+    assert refs(store) == {"Service/default/s0", "Service/default/s1"}
+    assert sorted(parsed) == ["a.yaml", "b.yaml"], "a file was read twice"
+
+
+def test_a_read_that_raced_a_write_reports_no_problem(
+    tmp_path: Path, store: Store, clocks: FakeClocks, settling: ManifestSource,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A cut-short read that does not even parse is not the file either."""
+    path = write(tmp_path / "web.yaml", dump(web("10.96.0.1")))
+    settling.scan()
+    clocks.write(path, "apiVersion: v1\nkind: [Serv")
+    clocks.advance(0.2)
+    real_parse = manifests.parse_file
+
+    def parse_then_the_write_ends(p: str) -> tuple[list[Model], list[str]]:
+        try:
+            return real_parse(p)
+        finally:
+            clocks.write(path, dump(web("10.96.0.3")))
+
+    monkeypatch.setattr(manifests, "parse_file", parse_then_the_write_ends)
+    assert settling.scan().problems == (), "a cut-short read was reported as the file"
+    monkeypatch.setattr(manifests, "parse_file", real_parse)
+    clocks.advance(0.2)
+    assert settling.scan().problems == ()
+    (svc,) = store.snapshot().objects()
+    assert [str(ip) for ip in svc.cluster_ips] == ["10.96.0.3"]
