@@ -1,5 +1,5 @@
 # Developer shortcuts; each target calls the scripts the README documents.
-.PHONY: sandbox test unit lint bench bench-clusterip bench-nodeport bench-sockmap bench-redirect bench-tproxy bench-progcost setup clean
+.PHONY: sandbox test unit lint bench bench-quick bench-clusterip bench-nodeport bench-sockmap bench-redirect bench-tproxy bench-progcost setup clean
 
 setup:
 	./scripts/setup.sh
