@@ -5,7 +5,8 @@
  * BCC rewrites map method calls (`map.lookup(...)`) only in the source text
  * it is handed, not in included files; so helpers that touch maps live in
  * veer_helpers.c, and the agent hands BCC the concatenation of
- * veer_helpers.c, sock_lb.c and tc_nat.c (agent/datapath/ebpf/programs.py).
+ * veer_helpers.c, sockmap.c, sock_lb.c and tc_nat.c (SOURCES in
+ * agent/datapath/ebpf/programs.py).
  * Headers hold declarations only.
  */
 #ifndef VEER_COMMON_H
