@@ -674,7 +674,13 @@ def test_the_nodes_own_connection_moves_off_the_port_of_a_live_flow(
         res = direct["run"]
         assert res.returncode == 0, res.stderr
         assert res.stdout.startswith("web-c"), res.stdout
-        assert node1["nat_host_moved"] == 1, node1
+        # Moved once, or (rarely) again: web-c may answer the first SYN from
+        # the new port with an ACK instead (a TIME_WAIT there of an earlier
+        # flow on that port, whose timestamps came from another client's
+        # clock); node-1's socket answers it with RST, which closes the
+        # entry, and its retransmitted SYN is a new connection, moved afresh.
+        # The connection then goes on from that port, as checked below.
+        assert node1["nat_host_moved"] >= 1, node1
         # The node's tuple is rewritten to another port.
         own = [v for k, v in maps.nat_fwd.items()
                if k.proto == ident and socket.ntohs(k.sport) == port
