@@ -221,12 +221,19 @@ class _Servicer:
             except ValueError:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                               f"{request.address!r} is not an IP address")
+        actual, desired = self.reader.read(), self._desired()
         entries = views.socket_messages(
-            self.pb, self.reader.sockets(), self.reader.read(), self._desired(),
+            self.pb, self.reader.sockets(), actual, desired,
+            address=address, port=request.port,
+        )
+        flows = views.flow_messages(
+            self.pb, self.reader.nat_flows(), actual, desired,
             address=address, port=request.port,
         )
         return self.pb.ConntrackResponse(sockets=entries,
-                                         capacity=self.reader.sockets_capacity())
+                                         capacity=self.reader.sockets_capacity(),
+                                         flows=flows,
+                                         flows_capacity=self.reader.nat_flows_capacity())
 
     @_rpc
     def Explain(self, request: Any, context: Any) -> Any:

@@ -31,7 +31,7 @@ from agent.compute.types import (
     ServiceProblem,
 )
 from agent.datapath import flows
-from agent.datapath.inspect import ActualState, FrontendView, SocketEntry
+from agent.datapath.inspect import ActualState, FrontendView, NatFlow, SocketEntry
 from agent.model.objects import IPAddress, IPFamily, Service, ServiceType
 from agent.model.snapshot import ClusterSnapshot
 from agent.telemetry import TelemetrySnapshot
@@ -215,6 +215,40 @@ def socket_messages(
             backend_address=str(e.backend_address), backend_port=e.backend_port,
             service_address=str(e.service_address), service_port=e.service_port,
             service_id=e.service_id, service=str(fe.service) if fe else "",
+        ))
+    return out
+
+
+def flow_messages(
+    pb: Any,
+    nat_flows: list[NatFlow],
+    actual: ActualState,
+    desired: DesiredState,
+    address: IPAddress | None = None,
+    port: int = 0,
+) -> list[Any]:
+    """The per-packet flows, by frontend then client; filtered as the
+    sockets are, on any of the flow's addresses and ports."""
+    by_id = {**{v.service_id: v for v in actual.external.values()}, **actual.by_service_id()}
+    out = []
+    for f in sorted(nat_flows, key=lambda f: (f.frontend_address.version, int(f.frontend_address),
+                                          f.frontend_port, f.protocol,
+                                          int(f.client_address), f.client_port)):
+        if address is not None and address not in (
+                f.client_address, f.frontend_address, f.source_address, f.backend_address):
+            continue
+        if port and port not in (f.client_port, f.frontend_port, f.source_port, f.backend_port):
+            continue
+        view = by_id.get(f.service_id) if f.service_id else None
+        fe = desired.frontends.get(view.key) if view else None
+        out.append(pb.NatFlow(
+            protocol=f.protocol,
+            client_address=str(f.client_address), client_port=f.client_port,
+            frontend_address=str(f.frontend_address), frontend_port=f.frontend_port,
+            source_address=str(f.source_address), source_port=f.source_port,
+            backend_address=str(f.backend_address), backend_port=f.backend_port,
+            service_id=f.service_id, service=str(fe.service) if fe else "",
+            flags=list(f.flags), idle_seconds=f.idle_seconds,
         ))
     return out
 

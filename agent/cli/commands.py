@@ -3,7 +3,7 @@
     veer status                                  the agent at a glance
     veer services [-n NAMESPACE]                 every Service, its frontends and backends
     veer service NS/NAME                         one Service in detail
-    veer conntrack [--address IP] [--port N]     per-socket translation entries
+    veer conntrack [--address IP] [--port N]     translated sockets and per-packet flows
     veer explain --dst IP --port N [--src IP] [--protocol TCP|UDP]
                  [--from-pid PID | --from-netns PATH]
                                                  what the kernel does with that connection
@@ -87,11 +87,12 @@ def add_debug_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     p = sub.add_parser("service", help="one Service in detail")
     p.add_argument("name", metavar="NAMESPACE/NAME")
     _common(p)
-    p = sub.add_parser("conntrack", help="per-socket translation entries")
+    p = sub.add_parser("conntrack", help="translated sockets and per-packet flows")
     p.add_argument("--address", default="", metavar="IP",
-                   help="only entries whose backend or Service address is IP")
+                   help="only entries with IP among their addresses (a socket's backend or "
+                        "Service; a flow's client, frontend, source or backend)")
     p.add_argument("--port", type=PORT_OR_ANY, default=0,
-                   help="only entries whose backend or Service port is this (default 0: any)")
+                   help="only entries with this port among theirs (default 0: any)")
     _common(p)
     p = sub.add_parser("explain", help="what the kernel does with a connection, from the maps")
     p.add_argument("--src", default="", metavar="IP", help="the client's address")

@@ -278,10 +278,38 @@ def render_conntrack(c: dict[str, Any]) -> str:
         f"veer_sock_peers ({c['capacity']} slots by socket cookie), others in veer_sock_revnat "
         f"(LRU, capacity {c['capacity']}); entries outlive their sockets until reused or "
         "evicted.\n"
-        "The socket programs translate at connect() and keep no NAT conntrack; NAT conntrack "
-        "entries come with the TC datapath.\n"
+    )
+    if "flows_capacity" not in c:  # an agent older than the listing of flows
+        return out
+    flows = c["flows"]
+    if flows:
+        out += "\n" + table(
+            ["PROTO", "CLIENT", "FRONTEND", "SOURCE", "BACKEND", "SERVICE", "STATE", "IDLE"],
+            [[f["protocol"], host_port(f["client_address"], f["client_port"]),
+              host_port(f["frontend_address"], f["frontend_port"]),
+              host_port(f["source_address"], f["source_port"]),
+              host_port(f["backend_address"], f["backend_port"]),
+              _flow_service(f), ",".join(f["flags"]) or "open",
+              f"{f['idle_seconds']:.0f}s"] for f in flows],
+        )
+    elif sockets:
+        out += "\n"
+    out += (
+        f"{plural(len(flows), 'per-packet flow', 'per-packet flows')} in veer_nat_fwd (LRU, "
+        f"capacity {c['flows_capacity']}): traffic from outside to NodePorts, "
+        "externalIPs and LoadBalancer IPs; SOURCE is the node's address when the flow is "
+        "source-NATed. The socket programs NAT no packet: their connections are the sockets "
+        "above.\n"
     )
     return out
+
+
+def _flow_service(f: dict[str, Any]) -> str:
+    if f["service"]:
+        return str(f["service"])
+    if not f["service_id"]:
+        return "(the node's own, moved off a source-NATed flow's port)"
+    return f"(service id {f['service_id']}, gone)"
 
 
 # ---- veer explain --------------------------------------------------------------------

@@ -99,6 +99,25 @@ class SocketEntry:
     service_id: int
 
 
+@dataclass(frozen=True)
+class NatFlow:
+    """A per-packet flow (a veer_nat_fwd entry): the tuple its packets arrive
+    with, and the one they leave with."""
+
+    protocol: str  # TCP or UDP
+    client_address: IPAddress
+    client_port: int
+    frontend_address: IPAddress  # where the client sent it
+    frontend_port: int
+    source_address: IPAddress  # after translation: the node's when source-NATed
+    source_port: int
+    backend_address: IPAddress
+    backend_port: int
+    service_id: int  # 0: the node's own connection, moved (see tc_nat.c)
+    flags: tuple[str, ...]  # closing, half-closed, dsr
+    idle_seconds: float
+
+
 class DatapathReader(ABC):
     """Read-only access to a datapath's tables."""
 
@@ -140,6 +159,13 @@ class DatapathReader(ABC):
         return []
 
     def sockets_capacity(self) -> int:
+        return 0
+
+    def nat_flows(self) -> list[NatFlow]:
+        """The per-packet path's flows (none for datapaths without them)."""
+        return []
+
+    def nat_flows_capacity(self) -> int:
         return 0
 
 

@@ -15,6 +15,7 @@ that may answer.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import os
 import signal
@@ -28,6 +29,7 @@ from typing import Any
 
 import pytest
 
+from agent.datapath.ebpf.inspect import MapsReader
 from agent.datapath.ebpf.maps import SockLbMaps
 from agent.sandbox.holder import Holder
 from agent.sandbox.multinode import MultiNodeCluster
@@ -687,6 +689,18 @@ def test_the_nodes_own_connection_moves_off_the_port_of_a_live_flow(
                and bytes(k.saddr[:4]) == bytes([10, 0, 0, 1])
                and bytes(k.daddr[:4]) == bytes([10, 244, 2, 2])]
         assert len(own) == 1 and socket.ntohs(own[0].sport) != port, own
+        # `veer conntrack` lists both flows as the kernel holds them.
+        flows = {(f.client_address, f.client_port, f.frontend_address, f.frontend_port): f
+                 for f in MapsReader(maps).nat_flows() if f.protocol == proto.upper()}
+        node_ip, web_c = ipaddress.ip_address("10.0.0.1"), ipaddress.ip_address("10.244.2.2")
+        mine = flows[(node_ip, port, web_c, pod_port)]
+        assert (mine.service_id, mine.source_address, mine.source_port, mine.backend_address,
+                mine.backend_port) == (0, node_ip, socket.ntohs(own[0].sport), web_c,
+                                       pod_port), mine
+        client = flows[(ipaddress.ip_address("10.0.0.100"), port, node_ip, int(frontend))]
+        assert client.service_id != 0 and (client.source_address, client.source_port,
+                                           client.backend_address) == (node_ip, port, web_c)
+        assert "dsr" not in client.flags and client.idle_seconds < 60, client
     finally:
         maps.close()
     held.stdin.write(b"\n")

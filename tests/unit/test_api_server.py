@@ -20,10 +20,12 @@ import pytest
 from kubefake import FakeApi
 
 from agent.cli.client import AgentUnreachable, ApiError, Client
+from agent.cli.render import render_conntrack
 from agent.config import AgentConfig
 from agent.daemon import Agent
 from agent.datapath.fake import FakeDatapath
 from agent.datapath.flows import FlowEvent
+from agent.datapath.inspect import NatFlow, StateReader
 from agent.errors import ConfigError
 from agent.kube.source import KubeSource
 from agent.serve import ServeOptions
@@ -217,3 +219,40 @@ def test_resync_refuses_a_timeout_it_cannot_wait_for(
         client._call("Resync", client.pb.ResyncRequest(timeout_seconds=timeout), timeout=10)
     assert refused.value.code == "INVALID_ARGUMENT"
     assert "timeout_seconds must be in 0..86400" in refused.value.details
+
+
+def test_conntrack_lists_per_packet_flows_filtered_and_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fake datapath has no NAT table: its reader is given two flows, one
+    of Service web (id 1, the only frontend) and one of the node's own moved
+    connection (service 0)."""
+    ip = ipaddress.ip_address
+    flows = [
+        NatFlow("TCP", ip("10.0.0.100"), 40000, ip("10.96.0.10"), 80, ip("10.0.0.1"), 40000,
+                ip("10.244.1.2"), 8080, 1, ("half-closed",), 3.0),
+        NatFlow("TCP", ip("10.0.0.1"), 50000, ip("10.244.1.2"), 8080, ip("10.0.0.1"), 61000,
+                ip("10.244.1.2"), 8080, 0, (), 1.0),
+    ]
+    monkeypatch.setattr(StateReader, "nat_flows", lambda self: flows)
+    sock = str(tmp_path / "run" / "veer.sock")
+    agent = make_agent(tmp_path, sock)
+    agent.start()
+    try:
+        with Client(sock) as client:
+            deadline = time.monotonic() + 10
+            while not client.status()["sync"]["passes"] and time.monotonic() < deadline:
+                time.sleep(0.02)
+            every = client.conntrack()
+            assert [(f["client_port"], f["service"], f["service_id"], f["flags"])
+                    for f in every["flows"]] == [(40000, "default/web:http", 1, ["half-closed"]),
+                                                 (50000, "", 0, [])]
+            assert [f["client_port"] for f in client.conntrack("10.0.0.100")["flows"]] == [40000]
+            assert [f["client_port"] for f in client.conntrack(port=61000)["flows"]] == [50000]
+            assert [f["client_port"] for f in client.conntrack(port=8080)["flows"]] == [
+                40000, 50000]
+            text = render_conntrack(every)
+            assert "(the node's own, moved off a source-NATed flow's port)" in text
+            assert "2 per-packet flows in veer_nat_fwd" in text
+    finally:
+        agent.stop()

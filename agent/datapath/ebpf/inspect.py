@@ -18,6 +18,10 @@ from agent.datapath.ebpf.maps import SockLbMaps
 from agent.datapath.ebpf.structs import (
     ALGORITHM_OF_CODE,
     CIDR_KEY_PREFIX_BITS,
+    NAT_CLOSING,
+    NAT_DSR,
+    NAT_FIN,
+    NAT_FLAGS,
     PROTOCOL_OF,
     SCOPE_EXTERNAL,
     SCOPE_SOCKET,
@@ -46,6 +50,7 @@ from agent.datapath.inspect import (
     DatapathReader,
     FrontendEntry,
     FrontendView,
+    NatFlow,
     SlotView,
     SocketEntry,
 )
@@ -178,6 +183,37 @@ class MapsReader(DatapathReader):
     def sockets_capacity(self) -> int:
         """Entries each of the two tables holds (the same by construction)."""
         return self.maps.sock_revnat.capacity
+
+    def nat_flows(self) -> list[NatFlow]:
+        """veer_nat_fwd's entries. The top bits of last_seen_ns are flags;
+        the rest is bpf_ktime_get_ns(), CLOCK_MONOTONIC like
+        time.monotonic_ns()."""
+        now = time.monotonic_ns()
+        flows = []
+        for key, value in self.maps.nat_fwd.items():
+            protocol = PROTOCOL_OF.get(int(key.proto))
+            if protocol is None:
+                continue
+            stamp = int(value.last_seen_ns)
+            flags = tuple(name for bit, name in ((NAT_CLOSING, "closing"),
+                                                 (NAT_FIN, "half-closed"), (NAT_DSR, "dsr"))
+                          if stamp & bit)
+            flows.append(NatFlow(
+                protocol=protocol.value,
+                client_address=addr_from(key.saddr, key.family), client_port=port_host(key.sport),
+                frontend_address=addr_from(key.daddr, key.family),
+                frontend_port=port_host(key.dport),
+                source_address=addr_from(value.saddr, key.family),
+                source_port=port_host(value.sport),
+                backend_address=addr_from(value.daddr, key.family),
+                backend_port=port_host(value.dport),
+                service_id=int(value.service_id), flags=flags,
+                idle_seconds=max(0.0, (now - (stamp & ~NAT_FLAGS)) / 1e9),
+            ))
+        return flows
+
+    def nat_flows_capacity(self) -> int:
+        return self.maps.nat_fwd.capacity
 
 
 def _cidr_of(key: CidrKey) -> IPNetwork:
