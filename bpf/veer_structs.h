@@ -344,8 +344,10 @@ struct veer_nat_value {
 	__u8 daddr[16];
 	__be16 sport;
 	__be16 dport;
-	__u32 service_id;   /* 0 in entries a DSR flow's backend node made */
-	__u64 last_seen_ns; /* bpf_ktime_get_ns(); the top two bits are flags (tc_nat.c) */
+	__u32 service_id;   /* 0 in entries a DSR flow's backend node made, and in
+			     * the pair of a node's own connection moved off a
+			     * source-NATed flow's port (veer_host_flow) */
+	__u64 last_seen_ns; /* bpf_ktime_get_ns(); the top three bits are flags (tc_nat.c) */
 };
 
 /* This node's own addresses (key 0), for SNAT. */

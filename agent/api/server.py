@@ -58,6 +58,10 @@ RESYNC_TIMEOUT_MAX = 86400.0
 UNIX_PATH_MAX = 107  # sun_path holds 108 bytes, NUL included
 CALL_WORKERS = 4  # threads for the short calls
 FOLLOW_POLL = 0.5  # how often a follower's stream notices that its client left
+# Per-packet flows one Conntrack answer carries unless asked for more: the
+# map holds 262,144, which would take seconds to decode and overflow a
+# gRPC message.
+DEFAULT_FLOW_LIMIT = 1000
 
 
 def _alive(path: str) -> bool:
@@ -226,13 +230,13 @@ class _Servicer:
             self.pb, self.reader.sockets(), actual, desired,
             address=address, port=request.port,
         )
-        flows = views.flow_messages(
-            self.pb, self.reader.nat_flows(), actual, desired,
-            address=address, port=request.port,
-        )
+        matching, total = self.reader.nat_flows(address, request.port,
+                                                request.limit or DEFAULT_FLOW_LIMIT)
+        flows = views.flow_messages(self.pb, matching, actual, desired,
+                                    address=address, port=request.port)
         return self.pb.ConntrackResponse(sockets=entries,
                                          capacity=self.reader.sockets_capacity(),
-                                         flows=flows,
+                                         flows=flows, flows_total=total,
                                          flows_capacity=self.reader.nat_flows_capacity())
 
     @_rpc

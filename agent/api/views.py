@@ -227,19 +227,21 @@ def flow_messages(
     address: IPAddress | None = None,
     port: int = 0,
 ) -> list[Any]:
-    """The per-packet flows, by frontend then client; filtered as the
-    sockets are, on any of the flow's addresses and ports."""
-    by_id = {**{v.service_id: v for v in actual.external.values()}, **actual.by_service_id()}
+    """The per-packet flows that match (NatFlow.matches), by frontend then
+    client. A flow is named after the frontend its service id has now only
+    if that is still the frontend it was sent to: a freed id is handed out
+    again at once."""
+    by_id = actual.by_service_id()
     out = []
     for f in sorted(nat_flows, key=lambda f: (f.frontend_address.version, int(f.frontend_address),
                                           f.frontend_port, f.protocol,
                                           int(f.client_address), f.client_port)):
-        if address is not None and address not in (
-                f.client_address, f.frontend_address, f.source_address, f.backend_address):
-            continue
-        if port and port not in (f.client_port, f.frontend_port, f.source_port, f.backend_port):
+        if not f.matches(address, port):
             continue
         view = by_id.get(f.service_id) if f.service_id else None
+        if view is not None and (view.key.address, view.key.port, view.key.protocol.value) != (
+                f.frontend_address, f.frontend_port, f.protocol):
+            view = None
         fe = desired.frontends.get(view.key) if view else None
         out.append(pb.NatFlow(
             protocol=f.protocol,

@@ -125,8 +125,9 @@ class Client:
             "GetService", self.pb.GetServiceRequest(namespace=namespace, name=name)
         )
 
-    def conntrack(self, address: str = "", port: int = 0) -> dict[str, Any]:
-        return self._call("Conntrack", self.pb.ConntrackRequest(address=address, port=port))
+    def conntrack(self, address: str = "", port: int = 0, limit: int = 0) -> dict[str, Any]:
+        return self._call("Conntrack", self.pb.ConntrackRequest(address=address, port=port,
+                                                                limit=limit))
 
     def explain(self, source: str, destination: str, port: int,
                 protocol: str = "TCP", netns_cookie: int = 0) -> dict[str, Any]:

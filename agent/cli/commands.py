@@ -93,6 +93,9 @@ def add_debug_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser])
                         "Service; a flow's client, frontend, source or backend)")
     p.add_argument("--port", type=PORT_OR_ANY, default=0,
                    help="only entries with this port among theirs (default 0: any)")
+    p.add_argument("--limit", type=integer(1, UINT32_MAX), default=1000, metavar="N",
+                   help="at most N per-packet flows (default 1000; the count says how many "
+                        "matched)")
     _common(p)
     p = sub.add_parser("explain", help="what the kernel does with a connection, from the maps")
     p.add_argument("--src", default="", metavar="IP", help="the client's address")
@@ -160,7 +163,7 @@ def run_debug_command(args: argparse.Namespace) -> int:
             data = client.service(namespace, name)
             _emit(args, data, lambda: render.render_service(data))
         elif cmd == "conntrack":
-            data = client.conntrack(args.address, args.port)
+            data = client.conntrack(args.address, args.port, args.limit)
             _emit(args, data, lambda: render.render_conntrack(data))
         elif cmd == "explain":
             cookie = netns_cookie(args.from_pid, args.from_netns)

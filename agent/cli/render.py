@@ -279,7 +279,7 @@ def render_conntrack(c: dict[str, Any]) -> str:
         f"(LRU, capacity {c['capacity']}); entries outlive their sockets until reused or "
         "evicted.\n"
     )
-    if "flows_capacity" not in c:  # an agent older than the listing of flows
+    if not c.get("flows_capacity"):  # no flow table (an older agent, a TPROXY node)
         return out
     flows = c["flows"]
     if flows:
@@ -294,10 +294,14 @@ def render_conntrack(c: dict[str, Any]) -> str:
         )
     elif sockets:
         out += "\n"
+    total = int(c.get("flows_total") or len(flows))
+    shown = f" (the first {len(flows)}: --limit)" if total > len(flows) else ""
     out += (
-        f"{plural(len(flows), 'per-packet flow', 'per-packet flows')} in veer_nat_fwd (LRU, "
-        f"capacity {c['flows_capacity']}): traffic from outside to NodePorts, "
-        "externalIPs and LoadBalancer IPs; SOURCE is the node's address when the flow is "
+        f"{plural(total, 'per-packet flow', 'per-packet flows')}{shown} in veer_nat_fwd (LRU, "
+        f"capacity {c['flows_capacity']}; ended flows stay until evicted): traffic from "
+        "outside to NodePorts, externalIPs and LoadBalancer IPs, pods reaching a Local "
+        "Service through another node's address, and the node's own connections moved off "
+        "a source-NATed flow's port; SOURCE is the node's address when the flow is "
         "source-NATed. The socket programs NAT no packet: their connections are the sockets "
         "above.\n"
     )

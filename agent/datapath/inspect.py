@@ -114,8 +114,17 @@ class NatFlow:
     backend_address: IPAddress
     backend_port: int
     service_id: int  # 0: the node's own connection, moved (see tc_nat.c)
-    flags: tuple[str, ...]  # closing, half-closed, dsr
+    # At most one of closing / half-closed; dsr; expired (the programs take
+    # the flow for over: its next packet starts a new one).
+    flags: tuple[str, ...]
     idle_seconds: float
+
+    def matches(self, address: IPAddress | None, port: int) -> bool:
+        """`address` (None: any) among its addresses, `port` (0: any) among its ports."""
+        return ((address is None or address in (self.client_address, self.frontend_address,
+                                                self.source_address, self.backend_address))
+                and (not port or port in (self.client_port, self.frontend_port,
+                                          self.source_port, self.backend_port)))
 
 
 class DatapathReader(ABC):
@@ -161,9 +170,13 @@ class DatapathReader(ABC):
     def sockets_capacity(self) -> int:
         return 0
 
-    def nat_flows(self) -> list[NatFlow]:
-        """The per-packet path's flows (none for datapaths without them)."""
-        return []
+    def nat_flows(self, address: IPAddress | None = None, port: int = 0,
+                  limit: int = 0) -> tuple[list[NatFlow], int]:
+        """The per-packet path's flows that match (NatFlow.matches), at most
+        `limit` of them (0: all), and how many match. None for datapaths
+        without them."""
+        del address, port, limit
+        return [], 0
 
     def nat_flows_capacity(self) -> int:
         return 0

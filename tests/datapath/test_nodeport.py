@@ -690,8 +690,11 @@ def test_the_nodes_own_connection_moves_off_the_port_of_a_live_flow(
                and bytes(k.daddr[:4]) == bytes([10, 244, 2, 2])]
         assert len(own) == 1 and socket.ntohs(own[0].sport) != port, own
         # `veer conntrack` lists both flows as the kernel holds them.
+        reader = MapsReader(maps)
+        every, total = reader.nat_flows()
+        assert total == len(every) >= 2
         flows = {(f.client_address, f.client_port, f.frontend_address, f.frontend_port): f
-                 for f in MapsReader(maps).nat_flows() if f.protocol == proto.upper()}
+                 for f in every if f.protocol == proto.upper()}
         node_ip, web_c = ipaddress.ip_address("10.0.0.1"), ipaddress.ip_address("10.244.2.2")
         mine = flows[(node_ip, port, web_c, pod_port)]
         assert (mine.service_id, mine.source_address, mine.source_port, mine.backend_address,
@@ -700,7 +703,16 @@ def test_the_nodes_own_connection_moves_off_the_port_of_a_live_flow(
         client = flows[(ipaddress.ip_address("10.0.0.100"), port, node_ip, int(frontend))]
         assert client.service_id != 0 and (client.source_address, client.source_port,
                                            client.backend_address) == (node_ip, port, web_c)
-        assert "dsr" not in client.flags and client.idle_seconds < 60, client
+        assert client.flags == () and client.idle_seconds < 60, client
+        # Filtered on the raw entries: the outside client's address.
+        outside = ipaddress.ip_address("10.0.0.100")
+        theirs, n = reader.nat_flows(outside)
+        ends = {(f.client_address, f.client_port, f.source_port) for f in theirs}
+        assert n == len(theirs) and (outside, port, port) in ends, theirs
+        assert (node_ip, port, mine.source_port) not in ends, theirs
+        assert all(outside in (f.client_address, f.source_address) for f in theirs), theirs
+        one, n = reader.nat_flows(port=port, limit=1)
+        assert len(one) == 1 and n >= 2, (one, n)
     finally:
         maps.close()
     held.stdin.write(b"\n")
@@ -711,6 +723,20 @@ def test_the_nodes_own_connection_moves_off_the_port_of_a_live_flow(
         held.stdin.flush()
     assert held.wait(timeout=10) == 0, held.stderr.read() if held.stderr else b""
     cluster.topo.forget(held)
+    if not udp:
+        # Both ends closed: the flow's entry is marked closing (FIN both ways).
+        def closed() -> bool:
+            maps = SockLbMaps.open(cluster.nodes[0].bpffs)
+            try:
+                flows, _ = MapsReader(maps).nat_flows(ipaddress.ip_address("10.0.0.100"), port)
+            finally:
+                maps.close()
+            return any(f.frontend_port == int(frontend) and "closing" in f.flags
+                       and "half-closed" not in f.flags for f in flows)
+        deadline = time.monotonic() + 10
+        while not closed():
+            assert time.monotonic() < deadline, "the ended flow is not marked closing"
+            time.sleep(0.1)
 
 
 # argv: LB address, node address, source port. One client port, two live

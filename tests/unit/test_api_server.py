@@ -224,17 +224,22 @@ def test_resync_refuses_a_timeout_it_cannot_wait_for(
 def test_conntrack_lists_per_packet_flows_filtered_and_named(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The fake datapath has no NAT table: its reader is given two flows, one
-    of Service web (id 1, the only frontend) and one of the node's own moved
-    connection (service 0)."""
+    """The fake datapath has no NAT table: its reader is given three flows:
+    one of Service web (id 1, the only frontend), one of the node's own moved
+    connection (service 0), and one whose id 1 was another frontend's
+    (10.96.0.99:80) before it was freed and handed to web."""
     ip = ipaddress.ip_address
     flows = [
         NatFlow("TCP", ip("10.0.0.100"), 40000, ip("10.96.0.10"), 80, ip("10.0.0.1"), 40000,
                 ip("10.244.1.2"), 8080, 1, ("half-closed",), 3.0),
         NatFlow("TCP", ip("10.0.0.1"), 50000, ip("10.244.1.2"), 8080, ip("10.0.0.1"), 61000,
                 ip("10.244.1.2"), 8080, 0, (), 1.0),
+        NatFlow("TCP", ip("10.0.0.100"), 40001, ip("10.96.0.99"), 80, ip("10.0.0.1"), 40001,
+                ip("10.244.9.9"), 8080, 1, ("closing", "expired"), 30.0),
     ]
-    monkeypatch.setattr(StateReader, "nat_flows", lambda self: flows)
+    monkeypatch.setattr(StateReader, "nat_flows",
+                        lambda self, address=None, port=0, limit=0: (flows, 7))
+    monkeypatch.setattr(StateReader, "nat_flows_capacity", lambda self: 262144)
     sock = str(tmp_path / "run" / "veer.sock")
     agent = make_agent(tmp_path, sock)
     agent.start()
@@ -245,14 +250,19 @@ def test_conntrack_lists_per_packet_flows_filtered_and_named(
                 time.sleep(0.02)
             every = client.conntrack()
             assert [(f["client_port"], f["service"], f["service_id"], f["flags"])
-                    for f in every["flows"]] == [(40000, "default/web:http", 1, ["half-closed"]),
-                                                 (50000, "", 0, [])]
-            assert [f["client_port"] for f in client.conntrack("10.0.0.100")["flows"]] == [40000]
+                    for f in every["flows"]] == [
+                        (40000, "default/web:http", 1, ["half-closed"]),
+                        (40001, "", 1, ["closing", "expired"]),
+                        (50000, "", 0, [])]
+            assert (every["flows_total"], every["flows_capacity"]) == (7, 262144)
+            assert [f["client_port"] for f in client.conntrack("10.0.0.100")["flows"]] == [
+                40000, 40001]
             assert [f["client_port"] for f in client.conntrack(port=61000)["flows"]] == [50000]
             assert [f["client_port"] for f in client.conntrack(port=8080)["flows"]] == [
-                40000, 50000]
+                40000, 40001, 50000]
             text = render_conntrack(every)
             assert "(the node's own, moved off a source-NATed flow's port)" in text
-            assert "2 per-packet flows in veer_nat_fwd" in text
+            assert "(service id 1, gone)" in text and "closing,expired" in text
+            assert "7 per-packet flows (the first 3: --limit) in veer_nat_fwd" in text
     finally:
         agent.stop()

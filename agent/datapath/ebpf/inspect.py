@@ -33,15 +33,21 @@ from agent.datapath.ebpf.structs import (
     SVC_F_DROP_EMPTY,
     SVC_F_EXT_LOCAL,
     SVC_F_REDIRECT,
+    TCP_CLOSED_NS,
+    TCP_HALF_CLOSED_NS,
+    UDP_IDLE_NS,
     AffinityKey,
     AffinityMatchKey,
     BackendKey,
     CidrKey,
+    NatValue,
     ServiceValue,
+    Tuple,
     VipKey,
     addr_bytes,
     addr_from,
     family_of,
+    port_be,
     port_host,
     service_key,
 )
@@ -184,33 +190,72 @@ class MapsReader(DatapathReader):
         """Entries each of the two tables holds (the same by construction)."""
         return self.maps.sock_revnat.capacity
 
-    def nat_flows(self) -> list[NatFlow]:
-        """veer_nat_fwd's entries. The top bits of last_seen_ns are flags;
-        the rest is bpf_ktime_get_ns(), CLOCK_MONOTONIC like
-        time.monotonic_ns()."""
+    def nat_flows(self, address: IPAddress | None = None, port: int = 0,
+                  limit: int = 0) -> tuple[list[NatFlow], int]:
+        """veer_nat_fwd's entries that match, decoded. The map holds up to
+        262,144 entries (ended flows stay until the LRU evicts them), so the
+        filter runs on the raw keys and values and only the first `limit`
+        matches are decoded; the count covers them all."""
+        want = (bytes(addr_bytes(address)), family_of(address)) if address else None
+        want_port = port_be(port) if port else 0
         now = time.monotonic_ns()
-        flows = []
+        flows: list[NatFlow] = []
+        total = 0
         for key, value in self.maps.nat_fwd.items():
+            if want is not None and (int(key.family) != want[1] or want[0] not in (
+                    bytes(key.saddr), bytes(key.daddr), bytes(value.saddr),
+                    bytes(value.daddr))):
+                continue
+            if want_port and want_port not in (key.sport, key.dport, value.sport, value.dport):
+                continue
             protocol = PROTOCOL_OF.get(int(key.proto))
             if protocol is None:
                 continue
-            stamp = int(value.last_seen_ns)
-            flags = tuple(name for bit, name in ((NAT_CLOSING, "closing"),
-                                                 (NAT_FIN, "half-closed"), (NAT_DSR, "dsr"))
-                          if stamp & bit)
-            flows.append(NatFlow(
-                protocol=protocol.value,
-                client_address=addr_from(key.saddr, key.family), client_port=port_host(key.sport),
-                frontend_address=addr_from(key.daddr, key.family),
-                frontend_port=port_host(key.dport),
-                source_address=addr_from(value.saddr, key.family),
-                source_port=port_host(value.sport),
-                backend_address=addr_from(value.daddr, key.family),
-                backend_port=port_host(value.dport),
-                service_id=int(value.service_id), flags=flags,
-                idle_seconds=max(0.0, (now - (stamp & ~NAT_FLAGS)) / 1e9),
-            ))
-        return flows
+            total += 1
+            if not limit or len(flows) < limit:
+                flows.append(self._nat_flow(key, value, protocol.value, now))
+        return flows, total
+
+    def _nat_flow(self, key: Tuple, value: NatValue, protocol: str, now: int) -> NatFlow:
+        """One flow. Its state is read as tc_nat.c judges it (veer_nat_stale,
+        veer_flow_stale): a FIN marks the direction that sent it, a RST or
+        both FINs mark both entries closing; a UDP flow lives while either
+        direction's entry does. The reverse entry is this flow's replies (a
+        DSR flow has none here: its replies bypass this node)."""
+        stamp = int(value.last_seen_ns)
+        idle = max(0, now - (stamp & ~NAT_FLAGS))
+        reply = self.maps.nat_rev.get(Tuple(
+            saddr=value.daddr, daddr=value.saddr, sport=value.dport, dport=value.sport,
+            proto=key.proto, family=key.family))
+        back = int(reply.last_seen_ns) if reply is not None else 0
+        back_idle = max(0, now - (back & ~NAT_FLAGS)) if reply is not None else None
+        flags: list[str] = []
+        if stamp & NAT_CLOSING:
+            flags.append("closing")
+        elif (stamp | back) & NAT_FIN:
+            flags.append("half-closed")
+        if stamp & NAT_DSR:
+            flags.append("dsr")
+        if protocol == "UDP":
+            expired = idle > UDP_IDLE_NS and (back_idle is None or back_idle > UDP_IDLE_NS)
+        elif stamp & NAT_CLOSING:
+            expired = idle > TCP_CLOSED_NS
+        else:
+            expired = bool(stamp & NAT_FIN) and idle > TCP_HALF_CLOSED_NS
+        if expired:
+            flags.append("expired")
+        return NatFlow(
+            protocol=protocol,
+            client_address=addr_from(key.saddr, key.family), client_port=port_host(key.sport),
+            frontend_address=addr_from(key.daddr, key.family),
+            frontend_port=port_host(key.dport),
+            source_address=addr_from(value.saddr, key.family),
+            source_port=port_host(value.sport),
+            backend_address=addr_from(value.daddr, key.family),
+            backend_port=port_host(value.dport),
+            service_id=int(value.service_id), flags=tuple(flags),
+            idle_seconds=idle / 1e9,
+        )
 
     def nat_flows_capacity(self) -> int:
         return self.maps.nat_fwd.capacity
