@@ -10,9 +10,14 @@ One reflector thread per kind does what client-go's reflector does:
       v
     watch from the list's resourceVersion ──> queue each event for the Store
       │  the server ends the watch (its timeout)  ──> watch again from the last version
-      │  410 Gone, an ERROR event, a broken
-      │  connection, the API server restarting    ──> back off, then list again
+      │  410 Gone                                 ──> list again at once
+      │  an ERROR event, a broken connection, the
+      │  API server restarting, a watch ended at
+      │  once without an event                    ──> back off, then list again
       v
+    (the delay doubles up to Backoff.maximum, and only a watch that worked
+     resets it: a kind whose lists work and whose watches fail is not
+     listed again every half second)
 
 Nothing is programmed until the first list of every kind has arrived, so a
 restarted agent never prunes the pinned state from a partial view; while the
@@ -30,7 +35,8 @@ API server is away, the Store (and so the datapath) stays exactly as it was.
 - Objects are parsed by agent/model/parse.py. A malformed one is logged with
   its name and field and skipped: an update that does not parse leaves the
   last good version in force (as a manifest file that turns bad does), a new
-  object that does not parse is not recorded. `last_report.problems` lists
+  object that does not parse is not recorded, and neither is kept one of
+  another uid: the object was deleted and made again, malformed. `last_report.problems` lists
   them until they are fixed or deleted. A list item that cannot even be
   named (not an object, no metadata.name) is skipped and reported until the
   next list of its kind; a watch event like it is logged and ignored.
@@ -38,7 +44,10 @@ API server is away, the Store (and so the datapath) stays exactly as it was.
   the agent needs its own addresses and zone, not every Node's heartbeats.
 - TrafficPolicies are optional: while the CRD trafficpolicies.veer.dev is not
   installed (404), the kind counts as listed and empty, it is reported as a
-  problem, and the list is retried every `crd_retry` seconds.
+  problem, and the list is retried every `crd_retry` seconds. Once listed, a
+  404 is a failed list like any other (an API server that is starting can
+  answer 404 for a custom resource for a moment) until it has lasted
+  `crd_retry`: the policies, access rules among them, stay in force.
 
 Why this is not kopf (the issue names kopf; the operator, agent/operator/,
 uses it): kopf 1.45's watcher (kopf/_cogs/clients/watching.py) relists after
@@ -58,6 +67,7 @@ from __future__ import annotations
 import logging
 import random
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -103,6 +113,25 @@ class Backoff:
 
     def reset(self) -> None:
         self._next = 0.0
+
+
+# A watch the server ends sooner than this without a single event is taken
+# for a failure (client-go's reflector does the same): a server that ends
+# every watch at once would otherwise be asked again in a tight loop.
+SHORT_WATCH_S = 1.0
+
+
+def _uid(raw: Obj) -> str:
+    meta = raw.get("metadata")
+    return str(meta.get("uid") or "") if isinstance(meta, dict) else ""
+
+
+def _same_object(known: Model, raw: Obj) -> bool:
+    """Whether a malformed `raw` may be the next version of `known`: the
+    same uid (or one of them unknown). A new uid is a new object: the old
+    one was deleted, and its last good version must not stay in force."""
+    uid = _uid(raw)
+    return not uid or not known.meta.uid or uid == known.meta.uid
 
 
 def _type_name(value: object) -> str:
@@ -180,6 +209,10 @@ class KubeSource:
         self._queued: dict[ObjectRef, tuple[Resource, Obj | None]] = {}
         self._known: dict[Resource, dict[ObjectRef, Model]] = {k: {} for k in self.kinds}
         self._listed: set[Resource] = set()
+        # Optional kinds listed with their CRD installed, and when a list of
+        # one first answered 404 since (see relist).
+        self._installed: set[Resource] = set()
+        self._missing_since: dict[Resource, float] = {}
         self._problems: dict[ObjectRef, str] = {}
         # Per kind, the items of its last list that could not even be named
         # (see _ref): replaced by each list, so they go when the items do.
@@ -251,6 +284,15 @@ class KubeSource:
         except KubeApiError as err:
             if resource not in OPTIONAL or err.status != 404:
                 raise
+            # A kind that was installed may answer 404 for a moment (an API
+            # server starting up, before its custom resource handlers are
+            # ready): its objects stay in force, as for any failed list, until
+            # the 404 has lasted crd_retry. Only then is the CRD taken for gone.
+            if resource in self._installed:
+                since = self._missing_since.setdefault(resource, time.monotonic())
+                if time.monotonic() - since < self._crd_retry:
+                    raise
+                self._installed.discard(resource)
             items, version = [], ""
             self._problem(
                 ObjectRef(resource.kind, "", ""),
@@ -259,26 +301,29 @@ class KubeSource:
             )
         else:
             self._problem(ObjectRef(resource.kind, "", ""), "")
-        parsed: list[tuple[ObjectRef, Model | None]] = []
+            if resource in OPTIONAL:
+                self._installed.add(resource)
+                self._missing_since.pop(resource, None)
+        parsed: list[tuple[ObjectRef, Obj, Model | None]] = []
         unnamed: list[str] = []
         for index, raw in enumerate(items):
             ref = _ref(resource, raw)
             if isinstance(ref, str):
                 unnamed.append(f"{resource.kind} list item {index}: {ref} (skipped)")
             else:
-                parsed.append((ref, self._parse(resource, ref, raw)))
+                parsed.append((ref, raw, self._parse(resource, ref, raw)))
         self._unnamed_problems(resource, tuple(unnamed))
-        listed = {ref for ref, _ in parsed}
+        listed = {ref for ref, _, _ in parsed}
         with self._recording:
             with self._lock:
                 # Queued events of this kind predate the list: it supersedes them.
                 self._queued = {ref: q for ref, q in self._queued.items() if q[0] != resource}
                 known = self._known[resource]
                 fresh: dict[ObjectRef, Model] = {}
-                for ref, obj in parsed:
+                for ref, raw, obj in parsed:
                     if obj is not None:
                         fresh[obj.ref] = obj
-                    elif ref in known:
+                    elif ref in known and _same_object(known[ref], raw):
                         fresh[ref] = known[ref]  # keep the last good version
                 gone = [ref for ref in known if ref not in fresh]
                 stale = [ref for ref in self._problems
@@ -358,12 +403,19 @@ class KubeSource:
             for ref, (resource, raw) in queued.items():
                 obj = self._parse(resource, ref, raw) if raw is not None else None
                 with self._lock:
-                    if raw is None:
+                    known = self._known[resource].get(ref)
+                    # A malformed object that is not the next version of the
+                    # one known (a DELETED and a new ADDED, coalesced) ends it.
+                    replaced = (raw is not None and obj is None and known is not None
+                                and not _same_object(known, raw))
+                    if raw is None or replaced:
                         self._known[resource].pop(ref, None)
                     elif obj is not None:
                         self._known[resource][obj.ref] = obj
                 if raw is None:
                     self._problem(ref, "")
+                    deletes.append(ref)
+                elif replaced:
                     deletes.append(ref)
                 elif obj is not None:
                     upserts.append(obj)
@@ -371,16 +423,19 @@ class KubeSource:
 
     # ---- the loops -------------------------------------------------------
 
-    def _watch(self, resource: Resource, version: str) -> str:
-        """One watch request, applied until the server ends it."""
+    def _watch(self, resource: Resource, version: str) -> tuple[str, int]:
+        """One watch request, applied until the server ends it. Returns the
+        version to go on from, and how many events it brought."""
         stream = self.api.watch(resource.path(), version, self._watch_timeout(),
                                 self._selector(resource))
+        events = 0
         with self._lock:
             self._watches.add(stream)
         try:
             if self._stop.is_set():
-                return version
+                return version, events
             for event in stream:
+                events += 1
                 version = self.apply_event(resource, event, version)
                 if self._stop.is_set():
                     break
@@ -388,7 +443,7 @@ class KubeSource:
             with self._lock:
                 self._watches.discard(stream)
             stream.close()
-        return version
+        return version, events
 
     def run_kind(self, resource: Resource) -> None:
         """List, then watch, until stopped; never raises."""
@@ -396,12 +451,22 @@ class KubeSource:
         while not self._stop.is_set():
             try:
                 version = self.relist(resource)
-                backoff.reset()
                 if not version:  # an optional kind that is not installed
+                    backoff.reset()
                     self._stop.wait(self._crd_retry)
                     continue
+                # The delay is reset by a watch that worked, not by a list: a
+                # kind whose lists succeed and whose watches fail (a Role
+                # without watch, a proxy that cuts long requests) must not
+                # be listed again every half second by every node.
                 while not self._stop.is_set():
-                    version = self._watch(resource, version)
+                    started = time.monotonic()
+                    version, events = self._watch(resource, version)
+                    if events == 0 and time.monotonic() - started < SHORT_WATCH_S \
+                            and not self._stop.is_set():
+                        raise KubeApiError(f"watch {resource}", 0,
+                                           "the server ended the watch at once, with no event")
+                    backoff.reset()
             except Expired as err:
                 log.info("watch of %s expired (%s); listing again", resource, err)
                 continue

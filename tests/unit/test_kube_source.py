@@ -455,3 +455,109 @@ def test_an_error_event_without_an_integer_code_is_an_unknown_error(
     with pytest.raises(KubeApiError) as err:
         source.apply_event(SERVICES, {"type": "ERROR", "object": status}, "1")
     assert err.value.status == 0
+
+
+def test_a_passing_404_keeps_the_policies_until_it_has_lasted(api: FakeApi) -> None:
+    """An API server starting up can answer 404 for a custom resource for a
+    moment: the policies stay in force (the list fails, as any failed list
+    does) until the 404 has lasted crd_retry; then the CRD is taken for gone."""
+    api.put(TRAFFIC_POLICIES, policy("canary", "web"))
+    store = Store()
+    source = KubeSource(api, store, NODE, crd_retry=0.3)
+    assert source.relist(TRAFFIC_POLICIES) != ""
+    assert set(store.snapshot().traffic_policies) == {("demo", "canary")}
+    api.missing.add(TRAFFIC_POLICIES)
+    with pytest.raises(KubeApiError) as passing:
+        source.relist(TRAFFIC_POLICIES)
+    assert passing.value.status == 404
+    assert set(store.snapshot().traffic_policies) == {("demo", "canary")}, \
+        "a passing 404 cleared them"
+    time.sleep(0.35)
+    assert source.relist(TRAFFIC_POLICIES) == ""
+    assert set(store.snapshot().traffic_policies) == set()
+    # Installed again, then a 404: it passes again, without waiting.
+    api.missing.discard(TRAFFIC_POLICIES)
+    assert source.relist(TRAFFIC_POLICIES) != ""
+    api.missing.add(TRAFFIC_POLICIES)
+    with pytest.raises(KubeApiError):
+        source.relist(TRAFFIC_POLICIES)
+    assert set(store.snapshot().traffic_policies) == {("demo", "canary")}
+
+
+def malformed_web(uid: str) -> dict[str, object]:
+    bad = service("web", port("http", 80, 8080), ips="10.96.0.10", ns="demo")
+    bad["metadata"]["uid"] = uid  # type: ignore[index]
+    bad["spec"]["ports"][0]["port"] = "eighty"  # type: ignore[index]
+    return bad
+
+
+def test_a_deleted_object_made_again_malformed_is_not_kept(api: FakeApi) -> None:
+    """The last good version of a malformed object stays in force only while
+    it is the same object (uid): a DELETED and an ADDED of a new, malformed
+    object coalesced in the queue, or both missed while disconnected, end
+    the old one."""
+    store = Store()
+    source = KubeSource(api, store, NODE)
+    source.relist(SERVICES)
+    assert ("demo", "web") in store.snapshot().services
+    # The same object turning malformed keeps its last good version.
+    source.apply_event(SERVICES, {"type": "MODIFIED", "object": malformed_web("uid-web")}, "1")
+    assert ("demo", "web") in store.snapshot().services
+    # Deleted and made again, malformed, in one batch: gone.
+    source.apply_event(SERVICES, {"type": "DELETED", "object": api.objects[SERVICES][
+        ("demo", "web")]}, "2")
+    source.apply_event(SERVICES, {"type": "ADDED", "object": malformed_web("uid-new")}, "3")
+    assert ("demo", "web") not in store.snapshot().services
+
+    # The same, missed while disconnected: the relist finds the new object.
+    api.put(SERVICES, service("web", port("http", 80, 8080), ips="10.96.0.10", ns="demo"))
+    source.relist(SERVICES)
+    assert ("demo", "web") in store.snapshot().services
+    api.objects[SERVICES][("demo", "web")] = malformed_web("uid-other")
+    source.relist(SERVICES)
+    assert ("demo", "web") not in store.snapshot().services
+
+
+class RecordingBackoff(Backoff):
+    delays: list[float] = []
+
+    def next(self) -> float:
+        delay = super().next()
+        RecordingBackoff.delays.append(delay)
+        return delay
+
+
+def test_failing_watches_back_off_though_the_lists_succeed(api: FakeApi) -> None:
+    """A Role that allows list but not watch: every watch fails, every list
+    works. The delay grows (it is reset by a watch that worked, not a list)."""
+    RecordingBackoff.delays = []
+    store = Store()
+    source = KubeSource(api, store, NODE, kinds=(SERVICES,),
+                        backoff=lambda: RecordingBackoff(0.01, 1.0))
+    path = SERVICES.path()
+    denied = KubeApiError("watch", 403, "services is forbidden: cannot watch")
+    api.fail("WATCH", path, denied, denied, denied, denied)
+    source.start()
+    try:
+        wait(lambda: api.count("WATCH", path) == 5, "the fifth watch")
+    finally:
+        source.stop()
+    assert RecordingBackoff.delays == [0.01, 0.02, 0.04, 0.08]
+
+
+def test_a_watch_ended_at_once_without_events_is_a_failure(api: FakeApi) -> None:
+    """A server that ends every watch at once, with no event, must not be
+    asked again in a tight loop: such a watch counts as failed (back off,
+    list again), as client-go's reflector counts it."""
+    store = Store()
+    source = KubeSource(api, store, NODE, kinds=(SERVICES,), watch_timeout=lambda: 5,
+                        backoff=lambda: Backoff(0.01, 0.05))
+    path = SERVICES.path()
+    source.start()
+    try:
+        wait(lambda: api.count("WATCH", path) == 1, "the first watch")
+        api.end(SERVICES)
+        wait(lambda: api.count("WATCH", path) == 2, "the watch after the failure")
+        assert api.count("LIST", path) == 2, "a watch ended at once was not taken for failed"
+    finally:
+        source.stop()
