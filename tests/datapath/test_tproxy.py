@@ -312,6 +312,52 @@ def test_a_backend_that_refuses_resets_the_client(cluster: SandboxCluster) -> No
     assert fresh_counters(cluster).get("upstream_failed", 0) >= 3
 
 
+# argv: port. Accepts one connection, reads the request up to the client's
+# FIN, then waits (10 s at most) for the connection to be reset, and says so.
+SILENT_SERVER = """
+import select, socket, sys
+srv = socket.socket(); srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("0.0.0.0", int(sys.argv[1]))); srv.listen(4)
+print("ready", flush=True)
+conn, _ = srv.accept()
+while conn.recv(4096):
+    pass
+p = select.poll(); p.register(conn, select.POLLERR | select.POLLHUP)
+print("reset" if p.poll(10000) else "alive", flush=True)
+"""
+
+# argv: address, port. Sends a request, half-closes, then resets.
+RESET_AFTER_HALF_CLOSE = """
+import socket, struct, sys, time
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
+s.sendall(b"request"); s.shutdown(socket.SHUT_WR)
+time.sleep(0.5)  # the FIN goes through the proxy to the server
+s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+s.close()
+"""
+
+
+def test_a_client_reset_after_its_half_close_reaches_the_backend(
+    cluster: SandboxCluster,
+) -> None:
+    """The client sends its request, half-closes, then resets (it gave up)
+    while the backend is still working: the reset must reach the backend,
+    not wait until the backend writes (which a silent one never does)."""
+    web_a = cluster.topo.pods["web-a"]
+    server = cluster.topo.spawn(web_a.netns, [sys.executable, "-c", SILENT_SERVER, "9101"],
+                                stdout=subprocess.PIPE)
+    assert server.stdout is not None and server.stdout.readline().strip() == b"ready"
+    cluster.write_manifest("silent.yaml", service_with_endpoints(
+        "silent", "10.96.0.47", ["web-a"], port=9101, target=9101))
+    cluster.wait_frontend("10.96.0.47:9101/TCP", backends(["web-a"], 9101))
+    res = cluster.topo.exec(cluster.client, [sys.executable, "-c", RESET_AFTER_HALF_CLOSE,
+                                             "10.96.0.47", "9101"], timeout=30)
+    assert res.returncode == 0, res.stderr
+    assert server.stdout.readline().strip() == b"reset", "the backend never heard of the reset"
+    assert server.wait(timeout=10) == 0
+    cluster.topo.forget(server)
+
+
 def test_agent_gone_means_refused_and_a_new_agent_serves_again(cluster: SandboxCluster) -> None:
     """The proxy lives in the agent: while it is stopped, nftables still
     intercepts and finds no listener, so connections are refused at once (not

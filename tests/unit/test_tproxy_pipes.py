@@ -68,3 +68,33 @@ def test_empty_default_pipes_are_reused_and_others_closed() -> None:
     pool.put(first, empty=False, size=pool.default_size)  # bytes in it: closed
     assert closed(first[0])
     pool.close()
+
+
+def test_a_connection_that_gets_no_second_pipe_gives_the_first_back(
+        sockets_pair: tuple[socket.socket, socket.socket],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Out of descriptors (EMFILE) at the second pipe: the first goes back to
+    the pool (or is closed), not leaked, and the error reaches start()."""
+    import errno
+    from types import SimpleNamespace
+
+    from agent.compute.types import L4Addr, Protocol
+    from agent.datapath.tproxy.tcp import Connection
+    from agent.model.parse import parse_ip
+
+    pool = PipePool(keep=0)  # nothing is pooled: a pipe given back is closed
+    made: list[tuple[int, int]] = []
+    real_new = PipePool._new
+
+    def new_then_out_of_descriptors() -> tuple[int, int]:
+        if made:
+            raise OSError(errno.EMFILE, "Too many open files")
+        made.append(real_new())
+        return made[-1]
+
+    monkeypatch.setattr(PipePool, "_new", staticmethod(new_then_out_of_descriptors))
+    engine = SimpleNamespace(pipes=pool)
+    backend = L4Addr(parse_ip("10.244.1.2"), 8080, Protocol.TCP)
+    with pytest.raises(OSError):
+        Connection(engine, sockets_pair[0], sockets_pair[1], backend)  # type: ignore[arg-type]
+    assert made and all(closed(fd) for fd in made[0]), "the first pipe leaked"

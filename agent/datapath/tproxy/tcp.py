@@ -137,8 +137,14 @@ class Connection:
         self.ufd = upstream.fileno()
         self.state = Connection.CONNECTING
         pipes = engine.pipes
-        self.up = _Direction(self.cfd, upstream, pipes.get(), pipes.default_size)
-        self.down = _Direction(self.ufd, client, pipes.get(), pipes.default_size)
+        up_pipe = pipes.get()
+        try:
+            down_pipe = pipes.get()
+        except OSError:
+            pipes.put(up_pipe, True, pipes.default_size)  # out of descriptors: give it back
+            raise
+        self.up = _Direction(self.cfd, upstream, up_pipe, pipes.default_size)
+        self.down = _Direction(self.ufd, client, down_pipe, pipes.default_size)
         engine.counts.add(backend)
         engine.open_connections += 1
         loop = engine.loop
@@ -171,14 +177,24 @@ class Connection:
                 return
             self._maybe_close()
             return
-        self._on_event(events, self.down, self.up)
+        self._on_event(events, self.down, self.up, self.upstream)
 
     def _on_client(self, events: int) -> None:
         if self.state == Connection.OPEN:
-            self._on_event(events, self.up, self.down)
+            self._on_event(events, self.up, self.down, self.client)
+        elif self.state == Connection.CONNECTING and events & select.EPOLLERR \
+                and _failed(self.client):
+            self.abort()  # the client reset before the backend answered: stop there
 
-    def _on_event(self, events: int, reading: _Direction, writing: _Direction) -> None:
-        """An event on a socket that `reading` reads from and `writing` writes to."""
+    def _on_event(self, events: int, reading: _Direction, writing: _Direction,
+                  sock: socket.socket) -> None:
+        """An event on `sock`, which `reading` reads from and `writing` writes to."""
+        # A reset is news even to a direction whose reading is over: a client
+        # that half-closed and then reset (or gave up) would otherwise hold
+        # the backend's connection until the backend writes, perhaps never.
+        if events & select.EPOLLERR and _failed(sock):
+            self.abort()
+            return
         if events & ~EPOLLOUT and not reading.done and not self._run(reading):
             return
         # Writable again: only news to a direction that was blocked on it.
@@ -269,6 +285,15 @@ class Connection:
         sockets.abort(self.upstream)
 
 
+def _failed(sock: socket.socket) -> bool:
+    """Whether the socket holds an error (a reset, a timeout); reading it
+    clears it, so only an EPOLLERR is worth this system call."""
+    try:
+        return sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) != 0
+    except OSError:
+        return True
+
+
 def _grow(d: _Direction) -> None:
     """A read filled the pipe: a bulk transfer. Give it PIPE_SIZE (a pipe
     grows with its bytes in it); if the kernel refuses (memory, or the
@@ -337,4 +362,10 @@ def start(engine: Engine, client: socket.socket, peer: tuple[str, int], role: Ro
         upstream.close()
         sockets.abort(client)
         return
-    Connection(engine, client, upstream, backend)
+    try:
+        Connection(engine, client, upstream, backend)
+    except OSError as exc:  # no pipe: out of descriptors or memory
+        engine.count("accept_failed")
+        log.warning("proxy: cannot relay a connection to %s: %s", backend, exc)
+        upstream.close()
+        sockets.abort(client)
