@@ -41,12 +41,14 @@ LOOPBACK = {4: "127.0.0.1", 6: "::1"}
 
 # A UDP flow (one client address and port to one frontend) that carries no
 # datagram for this long is forgotten; its next datagram picks again. This is
-# conntrack's nf_conntrack_udp_timeout, so a client sees the same lifetime it
-# would see with kube-proxy.
+# conntrack's nf_conntrack_udp_timeout, but not its _stream timeout (120 s),
+# which conntrack gives a flow that has seen replies: with kube-proxy, such a
+# flow quiet for 30 to 120 s keeps its backend; here it may get another.
 UDP_IDLE_TIMEOUT = 30.0
 # ... except a flow whose client sent one datagram only (a DNS query from a
 # fresh port, the common case): each flow holds two sockets of the agent's,
 # and a resolver sending 1,000 queries a second would otherwise hold 60,000.
+# (conntrack keeps it 30 s: a reply later than 5 s is lost here.)
 UDP_ONESHOT_TIMEOUT = 5.0
 
 
