@@ -518,19 +518,16 @@ def test_a_deleted_object_made_again_malformed_is_not_kept(api: FakeApi) -> None
     assert ("demo", "web") not in store.snapshot().services
 
 
-class RecordingBackoff(Backoff):
-    delays: list[float] = []
-
-    def next(self) -> float:
-        delay = super().next()
-        RecordingBackoff.delays.append(delay)
-        return delay
-
-
 def test_failing_watches_back_off_though_the_lists_succeed(api: FakeApi) -> None:
     """A Role that allows list but not watch: every watch fails, every list
     works. The delay grows (it is reset by a watch that worked, not a list)."""
-    RecordingBackoff.delays = []
+    delays: list[float] = []
+
+    class RecordingBackoff(Backoff):
+        def next(self) -> float:
+            delays.append(super().next())
+            return delays[-1]
+
     store = Store()
     source = KubeSource(api, store, NODE, kinds=(SERVICES,),
                         backoff=lambda: RecordingBackoff(0.01, 1.0))
@@ -542,7 +539,7 @@ def test_failing_watches_back_off_though_the_lists_succeed(api: FakeApi) -> None
         wait(lambda: api.count("WATCH", path) == 5, "the fifth watch")
     finally:
         source.stop()
-    assert RecordingBackoff.delays == [0.01, 0.02, 0.04, 0.08]
+    assert delays == [0.01, 0.02, 0.04, 0.08]
 
 
 def test_a_watch_ended_at_once_without_events_is_a_failure(api: FakeApi) -> None:
