@@ -6,6 +6,8 @@ import json
 import sys
 import time
 
+import pytest
+
 from agent.sandbox.cluster import SandboxCluster
 from tests.datapath.manifests import backends, service_with_endpoints
 
@@ -86,6 +88,42 @@ def test_udp_endpoint_change_applies_to_next_datagrams(cluster: SandboxCluster) 
     cluster.wait_frontend(f"{VIP}:53/UDP", backends(["web-b"], 9053, "UDP"))
     result = cluster.probe("udp", VIP, "53", "--count", "20")
     assert result["answers"] == {"web-b": 20} and result["peer_mismatch"] == 0, result
+
+
+def _udp_service(vip: str, pod_ip: str, port: int, target: int) -> str:
+    """A single-stack UDP Service of `vip`'s family, with one endpoint."""
+    family = "IPv6" if ":" in vip else "IPv4"
+    svc = {"apiVersion": "v1", "kind": "Service",
+           "metadata": {"name": "one", "namespace": "default"},
+           "spec": {"clusterIP": vip, "clusterIPs": [vip], "ipFamilies": [family],
+                    "ports": [{"name": "p", "protocol": "UDP", "port": port,
+                               "targetPort": target}]}}
+    eps = {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+           "metadata": {"name": "one-1", "namespace": "default",
+                        "labels": {"kubernetes.io/service-name": "one"}},
+           "addressType": family,
+           "ports": [{"name": "p", "protocol": "UDP", "port": target}],
+           "endpoints": [{"addresses": [pod_ip]}]}
+    return json.dumps(svc) + "\n---\n" + json.dumps(eps) + "\n"
+
+
+@pytest.mark.parametrize(("vip", "pod_ip"), [
+    ("10.96.0.40", "10.244.1.2"),
+    ("fd00:96::40", "fd00:10:244:1::2"),
+])
+def test_udp_backend_without_a_listener_refuses_a_connected_client(
+    cluster: SandboxCluster, vip: str, pod_ip: str,
+) -> None:
+    """Nothing listens on the backend's port (web-a's 8999), so its kernel
+    answers the datagram with ICMP port unreachable: the connected client's
+    receive fails with ECONNREFUSED at once, as through kube-proxy, rather
+    than waiting out its timeout."""
+    cluster.write_manifest("one.yaml", _udp_service(vip, pod_ip, 53, 8999))
+    host = f"[{vip}]" if ":" in vip else vip
+    backend = f"[{pod_ip}]" if ":" in pod_ip else pod_ip
+    cluster.wait_frontend(f"{host}:53/UDP", [f"{backend}:8999/UDP"])
+    result = cluster.probe("udp", vip, "53", "--connect", "--count", "3", "--timeout", "5")
+    assert result["answers"] == {} and result["errors"] == {"ECONNREFUSED": 3}, result
 
 
 def test_malformed_yaml_is_reported_by_file_and_the_rest_applied(cluster: SandboxCluster) -> None:

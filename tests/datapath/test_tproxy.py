@@ -38,6 +38,7 @@ from tests.datapath.test_changes import (  # noqa: F401 - collected again, in TP
     test_malformed_object_is_reported_with_its_field,
     test_removed_endpoint_gets_no_new_connections_and_established_ones_stay,
     test_scaled_to_zero_and_back,
+    test_udp_backend_without_a_listener_refuses_a_connected_client,
     test_udp_endpoint_change_applies_to_next_datagrams,
 )
 from tests.datapath.test_socket_lb import (  # noqa: F401
@@ -307,6 +308,27 @@ def test_a_backend_that_refuses_resets_the_client(cluster: SandboxCluster) -> No
     result = cluster.probe("tcp", "10.96.0.45", "80", "--count", "3", "--timeout", "5")
     assert result["answers"] == {}, result
     # A reset, seen by the first send or receive after connect() succeeded.
+    assert set(result["errors"]) <= {"ECONNRESET", "EPIPE"}, result
+    assert sum(result["errors"].values()) == 3, result
+    assert fresh_counters(cluster).get("upstream_failed", 0) >= 3
+
+
+def test_a_backend_unreachable_by_icmp_resets_the_client_at_once(cluster: SandboxCluster) -> None:
+    """web-a answers SYNs to port 8998 with ICMP host unreachable. The error
+    is addressed to the client (the upstream keeps its address); nftables
+    must divert it to the proxy's connecting socket, whose connect() then
+    fails at once, and the client is reset within its 5 s timeout rather
+    than left hanging while the proxy retries the SYN for two minutes."""
+    web_a = cluster.topo.pods["web-a"]
+    ruleset = ("table inet unreach {\n chain input {\n type filter hook input priority 0;\n"
+               " tcp dport 8998 reject with icmpx type host-unreachable\n }\n}\n")
+    res = cluster.topo.exec(web_a.netns, ["nft", ruleset], in_cgroup=False, timeout=30)
+    assert res.returncode == 0, res.stderr  # the table goes with web-a's namespace
+    cluster.write_manifest("unreach.yaml", service_with_endpoints(
+        "unreach", "10.96.0.44", ["web-a"], port=80, target=8998))
+    cluster.wait_frontend("10.96.0.44:80/TCP", backends(["web-a"], 8998))
+    result = cluster.probe("tcp", "10.96.0.44", "80", "--count", "3", "--timeout", "5")
+    assert result["answers"] == {}, result
     assert set(result["errors"]) <= {"ECONNRESET", "EPIPE"}, result
     assert sum(result["errors"].values()) == 3, result
     assert fresh_counters(cluster).get("upstream_failed", 0) >= 3

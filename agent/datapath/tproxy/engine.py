@@ -39,7 +39,7 @@ from collections import Counter
 from collections.abc import Mapping
 
 from agent.compute.types import Frontend, L4Addr
-from agent.datapath.tproxy import sockets, tcp, udp
+from agent.datapath.tproxy import icmp, sockets, tcp, udp
 from agent.datapath.tproxy.choice import Chooser, ChooserState, OpenCounts
 from agent.datapath.tproxy.layout import Locality, Role
 from agent.datapath.tproxy.loop import Loop, start_thread
@@ -75,6 +75,7 @@ class Engine:
         self._listeners: list[socket.socket] = []
         self.ports: dict[tuple[int, Protocol, Role], int] = {}
         self._thread: threading.Thread | None = None
+        self.notifier: icmp.Notifier | None = None  # opened by start()
 
     @property
     def now(self) -> float:
@@ -88,6 +89,7 @@ class Engine:
     def start(self) -> None:
         """Open every listener, then run the loop in a thread of its own."""
         _raise_open_files_limit()
+        self.notifier = icmp.Notifier(self.families)
         try:
             for family in self.families:
                 for protocol, kind in _KIND.items():
@@ -100,6 +102,7 @@ class Engine:
                         self.loop.register(sock.fileno(), select.EPOLLIN, handler)
         except OSError as err:
             self._close_listeners()
+            self.notifier.close()
             raise DatapathError(f"the proxy cannot open its listeners: {err}") from err
         self.loop.every(SWEEP_INTERVAL, self._sweep)
         self._thread = start_thread(self.loop, "veer-tproxy")
@@ -110,6 +113,8 @@ class Engine:
             self._thread.join(10)
             self._thread = None
         self._close_listeners()
+        if self.notifier is not None:
+            self.notifier.close()
         self.pipes.close()
         self.loop.close()
 

@@ -6,10 +6,13 @@ rules can be read and tested without root.
     table inet veer
       prerouting (filter hook, priority mangle)
         1. mark & MARK_PROXY                 accept   the proxy's own packets
-        2. tcp/udp, socket mark & MARK_PROXY  mark MARK_LOCAL, accept
+        2. tcp/udp/icmp, socket mark & MARK_PROXY
+                                        mark MARK_LOCAL, accept
                                                       replies to the proxy's upstream
-                                                      sockets (and a client's later
-                                                      packets to its proxied socket)
+                                                      sockets, and ICMP errors about
+                                                      what they sent (and a client's
+                                                      later packets to its proxied
+                                                      socket)
         3. ip daddr . l4proto . dport  vmap @fe4  ->  jump <verdicts>
            ip6 daddr . l4proto . dport vmap @fe6
         4. daddr @vips*  -> refused (RST / ICMP port unreachable): a port no
@@ -418,8 +421,14 @@ def skeleton() -> list[Command]:
         # that meets an old TIME_WAIT socket of the same ports goes on to
         # tproxy, which hands it to the listener, and a client's later direct
         # connection to a backend is never caught by an upstream socket's
-        # TIME_WAIT of the same ports.
-        [_match(_L4, {"set": ["tcp", "udp"]}),
+        # TIME_WAIT of the same ports. For an ICMP error, `socket` looks up
+        # the datagram or segment it quotes: a backend's port unreachable or
+        # host unreachable, addressed to the client when the upstream keeps
+        # the client's address, reaches the upstream socket (a UDP flow
+        # ends and its client is told, icmp.py; a connect() fails at once
+        # instead of retrying for two minutes) rather than the client, whose
+        # socket would not know the backend's address it quotes.
+        [_match(_L4, {"set": ["tcp", "udp", "icmp", "ipv6-icmp"]}),
          _match({"&": [{"socket": {"key": "mark"}}, MARK_PROXY]}, MARK_PROXY),
          {"mangle": {"key": _MARK, "value": {"|": [_MARK, MARK_LOCAL]}}},
          {"accept": None}],

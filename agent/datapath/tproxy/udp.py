@@ -137,7 +137,7 @@ class Flow:
         except BlockingIOError:
             self.engine.count("udp_dropped")  # the socket's buffer is full: as a NIC would
         except OSError as err:
-            self._failed(err)
+            self._failed(err, backend_side=True)
 
     def _from_client(self, _events: int) -> None:
         for _ in range(64):
@@ -146,7 +146,7 @@ class Flow:
             except BlockingIOError:
                 return
             except OSError as err:
-                self._failed(err)
+                self._failed(err, backend_side=False)
                 return
             self.to_backend(data)
             if self.engine.flows.get(self.key) is not self:
@@ -163,7 +163,7 @@ class Flow:
                     return
                 except OSError as err:
                     if up is self.up:
-                        self._failed(err)
+                        self._failed(err, backend_side=True)
                     return
                 self.last = self.engine.now
                 try:
@@ -171,7 +171,7 @@ class Flow:
                 except BlockingIOError:
                     self.engine.count("udp_dropped")
                 except OSError as err:
-                    self._failed(err)
+                    self._failed(err, backend_side=False)
                     return
 
         return on_ready
@@ -192,12 +192,18 @@ class Flow:
             old, _ = self.draining.pop(0)
             _close_upstream(self.engine, old)
 
-    def _failed(self, err: OSError) -> None:
+    def _failed(self, err: OSError, backend_side: bool) -> None:
         """The backend (or the client) answered with an ICMP error: end the
-        flow, so the client's next datagram picks again."""
+        flow, so the client's next datagram picks again. A backend's error is
+        passed on to the client, as conntrack passes it on for kube-proxy."""
         if err.errno not in _GONE:
             log.debug("proxy: UDP flow %s -> %s: %s", self.key, self.backend, err)
         self.engine.count("udp_flow_errors")
+        notifier = self.engine.notifier
+        if backend_side and err.errno is not None and notifier is not None \
+                and notifier.unreachable(self.family, err.errno, (self.key[0], self.key[1]),
+                                         self.frontend):
+            self.engine.count("udp_errors_relayed")
         self.close()
 
     def close(self) -> None:
