@@ -334,6 +334,49 @@ def test_a_backend_unreachable_by_icmp_resets_the_client_at_once(cluster: Sandbo
     assert fresh_counters(cluster).get("upstream_failed", 0) >= 3
 
 
+# argv: address, port. Connects, says so, resets when told (a line on stdin).
+RESET_WHEN_TOLD = """
+import socket, struct, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
+print("connected", flush=True)
+sys.stdin.readline()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+s.close()
+print("reset", flush=True)
+"""
+
+
+def test_a_client_reset_while_the_proxy_connects_ends_the_attempt(
+    cluster: SandboxCluster,
+) -> None:
+    """web-a drops SYNs to port 8997, so the proxy's connect() would retry
+    for two minutes. A client that gives up (resets) meanwhile must end the
+    attempt and free the connection's sockets and pipes at once."""
+    web_a = cluster.topo.pods["web-a"]
+    ruleset = ("table inet blackhole {\n chain input {\n type filter hook input priority 0;\n"
+               " tcp dport 8997 drop\n }\n}\n")
+    res = cluster.topo.exec(web_a.netns, ["nft", ruleset], in_cgroup=False, timeout=30)
+    assert res.returncode == 0, res.stderr  # the table goes with web-a's namespace
+    cluster.write_manifest("blackhole.yaml", service_with_endpoints(
+        "blackhole", "10.96.0.43", ["web-a"], port=80, target=8997))
+    cluster.wait_frontend("10.96.0.43:80/TCP", backends(["web-a"], 8997))
+    client = cluster.topo.spawn(cluster.client, [sys.executable, "-c", RESET_WHEN_TOLD,
+                                                 "10.96.0.43", "80"],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    assert client.stdin is not None and client.stdout is not None
+    assert client.stdout.readline().strip() == b"connected"
+    cluster.wait_status(lambda s: s["counters"].get("open_connections") == 1, timeout=30,
+                        what="the proxy to hold the connecting connection")
+    client.stdin.write(b"go\n")
+    client.stdin.flush()
+    assert client.stdout.readline().strip() == b"reset"
+    assert client.wait(timeout=10) == 0
+    cluster.topo.forget(client)
+    # A status pass comes at most 10 s apart; the SYN retries would last ~2 min.
+    cluster.wait_status(lambda s: s["counters"].get("open_connections") == 0, timeout=30,
+                        what="the proxy to end the attempt")
+
+
 # argv: port. Accepts one connection, reads the request up to the client's
 # FIN, then waits (10 s at most) for the connection to be reset, and says so.
 SILENT_SERVER = """
