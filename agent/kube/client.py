@@ -27,6 +27,7 @@ callers above (sources, reports, the operator) handle one error type.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -36,6 +37,8 @@ from agent.errors import KubeApiError
 from agent.kube import kubeconfig
 from agent.kube.kubeconfig import Access
 from agent.kube.transport import Stream, Transport
+
+log = logging.getLogger(__name__)
 
 Obj = dict[str, Any]
 
@@ -243,13 +246,27 @@ class KubeClient:
         return self._json("GET", path)
 
     def list(self, path: str, field_selector: str = "") -> tuple[list[Obj], str]:
+        """Every object, in pages of LIST_PAGE, and the list's resourceVersion.
+
+        A continue token lives as long as etcd keeps the list's revision (about
+        five minutes): a list paged slower than that gets 410 Gone for its next
+        page. Listing again from the first page could expire again the same
+        way, so it is fetched whole in one answer instead, as client-go's
+        pager does (FullListIfExpired)."""
         items: list[Obj] = []
         token = ""
+        selector = [("fieldSelector", field_selector)] if field_selector else []
         while True:
             query = [("limit", str(LIST_PAGE))] + ([("continue", token)] if token else [])
-            if field_selector:
-                query.append(("fieldSelector", field_selector))
-            page = self._json("GET", path, query=query, timeout=(5.0, 60.0))
+            try:
+                page = self._json("GET", path, query=query + selector, timeout=(5.0, 60.0))
+            except KubeApiError as err:
+                if err.status != 410 or not token:
+                    raise
+                log.info("list of %s: page token expired (%s); listing it whole", path,
+                         err.message)
+                page = self._json("GET", path, query=selector, timeout=(5.0, 300.0))
+                items = []
             items.extend(page.get("items") or [])
             meta = page.get("metadata") or {}
             token = meta.get("continue") or ""
@@ -268,7 +285,8 @@ class KubeClient:
             query.append(("fieldSelector", field_selector))
         what = f"watch {path}"
         # The server ends the watch after timeout_seconds; reading longer than
-        # that without a byte means the connection is dead.
+        # that without a byte means the connection is dead. (A server gone
+        # silent is noticed sooner, by TCP keepalive: transport.KEEPALIVE.)
         stream = self._transport.stream(what, f"{path}?{urlencode(query)}",
                                         (5.0, timeout_seconds + 30.0))
         if not _ok(stream.status):

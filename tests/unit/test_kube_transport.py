@@ -148,6 +148,42 @@ def test_a_list_follows_continue_tokens(server: Server) -> None:
         [{"n": 1}, {"n": 2}, {"n": 3}], "7")
 
 
+def test_a_list_whose_page_token_expired_is_fetched_whole(server: Server) -> None:
+    """The second page's token expired (410 Gone): the list is fetched again
+    in one answer, without a limit, and its items replace the first page's
+    (they may have changed since)."""
+    asked: list[dict[str, list[str]]] = []
+
+    def route(h: Handler) -> None:
+        query = parse_qs(urlsplit(h.path).query)
+        asked.append(query)
+        if "limit" not in query:
+            h.answer(200, {"metadata": {"resourceVersion": "9"},
+                           "items": [{"n": 1}, {"n": 4}]})
+        elif "continue" in query:
+            h.answer(410, {"kind": "Status", "code": 410, "reason": "Expired",
+                           "message": "The provided continue parameter is too old"})
+        else:
+            h.answer(200, {"metadata": {"continue": "next", "resourceVersion": "7"},
+                           "items": [{"n": 1}, {"n": 2}]})
+
+    server.routes[SERVICES.path()] = route
+    assert client(server).list(SERVICES.path(), "metadata.name=n") == (
+        [{"n": 1}, {"n": 4}], "9")
+    assert [("limit" in q, "continue" in q) for q in asked] == [
+        (True, False), (True, True), (False, False)]
+    assert all(q["fieldSelector"] == ["metadata.name=n"] for q in asked)
+
+
+def test_a_first_page_that_is_gone_is_an_error(server: Server) -> None:
+    """410 without a token is not an expired page: the caller decides."""
+    server.routes[SERVICES.path()] = lambda h: h.answer(
+        410, {"kind": "Status", "code": 410, "reason": "Gone", "message": "gone"})
+    with pytest.raises(KubeApiError) as err:
+        client(server).list(SERVICES.path())
+    assert err.value.status == 410
+
+
 def test_requests_share_a_kept_alive_connection(server: Server) -> None:
     server.routes["/a"] = lambda h: h.answer(200, {})
     api = client(server)
