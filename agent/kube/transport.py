@@ -24,6 +24,7 @@ closing: that one fails, and its caller retries on its own terms.
 from __future__ import annotations
 
 import contextlib
+import errno
 import http.client
 import os
 import socket
@@ -46,6 +47,14 @@ IDLE_MAX = 30.0
 READ_SIZE = 64 * 1024
 # (connect, read) seconds.
 Timeout = tuple[float, float]
+# TCP keepalive on every connection: (idle seconds before the first probe,
+# seconds between probes, unanswered probes before the kernel gives up). A
+# server gone without a word (its host down, a partition, a NAT or load
+# balancer that forgot the connection) then breaks a watch within about a
+# minute of its last byte; without it a watch's read timeout (its
+# timeoutSeconds plus 30 s, up to 6.5 min) would pass first, the agent
+# hearing no change meanwhile.
+KEEPALIVE = (30, 10, 3)
 
 
 @dataclass(frozen=True)
@@ -56,6 +65,8 @@ class Answer:
 
 def _describe(err: BaseException) -> str:
     if isinstance(err, TimeoutError):
+        if err.errno == errno.ETIMEDOUT:  # the kernel gave up, not our read timeout
+            return "the server stopped answering (connection timed out)"
         return "timed out"
     if isinstance(err, http.client.RemoteDisconnected):
         return "the server closed the connection"
@@ -121,6 +132,11 @@ class _Connection(http.client.HTTPConnection):
 
     def connect(self) -> None:
         super().connect()
+        idle, interval, probes = KEEPALIVE
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, probes)
         if self._tls is not None:
             self.sock = self._tls.wrap_socket(self.sock,
                                               server_hostname=self._server_name or self.host)
