@@ -40,11 +40,16 @@ RULE_PREF_SERVICES = 9338
 LOOPBACK = {4: "127.0.0.1", 6: "::1"}
 
 # A UDP flow (one client address and port to one frontend) that carries no
-# datagram for this long is forgotten; its next datagram picks again. This is
-# conntrack's nf_conntrack_udp_timeout, but not its _stream timeout (120 s),
-# which conntrack gives a flow that has seen replies: with kube-proxy, such a
-# flow quiet for 30 to 120 s keeps its backend; here it may get another.
+# datagram for this long is forgotten; its next datagram picks again. These
+# are conntrack's timeouts (nf_conntrack_udp_timeout and _timeout_stream),
+# so a flow keeps its backend through the same quiet spells as through
+# kube-proxy: UDP_IDLE_TIMEOUT for a flow without replies, or whose
+# datagrams all came within UDP_STREAM_AFTER of its first; a flow that has
+# seen replies and was still active after that is a stream, and keeps
+# UDP_STREAM_TIMEOUT.
 UDP_IDLE_TIMEOUT = 30.0
+UDP_STREAM_TIMEOUT = 120.0
+UDP_STREAM_AFTER = 2.0
 # ... except a flow whose client sent one datagram only (a DNS query from a
 # fresh port, the common case): each flow holds two sockets of the agent's,
 # and a resolver sending 1,000 queries a second would otherwise hold 60,000.

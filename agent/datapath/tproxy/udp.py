@@ -11,8 +11,10 @@ then gets two sockets of its own:
   the client's next datagrams straight to this socket, its most specific
   match, without the listener.
 
-A flow idle for UDP_IDLE_TIMEOUT is closed (UDP_ONESHOT_TIMEOUT if its client
-sent a single datagram, as a DNS query does). A flow whose backend left its
+A flow idle for longer than `idle_limit` says is closed: conntrack's
+timeouts (30 s, or 120 s for a flow that saw replies and lived on past its
+first 2 s), except 5 s for a flow whose client sent a single datagram, as a
+DNS query does (layout.py says why). A flow whose backend left its
 frontend moves at once to a backend the frontend still has (the reconciler
 says so), where kube-proxy's conntrack entry would keep sending into the
 void until it expired: its next datagram goes to the new backend, and for
@@ -31,7 +33,13 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from agent.datapath.tproxy import sockets
-from agent.datapath.tproxy.layout import UDP_IDLE_TIMEOUT, UDP_ONESHOT_TIMEOUT, Role
+from agent.datapath.tproxy.layout import (
+    UDP_IDLE_TIMEOUT,
+    UDP_ONESHOT_TIMEOUT,
+    UDP_STREAM_AFTER,
+    UDP_STREAM_TIMEOUT,
+    Role,
+)
 
 if TYPE_CHECKING:
     from agent.compute.types import L4Addr
@@ -45,6 +53,17 @@ _CMSG_SPACE = socket.CMSG_SPACE(28)  # a sockaddr_in6 (the larger origdst)
 FlowKey = tuple[str, int, str, int]  # client address, port, Service address, port
 Bind = tuple[str, int, "L4Addr"]  # an upstream's client address and port, and its backend
 _GONE = (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EPIPE)
+
+
+def idle_limit(sent: int, replied: bool, active_for: float) -> float:
+    """How long a flow may stay idle: `sent` datagrams from its client,
+    whether its backend replied, and how long after its first datagram its
+    last one came (either way)."""
+    if sent <= 1:
+        return UDP_ONESHOT_TIMEOUT
+    if replied and active_for >= UDP_STREAM_AFTER:
+        return UDP_STREAM_TIMEOUT
+    return UDP_IDLE_TIMEOUT
 
 
 class _Upstream:
@@ -105,7 +124,7 @@ def _close_upstream(engine: Engine, up: _Upstream) -> None:
 
 class Flow:
     __slots__ = ("dfd", "downstream", "draining", "engine", "family", "frontend", "key",
-                 "last", "role", "sent", "up")
+                 "last", "replied", "role", "sent", "started", "up")
 
     def __init__(self, engine: Engine, key: FlowKey, role: Role, family: int,
                  up: _Upstream, downstream: socket.socket) -> None:
@@ -118,8 +137,9 @@ class Flow:
         self.downstream = downstream
         self.dfd = downstream.fileno()
         self.draining: list[tuple[_Upstream, float]] = []
-        self.last = engine.now
+        self.started = self.last = engine.now
         self.sent = 0  # datagrams from the client
+        self.replied = False  # a datagram came back from a backend
         engine.flows[key] = self
         engine.flows_of.setdefault(self.frontend, set()).add(self)
         engine.loop.register(up.fd, select.EPOLLIN, self._replies(up))
@@ -166,6 +186,7 @@ class Flow:
                         self._failed(err, backend_side=True)
                     return
                 self.last = self.engine.now
+                self.replied = True
                 try:
                     self.downstream.send(data)
                 except BlockingIOError:
@@ -267,8 +288,7 @@ def start(engine: Engine, key: FlowKey, role: Role, family: int) -> Flow | None:
 def sweep(engine: Engine, now: float) -> None:
     """Close flows idle for longer than their timeout; end drained upstreams."""
     for flow in list(engine.flows.values()):
-        idle = now - flow.last
-        if idle >= UDP_IDLE_TIMEOUT or (flow.sent <= 1 and idle >= UDP_ONESHOT_TIMEOUT):
+        if now - flow.last >= idle_limit(flow.sent, flow.replied, flow.last - flow.started):
             flow.close()
         elif flow.draining:
             flow.expire_draining(now)
