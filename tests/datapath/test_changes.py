@@ -107,23 +107,34 @@ def _udp_service(vip: str, pod_ip: str, port: int, target: int) -> str:
     return json.dumps(svc) + "\n---\n" + json.dumps(eps) + "\n"
 
 
-@pytest.mark.parametrize(("vip", "pod_ip"), [
-    ("10.96.0.40", "10.244.1.2"),
-    ("fd00:96::40", "fd00:10:244:1::2"),
+@pytest.mark.parametrize(("vip", "pod_ip", "reject", "error"), [
+    # Nothing listens on web-a's port: its kernel's port unreachable.
+    ("10.96.0.40", "10.244.1.2", "", "ECONNREFUSED"),
+    ("fd00:96::40", "fd00:10:244:1::2", "", "ECONNREFUSED"),
+    # A firewall of web-a's refuses: administratively prohibited (ICMP code
+    # 13, ICMPv6 code 1), which a client's kernel reports as these.
+    ("10.96.0.40", "10.244.1.2", "admin-prohibited", "EHOSTUNREACH"),
+    ("fd00:96::40", "fd00:10:244:1::2", "admin-prohibited", "EACCES"),
 ])
-def test_udp_backend_without_a_listener_refuses_a_connected_client(
-    cluster: SandboxCluster, vip: str, pod_ip: str,
+def test_udp_backend_refusing_by_icmp_fails_a_connected_client(
+    cluster: SandboxCluster, vip: str, pod_ip: str, reject: str, error: str,
 ) -> None:
-    """Nothing listens on the backend's port (web-a's 8999), so its kernel
-    answers the datagram with ICMP port unreachable: the connected client's
-    receive fails with ECONNREFUSED at once, as through kube-proxy, rather
-    than waiting out its timeout."""
+    """The backend answers the datagram with an ICMP error: the connected
+    client's receive fails with the errno it stands for at once, as through
+    kube-proxy (conntrack hands the error back), rather than waiting out its
+    timeout."""
+    if reject:
+        ruleset = ("table inet refuse {\n chain input {\n type filter hook input priority 0;\n"
+                   f" udp dport 8999 reject with icmpx type {reject}\n }}\n}}\n")
+        res = cluster.topo.exec(cluster.topo.pods["web-a"].netns, ["nft", ruleset],
+                                in_cgroup=False, timeout=30)
+        assert res.returncode == 0, res.stderr  # the table goes with web-a's namespace
     cluster.write_manifest("one.yaml", _udp_service(vip, pod_ip, 53, 8999))
     host = f"[{vip}]" if ":" in vip else vip
     backend = f"[{pod_ip}]" if ":" in pod_ip else pod_ip
     cluster.wait_frontend(f"{host}:53/UDP", [f"{backend}:8999/UDP"])
     result = cluster.probe("udp", vip, "53", "--connect", "--count", "3", "--timeout", "5")
-    assert result["answers"] == {} and result["errors"] == {"ECONNREFUSED": 3}, result
+    assert result["answers"] == {} and result["errors"] == {error: 3}, result
 
 
 def test_malformed_yaml_is_reported_by_file_and_the_rest_applied(cluster: SandboxCluster) -> None:

@@ -38,7 +38,7 @@ from tests.datapath.test_changes import (  # noqa: F401 - collected again, in TP
     test_malformed_object_is_reported_with_its_field,
     test_removed_endpoint_gets_no_new_connections_and_established_ones_stay,
     test_scaled_to_zero_and_back,
-    test_udp_backend_without_a_listener_refuses_a_connected_client,
+    test_udp_backend_refusing_by_icmp_fails_a_connected_client,
     test_udp_endpoint_change_applies_to_next_datagrams,
 )
 from tests.datapath.test_socket_lb import (  # noqa: F401
@@ -313,20 +313,29 @@ def test_a_backend_that_refuses_resets_the_client(cluster: SandboxCluster) -> No
     assert fresh_counters(cluster).get("upstream_failed", 0) >= 3
 
 
+def _web_a_port_answers(cluster: SandboxCluster, name: str, vip: str, port: int,
+                        verdict: str) -> None:
+    """A Service `name` at vip:80 whose one backend is web-a's `port`, where
+    web-a's nftables answers TCP with `verdict` (the table goes with web-a's
+    namespace)."""
+    ruleset = (f"table inet {name} {{\n chain input {{\n type filter hook input priority 0;\n"
+               f" tcp dport {port} {verdict}\n }}\n}}\n")
+    res = cluster.topo.exec(cluster.topo.pods["web-a"].netns, ["nft", ruleset],
+                            in_cgroup=False, timeout=30)
+    assert res.returncode == 0, res.stderr
+    cluster.write_manifest(f"{name}.yaml", service_with_endpoints(
+        name, vip, ["web-a"], port=80, target=port))
+    cluster.wait_frontend(f"{vip}:80/TCP", backends(["web-a"], port))
+
+
 def test_a_backend_unreachable_by_icmp_resets_the_client_at_once(cluster: SandboxCluster) -> None:
     """web-a answers SYNs to port 8998 with ICMP host unreachable. The error
     is addressed to the client (the upstream keeps its address); nftables
     must divert it to the proxy's connecting socket, whose connect() then
     fails at once, and the client is reset within its 5 s timeout rather
     than left hanging while the proxy retries the SYN for two minutes."""
-    web_a = cluster.topo.pods["web-a"]
-    ruleset = ("table inet unreach {\n chain input {\n type filter hook input priority 0;\n"
-               " tcp dport 8998 reject with icmpx type host-unreachable\n }\n}\n")
-    res = cluster.topo.exec(web_a.netns, ["nft", ruleset], in_cgroup=False, timeout=30)
-    assert res.returncode == 0, res.stderr  # the table goes with web-a's namespace
-    cluster.write_manifest("unreach.yaml", service_with_endpoints(
-        "unreach", "10.96.0.44", ["web-a"], port=80, target=8998))
-    cluster.wait_frontend("10.96.0.44:80/TCP", backends(["web-a"], 8998))
+    _web_a_port_answers(cluster, "unreach", "10.96.0.44", 8998,
+                        "reject with icmpx type host-unreachable")
     result = cluster.probe("tcp", "10.96.0.44", "80", "--count", "3", "--timeout", "5")
     assert result["answers"] == {}, result
     assert set(result["errors"]) <= {"ECONNRESET", "EPIPE"}, result
@@ -352,14 +361,7 @@ def test_a_client_reset_while_the_proxy_connects_ends_the_attempt(
     """web-a drops SYNs to port 8997, so the proxy's connect() would retry
     for two minutes. A client that gives up (resets) meanwhile must end the
     attempt and free the connection's sockets and pipes at once."""
-    web_a = cluster.topo.pods["web-a"]
-    ruleset = ("table inet blackhole {\n chain input {\n type filter hook input priority 0;\n"
-               " tcp dport 8997 drop\n }\n}\n")
-    res = cluster.topo.exec(web_a.netns, ["nft", ruleset], in_cgroup=False, timeout=30)
-    assert res.returncode == 0, res.stderr  # the table goes with web-a's namespace
-    cluster.write_manifest("blackhole.yaml", service_with_endpoints(
-        "blackhole", "10.96.0.43", ["web-a"], port=80, target=8997))
-    cluster.wait_frontend("10.96.0.43:80/TCP", backends(["web-a"], 8997))
+    _web_a_port_answers(cluster, "blackhole", "10.96.0.43", 8997, "drop")
     client = cluster.topo.spawn(cluster.client, [sys.executable, "-c", RESET_WHEN_TOLD,
                                                  "10.96.0.43", "80"],
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE)

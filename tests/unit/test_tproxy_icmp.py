@@ -4,13 +4,10 @@ in tests/datapath/test_tproxy.py."""
 
 from __future__ import annotations
 
-import errno
 import socket
 import struct
 
-import pytest
-
-from agent.datapath.tproxy.icmp import CODES, checksum, unreachable_v4, unreachable_v6
+from agent.datapath.tproxy.icmp import checksum, unreachable_v4, unreachable_v6
 
 
 def test_checksum_is_rfc_1071() -> None:
@@ -41,14 +38,3 @@ def test_v6_message_quotes_the_clients_datagram_to_the_service() -> None:
     assert socket.inet_ntop(socket.AF_INET6, inner[8:24]) == "fd00:10:244:1::100"
     assert socket.inet_ntop(socket.AF_INET6, inner[24:40]) == "fd00:96::48"
     assert struct.unpack("!HHHH", msg[48:56]) == (40000, 53, 8, 0)
-
-
-@pytest.mark.parametrize(("err", "v4", "v6"), [
-    (errno.ECONNREFUSED, 3, 4),  # port unreachable, both families
-    (errno.EHOSTUNREACH, 1, 3),  # host unreachable / address unreachable
-    (errno.ENETUNREACH, 0, 0),  # net unreachable / no route
-])
-def test_codes_stand_for_the_errno_the_client_gets(err: int, v4: int, v6: int) -> None:
-    """The codes the kernel's icmp_err_convert and icmpv6_err_convert turn
-    into the errno the proxy's upstream socket saw."""
-    assert CODES[err] == (v4, v6)

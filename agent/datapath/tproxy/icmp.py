@@ -29,15 +29,34 @@ log = logging.getLogger(__name__)
 _IPPROTO_UDP = 17
 _HOP_LIMIT = 64
 
-# errno of the upstream socket -> (ICMPv4 code, ICMPv6 code) of destination
-# unreachable that the client's kernel turns back into the same errno.
-CODES = {
-    errno.ECONNREFUSED: (3, 4),  # port unreachable
-    errno.EHOSTUNREACH: (1, 3),  # host / address unreachable
-    errno.ENETUNREACH: (0, 0),  # net unreachable / no route
+# errno of the proxy's upstream socket -> the destination-unreachable code
+# that the client's kernel turns back into that errno, per family. A connected
+# UDP socket without IP_RECVERR (the upstream, and most clients) hears only of
+# the codes the kernel calls fatal (icmp_err_convert, icmpv6_err_convert), so
+# each errno the upstream can see comes from a fatal code, and is relayed as
+# one: host unreachable as "communication administratively prohibited" (13),
+# not as code 1, which the client would ignore. IPv6 has no fatal code for
+# EHOSTUNREACH or ENETUNREACH, so an upstream never sees them.
+CODES: dict[int, dict[int, int]] = {
+    4: {
+        errno.ECONNREFUSED: 3,  # port unreachable
+        errno.EHOSTUNREACH: 13,  # communication administratively prohibited
+        errno.ENETUNREACH: 9,  # network administratively prohibited
+        errno.ENOPROTOOPT: 2,  # protocol unreachable
+        errno.EHOSTDOWN: 7,  # destination host unknown
+    },
+    6: {
+        errno.ECONNREFUSED: 4,  # port unreachable
+        errno.EACCES: 1,  # administratively prohibited
+    },
 }
 _ICMP_UNREACH = 3
 _ICMP6_UNREACH = 1
+# Socket options that keep a raw socket's receive queue empty: every type
+# filtered out (the socket only sends). Without them the kernel would queue a
+# copy of every ICMP packet of the node, until the buffer filled.
+_SOL_RAW, _ICMP_FILTER = 255, 1
+_SOL_ICMPV6, _ICMP6_FILTER = 58, 1
 
 
 def checksum(data: bytes) -> int:
@@ -86,29 +105,22 @@ class Notifier:
     def __init__(self, families: tuple[int, ...]) -> None:
         self._socks: dict[int, socket.socket] = {}
         for family in families:
-            af, proto = ((socket.AF_INET, socket.IPPROTO_ICMP) if family == 4
-                         else (socket.AF_INET6, socket.IPPROTO_ICMPV6))
             try:
-                sock = socket.socket(af, socket.SOCK_RAW | socket.SOCK_NONBLOCK, proto)
+                self._socks[family] = _open(family)
             except OSError as err:
                 log.warning("TPROXY: cannot open a raw ICMPv%d socket (%s): UDP clients "
                             "will not hear of their backends' ICMP errors", family, err)
-                continue
-            # Like every socket of the proxy's: nothing of veer's intercepts it.
-            sock.setsockopt(socket.SOL_SOCKET, SO_MARK, MARK_PROXY)
-            self._socks[family] = sock
 
     def unreachable(self, family: int, err: int, client: tuple[str, int],
                     service: tuple[str, int]) -> bool:
         """Tell `client` that its datagrams to `service` met `err`; whether a
         message left (False for an errno no ICMP error stands for)."""
         sock = self._socks.get(family)
-        codes = CODES.get(err)
-        if sock is None or codes is None:
+        code = CODES[family].get(err)
+        if sock is None or code is None:
             return False
         build = unreachable_v4 if family == 4 else unreachable_v6
-        message = build(codes[0 if family == 4 else 1], client[0], client[1],
-                        service[0], service[1])
+        message = build(code, client[0], client[1], service[0], service[1])
         try:
             sock.sendto(message, (client[0], 0))
         except OSError as error:
@@ -120,3 +132,20 @@ class Notifier:
         for sock in self._socks.values():
             sock.close()
         self._socks.clear()
+
+
+def _open(family: int) -> socket.socket:
+    af, proto = ((socket.AF_INET, socket.IPPROTO_ICMP) if family == 4
+                 else (socket.AF_INET6, socket.IPPROTO_ICMPV6))
+    sock = socket.socket(af, socket.SOCK_RAW | socket.SOCK_NONBLOCK, proto)
+    try:
+        if family == 4:
+            sock.setsockopt(_SOL_RAW, _ICMP_FILTER, struct.pack("I", 0xFFFFFFFF))
+        else:
+            sock.setsockopt(_SOL_ICMPV6, _ICMP6_FILTER, b"\xff" * 32)
+        # Like every socket of the proxy's: nothing of veer's intercepts it.
+        sock.setsockopt(socket.SOL_SOCKET, SO_MARK, MARK_PROXY)
+    except OSError:
+        sock.close()
+        raise
+    return sock

@@ -43,10 +43,9 @@ LOOPBACK = {4: "127.0.0.1", 6: "::1"}
 # datagram for this long is forgotten; its next datagram picks again. These
 # are conntrack's timeouts (nf_conntrack_udp_timeout and _timeout_stream),
 # so a flow keeps its backend through the same quiet spells as through
-# kube-proxy: UDP_IDLE_TIMEOUT for a flow without replies, or whose
-# datagrams all came within UDP_STREAM_AFTER of its first; a flow that has
-# seen replies and was still active after that is a stream, and keeps
-# UDP_STREAM_TIMEOUT.
+# kube-proxy: UDP_IDLE_TIMEOUT, until a datagram comes (either way) after
+# the flow's first reply and at least UDP_STREAM_AFTER after its start; the
+# flow is then a stream, and keeps UDP_STREAM_TIMEOUT (udp.Flow.seen).
 UDP_IDLE_TIMEOUT = 30.0
 UDP_STREAM_TIMEOUT = 120.0
 UDP_STREAM_AFTER = 2.0

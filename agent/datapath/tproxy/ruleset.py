@@ -6,7 +6,7 @@ rules can be read and tested without root.
     table inet veer
       prerouting (filter hook, priority mangle)
         1. mark & MARK_PROXY                 accept   the proxy's own packets
-        2. tcp/udp/icmp, socket mark & MARK_PROXY
+        2. tcp/udp/icmp/icmpv6, socket mark & MARK_PROXY
                                         mark MARK_LOCAL, accept
                                                       replies to the proxy's upstream
                                                       sockets, and ICMP errors about

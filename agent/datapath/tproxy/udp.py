@@ -12,9 +12,9 @@ then gets two sockets of its own:
   match, without the listener.
 
 A flow idle for longer than `idle_limit` says is closed: conntrack's
-timeouts (30 s, or 120 s for a flow that saw replies and lived on past its
-first 2 s), except 5 s for a flow whose client sent a single datagram, as a
-DNS query does (layout.py says why). A flow whose backend left its
+timeouts (30 s; 120 s once a datagram came after the flow's first reply and
+2 s after its start), except 5 s for a flow whose client sent a single
+datagram, as a DNS query does (layout.py says why). A flow whose backend left its
 frontend moves at once to a backend the frontend still has (the reconciler
 says so), where kube-proxy's conntrack entry would keep sending into the
 void until it expired: its next datagram goes to the new backend, and for
@@ -55,15 +55,12 @@ Bind = tuple[str, int, "L4Addr"]  # an upstream's client address and port, and i
 _GONE = (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EPIPE)
 
 
-def idle_limit(sent: int, replied: bool, active_for: float) -> float:
-    """How long a flow may stay idle: `sent` datagrams from its client,
-    whether its backend replied, and how long after its first datagram its
-    last one came (either way)."""
+def idle_limit(sent: int, stream: bool) -> float:
+    """How long a flow may stay idle, given the datagrams its client sent and
+    whether it became a stream (Flow.seen)."""
     if sent <= 1:
         return UDP_ONESHOT_TIMEOUT
-    if replied and active_for >= UDP_STREAM_AFTER:
-        return UDP_STREAM_TIMEOUT
-    return UDP_IDLE_TIMEOUT
+    return UDP_STREAM_TIMEOUT if stream else UDP_IDLE_TIMEOUT
 
 
 class _Upstream:
@@ -124,7 +121,7 @@ def _close_upstream(engine: Engine, up: _Upstream) -> None:
 
 class Flow:
     __slots__ = ("dfd", "downstream", "draining", "engine", "family", "frontend", "key",
-                 "last", "replied", "role", "sent", "started", "up")
+                 "last", "replied", "role", "sent", "started", "stream", "up")
 
     def __init__(self, engine: Engine, key: FlowKey, role: Role, family: int,
                  up: _Upstream, downstream: socket.socket) -> None:
@@ -140,6 +137,7 @@ class Flow:
         self.started = self.last = engine.now
         self.sent = 0  # datagrams from the client
         self.replied = False  # a datagram came back from a backend
+        self.stream = False  # conntrack's "stream": see seen()
         engine.flows[key] = self
         engine.flows_of.setdefault(self.frontend, set()).add(self)
         engine.loop.register(up.fd, select.EPOLLIN, self._replies(up))
@@ -149,8 +147,20 @@ class Flow:
     def backend(self) -> L4Addr:
         return self.up.backend
 
+    def seen(self, reply: bool) -> None:
+        """A datagram went through, either way, now. As conntrack ages UDP:
+        a datagram that comes after the flow's first reply, and at least
+        UDP_STREAM_AFTER after its start, makes it a stream (the first reply
+        itself does not: conntrack notes a reply only after aging it)."""
+        now = self.engine.now
+        self.last = now
+        if self.replied and now - self.started >= UDP_STREAM_AFTER:
+            self.stream = True
+        if reply:
+            self.replied = True
+
     def to_backend(self, data: bytes) -> None:
-        self.last = self.engine.now
+        self.seen(reply=False)
         self.sent += 1
         try:
             self.up.sock.send(data)
@@ -185,8 +195,7 @@ class Flow:
                     if up is self.up:
                         self._failed(err, backend_side=True)
                     return
-                self.last = self.engine.now
-                self.replied = True
+                self.seen(reply=True)
                 try:
                     self.downstream.send(data)
                 except BlockingIOError:
@@ -216,16 +225,26 @@ class Flow:
     def _failed(self, err: OSError, backend_side: bool) -> None:
         """The backend (or the client) answered with an ICMP error: end the
         flow, so the client's next datagram picks again. A backend's error is
-        passed on to the client, as conntrack passes it on for kube-proxy."""
+        passed on to the client, as conntrack passes it on for kube-proxy:
+        after the flow is closed, so that a client that sends again at once
+        starts a new flow rather than meeting this one's closing socket.
+
+        Except EMSGSIZE: a router's "fragmentation needed" for the upstream's
+        path, which the kernel has noted (it fragments the next datagrams
+        that need it); one datagram was lost, the flow goes on."""
+        engine = self.engine
+        if backend_side and err.errno == errno.EMSGSIZE:
+            engine.count("udp_too_big")
+            return
         if err.errno not in _GONE:
             log.debug("proxy: UDP flow %s -> %s: %s", self.key, self.backend, err)
-        self.engine.count("udp_flow_errors")
-        notifier = self.engine.notifier
+        engine.count("udp_flow_errors")
+        self.close()
+        notifier = engine.notifier
         if backend_side and err.errno is not None and notifier is not None \
                 and notifier.unreachable(self.family, err.errno, (self.key[0], self.key[1]),
                                          self.frontend):
-            self.engine.count("udp_errors_relayed")
-        self.close()
+            engine.count("udp_errors_relayed")
 
     def close(self) -> None:
         engine = self.engine
@@ -288,7 +307,7 @@ def start(engine: Engine, key: FlowKey, role: Role, family: int) -> Flow | None:
 def sweep(engine: Engine, now: float) -> None:
     """Close flows idle for longer than their timeout; end drained upstreams."""
     for flow in list(engine.flows.values()):
-        if now - flow.last >= idle_limit(flow.sent, flow.replied, flow.last - flow.started):
+        if now - flow.last >= idle_limit(flow.sent, flow.stream):
             flow.close()
         elif flow.draining:
             flow.expire_draining(now)
