@@ -300,8 +300,9 @@ def test_an_upstream_time_wait_never_catches_a_direct_connection(cluster: Sandbo
 
 def test_a_backend_that_refuses_resets_the_client(cluster: SandboxCluster) -> None:
     """Known difference: the client's handshake completes with the proxy, so a
-    backend that refuses shows up as a reset after connect() succeeded (eBPF
-    mode connects to the backend itself and gets ECONNREFUSED)."""
+    backend that refuses, with no other to try, shows up as a reset after
+    connect() succeeded (eBPF mode connects to the backend itself and gets
+    ECONNREFUSED)."""
     cluster.write_manifest("dead.yaml", service_with_endpoints(
         "dead", "10.96.0.45", ["web-a"], port=80, target=8999))
     cluster.wait_frontend("10.96.0.45:80/TCP", backends(["web-a"], 8999))
@@ -314,8 +315,8 @@ def test_a_backend_that_refuses_resets_the_client(cluster: SandboxCluster) -> No
 
 
 def _web_a_port_answers(cluster: SandboxCluster, name: str, vip: str, port: int,
-                        verdict: str) -> None:
-    """A Service `name` at vip:80 whose one backend is web-a's `port`, where
+                        verdict: str, pods: tuple[str, ...] = ("web-a",)) -> None:
+    """A Service `name` at vip:80 whose backends are `port` of `pods`, where
     web-a's nftables answers TCP with `verdict` (the table goes with web-a's
     namespace)."""
     ruleset = (f"table inet {name} {{\n chain input {{\n type filter hook input priority 0;\n"
@@ -324,8 +325,32 @@ def _web_a_port_answers(cluster: SandboxCluster, name: str, vip: str, port: int,
                             in_cgroup=False, timeout=30)
     assert res.returncode == 0, res.stderr
     cluster.write_manifest(f"{name}.yaml", service_with_endpoints(
-        name, vip, ["web-a"], port=80, target=port))
-    cluster.wait_frontend(f"{vip}:80/TCP", backends(["web-a"], port))
+        name, vip, list(pods), port=80, target=port))
+    cluster.wait_frontend(f"{vip}:80/TCP", backends(list(pods), port))
+
+
+def test_a_backend_that_refuses_is_replaced_by_another(cluster: SandboxCluster) -> None:
+    """web-a refuses (a TCP reset), web-b serves: where the proxy chose web-a
+    it tries another backend, as kube-proxy's userspace proxy did, so every
+    connection is answered by web-b and no client sees the refusal."""
+    _web_a_port_answers(cluster, "refuse", "10.96.0.42", 8080, "reject with tcp reset",
+                        pods=("web-a", "web-b"))
+    result = cluster.probe("tcp", "10.96.0.42", "80", "--count", "20", "--timeout", "5")
+    assert result["errors"] == {} and result["answers"] == {"web-b:8080": 20}, result
+    assert fresh_counters(cluster).get("upstream_retried", 0) >= 1  # (2^-20: web-a never chosen)
+
+
+def test_a_backend_that_does_not_answer_is_replaced_after_a_second(
+    cluster: SandboxCluster,
+) -> None:
+    """web-a drops SYNs, web-b serves: a connect to web-a is given up after
+    its 1 s timeout (the frontend has another backend) for web-b, within the
+    client's 5 s; without it, those clients would time out."""
+    _web_a_port_answers(cluster, "silent", "10.96.0.41", 8080, "drop", pods=("web-a", "web-b"))
+    result = cluster.probe("tcp", "10.96.0.41", "80", "--count", "12", "--timeout", "5")
+    assert result["errors"] == {} and result["answers"] == {"web-b:8080": 12}, result
+    counters = fresh_counters(cluster)
+    assert counters.get("upstream_timeout", 0) >= 1 and counters.get("upstream_retried", 0) >= 1
 
 
 def test_a_backend_unreachable_by_icmp_resets_the_client_at_once(cluster: SandboxCluster) -> None:

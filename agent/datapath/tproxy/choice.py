@@ -126,6 +126,19 @@ class Chooser:
             return chosen
         return self._choose(client, client_port)
 
+    def pick_other(self, client: str, failed: set[L4Addr]) -> L4Addr | None:
+        """A backend outside `failed`, for a connection whose backend refused
+        or did not answer: random over the slots left, so weights still
+        count. A client with ClientIP affinity is moved to it (kube-proxy's
+        userspace proxy reset the affinity of a failed backend too)."""
+        left = [b for b in self.slots if b not in failed]
+        if not left:
+            return None
+        chosen = random.choice(left)
+        if self.affinity_timeout:
+            self.state.affinity[client] = (chosen, time.monotonic())
+        return chosen
+
     def _choose(self, client: str, client_port: int) -> L4Addr:
         slots = self.slots
         algorithm = self.algorithm

@@ -29,6 +29,8 @@ come back through this node, to the proxy's socket:
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import resource
 import select
@@ -53,6 +55,9 @@ Target = tuple[str, int]
 _KIND = {Protocol.TCP: socket.SOCK_STREAM, Protocol.UDP: socket.SOCK_DGRAM}
 _PROTO_OF_KIND = {socket.SOCK_STREAM: Protocol.TCP, socket.SOCK_DGRAM: Protocol.UDP}
 SWEEP_INTERVAL = 2.0
+# How often connects that outlived their timeout (tcp.CONNECT_TIMEOUTS) are
+# looked for: the timeouts are kept to within this.
+CONNECT_CHECK_INTERVAL = 0.1
 
 
 class Engine:
@@ -76,6 +81,11 @@ class Engine:
         self.ports: dict[tuple[int, Protocol, Role], int] = {}
         self._thread: threading.Thread | None = None
         self.notifier: icmp.Notifier | None = None  # opened by start()
+        # (deadline, sequence, connection, its attempt): connects to give up
+        # on for another backend (tcp.Connection.arm); stale entries (the
+        # connection went on) are dropped as they come due.
+        self.connect_deadlines: list[tuple[float, int, tcp.Connection, int]] = []
+        self.deadline_seq = itertools.count()
 
     @property
     def now(self) -> float:
@@ -105,6 +115,7 @@ class Engine:
             self.notifier.close()
             raise DatapathError(f"the proxy cannot open its listeners: {err}") from err
         self.loop.every(SWEEP_INTERVAL, self._sweep)
+        self.loop.every(CONNECT_CHECK_INTERVAL, self._connect_timeouts)
         self._thread = start_thread(self.loop, "veer-tproxy")
 
     def close(self) -> None:
@@ -122,6 +133,12 @@ class Engine:
         for sock in self._listeners:
             sock.close()
         self._listeners.clear()
+
+    def _connect_timeouts(self, now: float) -> None:
+        heap = self.connect_deadlines
+        while heap and heap[0][0] <= now:
+            _, _, connection, attempt = heapq.heappop(heap)
+            connection.timed_out(attempt)
 
     def _sweep(self, now: float) -> None:
         udp.sweep(self, now)
@@ -193,6 +210,38 @@ class Engine:
             return None
         if chooser.affinity_hits != hits:
             self.count("affinity_hit")
+        target, transparent = self._way_to(chooser, backend, role, client)
+        self.count("translated")
+        if role.from_outside:
+            self.count("nat_new")
+            if not transparent:
+                self.count("nat_snat")
+            if role is Role.SHORTCUT:
+                self.count("nat_short_circuit")
+        return backend, target, transparent
+
+    def reroute(self, role: Role, target: Target, client: str,
+                failed: set[L4Addr]) -> tuple[L4Addr, Target, bool] | None:
+        """Another backend for a TCP connection whose `failed` ones refused or
+        did not answer (tcp.Connection.next_backend); None if none is left."""
+        chooser = self.tables[(Protocol.TCP, role.external)].get(target)
+        if chooser is None:
+            return None
+        backend = chooser.pick_other(client, failed)
+        if backend is None:
+            return None
+        way, transparent = self._way_to(chooser, backend, role, client)
+        return backend, way, transparent
+
+    def has_other(self, role: Role, target: Target, tried: set[L4Addr]) -> bool:
+        """Whether the frontend has a TCP backend outside `tried`."""
+        chooser = self.tables[(Protocol.TCP, role.external)].get(target)
+        return chooser is not None and not chooser.members <= tried
+
+    def _way_to(self, chooser: Chooser, backend: L4Addr, role: Role,
+                client: str) -> tuple[Target, bool]:
+        """The backend's address, and whether the upstream keeps the client's
+        address (the module's docstring says when)."""
         target = chooser.targets[backend]
         address = target[0]
         where = self.locality.get(address)
@@ -202,14 +251,7 @@ class Engine:
             transparent = where in (Locality.HERE, Locality.REMOTE) and address != client
         else:
             transparent = where is Locality.HERE
-        self.count("translated")
-        if role.from_outside:
-            self.count("nat_new")
-            if not transparent:
-                self.count("nat_snat")
-            if role is Role.SHORTCUT:
-                self.count("nat_short_circuit")
-        return backend, target, transparent
+        return target, transparent
 
     # ---- introspection ---------------------------------------------------------
 

@@ -20,7 +20,12 @@ edge announces data that was already waiting).
 
 What cannot be as on the eBPF path: the client's handshake completes with the
 proxy before the backend is reached, so a backend that refuses shows up as a
-reset after connect() succeeded, not as ECONNREFUSED.
+reset after connect() succeeded, not as ECONNREFUSED. What it allows instead,
+as kube-proxy's userspace proxy did: nothing of the client's has gone
+anywhere before the backend answers, so a backend that refuses, or does not
+answer within CONNECT_TIMEOUTS while the frontend has another, is replaced
+by another (up to CONNECT_ATTEMPTS backends); the client is reset only when
+none is left.
 """
 
 from __future__ import annotations
@@ -28,11 +33,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import heapq
 import logging
 import os
 import select
 import socket
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from agent.datapath.tproxy import sockets
@@ -60,6 +67,13 @@ _SPLICE = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
 PIPE_SIZE = 1 << 20
 # Pipe-fulls one direction moves before other connections get their turn.
 TURN = 16
+# Backends one connection tries before its client is reset, and how long each
+# attempt but the last may take while the frontend has a backend not tried
+# yet (kube-proxy's userspace proxy tried up to 4, within 0.25 to 2 s). The
+# last attempt, or one with no other backend to go to, waits as long as the
+# kernel retries its SYN: a slow backend is better than none.
+CONNECT_ATTEMPTS = 3
+CONNECT_TIMEOUTS = (1.0, 2.0)
 _RESET = (errno.ECONNRESET, errno.EPIPE, errno.ETIMEDOUT, errno.EHOSTUNREACH,
           errno.ENETUNREACH, errno.ECONNABORTED, errno.ECONNREFUSED)
 
@@ -121,18 +135,31 @@ class _Direction:
         self.done = False  # dst was shut down for writing
 
 
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """What a connection's backend was chosen for: enough to choose again."""
+
+    role: Role
+    target: tuple[str, int]  # the frontend (Service address, port)
+    client: str
+    family: int
+
+
 class Connection:
-    __slots__ = ("backend", "cfd", "client", "down", "engine", "state", "ufd", "up",
-                 "upstream")
+    __slots__ = ("attempt", "backend", "cfd", "client", "down", "engine", "failed", "origin",
+                 "state", "ufd", "up", "upstream")
 
     CONNECTING, OPEN, CLOSED = 0, 1, 2
 
     def __init__(self, engine: Engine, client: socket.socket, upstream: socket.socket,
-                 backend: L4Addr) -> None:
+                 backend: L4Addr, origin: Origin | None = None) -> None:
         self.engine = engine
         self.client = client
         self.upstream = upstream
         self.backend = backend
+        self.origin = origin  # None: never another backend
+        self.attempt = 1
+        self.failed: set[L4Addr] = set()
         self.cfd = client.fileno()
         self.ufd = upstream.fileno()
         self.state = Connection.CONNECTING
@@ -150,6 +177,68 @@ class Connection:
         loop = engine.loop
         loop.register(self.ufd, _WATCH, self._on_upstream)
         loop.register(self.cfd, _WATCH, self._on_client)
+        self.arm()
+
+    # ---- another backend -----------------------------------------------------
+
+    def arm(self) -> None:
+        """Give this attempt a deadline, if it is not the last and another
+        backend is there to go to."""
+        origin = self.origin
+        if origin is None or self.attempt > len(CONNECT_TIMEOUTS):
+            return
+        engine = self.engine
+        if not engine.has_other(origin.role, origin.target, self.failed | {self.backend}):
+            return
+        deadline = engine.now + CONNECT_TIMEOUTS[self.attempt - 1]
+        heapq.heappush(engine.connect_deadlines,
+                       (deadline, next(engine.deadline_seq), self, self.attempt))
+
+    def timed_out(self, attempt: int) -> None:
+        """A deadline came: if this attempt is still connecting, go on to
+        another backend (or, if none is left now, keep waiting)."""
+        if self.state == Connection.CONNECTING and self.attempt == attempt:
+            self.engine.count("upstream_timeout")
+            self.next_backend()
+
+    def next_backend(self) -> bool:
+        """Replace the backend that failed with another; False if there is
+        none (or no other attempt). The client's bytes wait in its socket
+        meanwhile: nothing is read from it before the backend answered."""
+        origin = self.origin
+        if origin is None or self.attempt >= CONNECT_ATTEMPTS:
+            return False
+        engine = self.engine
+        self.failed.add(self.backend)
+        route = engine.reroute(origin.role, origin.target, origin.client, self.failed)
+        if route is None:
+            return False
+        backend, target, transparent = route
+        try:
+            upstream = sockets.upstream(
+                origin.family, socket.SOCK_STREAM,
+                (origin.client, 0) if transparent else None, keep_port=False)
+        except OSError as exc:
+            log.debug("proxy: cannot open a connection to %s: %s", backend, exc)
+            return False
+        err = upstream.connect_ex(target)
+        if err not in (0, errno.EINPROGRESS):
+            log.debug("proxy: connect to %s failed: %s", backend, os.strerror(err))
+            upstream.close()
+            return False
+        # The new socket first, then the old one closed: their descriptors differ.
+        engine.loop.forget(self.ufd)
+        self.upstream.close()
+        engine.counts.remove(self.backend)
+        engine.counts.add(backend)
+        self.upstream, self.ufd, self.backend = upstream, upstream.fileno(), backend
+        self.up.dst_sock, self.up.dst = upstream, self.ufd
+        self.down.src = self.ufd
+        engine.loop.register(self.ufd, _WATCH, self._on_upstream)
+        self.attempt += 1
+        engine.count("upstream_retried")
+        self.arm()
+        return True
 
     # ---- events --------------------------------------------------------------
 
@@ -162,7 +251,8 @@ class Connection:
                 if err:
                     self.engine.count("upstream_failed")
                     log.debug("proxy: %s: connect failed: %s", self.backend, os.strerror(err))
-                    self.abort()
+                    if not self.next_backend():
+                        self.abort()
                     return
             elif not events & EPOLLOUT:
                 return  # not connected yet
@@ -363,7 +453,8 @@ def start(engine: Engine, client: socket.socket, peer: tuple[str, int], role: Ro
         sockets.abort(client)
         return
     try:
-        Connection(engine, client, upstream, backend)
+        Connection(engine, client, upstream, backend,
+                   Origin(role, (dst[0], dst[1]), peer[0], family))
     except OSError as exc:  # no pipe: out of descriptors or memory
         engine.count("accept_failed")
         log.warning("proxy: cannot relay a connection to %s: %s", backend, exc)
