@@ -347,8 +347,9 @@ def test_a_backend_that_does_not_answer_is_replaced_after_a_second(
     its 1 s timeout (the frontend has another backend) for web-b, within the
     client's 5 s; without it, those clients would time out."""
     _web_a_port_answers(cluster, "silent", "10.96.0.41", 8080, "drop", pods=("web-a", "web-b"))
-    result = cluster.probe("tcp", "10.96.0.41", "80", "--count", "12", "--timeout", "5")
-    assert result["errors"] == {} and result["answers"] == {"web-b:8080": 12}, result
+    # 24 connections: web-a is chosen for one of them but with odds of 2^-24.
+    result = cluster.probe("tcp", "10.96.0.41", "80", "--count", "24", "--timeout", "5")
+    assert result["errors"] == {} and result["answers"] == {"web-b:8080": 24}, result
     counters = fresh_counters(cluster)
     assert counters.get("upstream_timeout", 0) >= 1 and counters.get("upstream_retried", 0) >= 1
 
@@ -366,6 +367,30 @@ def test_a_backend_unreachable_by_icmp_resets_the_client_at_once(cluster: Sandbo
     assert set(result["errors"]) <= {"ECONNRESET", "EPIPE"}, result
     assert sum(result["errors"].values()) == 3, result
     assert fresh_counters(cluster).get("upstream_failed", 0) >= 3
+
+
+def test_a_backend_that_fails_at_once_is_replaced_by_another(cluster: SandboxCluster) -> None:
+    """One endpoint, 10.99.99.99, has no route from the node: the proxy's
+    connect() to it fails before any packet is sent (ENETUNREACH). The
+    connection goes on to web-b at once, as for a refusal, rather than the
+    client being reset."""
+    svc = {"apiVersion": "v1", "kind": "Service",
+           "metadata": {"name": "unrouted", "namespace": "default"},
+           "spec": {"clusterIP": "10.96.0.39",
+                    "ports": [{"name": "p", "protocol": "TCP", "port": 80,
+                               "targetPort": 8080}]}}
+    eps = {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+           "metadata": {"name": "unrouted-1", "namespace": "default",
+                        "labels": {"kubernetes.io/service-name": "unrouted"}},
+           "addressType": "IPv4", "ports": [{"name": "p", "protocol": "TCP", "port": 8080}],
+           "endpoints": [{"addresses": ["10.99.99.99"]}, {"addresses": ["10.244.1.3"]}]}
+    cluster.write_manifest("unrouted.yaml", json.dumps(svc) + "\n---\n" + json.dumps(eps))
+    cluster.wait_frontend("10.96.0.39:80/TCP", ["10.99.99.99:8080/TCP", "10.244.1.3:8080/TCP"])
+    result = cluster.probe("tcp", "10.96.0.39", "80", "--count", "20", "--timeout", "5")
+    assert result["errors"] == {} and result["answers"] == {"web-b:8080": 20}, result
+    counters = fresh_counters(cluster)
+    assert counters.get("upstream_retried", 0) >= 1, counters  # (2^-20: never chosen)
+    assert counters.get("upstream_gave_up", 0) == 0, counters
 
 
 # argv: address, port. Connects, says so, resets when told (a line on stdin).

@@ -106,22 +106,31 @@ def test_affinity_keeps_a_client_until_the_timeout_and_leaves_a_gone_backend() -
     assert without_a.pick(CLIENT, 1, now=201.0) in (B, C)
 
 
-def test_another_backend_for_a_failed_one_keeps_weights_and_moves_affinity() -> None:
+def test_another_backend_for_a_failed_one_keeps_weights() -> None:
     """pick_other (a connection whose backend refused or did not answer):
-    never one that failed, by the weights among those left, and a client
-    with affinity is moved to it; nothing once every backend failed."""
-    c = chooser(weights=(1, 3, 6))
-    got = Counter(c.pick_other(CLIENT, {A}) for _ in range(9000))
+    never one that failed, by the weights among those left; nothing once
+    every backend failed. has_other agrees, a weight of 0 giving nothing."""
+    c = chooser(Algorithm.MAGLEV, weights=(1, 3, 6))
+    got = Counter(c.pick_other({A}) for _ in range(9000))
     assert set(got) == {B, C}
     assert 0.25 < got[B] / 9000 < 0.42  # 3 of the 9 weights left: a third
-    assert c.pick_other(CLIENT, {A, B, C}) is None
+    assert c.pick_other({A, B, C}) is None
+    assert c.has_other({A, B}) and not c.has_other({A, B, C})
+    zero = chooser(weights=(1, 1, 0))
+    assert not zero.has_other({A, B})  # C has weight 0: never given
+    assert zero.pick_other({A, B}) is None
+
+
+def test_a_client_with_affinity_sticks_to_the_replacement() -> None:
     state = ChooserState()
     sticky = chooser(affinity=10, state=state)
     first = sticky.pick(CLIENT, 1)
     assert first is not None
-    other = sticky.pick_other(CLIENT, {first})
+    other = sticky.pick_other({first})
     assert other not in (None, first)
-    assert sticky.pick(CLIENT, 2) == other
+    assert sticky.pick(CLIENT, 2) == first  # picking another moves nobody...
+    sticky.stick(CLIENT, other)  # ...its connect having started does
+    assert sticky.pick(CLIENT, 3) == other
 
 
 def test_an_empty_frontend_picks_nothing() -> None:

@@ -102,6 +102,10 @@ class Chooser:
         # LeastConnections compares open/weight; the kernel holds weights scaled
         # to 16 bits, which keeps their ratios, so the raw weights compare alike.
         self.lc_weights = weights if algorithm is Algorithm.LEAST_CONNECTIONS else ()
+        # The backends a connection can be given (a weight of 0 gives none):
+        # what pick_other chooses among, and what has_other looks at.
+        self.choosable = (frozenset(b for b, w in zip(self.backends, weights, strict=True) if w > 0)
+                          if weights and 0 in weights else self.members)
         self.affinity_hits = 0
         # Each backend as the socket API takes it, made once here rather than
         # per connection on the proxy's thread.
@@ -126,18 +130,33 @@ class Chooser:
             return chosen
         return self._choose(client, client_port)
 
-    def pick_other(self, client: str, failed: set[L4Addr]) -> L4Addr | None:
+    def pick_other(self, failed: set[L4Addr]) -> L4Addr | None:
         """A backend outside `failed`, for a connection whose backend refused
-        or did not answer: random over the slots left, so weights still
-        count. A client with ClientIP affinity is moved to it (kube-proxy's
-        userspace proxy reset the affinity of a failed backend too)."""
-        left = [b for b in self.slots if b not in failed]
-        if not left:
+        or did not answer; None if none is left. Uniform over the slots left,
+        so a slot table's weights still count (LeastConnections' slots are
+        its backends: uniform over them): a few random slots are tried
+        first, and only if they all failed is the table scanned, so a large
+        Maglev table costs little while backends fail."""
+        slots = self.slots
+        if not slots:
             return None
-        chosen = random.choice(left)
+        for _ in range(8):
+            backend = slots[random.randrange(len(slots))]
+            if backend not in failed:
+                return backend
+        left = [b for b in slots if b not in failed]
+        return random.choice(left) if left else None
+
+    def has_other(self, tried: set[L4Addr]) -> bool:
+        """Whether a backend outside `tried` can be given."""
+        return not self.choosable <= tried
+
+    def stick(self, client: str, backend: L4Addr) -> None:
+        """A client with ClientIP affinity goes on with `backend`, which
+        replaced a failed one (kube-proxy's userspace proxy reset a failed
+        backend's affinity too)."""
         if self.affinity_timeout:
-            self.state.affinity[client] = (chosen, time.monotonic())
-        return chosen
+            self.state.affinity[client] = (backend, time.monotonic())
 
     def _choose(self, client: str, client_port: int) -> L4Addr:
         slots = self.slots

@@ -29,8 +29,7 @@ come back through this node, to the proxy's socket:
 
 from __future__ import annotations
 
-import heapq
-import itertools
+import collections
 import logging
 import resource
 import select
@@ -81,11 +80,12 @@ class Engine:
         self.ports: dict[tuple[int, Protocol, Role], int] = {}
         self._thread: threading.Thread | None = None
         self.notifier: icmp.Notifier | None = None  # opened by start()
-        # (deadline, sequence, connection, its attempt): connects to give up
-        # on for another backend (tcp.Connection.arm); stale entries (the
-        # connection went on) are dropped as they come due.
-        self.connect_deadlines: list[tuple[float, int, tcp.Connection, int]] = []
-        self.deadline_seq = itertools.count()
+        # Connects to give up on for another backend (tcp.Connection.arm),
+        # one queue per attempt: each attempt's timeout is fixed, so every
+        # queue is in deadline order. Entries of connections that went on
+        # are dropped as they come due.
+        self.connect_deadlines: tuple[collections.deque[tuple[float, tcp.Connection]], ...] = \
+            tuple(collections.deque() for _ in tcp.CONNECT_TIMEOUTS)
 
     @property
     def now(self) -> float:
@@ -135,10 +135,9 @@ class Engine:
         self._listeners.clear()
 
     def _connect_timeouts(self, now: float) -> None:
-        heap = self.connect_deadlines
-        while heap and heap[0][0] <= now:
-            _, _, connection, attempt = heapq.heappop(heap)
-            connection.timed_out(attempt)
+        for attempt, queue in enumerate(self.connect_deadlines, start=1):
+            while queue and queue[0][0] <= now:
+                queue.popleft()[1].timed_out(attempt)
 
     def _sweep(self, now: float) -> None:
         udp.sweep(self, now)
@@ -221,22 +220,23 @@ class Engine:
         return backend, target, transparent
 
     def reroute(self, role: Role, target: Target, client: str,
-                failed: set[L4Addr]) -> tuple[L4Addr, Target, bool] | None:
+                failed: set[L4Addr]) -> tuple[Chooser, L4Addr, Target, bool] | None:
         """Another backend for a TCP connection whose `failed` ones refused or
-        did not answer (tcp.Connection.next_backend); None if none is left."""
+        did not answer (tcp.Connection.next_backend), with its chooser; None
+        if none is left or the frontend is gone."""
         chooser = self.tables[(Protocol.TCP, role.external)].get(target)
         if chooser is None:
             return None
-        backend = chooser.pick_other(client, failed)
+        backend = chooser.pick_other(failed)
         if backend is None:
             return None
         way, transparent = self._way_to(chooser, backend, role, client)
-        return backend, way, transparent
+        return chooser, backend, way, transparent
 
     def has_other(self, role: Role, target: Target, tried: set[L4Addr]) -> bool:
         """Whether the frontend has a TCP backend outside `tried`."""
         chooser = self.tables[(Protocol.TCP, role.external)].get(target)
-        return chooser is not None and not chooser.members <= tried
+        return chooser is not None and chooser.has_other(tried)
 
     def _way_to(self, chooser: Chooser, backend: L4Addr, role: Role,
                 client: str) -> tuple[Target, bool]:

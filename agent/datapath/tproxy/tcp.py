@@ -33,20 +33,19 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import heapq
 import logging
 import os
 import select
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from agent.datapath.tproxy import sockets
 from agent.datapath.tproxy.layout import Role
 
 if TYPE_CHECKING:
     from agent.compute.types import L4Addr
+    from agent.datapath.tproxy.choice import Chooser
     from agent.datapath.tproxy.engine import Engine
 
 log = logging.getLogger(__name__)
@@ -135,8 +134,7 @@ class _Direction:
         self.done = False  # dst was shut down for writing
 
 
-@dataclass(frozen=True, slots=True)
-class Origin:
+class Origin(NamedTuple):
     """What a connection's backend was chosen for: enough to choose again."""
 
     role: Role
@@ -152,14 +150,15 @@ class Connection:
     CONNECTING, OPEN, CLOSED = 0, 1, 2
 
     def __init__(self, engine: Engine, client: socket.socket, upstream: socket.socket,
-                 backend: L4Addr, origin: Origin | None = None) -> None:
+                 backend: L4Addr, origin: Origin | None = None,
+                 failed: set[L4Addr] | None = None) -> None:
         self.engine = engine
         self.client = client
         self.upstream = upstream
         self.backend = backend
         self.origin = origin  # None: never another backend
-        self.attempt = 1
-        self.failed: set[L4Addr] = set()
+        self.failed = failed  # the backends that failed it (None: none yet)
+        self.attempt = 1 + (len(failed) if failed else 0)
         self.cfd = client.fileno()
         self.ufd = upstream.fileno()
         self.state = Connection.CONNECTING
@@ -188,11 +187,11 @@ class Connection:
         if origin is None or self.attempt > len(CONNECT_TIMEOUTS):
             return
         engine = self.engine
-        if not engine.has_other(origin.role, origin.target, self.failed | {self.backend}):
+        tried = {self.backend} if self.failed is None else self.failed | {self.backend}
+        if not engine.has_other(origin.role, origin.target, tried):
             return
-        deadline = engine.now + CONNECT_TIMEOUTS[self.attempt - 1]
-        heapq.heappush(engine.connect_deadlines,
-                       (deadline, next(engine.deadline_seq), self, self.attempt))
+        engine.connect_deadlines[self.attempt - 1].append(
+            (engine.now + CONNECT_TIMEOUTS[self.attempt - 1], self))
 
     def timed_out(self, attempt: int) -> None:
         """A deadline came: if this attempt is still connecting, go on to
@@ -202,40 +201,39 @@ class Connection:
             self.next_backend()
 
     def next_backend(self) -> bool:
-        """Replace the backend that failed with another; False if there is
-        none (or no other attempt). The client's bytes wait in its socket
-        meanwhile: nothing is read from it before the backend answered."""
+        """Replace the backend that failed with another; False if none is
+        left (or no attempt). The client's bytes wait in its socket
+        meanwhile: nothing is read from it before the backend answered. A
+        backend whose connect fails at once counts as an attempt too."""
         origin = self.origin
-        if origin is None or self.attempt >= CONNECT_ATTEMPTS:
+        if origin is None:
             return False
         engine = self.engine
-        self.failed.add(self.backend)
-        route = engine.reroute(origin.role, origin.target, origin.client, self.failed)
-        if route is None:
+        failed = self.failed = self.failed or set()
+        failed.add(self.backend)
+        found = _connect_another(engine, origin, failed, CONNECT_ATTEMPTS - self.attempt)
+        if found is None:
             return False
-        backend, target, transparent = route
+        chooser, backend, upstream = found
+        self.attempt = len(failed) + 1
+        ufd = upstream.fileno()
         try:
-            upstream = sockets.upstream(
-                origin.family, socket.SOCK_STREAM,
-                (origin.client, 0) if transparent else None, keep_port=False)
+            # Registered while the old socket is still open: the two
+            # descriptors differ, and the old one's events are not taken
+            # for the new one's.
+            engine.loop.register(ufd, _WATCH, self._on_upstream)
         except OSError as exc:
-            log.debug("proxy: cannot open a connection to %s: %s", backend, exc)
-            return False
-        err = upstream.connect_ex(target)
-        if err not in (0, errno.EINPROGRESS):
-            log.debug("proxy: connect to %s failed: %s", backend, os.strerror(err))
+            log.warning("proxy: cannot watch a connection to %s: %s", backend, exc)
             upstream.close()
             return False
-        # The new socket first, then the old one closed: their descriptors differ.
         engine.loop.forget(self.ufd)
         self.upstream.close()
         engine.counts.remove(self.backend)
         engine.counts.add(backend)
-        self.upstream, self.ufd, self.backend = upstream, upstream.fileno(), backend
-        self.up.dst_sock, self.up.dst = upstream, self.ufd
-        self.down.src = self.ufd
-        engine.loop.register(self.ufd, _WATCH, self._on_upstream)
-        self.attempt += 1
+        self.upstream, self.ufd, self.backend = upstream, ufd, backend
+        self.up.dst_sock, self.up.dst = upstream, ufd
+        self.down.src = ufd
+        chooser.stick(origin.client, backend)
         engine.count("upstream_retried")
         self.arm()
         return True
@@ -252,8 +250,11 @@ class Connection:
                     self.engine.count("upstream_failed")
                     log.debug("proxy: %s: connect failed: %s", self.backend, os.strerror(err))
                     if not self.next_backend():
+                        self.engine.count("upstream_gave_up")
                         self.abort()
                     return
+                if not events & EPOLLOUT:
+                    return  # no error after all: still connecting
             elif not events & EPOLLOUT:
                 return  # not connected yet
             self.state = Connection.OPEN
@@ -393,6 +394,51 @@ def _grow(d: _Direction) -> None:
         d.size = fcntl.fcntl(d.pipe[1], fcntl.F_SETPIPE_SZ, PIPE_SIZE)
 
 
+def _connect(family: int, backend: L4Addr, target: tuple[str, int],
+             client: str | None) -> socket.socket | None:
+    """A socket connecting (non-blocking) to `target`, from `client`'s address
+    if given; None if the connect failed at once."""
+    try:
+        # From the client's address, but on a port the kernel picks: the
+        # client's own port would make this socket's TIME_WAIT (after a client
+        # that closes first) collide with the client's next direct connection
+        # to the same backend from that port.
+        upstream = sockets.upstream(family, socket.SOCK_STREAM,
+                                    (client, 0) if client is not None else None,
+                                    keep_port=False)
+    except OSError as exc:
+        log.debug("proxy: cannot open a connection to %s: %s", backend, exc)
+        return None
+    try:
+        err = upstream.connect_ex(target)
+    except OSError as exc:
+        err = exc.errno or errno.EINVAL
+    if err not in (0, errno.EINPROGRESS):
+        log.debug("proxy: connect to %s failed: %s", backend, os.strerror(err))
+        upstream.close()
+        return None
+    return upstream
+
+
+def _connect_another(engine: Engine, origin: Origin, failed: set[L4Addr],
+                     attempts: int) -> tuple[Chooser, L4Addr, socket.socket] | None:
+    """Within `attempts`, a backend outside `failed` whose connect started
+    (each one that fails at once joins `failed`), with its chooser; None if
+    none did."""
+    for _ in range(attempts):
+        route = engine.reroute(origin.role, origin.target, origin.client, failed)
+        if route is None:
+            return None
+        chooser, backend, target, transparent = route
+        upstream = _connect(origin.family, backend, target,
+                            origin.client if transparent else None)
+        if upstream is not None:
+            return chooser, backend, upstream
+        engine.count("upstream_failed")
+        failed.add(backend)
+    return None
+
+
 def accept_all(engine: Engine, listener: socket.socket, role: Role) -> Callable[[int], None]:
     """The handler of one listener: accept every waiting connection and start it."""
     family = 4 if listener.family == socket.AF_INET else 6
@@ -433,28 +479,22 @@ def start(engine: Engine, client: socket.socket, peer: tuple[str, int], role: Ro
         sockets.abort(client)
         return
     backend, target, transparent = route
-    try:
-        # From the client's address, but on a port the kernel picks: the
-        # client's own port would make this socket's TIME_WAIT (after a client
-        # that closes first) collide with the client's next direct connection
-        # to the same backend from that port.
-        upstream = sockets.upstream(family, socket.SOCK_STREAM,
-                                    (peer[0], 0) if transparent else None, keep_port=False)
-        err = upstream.connect_ex(target)
-    except OSError as exc:
-        log.debug("proxy: cannot open a connection to %s: %s", backend, exc)
+    origin = Origin(role, (dst[0], dst[1]), peer[0], family)
+    upstream = _connect(family, backend, target, peer[0] if transparent else None)
+    failed = None
+    if upstream is None:  # failed at once: another backend, as for a later failure
         engine.count("upstream_failed")
-        sockets.abort(client)
-        return
-    if err not in (0, errno.EINPROGRESS):
-        engine.count("upstream_failed")
-        log.debug("proxy: connect to %s failed: %s", backend, os.strerror(err))
-        upstream.close()
-        sockets.abort(client)
-        return
+        failed = {backend}
+        found = _connect_another(engine, origin, failed, CONNECT_ATTEMPTS - 1)
+        if found is None:
+            engine.count("upstream_gave_up")
+            sockets.abort(client)
+            return
+        chooser, backend, upstream = found
+        chooser.stick(origin.client, backend)
+        engine.count("upstream_retried")
     try:
-        Connection(engine, client, upstream, backend,
-                   Origin(role, (dst[0], dst[1]), peer[0], family))
+        Connection(engine, client, upstream, backend, origin, failed)
     except OSError as exc:  # no pipe: out of descriptors or memory
         engine.count("accept_failed")
         log.warning("proxy: cannot relay a connection to %s: %s", backend, exc)
