@@ -8,14 +8,11 @@ own, where nftables then drops everything the server sends."""
 from __future__ import annotations
 
 import os
-import secrets
-import subprocess
 import sys
-from collections.abc import Iterator
 
 import pytest
 
-from agent.sandbox.topology import CREATED_PREFIXES
+from agent.sandbox.topology import Topology
 
 # In the namespace: a server answers a watch with one event and then stays
 # silent; the client reads that event, nftables drops the server's packets
@@ -59,25 +56,12 @@ except Exception as err:
 """
 
 
-@pytest.fixture
-def netns() -> Iterator[str]:
+def test_a_watch_whose_server_went_silent_breaks_on_keepalive() -> None:
     if os.geteuid() != 0:
         pytest.skip("needs root (a network namespace, nftables)")
-    prefix = f"vr{secrets.token_hex(3)}"
-    CREATED_PREFIXES.append(prefix)
-    name = f"{prefix}-keepalive"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True)
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
-
-
-def test_a_watch_whose_server_went_silent_breaks_on_keepalive(netns: str) -> None:
-    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    res = subprocess.run(["ip", "netns", "exec", netns, sys.executable, "-c", SILENCED_WATCH],
-                         capture_output=True, text=True, timeout=60, cwd=repo)
+    with Topology() as topo:  # only its node namespace is used
+        res = topo.exec(topo.node_ns, [sys.executable, "-c", SILENCED_WATCH],
+                        in_cgroup=False, timeout=60)
     assert res.returncode == 0, res.stderr
     lines = res.stdout.splitlines()
     assert lines[0] == 'event {"type": "ADDED", "object": {}}', res.stdout

@@ -277,18 +277,27 @@ print(seen_ip, seen_port, d.makefile().readline().strip())
 """
 
 
+def _serve_from_web_a(cluster: SandboxCluster, script: str, name: str, vip: str,
+                      port: int) -> subprocess.Popen[bytes]:
+    """Run `script` (argv: port; prints "ready" once listening) in web-a, and
+    a Service `name` at vip:port whose one backend it is."""
+    server = cluster.topo.spawn(cluster.topo.pods["web-a"].netns,
+                                [sys.executable, "-c", script, str(port)],
+                                stdout=subprocess.PIPE)
+    assert server.stdout is not None and server.stdout.readline().strip() == b"ready"
+    cluster.write_manifest(f"{name}.yaml", service_with_endpoints(
+        name, vip, ["web-a"], port=port, target=port))
+    cluster.wait_frontend(f"{vip}:{port}/TCP", backends(["web-a"], port))
+    return server
+
+
 def test_an_upstream_time_wait_never_catches_a_direct_connection(cluster: SandboxCluster) -> None:
     """The proxy's upstream socket carries the client's address; when the
     client closed first, that socket ends in TIME_WAIT. A later connection of
     the same client straight to the backend, from the same port, must not be
     caught by it (nftables steers only to the proxy's live sockets)."""
     web_a = cluster.topo.pods["web-a"]
-    server = cluster.topo.spawn(web_a.netns, [sys.executable, "-c", PEER_SERVER, "9200"],
-                                stdout=subprocess.PIPE)
-    assert server.stdout is not None and server.stdout.readline().strip() == b"ready"
-    cluster.write_manifest("peer.yaml", service_with_endpoints(
-        "peer", "10.96.0.46", ["web-a"], port=9200, target=9200))
-    cluster.wait_frontend("10.96.0.46:9200/TCP", backends(["web-a"], 9200))
+    _serve_from_web_a(cluster, PEER_SERVER, "peer", "10.96.0.46", 9200)
     res = cluster.topo.exec(cluster.client, [sys.executable, "-c", PORT_REUSE_CLIENT,
                                              "10.96.0.46", "9200", web_a.ipv4], timeout=60)
     assert res.returncode == 0, res.stderr
@@ -460,13 +469,8 @@ def test_a_client_reset_after_its_half_close_reaches_the_backend(
     """The client sends its request, half-closes, then resets (it gave up)
     while the backend is still working: the reset must reach the backend,
     not wait until the backend writes (which a silent one never does)."""
-    web_a = cluster.topo.pods["web-a"]
-    server = cluster.topo.spawn(web_a.netns, [sys.executable, "-c", SILENT_SERVER, "9101"],
-                                stdout=subprocess.PIPE)
-    assert server.stdout is not None and server.stdout.readline().strip() == b"ready"
-    cluster.write_manifest("silent.yaml", service_with_endpoints(
-        "silent", "10.96.0.47", ["web-a"], port=9101, target=9101))
-    cluster.wait_frontend("10.96.0.47:9101/TCP", backends(["web-a"], 9101))
+    server = _serve_from_web_a(cluster, SILENT_SERVER, "silent", "10.96.0.47", 9101)
+    assert server.stdout is not None
     res = cluster.topo.exec(cluster.client, [sys.executable, "-c", RESET_AFTER_HALF_CLOSE,
                                              "10.96.0.47", "9101"], timeout=30)
     assert res.returncode == 0, res.stderr

@@ -137,14 +137,14 @@ class Chooser:
         its backends: uniform over them): a few random slots are tried
         first, and only if they all failed is the table scanned, so a large
         Maglev table costs little while backends fail."""
-        slots = self.slots
+        slots, choosable = self.slots, self.choosable
         if not slots:
             return None
         for _ in range(8):
             backend = slots[random.randrange(len(slots))]
-            if backend not in failed:
+            if backend not in failed and backend in choosable:
                 return backend
-        left = [b for b in slots if b not in failed]
+        left = [b for b in slots if b not in failed and b in choosable]
         return random.choice(left) if left else None
 
     def has_other(self, tried: set[L4Addr]) -> bool:

@@ -21,8 +21,7 @@ import logging
 import socket
 import struct
 
-from agent.datapath.tproxy.layout import MARK_PROXY
-from agent.datapath.tproxy.sockets import SO_MARK
+from agent.datapath.tproxy import sockets
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +51,6 @@ CODES: dict[int, dict[int, int]] = {
 }
 _ICMP_UNREACH = 3
 _ICMP6_UNREACH = 1
-# Socket options that keep a raw socket's receive queue empty: every type
-# filtered out (the socket only sends). Without them the kernel would queue a
-# copy of every ICMP packet of the node, until the buffer filled.
-_SOL_RAW, _ICMP_FILTER = 255, 1
-_SOL_ICMPV6, _ICMP6_FILTER = 58, 1
 
 
 def checksum(data: bytes) -> int:
@@ -106,7 +100,7 @@ class Notifier:
         self._socks: dict[int, socket.socket] = {}
         for family in families:
             try:
-                self._socks[family] = _open(family)
+                self._socks[family] = sockets.icmp_sender(family)
             except OSError as err:
                 log.warning("TPROXY: cannot open a raw ICMPv%d socket (%s): UDP clients "
                             "will not hear of their backends' ICMP errors", family, err)
@@ -132,20 +126,3 @@ class Notifier:
         for sock in self._socks.values():
             sock.close()
         self._socks.clear()
-
-
-def _open(family: int) -> socket.socket:
-    af, proto = ((socket.AF_INET, socket.IPPROTO_ICMP) if family == 4
-                 else (socket.AF_INET6, socket.IPPROTO_ICMPV6))
-    sock = socket.socket(af, socket.SOCK_RAW | socket.SOCK_NONBLOCK, proto)
-    try:
-        if family == 4:
-            sock.setsockopt(_SOL_RAW, _ICMP_FILTER, struct.pack("I", 0xFFFFFFFF))
-        else:
-            sock.setsockopt(_SOL_ICMPV6, _ICMP6_FILTER, b"\xff" * 32)
-        # Like every socket of the proxy's: nothing of veer's intercepts it.
-        sock.setsockopt(socket.SOL_SOCKET, SO_MARK, MARK_PROXY)
-    except OSError:
-        sock.close()
-        raise
-    return sock

@@ -21,6 +21,9 @@ IP_BIND_ADDRESS_NO_PORT = 24
 IPV6_TRANSPARENT = 75
 IPV6_RECVORIGDSTADDR = 74  # also the cmsg type IPV6_ORIGDSTADDR
 SO_MARK = 36
+# Options that keep a raw ICMP socket's receive queue empty (icmp_sender).
+SOL_RAW, ICMP_FILTER = 255, 1
+SOL_ICMPV6, ICMP6_FILTER = 58, 1
 
 _AF = {4: socket.AF_INET, 6: socket.AF_INET6}
 
@@ -109,6 +112,26 @@ def downstream(family: int, local: tuple[str, int], client: tuple[str, int]) -> 
         set_transparent(sock, family)
         sock.bind(local)
         sock.connect(client)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def icmp_sender(family: int) -> socket.socket:
+    """A raw ICMP(v6) socket that only sends: every type is filtered out on
+    receive, or the kernel would queue a copy of every ICMP packet of the
+    node for it until its buffer filled. Marked as every socket of the
+    proxy's, so nothing of veer's intercepts what it sends."""
+    af, proto = ((socket.AF_INET, socket.IPPROTO_ICMP) if family == 4
+                 else (socket.AF_INET6, socket.IPPROTO_ICMPV6))
+    sock = socket.socket(af, socket.SOCK_RAW | socket.SOCK_NONBLOCK, proto)
+    try:
+        if family == 4:
+            sock.setsockopt(SOL_RAW, ICMP_FILTER, struct.pack("I", 0xFFFFFFFF))
+        else:
+            sock.setsockopt(SOL_ICMPV6, ICMP6_FILTER, b"\xff" * 32)
+        sock.setsockopt(socket.SOL_SOCKET, SO_MARK, MARK_PROXY)
     except OSError:
         sock.close()
         raise
