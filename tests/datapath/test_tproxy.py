@@ -402,6 +402,46 @@ def test_a_backend_that_fails_at_once_is_replaced_by_another(cluster: SandboxClu
     assert counters.get("upstream_gave_up", 0) == 0, counters
 
 
+@pytest.mark.parametrize(("vip", "endpoint", "address_type"), [
+    ("10.96.0.38", "10.244.1.77", "IPv4"),
+    ("fd00:96::38", "fd00:10:244:1::77", "IPv6"),
+])
+def test_a_pod_this_node_cannot_reach_resets_the_client_in_seconds(
+    cluster: SandboxCluster, vip: str, endpoint: str, address_type: str,
+) -> None:
+    """The only endpoint is routed through web-a's veth, where nobody holds
+    its address: the node's ARP (neighbour solicitation) goes unanswered,
+    and after about 3 s the node answers the SYN it held with "host
+    unreachable" (IPv6: "address unreachable"), addressed to the client,
+    whose address the upstream connection carries. nftables must bring a
+    copy of that error back to the proxy's connecting socket, so the client
+    is reset within its 10 s, as kube-proxy's client gets EHOSTUNREACH;
+    without it the proxy retries the SYN for two minutes."""
+    host = cluster.topo.pods["web-a"].host_veth
+    res = in_node(cluster, "ip", "route", "add", endpoint, "dev", host)
+    assert res.returncode == 0, res.stderr
+    svc = {"apiVersion": "v1", "kind": "Service",
+           "metadata": {"name": "unreachable", "namespace": "default"},
+           "spec": {"clusterIP": vip, "ipFamilies": [address_type],
+                    "ports": [{"name": "p", "protocol": "TCP", "port": 80,
+                               "targetPort": 8080}]}}
+    eps = {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+           "metadata": {"name": "unreachable-1", "namespace": "default",
+                        "labels": {"kubernetes.io/service-name": "unreachable"}},
+           "addressType": address_type,
+           "ports": [{"name": "p", "protocol": "TCP", "port": 8080}],
+           "endpoints": [{"addresses": [endpoint]}]}
+    cluster.write_manifest("unreachable.yaml", json.dumps(svc) + "\n---\n" + json.dumps(eps))
+    key = f"[{vip}]:80/TCP" if ":" in vip else f"{vip}:80/TCP"
+    target = f"[{endpoint}]:8080/TCP" if ":" in endpoint else f"{endpoint}:8080/TCP"
+    cluster.wait_frontend(key, [target])
+    result = cluster.probe("tcp", vip, "80", "--count", "1", "--timeout", "10")
+    assert result["answers"] == {}, result
+    assert set(result["errors"]) <= {"ECONNRESET", "EPIPE"}, result
+    assert sum(result["errors"].values()) == 1, result
+    assert fresh_counters(cluster).get("upstream_failed", 0) >= 1
+
+
 # argv: address, port. Connects, says so, resets when told (a line on stdin).
 RESET_WHEN_TOLD = """
 import socket, struct, sys
@@ -511,7 +551,8 @@ def early_demux(cluster: SandboxCluster) -> str:
 
 
 def test_cleanup_removes_table_rules_and_routes(cluster: SandboxCluster) -> None:
-    assert "inet veer" in nft_tables(cluster)
+    assert {"table inet veer", "table ip veer", "table ip6 veer"} <= set(
+        nft_tables(cluster).splitlines())
     assert "lookup 8337" in routing(cluster) and "lookup 8338" in routing(cluster)
     assert early_demux(cluster) == "0"
     cluster.stop_agent()
@@ -521,14 +562,30 @@ def test_cleanup_removes_table_rules_and_routes(cluster: SandboxCluster) -> None
             "--cgroup", cluster.topo.cgroup, "--bpffs", cluster.topo.bpffs]
     res = in_node(cluster, *argv)
     assert res.returncode == 0, res.stderr
-    assert "removed nftables table inet veer" in res.stderr, res.stderr
-    assert "inet veer" not in nft_tables(cluster)
+    for family in ("inet", "ip", "ip6"):
+        assert f"removed nftables table {family} veer" in res.stderr, res.stderr
+    assert "veer" not in nft_tables(cluster)
     assert "8337" not in routing(cluster) and "8338" not in routing(cluster)
     assert early_demux(cluster) == "1"
     for table in ("8337", "8338"):
         assert in_node(cluster, "ip", "route", "show", "table", table).stdout == ""
     again = in_node(cluster, *argv)  # idempotent
     assert again.returncode == 0 and "removed" not in again.stderr, again.stderr
+
+
+def test_tables_removed_behind_the_agent_s_back_are_made_again(cluster: SandboxCluster) -> None:
+    """Someone deletes veer's tables: the agent's next resync (at most 10 s
+    apart) makes them again, and the Services are served again."""
+    for table in ("ip veer", "ip6 veer", "inet veer"):
+        res = in_node(cluster, "nft", "delete", "table", *table.split())
+        assert res.returncode == 0, res.stderr
+        deadline = time.monotonic() + 30
+        while f"table {table}" not in nft_tables(cluster).splitlines():
+            assert time.monotonic() < deadline, f"table {table} not made again"
+            time.sleep(0.5)
+    cluster.wait_frontend("10.96.0.10:80/TCP", backends(["web-a", "web-b", "web-c"]))
+    result = cluster.probe("tcp", "10.96.0.10", "80", "--count", "6")
+    assert result["errors"] == {} and sum(result["answers"].values()) == 6, result
 
 
 def test_status_lists_the_proxy_counters(shared_cluster: SandboxCluster) -> None:

@@ -246,7 +246,8 @@ def test_the_table_refuses_unexposed_ports_and_steers_replies() -> None:
     assert [next(iter(c)) for c in cmds[:3]] == ["add", "delete", "add"]  # replace, atomically
     counters = {c["add"]["counter"]["name"] for c in cmds if "counter" in c.get("add", {})}
     assert set(ruleset.COUNTERS) == counters
-    rules = [c["add"]["rule"]["expr"] for c in cmds if "rule" in c.get("add", {})]
+    rules = [c["add"]["rule"]["expr"] for c in cmds
+             if "rule" in c.get("add", {}) and c["add"]["rule"]["chain"] == "prerouting"]
     # The proxy's own packets first, then packets for the proxy's sockets
     # (known by their mark), then the frontend maps, then the refusals.
     assert "accept" in rules[0][-1] and str(0x0080_0000) in text(rules[0])
@@ -255,3 +256,27 @@ def test_the_table_refuses_unexposed_ports_and_steers_replies() -> None:
     refusals = [counter_of(r) for r in rules[4:]]
     assert set(refusals) == {"refused_unknown_port", "refused_no_service"}
     assert len(refusals) == 8  # {vips, cidrs} x {IPv4, IPv6} x {TCP, UDP}
+
+
+def test_the_node_s_own_unreachable_errors_are_copied_to_lo() -> None:
+    """Only this node's host / address unreachable is copied, each family to
+    its own loopback address, and the original is not dropped."""
+    cmds = ruleset.skeleton()
+    # `dup` exists only in single-family tables: one table per family,
+    # replaced in the same transaction as table inet veer.
+    tables = [c[verb]["table"] for c in cmds for verb in c if "table" in c[verb]
+              and isinstance(c[verb]["table"], dict)]
+    assert tables[3:] == [{"family": f, "name": "veer"} for f in ("ip", "ip", "ip",
+                                                                   "ip6", "ip6", "ip6")]
+    chains = [c["add"]["chain"] for c in cmds
+              if "chain" in c.get("add", {}) and c["add"]["chain"]["name"] == "output"]
+    assert [c["family"] for c in chains] == ["ip", "ip6"]
+    assert all(c["hook"] == "output" and c["policy"] == "accept" for c in chains)
+    rules = [c["add"]["rule"]["expr"] for c in cmds
+             if "rule" in c.get("add", {}) and c["add"]["rule"]["chain"] == "output"]
+    assert [r[-1] for r in rules] == [{"dup": {"addr": "127.0.0.1", "dev": "lo"}},
+                                      {"dup": {"addr": "::1", "dev": "lo"}}]
+    assert [[m["match"]["right"] for m in r[:-1]] for r in rules] == [
+        ["destination-unreachable", "host-unreachable"],
+        ["destination-unreachable", "addr-unreachable"],
+    ]

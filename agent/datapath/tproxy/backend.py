@@ -48,7 +48,7 @@ from agent.compute.types import Frontend, L4Addr
 from agent.datapath.interface import Datapath, DatapathState, MapUsage, ProgrammedFrontend
 from agent.datapath.tproxy import routing, ruleset
 from agent.datapath.tproxy.engine import Engine
-from agent.datapath.tproxy.layout import LOOPBACK, NFT_FAMILY, NFT_TABLE
+from agent.datapath.tproxy.layout import LOOPBACK, NFT_COPY_FAMILIES, NFT_FAMILY, NFT_TABLE
 from agent.datapath.tproxy.nft import Command, Nft
 from agent.datapath.tproxy.routing import Routing
 from agent.errors import DatapathError, EnvironmentProblem
@@ -365,6 +365,11 @@ class TproxyDatapath(Datapath):
         if not self._nft.query(ruleset.list_command("set", "ext_devices")):
             log.warning("TPROXY: table inet veer is gone; creating it again")
             self._recreate()
+        elif not all(self._nft.query({"list": {"chain": {"family": family, "table": NFT_TABLE,
+                                                         "name": "output"}}})
+                     for family in NFT_COPY_FAMILIES):
+            log.warning("TPROXY: table ip veer or ip6 veer is gone; creating both again")
+            self._nft.run(ruleset.copy_tables(), "creating tables ip veer and ip6 veer")
         self._routing.setup_rules(self._families)
         self._reload()
         held = self._held

@@ -6,21 +6,28 @@ network namespace it runs in."""
 from __future__ import annotations
 
 from agent.datapath.tproxy import routing
-from agent.datapath.tproxy.layout import NFT_FAMILY, NFT_TABLE
+from agent.datapath.tproxy.layout import NFT_COPY_FAMILIES, NFT_FAMILY, NFT_TABLE
 from agent.datapath.tproxy.nft import Nft
 from agent.errors import DatapathError, EnvironmentProblem
 
 
 def cleanup() -> list[str]:
-    """Remove table inet veer, veer's routing rules and tables. Returns what was
-    removed, for the log."""
+    """Remove tables inet, ip and ip6 veer, veer's routing rules and tables.
+    Returns what was removed, for the log."""
     removed: list[str] = []
     try:
         nft = Nft()
     except EnvironmentProblem:
-        nft = None  # without the binding no agent could have made the table
-    if nft is not None and nft.query({"list": {"table": {"family": NFT_FAMILY,
-                                                          "name": NFT_TABLE}}}):
+        nft = None  # without the binding no agent could have made the tables
+    if nft is None:
+        removed.extend(routing.remove_all())
+        return removed
+    for family in NFT_COPY_FAMILIES:
+        table = {"family": family, "name": NFT_TABLE}
+        if nft.query({"list": {"table": table}}):
+            nft.run([{"delete": {"table": table}}], f"removing table {family} {NFT_TABLE}")
+            removed.append(f"removed nftables table {family} {NFT_TABLE}")
+    if nft.query({"list": {"table": {"family": NFT_FAMILY, "name": NFT_TABLE}}}):
         nft.run([{"delete": {"table": {"family": NFT_FAMILY, "name": NFT_TABLE}}}],
                 "removing table inet veer")
         removed.append(f"removed nftables table {NFT_FAMILY} {NFT_TABLE}")

@@ -31,6 +31,12 @@ rules can be read and tested without root.
         [Local policy] saddr @cluster* -> tproxy to the SHORTCUT listener
         tproxy to the OUTSIDE listener (no backend: ICMP port unreachable, or drop)
 
+    table ip veer, table ip6 veer (`dup` exists only in single-family tables)
+      output (filter hook)
+        icmp host unreachable / icmpv6 address unreachable that this node
+        sends (it could not resolve a neighbour): a copy through lo, which
+        brings it to the upstream socket whose packet it quotes
+
 Every tproxy rule also sets MARK_LOCAL, which routing rule 9337 turns into
 local delivery (agent/datapath/tproxy/routing.py). A tproxy rule that finds
 no listener (the proxy is not running) does not match; the next rule refuses.
@@ -53,6 +59,7 @@ from agent.datapath.tproxy.layout import (
     LOOPBACK,
     MARK_LOCAL,
     MARK_PROXY,
+    NFT_COPY_FAMILIES,
     NFT_FAMILY,
     NFT_TABLE,
     Role,
@@ -388,9 +395,10 @@ def _refuse_addresses(family: int, named: str, counter: str) -> list[Rule]:
 
 
 def skeleton() -> list[Command]:
-    """Replace table inet veer with an empty one: sets, maps, counters and the
-    prerouting chain, in one transaction (adding first makes the delete safe
-    when the table does not exist yet)."""
+    """Replace table inet veer with an empty one (sets, maps, counters and
+    the prerouting chain) and tables ip veer and ip6 veer with their output
+    chains, in one transaction (adding first makes the delete safe when a
+    table does not exist yet)."""
     table = {"family": NFT_FAMILY, "name": NFT_TABLE}
     cmds: list[Command] = [
         {"add": {"table": table}},
@@ -440,7 +448,46 @@ def skeleton() -> list[Command]:
         rules += _refuse_addresses(family, f"cidrs{family}", "refused_no_service")
     for rule in rules:
         cmds.append({"add": {"rule": {**_TABLE, "chain": "prerouting", "expr": rule}}})
+    return cmds + copy_tables()
+
+
+def copy_tables() -> list[Command]:
+    """Replace tables ip veer and ip6 veer: an output chain each, with the
+    rule of _own_unreachable_copies."""
+    cmds: list[Command] = []
+    for family, rule in zip(NFT_COPY_FAMILIES, _own_unreachable_copies(), strict=True):
+        table = {"family": family, "name": NFT_TABLE}
+        where = {"family": family, "table": NFT_TABLE}
+        cmds += [{"add": {"table": table}}, {"delete": {"table": table}},
+                 {"add": {"table": table}},
+                 {"add": {"chain": {**where, "name": "output", "type": "filter",
+                                    "hook": "output", "prio": -150, "policy": "accept"}}},
+                 {"add": {"rule": {**where, "chain": "output", "expr": rule}}}]
     return cmds
+
+
+def _own_unreachable_copies() -> list[Rule]:
+    """When this node cannot resolve a neighbour (a pod of its own that does
+    not answer ARP or neighbour solicitation), the kernel answers the packets
+    it held with "host unreachable" (IPv6: "address unreachable") addressed to
+    their source. A packet of an upstream socket has the client's address as
+    its source, so the error leaves for the client, which has no socket that
+    knows it; prerouting never sees it, since it was made here, and the
+    proxy's connect() would retry its SYN for two minutes. So a copy of each
+    such error goes through lo as well (`dup`; the original leaves as
+    before). The copy is delivered on this node, where the kernel hands it
+    to the socket whose packet it quotes, as it does a backend's error that
+    prerouting's rule 2 diverted; a copy that quotes no socket of the
+    proxy's is ignored. Neighbour failure is the only case to cover: a
+    connect() or send() with no route fails at once, and no ICMP is made."""
+    return [
+        [_match(_payload("icmp", "type"), "destination-unreachable"),
+         _match(_payload("icmp", "code"), "host-unreachable"),
+         {"dup": {"addr": LOOPBACK[4], "dev": "lo"}}],
+        [_match(_payload("icmpv6", "type"), "destination-unreachable"),
+         _match(_payload("icmpv6", "code"), "addr-unreachable"),
+         {"dup": {"addr": LOOPBACK[6], "dev": "lo"}}],
+    ]
 
 
 def element_commands(verb: str, set_name: str, elements: Sequence[Any]) -> list[Command]:
