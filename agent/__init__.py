@@ -11,4 +11,15 @@ The package is laid out along the data flow (see ARCHITECTURE in the repo):
     sandbox/    a one-machine demo topology, also used by the tests
 """
 
+import os
+
 __version__ = "0.1.0"
+
+# The agent and the CLI start other programs but never fork to go on running
+# Python in the child. gRPC's fork support, on by default in the grpcio
+# wheels, runs handlers in every fork()ed child; in a process where gRPC has
+# started, a child forked for subprocess's preexec_fn can die of SIGABRT
+# before it reaches exec(), silently. Off unless the environment says
+# otherwise. It is set here, in the package every module of veer's is
+# imported through, because gRPC reads it when `grpc` is first imported.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")

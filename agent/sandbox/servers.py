@@ -66,14 +66,20 @@ def start_udp_echo(topo: Topology, pod: Pod, ports: Sequence[int]) -> subprocess
 
 
 def wait_listening(topo: Topology, pod: Pod, port: int, timeout: float = 60.0) -> None:
-    """Wait until a TCP port accepts connections inside the pod."""
+    """Wait until a TCP port accepts connections inside the pod. If the pod
+    has an nginx of start_nginx's, the error says what its log says."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         res = topo.exec(pod.netns, ["ss", "-Hltn", f"sport = :{port}"], in_cgroup=False)
         if res.stdout.strip():
             return
         time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on {pod.name}:{port}")
+    error_log = os.path.join(topo.workdir, f"nginx-{pod.name}", "error.log")
+    said = ""
+    if os.path.exists(error_log):
+        with open(error_log, errors="replace") as f:
+            said = f"; nginx's error.log ends: {f.read()[-2000:]!r}"
+    raise TimeoutError(f"nothing listens on {pod.name}:{port}{said}")
 
 
 def wait_udp(topo: Topology, pod: Pod, port: int, timeout: float = 60.0) -> None:

@@ -7,10 +7,13 @@ replaced; a live one is refused; stopping removes it.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
+import signal
 import socket
 import stat
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -117,6 +120,59 @@ def test_round_trip(running: tuple[Agent, str]) -> None:
         with pytest.raises(ApiError) as bad:
             list(client.observe(reasons=["bogus"]))
         assert bad.value.code == "INVALID_ARGUMENT"
+
+
+def _forked_copies_of_this_process() -> list[int]:
+    """Children of this process still running its own program: fork()ed,
+    not (yet) exec()ed."""
+    ours = Path("/proc/self/cmdline").read_bytes()
+    pids = [int(p) for task in Path("/proc/self/task").iterdir()
+            for p in (task / "children").read_text().split()]
+    copies = []
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            if Path(f"/proc/{pid}/cmdline").read_bytes() == ours:
+                copies.append(pid)
+    return copies
+
+
+def test_children_forked_beside_a_working_api_server_reach_exec(
+    running: tuple[Agent, str],
+) -> None:
+    """gRPC's fork support is off (agent/__init__.py). With it on, a child
+    fork()ed while the server and a client are busy (subprocess takes fork()
+    when given a preexec_fn, as the sandbox's pod processes are) can hang or
+    die of SIGABRT before exec(), and its program never runs."""
+    _, sock = running
+    stop = threading.Event()
+
+    def call() -> None:
+        with Client(sock) as client:
+            while not stop.is_set():
+                client.status()
+
+    codes: list[int] = []
+
+    def fork_many() -> None:
+        for _ in range(100):
+            codes.append(subprocess.run(["true"], preexec_fn=lambda: None).returncode)
+
+    caller = threading.Thread(target=call)
+    forker = threading.Thread(target=fork_many, daemon=True)
+    caller.start()
+    forker.start()
+    try:
+        forker.join(timeout=60)
+        hung = forker.is_alive()
+        if hung:  # a child of ours stuck before exec(): end it, so the thread ends
+            for pid in _forked_copies_of_this_process():
+                os.kill(pid, signal.SIGKILL)
+            forker.join(timeout=10)
+    finally:
+        stop.set()
+        caller.join()
+    assert not hung, f"a fork()ed child hung before exec() after {len(codes)} children"
+    assert codes == [0] * 100, sorted(set(codes))
 
 
 def test_follow(running: tuple[Agent, str]) -> None:
