@@ -574,14 +574,19 @@ def test_cleanup_removes_table_rules_and_routes(cluster: SandboxCluster) -> None
 
 
 def test_tables_removed_behind_the_agent_s_back_are_made_again(cluster: SandboxCluster) -> None:
-    """Someone deletes veer's tables: the agent's next resync (at most 10 s
-    apart) makes them again, and the Services are served again."""
-    for table in ("ip veer", "ip6 veer", "inet veer"):
-        res = in_node(cluster, "nft", "delete", "table", *table.split())
+    """Someone deletes or flushes veer's tables: the agent's next resync (at
+    most 10 s apart) makes them again, rules and all, and the Services are
+    served again."""
+    for damage, family, wanted in (
+        (["delete", "table", "ip", "veer"], "ip", 'dup to 127.0.0.1 device "lo"'),
+        (["flush", "chain", "ip6", "veer", "output"], "ip6", 'dup to ::1 device "lo"'),
+        (["delete", "table", "inet", "veer"], "inet", "socket mark"),
+    ):
+        res = in_node(cluster, "nft", *damage)
         assert res.returncode == 0, res.stderr
         deadline = time.monotonic() + 30
-        while f"table {table}" not in nft_tables(cluster).splitlines():
-            assert time.monotonic() < deadline, f"table {table} not made again"
+        while wanted not in in_node(cluster, "nft", "list", "table", family, "veer").stdout:
+            assert time.monotonic() < deadline, f"{' '.join(damage)}: not made again"
             time.sleep(0.5)
     cluster.wait_frontend("10.96.0.10:80/TCP", backends(["web-a", "web-b", "web-c"]))
     result = cluster.probe("tcp", "10.96.0.10", "80", "--count", "6")

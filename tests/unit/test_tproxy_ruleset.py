@@ -259,24 +259,34 @@ def test_the_table_refuses_unexposed_ports_and_steers_replies() -> None:
 
 
 def test_the_node_s_own_unreachable_errors_are_copied_to_lo() -> None:
-    """Only this node's host / address unreachable is copied, each family to
-    its own loopback address, and the original is not dropped."""
-    cmds = ruleset.skeleton()
-    # `dup` exists only in single-family tables: one table per family,
-    # replaced in the same transaction as table inet veer.
-    tables = [c[verb]["table"] for c in cmds for verb in c if "table" in c[verb]
-              and isinstance(c[verb]["table"], dict)]
-    assert tables[3:] == [{"family": f, "name": "veer"} for f in ("ip", "ip", "ip",
-                                                                   "ip6", "ip6", "ip6")]
-    chains = [c["add"]["chain"] for c in cmds
-              if "chain" in c.get("add", {}) and c["add"]["chain"]["name"] == "output"]
-    assert [c["family"] for c in chains] == ["ip", "ip6"]
-    assert all(c["hook"] == "output" and c["policy"] == "accept" for c in chains)
-    rules = [c["add"]["rule"]["expr"] for c in cmds
-             if "rule" in c.get("add", {}) and c["add"]["rule"]["chain"] == "output"]
+    """Only this node's host / address unreachable to another host is
+    copied, each family to its own loopback address, and the original is
+    not dropped. The tables are apart from table inet veer (skeleton), so
+    a kernel without `dup` still gets that one."""
+    assert "dup" not in text(ruleset.skeleton())
+    cmds = ruleset.copy_tables((4, 6))
+    tables = [c[verb]["table"] for c in cmds for verb in c
+              if isinstance(c[verb].get("table"), dict)]
+    assert tables == [{"family": f, "name": "veer"} for f in ("ip",) * 3 + ("ip6",) * 3]
+    chains = [c["add"]["chain"] for c in cmds if "chain" in c.get("add", {})]
+    assert [(c["family"], c["name"], c["hook"], c["policy"]) for c in chains] == [
+        ("ip", "output", "output", "accept"), ("ip6", "output", "output", "accept")]
+    rules = [c["add"]["rule"]["expr"] for c in cmds if "rule" in c.get("add", {})]
     assert [r[-1] for r in rules] == [{"dup": {"addr": "127.0.0.1", "dev": "lo"}},
                                       {"dup": {"addr": "::1", "dev": "lo"}}]
-    assert [[m["match"]["right"] for m in r[:-1]] for r in rules] == [
-        ["destination-unreachable", "host-unreachable"],
-        ["destination-unreachable", "addr-unreachable"],
+    assert [[(m["match"]["op"], m["match"]["right"]) for m in r[:-1]] for r in rules] == [
+        [("!=", "lo"), ("==", "destination-unreachable"), ("==", "host-unreachable")],
+        [("!=", "lo"), ("==", "destination-unreachable"), ("==", "addr-unreachable")],
     ]
+    # IPv6 off: table ip veer only.
+    assert {c["add"]["table"]["family"] for c in ruleset.copy_tables((4,))
+            if "table" in c.get("add", {})} == {"ip"}
+
+
+def test_copies_is_read_from_the_listed_chain() -> None:
+    listed = [{"chain": {"family": "ip", "table": "veer", "name": "output"}},
+              {"rule": {"family": "ip", "chain": "output",
+                        "expr": [{"dup": {"addr": "127.0.0.1", "dev": "lo"}}]}}]
+    assert ruleset.copies(listed)
+    assert not ruleset.copies(listed[:1])  # a flushed chain
+    assert not ruleset.copies([])  # no table

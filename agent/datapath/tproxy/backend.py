@@ -5,6 +5,9 @@ Who holds what:
   intercepted (a map element per frontend, pointing at shared verdict chains,
   ruleset.Verdicts), and every verdict that needs no backend (refusals,
   drops, source ranges, access rules), taken in the kernel at the first packet;
+  tables ip veer and ip6 veer copy the node's own "host unreachable" to the
+  proxy (ruleset.copy_tables; optional: a kernel without nftables' `dup`
+  serves without them);
 - the proxy (engine.py): the choice of a backend for each new connection or
   UDP flow, and the bytes;
 - policy routing (routing.py): local delivery of what nftables marked, and
@@ -23,7 +26,7 @@ next (full) pass rewrites exactly what is missing.
 
 State across restarts: the proxy's connections end with the agent (a
 difference from eBPF mode, where the kernel keeps serving). A new agent
-replaces the table with an empty one and the reconciler's first (full) pass
+replaces the tables with empty ones and the reconciler's first (full) pass
 writes everything again.
 """
 
@@ -48,7 +51,7 @@ from agent.compute.types import Frontend, L4Addr
 from agent.datapath.interface import Datapath, DatapathState, MapUsage, ProgrammedFrontend
 from agent.datapath.tproxy import routing, ruleset
 from agent.datapath.tproxy.engine import Engine
-from agent.datapath.tproxy.layout import LOOPBACK, NFT_COPY_FAMILIES, NFT_FAMILY, NFT_TABLE
+from agent.datapath.tproxy.layout import LOOPBACK, NFT_FAMILY, NFT_TABLE
 from agent.datapath.tproxy.nft import Command, Nft
 from agent.datapath.tproxy.routing import Routing
 from agent.errors import DatapathError, EnvironmentProblem
@@ -92,6 +95,20 @@ def ipv6_usable() -> bool:
     return True
 
 
+def make_copy_tables(nft: Nft, versions: tuple[int, ...]) -> bool:
+    """Make tables ip veer / ip6 veer (ruleset.copy_tables); whether they are
+    there. Without them TPROXY mode still serves, so a kernel whose nftables
+    lacks `dup` (CONFIG_NFT_DUP_IPV4/IPV6) gets a warning, not a failure."""
+    try:
+        nft.run(ruleset.copy_tables(versions), "creating tables ip veer and ip6 veer")
+    except DatapathError as err:
+        log.warning("TPROXY: %s; this node's own \"host unreachable\" will not reach the "
+                    "proxy, so a connect() to a pod of this node that does not answer ARP "
+                    "or neighbour solicitation retries for about two minutes", err)
+        return False
+    return True
+
+
 class TproxyDatapath(Datapath):
     name = "tproxy"
     # The proxy picks backends as the eBPF programs do; nftables holds the
@@ -118,11 +135,13 @@ class TproxyDatapath(Datapath):
         self._resolved_for: tuple[IPAddress, ...] | None = None
         self._resolved: tuple[str, ...] = ()
         self._cluster: frozenset[IPNetwork] = frozenset()
+        self._copies = False  # tables ip/ip6 veer made (make_copy_tables)
         try:
             self.engine.start()
             self._routing.setup(self._families)
             self._early_demux()
             self._nft.run(ruleset.skeleton(), "creating table inet veer")
+            self._copies = make_copy_tables(self._nft, self._families)
         except BaseException:
             self.close()
             raise
@@ -365,11 +384,11 @@ class TproxyDatapath(Datapath):
         if not self._nft.query(ruleset.list_command("set", "ext_devices")):
             log.warning("TPROXY: table inet veer is gone; creating it again")
             self._recreate()
-        elif not all(self._nft.query({"list": {"chain": {"family": family, "table": NFT_TABLE,
-                                                         "name": "output"}}})
-                     for family in NFT_COPY_FAMILIES):
-            log.warning("TPROXY: table ip veer or ip6 veer is gone; creating both again")
-            self._nft.run(ruleset.copy_tables(), "creating tables ip veer and ip6 veer")
+        elif self._copies and not all(
+                ruleset.copies(self._nft.query(ruleset.copy_chain_command(version)))
+                for version in self._families):
+            log.warning("TPROXY: table ip veer or ip6 veer lost its rule; making them again")
+            self._copies = make_copy_tables(self._nft, self._families)
         self._routing.setup_rules(self._families)
         self._reload()
         held = self._held
@@ -419,6 +438,8 @@ class TproxyDatapath(Datapath):
 
     def _recreate(self) -> None:
         self._nft.run(ruleset.skeleton(), "creating table inet veer")
+        if self._copies:
+            self._copies = make_copy_tables(self._nft, self._families)
         self._held = _Held()
         for table in self.engine.tables.values():
             table.clear()

@@ -22,7 +22,7 @@ def cleanup() -> list[str]:
     if nft is None:
         removed.extend(routing.remove_all())
         return removed
-    for family in NFT_COPY_FAMILIES:
+    for family in NFT_COPY_FAMILIES.values():
         table = {"family": family, "name": NFT_TABLE}
         if nft.query({"list": {"table": table}}):
             nft.run([{"delete": {"table": table}}], f"removing table {family} {NFT_TABLE}")

@@ -6,7 +6,7 @@ the agent, `veer agent --cleanup` and the tests agree on what is veer's:
     nftables   table `inet veer` (sets, maps, counters, chains: all of it)
                tables `ip veer`, `ip6 veer` (an output chain each: `dup`,
                which copies the node's own "host unreachable" to lo, exists
-               only in the single-family tables; ruleset.py)
+               only in single-family tables; ruleset.copy_tables)
     routing    rule  pref 9337  fwmark MARK_LOCAL/MARK_LOCAL  lookup 8337
                rule  pref 9338                                lookup 8338
                table 8337: `local default dev lo` (IPv4 and IPv6)
@@ -31,7 +31,8 @@ import enum
 
 NFT_FAMILY = "inet"
 NFT_TABLE = "veer"
-NFT_COPY_FAMILIES = ("ip", "ip6")  # the tables `ip veer` and `ip6 veer`
+# The tables `ip veer` and `ip6 veer`, by IP version.
+NFT_COPY_FAMILIES = {4: "ip", 6: "ip6"}
 
 MARK_LOCAL = 0x0040_0000
 MARK_PROXY = 0x0080_0000

@@ -31,11 +31,14 @@ rules can be read and tested without root.
         [Local policy] saddr @cluster* -> tproxy to the SHORTCUT listener
         tproxy to the OUTSIDE listener (no backend: ICMP port unreachable, or drop)
 
-    table ip veer, table ip6 veer (`dup` exists only in single-family tables)
+    table ip veer, table ip6 veer (`dup` exists only in single-family tables;
+                                   made apart, so a kernel without it still
+                                   serves: copy_tables)
       output (filter hook)
         icmp host unreachable / icmpv6 address unreachable that this node
-        sends (it could not resolve a neighbour): a copy through lo, which
-        brings it to the upstream socket whose packet it quotes
+        sends to another host (it could not resolve a neighbour): a copy
+        through lo, which brings it to the upstream socket that sent the
+        packet it quotes
 
 Every tproxy rule also sets MARK_LOCAL, which routing rule 9337 turns into
 local delivery (agent/datapath/tproxy/routing.py). A tproxy rule that finds
@@ -395,10 +398,9 @@ def _refuse_addresses(family: int, named: str, counter: str) -> list[Rule]:
 
 
 def skeleton() -> list[Command]:
-    """Replace table inet veer with an empty one (sets, maps, counters and
-    the prerouting chain) and tables ip veer and ip6 veer with their output
-    chains, in one transaction (adding first makes the delete safe when a
-    table does not exist yet)."""
+    """Replace table inet veer with an empty one: sets, maps, counters and
+    the prerouting chain, in one transaction (adding first makes the delete
+    safe when the table does not exist yet)."""
     table = {"family": NFT_FAMILY, "name": NFT_TABLE}
     cmds: list[Command] = [
         {"add": {"table": table}},
@@ -448,25 +450,39 @@ def skeleton() -> list[Command]:
         rules += _refuse_addresses(family, f"cidrs{family}", "refused_no_service")
     for rule in rules:
         cmds.append({"add": {"rule": {**_TABLE, "chain": "prerouting", "expr": rule}}})
-    return cmds + copy_tables()
+    return cmds
 
 
-def copy_tables() -> list[Command]:
-    """Replace tables ip veer and ip6 veer: an output chain each, with the
-    rule of _own_unreachable_copies."""
+def copy_tables(versions: Iterable[int]) -> list[Command]:
+    """Replace table ip veer and/or ip6 veer, one per IP version: an output
+    chain each, with the rule of _own_unreachable_copy."""
     cmds: list[Command] = []
-    for family, rule in zip(NFT_COPY_FAMILIES, _own_unreachable_copies(), strict=True):
+    for version in versions:
+        family = NFT_COPY_FAMILIES[version]
         table = {"family": family, "name": NFT_TABLE}
         where = {"family": family, "table": NFT_TABLE}
         cmds += [{"add": {"table": table}}, {"delete": {"table": table}},
                  {"add": {"table": table}},
                  {"add": {"chain": {**where, "name": "output", "type": "filter",
                                     "hook": "output", "prio": -150, "policy": "accept"}}},
-                 {"add": {"rule": {**where, "chain": "output", "expr": rule}}}]
+                 {"add": {"rule": {**where, "chain": "output",
+                                   "expr": _own_unreachable_copy(version)}}}]
     return cmds
 
 
-def _own_unreachable_copies() -> list[Rule]:
+def copy_chain_command(version: int) -> Command:
+    """List the output chain of table ip veer (ip6 veer), with its rule."""
+    return {"list": {"chain": {"family": NFT_COPY_FAMILIES[version], "table": NFT_TABLE,
+                               "name": "output"}}}
+
+
+def copies(listed: Iterable[Mapping[str, Any]]) -> bool:
+    """Whether what copy_chain_command listed holds the copying rule."""
+    return any("dup" in expr for obj in listed
+               for expr in obj.get("rule", {}).get("expr", []))
+
+
+def _own_unreachable_copy(version: int) -> Rule:
     """When this node cannot resolve a neighbour (a pod of its own that does
     not answer ARP or neighbour solicitation), the kernel answers the packets
     it held with "host unreachable" (IPv6: "address unreachable") addressed to
@@ -476,18 +492,28 @@ def _own_unreachable_copies() -> list[Rule]:
     proxy's connect() would retry its SYN for two minutes. So a copy of each
     such error goes through lo as well (`dup`; the original leaves as
     before). The copy is delivered on this node, where the kernel hands it
-    to the socket whose packet it quotes, as it does a backend's error that
-    prerouting's rule 2 diverted; a copy that quotes no socket of the
-    proxy's is ignored. Neighbour failure is the only case to cover: a
-    connect() or send() with no route fails at once, and no ICMP is made."""
-    return [
-        [_match(_payload("icmp", "type"), "destination-unreachable"),
-         _match(_payload("icmp", "code"), "host-unreachable"),
-         {"dup": {"addr": LOOPBACK[4], "dev": "lo"}}],
-        [_match(_payload("icmpv6", "type"), "destination-unreachable"),
-         _match(_payload("icmpv6", "code"), "addr-unreachable"),
-         {"dup": {"addr": LOOPBACK[6], "dev": "lo"}}],
-    ]
+    to the socket that sent the packet it quotes (a connecting TCP socket
+    fails with EHOSTUNREACH; so does an IPv4 UDP flow, icmp.py), as it does
+    a backend's error that prerouting's rule 2 diverted.
+
+    The rule cannot tell the proxy's errors from others: the only socket an
+    ICMP error has at this hook is the kernel's own. So the node's other
+    host unreachables to other hosts are copied too (about traffic it
+    forwards, and veer's own refusals where kube-proxy drops). Such a copy
+    quotes no socket of this node and is dropped by the kernel, after
+    counting in its ICMP statistics (IcmpInDestUnreachs, IcmpInErrors) and
+    reaching raw ICMP sockets; the one exception would be a UDP socket of
+    the node bound to the wildcard address, with IP_RECVERR, on the quoted
+    packet's source port, which takes the copy for an error of its own. An
+    error already addressed to this node (out through lo) needs no copy."""
+    if version == 4:
+        kind, code = "icmp", "host-unreachable"
+    else:
+        kind, code = "icmpv6", "addr-unreachable"
+    return [_match({"meta": {"key": "oifname"}}, "lo", "!="),
+            _match(_payload(kind, "type"), "destination-unreachable"),
+            _match(_payload(kind, "code"), code),
+            {"dup": {"addr": LOOPBACK[version], "dev": "lo"}}]
 
 
 def element_commands(verb: str, set_name: str, elements: Sequence[Any]) -> list[Command]:
