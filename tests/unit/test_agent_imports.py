@@ -1,6 +1,6 @@
 """The agent process (`veer agent --kubernetes`) does not import the
 `kubernetes` package (nor urllib3, pydantic, requests, which come with it):
-they cost it about 19 MiB of resident memory (README, Performance). Only the
+they cost it resident memory and start-up time (README, Performance). Only the
 operator's kopf may use them. Run in a fresh interpreter, since this test
 session may have imported anything."""
 
