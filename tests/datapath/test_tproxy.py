@@ -28,7 +28,7 @@ import pytest
 
 from agent.sandbox.cluster import SandboxCluster
 from tests.datapath.conftest import require_datapath
-from tests.datapath.manifests import backends, service_with_endpoints
+from tests.datapath.manifests import backends, l4, service_with_addresses, service_with_endpoints
 from tests.datapath.test_changes import (  # noqa: F401 - collected again, in TPROXY mode
     test_added_endpoint_is_used,
     test_connected_udp_socket_leaves_a_removed_backend,
@@ -383,17 +383,8 @@ def test_a_backend_that_fails_at_once_is_replaced_by_another(cluster: SandboxClu
     connect() to it fails before any packet is sent (ENETUNREACH). The
     connection goes on to web-b at once, as for a refusal, rather than the
     client being reset."""
-    svc = {"apiVersion": "v1", "kind": "Service",
-           "metadata": {"name": "unrouted", "namespace": "default"},
-           "spec": {"clusterIP": "10.96.0.39",
-                    "ports": [{"name": "p", "protocol": "TCP", "port": 80,
-                               "targetPort": 8080}]}}
-    eps = {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-           "metadata": {"name": "unrouted-1", "namespace": "default",
-                        "labels": {"kubernetes.io/service-name": "unrouted"}},
-           "addressType": "IPv4", "ports": [{"name": "p", "protocol": "TCP", "port": 8080}],
-           "endpoints": [{"addresses": ["10.99.99.99"]}, {"addresses": ["10.244.1.3"]}]}
-    cluster.write_manifest("unrouted.yaml", json.dumps(svc) + "\n---\n" + json.dumps(eps))
+    cluster.write_manifest("unrouted.yaml", service_with_addresses(
+        "unrouted", "10.96.0.39", ["10.99.99.99", "10.244.1.3"]))
     cluster.wait_frontend("10.96.0.39:80/TCP", ["10.99.99.99:8080/TCP", "10.244.1.3:8080/TCP"])
     result = cluster.probe("tcp", "10.96.0.39", "80", "--count", "20", "--timeout", "5")
     assert result["errors"] == {} and result["answers"] == {"web-b:8080": 20}, result
@@ -402,17 +393,18 @@ def test_a_backend_that_fails_at_once_is_replaced_by_another(cluster: SandboxClu
     assert counters.get("upstream_gave_up", 0) == 0, counters
 
 
-@pytest.mark.parametrize(("vip", "endpoint", "address_type"), [
-    ("10.96.0.38", "10.244.1.77", "IPv4"),
-    ("fd00:96::38", "fd00:10:244:1::77", "IPv6"),
+@pytest.mark.parametrize(("vip", "endpoint"), [
+    ("10.96.0.38", "10.244.1.77"),
+    ("fd00:96::38", "fd00:10:244:1::77"),
 ])
 def test_a_pod_this_node_cannot_reach_resets_the_client_in_seconds(
-    cluster: SandboxCluster, vip: str, endpoint: str, address_type: str,
+    cluster: SandboxCluster, vip: str, endpoint: str,
 ) -> None:
     """The only endpoint is routed through web-a's veth, where nobody holds
     its address: the node's ARP (neighbour solicitation) goes unanswered,
-    and after about 3 s the node answers the SYN it held with "host
-    unreachable" (IPv6: "address unreachable"), addressed to the client,
+    and after its probes (by default three, a second apart) the node
+    answers the SYN it held with "host unreachable" (IPv6: "address
+    unreachable"), addressed to the client,
     whose address the upstream connection carries. nftables must bring a
     copy of that error back to the proxy's connecting socket, so the client
     is reset within its 10 s, as kube-proxy's client gets EHOSTUNREACH;
@@ -420,21 +412,9 @@ def test_a_pod_this_node_cannot_reach_resets_the_client_in_seconds(
     host = cluster.topo.pods["web-a"].host_veth
     res = in_node(cluster, "ip", "route", "add", endpoint, "dev", host)
     assert res.returncode == 0, res.stderr
-    svc = {"apiVersion": "v1", "kind": "Service",
-           "metadata": {"name": "unreachable", "namespace": "default"},
-           "spec": {"clusterIP": vip, "ipFamilies": [address_type],
-                    "ports": [{"name": "p", "protocol": "TCP", "port": 80,
-                               "targetPort": 8080}]}}
-    eps = {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
-           "metadata": {"name": "unreachable-1", "namespace": "default",
-                        "labels": {"kubernetes.io/service-name": "unreachable"}},
-           "addressType": address_type,
-           "ports": [{"name": "p", "protocol": "TCP", "port": 8080}],
-           "endpoints": [{"addresses": [endpoint]}]}
-    cluster.write_manifest("unreachable.yaml", json.dumps(svc) + "\n---\n" + json.dumps(eps))
-    key = f"[{vip}]:80/TCP" if ":" in vip else f"{vip}:80/TCP"
-    target = f"[{endpoint}]:8080/TCP" if ":" in endpoint else f"{endpoint}:8080/TCP"
-    cluster.wait_frontend(key, [target])
+    cluster.write_manifest("unreachable.yaml",
+                           service_with_addresses("unreachable", vip, [endpoint]))
+    cluster.wait_frontend(l4(vip, 80), [l4(endpoint, 8080)])
     result = cluster.probe("tcp", vip, "80", "--count", "1", "--timeout", "10")
     assert result["answers"] == {}, result
     assert set(result["errors"]) <= {"ECONNRESET", "EPIPE"}, result

@@ -22,15 +22,14 @@ def cleanup() -> list[str]:
     if nft is None:
         removed.extend(routing.remove_all())
         return removed
-    for family in NFT_COPY_FAMILIES.values():
+    had_main = False
+    for family in (*NFT_COPY_FAMILIES.values(), NFT_FAMILY):
         table = {"family": family, "name": NFT_TABLE}
         if nft.query({"list": {"table": table}}):
             nft.run([{"delete": {"table": table}}], f"removing table {family} {NFT_TABLE}")
             removed.append(f"removed nftables table {family} {NFT_TABLE}")
-    if nft.query({"list": {"table": {"family": NFT_FAMILY, "name": NFT_TABLE}}}):
-        nft.run([{"delete": {"table": {"family": NFT_FAMILY, "name": NFT_TABLE}}}],
-                "removing table inet veer")
-        removed.append(f"removed nftables table {NFT_FAMILY} {NFT_TABLE}")
+            had_main = had_main or family == NFT_FAMILY
+    if had_main:
         # TPROXY mode ran here and turned it off (routing.early_demux_off).
         try:
             routing.early_demux_on()
