@@ -275,8 +275,8 @@ def test_the_node_s_own_unreachable_errors_are_copied_to_lo() -> None:
     assert [r[-1] for r in rules] == [{"dup": {"addr": "127.0.0.1", "dev": "lo"}},
                                       {"dup": {"addr": "::1", "dev": "lo"}}]
     assert [[(m["match"]["op"], m["match"]["right"]) for m in r[:-1]] for r in rules] == [
-        [("!=", "lo"), ("==", "destination-unreachable"), ("==", "host-unreachable")],
-        [("!=", "lo"), ("==", "destination-unreachable"), ("==", "addr-unreachable")],
+        [("==", "destination-unreachable"), ("==", "host-unreachable"), ("!=", "lo")],
+        [("==", "destination-unreachable"), ("==", "addr-unreachable"), ("!=", "lo")],
     ]
     # IPv6 off: table ip veer only.
     assert {c["add"]["table"]["family"] for c in ruleset.copy_tables((4,))

@@ -510,9 +510,12 @@ def _own_unreachable_copy(version: int) -> Rule:
         kind, code = "icmp", "host-unreachable"
     else:
         kind, code = "icmpv6", "addr-unreachable"
-    return [_match({"meta": {"key": "oifname"}}, "lo", "!="),
-            _match(_payload(kind, "type"), "destination-unreachable"),
+    # Every packet the node sends passes this rule: the ICMP type (which
+    # brings its own layer-4 protocol check) comes first, so any other
+    # packet fails at the first comparison, not after a device-name one.
+    return [_match(_payload(kind, "type"), "destination-unreachable"),
             _match(_payload(kind, "code"), code),
+            _match({"meta": {"key": "oifname"}}, "lo", "!="),
             {"dup": {"addr": LOOPBACK[version], "dev": "lo"}}]
 
 
