@@ -27,9 +27,16 @@ Printed, and written to bench/results/agentcpu-<time>.md and .json:
   bench/compare.py charges to veer; per object sent;
 - the same CPU split by thread (agent/metrics/threads.py, which also serves
   veer_thread_cpu_seconds_total), from each thread's CPU clock;
+- of it, the CPU seconds spent in the cyclic garbage collector, by
+  generation; paced as `veer agent` paces it (agent/collector.py) unless
+  `--gc-threshold` says otherwise;
 - passes run meanwhile, and how long after the last object was sent all N
   were in the datapath;
 - one more Service with N present, to the datapath (`--one-more` times);
+- this process's resident memory before the load, once idle after it, and
+  at its peak, with the blocks Python's object allocator holds at the first
+  two (to tell live objects from fragmentation when the figure moves),
+  and after malloc_trim(0) (what C's allocator held free);
 - with `--profile`: each agent thread under cProfile (start-up, the load and
   the idle wait), merged, top functions by cumulative and by own time.
   Profiling slows everything down, so its CPU figure is not comparable.
@@ -42,6 +49,8 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import ctypes
+import gc
 import io
 import ipaddress
 import json
@@ -66,6 +75,7 @@ for path in (REPO, REPO / "bench"):
 
 from versus.apiload import TRIGGER, ServiceSpec, batch  # noqa: E402
 
+from agent.collector import YOUNG_COLLECTION_THRESHOLD, pace_for_agent  # noqa: E402
 from agent.compute.types import L4Addr  # noqa: E402
 from agent.config import AgentConfig  # noqa: E402
 from agent.daemon import Agent  # noqa: E402
@@ -92,9 +102,41 @@ DEFAULT_RATE = 160.0
 IDLE = 1.0  # no pass for this long: idle
 
 
+def memory_kib() -> dict[str, int]:
+    """This process's resident memory now (VmRSS) and at its peak (VmHWM)."""
+    with open("/proc/self/status") as f:
+        fields = dict(line.split(":", 1) for line in f)
+    return {key: int(fields[key].split()[0]) for key in ("VmRSS", "VmHWM")}
+
+
 def cpu_seconds() -> float:
     use = resource.getrusage(resource.RUSAGE_SELF)
     return use.ru_utime + use.ru_stime
+
+
+class CollectorTime:
+    """CPU seconds spent in the cyclic garbage collector, per generation,
+    in whichever thread it ran (gc.callbacks run in the collecting one)."""
+
+    def __init__(self) -> None:
+        self.seconds = [0.0, 0.0, 0.0]
+        self.collections = [0, 0, 0]
+        self._started = threading.local()
+
+    def __enter__(self) -> CollectorTime:
+        gc.callbacks.append(self._on_collection)
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        gc.callbacks.remove(self._on_collection)
+
+    def _on_collection(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started.at = time.thread_time()
+        elif hasattr(self._started, "at"):
+            generation = info["generation"]
+            self.seconds[generation] += time.thread_time() - self._started.at
+            self.collections[generation] += 1
 
 
 class ThreadProfiles:
@@ -228,15 +270,24 @@ def run(args: argparse.Namespace, pins: str, work: str) -> dict[str, Any]:
         wait_for("the watches", lambda: api._open(SERVICES) and api._open(ENDPOINT_SLICES), 60)
         wait_idle(agent, 60)
         passes0 = agent.telemetry.passes
+        before, blocks0 = memory_kib(), sys.getallocatedblocks()
         cpu0, t0 = cpu_seconds(), time.monotonic()
         threads0 = thread_cpu_seconds()
-        last = feeder.feed(specs, args.rate)
-        keys = [frontend(s) for s in specs]
-        done = wait_for("all N in the datapath",
-                        lambda: all(datapath.service_id(k) is not None for k in keys),
-                        args.timeout, every=0.05)
-        wait_idle(agent, args.timeout)
+        with CollectorTime() as collector:
+            last = feeder.feed(specs, args.rate)
+            keys = [frontend(s) for s in specs]
+            done = wait_for("all N in the datapath",
+                            lambda: all(datapath.service_id(k) is not None for k in keys),
+                            args.timeout, every=0.05)
+            wait_idle(agent, args.timeout)
         cpu = cpu_seconds() - cpu0  # the idle wait itself costs next to nothing
+        # Resident memory against the blocks Python's allocator holds: the
+        # same blocks in more resident memory is fragmentation, not objects.
+        after, blocks1 = memory_kib(), sys.getallocatedblocks()
+        # What C's allocator holds free but resident: malloc_trim(0) hands
+        # it back to the kernel.
+        ctypes.CDLL(None).malloc_trim(0)
+        trimmed = memory_kib()
         threads1 = thread_cpu_seconds()
         by_thread = {name: round(seconds - threads0.get(name, 0.0), 2)
                      for name, seconds in threads1.items()}
@@ -265,6 +316,11 @@ def run(args: argparse.Namespace, pins: str, work: str) -> dict[str, Any]:
         "by_thread_s": dict(sorted(by_thread.items(), key=lambda kv: -kv[1])),
         "passes": passes, "all_programmed_after_last_s": max(0.0, done - last),
         "one_more_s": ones, "status_file_frontends": listed,
+        "rss_before_mib": before["VmRSS"] / 1024, "rss_idle_mib": after["VmRSS"] / 1024,
+        "rss_peak_mib": after["VmHWM"] / 1024, "rss_trimmed_mib": trimmed["VmRSS"] / 1024,
+        "blocks_before": blocks0, "blocks_idle": blocks1,
+        "gc_threshold": gc.get_threshold(), "gc_seconds": collector.seconds,
+        "gc_collections": collector.collections,
         "profile": profiles.report(args.top) if args.profile else "",
     }
 
@@ -276,8 +332,12 @@ def main() -> int:
                    help=f"objects sent per second (default {DEFAULT_RATE:.0f}; 0: all at once)")
     p.add_argument("--one-more", type=int, default=3)
     p.add_argument("--min-sync-interval", type=float, default=0.0,
-                   help="the agent's --min-sync-interval (default 0, as bench/compare.py runs it; "
-                   "the Helm chart sets 1)")
+                   help="the agent's --min-sync-interval (default 0, the CLI's; the Helm "
+                   "chart sets 0.1, and bench/compare.py runs veer with the chart's)")
+    p.add_argument("--gc-threshold", type=int, default=None, metavar="N",
+                   help="collect the young generation every N net allocations (default: "
+                        f"{YOUNG_COLLECTION_THRESHOLD:,}, as `veer agent` sets it, "
+                        "agent/collector.py; CPython's own is 700)")
     p.add_argument("--profile", action="store_true", help="cProfile every agent thread")
     p.add_argument("--top", type=int, default=35, help="functions listed per profile order")
     p.add_argument("--timeout", type=float, default=600.0)
@@ -288,6 +348,7 @@ def main() -> int:
         return 2
     logging.basicConfig(level=logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    pace_for_agent(args.gc_threshold or YOUNG_COLLECTION_THRESHOLD)
     tag = uuid.uuid4().hex[:8]
     pins = f"/run/veer/bpf/vr-cpu-{tag}"
     work = tempfile.mkdtemp(prefix=f"vr-cpu-{tag}-")
@@ -301,7 +362,8 @@ def main() -> int:
     lines = [
         f"# bench/agentcpu.py: {r['services']:,} Services x 10 endpoints, "
         f"{r['objects']:,} objects at {r['rate']:.0f}/s, "
-        f"--min-sync-interval {args.min_sync_interval:g}"
+        f"--min-sync-interval {args.min_sync_interval:g}, "
+        f"garbage collector thresholds {'/'.join(str(t) for t in r['gc_threshold'])}"
         f"{' (under cProfile: CPU not comparable)' if args.profile else ''}",
         "",
         f"- objects sent in {r['feed_s']:.1f} s; all {r['services']:,} in the datapath "
@@ -310,8 +372,16 @@ def main() -> int:
         f"({r['cpu_per_object_ms']:.2f} ms per object), {r['passes']} passes",
         "- of which, by thread (the agent's names; MainThread is this script's feeder): "
         + ", ".join(f"{name} {sec:.2f} s" for name, sec in r["by_thread_s"].items() if sec > 0),
+        "- of which in the cyclic garbage collector, by generation (collections, CPU s): "
+        + ", ".join(f"{g}: {n:,}, {sec:.2f} s" for g, (n, sec)
+                    in enumerate(zip(r["gc_collections"], r["gc_seconds"], strict=True))),
         f"- one more Service with {r['services']:,} present, to the datapath: {ones}",
         f"- status file lists {r['status_file_frontends']:,} frontends",
+        f"- this process's resident memory: {r['rss_before_mib']:.0f} MiB before the load, "
+        f"{r['rss_idle_mib']:.0f} MiB once idle after it, peak {r['rss_peak_mib']:.0f} MiB; "
+        f"Python's allocated blocks {r['blocks_before']:,} before, {r['blocks_idle']:,} idle "
+        "(the feeder's prepared objects are in both); "
+        f"{r['rss_trimmed_mib']:.0f} MiB after malloc_trim(0)",
     ]
     text = "\n".join(lines)
     print(text)

@@ -150,8 +150,11 @@ def run_agent(args: argparse.Namespace) -> int:
             log.info("%s", line)
         return 0
 
+    from agent.collector import pace_for_agent
     from agent.daemon import Agent, choose_mode, open_datapath
     from agent.serve import ServeOptions
+
+    pace_for_agent()
 
     config = AgentConfig(
         node_name=args.node_name or "",
