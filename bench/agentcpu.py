@@ -284,11 +284,13 @@ def run(args: argparse.Namespace, pins: str, work: str) -> dict[str, Any]:
         # Resident memory against the blocks Python's allocator holds: the
         # same blocks in more resident memory is fragmentation, not objects.
         after, blocks1 = memory_kib(), sys.getallocatedblocks()
-        # What C's allocator holds free but resident: malloc_trim(0) hands
-        # it back to the kernel.
-        ctypes.CDLL(None).malloc_trim(0)
-        trimmed = memory_kib()
         threads1 = thread_cpu_seconds()
+        # What C's allocator holds free but resident: malloc_trim(0) (glibc)
+        # hands it back to the kernel. After the CPU figures: not charged.
+        libc = ctypes.CDLL(None)
+        if hasattr(libc, "malloc_trim"):
+            libc.malloc_trim(0)
+        trimmed = memory_kib()
         by_thread = {name: round(seconds - threads0.get(name, 0.0), 2)
                      for name, seconds in threads1.items()}
         passes = agent.telemetry.passes - passes0
@@ -337,18 +339,20 @@ def main() -> int:
     p.add_argument("--gc-threshold", type=int, default=None, metavar="N",
                    help="collect the young generation every N net allocations (default: "
                         f"{YOUNG_COLLECTION_THRESHOLD:,}, as `veer agent` sets it, "
-                        "agent/collector.py; CPython's own is 700)")
+                        "agent/collector.py; CPython's own is 700; 0: never)")
     p.add_argument("--profile", action="store_true", help="cProfile every agent thread")
     p.add_argument("--top", type=int, default=35, help="functions listed per profile order")
     p.add_argument("--timeout", type=float, default=600.0)
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     args = p.parse_args()
+    if args.gc_threshold is not None and args.gc_threshold < 0:
+        p.error("--gc-threshold: 0 (no automatic collection) or more")
     if os.geteuid() != 0:
         print("bench/agentcpu.py needs root (eBPF maps)", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    pace_for_agent(args.gc_threshold or YOUNG_COLLECTION_THRESHOLD)
+    pace_for_agent(YOUNG_COLLECTION_THRESHOLD if args.gc_threshold is None else args.gc_threshold)
     tag = uuid.uuid4().hex[:8]
     pins = f"/run/veer/bpf/vr-cpu-{tag}"
     work = tempfile.mkdtemp(prefix=f"vr-cpu-{tag}-")

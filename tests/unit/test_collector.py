@@ -26,8 +26,12 @@ def test_only_the_young_generation_is_collected_less_often() -> None:
 
 
 def test_a_cycle_is_still_collected_without_an_explicit_collect() -> None:
-    """A slower pace is not no collection: a reference cycle dropped by the
-    agent goes once enough container objects have been allocated."""
+    """A slower pace is not no collection: a reference cycle the agent drops
+    goes once enough container objects have been allocated. The cycle is
+    put in the middle generation first (as one that outlived a young
+    collection), which is collected at every 11th young one: 15,000 net
+    new objects are enough at a pace of 1,000, and not at 20,000."""
+    assert gc.isenabled()
     pace_for_agent(1_000)
     gc.collect()
 
@@ -37,8 +41,9 @@ def test_a_cycle_is_still_collected_without_an_explicit_collect() -> None:
 
     cycle = Node()
     gone = weakref.ref(cycle)
+    gc.collect(0)  # alive: moved to the middle generation
     del cycle
     assert gone() is not None  # reference counting alone cannot free it
-    keep = [[] for _ in range(5_000)]  # young container objects, net new
+    keep = [[] for _ in range(15_000)]  # young container objects, net new
     assert gone() is None
     del keep
