@@ -73,6 +73,7 @@ for path in (REPO, REPO / "bench"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
+from memory import status_kib  # noqa: E402
 from versus.apiload import TRIGGER, ServiceSpec, batch  # noqa: E402
 
 from agent.collector import YOUNG_COLLECTION_THRESHOLD, pace_for_agent  # noqa: E402
@@ -100,13 +101,6 @@ BACKEND_NODE = "bench-backend"
 # 2,000 objects in 12.5 s: the API server's pace in bench/compare.py's last run.
 DEFAULT_RATE = 160.0
 IDLE = 1.0  # no pass for this long: idle
-
-
-def memory_kib() -> dict[str, int]:
-    """This process's resident memory now (VmRSS) and at its peak (VmHWM)."""
-    with open("/proc/self/status") as f:
-        fields = dict(line.split(":", 1) for line in f)
-    return {key: int(fields[key].split()[0]) for key in ("VmRSS", "VmHWM")}
 
 
 def cpu_seconds() -> float:
@@ -270,7 +264,7 @@ def run(args: argparse.Namespace, pins: str, work: str) -> dict[str, Any]:
         wait_for("the watches", lambda: api._open(SERVICES) and api._open(ENDPOINT_SLICES), 60)
         wait_idle(agent, 60)
         passes0 = agent.telemetry.passes
-        before, blocks0 = memory_kib(), sys.getallocatedblocks()
+        before, blocks0 = status_kib(os.getpid()), sys.getallocatedblocks()
         cpu0, t0 = cpu_seconds(), time.monotonic()
         threads0 = thread_cpu_seconds()
         with CollectorTime() as collector:
@@ -283,14 +277,14 @@ def run(args: argparse.Namespace, pins: str, work: str) -> dict[str, Any]:
         cpu = cpu_seconds() - cpu0  # the idle wait itself costs next to nothing
         # Resident memory against the blocks Python's allocator holds: the
         # same blocks in more resident memory is fragmentation, not objects.
-        after, blocks1 = memory_kib(), sys.getallocatedblocks()
+        after, blocks1 = status_kib(os.getpid()), sys.getallocatedblocks()
         threads1 = thread_cpu_seconds()
         # What C's allocator holds free but resident: malloc_trim(0) (glibc)
         # hands it back to the kernel. After the CPU figures: not charged.
         libc = ctypes.CDLL(None)
         if hasattr(libc, "malloc_trim"):
             libc.malloc_trim(0)
-        trimmed = memory_kib()
+        trimmed = status_kib(os.getpid())
         by_thread = {name: round(seconds - threads0.get(name, 0.0), 2)
                      for name, seconds in threads1.items()}
         passes = agent.telemetry.passes - passes0
@@ -382,7 +376,8 @@ def main() -> int:
         f"- one more Service with {r['services']:,} present, to the datapath: {ones}",
         f"- status file lists {r['status_file_frontends']:,} frontends",
         f"- this process's resident memory: {r['rss_before_mib']:.0f} MiB before the load, "
-        f"{r['rss_idle_mib']:.0f} MiB once idle after it, peak {r['rss_peak_mib']:.0f} MiB; "
+        f"{r['rss_idle_mib']:.0f} MiB once idle after it, peak since start "
+        f"(loading the programs included) {r['rss_peak_mib']:.0f} MiB; "
         f"Python's allocated blocks {r['blocks_before']:,} before, {r['blocks_idle']:,} idle "
         "(the feeder's prepared objects are in both); "
         f"{r['rss_trimmed_mib']:.0f} MiB after malloc_trim(0)",

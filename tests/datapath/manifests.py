@@ -21,49 +21,29 @@ def service_with_endpoints(
     protocol: str = "TCP",
     not_ready: tuple[str, ...] = (),
 ) -> str:
-    """A Service and one EndpointSlice, as JSON documents in one YAML stream."""
-    svc = {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {"name": name, "namespace": "default"},
-        "spec": {
-            "clusterIP": cluster_ip,
-            "ports": [{"name": "p", "protocol": protocol, "port": port, "targetPort": target}],
-        },
-    }
-    eps = {
-        "apiVersion": "discovery.k8s.io/v1",
-        "kind": "EndpointSlice",
-        "metadata": {
-            "name": f"{name}-1",
-            "namespace": "default",
-            "labels": {"kubernetes.io/service-name": name},
-        },
-        "addressType": "IPv4",
-        "ports": [{"name": "p", "protocol": protocol, "port": target}],
-        "endpoints": [
-            {"addresses": [POD_IPS[p]], "conditions": {"ready": p not in not_ready}}
-            for p in pods
-        ],
-    }
-    return json.dumps(svc) + "\n---\n" + json.dumps(eps) + "\n"
+    """A Service and one EndpointSlice of the sandbox's pods, as JSON
+    documents in one YAML stream."""
+    return service_with_addresses(name, cluster_ip, [POD_IPS[p] for p in pods], port, target,
+                                  protocol, not_ready=tuple(POD_IPS[p] for p in not_ready))
 
 
 def service_with_addresses(name: str, cluster_ip: str, addresses: list[str],
-                           port: int = 80, target: int = 8080) -> str:
-    """A TCP Service of one family and one EndpointSlice whose endpoints are
-    `addresses` (ready), not the sandbox's pods: addresses nobody holds."""
+                           port: int = 80, target: int = 8080, protocol: str = "TCP",
+                           not_ready: tuple[str, ...] = ()) -> str:
+    """A Service of one family and one EndpointSlice whose endpoints are
+    `addresses`, pods' or not (addresses nobody holds)."""
     family = "IPv6" if ":" in cluster_ip else "IPv4"
     svc = {"apiVersion": "v1", "kind": "Service",
            "metadata": {"name": name, "namespace": "default"},
            "spec": {"clusterIP": cluster_ip, "ipFamilies": [family],
-                    "ports": [{"name": "p", "protocol": "TCP", "port": port,
+                    "ports": [{"name": "p", "protocol": protocol, "port": port,
                                "targetPort": target}]}}
     eps = {"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
            "metadata": {"name": f"{name}-1", "namespace": "default",
                         "labels": {"kubernetes.io/service-name": name}},
-           "addressType": family, "ports": [{"name": "p", "protocol": "TCP", "port": target}],
-           "endpoints": [{"addresses": [a]} for a in addresses]}
+           "addressType": family, "ports": [{"name": "p", "protocol": protocol, "port": target}],
+           "endpoints": [{"addresses": [a], "conditions": {"ready": a not in not_ready}}
+                         for a in addresses]}
     return json.dumps(svc) + "\n---\n" + json.dumps(eps) + "\n"
 
 
@@ -73,4 +53,4 @@ def l4(address: str, port: int, protocol: str = "TCP") -> str:
 
 
 def backends(pods: list[str], target: int = 8080, protocol: str = "TCP") -> list[str]:
-    return [f"{POD_IPS[p]}:{target}/{protocol}" for p in pods]
+    return [l4(POD_IPS[p], target, protocol) for p in pods]
